@@ -1,0 +1,57 @@
+"""One training step of one rank, columnar: what the tracker hands to the transport.
+
+Kept free of protobuf so the training thread never builds wire messages; the transport
+thread turns a StepRecord into a StepReport (agent/report_codec.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PHASES = ("forward", "backward", "recompute")
+
+
+@dataclass
+class PhaseColumns:
+    """Per-module figures of one phase: entry i of every array is about module_id[i]."""
+
+    module_id: np.ndarray  # uint32
+    calls: np.ndarray  # uint32
+    inclusive_ns: np.ndarray  # int64
+    self_ns: np.ndarray  # int64, inclusive minus children
+    first_start_ns: np.ndarray  # int64, tracker clock
+    last_end_ns: np.ndarray  # int64, tracker clock
+
+
+@dataclass
+class TraceColumns:
+    """Every module call of a captured step, in start order."""
+
+    module_id: np.ndarray  # uint32
+    phase: np.ndarray  # uint8 index into PHASES
+    start_ns: np.ndarray  # int64
+    end_ns: np.ndarray  # int64
+    depth: np.ndarray  # uint32
+    capture_id: str = ""
+
+
+@dataclass
+class StepRecord:
+    step: int
+    start_ns: int  # end of the previous step (or tracking start), tracker clock
+    end_ns: int  # this step's boundary
+    forward_ns: int = 0
+    backward_ns: int = 0
+    optimizer_ns: int = 0
+    data_ns: int = 0  # wall time outside forward, backward, recompute and optimizer
+    backward_tail_ns: int = 0  # last module backward end -> backward pass end
+    recompute_ns: int = 0
+    first_new_module_id: int = 0
+    new_module_names: list[str] = field(default_factory=list)
+    phases: dict[str, PhaseColumns] = field(default_factory=dict)
+    trace: TraceColumns | None = None
+
+    @property
+    def wall_ns(self) -> int:
+        return self.end_ns - self.start_ns
