@@ -2,14 +2,25 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test demo protos
+.PHONY: install system-deps test demo protos
+
+# Debian packages the tests drive for real: Prometheus + Alertmanager (alert rules end to end),
+# Chromium + its driver (the dashboard in a headless browser). Installed only where missing.
+APT_PACKAGES := prometheus prometheus-alertmanager chromium chromium-driver
 
 # torch is pinned for local installs: an unpinned torch would pull a multi-GB CUDA build.
 install:
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 
-test: install
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: system-deps install
 	$(PYTHON) -m pytest -q
 
 demo: install
