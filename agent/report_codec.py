@@ -1,0 +1,93 @@
+"""StepRecord -> wire messages, on the sender thread, never on the training thread.
+
+Runs once per step per rank, so numpy columns go into repeated fields with one
+extend(array.tolist()) each: no per-module Python loop.
+"""
+from __future__ import annotations
+
+import uuid
+
+from agent.identity import Identity
+from agent.step_record import PHASES, StepRecord
+from protos import modtrack_pb2 as pb
+
+PROTOCOL_VERSION = 1
+SESSION = uuid.uuid4().hex  # one per agent process: a restarted rank gets a new one
+
+_PHASE_ENUM = {name: i + 1 for i, name in enumerate(PHASES)}  # forward=1, backward=2, recompute=3
+_CLOCK_ENUM = {"cpu": pb.CLOCK_KIND_CPU, "cuda": pb.CLOCK_KIND_CUDA}
+
+
+def _agent_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("modtrack")
+    except Exception:
+        return "0"
+
+
+def _torch_version() -> str:
+    try:
+        import torch
+
+        return torch.__version__
+    except Exception:
+        return ""
+
+
+AGENT_VERSION = _agent_version()
+
+
+def encode_hello(identity: Identity, module_names: list[str], clock_kind: str) -> pb.AgentMessage:
+    hello = pb.Hello(
+        protocol_version=PROTOCOL_VERSION,
+        job=identity.job,
+        rank=identity.rank,
+        local_rank=identity.local_rank,
+        world_size=identity.world_size,
+        group_rank=identity.group_rank,
+        host=identity.host,
+        pid=identity.pid,
+        torch_version=_torch_version(),
+        agent_version=AGENT_VERSION,
+        clock_kind=_CLOCK_ENUM.get(clock_kind, pb.CLOCK_KIND_UNSPECIFIED),
+        session=SESSION,
+    )
+    hello.module_names.extend(module_names)
+    return pb.AgentMessage(hello=hello)
+
+
+def encode_report(record: StepRecord, counters: dict[str, int]) -> pb.AgentMessage:
+    """One step, columnar. `counters` are the cumulative AgentCounters fields."""
+    report = pb.StepReport(
+        step=record.step,
+        start_ns=record.start_ns,
+        end_ns=record.end_ns,
+        forward_ns=record.forward_ns,
+        backward_ns=record.backward_ns,
+        optimizer_ns=record.optimizer_ns,
+        data_ns=record.data_ns,
+        backward_tail_ns=record.backward_tail_ns,
+        recompute_ns=record.recompute_ns,
+        first_new_module_id=record.first_new_module_id,
+        counters=pb.AgentCounters(**counters),
+    )
+    report.new_module_names.extend(record.new_module_names)
+    for name, cols in record.phases.items():
+        stats = report.phases.add(phase=_PHASE_ENUM.get(name, pb.PHASE_UNSPECIFIED))
+        stats.module_id.extend(cols.module_id.tolist())
+        stats.calls.extend(cols.calls.tolist())
+        stats.inclusive_ns.extend(cols.inclusive_ns.tolist())
+        stats.self_ns.extend(cols.self_ns.tolist())
+        stats.first_start_ns.extend(cols.first_start_ns.tolist())
+        stats.last_end_ns.extend(cols.last_end_ns.tolist())
+    trace = record.trace
+    if trace is not None:
+        report.trace.capture_id = trace.capture_id
+        report.trace.module_id.extend(trace.module_id.tolist())
+        report.trace.phase.extend((trace.phase.astype("int64") + 1).tolist())
+        report.trace.start_ns.extend(trace.start_ns.tolist())
+        report.trace.end_ns.extend(trace.end_ns.tolist())
+        report.trace.depth.extend(trace.depth.tolist())
+    return pb.AgentMessage(report=report)

@@ -1,0 +1,365 @@
+"""The agent's background sender: step records out, acks, clock pongs and controls in.
+
+The training thread only calls submit(), which appends to a bounded deque (dropping the
+oldest, counted) and never touches the network. One daemon thread owns the gRPC channel:
+it connects with exponential backoff and jitter, sends a Hello with the whole module table,
+replays what the collector has not acknowledged yet, then streams new reports. Nothing here
+may keep the process alive: the thread is a daemon and close() (run at exit) waits at most a
+couple of seconds, and only while a collector is actually connected.
+"""
+from __future__ import annotations
+
+import collections
+import random
+import sys
+import threading
+import time
+from typing import Callable
+
+import grpc
+
+from agent.clock_sync import ClockSync
+from agent.identity import Identity
+from agent.report_codec import encode_hello, encode_report
+from agent.step_record import StepRecord
+from protos import modtrack_pb2 as pb
+from protos import modtrack_pb2_grpc as pb_grpc
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """One stderr line per kind of problem, so the agent never floods the job's output."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    try:
+        print(f"modtrack: {message}", file=sys.stderr, flush=True)
+    except Exception:
+        pass
+
+
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),  # notice a dead collector host within a minute
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),  # trace captures can be large
+]
+
+
+class _Stream:
+    """State of one connection: what the request generator and the reader share."""
+
+    def __init__(self):
+        self.done = False
+        self.clock_to_send = None
+        self.call = None
+
+
+class Transport:
+    def __init__(
+        self,
+        target: str,
+        identity: Identity,
+        *,
+        clock_kind: str = "cpu",
+        token: str | None = None,
+        tls_ca: bytes | None = None,
+        clock: Callable[[], int] = time.perf_counter_ns,
+        on_capture: Callable[[str, int], None] | None = None,
+        hook_errors: Callable[[], int] = lambda: 0,
+        queue_size: int = 256,
+        replay_size: int = 1024,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 15.0,
+        connect_timeout_s: float = 5.0,
+        ping_interval_s: float = 5.0,
+        ack_timeout_s: float = 30.0,
+    ):
+        self.target = target
+        self.identity = identity
+        self.clock_kind = clock_kind
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._tls_ca = tls_ca
+        self._clock = clock
+        self._on_capture = on_capture
+        self._hook_errors = hook_errors
+        self._queue_size = queue_size
+        self._replay_size = replay_size
+        self._backoff = (backoff_initial_s, backoff_max_s)
+        self._connect_timeout_s = connect_timeout_s
+        self._ping_interval_s = ping_interval_s
+        self._ack_timeout_s = ack_timeout_s
+
+        self._queue: collections.deque[StepRecord] = collections.deque()
+        self._names: list[str] = []  # module table, learned from submitted records
+        self._replay: collections.deque = collections.deque()  # (step, message, sent_at)
+        self._replay_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._paused = False
+        self._clock_sync = ClockSync()
+        self._stream: _Stream | None = None
+        self._ready: grpc.Future | None = None
+        # Each counter has one writer thread, so plain ints need no lock.
+        self._queue_dropped = 0  # training thread
+        self._replay_dropped = 0  # sender thread
+        self._reconnects = 0
+        self._send_errors = 0
+        self._sent = 0
+        self._acked_step = -1
+        self._thread = threading.Thread(target=self._run, name="modtrack-sender", daemon=True)
+
+    # ---- training thread -------------------------------------------------------------
+    def submit(self, record: StepRecord) -> None:
+        """Hand over one step; O(1), never blocks, never raises."""
+        try:
+            if record.new_module_names:
+                self._learn_names(record.first_new_module_id, record.new_module_names)
+            if len(self._queue) >= self._queue_size:
+                try:
+                    self._queue.popleft()
+                    self._queue_dropped += 1
+                except IndexError:
+                    pass  # the sender took it meanwhile
+            self._queue.append(record)
+            self._wake.set()
+        except Exception:
+            self._queue_dropped += 1
+
+    def _learn_names(self, first: int, names: list[str]) -> None:
+        table = self._names
+        if first > len(table):
+            table.extend([""] * (first - len(table)))
+        table.extend(names[len(table) - first :])
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> "Transport":
+        self._thread.start()
+        return self
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Flush what a connected collector can still take, then stop; bounded by timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        if self._thread.is_alive() and self._connected.is_set():
+            while time.monotonic() < deadline and self._connected.is_set():
+                with self._replay_lock:
+                    pending = bool(self._replay)
+                if not pending and not self._queue:
+                    break
+                self._wake.set()
+                time.sleep(0.01)
+        self._stop.set()
+        self._wake.set()
+        try:
+            if self._ready is not None:
+                self._ready.cancel()
+            stream = self._stream
+            if stream is not None and stream.call is not None:
+                stream.call.cancel()
+        except Exception:
+            pass
+        if self._thread.is_alive():
+            self._thread.join(max(0.0, min(0.5, deadline - time.monotonic())))
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def clock_offset(self):
+        """The best ClockSample of the current connection (None before the first pong)."""
+        return self._clock_sync.best
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The AgentCounters fields, cumulative since start."""
+        return {
+            "reports_dropped": self._queue_dropped + self._replay_dropped,
+            "reconnects": self._reconnects,
+            "hook_errors": int(self._safe_hook_errors()),
+            "send_errors": self._send_errors,
+        }
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {**self.counters, "reports_sent": self._sent, "acked_step": self._acked_step,
+                "queued": len(self._queue), "unacked": len(self._replay)}
+
+    def _safe_hook_errors(self) -> int:
+        try:
+            return self._hook_errors()
+        except Exception:
+            return 0
+
+    # ---- sender thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        initial, most = self._backoff
+        backoff = initial
+        ever_connected = False
+        while not self._stop.is_set():
+            try:
+                got_through = self._session(ever_connected)
+            except Exception as e:  # never let the thread die on a surprise
+                self._send_errors += 1
+                warn_once(f"sender-{type(e).__name__}", f"sender error {type(e).__name__}: {e}")
+                got_through = False
+            if got_through:
+                ever_connected = True
+                backoff = initial
+            if self._stop.is_set():
+                break
+            self._stop.wait(backoff * random.uniform(0.5, 1.0))
+            backoff = min(most, backoff * 2)
+
+    def _channel(self) -> grpc.Channel:
+        if self._tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=self._tls_ca)
+            return grpc.secure_channel(self.target, creds, options=_CHANNEL_OPTIONS)
+        return grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+
+    def _session(self, ever_connected: bool) -> bool:
+        """One connection, from connect to failure.
+
+        True when the collector answered anything: only then is the backoff reset, so a
+        collector that accepts and drops every stream is not hammered.
+        """
+        channel = self._channel()
+        stream = _Stream()
+        try:
+            self._ready = grpc.channel_ready_future(channel)
+            try:
+                self._ready.result(timeout=self._connect_timeout_s)
+            except (grpc.FutureTimeoutError, grpc.FutureCancelledError):
+                if not self._stop.is_set():
+                    warn_once("unreachable", f"collector {self.target} unreachable; training goes on, retrying")
+                return False
+            if self._stop.is_set():
+                return False
+            if ever_connected:
+                self._reconnects += 1
+            self._paused = False  # a (re)started collector re-sends Pause if it wants one
+            self._clock_sync.reset()
+            self._stream = stream
+            stub = pb_grpc.CollectorStub(channel)
+            stream.call = stub.Stream(self._requests(stream), metadata=self._metadata)
+            self._connected.set()
+            answered = False
+            try:
+                for message in stream.call:
+                    answered = True
+                    self._handle(message, stream)
+            except grpc.RpcError as e:
+                if not self._stop.is_set():
+                    self._send_errors += 1
+                    code = e.code() if hasattr(e, "code") else None
+                    if code == grpc.StatusCode.UNAUTHENTICATED:
+                        warn_once("auth", f"collector {self.target} refused the token: {e.details()}")
+                    else:
+                        warn_once(f"stream-{code}", f"stream to {self.target} broke ({code}); reconnecting")
+            return answered
+        finally:
+            stream.done = True
+            self._connected.clear()
+            self._wake.set()
+            try:
+                channel.close()
+            except Exception:
+                pass
+
+    def _handle(self, message: pb.CollectorMessage, stream: _Stream) -> None:
+        kind = message.WhichOneof("body")
+        if kind == "ack":
+            step = message.ack.step
+            with self._replay_lock:
+                replay = self._replay
+                while replay and replay[0][0] <= step:
+                    replay.popleft()
+            self._acked_step = max(self._acked_step, step)
+        elif kind == "pong":
+            pong = message.pong
+            sample = self._clock_sync.add(pong.t1_ns, pong.t2_ns, pong.t3_ns, self._clock())
+            if sample is not None:
+                stream.clock_to_send = sample
+                self._wake.set()
+        elif kind == "control":
+            control = message.control
+            action = control.WhichOneof("action")
+            if action == "capture" and self._on_capture is not None:
+                try:
+                    self._on_capture(control.capture.capture_id, control.capture.steps)
+                except Exception as e:
+                    warn_once("capture", f"trace capture failed: {e}")
+            elif action == "pause":
+                self._paused = True
+            elif action == "resume":
+                self._paused = False
+                self._wake.set()
+
+    def _remember(self, step: int, message: pb.AgentMessage) -> None:
+        with self._replay_lock:
+            if len(self._replay) >= self._replay_size:
+                self._replay.popleft()
+                self._replay_dropped += 1
+            self._replay.append((step, message, time.monotonic()))
+
+    def _requests(self, stream: _Stream):
+        """The outgoing side of one stream (runs on a gRPC thread)."""
+        names = list(self._names)
+        told = len(names)
+        yield encode_hello(self.identity, names, self.clock_kind)
+        with self._replay_lock:  # replayed now, so the ack clock starts now
+            now = time.monotonic()
+            self._replay = collections.deque((s, m, now) for s, m, _ in self._replay)
+            backlog = [m for _, m, _ in self._replay]
+        for message in backlog:
+            if stream.done:
+                return
+            yield message
+        fast_pings = 4  # a few quick pings at connect for a good first offset
+        next_ping = 0.0
+        while not stream.done and not self._stop.is_set():
+            self._wake.clear()
+            now = time.monotonic()
+            if now >= next_ping:
+                yield pb.AgentMessage(ping=pb.ClockPing(t1_ns=self._clock()))
+                next_ping = now + (0.02 if fast_pings > 0 else self._ping_interval_s)
+                fast_pings -= 1
+            sample = stream.clock_to_send
+            if sample is not None:
+                stream.clock_to_send = None
+                yield pb.AgentMessage(clock=pb.ClockOffset(offset_ns=sample.offset_ns, rtt_ns=sample.rtt_ns))
+            while self._queue and not self._paused and not stream.done:
+                record = self._queue.popleft()
+                try:
+                    message = encode_report(record, self.counters)
+                except Exception as e:
+                    self._send_errors += 1
+                    warn_once("encode", f"could not encode step {record.step}: {e}")
+                    continue
+                if len(self._names) > told:  # names whose step was dropped still get told
+                    table = self._names[told:]
+                    report = message.report
+                    report.first_new_module_id = told
+                    del report.new_module_names[:]
+                    report.new_module_names.extend(table)
+                    told += len(table)
+                self._remember(record.step, message)
+                self._sent += 1
+                yield message
+            if self._stalled():
+                warn_once("stalled", f"collector {self.target} stopped acknowledging; reconnecting")
+                if stream.call is not None:
+                    stream.call.cancel()
+                return
+            self._wake.wait(max(0.001, min(0.5, next_ping - time.monotonic())))
+
+    def _stalled(self) -> bool:
+        with self._replay_lock:
+            oldest = self._replay[0][2] if self._replay else None
+        return oldest is not None and time.monotonic() - oldest > self._ack_timeout_s
