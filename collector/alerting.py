@@ -23,6 +23,7 @@ from collector.step_matrix import Episode
 log = logging.getLogger("modtrack.alerts")
 
 RECEIVER = "modtrack"
+INBOX_SIZE = 10_000  # episode changes not yet routed; the router drains it at once, unless stalled
 # Statuses worth retrying; any other 4xx means the payload will never be accepted.
 _RETRYABLE_4XX = {408, 425, 429}
 
@@ -65,7 +66,7 @@ class AlertDispatcher:
         self.metrics = metrics  # CollectorMetrics or None: delivery outcomes become counters
         self.webhooks = [_Webhook(url, queue_size) for url in webhook_urls]
         self.dropped_changes = 0
-        self._inbox: asyncio.Queue = asyncio.Queue(queue_size)
+        self._inbox: asyncio.Queue = asyncio.Queue(INBOX_SIZE)
         self._firing: dict[str, _Firing] = {}
         self._active: dict[str, dict] = {}  # fingerprint -> alert, for the API
         self._loop_thread: int | None = None

@@ -1,0 +1,187 @@
+"""The built-in webhook: Alertmanager v4 payloads, retries, and no receiver can hold anything up."""
+import asyncio
+import logging
+import socket
+import threading
+import time
+
+from webhook_receiver import WebhookReceiver
+
+from collector.alert_payload import ZERO_TIME, episode_to_alert, fingerprint
+from collector.alerting import AlertDispatcher
+from collector.metrics import CollectorMetrics
+from collector.step_matrix import Episode
+
+DASHBOARD = "http://collector.example:8080"
+
+
+def episode(state="active", rank=3, host="node1", **kw):
+    fields = dict(job="train", rank=rank, host=host, module="Net.blocks.1.mlp", phase="backward", slowdown=2.5,
+                  first_step=40, last_step=52, state=state, cost_ms_per_step=12.3, cost_pct=8.1)
+    fields.update(kw)
+    return Episode(**fields)
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+
+
+async def run_dispatcher(urls, body, **kw):
+    d = AlertDispatcher(urls, DASHBOARD, **kw)
+    await d.start()
+    try:
+        return await body(d)
+    finally:
+        await d.stop(drain_s=0.5)
+
+
+def wait(receiver, n, timeout_s=10):
+    return asyncio.to_thread(receiver.wait_for, lambda bodies: len(bodies) >= n, timeout_s)
+
+
+def test_firing_then_resolved_payloads_in_alertmanager_shape(caplog):
+    caplog.set_level(logging.INFO, logger="modtrack.alerts")
+
+    async def body(d):
+        d.episode_changed(episode())
+        d.episode_changed(episode(last_step=53))  # still active: no second notification
+        await wait(rx, 1)
+        assert [a["labels"]["rank"] for a in d.active_alerts()] == ["3"]
+        d.episode_changed(episode(state="resolved", last_step=60))
+        return await wait(rx, 2)
+
+    with WebhookReceiver() as rx:
+        firing, resolved = asyncio.run(run_dispatcher([rx.url], body))
+        time.sleep(0.3)
+        assert len(rx.received) == 2
+
+    for payload, status in ((firing, "firing"), (resolved, "resolved")):
+        assert payload["version"] == "4"
+        assert payload["status"] == status
+        assert payload["receiver"] == "modtrack"
+        assert payload["groupLabels"] == {"alertname": "ModtrackStraggler", "job": "train"}
+        assert payload["groupKey"] == '{}:{alertname="ModtrackStraggler", job="train"}'
+        assert payload["externalURL"] == DASHBOARD
+        (alert,) = payload["alerts"]
+        assert alert["status"] == status
+        assert alert["labels"] == {"alertname": "ModtrackStraggler", "job": "train", "rank": "3", "host": "node1",
+                                   "module": "Net.blocks.1.mlp", "phase": "backward", "severity": "warning"}
+        assert payload["commonLabels"] == alert["labels"]
+        summary = alert["annotations"]["summary"]
+        for word in ("Rank 3", "node1", "Net.blocks.1.mlp", "backward", "2.50x", "12.3 ms per step", "8.1%"):
+            assert word in summary
+        assert alert["annotations"]["description"]
+        assert alert["generatorURL"] == DASHBOARD + "/?job=train"
+        assert alert["fingerprint"] == fingerprint(alert["labels"])
+    assert firing["alerts"][0]["endsAt"] == ZERO_TIME
+    assert resolved["alerts"][0]["startsAt"] == firing["alerts"][0]["startsAt"]
+    assert resolved["alerts"][0]["endsAt"] > resolved["alerts"][0]["startsAt"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("alert opened: Rank 3 on host node1") for m in messages)
+    assert any(m.startswith("alert resolved: Rank 3 on host node1") for m in messages)
+
+
+def test_host_rollup_is_one_node_suspect_alert_for_the_host():
+    async def body(d):
+        d.episode_changed(episode(rank=-1, host="node2", ranks=[4, 5, 6, 7]))
+        return await wait(rx, 1)
+
+    with WebhookReceiver() as rx:
+        (payload,) = asyncio.run(run_dispatcher([rx.url], body))
+    (alert,) = payload["alerts"]
+    assert alert["labels"]["alertname"] == "ModtrackNodeSuspect"
+    assert alert["labels"]["host"] == "node2"
+    assert "rank" not in alert["labels"]
+    assert alert["labels"]["severity"] == "critical"
+    assert "ranks 4, 5, 6, 7" in alert["annotations"]["summary"]
+
+
+def test_fingerprint_matches_alertmanager():
+    # Alertmanager (prometheus/common model.LabelSet.Fingerprint) gives these for the same label sets.
+    assert fingerprint({}) == "cbf29ce484222325"  # FNV-1a 64 offset basis: the empty label set
+    a = {"alertname": "X", "job": "j"}
+    assert fingerprint(a) == fingerprint(dict(reversed(list(a.items()))))
+    assert fingerprint(a) != fingerprint({"alertname": "X", "job": "k"})
+    assert len(fingerprint(a)) == 16
+
+
+def test_down_and_slow_receivers_delay_nothing_else():
+    down = closed_port_url()
+
+    async def body(d):
+        timings = []
+        sent_at = time.monotonic()
+        for i in range(200):
+            t0 = time.perf_counter()
+            d.episode_changed(episode(rank=i % 8, module=f"Net.layer{i}"))
+            timings.append(time.perf_counter() - t0)
+        await wait(fast, 200)
+        return sent_at, sorted(timings)
+
+    with WebhookReceiver(delay_s=5.0) as slow, WebhookReceiver() as fast:
+        sent_at, timings = asyncio.run(run_dispatcher([down, slow.url, fast.url], body, timeout_s=1.0))
+        assert len(fast.received) == 200
+        last_arrival = fast.received[-1][0]
+    median_us = timings[len(timings) // 2] * 1e6
+    assert median_us < 500, f"episode_changed took {median_us:.0f} us (median)"
+    # 200 alerts reach the healthy receiver long before the slow one has answered its first.
+    assert last_arrival - sent_at < 4.0
+
+
+def test_receiver_errors_are_retried_with_backoff():
+    metrics = CollectorMetrics()
+
+    async def body(d):
+        d.episode_changed(episode())
+        await wait(rx, 1)
+        return d.webhooks[0].stats
+
+    with WebhookReceiver(fail_first=2) as rx:
+        stats = asyncio.run(run_dispatcher([rx.url], body, backoff_s=0.05, metrics=metrics))
+        assert len(rx.received) == 1 and rx.requests == 3
+    assert stats["retries"] == 2 and stats["sent"] == 1
+    assert b'modtrack_alert_webhook_deliveries_total{outcome="sent"} 1.0' in metrics.exposition()[0]
+
+
+def test_a_refusing_receiver_is_not_retried():
+    async def body(d):
+        d.episode_changed(episode())
+        await asyncio.sleep(0.5)
+        return d.webhooks[0].stats
+
+    with WebhookReceiver(status=400) as rx:
+        stats = asyncio.run(run_dispatcher([rx.url], body, backoff_s=0.05))
+        assert rx.requests == 1
+    assert stats["failed"] == 1 and stats["retries"] == 0
+
+
+def test_queue_is_bounded_when_the_receiver_is_down():
+    async def body(d):
+        for i in range(50):
+            d.episode_changed(episode(module=f"Net.layer{i}"))
+        await asyncio.sleep(0.3)
+        return d.webhooks[0]
+
+    hook = asyncio.run(run_dispatcher([closed_port_url()], body, queue_size=5, backoff_s=10))
+    assert hook.queue.maxsize == 5
+    assert hook.stats["dropped"] >= 50 - 5 - 1  # one in flight, five queued, the rest dropped
+
+
+def test_episode_changed_from_another_thread():
+    async def body(d):
+        t = threading.Thread(target=d.episode_changed, args=(episode(),))
+        t.start()
+        t.join()
+        return await wait(rx, 1)
+
+    with WebhookReceiver() as rx:
+        assert len(asyncio.run(run_dispatcher([rx.url], body))) == 1
+
+
+def test_alert_for_the_api_keeps_given_times():
+    alert = episode_to_alert(episode(state="resolved"), DASHBOARD, starts_at=0.0, ends_at=60.5)
+    assert alert["startsAt"] == "1970-01-01T00:00:00.000Z"
+    assert alert["endsAt"] == "1970-01-01T00:01:00.500Z"
+    assert alert["status"] == "resolved"
