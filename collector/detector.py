@@ -1,0 +1,135 @@
+"""Per-step straggler flags, vectorized over ranks x (module, phase) columns.
+
+For every column, among the ranks that ran it, the detector takes the median and the MAD,
+and flags a rank whose self time is both `ratio` times the median and a robust outlier
+(modified z = 0.6745 (x - median) / MAD above `z`). One sort per matrix gives the medians of
+all columns at once; no Python loop runs per rank or per column. The flags then feed the
+episode book (collector/episodes.py), which adds hysteresis, host roll-up and cost.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from collector.episodes import EpisodeBook
+from collector.step_matrix import Episode, StepMatrix
+
+Z_SCALE = 0.6745  # makes the MAD of a normal sample comparable to its standard deviation
+
+
+@dataclass
+class DetectorParams:
+    """What makes a rank x column a straggler. Defaults suit GPU compute jitter of a few %."""
+
+    ratio: float = 1.2  # flag only when self time > ratio x the column's median
+    z: float = 3.5  # ... and its modified z-score is above this
+    k: int = 3  # an episode opens once k of the last n steps are flagged
+    n: int = 5  # ... and closes after n consecutive clean steps
+    # The MAD is floored so that equal ranks give z = 0 and sub-jitter noise never flags:
+    mad_floor_frac: float = 0.01  # ... at this fraction of the median
+    mad_floor_ms: float = 0.01  # ... and at this many ms (z > 3.5 then needs > ~0.05 ms excess)
+    # Two ranks have no meaningful MAD: the slower is flagged on the ratio alone, with a
+    # higher bar, and only if it does not wait more than the other (a victim waits).
+    two_rank_ratio: float = 1.25
+    # Culprit, not victim: a rank waiting in the gradient all-reduce more than the median
+    # rank (by more than this tolerance) is waiting for someone else, and is never flagged.
+    sync_tol_ms: float = 1.0
+    sync_tol_frac: float = 0.02  # of the median step wall time, whichever is larger
+    smooth_steps: int = 10  # an episode's slowdown and cost are medians over this many steps
+    host_rollup: bool = True  # > half of a host's ranks (at least 2) slow together: one host episode
+
+
+@dataclass
+class StepFlags:
+    """One step's verdict per cell, and the column figures the episode book needs."""
+
+    flagged: np.ndarray  # (R, K) bool
+    median: np.ndarray  # (K,) median self time among the ranks that ran the column
+    count: np.ndarray  # (K,) how many ranks ran the column
+
+
+def _row_medians(sorted_cols: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Median of each column of an axis-0-sorted array whose NaNs sit at the bottom."""
+    k = np.arange(sorted_cols.shape[1])
+    lo = np.maximum((count - 1) // 2, 0)
+    hi = np.maximum(count // 2, 0)
+    if sorted_cols.shape[0] == 0:
+        return np.full(sorted_cols.shape[1], np.nan)
+    med = 0.5 * (sorted_cols[lo, k] + sorted_cols[hi, k])
+    med[count == 0] = np.nan
+    return med
+
+
+def column_stats(self_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column: count of ranks that ran it, median and MAD of their self times (NaN-aware)."""
+    count = np.count_nonzero(~np.isnan(self_ms), axis=0)
+    median = _row_medians(np.sort(self_ms, axis=0), count)  # sort puts NaN last
+    mad = _row_medians(np.sort(np.abs(self_ms - median), axis=0), count)
+    return count, median, mad
+
+
+def _peer_wait_median(wait: np.ndarray, x: np.ndarray, count: np.ndarray) -> np.ndarray | float:
+    """Median sync wait among the ranks that ran each column (pipeline stages wait differently)."""
+    if not len(wait):
+        return 0.0
+    if (count == len(wait)).all():  # every rank ran every column: one median for all
+        return float(np.median(wait))
+    waits = np.where(np.isnan(x), np.nan, wait[:, None])
+    return _row_medians(np.sort(waits, axis=0), count)
+
+
+def flag_step(m: StepMatrix, p: DetectorParams) -> StepFlags:
+    """Flag every rank x column whose compute is in excess, victims excluded."""
+    x = np.asarray(m.self_ms, dtype=np.float64)
+    wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
+    count, median, mad = column_stats(x)
+    wall_median = float(np.nanmedian(m.wall_ms)) if len(m.wall_ms) else 0.0
+    tol = max(p.sync_tol_ms, p.sync_tol_frac * (wall_median if np.isfinite(wall_median) else 0.0))
+
+    with np.errstate(invalid="ignore"):
+        mad_f = np.maximum(np.maximum(mad, p.mad_floor_frac * median), p.mad_floor_ms)
+        excess = x - median
+        flagged = (x > p.ratio * median) & (excess * Z_SCALE > p.z * mad_f) & (count >= 3)
+        flagged &= wait[:, None] <= _peer_wait_median(wait, x, count) + tol
+
+        two = count == 2
+        if two.any():
+            sub = x[:, two]
+            valid = ~np.isnan(sub)
+            peer = np.nansum(sub, axis=0) - sub  # the other rank's time
+            peer_wait = (wait[:, None] * valid).sum(axis=0) - wait[:, None]
+            flagged[:, two] = (
+                (sub > p.two_rank_ratio * peer)
+                & (sub - peer > p.z / Z_SCALE * p.mad_floor_ms)
+                & (wait[:, None] <= peer_wait + tol)
+            )
+    return StepFlags(flagged=flagged, median=median, count=count)
+
+
+class Detector:
+    """Turns a job's merged steps into straggler episodes; one instance per job.
+
+    Steps must come in increasing order; a step not after the last one seen is ignored
+    (a replayed or late step changes nothing).
+    """
+
+    def __init__(self, job: str, params: DetectorParams | None = None):
+        self.job = job
+        self.params = params or DetectorParams()
+        self.book = EpisodeBook(job, self.params)
+        self.last_step: int | None = None
+
+    def observe(self, matrix: StepMatrix) -> list[Episode]:
+        """Evaluate one step; return the episodes it opened, updated or closed."""
+        if self.last_step is not None and matrix.step <= self.last_step:
+            return []
+        self.last_step = matrix.step
+        return self.book.update(matrix, flag_step(matrix, self.params))
+
+    def active(self) -> list[Episode]:
+        return self.book.active()
+
+    def restore(self, episodes: list[Episode]) -> None:
+        """Continue the active episodes of a previous collector run (same objects, same ids)."""
+        self.book.restore(episodes)

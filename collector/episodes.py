@@ -1,0 +1,225 @@
+"""Straggler episodes from per-step flags: hysteresis, one episode per culprit, host roll-up, cost.
+
+The flag history is a ring of the last n steps' (ranks x columns) flag matrices with a running
+count, so k-of-n is one vectorized add and subtract per step. Only cells that reach k (few) and
+the active episodes (few) are visited in Python.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from collector.step_matrix import Episode, StepMatrix
+
+PHASE_NAMES = {1: "forward", 2: "backward", 3: "recompute"}
+
+
+@dataclass
+class _Track:
+    """An active episode and the running figures behind its smoothed slowdown and cost."""
+
+    episode: Episode
+    ranks: list[int]
+    clean: int = 0  # consecutive steps without a flag
+    slowdowns: deque = field(default_factory=deque)
+    costs: deque = field(default_factory=deque)
+    pcts: deque = field(default_factory=deque)
+
+
+def _key(rank: int, host: str, module: str, phase: str) -> tuple:
+    return (rank, host if rank == -1 else "", module, phase)
+
+
+class EpisodeBook:
+    def __init__(self, job: str, params):
+        self.job = job
+        self.p = params
+        self.hist: np.ndarray | None = None  # (n, R, K) bool flags of the last n steps
+        self.counts: np.ndarray | None = None  # (R, K) uint8 flagged steps among the last n
+        self.pos = 0
+        self.rank_ids = np.empty(0, np.int64)
+        self.col_keys = np.empty(0, np.int64)
+        self.rank_index: dict[int, int] = {}
+        self.col_index: dict[tuple[str, str], int] = {}
+        self.col_names: list[tuple[str, str]] = []
+        self.tracks: dict[tuple, _Track] = {}
+
+    # ---- bookkeeping of ranks and columns that come and go -------------------------------
+
+    def _align(self, m: StepMatrix) -> None:
+        """Keep the flag history indexed like this matrix (ranks leave, modules appear)."""
+        ranks = np.asarray(m.ranks, np.int64)
+        keys = np.asarray(m.column_module, np.int64) * 4 + np.asarray(m.column_phase, np.int64)
+        if (
+            self.hist is not None
+            and np.array_equal(ranks, self.rank_ids)
+            and np.array_equal(keys, self.col_keys)
+        ):
+            return
+        new = np.zeros((self.p.n, len(ranks), len(keys)), bool)
+        if self.hist is not None:
+            _, nr, orr = np.intersect1d(ranks, self.rank_ids, assume_unique=True, return_indices=True)
+            _, nc, oc = np.intersect1d(keys, self.col_keys, assume_unique=True, return_indices=True)
+            new[:, nr[:, None], nc] = self.hist[:, orr[:, None], oc]
+        self.hist = new
+        self.counts = new.sum(axis=0, dtype=np.uint8)
+        self.rank_ids, self.col_keys = ranks, keys
+        self.rank_index = {int(r): i for i, r in enumerate(ranks)}
+        names = m.module_names
+        self.col_names = [
+            (names[mid] if 0 <= mid < len(names) else f"module#{mid}", PHASE_NAMES.get(ph, str(ph)))
+            for mid, ph in zip(np.asarray(m.column_module).tolist(), np.asarray(m.column_phase).tolist())
+        ]
+        self.col_index = {name: j for j, name in enumerate(self.col_names)}
+
+    # ---- per step -------------------------------------------------------------------------
+
+    def update(self, m: StepMatrix, flags) -> list[Episode]:
+        self._align(m)
+        flagged = flags.flagged
+        self.counts -= self.hist[self.pos]
+        self.hist[self.pos] = flagged
+        self.counts += flagged
+        self.pos = (self.pos + 1) % self.p.n
+
+        x = np.asarray(m.self_ms, dtype=np.float64)
+        wall = np.asarray(m.wall_ms, dtype=np.float64)
+        wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
+        wall_med = float(np.nanmedian(wall)) if len(wall) else 0.0
+        wall_cap = float(np.nanmax(wall)) - wall_med if len(wall) else 0.0
+
+        changed: list[Episode] = []
+        for key, track in list(self.tracks.items()):
+            self._advance(track, m, x, flagged, wait, wall_med, wall_cap)
+            changed.append(track.episode)
+            if track.episode.state == "resolved":
+                del self.tracks[key]
+        changed += self._open(m, x, flags, wait, wall_med, wall_cap)
+        return changed
+
+    def _figures(self, track, x, c, wait, wall_med, wall_cap):
+        """This step's slowdown (vs. peers' median), cost in ms and % for a track's column."""
+        rows = [self.rank_index[r] for r in track.ranks if r in self.rank_index]
+        col = x[:, c]
+        mine = col[rows]
+        mine = mine[~np.isnan(mine)]
+        if not len(mine):
+            return None
+        others = np.delete(col, rows)
+        others = others[~np.isnan(others)]
+        if not len(others):
+            return None
+        peer_med = float(np.median(others))
+        excess = float(mine.max()) - peer_med
+        # Time the others spent waiting for this culprit (synchronous training), or the wall
+        # gap when steps are not synchronised: the job cannot lose more than that.
+        peer_wait = float(np.median(np.delete(wait, rows))) if len(wait) > len(rows) else 0.0
+        cap = max(wall_cap, peer_wait - float(wait[rows].min()), 0.0)
+        cost = min(max(excess, 0.0), cap)
+        slowdown = float(np.median(mine)) / peer_med if peer_med > 0 else float("inf")
+        pct = 100.0 * cost / wall_med if wall_med > 0 else 0.0
+        return slowdown, cost, pct
+
+    def _record(self, track, figures) -> None:
+        if figures is None:
+            return
+        ep = track.episode
+        for buf, value in zip((track.slowdowns, track.costs, track.pcts), figures):
+            buf.append(value)
+            while len(buf) > self.p.smooth_steps:
+                buf.popleft()
+        ep.slowdown = float(np.median(track.slowdowns))
+        ep.cost_ms_per_step = float(np.median(track.costs))
+        ep.cost_pct = float(np.median(track.pcts))
+
+    def _advance(self, track, m, x, flagged, wait, wall_med, wall_cap) -> None:
+        ep = track.episode
+        c = self.col_index.get((ep.module, ep.phase))
+        now = False
+        if c is not None:
+            rows = [self.rank_index[r] for r in track.ranks if r in self.rank_index]
+            now = bool(flagged[rows, c].any()) if rows else False
+            self._record(track, self._figures(track, x, c, wait, wall_med, wall_cap))
+        if now:
+            track.clean = 0
+            ep.last_step = m.step
+        else:  # a rank gone, or its module gone, no longer slows the job either
+            track.clean += 1
+            if track.clean >= self.p.n:
+                ep.state = "resolved"
+
+    def _busy_ranks(self) -> set[int]:
+        return {r for t in self.tracks.values() for r in t.ranks}
+
+    def _new_track(self, m, rank, host, c, ranks, x, wait, wall_med, wall_cap) -> Episode:
+        module, phase = self.col_names[c]
+        ep = Episode(
+            job=self.job, rank=rank, host=host, module=module, phase=phase, slowdown=1.0,
+            first_step=m.step, last_step=m.step, state="active", cost_ms_per_step=0.0,
+            ranks=sorted(ranks),
+        )
+        track = _Track(ep, sorted(ranks))
+        self._record(track, self._figures(track, x, c, wait, wall_med, wall_cap))
+        self.tracks[_key(rank, host, module, phase)] = track
+        return ep
+
+    def _open(self, m, x, flags, wait, wall_med, wall_cap) -> list[Episode]:
+        """Open episodes for cells flagged now and in k of the last n steps, not yet reported."""
+        rows, cols = np.nonzero((self.counts >= self.p.k) & flags.flagged)
+        if not len(rows):
+            return []
+        opened: list[Episode] = []
+        in_host = {r for t in self.tracks.values() if t.episode.rank == -1 for r in t.ranks}
+        hosts = m.hosts
+        excess = x[rows, cols] - flags.median[cols]
+
+        if self.p.host_rollup:
+            host_size: dict[str, int] = {}
+            for h in hosts:
+                host_size[h] = host_size.get(h, 0) + 1
+            groups: dict[tuple[str, int], set[int]] = {}
+            for r, c in zip(rows.tolist(), cols.tolist()):
+                rank = int(self.rank_ids[r])
+                if rank not in in_host:
+                    groups.setdefault((hosts[r], c), set()).add(rank)
+            for (host, c), members in groups.items():
+                if len(members) < 2 or 2 * len(members) <= host_size[host]:
+                    continue
+                module, phase = self.col_names[c]
+                for rank in members:  # ranks already reported alone are folded into the host
+                    t = self.tracks.pop(_key(rank, "", module, phase), None)
+                    if t is not None:
+                        t.episode.state = "resolved"
+                        opened.append(t.episode)
+                opened.append(self._new_track(m, -1, host, c, members, x, wait, wall_med, wall_cap))
+                in_host |= members
+
+        busy = self._busy_ranks()
+        best: dict[int, tuple[float, int]] = {}  # rank row -> (excess, column) of its worst cell
+        for r, c, e in zip(rows.tolist(), cols.tolist(), excess.tolist()):
+            if int(self.rank_ids[r]) in busy:
+                continue
+            if r not in best or e > best[r][0]:
+                best[r] = (e, c)
+        for r, (_, c) in best.items():
+            rank = int(self.rank_ids[r])
+            opened.append(self._new_track(m, rank, hosts[r], c, [rank], x, wait, wall_med, wall_cap))
+        return opened
+
+    # ---- queries and restart --------------------------------------------------------------
+
+    def active(self) -> list[Episode]:
+        return [t.episode for t in self.tracks.values()]
+
+    def restore(self, episodes: list[Episode]) -> None:
+        for ep in episodes:
+            if ep.state != "active":
+                continue
+            ranks = list(ep.ranks) if ep.rank == -1 else [ep.rank]
+            track = _Track(ep, sorted(ranks))
+            track.slowdowns.append(ep.slowdown)
+            track.costs.append(ep.cost_ms_per_step)
+            track.pcts.append(ep.cost_pct)
+            self.tracks[_key(ep.rank, ep.host, ep.module, ep.phase)] = track
