@@ -1,0 +1,71 @@
+"""`python -m collector serve|query` (also the `modtrack-collector` console script)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from collector import query_cli
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the collector: gRPC ingest, HTTP API, SQLite store")
+    p.add_argument("--grpc-addr", default="127.0.0.1:50051", help="HOST:PORT for agents (port 0: any)")
+    p.add_argument("--http-addr", default="127.0.0.1:8080", help="HOST:PORT for the API (port 0: any)")
+    p.add_argument("--data-dir", default="./modtrack-data", help="where the SQLite file lives")
+    p.add_argument("--token-file", help="require 'authorization: Bearer <token in this file>'")
+    p.add_argument("--tls-cert", help="PEM certificate for gRPC and HTTP (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--watermark-s", type=float, default=2.0,
+                   help="evaluate a step this long after its first report even if ranks are late")
+    p.add_argument("--missing-after-s", type=float, default=30.0,
+                   help="a rank silent this long is marked missing and no longer waited for")
+    p.add_argument("--retain-steps", type=int, default=5000,
+                   help="per-module figures are kept for this many newest steps per job")
+    p.add_argument("--alert-webhook", action="append", default=[], metavar="URL",
+                   help="POST straggler alerts here (repeatable)")
+    p.add_argument("--dashboard-url", help="link put in alerts (default: none)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _serve(args) -> int:
+    from collector import auth
+    from collector.serve import ServeConfig, serve
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        token = auth.load_token(args.token_file)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config = ServeConfig(
+        grpc_addr=args.grpc_addr, http_addr=args.http_addr, data_dir=args.data_dir, token=token,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, watermark_s=args.watermark_s,
+        missing_after_s=args.missing_after_s, retain_steps=args.retain_steps,
+        alert_webhooks=args.alert_webhook, dashboard_url=args.dashboard_url)
+    try:
+        asyncio.run(serve(config, on_ready=lambda line: print(line, flush=True)))
+    except OSError as exc:  # port in use, unwritable data dir
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="modtrack-collector", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    query_cli.add_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return query_cli.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The HTTP JSON API (CONTRACT.md), /metrics, /healthz and the dashboard page, on aiohttp.
+
+Every SQLite read runs in the read thread pool, never on the event loop that also serves
+gRPC ingest. All times in milliseconds; errors are JSON {"error": ...} with 400/401/404.
+"""
+from __future__ import annotations
+
+import pathlib
+import time
+
+import numpy as np
+from aiohttp import web
+
+from collector import auth, trace_export
+from collector.store import PHASE_NAMES, STEP_FIGURES
+
+DASHBOARD = pathlib.Path(__file__).resolve().parent / "dashboard" / "index.html"
+OPEN_PATHS = {"/healthz", "/"}  # probes and the static page carry no data
+MAX_LAST = 10_000
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def int_param(request: web.Request, name: str, default: int | None, lo: int = 0,
+              hi: int | None = None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer, got {raw!r}") from None
+    if value < lo or (hi is not None and value > hi):
+        bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise ApiError(400, f"{name} must be {bounds}")
+    return value
+
+
+def make_app(collector) -> web.Application:
+    """`collector` is serve.Collector: store, merger, ingest, metrics, read(fn, *args)."""
+
+    @web.middleware
+    async def token_and_errors(request, handler):
+        static = request.path.startswith("/dashboard/")
+        if request.path not in OPEN_PATHS and not static and not auth.bearer_ok(
+                request.headers.get("Authorization"), collector.token):
+            return error(401, "missing or wrong bearer token")
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error(exc.status, str(exc))
+        except web.HTTPException as exc:  # unknown path, wrong method: JSON like the rest
+            if exc.status < 400:
+                raise
+            return error(exc.status, exc.reason)
+
+    async def known_job(request) -> str:
+        job = request.match_info["job"]
+        if job not in collector.merger.jobs and not await collector.read(
+                collector.store.job_exists, job):
+            raise ApiError(404, f"unknown job {job!r}")
+        return job
+
+    async def jobs(request):
+        rows = await collector.read(collector.store.jobs)
+        out = []
+        for row in rows:
+            live = collector.merger.jobs.get(row["job"])
+            reporting = live.live_ranks() if live else 0
+            out.append({"job": row["job"], "world_size": row["world_size"],
+                        "ranks_reporting": reporting, "last_step": row["last_step"],
+                        "last_evaluated_step": row["last_evaluated_step"],
+                        "state": "running" if reporting else "stopped"})
+        return web.json_response({"jobs": out})
+
+    async def stragglers(request):
+        job = await known_job(request)
+        state = request.query.get("state")
+        if state not in (None, "active", "resolved"):
+            return error(400, "state must be active or resolved")
+        episodes = await collector.read(collector.store.episodes, job, state)
+        return web.json_response({"job": job, "stragglers": [
+            {"rank": e.rank, "host": e.host, "module": e.module, "phase": e.phase,
+             "slowdown": round(e.slowdown, 4), "first_step": e.first_step,
+             "last_step": e.last_step, "state": e.state,
+             "cost_ms_per_step": round(e.cost_ms_per_step, 4), "cost_pct": round(e.cost_pct, 3),
+             "ranks": e.ranks, "id": e.id} for e in episodes]})
+
+    async def steps(request):
+        job = await known_job(request)
+        last = int_param(request, "last", 100, 1, MAX_LAST)
+        rows = await collector.read(collector.store.last_steps, job, last)
+        hosts = await _hosts(job)
+        by_step: dict[int, list] = {}
+        for step, rank, *figures in rows:
+            f = dict(zip(STEP_FIGURES, figures))
+            by_step.setdefault(step, []).append({
+                "rank": rank, "host": hosts.get(rank, ""),
+                "wall_ms": (f["end_ns"] - f["start_ns"]) / 1e6, "forward_ms": f["forward_ns"] / 1e6,
+                "backward_ms": f["backward_ns"] / 1e6, "sync_wait_ms": f["backward_tail_ns"] / 1e6,
+                "optimizer_ms": f["optimizer_ns"] / 1e6, "data_ms": f["data_ns"] / 1e6,
+                "recompute_ms": f["recompute_ns"] / 1e6})
+        return web.json_response({"job": job, "steps": [
+            {"step": s, "ranks": ranks} for s, ranks in by_step.items()]})
+
+    async def _hosts(job: str) -> dict[int, str]:
+        ranks = await collector.read(collector.store.ranks, job)
+        return {r["rank"]: r["host"] for r in ranks}
+
+    async def modules(request):
+        job = await known_job(request)
+        step = int_param(request, "step", None)
+        if step is None:
+            step = await collector.read(collector.store.last_evaluated_step, job)
+            if step is None:
+                return error(404, f"job {job!r} has no evaluated step yet")
+        per_rank = await collector.read(collector.store.step_modules, job, step)
+        if not per_rank:
+            return error(404, f"job {job!r} has no step {step}")
+        names = await collector.read(collector.store.module_names, job)
+        return web.json_response({"job": job, "step": step,
+                                  "modules": module_table(per_rank, names)})
+
+    async def capture(request):
+        job = await known_job(request)
+        count = int_param(request, "steps", 1, 1, 1000)
+        try:
+            capture_id, asked = collector.ingest.request_capture(job, count)
+        except KeyError:
+            return error(409, f"no rank of job {job!r} is connected")
+        return web.json_response({"job": job, "capture_id": capture_id, "steps": count,
+                                  "ranks": asked})
+
+    async def alerts(request):
+        episodes = await collector.read(collector.store.episodes, None, "active")
+        return web.json_response({"alerts": [collector.alert(e) for e in episodes]})
+
+    async def metrics(request):
+        body, content_type = collector.exposition()
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
+        return resp
+
+    async def healthz(request):
+        return web.json_response({"status": "ok", "store_errors": collector.writer.errors,
+                                  "time_ms": time.time_ns() / 1e6})
+
+    async def index(request):
+        if DASHBOARD.exists():
+            return web.FileResponse(DASHBOARD)
+        return web.Response(text="modtrack collector: the dashboard is not installed; "
+                                 "see /api/v1/jobs\n")
+
+    app = web.Application(middlewares=[token_and_errors])
+    app.router.add_get("/api/v1/jobs", jobs)
+    app.router.add_get("/api/v1/jobs/{job}/stragglers", stragglers)
+    app.router.add_get("/api/v1/jobs/{job}/steps", steps)
+    app.router.add_get("/api/v1/jobs/{job}/modules", modules)
+    app.router.add_post("/api/v1/jobs/{job}/capture", capture)
+    app.router.add_get("/api/v1/alerts", alerts)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/", index)
+    if DASHBOARD.parent.is_dir():
+        app.router.add_static("/dashboard/", DASHBOARD.parent)  # the page's script and style
+    app.router.add_get("/api/v1/jobs/{job}/trace",
+                       trace_export.make_trace_handler(collector.store, collector.read))
+    return app
+
+
+def module_table(per_rank: dict[int, dict], names: list[str]) -> list[dict]:
+    """[{"module", "phase", "ms_by_rank", "inclusive_ms_by_rank", "calls_by_rank"}] for one
+    step; ms is self time (compute exclusive of children), the figure the detector compares."""
+    ranks = sorted(per_rank)
+    cols = [per_rank[r] for r in ranks]
+    lengths = [len(c["module"]) for c in cols]
+    if not sum(lengths):
+        return []
+    rank_of = np.repeat(np.array(ranks, dtype=np.int64), lengths)
+    module = np.concatenate([c["module"] for c in cols]).astype(np.int64)
+    phase = np.concatenate([c["phase"] for c in cols]).astype(np.int64)
+    self_ms = np.concatenate([c["self"] for c in cols]) / 1e6
+    incl_ms = np.concatenate([c["inclusive"] for c in cols]) / 1e6
+    calls = np.concatenate([c["calls"] for c in cols]).astype(np.int64)
+    order = np.lexsort((rank_of, phase, module))
+    keys = (module * 4 + phase)[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    bounds = np.r_[starts, len(keys)]
+    rank_s = rank_of[order].astype(str).tolist()
+    self_l, incl_l, calls_l = (self_ms[order].tolist(), incl_ms[order].tolist(),
+                               calls[order].tolist())
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        mid, pid = int(module[order[a]]), int(phase[order[a]])
+        out.append({"module": names[mid] if mid < len(names) else f"#{mid}",
+                    "phase": PHASE_NAMES.get(pid, str(pid)),
+                    "ms_by_rank": dict(zip(rank_s[a:b], self_l[a:b])),
+                    "inclusive_ms_by_rank": dict(zip(rank_s[a:b], incl_l[a:b])),
+                    "calls_by_rank": dict(zip(rank_s[a:b], calls_l[a:b]))})
+    return out

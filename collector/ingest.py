@@ -1,0 +1,323 @@
+"""gRPC ingest: the servicer for modtrack.v1.Collector/Stream, one bidirectional stream per rank.
+
+Each stream opens with a Hello; reports are validated at the edge (a bad one aborts only its
+own stream with INVALID_ARGUMENT), remapped to job-wide module ids, stored through the
+single writer and queued for the merge. Acks are cumulative and sent only after the SQLite
+commit that holds the report. Control messages (trace capture, pause, resume) go out through
+the stream's own queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from collector import auth
+from collector.merge import Merger
+from collector.store import PHASE_NAMES, STEP_FIGURES, Store, StepRow, StoreWriter
+from protos import modtrack_pb2 as pb
+from protos import modtrack_pb2_grpc as pb_grpc
+
+log = logging.getLogger("modtrack.collector.ingest")
+
+PHASE_COLUMNS = ("module_id", "calls", "inclusive_ns", "self_ns", "first_start_ns", "last_end_ns")
+TRACE_FIELDS = ("module_id", "phase", "start_ns", "end_ns", "depth")
+COUNTERS = ("reports_dropped", "reconnects", "hook_errors", "send_errors")
+
+
+class InvalidInput(ValueError):
+    """A message the collector refuses: its stream ends with INVALID_ARGUMENT and this text."""
+
+
+@dataclass
+class _End:
+    code: grpc.StatusCode | None = None
+    message: str = ""
+
+
+@dataclass(eq=False)
+class RankStream:
+    """One connected rank: its module-name table and the remap to job-wide ids."""
+
+    job: str
+    rank: int
+    names: list
+    remap: np.ndarray  # rank-local module id -> job-wide module id
+    out: asyncio.Queue
+
+
+def _array(values, dtype) -> np.ndarray:
+    return np.array(values, dtype=dtype) if len(values) else np.zeros(0, dtype)
+
+
+def parse_report(report, stream: RankStream, extend_table) -> StepRow:
+    """Validate one StepReport and turn it into a StepRow with job-wide module ids.
+
+    `extend_table(names)` returns job-wide ids for module names first seen in this report."""
+    where = f"job {stream.job!r} rank {stream.rank} step {report.step}"
+    _add_new_names(report, stream, extend_table, where)
+    figures = {name: getattr(report, name) for name in STEP_FIGURES}
+    negative = [name for name in STEP_FIGURES[2:] if figures[name] < 0]
+    if negative:
+        raise InvalidInput(f"{where}: negative duration {negative[0]}={figures[negative[0]]}")
+    if figures["end_ns"] < figures["start_ns"]:
+        raise InvalidInput(f"{where}: end_ns {figures['end_ns']} is before start_ns {figures['start_ns']}")
+    parts = {name: [] for name in ("phase", "module", "calls", "inclusive", "self",
+                                   "first_start", "last_end")}
+    for ph in report.phases:
+        if ph.phase not in PHASE_NAMES:
+            raise InvalidInput(f"{where}: unknown phase {ph.phase}")
+        n = len(ph.module_id)
+        for name in PHASE_COLUMNS[1:]:
+            if len(getattr(ph, name)) != n:
+                raise InvalidInput(f"{where} phase {PHASE_NAMES[ph.phase]}: {name} has "
+                                   f"{len(getattr(ph, name))} entries, module_id has {n}")
+        local = _module_ids(ph.module_id, stream, where)
+        inclusive, self_ns = _array(ph.inclusive_ns, np.int64), _array(ph.self_ns, np.int64)
+        if n and (inclusive.min() < 0 or self_ns.min() < 0):
+            raise InvalidInput(f"{where} phase {PHASE_NAMES[ph.phase]}: negative duration")
+        parts["phase"].append(np.full(n, ph.phase, np.uint8))
+        parts["module"].append(stream.remap[local])
+        parts["calls"].append(_array(ph.calls, np.uint32))
+        parts["inclusive"].append(inclusive)
+        parts["self"].append(self_ns)
+        parts["first_start"].append(_array(ph.first_start_ns, np.int64))
+        parts["last_end"].append(_array(ph.last_end_ns, np.int64))
+    modules = {name: (np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
+               for name, arrays in parts.items()}
+    counters = {name: getattr(report.counters, name) for name in COUNTERS}
+    return StepRow(stream.job, stream.rank, report.step, figures, modules,
+                   _parse_trace(report, stream, where), counters)
+
+
+def _add_new_names(report, stream: RankStream, extend_table, where: str) -> None:
+    if not report.new_module_names:
+        return
+    first = report.first_new_module_id
+    if first > len(stream.names):
+        raise InvalidInput(f"{where}: new module names start at id {first} but the rank's table "
+                           f"has {len(stream.names)} names")
+    new = []
+    for i, name in enumerate(report.new_module_names):
+        if first + i < len(stream.names):  # a replayed report re-announcing a known name
+            if stream.names[first + i] != name:
+                raise InvalidInput(f"{where}: module id {first + i} is {stream.names[first + i]!r}, "
+                                   f"not {name!r}")
+        else:
+            new.append(name)
+    if new:
+        stream.names.extend(new)
+        stream.remap = np.concatenate([stream.remap, extend_table(new)])
+
+
+def _module_ids(values, stream: RankStream, where: str) -> np.ndarray:
+    local = _array(values, np.int64)
+    if len(local) and local.max() >= len(stream.remap):
+        raise InvalidInput(f"{where}: module id {int(local.max())} is outside the rank's table of "
+                           f"{len(stream.remap)} names")
+    return local
+
+
+def _parse_trace(report, stream: RankStream, where: str) -> dict | None:
+    if not report.HasField("trace") or not len(report.trace.module_id):
+        return None
+    t = report.trace
+    n = len(t.module_id)
+    for name in TRACE_FIELDS[1:]:
+        if len(getattr(t, name)) != n:
+            raise InvalidInput(f"{where} trace: {name} has {len(getattr(t, name))} entries, "
+                               f"module_id has {n}")
+    start, end = _array(t.start_ns, np.int64), _array(t.end_ns, np.int64)
+    phase = _array(t.phase, np.int64)
+    if (end < start).any():
+        raise InvalidInput(f"{where} trace: a call ends before it starts")
+    if not np.isin(phase, list(PHASE_NAMES)).all():
+        raise InvalidInput(f"{where} trace: unknown phase")
+    return {"module": stream.remap[_module_ids(t.module_id, stream, where)], "phase": phase,
+            "start": start, "end": end, "depth": _array(t.depth, np.uint32),
+            "capture_id": t.capture_id}
+
+
+def _validate_hello(h) -> None:
+    if h.protocol_version not in (0, 1):
+        raise InvalidInput(f"protocol_version {h.protocol_version} is not supported (want 1)")
+    if not h.job:
+        raise InvalidInput("Hello without a job name")
+    if h.world_size < 1 or h.rank >= h.world_size:
+        raise InvalidInput(f"Hello: rank {h.rank} is outside world_size {h.world_size}")
+
+
+class IngestServicer(pb_grpc.CollectorServicer):
+    def __init__(self, merger: Merger, store: Store, writer: StoreWriter, token: str | None = None,
+                 metrics=None):
+        self.merger = merger
+        self.store = store
+        self.writer = writer
+        self.token = token
+        self.metrics = metrics
+        self.streams: dict[str, set] = {}  # job -> live RankStreams
+        self.rejected = 0
+
+    # --- control, called from the HTTP API on the same loop -------------------------------
+    def request_capture(self, job: str, steps: int) -> tuple[str, int]:
+        """Ask every connected rank of `job` to trace its next `steps` steps. Returns
+        (capture_id, ranks asked); KeyError for a job with no connected rank."""
+        capture_id = uuid.uuid4().hex[:16]
+        asked = self._control(job, pb.Control(capture=pb.CaptureTrace(capture_id=capture_id,
+                                                                       steps=steps)))
+        self.writer.call(self.store.add_capture, capture_id, job, steps, asked)
+        return capture_id, asked
+
+    def pause(self, job: str) -> int:
+        return self._control(job, pb.Control(pause=pb.Pause()))
+
+    def resume(self, job: str) -> int:
+        return self._control(job, pb.Control(resume=pb.Resume()))
+
+    def _control(self, job: str, control) -> int:
+        streams = self.streams.get(job)
+        if not streams:
+            raise KeyError(job)
+        for s in streams:
+            s.out.put_nowait(pb.CollectorMessage(control=control))
+        return len(streams)
+
+    # --- the RPC ---------------------------------------------------------------------------
+    async def Stream(self, request_iterator, context):
+        if not auth.bearer_ok(auth.grpc_header(context.invocation_metadata()), self.token):
+            self.rejected += 1
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        out: asyncio.Queue = asyncio.Queue()
+        holder: list[RankStream] = []
+        reader = asyncio.create_task(self._read(request_iterator, out, holder))
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, _End):
+                    if item.code is not None:
+                        self.rejected += 1
+                        log.warning("stream aborted: %s", item.message)
+                        await context.abort(item.code, item.message)
+                    return
+                yield item
+        finally:
+            reader.cancel()
+            if holder:
+                self.streams.get(holder[0].job, set()).discard(holder[0])
+
+    async def _read(self, request_iterator, out: asyncio.Queue, holder: list) -> None:
+        acks: asyncio.Queue = asyncio.Queue()
+        acker = asyncio.create_task(self._ack(acks, out))
+        stream = None
+        try:
+            async for msg in request_iterator:
+                received_ns = time.time_ns()
+                kind = msg.WhichOneof("body")
+                if kind == "hello":
+                    if stream is not None:
+                        raise InvalidInput("a second Hello on the same stream")
+                    stream = self._hello(msg.hello, out)
+                    holder.append(stream)
+                elif stream is None:
+                    raise InvalidInput(f"the first message must be a Hello, got {kind}")
+                elif kind == "report":
+                    self._report(msg.report, stream, acks)
+                elif kind == "ping":
+                    out.put_nowait(pb.CollectorMessage(pong=pb.ClockPong(
+                        t1_ns=msg.ping.t1_ns, t2_ns=received_ns, t3_ns=time.time_ns())))
+                elif kind == "clock":
+                    self._clock(msg.clock, stream)
+                else:
+                    raise InvalidInput("an empty AgentMessage")
+            acks.put_nowait(None)
+            await acker  # the last reports' acks go out before the stream ends
+            out.put_nowait(_End())
+        except InvalidInput as exc:
+            out.put_nowait(_End(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the store failed, or a bug: end this stream, serve the rest
+            log.exception("stream failed")
+            out.put_nowait(_End(grpc.StatusCode.UNAVAILABLE, f"collector error: {exc}"))
+        finally:
+            acker.cancel()
+
+    def _hello(self, h, out: asyncio.Queue) -> RankStream:
+        _validate_hello(h)
+        job = self.merger.hello(h.job, h.rank, h.world_size, h.host)
+        names = list(h.module_names)
+        remap = self._extend(job.job)(names)
+        stream = RankStream(h.job, h.rank, names, remap, out)
+        self.streams.setdefault(h.job, set()).add(stream)
+        self.writer.call(self.store.upsert_job, h.job, h.world_size)
+        self.writer.call(self.store.upsert_rank, h.job, h.rank, {
+            "local_rank": h.local_rank, "group_rank": h.group_rank, "host": h.host, "pid": h.pid,
+            "session": h.session, "torch_version": h.torch_version,
+            "agent_version": h.agent_version, "clock_kind": h.clock_kind,
+            "last_seen_ns": time.time_ns(), "state": "live"})
+        log.info("rank %d of job %r connected from %s (pid %d, %d modules)", h.rank, h.job,
+                 h.host, h.pid, len(names))
+        return stream
+
+    def _extend(self, job: str):
+        """A function giving job-wide ids for names, persisting names the job had not seen."""
+        def extend(names: list[str]) -> np.ndarray:
+            ids, first_new, added = self.merger.jobs[job].module_ids(names)
+            if added:
+                self.writer.call(self.store.add_modules, job, first_new, list(added))
+            return ids
+        return extend
+
+    def _report(self, report, stream: RankStream, acks: asyncio.Queue) -> None:
+        row = parse_report(report, stream, self._extend(stream.job))
+        acks.put_nowait((row.step, self.writer.steps([row])))
+        self.merger.add(row)
+        info = self.merger.jobs[stream.job].ranks[stream.rank]
+        if row.counters != info.counters:
+            info.counters = row.counters
+            self._observe_rank(stream, info)
+
+    def _clock(self, clock, stream: RankStream) -> None:
+        info = self.merger.jobs[stream.job].ranks[stream.rank]
+        info.clock_offset_ns = clock.offset_ns
+        self.writer.call(self.store.upsert_rank, stream.job, stream.rank,
+                         {"clock_offset_ns": clock.offset_ns, "rtt_ns": clock.rtt_ns})
+        self._observe_rank(stream, info)
+
+    def _observe_rank(self, stream: RankStream, info) -> None:
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.observe_rank(stream.job, stream.rank, info.host,
+                                      info.clock_offset_ns / 1e6, dict(info.counters))
+        except Exception:
+            log.exception("metrics.observe_rank failed")
+
+    async def _ack(self, acks: asyncio.Queue, out: asyncio.Queue) -> None:
+        """Cumulative acks: after each commit, one Ack for the highest step stored so far."""
+        best, waiting = None, collections.deque()
+        try:
+            while True:
+                if not waiting:
+                    waiting.append(await acks.get())
+                while not acks.empty():
+                    waiting.append(acks.get_nowait())
+                item = waiting.popleft()
+                if item is None:
+                    return
+                step, committed = item
+                await committed
+                best = step if best is None else max(best, step)
+                if not waiting or waiting[0] is None or not waiting[0][1].done():
+                    out.put_nowait(pb.CollectorMessage(ack=pb.Ack(step=best)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the commit failed: no ack; the agent replays on reconnect
+            log.error("store commit failed: %s", exc)
+            out.put_nowait(_End(grpc.StatusCode.UNAVAILABLE, f"collector store error: {exc}"))

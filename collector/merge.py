@@ -1,0 +1,157 @@
+"""Step assembly: line the ranks' reports up by step and hand out StepMatrix objects.
+
+A step is evaluated once every live rank has reported it, or `watermark_s` after its first
+report, whichever comes first, and steps of one job are evaluated in ascending order. A rank
+with no report for `missing_after_s` is marked missing: it is not waited for, and it is not a
+straggler (it simply is not in the matrix). Reports for steps already evaluated are stored but
+not merged again.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from collector.step_matrix import StepMatrix
+from collector.store import StepRow
+
+_PHASE_SLOTS = 4  # column key = module_id * 4 + phase id
+
+
+@dataclass
+class RankState:
+    host: str
+    last_seen: float  # time.monotonic()
+    state: str = "live"  # "live" | "missing"
+    clock_offset_ns: int = 0
+    counters: dict = field(default_factory=dict)
+
+
+@dataclass
+class PendingStep:
+    first_seen: float
+    rows: dict = field(default_factory=dict)  # rank -> StepRow
+
+
+@dataclass
+class ReadyStep:
+    job: "JobState"
+    step: int
+    rows: dict  # rank -> StepRow
+    lag_s: float  # first report -> evaluation
+
+
+class JobState:
+    """What the merge knows about one job: ranks, the job-wide module table, pending steps."""
+
+    def __init__(self, job: str, world_size: int, names: list[str] | None = None,
+                 last_evaluated: int = -1):
+        self.job = job
+        self.world_size = world_size
+        self.names: list[str] = list(names or [])
+        self.ids: dict[str, int] = {name: i for i, name in enumerate(self.names)}
+        self.ranks: dict[int, RankState] = {}
+        self.pending: dict[int, PendingStep] = {}
+        self.last_evaluated = last_evaluated
+
+    def module_ids(self, names: list[str]) -> tuple[np.ndarray, int, list[str]]:
+        """Job-wide ids for a rank's names, adding the unseen ones. Returns (ids, first id
+        added, names added) so the caller can persist the additions."""
+        first_new = len(self.names)
+        ids = np.empty(len(names), dtype=np.int64)
+        for i, name in enumerate(names):
+            jid = self.ids.get(name)
+            if jid is None:
+                jid = self.ids[name] = len(self.names)
+                self.names.append(name)
+            ids[i] = jid
+        return ids, first_new, self.names[first_new:]
+
+    def live_ranks(self) -> int:
+        return sum(1 for r in self.ranks.values() if r.state == "live")
+
+
+class Merger:
+    def __init__(self, watermark_s: float = 2.0, missing_after_s: float = 30.0,
+                 max_pending_steps: int = 10_000):
+        self.watermark_s = watermark_s
+        self.missing_after_s = missing_after_s
+        self.max_pending_steps = max_pending_steps  # bounds memory if a rank races far ahead
+        self.jobs: dict[str, JobState] = {}
+        self.late_reports = 0
+
+    def job(self, job: str, world_size: int) -> JobState:
+        state = self.jobs.get(job)
+        if state is None:
+            state = self.jobs[job] = JobState(job, world_size)
+        state.world_size = max(world_size, 1)
+        return state
+
+    def hello(self, job: str, rank: int, world_size: int, host: str) -> JobState:
+        state = self.job(job, world_size)
+        state.ranks[rank] = RankState(host=host, last_seen=time.monotonic())
+        return state
+
+    def add(self, row: StepRow) -> bool:
+        """Queue one rank's step for merging; False when that step was already evaluated."""
+        state = self.jobs[row.job]
+        now = time.monotonic()
+        rank = state.ranks[row.rank]
+        rank.last_seen = now
+        rank.state = "live"
+        if row.step <= state.last_evaluated:
+            self.late_reports += 1
+            return False
+        pending = state.pending.get(row.step)
+        if pending is None:
+            pending = state.pending[row.step] = PendingStep(first_seen=now)
+        pending.rows[row.rank] = row
+        return True
+
+    def due(self, now: float) -> tuple[list[ReadyStep], list[tuple[str, int]]]:
+        """Steps ready for evaluation (ascending per job) and ranks newly marked missing."""
+        ready, missing = [], []
+        for state in self.jobs.values():
+            for rank, info in state.ranks.items():
+                if info.state == "live" and now - info.last_seen > self.missing_after_s:
+                    info.state = "missing"
+                    missing.append((state.job, rank))
+            if not state.pending:
+                continue
+            live = {r for r, info in state.ranks.items() if info.state == "live"}
+            everyone_known = len(state.ranks) >= state.world_size
+            for step in sorted(state.pending):
+                pending = state.pending[step]
+                complete = everyone_known and live <= pending.rows.keys()
+                if not (complete or now - pending.first_seen >= self.watermark_s
+                        or len(state.pending) > self.max_pending_steps):
+                    break
+                del state.pending[step]
+                state.last_evaluated = step
+                ready.append(ReadyStep(state, step, pending.rows, now - pending.first_seen))
+        return ready, missing
+
+
+def build_matrix(state: JobState, step: int, rows: dict[int, StepRow]) -> StepMatrix:
+    """One step of one job as a rank x (module, phase) matrix of self times, with numpy."""
+    ranks = sorted(rows)
+    ordered = [rows[r] for r in ranks]
+    lengths = np.fromiter((len(r.modules["module"]) for r in ordered), dtype=np.int64,
+                          count=len(ordered))
+    modules = np.concatenate([r.modules["module"] for r in ordered]).astype(np.int64)
+    phases = np.concatenate([r.modules["phase"] for r in ordered]).astype(np.int64)
+    self_ns = np.concatenate([r.modules["self"] for r in ordered])
+    keys = modules * _PHASE_SLOTS + phases
+    columns, inverse = np.unique(keys, return_inverse=True)
+    self_ms = np.full((len(ranks), len(columns)), np.nan)
+    self_ms[np.repeat(np.arange(len(ranks)), lengths), inverse.reshape(-1)] = self_ns / 1e6
+    figures = {name: np.array([r.figures[name] for r in ordered], dtype=np.float64)
+               for name in ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns")}
+    return StepMatrix(
+        job=state.job, step=step, ranks=np.array(ranks, dtype=np.int64),
+        hosts=[state.ranks[r].host if r in state.ranks else "" for r in ranks],
+        column_module=columns // _PHASE_SLOTS, column_phase=columns % _PHASE_SLOTS,
+        self_ms=self_ms, wall_ms=(figures["end_ns"] - figures["start_ns"]) / 1e6,
+        sync_wait_ms=figures["backward_tail_ns"] / 1e6, forward_ms=figures["forward_ns"] / 1e6,
+        backward_ms=figures["backward_ns"] / 1e6, module_names=state.names)
