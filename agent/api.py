@@ -1,0 +1,110 @@
+"""agent.track() / agent.step(): tracking for a process, wired to a collector.
+
+This is what the launcher calls, and what custom loops call themselves. It never raises
+into the training job: if anything cannot be set up, it says so once on stderr and the
+job runs as it would without the agent.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+
+from agent.identity import identity_from_env
+from agent.transport import Transport, warn_once
+
+_active: "Tracking | None" = None
+
+
+class Tracking:
+    """A running tracker and its sender; close() is idempotent and bounded in time."""
+
+    def __init__(self, tracker=None, transport: Transport | None = None):
+        self.tracker = tracker
+        self.transport = transport
+        self._closed = False
+
+    def step(self) -> None:
+        """End a step by hand (loops with no optimizer)."""
+        if self.tracker is not None:
+            try:
+                self.tracker.step()
+            except Exception as e:
+                warn_once("step", f"step() failed: {e}")
+
+    def close(self) -> None:
+        global _active
+        if self._closed:
+            return
+        self._closed = True
+        if _active is self:
+            _active = None
+        for part in (self.tracker, self.transport):
+            if part is None:
+                continue
+            try:
+                part.close()
+            except Exception as e:
+                warn_once(f"close-{type(part).__name__}", f"closing {type(part).__name__} failed: {e}")
+
+    def __enter__(self) -> "Tracking":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def track(
+    collector: str | None = None,
+    job: str | None = None,
+    *,
+    token: str | None = None,
+    token_file: str | None = None,
+    tls_ca: str | None = None,
+    clock: str = "auto",
+    fallback_job: str = "",
+) -> Tracking:
+    """Time every module of this process and stream the steps to `collector` (HOST:PORT).
+
+    Settings left out come from MODTRACK_COLLECTOR, MODTRACK_JOB, MODTRACK_TOKEN. With no
+    collector at all this returns a handle that does nothing.
+    """
+    global _active
+    if _active is not None:
+        return _active
+    collector = collector or os.environ.get("MODTRACK_COLLECTOR", "")
+    if not collector:
+        return Tracking()
+    try:
+        if token_file:
+            token = _read(token_file).decode().strip()
+        token = token or os.environ.get("MODTRACK_TOKEN") or None
+        ca = _read(tls_ca) if tls_ca else None
+        from agent.tracker import ModuleTracker
+
+        identity = identity_from_env(job, fallback_job=fallback_job)
+        transport = Transport(
+            collector, identity, token=token, tls_ca=ca,
+            on_capture=lambda capture_id, steps: tracker.request_trace(capture_id, steps),
+            hook_errors=lambda: tracker.counters.get("hook_errors", 0),
+        )
+        tracker = ModuleTracker(on_step=transport.submit, clock=clock)
+        transport.clock_kind = tracker.clock_kind
+        tracker.__enter__()
+        transport.start()
+    except Exception as e:
+        warn_once("setup", f"tracking is off: {type(e).__name__}: {e}")
+        return Tracking()
+    _active = Tracking(tracker, transport)
+    atexit.register(_active.close)
+    return _active
+
+
+def step() -> None:
+    """End a step by hand for the tracking started by track() (no-op without one)."""
+    if _active is not None:
+        _active.step()

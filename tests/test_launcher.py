@@ -1,0 +1,144 @@
+"""`python -m agent SCRIPT` behaves as `python SCRIPT`: argv, sys.path, __main__, output, exit code."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import os, sys
+    import helper_next_to_script  # found through sys.path[0] = the script's directory
+    print("argv", sys.argv[1:], "name", __name__, "path0", os.path.basename(sys.path[0]))
+    def fail():
+        raise ValueError("boom")
+    if sys.argv[1:2] == ["raise"]:
+        fail()
+    if sys.argv[1:2] == ["exit3"]:
+        print("leaving with 3", file=sys.stderr)
+        sys.exit(3)
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def script(tmp_path):
+    d = tmp_path / "proj"
+    d.mkdir()
+    (d / "helper_next_to_script.py").write_text("")
+    path = d / "user_script.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def run(cmd, cwd, env=None, timeout=120):
+    full_env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
+    full_env.pop("MODTRACK_COLLECTOR", None)
+    full_env.update(env or {})
+    started = time.monotonic()
+    out = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return out, time.monotonic() - started
+
+
+def without_agent_lines(stderr: str) -> str:
+    return "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("modtrack:"))
+
+
+@pytest.mark.parametrize("args", [["a", "--flag", "-x"], ["raise"], ["exit3"]])
+@pytest.mark.parametrize("collector", [None, "dead"])
+def test_same_behaviour_as_plain_python(script, tmp_path, args, collector):
+    plain, _ = run([sys.executable, str(script), *args], cwd=tmp_path)
+    agent_opts = [] if collector is None else ["--collector", f"127.0.0.1:{free_port()}", "--job", "t"]
+    tracked, elapsed = run([sys.executable, "-m", "agent", *agent_opts, str(script), *args], cwd=tmp_path)
+    assert tracked.returncode == plain.returncode
+    assert plain.returncode == {"raise": 1, "exit3": 3}.get(args[0], 0)
+    assert tracked.stdout == plain.stdout
+    assert without_agent_lines(tracked.stderr) == plain.stderr  # same traceback, no launcher frames
+    assert len(tracked.stderr.splitlines()) - len(plain.stderr.splitlines()) <= 2
+    assert elapsed < 30
+
+
+def test_environment_variable_names_the_collector(script, tmp_path):
+    """MODTRACK_COLLECTOR alone switches tracking on; an unreachable one changes nothing."""
+    out, _ = run([sys.executable, "-m", "agent", str(script), "x"], cwd=tmp_path,
+                 env={"MODTRACK_COLLECTOR": f"127.0.0.1:{free_port()}"})
+    assert out.returncode == 0 and out.stdout.startswith("argv ['x'] name __main__ path0 proj")
+
+
+def test_console_script_and_missing_script(script, tmp_path):
+    out, _ = run(["modtrack-agent", str(script), "y"], cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("argv ['y'] name __main__")
+    out, _ = run([sys.executable, "-m", "agent", str(tmp_path / "nope.py")], cwd=tmp_path)
+    assert out.returncode == 2 and "can't open file" in out.stderr
+
+
+def torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+
+
+def stdout_lines(text: str) -> list[str]:
+    return sorted(line for line in text.splitlines() if line.startswith("argv"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["a"], ["exit3"]])
+def test_under_torchrun(script, tmp_path, args):
+    dead = f"127.0.0.1:{free_port()}"
+    plain, _ = run(torchrun(str(script), *args), cwd=tmp_path)
+    tracked, _ = run(torchrun("-m", "agent", "--collector", dead, str(script), *args), cwd=tmp_path)
+    no_python, _ = run(torchrun("--no-python", "modtrack-agent", "--collector", dead, str(script), *args),
+                       cwd=tmp_path)
+    assert plain.returncode == (0 if args == ["a"] else 1)
+    for out in (tracked, no_python):
+        assert out.returncode == plain.returncode, out.stderr[-2000:]
+        assert stdout_lines(out.stdout) == stdout_lines(plain.stdout)
+        assert len(stdout_lines(out.stdout)) == 2
+
+
+TIMED = textwrap.dedent("""
+    import statistics, sys, time
+    import torch
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU()) for _ in range(8)])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(256, 256)
+    times = []
+    for step in range(60):
+        t = time.perf_counter()
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    print(f"loss {model(x).square().mean().item():.6f}")
+    print(f"ms {statistics.median(times[10:]) * 1000:.3f}", file=sys.stderr)
+""")
+
+
+def step_ms(stderr: str) -> float:
+    return float(re.search(r"^ms ([0-9.]+)$", stderr, re.M).group(1))
+
+
+def test_dead_collector_costs_no_step_time_and_no_exit_time(tmp_path):
+    path = tmp_path / "timed.py"
+    path.write_text(TIMED)
+    plain, plain_s = run([sys.executable, str(path)], cwd=tmp_path)
+    tracked, tracked_s = run([sys.executable, "-m", "agent", "--collector", f"127.0.0.1:{free_port()}",
+                              str(path)], cwd=tmp_path)
+    assert plain.returncode == tracked.returncode == 0, tracked.stderr
+    assert tracked.stdout == plain.stdout  # same numbers: the agent changes nothing
+    # Tracking costs a little per module call; the dead link itself must cost nothing.
+    assert step_ms(tracked.stderr) < step_ms(plain.stderr) * 1.5 + 2, (plain.stderr, tracked.stderr)
+    assert tracked_s < plain_s + 5, (plain_s, tracked_s)
