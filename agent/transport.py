@@ -258,10 +258,12 @@ class Transport:
                 if not self._stop.is_set():
                     self._send_errors += 1
                     code = e.code() if hasattr(e, "code") else None
+                    if code == grpc.StatusCode.INVALID_ARGUMENT:
+                        self._drop_poison()
                     if code == grpc.StatusCode.UNAUTHENTICATED:
                         warn_once("auth", f"collector {self.target} refused the token: {e.details()}")
                     else:
-                        warn_once(f"stream-{code}", f"stream to {self.target} broke ({code}); reconnecting")
+                        warn_once(f"stream-{code}", f"stream to {self.target} broke ({code}: {e.details()}); reconnecting")
             return answered
         finally:
             stream.done = True
@@ -300,6 +302,13 @@ class Transport:
             elif action == "resume":
                 self._paused = False
                 self._wake.set()
+
+    def _drop_poison(self) -> None:
+        """The collector refused a report: drop the oldest unacked one so a replay cannot loop on it."""
+        with self._replay_lock:
+            if self._replay:
+                self._replay.popleft()
+                self._replay_dropped += 1
 
     def _remember(self, step: int, message: pb.AgentMessage) -> None:
         with self._replay_lock:
