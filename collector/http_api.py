@@ -141,7 +141,7 @@ def make_app(collector) -> web.Application:
 
     async def alerts(request):
         episodes = await collector.read(collector.store.episodes, None, "active")
-        return web.json_response({"alerts": [collector.alert(e) for e in episodes]})
+        return web.json_response({"alerts": collector.alerts(episodes)})
 
     async def metrics(request):
         body, content_type = collector.exposition()
@@ -166,6 +166,13 @@ def make_app(collector) -> web.Application:
     app.router.add_get("/api/v1/jobs/{job}/modules", modules)
     app.router.add_post("/api/v1/jobs/{job}/capture", capture)
     app.router.add_get("/api/v1/alerts", alerts)
+    try:  # the timeline export, once present
+        from collector.trace_export import make_trace_handler
+    except ImportError:
+        pass
+    else:
+        app.router.add_get("/api/v1/jobs/{job}/trace",
+                           make_trace_handler(collector.store, collector.read))
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", index)

@@ -191,7 +191,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
     # --- the RPC ---------------------------------------------------------------------------
     async def Stream(self, request_iterator, context):
         if not auth.bearer_ok(auth.grpc_header(context.invocation_metadata()), self.token):
-            self.rejected += 1
+            self._rejected("unauthenticated")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         out: asyncio.Queue = asyncio.Queue()
         holder: list[RankStream] = []
@@ -201,7 +201,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
                 item = await out.get()
                 if isinstance(item, _End):
                     if item.code is not None:
-                        self.rejected += 1
+                        self._rejected(item.code.name.lower())
                         log.warning("stream aborted: %s", item.message)
                         await context.abort(item.code, item.message)
                     return
@@ -279,9 +279,8 @@ class IngestServicer(pb_grpc.CollectorServicer):
         acks.put_nowait((row.step, self.writer.steps([row])))
         self.merger.add(row)
         info = self.merger.jobs[stream.job].ranks[stream.rank]
-        if row.counters != info.counters:
-            info.counters = row.counters
-            self._observe_rank(stream, info)
+        info.counters = row.counters
+        self._observe_rank(stream, info)
 
     def _clock(self, clock, stream: RankStream) -> None:
         info = self.merger.jobs[stream.job].ranks[stream.rank]
@@ -289,6 +288,11 @@ class IngestServicer(pb_grpc.CollectorServicer):
         self.writer.call(self.store.upsert_rank, stream.job, stream.rank,
                          {"clock_offset_ns": clock.offset_ns, "rtt_ns": clock.rtt_ns})
         self._observe_rank(stream, info)
+
+    def _rejected(self, reason: str) -> None:
+        self.rejected += 1
+        if self.metrics is not None:
+            self.metrics.count_rejected(reason)
 
     def _observe_rank(self, stream: RankStream, info) -> None:
         if self.metrics is None:

@@ -18,8 +18,12 @@ import grpc
 from aiohttp import web
 
 from collector import http_api
+from collector.alert_payload import episode_to_alert
+from collector.alerting import AlertDispatcher
+from collector.detector import Detector, DetectorParams
 from collector.ingest import IngestServicer
 from collector.merge import JobState, Merger, ReadyStep, RankState, build_matrix
+from collector.metrics import CollectorMetrics
 from collector.store import Store, StoreWriter
 from protos import modtrack_pb2_grpc as pb_grpc
 
@@ -45,15 +49,6 @@ class ServeConfig:
     retention_every_s: float = 10.0
 
 
-def _optional(module: str, name: str):
-    """Parts written alongside this one (detector, metrics, alerting): used once present."""
-    try:
-        mod = __import__(f"collector.{module}", fromlist=[name])
-        return getattr(mod, name)
-    except ImportError:
-        return None
-
-
 def _split(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
@@ -68,8 +63,6 @@ class Collector:
         self.detectors: dict[str, object] = {}
         self.episode_ids: dict[tuple, int] = {}
         self.eval_errors = 0
-        self.metrics = None
-        self.alerting = None
         self.grpc_port = self.http_port = None
         self._stopping = None
 
@@ -81,13 +74,11 @@ class Collector:
         self.read_pool = concurrent.futures.ThreadPoolExecutor(2, "modtrack-read")
         self.eval_pool = concurrent.futures.ThreadPoolExecutor(1, "modtrack-eval")
         self._stopping = asyncio.Event()
-        metrics_cls = _optional("metrics", "CollectorMetrics")
-        self.metrics = metrics_cls() if metrics_cls else None
-        dispatcher_cls = _optional("alerting", "AlertDispatcher")
-        if dispatcher_cls and self.config.alert_webhooks:
-            self.alerting = dispatcher_cls(self.config.alert_webhooks, self.config.dashboard_url)
-            await self.alerting.start()
-        self._alert_payload = _optional("alert_payload", "episode_to_alert")
+        self.metrics = CollectorMetrics()
+        # Logs every episode change, and posts to the webhooks when there are any.
+        self.alerting = AlertDispatcher(self.config.alert_webhooks, self.config.dashboard_url or "",
+                                        metrics=self.metrics)
+        await self.alerting.start()
         await self.read(self._restore)
         self.ingest = IngestServicer(self.merger, self.store, self.writer, self.token, self.metrics)
         self.grpc_server = grpc.aio.server(options=[
@@ -135,8 +126,7 @@ class Collector:
         self._tick_task.cancel()
         await self.grpc_server.stop(grace=1.0)
         await self.runner.cleanup()
-        if self.alerting is not None:
-            await self.alerting.stop()
+        await self.alerting.stop()
         self.eval_pool.shutdown(wait=True)
         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
         self.read_pool.shutdown(wait=True)
@@ -146,21 +136,13 @@ class Collector:
         return await asyncio.get_running_loop().run_in_executor(self.read_pool, fn, *args)
 
     def exposition(self) -> tuple[bytes, str]:
-        if self.metrics is not None:
-            return self.metrics.exposition()
-        import prometheus_client
-        return prometheus_client.generate_latest(), prometheus_client.CONTENT_TYPE_LATEST
+        return self.metrics.exposition()
 
-    def alert(self, episode) -> dict:
-        if self._alert_payload is not None:
-            return self._alert_payload(episode, self.config.dashboard_url)
-        return {"labels": {"alertname": "ModtrackStraggler", "job": episode.job,
-                           "rank": str(episode.rank), "host": episode.host,
-                           "module": episode.module, "phase": episode.phase},
-                "annotations": {"summary": f"rank {episode.rank} is {episode.slowdown:.2f}x "
-                                           f"slower in {episode.module} ({episode.phase})"},
-                "startsAt": None, "endsAt": None,
-                "status": "firing" if episode.state == "active" else "resolved"}
+    def alerts(self, active_episodes) -> list[dict]:
+        """Alerts for the active episodes; the dispatcher's copies know when each started."""
+        live = {a["fingerprint"]: a for a in self.alerting.active_alerts()}
+        alerts = [episode_to_alert(e, self.config.dashboard_url or "") for e in active_episodes]
+        return [live.get(a["fingerprint"], a) for a in alerts]
 
     # --- restart: the same history ----------------------------------------------------------
     def _restore(self) -> None:
@@ -178,9 +160,8 @@ class Collector:
             episodes = self.store.episodes(job, "active")
             for ep in self.store.episodes(job):
                 self.episode_ids[_episode_key(ep)] = ep.id
-            detector = self._detector(job)
-            if detector is not None and episodes:
-                detector.restore(episodes)
+            if episodes:
+                self._detector(job).restore(episodes)
         self._next_episode_id = self.store.max_episode_id() + 1
 
     # --- the merge tick and evaluation -----------------------------------------------------------
@@ -195,6 +176,7 @@ class Collector:
                     log.warning("rank %d of job %r is missing (no report for %.0f s)", rank, job,
                                 self.config.missing_after_s)
                     self.writer.call(self.store.upsert_rank, job, rank, {"state": "missing"})
+                    self.metrics.mark_rank_missing(job, rank, self.merger.jobs[job].ranks[rank].host)
                 if ready:
                     await loop.run_in_executor(self.eval_pool, self._evaluate, ready)
                 if time.monotonic() >= next_retention:
@@ -208,11 +190,9 @@ class Collector:
                 self.eval_errors += 1
                 log.exception("merge tick failed")
 
-    def _detector(self, job: str):
+    def _detector(self, job: str) -> Detector:
         if job not in self.detectors:
-            detector_cls = _optional("detector", "Detector")
-            params_cls = _optional("detector", "DetectorParams")
-            self.detectors[job] = detector_cls(job, params_cls()) if detector_cls else None
+            self.detectors[job] = Detector(job, DetectorParams())
         return self.detectors[job]
 
     def _evaluate(self, ready: list[ReadyStep]) -> None:
@@ -222,14 +202,13 @@ class Collector:
             try:
                 matrix = build_matrix(item.job, item.step, item.rows)
                 detector = self._detector(job)
-                changed = detector.observe(matrix) if detector is not None else []
+                changed = detector.observe(matrix)
                 for ep in changed:
                     self._persist_episode(ep)
                 self.writer.call_threadsafe(self.store.set_evaluated, job, item.step)
-                if self.metrics is not None:
-                    self.metrics.observe_step(matrix, item.lag_s)
-                    if changed:
-                        self.metrics.set_episodes(job, detector.active())
+                self.metrics.observe_step(matrix, item.lag_s)
+                if changed:
+                    self.metrics.set_episodes(job, detector.active())
             except Exception:
                 self.eval_errors += 1
                 log.exception("evaluating step %d of job %r failed", item.step, job)
@@ -247,8 +226,7 @@ class Collector:
         log.info("straggler episode %s: job %r rank %d host %s %s/%s %.2fx steps %d-%d",
                  ep.state, ep.job, ep.rank, ep.host, ep.module, ep.phase, ep.slowdown,
                  ep.first_step, ep.last_step)
-        if self.alerting is not None:
-            self.loop.call_soon_threadsafe(self.alerting.episode_changed, snapshot)
+        self.alerting.episode_changed(snapshot)  # thread-safe, never blocks
 
 
 def _episode_key(ep) -> tuple:

@@ -106,7 +106,7 @@ class FakeRank:
                 if kind == "ack":
                     self.acks.append(msg.ack.step)
                 elif kind == "pong":
-                    self.pongs.append(msg.pong)
+                    self.pongs.append((msg.pong, time.time_ns()))  # with its arrival time
                 else:
                     self.controls.append(msg.control)
         except grpc.RpcError as exc:
@@ -148,8 +148,9 @@ def wait_for(predicate, timeout: float = 10.0, message=lambda: "timed out") -> N
     raise AssertionError(message())
 
 
-def get(url: str, path: str, token: str | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url + path)
+def get(url: str, path: str, token: str | None = None, method: str = "GET") -> tuple[int, dict]:
+    """(status, JSON body, or text for other content types)."""
+    req = urllib.request.Request(url + path, method=method)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -159,6 +160,10 @@ def get(url: str, path: str, token: str | None = None) -> tuple[int, dict]:
                                  == "application/json" else body.decode())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def post(url: str, path: str, token: str | None = None) -> tuple[int, dict]:
+    return get(url, path, token, method="POST")
 
 
 def stream_steps(ranks: list[FakeRank], steps, fwd_ms_of=lambda rank, step: [1.0, 2.0, 3.0, 4.0, 5.0],
