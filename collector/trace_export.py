@@ -73,6 +73,9 @@ def build_trace(
             "clock": "collector",
             "ts_origin_ns": origin,
             "ranks": [tl.rank for tl in sorted(ranks, key=lambda r: r.rank)],
+            # the steps that have module calls in this document (captured ones, for a capture)
+            "captured_steps": sorted({int(s) for tl in ranks for s in np.unique(tl.step).tolist()})
+            if source == "capture" else [],
         },
     }
 
@@ -102,50 +105,45 @@ def _rank_events(tl: RankTimeline, origin: int) -> list[dict]:
         _meta(pid, 0, "process_sort_index", pid, key="sort_index"),
     ]
     if len(tl.step_number):
-        events.append(_meta(pid, STEP_TID, "thread_name", "steps"))
-        starts = np.asarray(tl.step_start_ns, np.int64) + shift
-        ends = np.maximum(np.asarray(tl.step_end_ns, np.int64) + shift, starts)
-        for n, ts, dur in zip(
-            np.asarray(tl.step_number).tolist(), _us(starts), _us(ends - starts)
-        ):
-            events.append(
-                {"name": f"step {n}", "cat": "step", "ph": "X", "pid": pid,
-                 "tid": STEP_TID, "ts": ts, "dur": dur, "args": {"step": n}}
-            )
-
+        numbers = np.asarray(tl.step_number, np.int64)
+        events += _track_events(
+            pid, STEP_TID, "steps", "step", [f"step {n}" for n in numbers.tolist()],
+            np.asarray(tl.step_start_ns, np.int64) + shift, np.asarray(tl.step_end_ns, np.int64) + shift,
+            np.zeros(len(numbers), np.int64), numbers)
     phase = np.asarray(tl.phase, np.int64)
+    names = tl.module_names
     for ph in sorted(set(phase.tolist())):
         sel = np.flatnonzero(phase == ph)
-        if not len(sel):
-            continue
-        name = PHASE_NAMES.get(ph, f"phase {ph}")
-        starts = np.asarray(tl.start_ns, np.int64)[sel] + shift
-        ends = np.maximum(np.asarray(tl.end_ns, np.int64)[sel] + shift, starts)
-        depth = (
-            np.asarray(tl.depth, np.int64)[sel] if tl.depth is not None else np.zeros(len(sel), np.int64)
-        )
-        # Parents before children: by start, then longest first, then shallowest first.
-        order = np.lexsort((depth, -(ends - starts), starts))
-        starts, ends = starts[order], ends[order]
-        modules = np.asarray(tl.module_id, np.int64)[sel][order].tolist()
-        steps = np.asarray(tl.step, np.int64)[sel][order].tolist()
-        lanes = _nesting_lanes(starts, ends)
-        base_tid = PHASE_TID.get(ph, 10 + ph)
-        for lane in range(int(lanes.max()) + 1 if len(lanes) else 1):
-            tid = base_tid if lane == 0 else OVERFLOW_TID_BASE + 10 * ph + lane
-            label = name if lane == 0 else f"{name} #{lane + 1}"
-            events.append(_meta(pid, tid, "thread_name", label))
-            events.append(_meta(pid, tid, "thread_sort_index", tid, key="sort_index"))
-        names = tl.module_names
-        for mid, step, lane, ts, dur in zip(
-            modules, steps, lanes.tolist(), _us(starts), _us(ends - starts)
-        ):
-            tid = base_tid if lane == 0 else OVERFLOW_TID_BASE + 10 * ph + lane
-            module = names[mid] if 0 <= mid < len(names) else f"module {mid}"
-            events.append(
-                {"name": module, "cat": name, "ph": "X", "pid": pid, "tid": tid,
-                 "ts": ts, "dur": dur, "args": {"step": step}}
-            )
+        label = PHASE_NAMES.get(ph, f"phase {ph}")
+        depth = np.asarray(tl.depth, np.int64)[sel] if tl.depth is not None else np.zeros(len(sel), np.int64)
+        modules = [names[m] if 0 <= m < len(names) else f"module {m}"
+                   for m in np.asarray(tl.module_id, np.int64)[sel].tolist()]
+        events += _track_events(
+            pid, PHASE_TID.get(ph, 10 + ph), label, label, modules,
+            np.asarray(tl.start_ns, np.int64)[sel] + shift, np.asarray(tl.end_ns, np.int64)[sel] + shift,
+            depth, np.asarray(tl.step, np.int64)[sel])
+    return events
+
+
+def _track_events(pid: int, tid: int, label: str, cat: str, names: list[str], starts: np.ndarray,
+                  ends: np.ndarray, depth: np.ndarray, steps: np.ndarray) -> list[dict]:
+    """One track's complete events (nanoseconds from the origin), with overflow tracks for
+    what does not nest."""
+    ends = np.maximum(ends, starts)
+    # Parents before children: by start, then longest first, then shallowest first.
+    order = np.lexsort((depth, -(ends - starts), starts))
+    starts, ends = starts[order], ends[order]
+    lanes = _nesting_lanes(starts, ends)
+    tids = [tid] + [OVERFLOW_TID_BASE + 10 * tid + lane for lane in range(1, int(lanes.max(initial=0)) + 1)]
+    events = []
+    for lane, lane_tid in enumerate(tids):
+        events.append(_meta(pid, lane_tid, "thread_name", label if lane == 0 else f"{label} #{lane + 1}"))
+        events.append(_meta(pid, lane_tid, "thread_sort_index", lane_tid, key="sort_index"))
+    for i, lane, ts, dur, step in zip(
+        order.tolist(), lanes.tolist(), _us(starts), _us(ends - starts), steps[order].tolist()
+    ):
+        events.append({"name": names[i], "cat": cat, "ph": "X", "pid": pid, "tid": tids[lane],
+                       "ts": ts, "dur": dur, "args": {"step": step}})
     return events
 
 
@@ -174,3 +172,102 @@ def _nesting_lanes(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
             stacks.append([e])
             lanes[i] = len(stacks) - 1
     return lanes
+
+
+# --- from the store to timelines, and the HTTP route -------------------------------------
+
+MAX_STEPS = 200  # one request's step range: a trace covers a few steps, not a run
+
+
+def timelines_from_store(store, job: str, from_step: int, to_step: int) -> tuple[list[RankTimeline], str]:
+    """Each known rank's timeline over [from_step, to_step], and the source used.
+
+    Captured calls when the range holds any; otherwise every module's first-start..last-end
+    span per step and phase from the per-step summary. Step spans come from the summary either way.
+    """
+    names = store.module_names(job)
+    clocks = store.rank_clocks(job)
+    captured = store.trace_calls(job, from_step, to_step)
+    source = "capture" if captured else "step_summary"
+    spans = _step_spans(store, job, from_step, to_step)
+    columns: dict[int, list[tuple]] = {}
+    if captured:
+        for rank, chunks in captured.items():
+            for c in chunks:
+                n = len(c["start"])
+                columns.setdefault(rank, []).append(
+                    (np.full(n, c["step"], np.int64), c["module"], c["phase"], c["start"], c["end"], c["depth"]))
+    else:
+        for step in range(from_step, to_step + 1):
+            for rank, m in store.step_modules(job, step).items():
+                keep = (m["calls"] > 0) & (m["last_end"] >= m["first_start"])
+                n = int(keep.sum())
+                columns.setdefault(rank, []).append(
+                    (np.full(n, step, np.int64), m["module"][keep], m["phase"][keep],
+                     m["first_start"][keep], m["last_end"][keep], np.zeros(n, np.int64)))
+    timelines = []
+    for rank in sorted(set(clocks) | set(columns) | set(spans)):
+        parts = columns.get(rank, [])
+        cat = [np.concatenate([np.asarray(p[i], np.int64) for p in parts]) if parts
+               else np.zeros(0, np.int64) for i in range(6)]
+        steps = spans.get(rank, ([], [], []))
+        clock = clocks.get(rank, {})
+        timelines.append(RankTimeline(
+            rank=int(rank), host=clock.get("host") or "?", offset_ns=int(clock.get("clock_offset_ns") or 0),
+            module_names=names, step=cat[0], module_id=cat[1], phase=cat[2], start_ns=cat[3],
+            end_ns=cat[4], depth=cat[5], step_number=np.asarray(steps[0], np.int64),
+            step_start_ns=np.asarray(steps[1], np.int64), step_end_ns=np.asarray(steps[2], np.int64)))
+    return timelines, source
+
+
+def _step_spans(store, job: str, from_step: int, to_step: int) -> dict[int, tuple[list, list, list]]:
+    """rank -> (steps, start_ns, end_ns) for the stored steps in the range."""
+    last = max((j["last_step"] or 0) for j in store.jobs() if j["job"] == job) if store.job_exists(job) else 0
+    out: dict[int, tuple[list, list, list]] = {}
+    if last < from_step:
+        return out
+    for step, rank, start_ns, end_ns, *_ in store.last_steps(job, last - from_step + 1):
+        if from_step <= step <= to_step and start_ns is not None and end_ns is not None:
+            steps, starts, ends = out.setdefault(rank, ([], [], []))
+            steps.append(step)
+            starts.append(start_ns)
+            ends.append(end_ns)
+    return out
+
+
+def make_trace_handler(store, read=None):
+    """GET /api/v1/jobs/{job}/trace?from_step=A&to_step=B (defaults: the last 5 stored steps).
+
+    `read(fn, *args)` runs a store read off the event loop (the collector's read pool);
+    asyncio.to_thread without one.
+    """
+    import asyncio
+
+    from aiohttp import web
+
+    read = read or asyncio.to_thread
+
+    def error(status: int, message: str):
+        return web.json_response({"error": message}, status=status)
+
+    async def handle(request):
+        job = request.match_info["job"]
+        if not await read(store.job_exists, job):
+            return error(404, f"unknown job {job!r}")
+        try:
+            jobs = await read(store.jobs)
+            last = next(j["last_step"] for j in jobs if j["job"] == job)
+            to_step = int(request.query.get("to_step", last if last is not None else 0))
+            from_step = int(request.query.get("from_step", max(0, to_step - 4)))
+        except ValueError:
+            return error(400, "from_step and to_step must be integers")
+        if from_step < 0 or to_step < from_step:
+            return error(400, "want 0 <= from_step <= to_step")
+        if to_step - from_step + 1 > MAX_STEPS:
+            return error(400, f"at most {MAX_STEPS} steps per trace")
+        timelines, source = await read(timelines_from_store, store, job, from_step, to_step)
+        doc = await read(build_trace, job, timelines, source, from_step, to_step)
+        name = f"modtrack-{job}-steps-{from_step}-{to_step}.json"
+        return web.json_response(doc, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    return handle

@@ -1,0 +1,373 @@
+"""The dashboard in a real headless Chromium, against a real collector.
+
+Two feeds: simulated ranks streaming protobuf reports over real gRPC (fast; also drives the
+capture button end to end), and a real multi-rank torchrun of examples/train.py under the agent
+with an injected straggler (slow). Either way the page must load with no console error, outline
+the culprit's heatmap cell and name the culprit in the straggler list.
+
+MODTRACK_SCREENSHOT=docs/dashboard.png also saves the torchrun run's screenshot there (README).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protos import modtrack_pb2 as pb
+from protos import modtrack_pb2_grpc as pb_grpc
+from test_trace_export import assert_valid_chrome_trace
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1440,1200", "--hide-scrollbars"]
+
+
+# ---- the collector -------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Collector:
+    def __init__(self, proc, grpc_addr: str, http_url: str):
+        self.proc, self.grpc_addr, self.url = proc, grpc_addr, http_url
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=10) as resp:
+            return json.loads(resp.read())
+
+
+@pytest.fixture
+def collector(tmp_path):
+    grpc_port, http_port = _free_port(), _free_port()
+    cmd = [sys.executable, "-m", "collector", "serve", "--grpc-addr", f"127.0.0.1:{grpc_port}",
+           "--http-addr", f"127.0.0.1:{http_port}", "--data-dir", str(tmp_path / "data"),
+           "--watermark-s", "0.5", "--log-level", "WARNING"]
+    log = open(tmp_path / "collector.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/healthz", timeout=1).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("collector did not start:\n" + (tmp_path / "collector.log").read_text())
+                time.sleep(0.1)
+        yield Collector(proc, f"127.0.0.1:{grpc_port}", url)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+# ---- the browser ---------------------------------------------------------------------------
+
+@pytest.fixture
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+    from selenium.webdriver.chrome.service import Service
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("Chromium or chromedriver is not installed (apt-get install chromium chromium-driver)")
+    profile = tempfile.mkdtemp(prefix="modtrack-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROME_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    try:
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    except Exception as exc:  # a container without what Chromium needs to start
+        shutil.rmtree(profile, ignore_errors=True)
+        pytest.skip(f"Chromium cannot start here: {exc}")
+    try:
+        driver.set_page_load_timeout(30)
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(driver, script: str, timeout: float = 60.0, what: str = ""):
+    """Poll a JS expression until it is truthy; its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = driver.execute_script("return " + script)
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what or script}")
+
+
+def console_errors(driver) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def page_state(driver) -> dict:
+    return driver.execute_script("""
+        const culprit = [...document.querySelectorAll('#heatmap td[data-culprit="true"]')]
+            .map(td => ({rank: td.dataset.rank, module: td.dataset.module, phase: td.dataset.phase}));
+        const rows = [...document.querySelectorAll('#straggler-rows tr[data-rank]')]
+            .map(tr => ({rank: tr.dataset.rank, module: tr.dataset.module, state: tr.dataset.state}));
+        const hot = [...document.querySelectorAll('#heatmap td[data-slowdown]')]
+            .sort((a, b) => b.dataset.slowdown - a.dataset.slowdown)[0];
+        return {culprit, rows, verdict: document.getElementById('verdict-title').textContent,
+                hottest: hot ? {rank: hot.dataset.rank, module: hot.dataset.module} : null,
+                lines: document.querySelectorAll('#step-chart polyline[data-culprit="true"]').length};
+    """)
+
+
+# ---- simulated ranks -----------------------------------------------------------------------
+
+ROOT_MODULE = "TinyGPT"
+BLOCKS = [f"{ROOT_MODULE}.blocks.{i}" for i in range(2)]
+# (name, parent index, self ms forward): a GPT-like tree, in call order
+TREE = [(ROOT_MODULE, -1, 0.3), (f"{ROOT_MODULE}.embed", 0, 0.4)]
+for _b in BLOCKS:
+    _bi = len(TREE)
+    TREE += [(_b, 0, 0.1), (f"{_b}.ln1", _bi, 0.2), (f"{_b}.attn", _bi, 0.5), (f"{_b}.attn.qkv", _bi + 2, 1.2),
+             (f"{_b}.attn.proj", _bi + 2, 0.6), (f"{_b}.ln2", _bi, 0.2), (f"{_b}.mlp", _bi, 0.3),
+             (f"{_b}.mlp.fc", _bi + 6, 1.6), (f"{_b}.mlp.proj", _bi + 6, 1.5)]
+TREE += [(f"{ROOT_MODULE}.ln_f", 0, 0.2), (f"{ROOT_MODULE}.head", 0, 1.1)]
+NAMES = [t[0] for t in TREE]
+SLOW_MODULE, SLOW_PHASE = f"{ROOT_MODULE}.blocks.1.mlp", 2
+
+
+def _children(i: int) -> list[int]:
+    return [j for j, t in enumerate(TREE) if t[1] == i]
+
+
+def simulate_rank_step(rank: int, step: int, t0: int, slow_rank: int, slow_ms: float, rng):
+    """One step of one rank on its own clock: (StepReport, trace calls)."""
+    calls = []  # (module, phase, start, end, depth)
+
+    def run(i: int, phase: int, t: int, depth: int) -> int:
+        start = t
+        self_ms = TREE[i][2] * (2.0 if phase == 2 else 1.0) * rng.uniform(0.95, 1.05)
+        if rank == slow_rank and phase == SLOW_PHASE and NAMES[i] == SLOW_MODULE:
+            self_ms += slow_ms
+        half = int(self_ms * 5e5)
+        t += half
+        kids = _children(i)
+        for k in (kids if phase == 1 else kids[::-1]):
+            t = run(k, phase, t, depth + 1)
+        t += half
+        calls.append((i, phase, start, t, depth))
+        return t
+
+    fwd_end = run(0, 1, t0 + 200_000, 0)
+    bwd_end = run(0, 2, fwd_end + 50_000, 0)
+    return calls, fwd_end, bwd_end
+
+
+def build_report(step: int, calls, t0: int, fwd_end: int, bwd_end: int, tail_ns: int, with_trace: str | None):
+    c = np.array(calls, dtype=np.int64)
+    report = pb.StepReport(step=step, start_ns=t0)
+    for phase in (1, 2):
+        sel = c[c[:, 1] == phase]
+        order = np.argsort(sel[:, 0])
+        sel = sel[order]
+        incl = sel[:, 3] - sel[:, 2]
+        self_ns = incl.copy()
+        for row_i, row in enumerate(sel):  # minus the children's inclusive time
+            for k in _children(int(row[0])):
+                self_ns[row_i] -= incl[np.flatnonzero(sel[:, 0] == k)[0]]
+        report.phases.append(pb.PhaseStats(
+            phase=phase, module_id=sel[:, 0].tolist(), calls=[1] * len(sel), inclusive_ns=incl.tolist(),
+            self_ns=self_ns.tolist(), first_start_ns=sel[:, 2].tolist(), last_end_ns=sel[:, 3].tolist()))
+    report.forward_ns = int(fwd_end - t0 - 200_000)
+    report.backward_ns = int(bwd_end - fwd_end - 50_000 + tail_ns)
+    report.backward_tail_ns = int(tail_ns)
+    report.optimizer_ns = 300_000
+    report.data_ns = 250_000
+    report.end_ns = int(bwd_end + tail_ns + 300_000)
+    if with_trace:
+        order = np.lexsort((c[:, 4], c[:, 2]))
+        t = c[order]
+        report.trace.CopyFrom(pb.Trace(module_id=t[:, 0].tolist(), phase=t[:, 1].tolist(), start_ns=t[:, 2].tolist(),
+                                       end_ns=t[:, 3].tolist(), depth=t[:, 4].tolist(), capture_id=with_trace))
+    return report
+
+
+class SimulatedJob:
+    """`world` ranks streaming to the collector over real gRPC, rank `slow_rank` slow in one
+    module's backward from `slow_from` on; the others wait for it in the gradient all-reduce.
+    Ranks answer capture requests with full traces. Runs until stop()."""
+
+    def __init__(self, addr: str, job: str, world: int = 4, slow_rank: int = 2, slow_ms: float = 6.0,
+                 slow_from: int = 8, step_s: float = 0.05, clock_shift_ns: dict | None = None):
+        self.addr, self.job, self.world = addr, job, world
+        self.slow_rank, self.slow_ms, self.slow_from, self.step_s = slow_rank, slow_ms, slow_from, step_s
+        self.shift = clock_shift_ns or {}
+        self.steps_sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(20)
+
+    async def _main(self):
+        import grpc
+
+        try:
+            async with grpc.aio.insecure_channel(self.addr) as channel:
+                stub = pb_grpc.CollectorStub(channel)
+                queues = [asyncio.Queue() for _ in range(self.world)]
+                captures = [dict() for _ in range(self.world)]
+                calls = [stub.Stream(self._requests(r, queues[r])) for r in range(self.world)]
+                readers = [asyncio.create_task(self._read(c, captures[r])) for r, c in enumerate(calls)]
+                rng = np.random.default_rng(0)
+                step = 0
+                base = time.time_ns()
+                while not self._stop.is_set():
+                    step += 1
+                    slow = self.slow_rank if step >= self.slow_from else -1
+                    t0 = base + step * 80_000_000
+                    sims = [simulate_rank_step(r, step, t0, slow, self.slow_ms, rng) for r in range(self.world)]
+                    longest = max(bwd for _, _, bwd in sims)
+                    for r, (c, fwd_end, bwd_end) in enumerate(sims):
+                        trace = None
+                        if captures[r].get("left", 0) > 0:
+                            captures[r]["left"] -= 1
+                            trace = captures[r]["id"]
+                        report = build_report(step, c, t0, fwd_end, bwd_end, longest - bwd_end + 100_000, trace)
+                        _shift(report, self.shift.get(r, 0))
+                        await queues[r].put(pb.AgentMessage(report=report))
+                    self.steps_sent = step
+                    await asyncio.sleep(self.step_s)
+                for q in queues:
+                    await q.put(None)
+                await asyncio.wait_for(asyncio.gather(*readers, return_exceptions=True), 10)
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+
+    async def _requests(self, rank: int, queue: asyncio.Queue):
+        yield pb.AgentMessage(hello=pb.Hello(
+            protocol_version=1, job=self.job, rank=rank, local_rank=rank % 2, world_size=self.world,
+            group_rank=rank // 2, host=f"node{rank // 2}", pid=1000 + rank, torch_version="sim",
+            agent_version="sim", clock_kind=pb.CLOCK_KIND_CPU, module_names=NAMES, session=f"s{rank}"))
+        yield pb.AgentMessage(clock=pb.ClockOffset(offset_ns=-self.shift.get(rank, 0), rtt_ns=50_000))
+        while (msg := await queue.get()) is not None:
+            yield msg
+
+    async def _read(self, call, capture: dict):
+        async for msg in call:
+            if msg.WhichOneof("body") == "control" and msg.control.WhichOneof("action") == "capture":
+                capture.update(id=msg.control.capture.capture_id, left=msg.control.capture.steps)
+
+
+def _shift(report, ns: int) -> None:
+    """Move a report onto a clock that reads `ns` ahead of the collector's."""
+    if not ns:
+        return
+    report.start_ns += ns
+    report.end_ns += ns
+    for ph in report.phases:
+        ph.first_start_ns[:] = [v + ns for v in ph.first_start_ns]
+        ph.last_end_ns[:] = [v + ns for v in ph.last_end_ns]
+    if report.HasField("trace"):
+        report.trace.start_ns[:] = [v + ns for v in report.trace.start_ns]
+        report.trace.end_ns[:] = [v + ns for v in report.trace.end_ns]
+
+
+@pytest.fixture
+def simulated_job(collector):
+    job = SimulatedJob(collector.grpc_addr, "sim-job", clock_shift_ns={3: 5_000_000_000}).start()
+    try:
+        yield job
+    finally:
+        job.stop()
+
+
+# ---- the tests -----------------------------------------------------------------------------
+
+def _wait_for_straggler(collector, job: str, timeout: float = 90.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            active = [s for s in collector.get(f"/api/v1/jobs/{job}/stragglers")["stragglers"] if s["state"] == "active"]
+        except OSError:
+            active = []
+        if active:
+            return active[0]
+        time.sleep(0.5)
+    raise AssertionError(f"the collector found no straggler in {job} within {timeout} s")
+
+
+def test_dashboard_shows_the_simulated_culprit_and_captures_a_trace(collector, simulated_job, browser, tmp_path):
+    straggler = _wait_for_straggler(collector, "sim-job")
+    assert (straggler["rank"], straggler["module"], straggler["phase"]) == (2, SLOW_MODULE, "backward")
+
+    browser.get(collector.url + "/")
+    wait_for(browser, "document.querySelector('#heatmap td[data-culprit=\"true\"]')", what="the culprit's cell")
+    state = page_state(browser)
+    assert state["culprit"] == [{"rank": "2", "module": SLOW_MODULE, "phase": "backward"}]
+    assert state["hottest"] == {"rank": "2", "module": SLOW_MODULE}
+    assert {"rank": "2", "module": SLOW_MODULE, "state": "active"} in state["rows"]
+    assert "rank 2 @ node1" in state["verdict"]
+    assert state["lines"] == 1  # the culprit's step-time line is the highlighted one
+
+    # live refresh: the page moves on without a reload
+    first = browser.execute_script("return document.getElementById('heat-window').textContent")
+    wait_for(browser, f"document.getElementById('heat-window').textContent !== {json.dumps(first)}", 20, "a refresh")
+
+    # the forward/backward switch and the module bars
+    browser.find_element("id", "phase-forward").click()
+    assert not browser.find_elements("css selector", '#heatmap td[data-culprit="true"]')
+    browser.find_element("id", "phase-backward").click()
+    browser.find_element("css selector", f'#heatmap th.module[data-module="{SLOW_MODULE}"]').click()
+    bars = browser.execute_script("""return [...document.querySelectorAll('#module-bars .bar-row')]
+        .map(b => [b.dataset.rank, b.dataset.culprit])""")
+    assert bars == [["0", "false"], ["1", "false"], ["2", "true"], ["3", "false"]]
+
+    # capture: the button asks the ranks for a trace; once it is in, download is enabled
+    browser.find_element("id", "capture-btn").click()
+    wait_for(browser, "!document.getElementById('trace-download').disabled", 60, "the captured trace")
+    status = browser.find_element("id", "capture-status").text
+    assert "is in" in status
+    trace = browser.execute_script("return state.capture.trace")
+    assert_valid_chrome_trace(trace)
+    assert trace["otherData"]["source"] == "capture" and len(trace["otherData"]["captured_steps"]) >= 3
+    procs = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
+    assert procs == {0: "rank 0 @ node0", 1: "rank 1 @ node0", 2: "rank 2 @ node1", 3: "rank 3 @ node1"}
+    # rank 3's clock runs 5 s ahead; corrected, its steps line up with rank 0's
+    starts = {pid: min(e["ts"] for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == pid and e["cat"] == "step")
+              for pid in (0, 3)}
+    assert abs(starts[3] - starts[0]) < 1000  # µs
+
+    errors = console_errors(browser)
+    assert not errors, errors
+    shot = tmp_path / "dashboard-sim.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    assert simulated_job.error is None
