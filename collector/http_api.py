@@ -11,7 +11,7 @@ import time
 import numpy as np
 from aiohttp import web
 
-from collector import auth, trace_export
+from collector import auth
 from collector.store import PHASE_NAMES, STEP_FIGURES
 
 DASHBOARD = pathlib.Path(__file__).resolve().parent / "dashboard" / "index.html"
@@ -178,8 +178,6 @@ def make_app(collector) -> web.Application:
     app.router.add_get("/", index)
     if DASHBOARD.parent.is_dir():
         app.router.add_static("/dashboard/", DASHBOARD.parent)  # the page's script and style
-    app.router.add_get("/api/v1/jobs/{job}/trace",
-                       trace_export.make_trace_handler(collector.store, collector.read))
     return app
 
 
