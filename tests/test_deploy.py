@@ -167,3 +167,15 @@ def test_dockerfile_copies_what_exists_and_installs_no_torch():
     kept = [d for d in deps if not d.startswith("torch")]
     assert kept and len(kept) == len(deps) - 1
     assert '"--grpc-addr=0.0.0.0:50051", "--http-addr=0.0.0.0:8080"' in dockerfile
+
+
+def test_deploy_files_use_flags_the_collector_knows():
+    help_text = subprocess.run([sys.executable, "-m", "collector", "serve", "--help"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout
+    docs = dict(kubernetes_documents())
+    used = [a.split("=")[0] for a in docs["collector-deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"][1:]]
+    used += re.findall(r"(--[a-z-]+)", (DEPLOY / "systemd" / "modtrack-collector.service").read_text().split("ExecStart=")[1].split("\n\n")[0])
+    used += re.findall(r'"(--[a-z-]+)=', (DEPLOY / "Dockerfile").read_text())
+    assert {"--grpc-addr", "--http-addr", "--data-dir", "--token-file"} <= set(used)
+    for flag in used:
+        assert flag in help_text, flag

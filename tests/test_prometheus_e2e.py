@@ -174,6 +174,9 @@ def test_culprit_fires_through_prometheus_and_alertmanager_then_resolves(tmp_pat
                 assert answer["status"] == "success", target["expr"]
         groups = http_json(f"http://127.0.0.1:{prom_port}/api/v1/rules")["data"]["groups"]
         assert all(r["health"] == "ok" for g in groups for r in g["rules"])
+        query = urllib.parse.quote(f'modtrack_step_seconds{{job="{JOB}"}}')
+        series = http_json(f"http://127.0.0.1:{prom_port}/api/v1/query?query={query}")["data"]["result"]
+        assert sorted(s["metric"]["rank"] for s in series) == ["0", "1", "2", "3"]
 
         feeder.straggle = False
         bodies = am_receiver.wait_for(alerts_with("resolved"), 40)
