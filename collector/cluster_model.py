@@ -21,8 +21,8 @@ class Straggler:
     """Ranks slowed by `slowdown` in one module and phase for steps onset <= s < end."""
 
     ranks: list[int]
-    module: int
-    phase: int  # 1 forward, 2 backward
+    module: int  # -1: every module (a slow GPU, thermal throttling)
+    phase: int  # 1 forward, 2 backward (ignored when module is -1)
     slowdown: float
     onset: int
     end: int
@@ -73,7 +73,8 @@ class ClusterModel:
         x[hit] *= rng.uniform(1.5, self.spike_max, size=(int(hit.sum()), 1))
         for s in self.stragglers:
             if s.onset <= step < s.end:
-                x[s.ranks, self.column(s.module, s.phase)] *= s.slowdown
+                cols = slice(None) if s.module < 0 else self.column(s.module, s.phase)
+                x[s.ranks, cols] *= s.slowdown
         x *= self.mask
         compute = np.nansum(x, axis=1) + self.other_ms * rng.lognormal(0.0, self.sigma, size=R)
         finish = compute.max()

@@ -26,6 +26,10 @@ class DetectorParams:
     z: float = 3.5  # ... and its modified z-score is above this
     k: int = 3  # an episode opens once k of the last n steps are flagged
     n: int = 5  # ... and closes after n consecutive clean steps
+    # Hysteresis in size as well as time: an open episode's step is clean only when the cell is
+    # below these lower bars, so a culprit hovering at the opening bar does not flap.
+    hold_ratio: float = 1.1
+    hold_z: float = 2.0
     # The MAD is floored so that equal ranks give z = 0 and sub-jitter noise never flags:
     mad_floor_frac: float = 0.01  # ... at this fraction of the median
     mad_floor_ms: float = 0.01  # ... and at this many ms (z > 3.5 then needs > ~0.05 ms excess)
@@ -44,7 +48,8 @@ class DetectorParams:
 class StepFlags:
     """One step's verdict per cell, and the column figures the episode book needs."""
 
-    flagged: np.ndarray  # (R, K) bool
+    flagged: np.ndarray  # (R, K) bool: above the opening bars
+    held: np.ndarray  # (R, K) bool: above the lower bars that keep an open episode open
     median: np.ndarray  # (K,) median self time among the ranks that ran the column
     count: np.ndarray  # (K,) how many ranks ran the column
 
@@ -89,22 +94,27 @@ def flag_step(m: StepMatrix, p: DetectorParams) -> StepFlags:
 
     with np.errstate(invalid="ignore"):
         mad_f = np.maximum(np.maximum(mad, p.mad_floor_frac * median), p.mad_floor_ms)
-        excess = x - median
-        flagged = (x > p.ratio * median) & (excess * Z_SCALE > p.z * mad_f) & (count >= 3)
-        flagged &= wait[:, None] <= _peer_wait_median(wait, x, count) + tol
+        z_excess = (x - median) * Z_SCALE
+        not_victim = wait[:, None] <= _peer_wait_median(wait, x, count) + tol
+        many = (count >= 3) & not_victim
 
-        two = count == 2
-        if two.any():
-            sub = x[:, two]
-            valid = ~np.isnan(sub)
-            peer = np.nansum(sub, axis=0) - sub  # the other rank's time
-            peer_wait = (wait[:, None] * valid).sum(axis=0) - wait[:, None]
-            flagged[:, two] = (
-                (sub > p.two_rank_ratio * peer)
-                & (sub - peer > p.z / Z_SCALE * p.mad_floor_ms)
-                & (wait[:, None] <= peer_wait + tol)
-            )
-    return StepFlags(flagged=flagged, median=median, count=count)
+        def above(ratio: float, z: float, two_ratio: float) -> np.ndarray:
+            out = (x > ratio * median) & (z_excess > z * mad_f) & many
+            two = count == 2
+            if two.any():
+                sub = x[:, two]
+                peer = np.nansum(sub, axis=0) - sub  # the other rank's time
+                peer_wait = (wait[:, None] * ~np.isnan(sub)).sum(axis=0) - wait[:, None]
+                out[:, two] = (
+                    (sub > two_ratio * peer)
+                    & (sub - peer > z / Z_SCALE * p.mad_floor_ms)
+                    & (wait[:, None] <= peer_wait + tol)
+                )
+            return out
+
+        flagged = above(p.ratio, p.z, p.two_rank_ratio)
+        held = above(p.hold_ratio, p.hold_z, p.hold_ratio)
+    return StepFlags(flagged=flagged, held=held, median=median, count=count)
 
 
 class Detector:

@@ -92,7 +92,7 @@ class EpisodeBook:
 
         changed: list[Episode] = []
         for key, track in list(self.tracks.items()):
-            self._advance(track, m, x, flagged, wait, wall_med, wall_cap)
+            self._advance(track, m, x, flags.held, wait, wall_med, wall_cap)
             changed.append(track.episode)
             if track.episode.state == "resolved":
                 del self.tracks[key]
@@ -134,13 +134,13 @@ class EpisodeBook:
         ep.cost_ms_per_step = float(np.median(track.costs))
         ep.cost_pct = float(np.median(track.pcts))
 
-    def _advance(self, track, m, x, flagged, wait, wall_med, wall_cap) -> None:
+    def _advance(self, track, m, x, held, wait, wall_med, wall_cap) -> None:
         ep = track.episode
         c = self.col_index.get((ep.module, ep.phase))
         now = False
         if c is not None:
             rows = [self.rank_index[r] for r in track.ranks if r in self.rank_index]
-            now = bool(flagged[rows, c].any()) if rows else False
+            now = bool(held[rows, c].any()) if rows else False
             self._record(track, self._figures(track, x, c, wait, wall_med, wall_cap))
         if now:
             track.clean = 0
@@ -170,42 +170,53 @@ class EpisodeBook:
         rows, cols = np.nonzero((self.counts >= self.p.k) & flags.flagged)
         if not len(rows):
             return []
+        busy = np.isin(self.rank_ids[rows], list(self._busy_ranks()))
+        rows, cols = rows[~busy], cols[~busy]  # ranks already reported stay in their episode
         opened: list[Episode] = []
-        in_host = {r for t in self.tracks.values() if t.episode.rank == -1 for r in t.ranks}
         hosts = m.hosts
         excess = x[rows, cols] - flags.median[cols]
-
-        if self.p.host_rollup:
-            host_size: dict[str, int] = {}
-            for h in hosts:
-                host_size[h] = host_size.get(h, 0) + 1
-            groups: dict[tuple[str, int], set[int]] = {}
-            for r, c in zip(rows.tolist(), cols.tolist()):
-                rank = int(self.rank_ids[r])
-                if rank not in in_host:
-                    groups.setdefault((hosts[r], c), set()).add(rank)
-            for (host, c), members in groups.items():
-                if len(members) < 2 or 2 * len(members) <= host_size[host]:
-                    continue
-                module, phase = self.col_names[c]
-                for rank in members:  # ranks already reported alone are folded into the host
-                    t = self.tracks.pop(_key(rank, "", module, phase), None)
-                    if t is not None:
-                        t.episode.state = "resolved"
-                        opened.append(t.episode)
-                opened.append(self._new_track(m, -1, host, c, members, x, wait, wall_med, wall_cap))
-                in_host |= members
-
-        busy = self._busy_ranks()
-        best: dict[int, tuple[float, int]] = {}  # rank row -> (excess, column) of its worst cell
+        cells: dict[int, list[tuple[float, int]]] = {}  # rank -> its (excess, column) now
         for r, c, e in zip(rows.tolist(), cols.tolist(), excess.tolist()):
-            if int(self.rank_ids[r]) in busy:
-                continue
-            if r not in best or e > best[r][0]:
-                best[r] = (e, c)
-        for r, (_, c) in best.items():
-            rank = int(self.rank_ids[r])
+            cells.setdefault(int(self.rank_ids[r]), []).append((e, c))
+        if self.p.host_rollup and cells:
+            opened += self._roll_up_hosts(m, cells, x, wait, wall_med, wall_cap)
+
+        for rank, flagged_cells in cells.items():
+            _, c = max(flagged_cells)  # the column that carries the most excess
+            r = self.rank_index[rank]
             opened.append(self._new_track(m, rank, hosts[r], c, [rank], x, wait, wall_med, wall_cap))
+        return opened
+
+    def _roll_up_hosts(self, m, cells, x, wait, wall_med, wall_cap) -> list[Episode]:
+        """> half of a host's ranks (at least 2) slow at once: one host episode replaces theirs."""
+        host_size: dict[str, int] = {}
+        for h in m.hosts:
+            host_size[h] = host_size.get(h, 0) + 1
+        slow: dict[str, set[int]] = {}
+        for rank in cells:
+            slow.setdefault(m.hosts[self.rank_index[rank]], set()).add(rank)
+        alone = {t.episode.rank: t for t in self.tracks.values() if t.episode.rank != -1}
+        for rank, t in alone.items():
+            if t.episode.host in slow:
+                slow[t.episode.host].add(rank)
+        opened = []
+        for host, members in slow.items():
+            if len(members) < 2 or 2 * len(members) <= host_size.get(host, 0):
+                continue
+            votes: dict[int, float] = {}  # column -> how many members are slow there, then excess
+            for rank in members:
+                for e, c in cells.get(rank, []):
+                    votes[c] = votes.get(c, 0.0) + 1.0 + 1e-6 * max(e, 0.0)
+            if not votes:
+                continue
+            c = max(votes, key=votes.get)
+            for rank in members & set(alone):
+                t = self.tracks.pop(_key(rank, "", alone[rank].episode.module, alone[rank].episode.phase))
+                t.episode.state = "resolved"
+                opened.append(t.episode)
+            for rank in members:
+                cells.pop(rank, None)
+            opened.append(self._new_track(m, -1, host, c, members, x, wait, wall_med, wall_cap))
         return opened
 
     # ---- queries and restart --------------------------------------------------------------
