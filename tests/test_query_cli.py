@@ -1,0 +1,83 @@
+"""`python -m collector query`: tables, --json, and one-line errors with non-zero exits."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from test_collector_harness import CollectorThread, FakeRank, collector, get, stream_steps, wait_for  # noqa: F401
+from test_http_api import run_slow_job, active_stragglers
+
+
+def query(*args, timeout=30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "collector", "query", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def busy(collector):
+    """A collector holding a 4-rank job whose rank 2 straggles."""
+    run_slow_job(collector, range(10))
+    wait_for(lambda: active_stragglers(collector.url), 10)
+    return collector
+
+
+def test_tables(busy):
+    out = query("jobs", "--url", busy.url)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["JOB", "WORLD", "REPORTING", "LAST_STEP", "STATE"]
+    assert lines[1].split()[:4] == ["train", "4", "4", "9"]
+
+    out = query("stragglers", "--url", busy.url, "--job", "train")
+    assert out.returncode == 0, out.stderr
+    header, first = out.stdout.splitlines()[:2]
+    assert header.split()[:4] == ["RANK", "HOST", "MODULE", "PHASE"]
+    assert first.split()[:3] == ["2", "host2", "Net.blocks.1"] and "active" in first
+
+    out = query("steps", "--url", busy.url, "--last", "2")  # the only job is the default
+    assert out.returncode == 0, out.stderr
+    rows = out.stdout.splitlines()[1:]
+    assert len(rows) == 8 and rows[0].split()[:3] == ["8", "0", "host0"]
+
+    out = query("modules", "--url", busy.url, "--job", "train")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "job train step 9 (self time, ms)"
+    slow = [line.split() for line in lines if line.startswith("Net.blocks.1 ")]
+    assert [r[4] for r in slow] == ["2", "2"]  # SLOWEST_RANK, forward and backward
+
+
+def test_json_is_the_api_answer(busy):
+    for what, path in [("jobs", "/api/v1/jobs"), ("stragglers", "/api/v1/jobs/train/stragglers"),
+                       ("steps", "/api/v1/jobs/train/steps?last=3")]:
+        out = query(what, "--url", busy.url, "--job", "train", "--last", "3", "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == get(busy.url, path)[1]
+
+
+def test_errors_are_one_line_and_non_zero(collector):
+    out = query("steps", "--url", collector.url, "--job", "nope")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"error: 404 from {collector.url}/api/v1/jobs/nope/steps?last=10: unknown job 'nope'"]
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = query("jobs", "--url", f"http://127.0.0.1:{port}")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "cannot reach the collector" in out.stderr and "refused" in out.stderr.lower()
+
+
+def test_token_file(tmp_path):
+    c = CollectorThread(tmp_path / "data", token="tok")
+    try:
+        (tmp_path / "t").write_text("tok\n")
+        assert query("jobs", "--url", c.url, "--token-file", str(tmp_path / "t")).returncode == 0
+        out = query("jobs", "--url", c.url)
+        assert out.returncode == 1 and "401" in out.stderr and "bearer token" in out.stderr
+    finally:
+        c.stop()
