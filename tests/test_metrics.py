@@ -127,3 +127,25 @@ def test_rejections_and_webhook_outcomes_are_counted():
     s = scrape(m)
     assert s[("modtrack_ingest_rejected_total", (("reason", "bad_token"),))] == 2
     assert s[("modtrack_alert_webhook_deliveries_total", (("outcome", "failed"),))] == 1
+
+
+def test_odd_label_values_are_escaped_and_parse_back():
+    m = CollectorMetrics()
+    job = 'team "a"\\exp\n2'
+    m.observe_rank(job, 0, "node0", 0.0, {})
+    m.set_episodes(job, [Episode(job=job, rank=0, host="node0", module='Net.blocks["x"]', phase="forward",
+                                 slowdown=1.5, first_step=1, last_step=2, state="active", cost_ms_per_step=1.0)])
+    s = scrape(m)
+    assert s[("modtrack_reports_received_total", (("job", job), ("rank", "0")))] == 1
+    (labels,) = series(s, "modtrack_straggler_slowdown_ratio")
+    assert dict(labels)["module"] == 'Net.blocks["x"]'
+
+
+def test_a_rank_that_moves_host_keeps_its_counts_under_the_new_host():
+    m = CollectorMetrics()
+    m.observe_rank("train", 0, "node0", 0.0, {})
+    m.observe_rank("train", 0, "node7", 0.0, {})
+    s = scrape(m)
+    assert s[("modtrack_reports_received_total", (("job", "train"), ("rank", "0")))] == 2
+    assert list(series(s, "modtrack_rank_last_report_timestamp_seconds")) == [
+        (("host", "node7"), ("job", "train"), ("rank", "0"))]
