@@ -41,6 +41,7 @@ class ClusterModel:
     spike_max: float = 3.0  # spikes multiply a cell by U(1.5, spike_max)
     other_ms: float = 5.0  # per-step time outside modules (data, optimizer)
     seed: int = 0
+    noise_pool: int = 0  # > 0: draw this many noise matrices once and reuse them (big jobs)
     stragglers: list[Straggler] = field(default_factory=list)
 
     def __post_init__(self):
@@ -62,15 +63,27 @@ class ClusterModel:
     def column(self, module: int, phase: int) -> int:
         return (phase - 1) * self.modules + module
 
-    def step(self, step: int, present: np.ndarray | None = None) -> StepMatrix:
-        """The merged figures of one step; `present` picks the ranks that reported it."""
-        R, K = self.ranks, len(self.base)
-        rng = self.rng
-        x = self.base[None, :] * rng.lognormal(0.0, self.sigma, size=(R, K))
+    def _noise(self) -> np.ndarray:
+        """Multiplicative noise of one step: log-normal body, rare spikes of cells and ranks."""
+        rng, R, K = self.rng, self.ranks, len(self.base)
+        x = rng.lognormal(0.0, self.sigma, size=(R, K))
         spikes = rng.random((R, K)) < self.spike_p
         x[spikes] *= rng.uniform(1.5, self.spike_max, size=int(spikes.sum()))
         hit = rng.random(R) < self.rank_spike_p
         x[hit] *= rng.uniform(1.5, self.spike_max, size=(int(hit.sum()), 1))
+        return x
+
+    def step(self, step: int, present: np.ndarray | None = None) -> StepMatrix:
+        """The merged figures of one step; `present` picks the ranks that reported it."""
+        R = self.ranks
+        rng = self.rng
+        if self.noise_pool:
+            if not hasattr(self, "pool"):
+                self.pool = [self._noise() for _ in range(self.noise_pool)]
+            # Shuffled ranks, so a spike drawn once does not come back on the same rank.
+            x = self.base[None, :] * self.pool[int(rng.integers(self.noise_pool))][rng.permutation(R)]
+        else:
+            x = self.base[None, :] * self._noise()
         for s in self.stragglers:
             if s.onset <= step < s.end:
                 cols = slice(None) if s.module < 0 else self.column(s.module, s.phase)

@@ -40,7 +40,7 @@ class DetectorParams:
     # rank (by more than this tolerance) is waiting for someone else, and is never flagged.
     sync_tol_ms: float = 1.0
     sync_tol_frac: float = 0.02  # of the median step wall time, whichever is larger
-    smooth_steps: int = 10  # an episode's slowdown and cost are medians over this many steps
+    smooth_steps: int = 10  # slowdown and cost: medians over its last this-many slow steps
     host_rollup: bool = True  # > half of a host's ranks (at least 2) slow together: one host episode
 
 

@@ -141,7 +141,8 @@ class EpisodeBook:
         if c is not None:
             rows = [self.rank_index[r] for r in track.ranks if r in self.rank_index]
             now = bool(held[rows, c].any()) if rows else False
-            self._record(track, self._figures(track, x, c, wait, wall_med, wall_cap))
+            if now:  # figures of the steps it is slow in: the smoothed slowdown does not fade
+                self._record(track, self._figures(track, x, c, wait, wall_med, wall_cap))
         if now:
             track.clean = 0
             ep.last_step = m.step
