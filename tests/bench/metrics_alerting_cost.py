@@ -39,6 +39,7 @@ def metrics_costs(n_ranks: int, n_modules: int = 200, n_episodes: int = 50) -> d
                         np.ones((n_ranks, n_modules)), np.full(n_ranks, 100.0), np.full(n_ranks, 5.0))
     m.set_episodes("job", [Episode("job", r, hosts[r], f"Net.layer{r}", "forward", 1.5, 1, 9, "active", float(r))
                            for r in range(min(n_episodes, n_ranks))])
+    m.observe_step(matrix, 0.1)
     body = m.exposition()[0]
     return {
         "observe_step_us": timed(lambda: m.observe_step(matrix, 0.1), 2000) * 1e6,
