@@ -139,6 +139,16 @@ def make_app(collector) -> web.Application:
         return web.json_response({"job": job, "capture_id": capture_id, "steps": count,
                                   "ranks": asked})
 
+    def control(action: str):
+        async def handle(request):
+            job = await known_job(request)
+            try:
+                asked = getattr(collector.ingest, action)(job)
+            except KeyError:
+                return error(409, f"no rank of job {job!r} is connected")
+            return web.json_response({"job": job, "action": action, "ranks": asked})
+        return handle
+
     async def alerts(request):
         episodes = await collector.read(collector.store.episodes, None, "active")
         return web.json_response({"alerts": collector.alerts(episodes)})
@@ -165,6 +175,8 @@ def make_app(collector) -> web.Application:
     app.router.add_get("/api/v1/jobs/{job}/steps", steps)
     app.router.add_get("/api/v1/jobs/{job}/modules", modules)
     app.router.add_post("/api/v1/jobs/{job}/capture", capture)
+    app.router.add_post("/api/v1/jobs/{job}/pause", control("pause"))
+    app.router.add_post("/api/v1/jobs/{job}/resume", control("resume"))
     app.router.add_get("/api/v1/alerts", alerts)
     try:  # the timeline export, once present
         from collector.trace_export import make_trace_handler

@@ -143,9 +143,15 @@ def build_matrix(state: JobState, step: int, rows: dict[int, StepRow]) -> StepMa
     phases = np.concatenate([r.modules["phase"] for r in ordered]).astype(np.int64)
     self_ns = np.concatenate([r.modules["self"] for r in ordered])
     keys = modules * _PHASE_SLOTS + phases
-    columns, inverse = np.unique(keys, return_inverse=True)
+    # Job-wide ids are dense, so a presence table finds the columns without sorting 10^6 keys.
+    present = np.zeros(len(state.names) * _PHASE_SLOTS + _PHASE_SLOTS, dtype=bool)
+    if len(keys) and keys.max() >= len(present):  # a name added since the table was read
+        present = np.zeros(int(keys.max()) + 1, dtype=bool)
+    present[keys] = True
+    columns = np.flatnonzero(present)
+    inverse = (np.cumsum(present) - 1)[keys]
     self_ms = np.full((len(ranks), len(columns)), np.nan)
-    self_ms[np.repeat(np.arange(len(ranks)), lengths), inverse.reshape(-1)] = self_ns / 1e6
+    self_ms[np.repeat(np.arange(len(ranks)), lengths), inverse] = self_ns / 1e6
     figures = {name: np.array([r.figures[name] for r in ordered], dtype=np.float64)
                for name in ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns")}
     return StepMatrix(

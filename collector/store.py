@@ -128,6 +128,7 @@ class Store:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, "modtrack.sqlite3")
         self._local = threading.local()
+        self._retained_from: dict[str, int] = {}  # job -> steps below this already trimmed
         self.conn().executescript(SCHEMA)
 
     def conn(self) -> sqlite3.Connection:
@@ -208,9 +209,13 @@ class Store:
         newest = conn.execute("SELECT MAX(step) FROM steps WHERE job = ?", (job,)).fetchone()[0]
         if newest is None:
             return 0
+        cutoff = newest - keep_steps + 1
+        lo = self._retained_from.get(job, -1)  # only the steps not trimmed before: no rescans
         cur = conn.execute(
             "UPDATE steps SET " + ", ".join(f"m_{n} = NULL" for n, _ in MODULE_COLUMNS)
-            + " WHERE job = ? AND step <= ? AND m_module IS NOT NULL", (job, newest - keep_steps))
+            + " WHERE job = ? AND step >= ? AND step < ? AND m_module IS NOT NULL",
+            (job, lo, cutoff))
+        self._retained_from[job] = max(lo, cutoff)
         return cur.rowcount
 
     # --- reads --------------------------------------------------------------------------
@@ -349,13 +354,16 @@ class StoreWriter:
         error = None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            rows = []
+            rows = []  # consecutive reports go in one executemany; order is kept
             for (kind, payload), _ in batch:
                 if kind == "steps":
                     rows.extend(payload)
-                else:
-                    fn, args = payload
-                    fn(*args)
+                    continue
+                if rows:
+                    self.store.insert_steps(rows)
+                    rows = []
+                fn, args = payload
+                fn(*args)
             if rows:
                 self.store.insert_steps(rows)
             conn.execute("COMMIT")

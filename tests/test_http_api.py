@@ -34,6 +34,14 @@ def run_slow_job(collector, steps, job="train", world=4):
             r.close()
 
 
+def wait_evaluated(url: str, step: int, job="train") -> None:
+    """Until the collector has evaluated (and stored the verdict on) `step`."""
+    def done():
+        jobs = {j["job"]: j for j in get(url, "/api/v1/jobs")[1]["jobs"]}
+        return job in jobs and (jobs[job]["last_evaluated_step"] or -1) >= step
+    wait_for(done, 10, lambda: get(url, "/api/v1/jobs"))
+
+
 def active_stragglers(url: str, job="train") -> list[dict]:
     status, body = get(url, f"/api/v1/jobs/{job}/stragglers")
     assert status == 200
@@ -44,7 +52,7 @@ def test_slow_rank_is_listed_and_survives_a_restart(tmp_path):
     c = CollectorThread(tmp_path / "data")
     try:
         run_slow_job(c, range(10))
-        wait_for(lambda: active_stragglers(c.url), 10, lambda: get(c.url, "/api/v1/jobs/train/stragglers"))
+        wait_evaluated(c.url, 9)
         found = active_stragglers(c.url)
         assert {s["rank"] for s in found} == {SLOW_RANK}
         s = found[0]
@@ -66,7 +74,8 @@ def test_slow_rank_is_listed_and_survives_a_restart(tmp_path):
         assert jobs["jobs"][0]["last_step"] == 9 and jobs["jobs"][0]["state"] == "stopped"
         # The job goes on: the restored episode continues (same id), no second one opens.
         run_slow_job(again, range(10, 14))
-        wait_for(lambda: active_stragglers(again.url)[0]["last_step"] >= 13, 10)
+        wait_evaluated(again.url, 13)
+        assert active_stragglers(again.url)[0]["last_step"] == 13
         assert [s["id"] for s in active_stragglers(again.url)] == [found[0]["id"]]
     finally:
         again.stop()

@@ -1,12 +1,18 @@
 """gRPC ingest over real loopback: validation at the edge, acks, clock sync, replay, controls."""
 from __future__ import annotations
 
+import json
+import shutil
+import ssl
+import subprocess
 import time
+import urllib.request
 
 import grpc
 import pytest
 
 from protos import modtrack_pb2 as pb
+from protos import modtrack_pb2_grpc as pb_grpc
 from test_collector_harness import (CollectorThread, FakeRank, collector, get, post,  # noqa: F401
                                     report, stream_steps, wait_for)
 
@@ -166,6 +172,11 @@ def test_capture_request_reaches_ranks_and_traces_are_stored(collector):
         assert chunk["step"] == 1 and chunk["capture_id"] == body["capture_id"]
         assert chunk["module"].tolist() == [0, 4] and chunk["end"].tolist() == [20, 45]
         assert post(collector.url, "/api/v1/jobs/nope/capture")[0] == 404
+        assert post(collector.url, "/api/v1/jobs/j/pause")[1]["ranks"] == 2
+        assert post(collector.url, "/api/v1/jobs/j/resume")[1]["ranks"] == 2
+        for r in ranks:
+            wait_for(lambda r=r: len(r.controls) == 3)
+            assert [c.WhichOneof("action") for c in r.controls] == ["capture", "pause", "resume"]
     finally:
         for r in ranks:
             r.close()
@@ -191,3 +202,43 @@ def test_new_module_names_extend_the_table_job_wide(collector):
         a.close()
         b.close()
 
+
+
+def test_oversized_message_is_refused_and_others_keep_streaming(collector):
+    good = FakeRank(collector.grpc_target, "j", 0, 2)
+    huge = FakeRank(collector.grpc_target, "j", 1, 2)
+    try:
+        stream_steps([good, huge], [0])
+        huge.report(report(1, [1.0] * 5, first_new_module_id=5,
+                           new_module_names=["x" * (17 * 1024 * 1024)]))  # over the 16 MiB limit
+        assert rejected(huge).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stream_steps([good], [1, 2])
+        assert good.error is None
+    finally:
+        good.close()
+        huge.kill()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_for_grpc_and_http(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    c = CollectorThread(tmp_path / "data", tls_cert=str(cert), tls_key=str(key))
+    try:
+        channel = grpc.secure_channel(c.grpc_target, grpc.ssl_channel_credentials(cert.read_bytes()))
+        stub = pb_grpc.CollectorStub(channel)
+        hello = pb.AgentMessage(hello=pb.Hello(protocol_version=1, job="tls", rank=0, world_size=1,
+                                               host="h", module_names=["Net"]))
+        answers = list(stub.Stream(iter([hello, pb.AgentMessage(report=report(0, [1.0]))]),
+                                   timeout=20))
+        assert [a.ack.step for a in answers if a.HasField("ack")] == [0]
+        channel.close()
+        ctx = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(c.url.replace("http:", "https:") + "/api/v1/jobs",
+                                    context=ctx, timeout=10) as resp:
+            assert json.load(resp)["jobs"][0]["job"] == "tls"
+    finally:
+        c.stop()

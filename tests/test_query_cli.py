@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from test_collector_harness import CollectorThread, FakeRank, collector, get, stream_steps, wait_for  # noqa: F401
-from test_http_api import run_slow_job, active_stragglers
+from test_collector_harness import CollectorThread, collector, get  # noqa: F401
+from test_http_api import run_slow_job, wait_evaluated
 
 
 def query(*args, timeout=30) -> subprocess.CompletedProcess:
@@ -21,7 +21,7 @@ def query(*args, timeout=30) -> subprocess.CompletedProcess:
 def busy(collector):
     """A collector holding a 4-rank job whose rank 2 straggles."""
     run_slow_job(collector, range(10))
-    wait_for(lambda: active_stragglers(collector.url), 10)
+    wait_evaluated(collector.url, 9)
     return collector
 
 

@@ -59,6 +59,9 @@ def test_retention_drops_old_module_blobs_and_keeps_step_figures(store):
     write(store, (store.drop_old_module_blobs, "j", 4))
     assert len(store.last_steps("j", 100)) == 10
     assert [len(store.step_modules("j", s)[0]["module"]) for s in range(10)] == [0] * 6 + [2] * 4
+    write(store, ("steps", [row("j", 0, s, [0, 1], [1, 1], [1.0, 2.0]) for s in range(10, 12)]),
+          (store.drop_old_module_blobs, "j", 4))
+    assert [len(store.step_modules("j", s)[0]["module"]) for s in range(12)] == [0] * 8 + [2] * 4
 
 
 def test_episodes_upsert_by_id_and_read_back(store):
