@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="collector gRPC address (env MODTRACK_COLLECTOR); without one the script runs untracked")
     p.add_argument("--job", default=None, help="job id (env MODTRACK_JOB; default: torchrun's run id)")
     p.add_argument("--token-file", default=None, help="file holding the collector's bearer token (or env MODTRACK_TOKEN)")
-    p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to reach a collector serving TLS")
+    p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to reach a collector serving TLS (or env MODTRACK_TLS_CA)")
     p.add_argument("script", help="the training script, run as __main__")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     return p

@@ -70,7 +70,8 @@ def track(
 ) -> Tracking:
     """Time every module of this process and stream the steps to `collector` (HOST:PORT).
 
-    Settings left out come from MODTRACK_COLLECTOR, MODTRACK_JOB, MODTRACK_TOKEN. With no
+    Settings left out come from MODTRACK_COLLECTOR, MODTRACK_JOB, MODTRACK_TOKEN,
+    MODTRACK_TLS_CA (a CA file: the collector serves TLS). With no
     collector at all this returns a handle that does nothing.
     """
     global _active
@@ -83,6 +84,7 @@ def track(
         if token_file:
             token = _read(token_file).decode().strip()
         token = token or os.environ.get("MODTRACK_TOKEN") or None
+        tls_ca = tls_ca or os.environ.get("MODTRACK_TLS_CA") or None
         ca = _read(tls_ca) if tls_ca else None
         from agent.tracker import ModuleTracker
 

@@ -14,7 +14,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--grpc-addr", default="127.0.0.1:50051", help="HOST:PORT for agents (port 0: any)")
     p.add_argument("--http-addr", default="127.0.0.1:8080", help="HOST:PORT for the API (port 0: any)")
     p.add_argument("--data-dir", default="./modtrack-data", help="where the SQLite file lives")
-    p.add_argument("--token-file", help="require 'authorization: Bearer <token in this file>'")
+    p.add_argument("--token-file", help="require 'authorization: Bearer <token>': the file holds one "
+                   "token, or lines 'JOB TOKEN' (per-job tokens; JOB '*' is the admin token)")
     p.add_argument("--tls-cert", help="PEM certificate for gRPC and HTTP (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--watermark-s", type=float, default=2.0,
@@ -26,6 +27,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--alert-webhook", action="append", default=[], metavar="URL",
                    help="POST straggler alerts here (repeatable)")
     p.add_argument("--dashboard-url", help="link put in alerts (default: none)")
+    p.add_argument("--max-streams", type=int, default=16384,
+                   help="concurrent agent streams; more are refused with RESOURCE_EXHAUSTED")
+    p.add_argument("--hello-timeout-s", type=float, default=10.0,
+                   help="a stream that sends no Hello this long after opening is closed")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -39,7 +44,7 @@ def _serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        token = auth.load_token(args.token_file)
+        token = auth.load_tokens(args.token_file)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -47,7 +52,8 @@ def _serve(args) -> int:
         grpc_addr=args.grpc_addr, http_addr=args.http_addr, data_dir=args.data_dir, token=token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, watermark_s=args.watermark_s,
         missing_after_s=args.missing_after_s, retain_steps=args.retain_steps,
-        alert_webhooks=args.alert_webhook, dashboard_url=args.dashboard_url)
+        alert_webhooks=args.alert_webhook, dashboard_url=args.dashboard_url,
+        max_streams=args.max_streams, hello_timeout_s=args.hello_timeout_s)
     try:
         asyncio.run(serve(config, on_ready=lambda line: print(line, flush=True)))
     except OSError as exc:  # port in use, unwritable data dir

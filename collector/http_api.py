@@ -16,6 +16,7 @@ from collector.store import PHASE_NAMES, STEP_FIGURES
 
 DASHBOARD = pathlib.Path(__file__).resolve().parent / "dashboard" / "index.html"
 OPEN_PATHS = {"/healthz", "/"}  # probes and the static page carry no data
+JOB_FILTERED_PATHS = {"/api/v1/jobs", "/api/v1/alerts"}  # a per-job token sees its jobs only
 MAX_LAST = 10_000
 
 
@@ -47,12 +48,22 @@ def int_param(request: web.Request, name: str, default: int | None, lo: int = 0,
 def make_app(collector) -> web.Application:
     """`collector` is serve.Collector: store, merger, ingest, metrics, read(fn, *args)."""
 
+    refusals = auth.RefusalLog()
+
     @web.middleware
     async def token_and_errors(request, handler):
         static = request.path.startswith("/dashboard/")
-        if request.path not in OPEN_PATHS and not static and not auth.bearer_ok(
-                request.headers.get("Authorization"), collector.token):
-            return error(401, "missing or wrong bearer token")
+        if request.path not in OPEN_PATHS and not static:
+            access = auth.access(request.headers.get("Authorization"), collector.token)
+            if access is None:
+                refusals.refused(request.remote, "missing or wrong bearer token (HTTP)")
+                return error(401, "missing or wrong bearer token")
+            request["access"] = access
+            job = request.match_info.get("job")
+            # A per-job token opens its jobs' pages and filtered lists, not /metrics.
+            if not access.admin and (job is None and request.path not in JOB_FILTERED_PATHS
+                                     or job is not None and not access.allows(job)):
+                return error(403, "this token does not open this resource")
         try:
             return await handler(request)
         except ApiError as exc:
@@ -72,7 +83,7 @@ def make_app(collector) -> web.Application:
     async def jobs(request):
         rows = await collector.read(collector.store.jobs)
         out = []
-        for row in rows:
+        for row in filter(lambda r: _allowed(request, r["job"]), rows):
             live = collector.merger.jobs.get(row["job"])
             reporting = live.live_ranks() if live else 0
             out.append({"job": row["job"], "world_size": row["world_size"],
@@ -151,6 +162,7 @@ def make_app(collector) -> web.Application:
 
     async def alerts(request):
         episodes = await collector.read(collector.store.episodes, None, "active")
+        episodes = [e for e in episodes if _allowed(request, e.job)]
         return web.json_response({"alerts": collector.alerts(episodes)})
 
     async def metrics(request):
@@ -191,6 +203,11 @@ def make_app(collector) -> web.Application:
     if DASHBOARD.parent.is_dir():
         app.router.add_static("/dashboard/", DASHBOARD.parent)  # the page's script and style
     return app
+
+
+def _allowed(request: web.Request, job: str) -> bool:
+    access = request.get("access")
+    return access is None or access.allows(job)
 
 
 def module_table(per_rank: dict[int, dict], names: list[str]) -> list[dict]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from collector import auth
+from collector import auth, edge_limits
 from collector.merge import Merger
 from collector.store import PHASE_NAMES, STEP_FIGURES, Store, StepRow, StoreWriter
 from protos import modtrack_pb2 as pb
@@ -80,15 +80,16 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
                                    f"{len(getattr(ph, name))} entries, module_id has {n}")
         local = _module_ids(ph.module_id, stream, where)
         inclusive, self_ns = _array(ph.inclusive_ns, np.int64), _array(ph.self_ns, np.int64)
-        if n and (inclusive.min() < 0 or self_ns.min() < 0):
-            raise InvalidInput(f"{where} phase {PHASE_NAMES[ph.phase]}: negative duration")
+        first_start, last_end = _array(ph.first_start_ns, np.int64), _array(ph.last_end_ns, np.int64)
+        edge_limits.check_columns(f"{where} phase {PHASE_NAMES[ph.phase]}", (inclusive, self_ns),
+                                  (first_start, last_end))
         parts["phase"].append(np.full(n, ph.phase, np.uint8))
         parts["module"].append(stream.remap[local])
         parts["calls"].append(_array(ph.calls, np.uint32))
         parts["inclusive"].append(inclusive)
         parts["self"].append(self_ns)
-        parts["first_start"].append(_array(ph.first_start_ns, np.int64))
-        parts["last_end"].append(_array(ph.last_end_ns, np.int64))
+        parts["first_start"].append(first_start)
+        parts["last_end"].append(last_end)
     modules = {name: (np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
                for name, arrays in parts.items()}
     counters = {name: getattr(report.counters, name) for name in COUNTERS}
@@ -137,6 +138,7 @@ def _parse_trace(report, stream: RankStream, where: str) -> dict | None:
     phase = _array(t.phase, np.int64)
     if (end < start).any():
         raise InvalidInput(f"{where} trace: a call ends before it starts")
+    edge_limits.check_columns(f"{where} trace", (end - start,), (start, end))
     if not np.isin(phase, list(PHASE_NAMES)).all():
         raise InvalidInput(f"{where} trace: unknown phase")
     return {"module": stream.remap[_module_ids(t.module_id, stream, where)], "phase": phase,
@@ -163,6 +165,8 @@ class IngestServicer(pb_grpc.CollectorServicer):
         self.metrics = metrics
         self.streams: dict[str, set] = {}  # job -> live RankStreams
         self.rejected = 0
+        self.hello_timeout_s = edge_limits.HELLO_TIMEOUT_S
+        self.refusals = auth.RefusalLog()
 
     # --- control, called from the HTTP API on the same loop -------------------------------
     def request_capture(self, job: str, steps: int) -> tuple[str, int]:
@@ -190,19 +194,24 @@ class IngestServicer(pb_grpc.CollectorServicer):
 
     # --- the RPC ---------------------------------------------------------------------------
     async def Stream(self, request_iterator, context):
-        if not auth.bearer_ok(auth.grpc_header(context.invocation_metadata()), self.token):
+        access = auth.access(auth.grpc_header(context.invocation_metadata()), self.token)
+        if access is None:
             self._rejected("unauthenticated")
+            self.refusals.refused(context.peer(), "missing or wrong bearer token")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         out: asyncio.Queue = asyncio.Queue()
         holder: list[RankStream] = []
-        reader = asyncio.create_task(self._read(request_iterator, out, holder))
+        reader = asyncio.create_task(self._read(request_iterator, out, holder, access))
         try:
             while True:
                 item = await out.get()
                 if isinstance(item, _End):
                     if item.code is not None:
                         self._rejected(item.code.name.lower())
-                        log.warning("stream aborted: %s", item.message)
+                        if item.code == grpc.StatusCode.PERMISSION_DENIED:
+                            self.refusals.refused(context.peer(), item.message)
+                        else:
+                            log.warning("stream aborted: %s", item.message)
                         await context.abort(item.code, item.message)
                     return
                 yield item
@@ -211,22 +220,27 @@ class IngestServicer(pb_grpc.CollectorServicer):
             if holder:
                 self.streams.get(holder[0].job, set()).discard(holder[0])
 
-    async def _read(self, request_iterator, out: asyncio.Queue, holder: list) -> None:
+    async def _read(self, request_iterator, out: asyncio.Queue, holder: list,
+                    access=None) -> None:
         acks: asyncio.Queue = asyncio.Queue()
         acker = asyncio.create_task(self._ack(acks, out))
         stream = None
+        newest_step = -1
         try:
-            async for msg in request_iterator:
+            async for msg in edge_limits.first_within(request_iterator, self.hello_timeout_s):
                 received_ns = time.time_ns()
                 kind = msg.WhichOneof("body")
                 if kind == "hello":
                     if stream is not None:
                         raise InvalidInput("a second Hello on the same stream")
+                    edge_limits.check_hello(msg.hello, access)
                     stream = self._hello(msg.hello, out)
                     holder.append(stream)
                 elif stream is None:
                     raise InvalidInput(f"the first message must be a Hello, got {kind}")
                 elif kind == "report":
+                    newest_step = edge_limits.check_report(
+                        msg.report, newest_step, self.merger.jobs[stream.job].last_evaluated)
                     self._report(msg.report, stream, acks)
                 elif kind == "ping":
                     out.put_nowait(pb.CollectorMessage(pong=pb.ClockPong(
@@ -240,6 +254,8 @@ class IngestServicer(pb_grpc.CollectorServicer):
             out.put_nowait(_End())
         except InvalidInput as exc:
             out.put_nowait(_End(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+        except edge_limits.Refused as exc:
+            out.put_nowait(_End(exc.code, str(exc)))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the store failed, or a bug: end this stream, serve the rest
@@ -268,6 +284,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
     def _extend(self, job: str):
         """A function giving job-wide ids for names, persisting names the job had not seen."""
         def extend(names: list[str]) -> np.ndarray:
+            edge_limits.check_table_growth(self.merger.jobs[job], names)
             ids, first_new, added = self.merger.jobs[job].module_ids(names)
             if added:
                 self.writer.call(self.store.add_modules, job, first_new, list(added))
@@ -283,6 +300,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
         self._observe_rank(stream, info)
 
     def _clock(self, clock, stream: RankStream) -> None:
+        edge_limits.check_offset(clock.offset_ns)
         info = self.merger.jobs[stream.job].ranks[stream.rank]
         info.clock_offset_ns = clock.offset_ns
         self.writer.call(self.store.upsert_rank, stream.job, stream.rank,

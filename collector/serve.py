@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 from aiohttp import web
 
-from collector import http_api
+from collector import auth, edge_limits, http_api
 from collector.alert_payload import episode_to_alert
 from collector.alerting import AlertDispatcher
 from collector.detector import Detector, DetectorParams
@@ -46,6 +46,8 @@ class ServeConfig:
     alert_webhooks: list[str] = field(default_factory=list)
     dashboard_url: str | None = None
     tick_s: float = 0.05
+    max_streams: int = 16384  # concurrent gRPC streams; more get RESOURCE_EXHAUSTED
+    hello_timeout_s: float = edge_limits.HELLO_TIMEOUT_S
     retention_every_s: float = 10.0
 
 
@@ -57,7 +59,7 @@ def _split(addr: str) -> tuple[str, int]:
 class Collector:
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.token = config.token
+        self.token = auth.as_tokens(config.token)
         self.store = Store(config.data_dir)
         self.merger = Merger(config.watermark_s, config.missing_after_s)
         self.detectors: dict[str, object] = {}
@@ -81,7 +83,8 @@ class Collector:
         await self.alerting.start()
         await self.read(self._restore)
         self.ingest = IngestServicer(self.merger, self.store, self.writer, self.token, self.metrics)
-        self.grpc_server = grpc.aio.server(options=[
+        self.ingest.hello_timeout_s = self.config.hello_timeout_s
+        self.grpc_server = grpc.aio.server(maximum_concurrent_rpcs=self.config.max_streams, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -1,0 +1,122 @@
+"""What one agent may send: the bounds checked at the edge, before anything is stored.
+
+A report that breaks one of these ends only its own stream, with a gRPC status that says
+which field and why; everyone else's streams and everything stored stay as they were. The
+bounds are far above any real job and low enough that one bad or hostile sender cannot
+exhaust the collector's memory, overflow SQLite's 64-bit integers, or push a job's step
+watermark so far ahead that the real steps behind it are never evaluated.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+MAX_WORLD_SIZE = 1 << 17  # 131,072 ranks
+MAX_MODULES = 200_000  # names in one job's module table
+MAX_NAME_CHARS = 1_000  # one module name
+MAX_LABEL_CHARS = 256  # job and host names
+MAX_STEP = 1 << 53
+MAX_STEPS_AHEAD = 100_000  # beyond the job's newest evaluated step and the rank's own newest
+MAX_DURATION_NS = 24 * 3600 * 10**9  # one day, for a step or any phase or module figure
+MAX_ABS_TIME_NS = 1 << 62  # agent clock stamps and clock offsets: room to add them safely
+HELLO_TIMEOUT_S = 10.0
+
+
+class Refused(Exception):
+    """Ends the sender's stream with `code` and this message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _invalid(message: str) -> Refused:
+    return Refused(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _label(kind: str, value: str) -> None:
+    if len(value) > MAX_LABEL_CHARS or not value.isprintable():
+        raise _invalid(f"Hello: {kind} must be at most {MAX_LABEL_CHARS} printable characters")
+
+
+def check_hello(h, access) -> None:
+    """Bounds of a Hello, and whether the stream's token may write this job."""
+    _label("job", h.job)
+    _label("host", h.host)
+    if access is not None and h.job and not access.allows(h.job):
+        raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"this token may not write job {h.job!r}")
+    if h.world_size > MAX_WORLD_SIZE:
+        raise _invalid(f"Hello: world_size {h.world_size} is over the limit of {MAX_WORLD_SIZE}")
+    check_names(h.module_names, "Hello")
+
+
+def check_names(names, where: str) -> None:
+    if len(names) > MAX_MODULES:
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"{where}: {len(names)} module names, over the limit of {MAX_MODULES}")
+    if names and max(map(len, names)) > MAX_NAME_CHARS:
+        raise _invalid(f"{where}: a module name is longer than {MAX_NAME_CHARS} characters")
+
+
+def check_table_growth(job_state, names) -> None:
+    """Refuse names that would grow the job's module table past MAX_MODULES."""
+    have = len(job_state.names)
+    if have + len(names) <= MAX_MODULES:
+        return
+    new = sum(1 for n in set(names) if n not in job_state.ids)
+    if have + new > MAX_MODULES:
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"job {job_state.job!r}: module table would grow past {MAX_MODULES} names")
+
+
+def check_report(report, newest_step: int, job_last_evaluated: int) -> int:
+    """Scalar bounds of a StepReport; returns the rank's newest step including this one."""
+    where = f"step {report.step}"
+    if report.step > MAX_STEP:
+        raise _invalid(f"{where}: over the limit of 2^53")
+    base = max(newest_step, job_last_evaluated)
+    if base >= 0 and report.step > base + MAX_STEPS_AHEAD:
+        raise _invalid(f"{where}: more than {MAX_STEPS_AHEAD} steps ahead of step {base}")
+    for name in ("start_ns", "end_ns"):
+        if abs(getattr(report, name)) > MAX_ABS_TIME_NS:
+            raise _invalid(f"{where}: {name} is out of range")
+    if report.end_ns - report.start_ns > MAX_DURATION_NS:
+        raise _invalid(f"{where}: lasts more than a day")
+    for name in ("forward_ns", "backward_ns", "optimizer_ns", "data_ns", "backward_tail_ns",
+                 "recompute_ns"):
+        if getattr(report, name) > MAX_DURATION_NS:
+            raise _invalid(f"{where}: {name} {getattr(report, name)} is more than a day")
+    check_names(report.new_module_names, where)
+    return max(newest_step, report.step)
+
+
+def check_columns(where: str, durations, stamps) -> None:
+    """Per-module columns, vectorized: durations in [0, a day], clock stamps in range."""
+    for arr in durations:
+        if len(arr) and arr.min() < 0:
+            raise _invalid(f"{where}: negative duration {int(arr.min())}")
+        if len(arr) and arr.max() > MAX_DURATION_NS:
+            raise _invalid(f"{where}: a duration of {int(arr.max())} ns is more than a day")
+    for arr in stamps:
+        if len(arr) and (arr.min() < -MAX_ABS_TIME_NS or arr.max() > MAX_ABS_TIME_NS):
+            raise _invalid(f"{where}: a clock stamp is out of range")
+
+
+def check_offset(offset_ns: int) -> None:
+    if abs(offset_ns) > MAX_ABS_TIME_NS:
+        raise _invalid(f"clock offset {offset_ns} is out of range")
+
+
+async def first_within(messages, timeout_s: float):
+    """The stream's messages; DEADLINE_EXCEEDED when the first one (the Hello) is late."""
+    it = messages.__aiter__()
+    try:
+        first = await asyncio.wait_for(it.__anext__(), timeout_s)
+    except StopAsyncIteration:
+        return
+    except asyncio.TimeoutError:
+        raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                      f"no Hello within {timeout_s:g} s of opening the stream") from None
+    yield first
+    async for message in it:
+        yield message
