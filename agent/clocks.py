@@ -1,0 +1,123 @@
+"""The tracker's clocks: what a hook stamps, and how stamps become nanoseconds.
+
+A hook calls `clock.stamp()` and keeps the integer it returns. On CPU that integer already is
+`time.perf_counter_ns()`. On CUDA a host timestamp only says when a kernel was *launched*, so the
+CUDA clock records a pooled `torch.cuda.Event` on the current stream and returns its index; the
+events are turned into times later, off the hot path, once the GPU has passed them. No hook ever
+waits for the GPU.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+
+class CpuClock:
+    """Stamps are perf_counter_ns values; nothing to resolve."""
+
+    kind = "cpu"
+
+    def __init__(self) -> None:
+        self.stamp: Callable[[], int] = time.perf_counter_ns
+
+    def close_step(self) -> None:
+        return None
+
+    def pending_events(self) -> int:
+        return 0
+
+
+class EventBatch:
+    """The events of one step, resolvable to nanoseconds once the GPU has passed the last one.
+
+    Times are reported on the host clock: `ref_host_ns` (perf_counter_ns when the reference event
+    was recorded) plus the GPU time elapsed since the reference event.
+    """
+
+    def __init__(self, ref, ref_host_ns: int, events: list, give_back: Callable[[list], None]):
+        self.ref = ref
+        self.ref_host_ns = ref_host_ns
+        self.events = events  # events[0] is None: token 0 means "never stamped"
+        self._give_back = give_back
+
+    def resolve(self) -> np.ndarray | None:
+        """ns for every token (index), or None while the GPU has not reached the last event."""
+        last = self.events[-1] if len(self.events) > 1 else self.ref
+        if not last.query():
+            return None
+        ref = self.ref
+        try:
+            ms = [0.0] + [ref.elapsed_time(ev) for ev in self.events[1:]]
+        except RuntimeError:  # an event on another stream is not done yet: try again next step
+            return None
+        table = self.ref_host_ns + np.round(np.asarray(ms) * 1e6).astype(np.int64)
+        table[0] = 0
+        self.release()
+        return table
+
+    def release(self) -> None:
+        self._give_back([self.ref, *self.events[1:]])
+        self.events = [None]
+
+
+class CudaEventClock:
+    """Stamps are indices of events recorded on the current CUDA stream.
+
+    `event_factory` makes a new timing event; tests on CPU pass a fake one.
+    """
+
+    kind = "cuda"
+
+    def __init__(self, event_factory: Callable[[], object] | None = None) -> None:
+        if event_factory is None:
+            import torch
+
+            def event_factory():
+                return torch.cuda.Event(enable_timing=True)
+
+        self._new_event = event_factory
+        self._pool: list = []
+        self.created = 0
+        self._open()
+
+    def _take(self):
+        if self._pool:
+            return self._pool.pop()
+        self.created += 1
+        return self._new_event()
+
+    def _open(self) -> None:
+        self._events: list = [None]
+        self._ref = self._take()
+        self._ref.record()
+        self._ref_host_ns = time.perf_counter_ns()
+
+    def stamp(self) -> int:
+        ev = self._take()
+        ev.record()
+        events = self._events
+        events.append(ev)
+        return len(events) - 1
+
+    def close_step(self) -> EventBatch:
+        """Hand over this step's events and start the next step's."""
+        batch = EventBatch(self._ref, self._ref_host_ns, self._events, self._pool.extend)
+        self._open()
+        return batch
+
+    def pending_events(self) -> int:
+        return len(self._events) - 1
+
+
+def make_clock(kind: str = "auto"):
+    if kind == "auto":
+        import torch
+
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        return CpuClock()
+    if kind == "cuda":
+        return CudaEventClock()
+    raise ValueError(f"clock must be 'cpu', 'cuda' or 'auto', not {kind!r}")
