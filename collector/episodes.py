@@ -113,9 +113,10 @@ class EpisodeBook:
             return None
         peer_med = float(np.median(others))
         excess = float(mine.max()) - peer_med
-        # Time the others spent waiting for this culprit (synchronous training), or the wall
-        # gap when steps are not synchronised: the job cannot lose more than that.
-        peer_wait = float(np.median(np.delete(wait, rows))) if len(wait) > len(rows) else 0.0
+        # Synchronous training: the step would shorten by the excess, but only down to the
+        # next slowest rank's finish (the least any peer waited, minus what the culprit waited).
+        # Unsynchronised steps: the wall gap. The job cannot lose more than that.
+        peer_wait = float(np.delete(wait, rows).min()) if len(wait) > len(rows) else 0.0
         cap = max(wall_cap, peer_wait - float(wait[rows].min()), 0.0)
         cost = min(max(excess, 0.0), cap)
         slowdown = float(np.median(mine)) / peer_med if peer_med > 0 else float("inf")
