@@ -17,6 +17,7 @@ from collector.store import PHASE_NAMES, STEP_FIGURES
 DASHBOARD = pathlib.Path(__file__).resolve().parent / "dashboard" / "index.html"
 OPEN_PATHS = {"/healthz", "/"}  # probes and the static page carry no data
 JOB_FILTERED_PATHS = {"/api/v1/jobs", "/api/v1/alerts"}  # a per-job token sees its jobs only
+ACCESS = web.RequestKey("access", auth.Access)
 MAX_LAST = 10_000
 
 
@@ -58,7 +59,7 @@ def make_app(collector) -> web.Application:
             if access is None:
                 refusals.refused(request.remote, "missing or wrong bearer token (HTTP)")
                 return error(401, "missing or wrong bearer token")
-            request["access"] = access
+            request[ACCESS] = access
             job = request.match_info.get("job")
             # A per-job token opens its jobs' pages and filtered lists, not /metrics.
             if not access.admin and (job is None and request.path not in JOB_FILTERED_PATHS
@@ -206,7 +207,7 @@ def make_app(collector) -> web.Application:
 
 
 def _allowed(request: web.Request, job: str) -> bool:
-    access = request.get("access")
+    access = request.get(ACCESS)
     return access is None or access.allows(job)
 
 
