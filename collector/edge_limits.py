@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from google.protobuf.message import DecodeError
 MAX_WORLD_SIZE = 1 << 17  # 131,072 ranks
 MAX_MODULES = 200_000  # names in one job's module table
 MAX_NAME_CHARS = 1_000  # one module name
@@ -107,16 +108,20 @@ def check_offset(offset_ns: int) -> None:
         raise _invalid(f"clock offset {offset_ns} is out of range")
 
 
-async def first_within(messages, timeout_s: float):
-    """The stream's messages; DEADLINE_EXCEEDED when the first one (the Hello) is late."""
+async def checked_messages(messages, hello_timeout_s: float):
+    """The stream's messages, refused cleanly: DEADLINE_EXCEEDED when the first one (the
+    Hello) is late, INVALID_ARGUMENT for bytes that are no AgentMessage."""
     it = messages.__aiter__()
-    try:
-        first = await asyncio.wait_for(it.__anext__(), timeout_s)
-    except StopAsyncIteration:
-        return
-    except asyncio.TimeoutError:
-        raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
-                      f"no Hello within {timeout_s:g} s of opening the stream") from None
-    yield first
-    async for message in it:
+    timeout = hello_timeout_s
+    while True:
+        try:
+            message = await asyncio.wait_for(it.__anext__(), timeout)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"no Hello within {hello_timeout_s:g} s of opening the stream") from None
+        except DecodeError as exc:
+            raise _invalid(f"undecodable message: {exc}") from None
+        timeout = None
         yield message

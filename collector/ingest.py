@@ -227,7 +227,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
         stream = None
         newest_step = -1
         try:
-            async for msg in edge_limits.first_within(request_iterator, self.hello_timeout_s):
+            async for msg in edge_limits.checked_messages(request_iterator, self.hello_timeout_s):
                 received_ns = time.time_ns()
                 kind = msg.WhichOneof("body")
                 if kind == "hello":
