@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "examples", "train.py")
 STEPS = 30
-ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+       "OMP_NUM_THREADS": "1"}
 ENV.pop("MODTRACK_COLLECTOR", None)
 
 
@@ -111,7 +112,7 @@ def test_clean_run_has_no_straggler_and_no_alert(collector, plain_run):
     assert training_lines(out) == plain_run
     assert "modtrack:" not in out.stderr
     stragglers = collector.verdict("clean", STEPS - 1)
-    assert stragglers == []
+    assert stragglers == [], json.dumps(stragglers, indent=1)
     assert get_json(f"{collector.api}/api/v1/alerts")["alerts"] == []
     steps = get_json(f"{collector.api}/api/v1/jobs/clean/steps?last=5")["steps"]
     assert [len(s["ranks"]) for s in steps] == [3] * 5
@@ -125,10 +126,11 @@ def test_rank_slowed_in_forward_is_named_with_module_and_phase(collector):
     assert out.returncode == 0, out.stderr[-3000:]
     stragglers = collector.verdict("fwd", STEPS - 1)
     culprit = [s for s in stragglers if (s["rank"], s["module"], s["phase"]) == (1, "TinyGPT.blocks.2.attn", "forward")]
-    assert culprit, stragglers
-    assert onset <= culprit[0]["first_step"] <= onset + 5, culprit
-    assert culprit[0]["slowdown"] > 2 and culprit[0]["cost_ms_per_step"] > 20
-    assert [s for s in stragglers if s["rank"] != 1] == []
+    assert culprit, json.dumps(stragglers, indent=1)
+    first = min(culprit, key=lambda s: s["first_step"])
+    assert onset <= first["first_step"] <= onset + 5, json.dumps(culprit, indent=1)
+    assert first["slowdown"] > 2 and first["cost_ms_per_step"] > 20, first
+    assert [s for s in stragglers if s["rank"] != 1] == [], json.dumps(stragglers, indent=1)
 
 
 def test_rank_slowed_in_backward_under_ddp_is_the_only_one_named(collector):
@@ -140,9 +142,10 @@ def test_rank_slowed_in_backward_under_ddp_is_the_only_one_named(collector):
     assert out.returncode == 0, out.stderr[-3000:]
     stragglers = collector.verdict("bwd", STEPS - 1)
     culprit = [s for s in stragglers if (s["rank"], s["module"], s["phase"]) == (2, "TinyGPT.blocks.1.mlp", "backward")]
-    assert culprit, stragglers
-    assert onset <= culprit[0]["first_step"] <= onset + 5, culprit
-    assert [s for s in stragglers if s["rank"] != 2] == []  # no victim named
+    assert culprit, json.dumps(stragglers, indent=1)
+    first = min(culprit, key=lambda s: s["first_step"])
+    assert onset <= first["first_step"] <= onset + 5, json.dumps(culprit, indent=1)
+    assert [s for s in stragglers if s["rank"] != 2] == [], json.dumps(stragglers, indent=1)  # no victim
     steps = get_json(f"{collector.api}/api/v1/jobs/bwd/steps?last=3")["steps"]
     waits = {r["rank"]: r["sync_wait_ms"] for r in steps[-1]["ranks"]}
     assert waits[2] < min(waits[0], waits[1])  # the others wait for rank 2

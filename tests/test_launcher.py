@@ -44,7 +44,7 @@ def script(tmp_path):
 
 
 def run(cmd, cwd, env=None, timeout=120):
-    full_env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     full_env.pop("MODTRACK_COLLECTOR", None)
     full_env.update(env or {})
     started = time.monotonic()
