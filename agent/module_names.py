@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import weakref
 
-import torch
 from torch import nn
 
 # Attributes through which a wrapper holds the module it wraps.
 WRAPPED_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 _DATA_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+try:  # FSDP2's fully_shard() turns class Net into FSDPNet(FSDPModule, Net)
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:
+    _FSDPModule = None
 
 # Module id of a wrapper whose forward only calls its inner module: not timed, not in `parents`.
 SKIP = -1
@@ -41,8 +45,7 @@ def class_name(mod: nn.Module) -> str:
     while inner is not None:
         mod, inner = inner, wrapped_child(inner)
     cls = type(mod)
-    fsdp_module = getattr(torch.distributed.fsdp, "FSDPModule", None) if torch.distributed.is_available() else None
-    if fsdp_module is not None and isinstance(mod, fsdp_module) and len(cls.__bases__) > 1:
+    if _FSDPModule is not None and isinstance(mod, _FSDPModule) and len(cls.__bases__) > 1:
         return cls.__bases__[1].__name__
     return cls.__name__
 

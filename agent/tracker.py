@@ -188,8 +188,8 @@ class ModuleTracker:
     def _forward_post(self, mod, args, output) -> None:
         if _is_compiling():
             return
-        now = self._stamp()
         try:
+            now = self._stamp()
             stack = self._stack
             if stack and stack[-1][3] is mod:
                 frame = stack.pop()
@@ -276,10 +276,10 @@ class ModuleTracker:
         if row[PENDING] > 1:
             row[PENDING] -= 1  # wait for the gradients of all inputs
             return
-        now = self._stamp()
-        if not row[B_START] or row[B_END]:
-            return
         try:
+            now = self._stamp()
+            if not row[B_START] or row[B_END]:
+                return
             row[B_END] = now
             if self._pass is not None:
                 self._pass[2] = now
