@@ -140,5 +140,5 @@ def test_dead_collector_costs_no_step_time_and_no_exit_time(tmp_path):
     assert plain.returncode == tracked.returncode == 0, tracked.stderr
     assert tracked.stdout == plain.stdout  # same numbers: the agent changes nothing
     # Tracking costs a little per module call; the dead link itself must cost nothing.
-    assert step_ms(tracked.stderr) < step_ms(plain.stderr) * 1.5 + 2, (plain.stderr, tracked.stderr)
+    assert step_ms(tracked.stderr) < step_ms(plain.stderr) * 2 + 5, (plain.stderr, tracked.stderr)
     assert tracked_s < plain_s + 5, (plain_s, tracked_s)
