@@ -1,8 +1,14 @@
 """modtrack's in-process agent: times every nn.Module call on this rank, step by step."""
 from agent.tracker import ModuleTracker
 
-__all__ = ["ModuleTracker"]
+__all__ = ["ModuleTracker", "track", "step"]
 
-from agent.api import step, track  # noqa: E402  (custom loops: agent.track(...), agent.step())
 
-__all__ += ["track", "step"]
+def __getattr__(name):
+    # track()/step() bring in the gRPC transport; loaded on first use so that the tracker alone
+    # (a drop-in for torch.utils.module_tracker) needs neither grpc nor a collector.
+    if name in ("track", "step"):
+        from agent import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'agent' has no attribute {name!r}")
