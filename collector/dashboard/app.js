@@ -6,6 +6,7 @@
 const POLL_MS = 2000;
 const WINDOW_STEPS = 10;   // heatmap: mean over the last N steps
 const CHART_STEPS = 120;   // step-time chart
+const RESOLVED_SHOWN = 6;  // straggler list: every active episode, then the latest resolved ones
 const API = "api/v1";
 const PERFETTO = "https://ui.perfetto.dev";
 
@@ -16,7 +17,9 @@ const state = {
   heat: null,             // heatData() of the window
   window: [],             // the window's step numbers
   phase: null,            // null: follow the active straggler's phase
-  module: null,           // module picked for the bars
+  stepMetric: "compute",  // step chart: "compute" (wall minus sync wait) or "wall"
+  module: null,           // module shown as bars: the verdict's, until the user picks one
+  modulePicked: false,
   steps: [],              // /steps answer for the selected job
   stragglers: [],
   moduleCache: new Map(), // "job|step" -> modules answer
@@ -133,8 +136,10 @@ function setLive(text, error) {
 
 // ---- data shaping ----------------------------------------------------------------------
 
+// Active episodes, the costliest first: the verdict names the one that costs the job most.
 function activeCulprits() {
-  return state.stragglers.filter((s) => s.state === "active");
+  return state.stragglers.filter((s) => s.state === "active")
+    .sort((a, b) => (b.cost_ms_per_step || 0) - (a.cost_ms_per_step || 0));
 }
 
 function hostOfRank() {
@@ -143,37 +148,48 @@ function hostOfRank() {
   return hosts;
 }
 
-// Is (rank, module, phase) a straggler's cell? Host-level episodes (rank -1) mark every rank of the host.
+// The ranks an episode blames: its rank, or for a host-level episode (rank -1) the ranks it
+// lists (every rank of the host when it lists none).
+function episodeHas(s, rank, hosts) {
+  if (s.rank >= 0) return s.rank === rank;
+  return s.ranks && s.ranks.length ? s.ranks.includes(rank) : hosts.get(rank) === s.host;
+}
+
+// Is (rank, module, phase) a straggler's cell?
 function isCulprit(rank, module, phase, hosts) {
-  return activeCulprits().some((s) => s.module === module && s.phase === phase &&
-    (s.rank === rank || (s.rank < 0 && hosts.get(rank) === s.host)));
+  return activeCulprits().some((s) => s.module === module && s.phase === phase && episodeHas(s, rank, hosts));
 }
 
 function isCulpritRank(rank, hosts) {
-  return activeCulprits().some((s) => s.rank === rank || (s.rank < 0 && hosts.get(rank) === s.host));
+  return activeCulprits().some((s) => episodeHas(s, rank, hosts));
 }
 
-// Mean ms per (phase, module, rank) over the window, and each cell's ratio to the ranks' median.
+function blamed(s) {
+  if (s.rank >= 0) return String(s.rank);
+  return s.ranks && s.ranks.length ? `host: ${s.ranks.join(", ")}` : "host: all";
+}
+
+// Per (phase, module, rank): the median ms over the window's steps (one noisy step does not
+// paint a cell), and its ratio to the median of the ranks that ran the module.
 function heatData(answers) {
-  const sums = new Map();  // "phase\tmodule" -> {module, phase, order, ranks: Map(rank -> [sum, n])}
+  const series = new Map();  // "phase\tmodule" -> {module, phase, order, ranks: Map(rank -> [ms...])}
   let order = 0;
   for (const answer of answers) {
     for (const m of answer.modules || []) {
       const key = `${m.phase}\t${m.module}`;
-      if (!sums.has(key)) sums.set(key, { module: m.module, phase: m.phase, order: order++, ranks: new Map() });
-      const entry = sums.get(key);
+      if (!series.has(key)) series.set(key, { module: m.module, phase: m.phase, order: order++, ranks: new Map() });
+      const entry = series.get(key);
       for (const [rank, ms] of Object.entries(m.ms_by_rank || {})) {
         if (ms === null || !Number.isFinite(ms)) continue;
-        const acc = entry.ranks.get(Number(rank)) || [0, 0];
-        acc[0] += ms; acc[1] += 1;
-        entry.ranks.set(Number(rank), acc);
+        if (!entry.ranks.has(Number(rank))) entry.ranks.set(Number(rank), []);
+        entry.ranks.get(Number(rank)).push(ms);
       }
     }
   }
   const rows = [];
   const ranks = new Set();
-  for (const entry of sums.values()) {
-    const ms = new Map([...entry.ranks].map(([r, [sum, n]]) => [r, sum / n]));
+  for (const entry of series.values()) {
+    const ms = new Map([...entry.ranks].map(([r, values]) => [r, median(values)]));
     const med = median([...ms.values()]);
     const ratio = new Map([...ms].map(([r, v]) => [r, med > 0 ? v / med : (v > 0 ? Infinity : 1)]));
     ms.forEach((_, r) => ranks.add(r));
@@ -190,7 +206,8 @@ function renderJobs() {
   nav.replaceChildren(...state.jobs.map((j) => el("button", {
     "data-job": j.job, "aria-current": j.job === state.job ? "true" : "false",
     onclick: () => {
-      state.job = j.job; state.module = null; state.phase = null; state.heat = null; state.steps = []; refresh();
+      state.job = j.job; state.module = null; state.modulePicked = false; state.phase = null;
+      state.heat = null; state.steps = []; refresh();
     },
   }, el("span", { class: "dot", "data-bad": j.state && j.state !== "running" && j.state !== "live" ? "true" : "false" }),
   j.job, el("span", { class: "meta", text: `${j.ranks_reporting ?? "?"}/${j.world_size ?? "?"} ranks · step ${j.last_step ?? "–"}` }))));
@@ -211,7 +228,7 @@ function render() {
   renderVerdict(culprits);
   renderPhaseSwitch(phase);
   renderHeatmap(heat, phase, hosts, window);
-  if (!state.module && culprits[0]) state.module = culprits[0].module;
+  if (!state.modulePicked && culprits[0]) state.module = culprits[0].module;
   renderBars(heat, phase, hosts);
   renderStepChart(hosts);
   renderStragglers();
@@ -229,7 +246,8 @@ function renderVerdict(culprits) {
   }
   const s = culprits[0];
   v.dataset.state = "straggler";
-  const who = s.rank >= 0 ? `rank ${s.rank} @ ${s.host}` : `host ${s.host} (all its ranks)`;
+  const who = s.rank >= 0 ? `rank ${s.rank} @ ${s.host}`
+    : `host ${s.host} (ranks ${s.ranks && s.ranks.length ? s.ranks.join(", ") : "all"})`;
   const title = $("verdict-title");
   title.replaceChildren(el("b", { text: who }), ` is slow in ${s.module} (${s.phase}): ${fmtX(s.slowdown)} its peers' median`);
   const pct = Number.isFinite(s.cost_pct) ? ` (${s.cost_pct.toFixed(1)}% of the step)` : "";
@@ -238,7 +256,7 @@ function renderVerdict(culprits) {
 }
 
 function renderPhaseSwitch(phase) {
-  for (const b of document.querySelectorAll(".switch button")) {
+  for (const b of document.querySelectorAll("#phase-switch button")) {
     b.setAttribute("aria-pressed", b.dataset.phase === phase ? "true" : "false");
   }
 }
@@ -278,7 +296,7 @@ function renderHeatmap(heat, phase, hosts, window) {
     const name = shortName(row.module, root);
     const depth = row.module === root ? 0 : name.split(".").length;
     const label = el("th", { class: "module", title: row.module, "data-module": row.module,
-      onclick: () => { state.module = row.module; renderBars(heat, phase, hosts); markSelected(); } },
+      onclick: () => pickModule(row.module) },
     el("span", { class: "tree", text: "· ".repeat(Math.max(0, depth - 1)) }), name);
     const cells = heat.ranks.map((rank) => {
       const ratio = row.ratio.get(rank);
@@ -289,14 +307,20 @@ function renderHeatmap(heat, phase, hosts, window) {
         "data-culprit": culprit ? "true" : "false",
         style: `background:${heatColor(ratio)}`,
         title: `rank ${rank} · ${row.module} · ${phase}\n${fmtMs(row.ms.get(rank))} (median ${fmtMs(row.median)}) = ${fmtX(ratio)}`,
-        onclick: () => { state.module = row.module; renderBars(heat, phase, hosts); markSelected(); },
-        text: ratio >= 1.1 || culprit ? fmtX(ratio) : "",
+        onclick: () => pickModule(row.module),
+        text: ratio >= 1.5 || culprit ? fmtX(ratio) : "",
       });
     });
     return el("tr", { "data-module": row.module }, label, ...cells);
   });
   box.replaceChildren(el("table", { id: "heat-table" }, el("thead", {}, head), el("tbody", {}, ...body)));
   markSelected();
+}
+
+function pickModule(module) {
+  state.module = module;
+  state.modulePicked = true;
+  render();
 }
 
 function markSelected() {
@@ -313,7 +337,7 @@ function renderBars(heat, phase, hosts) {
     box.replaceChildren(el("p", { class: "empty", text: "Click a module in the heatmap." }));
     return;
   }
-  $("bars-title").textContent = "Time per rank";
+  $("bars-title").textContent = "Module time per rank";
   const max = Math.max(...row.ms.values(), row.median) || 1;
   const bars = [...row.ms].sort((a, b) => a[0] - b[0]).map(([rank, ms]) => {
     const culprit = isCulprit(rank, row.module, phase, hosts);
@@ -324,7 +348,7 @@ function renderBars(heat, phase, hosts) {
         el("div", { class: "median", style: `left:${(100 * row.median / max).toFixed(1)}%`, title: "median" })),
       el("span", { class: "num", text: fmtMs(ms) }));
   });
-  box.replaceChildren(el("div", { class: "sub", "data-module": row.module, text: `${row.module} · ${phase} · self time, mean of the window; dashed: median` }), ...bars);
+  box.replaceChildren(el("div", { class: "sub", "data-module": row.module, text: `${row.module} · ${phase} · self time, median of the window; dashed: median of the ranks` }), ...bars);
 }
 
 function renderStepChart(hosts) {
@@ -336,16 +360,21 @@ function renderStepChart(hosts) {
   }
   const W = Math.max(600, box.clientWidth || 900), H = 240, L = 56, R = 70, T = 10, B = 26;
   const series = new Map();  // rank -> [[step, wall_ms]]
+  // Under synchronous training every rank's wall time is the slowest's (the others wait in the
+  // gradient all-reduce); wall minus that wait is what tells the culprit apart.
+  const value = state.stepMetric === "wall" ? (r) => r.wall_ms : (r) => r.wall_ms - (r.sync_wait_ms || 0);
   for (const s of steps) for (const r of s.ranks) {
-    if (!Number.isFinite(r.wall_ms)) continue;
+    const v = value(r);
+    if (!Number.isFinite(v)) continue;
     if (!series.has(r.rank)) series.set(r.rank, []);
-    series.get(r.rank).push([s.step, r.wall_ms]);
+    series.get(r.rank).push([s.step, v]);
   }
   const x0 = steps[0].step, x1 = steps[steps.length - 1].step;
-  const all = [...series.values()].flat().map((p) => p[1]);
-  const yMax = niceCeil(Math.max(...all, 1) * 1.08);
+  // Scale to the bulk of the points, not to one warm-up step: what lies above is drawn at the top.
+  const all = [...series.values()].flat().map((p) => p[1]).sort((a, b) => a - b);
+  const yMax = niceCeil(Math.max(Math.min(all[all.length - 1] * 1.05, all[Math.floor(0.9 * (all.length - 1))] * 1.6), 1e-3));
   const X = (s) => L + (W - L - R) * (x1 > x0 ? (s - x0) / (x1 - x0) : 0);
-  const Y = (ms) => T + (H - T - B) * (1 - ms / yMax);
+  const Y = (ms) => T + (H - T - B) * (1 - Math.min(Math.max(ms, 0), yMax) / yMax);
   const svg = el("svg:svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img", "aria-label": "step time per rank" });
   const axis = el("svg:g", { class: "axis" });
   for (let i = 0; i <= 4; i++) {
@@ -364,14 +393,25 @@ function renderStepChart(hosts) {
     const culprit = isCulpritRank(rank, hosts);
     svg.append(el("svg:polyline", { class: "rank-line", "data-rank": rank, "data-culprit": culprit ? "true" : "false",
       points: pts.map(([s, ms]) => `${X(s).toFixed(1)},${Y(ms).toFixed(1)}`).join(" ") }));
-    if (culprit) {
-      const [s, ms] = pts[pts.length - 1];
-      svg.append(el("svg:text", { class: "label", "data-culprit": "true", x: X(s) + 6, y: Y(ms) + 4, text: `rank ${rank}` }));
-    }
+  }
+  let lastY = -Infinity;  // culprits' labels at their lines' ends, kept from overlapping
+  const labels = ordered.filter((r) => isCulpritRank(r, hosts)).map((r) => {
+    const pts = series.get(r);
+    const [s, ms] = pts[pts.length - 1];
+    return { rank: r, x: X(s) + 6, y: Y(ms) + 4 };
+  }).sort((a, b) => a.y - b.y);
+  for (const l of labels) {
+    l.y = Math.max(l.y, lastY + 13);
+    lastY = l.y;
+    svg.append(el("svg:text", { class: "label", "data-culprit": "true", x: l.x, y: l.y, text: `rank ${l.rank}` }));
   }
   box.replaceChildren(svg);
   const culpritRanks = ranks.filter((r) => isCulpritRank(r, hosts));
-  $("steps-legend").textContent = `${ranks.length} ranks, wall time per step` +
+  for (const b of document.querySelectorAll("#metric-switch button")) {
+    b.setAttribute("aria-pressed", b.dataset.metric === state.stepMetric ? "true" : "false");
+  }
+  const what = state.stepMetric === "wall" ? "wall time per step" : "wall time minus sync wait, per step";
+  $("steps-legend").textContent = `${ranks.length} ranks, ${what}` +
     (culpritRanks.length ? ` · red: rank ${culpritRanks.join(", ")}` : "");
 }
 
@@ -387,14 +427,21 @@ function renderStragglers() {
     body.replaceChildren(el("tr", {}, el("td", { colspan: 9, class: "empty", text: "None so far." })));
     return;
   }
-  body.replaceChildren(...state.stragglers.map((s) => el("tr", {
-    "data-rank": s.rank, "data-module": s.module, "data-phase": s.phase, "data-state": s.state,
-    onclick: () => { state.module = s.module; state.phase = s.phase; render(); },
+  const active = state.stragglers.filter((s) => s.state === "active");
+  const resolved = state.stragglers.filter((s) => s.state !== "active");
+  const shown = active.concat(resolved.slice(0, RESOLVED_SHOWN));
+  const older = resolved.length - Math.min(resolved.length, RESOLVED_SHOWN);
+  const rows = shown.map((s) => el("tr", {
+    "data-rank": s.rank, "data-ranks": s.rank >= 0 ? String(s.rank) : (s.ranks || []).join(","),
+    "data-module": s.module, "data-phase": s.phase, "data-state": s.state,
+    onclick: () => { state.phase = s.phase; pickModule(s.module); },
   },
-  el("td", { text: s.state }), el("td", { text: s.rank >= 0 ? String(s.rank) : "all" }), el("td", { text: s.host }),
+  el("td", { text: s.state }), el("td", { text: blamed(s) }), el("td", { text: s.host }),
   el("td", { text: s.module }), el("td", { text: s.phase }), el("td", { class: "num", text: fmtX(s.slowdown) }),
   el("td", { class: "num", text: s.first_step }), el("td", { class: "num", text: s.last_step }),
-  el("td", { class: "num", text: fmtMs(s.cost_ms_per_step) }))));
+  el("td", { class: "num", text: fmtMs(s.cost_ms_per_step) })));
+  if (older > 0) rows.push(el("tr", { class: "older" }, el("td", { colspan: 9, class: "hint", text: `and ${older} older resolved episode(s)` })));
+  body.replaceChildren(...rows);
 }
 
 // ---- capture ---------------------------------------------------------------------------
@@ -492,8 +539,11 @@ function openInPerfetto() {
 
 function start() {
   readToken();
-  for (const b of document.querySelectorAll(".switch button")) {
+  for (const b of document.querySelectorAll("#phase-switch button")) {
     b.addEventListener("click", () => { state.phase = b.dataset.phase; render(); });
+  }
+  for (const b of document.querySelectorAll("#metric-switch button")) {
+    b.addEventListener("click", () => { state.stepMetric = b.dataset.metric; render(); });
   }
   $("capture-btn").addEventListener("click", startCapture);
   $("trace-download").addEventListener("click", downloadTrace);
