@@ -10,6 +10,7 @@ MODTRACK_SCREENSHOT=docs/dashboard.png also saves the torchrun run's screenshot 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -55,12 +57,13 @@ class Collector:
             return json.loads(resp.read())
 
 
-@pytest.fixture
-def collector(tmp_path):
+@contextlib.contextmanager
+def running_collector(tmp_path, *extra: str):
+    """`python -m collector serve` on free loopback ports; ended on exit."""
     grpc_port, http_port = _free_port(), _free_port()
     cmd = [sys.executable, "-m", "collector", "serve", "--grpc-addr", f"127.0.0.1:{grpc_port}",
            "--http-addr", f"127.0.0.1:{http_port}", "--data-dir", str(tmp_path / "data"),
-           "--watermark-s", "0.5", "--log-level", "WARNING"]
+           "--watermark-s", "0.5", "--log-level", "WARNING", *extra]
     log = open(tmp_path / "collector.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -83,6 +86,12 @@ def collector(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture
+def collector(tmp_path):
+    with running_collector(tmp_path) as c:
+        yield c
 
 
 # ---- the browser ---------------------------------------------------------------------------
@@ -222,10 +231,12 @@ class SimulatedJob:
     Ranks answer capture requests with full traces. Runs until stop()."""
 
     def __init__(self, addr: str, job: str, world: int = 4, slow_rank: int = 2, slow_ms: float = 6.0,
-                 slow_from: int = 8, step_s: float = 0.05, clock_shift_ns: dict | None = None):
+                 slow_from: int = 8, step_s: float = 0.05, clock_shift_ns: dict | None = None,
+                 token: str | None = None):
         self.addr, self.job, self.world = addr, job, world
         self.slow_rank, self.slow_ms, self.slow_from, self.step_s = slow_rank, slow_ms, slow_from, step_s
         self.shift = clock_shift_ns or {}
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.steps_sent = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
@@ -247,7 +258,7 @@ class SimulatedJob:
                 stub = pb_grpc.CollectorStub(channel)
                 queues = [asyncio.Queue() for _ in range(self.world)]
                 captures = [dict() for _ in range(self.world)]
-                calls = [stub.Stream(self._requests(r, queues[r])) for r in range(self.world)]
+                calls = [stub.Stream(self._requests(r, queues[r]), metadata=self.metadata) for r in range(self.world)]
                 readers = [asyncio.create_task(self._read(c, captures[r])) for r, c in enumerate(calls)]
                 rng = np.random.default_rng(0)
                 step = 0
@@ -327,6 +338,7 @@ def _wait_for_straggler(collector, job: str, timeout: float = 90.0) -> dict:
     raise AssertionError(f"the collector found no straggler in {job} within {timeout} s")
 
 
+@pytest.mark.slow
 def test_dashboard_shows_the_simulated_culprit_and_captures_a_trace(collector, simulated_job, browser, tmp_path):
     straggler = _wait_for_straggler(collector, "sim-job")
     assert (straggler["rank"], straggler["module"], straggler["phase"]) == (2, SLOW_MODULE, "backward")
@@ -367,6 +379,19 @@ def test_dashboard_shows_the_simulated_culprit_and_captures_a_trace(collector, s
     starts = {pid: min(e["ts"] for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == pid and e["cat"] == "step")
               for pid in (0, 3)}
     assert abs(starts[3] - starts[0]) < 1000  # µs
+
+    # a range with no capture falls back to the per-step summary spans, every rank present
+    summary = collector.get("/api/v1/jobs/sim-job/trace?from_step=2&to_step=4")
+    assert_valid_chrome_trace(summary)
+    assert summary["otherData"]["source"] == "step_summary"
+    assert {e["pid"] for e in summary["traceEvents"] if e["ph"] == "X" and e["cat"] == "backward"} == {0, 1, 2, 3}
+    for bad, status in (("from_step=5&to_step=2", 400), ("from_step=x", 400), ("from_step=0&to_step=999", 400)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            collector.get(f"/api/v1/jobs/sim-job/trace?{bad}")
+        assert err.value.code == status
+    with pytest.raises(urllib.error.HTTPError) as err:
+        collector.get("/api/v1/jobs/nope/trace")
+    assert err.value.code == 404
 
     errors = console_errors(browser)
     assert not errors, errors
@@ -448,3 +473,37 @@ def test_dashboard_names_the_culprit_of_a_real_torchrun_job(collector, torchrun_
     assert shot.stat().st_size > 10_000
     if os.environ.get("MODTRACK_SCREENSHOT"):
         shutil.copyfile(shot, ROOT / os.environ["MODTRACK_SCREENSHOT"])
+
+    # the capture button asks the real agents for a full trace of the next steps
+    browser.find_element("id", "capture-steps").clear()
+    browser.find_element("id", "capture-steps").send_keys("2")
+    browser.find_element("id", "capture-btn").click()
+    wait_for(browser, "!document.getElementById('trace-download').disabled", 90, "the captured trace")
+    trace = browser.execute_script("return state.capture.trace")
+    assert_valid_chrome_trace(trace)
+    assert trace["otherData"]["source"] == "capture"
+    ranks_with_calls = {e["pid"] for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] == "forward"}
+    assert ranks_with_calls == set(range(TORCHRUN_RANKS))
+    assert not console_errors(browser)
+
+
+@pytest.mark.slow
+def test_the_page_sends_the_token_it_was_opened_with(tmp_path, browser):
+    (tmp_path / "token").write_text("s3cret-token\n")
+    with running_collector(tmp_path, "--token-file", str(tmp_path / "token")) as collector:
+        job = SimulatedJob(collector.grpc_addr, "secured", world=2, slow_rank=-1, token="s3cret-token").start()
+        try:
+            browser.get(collector.url + "/#token=s3cret-token")
+            wait_for(browser, "document.querySelector('#jobs button[data-job=\"secured\"]')", 30, "the job list")
+            assert browser.execute_script("return location.hash") == ""  # not left in the address bar
+            wait_for(browser, "document.querySelector('#heatmap td[data-slowdown]')", 30, "the heatmap")
+            assert not console_errors(browser)
+            browser.get(collector.url + "/")  # remembered for the next visit
+            wait_for(browser, "document.querySelector('#jobs button[data-job=\"secured\"]')", 30, "the job list again")
+            browser.execute_script("localStorage.clear()")
+            browser.get(collector.url + "/")  # no token: the page asks for one instead of showing data
+            wait_for(browser, "!document.getElementById('token-form').hidden", 30, "the token prompt")
+            assert not browser.find_elements("css selector", "#jobs button")
+        finally:
+            job.stop()
+        assert job.error is None
