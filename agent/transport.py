@@ -10,13 +10,17 @@ couple of seconds, and only while a collector is actually connected.
 from __future__ import annotations
 
 import collections
+import os
 import random
 import sys
 import threading
 import time
 from typing import Callable
 
-import grpc
+# gRPC's fork handlers print a line on every fork (each DataLoader worker) while our sender
+# thread is in gRPC; the children never use our channel, so the handlers buy nothing here.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+import grpc  # noqa: E402
 
 from agent.clock_sync import ClockSync
 from agent.identity import Identity

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from test_transport import serve  # noqa: F401  (fixture: a gRPC collector stand-in on loopback)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
@@ -142,3 +144,37 @@ def test_dead_collector_costs_no_step_time_and_no_exit_time(tmp_path):
     # Tracking costs a little per module call; the dead link itself must cost nothing.
     assert step_ms(tracked.stderr) < step_ms(plain.stderr) * 2 + 5, (plain.stderr, tracked.stderr)
     assert tracked_s < plain_s + 5, (plain_s, tracked_s)
+
+
+FORKING = textwrap.dedent("""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32, 1)), batch_size=8, num_workers=2)
+    for epoch in range(2):
+        for x, y in data:  # worker processes are forked while the sender thread is in gRPC
+            loss = (model(x) - y).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    print(f"loss {loss.item():.6f}")
+""")
+
+
+def test_forked_data_loader_workers_print_nothing_extra(tmp_path, serve):
+    from test_transport import FakeCollector
+
+    fake = FakeCollector()
+    _, port = serve(fake)
+    path = tmp_path / "forking.py"
+    path.write_text(FORKING)
+    plain, _ = run([sys.executable, str(path)], cwd=tmp_path)
+    tracked, _ = run([sys.executable, "-m", "agent", "--collector", f"127.0.0.1:{port}", "--job", "fork",
+                      str(path)], cwd=tmp_path)
+    assert plain.returncode == tracked.returncode == 0, tracked.stderr
+    assert tracked.stdout == plain.stdout
+    assert tracked.stderr == plain.stderr == ""
+    assert sorted(set(fake.received)) == list(range(8))  # every step arrived, flushed at exit
