@@ -19,6 +19,7 @@ at sub-microsecond precision, and rounding would break the nesting the importer 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -266,8 +267,10 @@ def make_trace_handler(store, read=None):
         if to_step - from_step + 1 > MAX_STEPS:
             return error(400, f"at most {MAX_STEPS} steps per trace")
         timelines, source = await read(timelines_from_store, store, job, from_step, to_step)
-        doc = await read(build_trace, job, timelines, source, from_step, to_step)
+        # built and serialized off the event loop: a large capture takes a fraction of a second
+        body = await read(lambda: json.dumps(build_trace(job, timelines, source, from_step, to_step)))
         name = f"modtrack-{job}-steps-{from_step}-{to_step}.json"
-        return web.json_response(doc, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+        return web.Response(text=body, content_type="application/json",
+                            headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     return handle
