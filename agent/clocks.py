@@ -42,6 +42,10 @@ class EventBatch:
         self.events = events  # events[0] is None: token 0 means "never stamped"
         self._give_back = give_back
 
+    def wait(self) -> None:
+        """Block until the GPU has passed this step's last event. Only at close, never in a hook."""
+        (self.events[-1] if len(self.events) > 1 else self.ref).synchronize()
+
     def resolve(self) -> np.ndarray | None:
         """ns for every token (index), or None while the GPU has not reached the last event."""
         last = self.events[-1] if len(self.events) > 1 else self.ref

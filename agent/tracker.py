@@ -147,8 +147,8 @@ class ModuleTracker:
         self._handles = []
         try:
             self._end_step()
-            if self._pending and self.clock_kind == "cuda":
-                torch.cuda.synchronize()  # once, at exit: never in a hook
+            for _, _, batch, _ in self._pending:
+                batch.wait()  # CUDA only (CPU steps never wait here); once, at exit: never in a hook
             self._flush()
         except Exception:
             self.counters["hook_errors"] += 1

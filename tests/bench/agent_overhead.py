@@ -45,7 +45,7 @@ def build(model: str):
     return net, x
 
 
-def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool) -> dict:
+def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device: str = "cpu") -> dict:
     """Runs in its own process: time `steps` training steps, return median ms and calls/step."""
     import contextlib
 
@@ -54,6 +54,8 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool) -> dic
     torch.set_num_threads(1)
     torch.manual_seed(0)
     net, x = build(model)
+    net, x = net.to(device), x.to(device)
+    cuda = device.startswith("cuda")
     opt = torch.optim.SGD(net.parameters(), lr=1e-4)
     calls = [0]
 
@@ -70,7 +72,7 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool) -> dic
         from agent import ModuleTracker as Tracker
     ctx = contextlib.nullcontext() if mode == "plain" else Tracker()
     # CPU time of this (only) thread: other processes on a shared machine do not inflate it.
-    clock = time.thread_time if cpu_time else time.perf_counter
+    clock = time.thread_time if cpu_time and not cuda else time.perf_counter
     times = []
     with ctx:
         for i in range(warmup + steps):
@@ -78,6 +80,8 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool) -> dic
             opt.zero_grad(set_to_none=True)
             net(x).sum().backward()
             opt.step()
+            if cuda:
+                torch.cuda.synchronize()  # the step's GPU work is part of the step
             if i >= warmup:
                 times.append(clock() - t0)
     return {"median_ms": statistics.median(times) * 1e3, "calls": calls[0]}
@@ -89,10 +93,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="timed steps per process (MLP-200)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--wall", action="store_true", help="time steps by wall clock, not thread CPU time")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (then steps are timed by wall clock)")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.steps, warmup=5, cpu_time=not args.wall)))
+        print(json.dumps(child(args.child[0], args.child[1], args.steps, warmup=5, cpu_time=not args.wall, device=args.device)))
         return
     results: dict = {}
     for r in range(args.rounds):
@@ -100,13 +105,14 @@ def main() -> None:
             steps = args.steps if model == "mlp200" else max(5, args.steps // 4)
             for mode in MODES:
                 out = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--child", model, mode]
-                                     + (["--wall"] if args.wall else []),
+                                     + (["--wall"] if args.wall else []) + ["--device", args.device],
                                      check=True, capture_output=True, text=True).stdout
                 res = json.loads(out.strip().splitlines()[-1])
                 results.setdefault((model, mode), []).append(res["median_ms"])
                 results[(model, "calls")] = res["calls"]
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-    print(f"step time: median {'wall' if args.wall else 'thread CPU'} time, median over {args.rounds} rounds")
+    timer = "wall" if args.wall or args.device != "cpu" else "thread CPU"
+    print(f"device {args.device}; step time: median {timer} time, median over {args.rounds} rounds")
     print(f"{'model':<12} {'mode':<9} {'step ms':>9} {'overhead ms':>12} {'us/call':>8}  (calls/step)")
     for model in args.models.split(","):
         plain = statistics.median(results[(model, "plain")])
