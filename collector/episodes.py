@@ -190,28 +190,32 @@ class EpisodeBook:
         return opened
 
     def _roll_up_hosts(self, m, cells, x, wait, wall_med, wall_cap) -> list[Episode]:
-        """> half of a host's ranks (at least 2) slow at once: one host episode replaces theirs."""
+        """> half of a host's ranks (at least 2) slow in one column: one host episode replaces theirs.
+
+        Only a host with peers elsewhere can be slower than its peers: on a one-host job every
+        rank shares the host, and ranks slow in unrelated columns are noise, not a node problem.
+        """
         host_size: dict[str, int] = {}
         for h in m.hosts:
             host_size[h] = host_size.get(h, 0) + 1
-        slow: dict[str, set[int]] = {}
-        for rank in cells:
-            slow.setdefault(m.hosts[self.rank_index[rank]], set()).add(rank)
+        if len(host_size) < 2:
+            return []
         alone = {t.episode.rank: t for t in self.tracks.values() if t.episode.rank != -1}
+        voters: dict[tuple[str, int], set[int]] = {}  # (host, column) -> ranks slow there
+        for rank, flagged in cells.items():
+            host = m.hosts[self.rank_index[rank]]
+            for _, c in flagged:
+                voters.setdefault((host, c), set()).add(rank)
         for rank, t in alone.items():
-            if t.episode.host in slow:
-                slow[t.episode.host].add(rank)
+            c = self.col_index.get((t.episode.module, t.episode.phase))
+            if c is not None:
+                voters.setdefault((t.episode.host, c), set()).add(rank)
         opened = []
-        for host, members in slow.items():
-            if len(members) < 2 or 2 * len(members) <= host_size.get(host, 0):
+        done: set[str] = set()
+        for (host, c), members in sorted(voters.items(), key=lambda kv: -len(kv[1])):
+            if host in done or len(members) < 2 or 2 * len(members) <= host_size[host]:
                 continue
-            votes: dict[int, float] = {}  # column -> how many members are slow there, then excess
-            for rank in members:
-                for e, c in cells.get(rank, []):
-                    votes[c] = votes.get(c, 0.0) + 1.0 + 1e-6 * max(e, 0.0)
-            if not votes:
-                continue
-            c = max(votes, key=votes.get)
+            done.add(host)
             for rank in members & set(alone):
                 t = self.tracks.pop(_key(rank, "", alone[rank].episode.module, alone[rank].episode.phase))
                 t.episode.state = "resolved"

@@ -220,3 +220,32 @@ def test_a_1024_by_1000_step_is_detected_well_under_a_second():
         det.observe(m)
     per_step = (time.perf_counter() - t0) / 3
     assert per_step < 0.5, per_step  # about 0.05 s on one core; generous for a shared machine
+
+
+def test_on_a_one_host_job_the_culprit_is_a_rank_not_the_host():
+    """Every rank on one machine (the demo's case): other ranks' blips elsewhere never make it a host."""
+    det = Detector("j", DetectorParams())
+    rng = np.random.default_rng(3)
+    seen = {}
+    for s in range(40):
+        x = 10 + rng.normal(0, 0.05, size=(4, 6))
+        x[2, 1] *= 3.0  # rank 2 slow in m1
+        if s % 2:  # ranks 0 and 3 slow in other columns every other step: noise, not a node
+            x[0, 3] *= 3.0
+            x[3, 4] *= 3.0
+        for ep in det.observe(matrix(x, step=s)):
+            seen[id(ep)] = ep
+    assert all(ep.rank != -1 for ep in seen.values())
+    assert any((ep.rank, ep.module) == (2, "m1") for ep in det.active())
+
+
+def test_ranks_of_one_host_slow_in_different_columns_are_not_a_node():
+    hosts = ["a", "a", "a", "b", "b", "b"]
+    det = Detector("j", DetectorParams())
+    rng = np.random.default_rng(4)
+    for s in range(30):
+        x = 10 + rng.normal(0, 0.05, size=(6, 6))
+        x[0, 1] *= 2.0
+        x[1, 2] *= 2.0
+        det.observe(matrix(x, step=s, hosts=hosts))
+    assert sorted((ep.rank, ep.module) for ep in det.active()) == [(0, "m1"), (1, "m2")]
