@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -437,15 +436,9 @@ def _culprit_shown(driver, min_steps: int = 0) -> bool:
     if state["steps"] < min_steps:
         return False
     cell = {"rank": str(TORCHRUN_SLOW_RANK), "module": TORCHRUN_MODULE, "phase": "backward"}
-    # All four ranks share this machine's hostname, and the detector may roll a rank's episode up
-    # to its host when other ranks of the host blip at the same time; the host episode still
-    # lists the rank, and the page shows it. Either way the rank and module must be named.
     named = [r for r in state["rows"] if r["module"] == TORCHRUN_MODULE and r["state"] == "active"
-             and str(TORCHRUN_SLOW_RANK) in r["ranks"].split(",")]
-    host_ranks = re.search(r"\(ranks ([\d, ]+)\)", state["verdict"])
-    verdict = TORCHRUN_MODULE in state["verdict"] and (
-        f"rank {TORCHRUN_SLOW_RANK} @ " in state["verdict"]
-        or (host_ranks is not None and str(TORCHRUN_SLOW_RANK) in host_ranks.group(1).split(", ")))
+             and r["rank"] == str(TORCHRUN_SLOW_RANK)]
+    verdict = TORCHRUN_MODULE in state["verdict"] and f"rank {TORCHRUN_SLOW_RANK} @ " in state["verdict"]
     return cell in state["culprit"] and bool(named) and verdict
 
 
