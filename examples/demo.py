@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--slow-rank", type=int, default=2)
     p.add_argument("--slow-module", default="blocks.1.mlp")
     p.add_argument("--slow-phase", choices=("forward", "backward"), default="backward")
-    p.add_argument("--slow-ms", type=float, default=40.0)
+    p.add_argument("--slow-ms", type=float, default=60.0)
     p.add_argument("--slow-from-step", type=int, default=12)
     p.add_argument("--keep", action="store_true", help="keep the collector (and dashboard) up until Ctrl-C")
     return p.parse_args(argv)
@@ -110,11 +110,12 @@ def main(argv=None) -> int:
             print(f"training exited with {result.returncode}", file=sys.stderr)
             return result.returncode
         stragglers = wait_for_verdict(api, job, timeout_s=15)
-        print("\nverdict:")
-        if not stragglers:
-            print("  no straggler found")
-        for s in stragglers:
-            print("  " + describe(s))
+        stragglers.sort(key=lambda s: (s["state"] != "active", -s["cost_ms_per_step"]))
+        print("\nverdict: " + (describe(stragglers[0]) if stragglers else "no straggler found"))
+        if len(stragglers) > 1:
+            print("also flagged:")
+            for s in stragglers[1:]:
+                print("  " + describe(s))
         print(f"\ndashboard: {api}/   (took {time.monotonic() - started:.0f} s)")
         if args.keep:
             print("collector kept running; Ctrl-C to stop it", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -146,9 +147,10 @@ def test_rank_slowed_in_backward_under_ddp_is_the_only_one_named(collector):
     first = min(culprit, key=lambda s: s["first_step"])
     assert onset <= first["first_step"] <= onset + 5, json.dumps(culprit, indent=1)
     assert [s for s in stragglers if s["rank"] != 2] == [], json.dumps(stragglers, indent=1)  # no victim
-    steps = get_json(f"{collector.api}/api/v1/jobs/bwd/steps?last=3")["steps"]
-    waits = {r["rank"]: r["sync_wait_ms"] for r in steps[-1]["ranks"]}
-    assert waits[2] < min(waits[0], waits[1])  # the others wait for rank 2
+    steps = get_json(f"{collector.api}/api/v1/jobs/bwd/steps?last=10")["steps"]
+    waits = {rank: statistics.median(r["sync_wait_ms"] for s in steps for r in s["ranks"] if r["rank"] == rank)
+             for rank in range(3)}
+    assert waits[2] < min(waits[0], waits[1]), waits  # the others wait for rank 2
 
 
 def test_collector_never_started(tmp_path, plain_run):
