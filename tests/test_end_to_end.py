@@ -185,3 +185,51 @@ def test_collector_killed_mid_run(tmp_path, plain_run):
         c.stop()
     assert proc.returncode == 0, stderr[-3000:]
     assert training_lines(subprocess.CompletedProcess(cmd, 0, stdout, stderr)) == plain_run
+
+
+def post_json(url: str):
+    request = urllib.request.Request(url, data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)
+
+
+def last_step(collector: Collector, job: str) -> int:
+    jobs = {j["job"]: j for j in get_json(f"{collector.api}/api/v1/jobs")["jobs"]}
+    return jobs.get(job, {}).get("last_step") or -1
+
+
+def test_capture_pause_and_resume_reach_the_ranks(collector):
+    """Controls travel back up the stream: a trace capture, and a pause that loses no step."""
+    steps = 80
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "agent", "--collector", collector.grpc_addr, "--job", "ctl", TRAIN, "--steps", str(steps),
+           "--batch", "4"]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while last_step(collector, "ctl") < 5:
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not report"
+            time.sleep(0.1)
+        captured = post_json(f"{collector.api}/api/v1/jobs/ctl/capture?steps=3")
+        assert captured["ranks"] == 2
+        paused = post_json(f"{collector.api}/api/v1/jobs/ctl/pause")
+        assert paused["ranks"] == 2
+        time.sleep(0.5)  # reports already on the wire still land
+        frozen = last_step(collector, "ctl")
+        time.sleep(2)
+        assert last_step(collector, "ctl") == frozen  # nothing sent while paused
+        assert proc.poll() is None, "training ended during the pause; make it longer"
+        post_json(f"{collector.api}/api/v1/jobs/ctl/resume")
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    collector.verdict("ctl", steps - 1)
+    stored = get_json(f"{collector.api}/api/v1/jobs/ctl/steps?last={steps}")["steps"]
+    assert [s["step"] for s in stored] == list(range(steps))  # the pause lost nothing
+    assert all(len(s["ranks"]) == 2 for s in stored)
+    trace = get_json(f"{collector.api}/api/v1/jobs/ctl/trace?from_step=0&to_step={steps - 1}")
+    assert trace["otherData"]["source"] == "capture"
+    assert len({e["pid"] for e in trace["traceEvents"] if e["ph"] == "X"}) == 2  # one process per rank
