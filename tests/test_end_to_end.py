@@ -75,6 +75,17 @@ class Collector:
         return get_json(f"{self.api}/api/v1/jobs/{job}/stragglers")["stragglers"]
 
 
+def post_json(url: str):
+    request = urllib.request.Request(url, data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)
+
+
+def last_step(collector: Collector, job: str) -> int:
+    jobs = {j["job"]: j for j in get_json(f"{collector.api}/api/v1/jobs")["jobs"]}
+    return jobs.get(job, {}).get("last_step") or -1
+
+
 @pytest.fixture
 def collector(tmp_path):
     c = Collector(tmp_path)
@@ -84,11 +95,31 @@ def collector(tmp_path):
         c.stop()
 
 
-def torchrun(ranks: int, agent_args: list[str], train_args: list[str], timeout=300) -> subprocess.CompletedProcess:
+def torchrun_cmd(ranks: int, agent_args: list[str], train_args: list[str], steps: int = STEPS) -> list[str]:
     launch = ["-m", "agent", *agent_args] if agent_args else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-           *launch, TRAIN, "--steps", str(STEPS), "--log-every", "5", *train_args]
-    return subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+            *launch, TRAIN, "--steps", str(steps), "--log-every", "5", *train_args]
+
+
+def start(cmd: list[str], **kw) -> subprocess.Popen:
+    """In its own process group, so that ending it ends torchrun's ranks too."""
+    return subprocess.Popen(cmd, env=ENV, cwd=REPO, text=True, start_new_session=True, **kw)
+
+
+def end(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def torchrun(ranks: int, agent_args: list[str], train_args: list[str], timeout=300) -> subprocess.CompletedProcess:
+    cmd = torchrun_cmd(ranks, agent_args, train_args)
+    proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        end(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def training_lines(out: subprocess.CompletedProcess) -> list[str]:
@@ -101,10 +132,6 @@ def plain_run():
     out = torchrun(3, [], [])
     assert out.returncode == 0, out.stderr[-3000:]
     return training_lines(out)
-
-
-def active(stragglers, rank=None):
-    return [s for s in stragglers if rank is None or s["rank"] == rank]
 
 
 def test_clean_run_has_no_straggler_and_no_alert(collector, plain_run):
@@ -163,48 +190,28 @@ def test_collector_never_started(tmp_path, plain_run):
 def test_collector_killed_mid_run(tmp_path, plain_run):
     c = Collector(tmp_path)
     try:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
-               "-m", "agent", "--collector", c.grpc_addr, "--job", "killed", TRAIN, "--steps", str(STEPS),
-               "--log-every", "5"]
-        proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cmd = torchrun_cmd(3, ["--collector", c.grpc_addr, "--job", "killed"], [])
+        proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and proc.poll() is None:
-                jobs = get_json(f"{c.api}/api/v1/jobs")["jobs"]
-                if jobs and (jobs[0]["last_step"] or 0) >= 5:
-                    break
+            while time.monotonic() < deadline and proc.poll() is None and last_step(c, "killed") < 5:
                 time.sleep(0.2)
             assert proc.poll() is None, "training ended before the collector could be killed"
             c.stop(signal.SIGKILL)
             stdout, stderr = proc.communicate(timeout=300)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+            end(proc)
     finally:
         c.stop()
     assert proc.returncode == 0, stderr[-3000:]
     assert training_lines(subprocess.CompletedProcess(cmd, 0, stdout, stderr)) == plain_run
 
 
-def post_json(url: str):
-    request = urllib.request.Request(url, data=b"", method="POST")
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.load(response)
-
-
-def last_step(collector: Collector, job: str) -> int:
-    jobs = {j["job"]: j for j in get_json(f"{collector.api}/api/v1/jobs")["jobs"]}
-    return jobs.get(job, {}).get("last_step") or -1
-
-
 def test_capture_pause_and_resume_reach_the_ranks(collector):
     """Controls travel back up the stream: a trace capture, and a pause that loses no step."""
     steps = 80
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "agent", "--collector", collector.grpc_addr, "--job", "ctl", TRAIN, "--steps", str(steps),
-           "--batch", "4"]
-    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = torchrun_cmd(2, ["--collector", collector.grpc_addr, "--job", "ctl"], ["--batch", "4"], steps=steps)
+    proc = start(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while last_step(collector, "ctl") < 5:
@@ -222,9 +229,7 @@ def test_capture_pause_and_resume_reach_the_ranks(collector):
         post_json(f"{collector.api}/api/v1/jobs/ctl/resume")
         _, stderr = proc.communicate(timeout=300)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        end(proc)
     assert proc.returncode == 0, stderr[-3000:]
     collector.verdict("ctl", steps - 1)
     stored = get_json(f"{collector.api}/api/v1/jobs/ctl/steps?last={steps}")["steps"]
