@@ -1,10 +1,17 @@
 """The tracker's clocks: what a hook stamps, and how stamps become nanoseconds.
 
-A hook calls `clock.stamp()` and keeps the integer it returns. On CPU that integer already is
+A hook calls `clock.stamp()` and keeps the integer it returns: a *timestamp* (when a call began or
+ended, for timelines and first start / last end). On CPU that integer already is
 `time.perf_counter_ns()`. On CUDA a host timestamp only says when a kernel was *launched*, so the
 CUDA clock records a pooled `torch.cuda.Event` on the current stream and returns its index; the
 events are turned into times later, off the hot path, once the GPU has passed them. No hook ever
 waits for the GPU.
+
+On CPU a module call also takes `clock.work_stamp()`, and its duration (inclusive and self time) is
+the difference of those: by default the calling thread's CPU time (`time.thread_time_ns`). CPU
+forward and backward run on the thread that calls them, so that is the compute the module did; wall
+time would also count the milliseconds the OS gave another process in the middle of the call (ranks
+sharing cores) and time blocked in a collective, and make a rank look slow that is not.
 """
 from __future__ import annotations
 
@@ -15,12 +22,24 @@ import numpy as np
 
 
 class CpuClock:
-    """Stamps are perf_counter_ns values; nothing to resolve."""
+    """Stamps are perf_counter_ns values; nothing to resolve.
+
+    Durations come from `work_stamp`: the thread's CPU time ("thread", the default), or wall time
+    ("wall"). Thread CPU time counts this thread only: with `torch.set_num_threads(n > 1)` the work
+    intra-op (OpenMP) threads do for a module is partly missing (the calling thread's share, and its
+    spin at the end of a parallel region, are counted), and a rank slowed because other processes
+    take its cores is not seen in module times (its step wall time still shows it). "wall" counts
+    everything that happened between a call's start and end, as the seed's users would expect.
+    """
 
     kind = "cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, durations: str = "thread") -> None:
+        if durations not in ("thread", "wall"):
+            raise ValueError(f"durations must be 'thread' or 'wall', not {durations!r}")
+        self.durations = durations
         self.stamp: Callable[[], int] = time.perf_counter_ns
+        self.work_stamp: Callable[[], int] = time.thread_time_ns if durations == "thread" else time.perf_counter_ns
 
     def close_step(self) -> None:
         return None
@@ -73,6 +92,7 @@ class CudaEventClock:
     """
 
     kind = "cuda"
+    durations = "events"
 
     def __init__(self, event_factory: Callable[[], object] | None = None) -> None:
         if event_factory is None:
@@ -98,6 +118,11 @@ class CudaEventClock:
         self._ref.record()
         self._ref_host_ns = time.perf_counter_ns()
 
+    @staticmethod
+    def work_stamp() -> int:
+        """Durations come from the events themselves: nothing else to stamp."""
+        return 0
+
     def stamp(self) -> int:
         ev = self._take()
         ev.record()
@@ -116,8 +141,9 @@ class CudaEventClock:
 
 
 def make_clock(kind="auto"):
-    """"cpu", "cuda", "auto" (cuda when available), or a clock object (tests pass a CudaEventClock
-    built on fake events)."""
+    """"cpu" (durations in thread CPU time), "wall" (CPU, durations in wall time), "cuda", "auto"
+    (cuda when available, else cpu), or a clock object (tests pass a CudaEventClock built on fake
+    events)."""
     if not isinstance(kind, str):
         return kind
     if kind == "auto":
@@ -126,6 +152,8 @@ def make_clock(kind="auto"):
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cpu":
         return CpuClock()
+    if kind == "wall":
+        return CpuClock(durations="wall")
     if kind == "cuda":
         return CudaEventClock()
-    raise ValueError(f"clock must be 'cpu', 'cuda' or 'auto', not {kind!r}")
+    raise ValueError(f"clock must be 'cpu', 'wall', 'cuda' or 'auto', not {kind!r}")

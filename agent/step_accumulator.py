@@ -2,6 +2,11 @@
 
 The hooks only append small int lists (one "row" per module call) and stamp times into them; all
 arithmetic (durations, self time, per-module sums) happens once per step here, with numpy.
+
+Each call carries two kinds of stamps: timestamps (F_START..B_END: the clock's `stamp`, wall time on
+CPU, event tokens on CUDA) say *when*; work stamps (F_WORK_START..B_WORK_END: the clock's
+`work_stamp`, thread CPU time on CPU by default) say *how much*. On CPU, inclusive and self time are
+work-stamp differences; on CUDA (a token table is given) they are event differences.
 """
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ import numpy as np
 from agent.step_record import PHASES, PhaseColumns, StepRecord, TraceColumns
 
 # A row is a list of ints, one per module call:
-MID, PHASE, F_START, F_END, PARENT, DEPTH, RECURSIVE, B_START, B_END, PENDING = range(10)
-ROW_WIDTH = 10
+(MID, PHASE, F_START, F_END, PARENT, DEPTH, RECURSIVE, B_START, B_END, PENDING,
+ F_WORK_START, F_WORK_END, B_WORK_START, B_WORK_END) = range(14)
+ROW_WIDTH = 14
 FORWARD, BACKWARD, RECOMPUTE = (PHASES.index(p) for p in ("forward", "backward", "recompute"))
 _TIME_COLUMNS = [F_START, F_END, B_START, B_END]
 
@@ -19,7 +25,7 @@ _TIME_COLUMNS = [F_START, F_END, B_START, B_END]
 def new_row(mid: int, phase: int, parent: int, depth: int, recursive: int) -> list:
     """F_START..B_END are stamps (0: never stamped); PARENT is the caller's row index (-1: none);
     RECURSIVE is 1 when the module was already running (its time is already in the outer call)."""
-    return [mid, phase, 0, 0, parent, depth, recursive, 0, 0, 0]
+    return [mid, phase, 0, 0, parent, depth, recursive, 0, 0, 0, 0, 0, 0, 0]
 
 
 class StepLog:
@@ -91,10 +97,15 @@ def build_step_record(log: StepLog, step: int, table: np.ndarray | None = None,
     counted = 1 - rows[:, RECURSIVE]
 
     f_valid = (rows[:, F_START] > 0) & (rows[:, F_END] > 0)
-    f_incl = np.where(f_valid, rows[:, F_END] - rows[:, F_START], 0)
-    f_self = _self_times(f_incl, parent, f_valid)
+    f_wall = np.where(f_valid, rows[:, F_END] - rows[:, F_START], 0)
     b_valid = (rows[:, B_START] > 0) & (rows[:, B_END] >= rows[:, B_START])
-    b_incl = np.where(b_valid, rows[:, B_END] - rows[:, B_START], 0)
+    if table is None:  # CPU: durations from the work stamps (never negative: a thread's CPU time only grows)
+        f_incl = np.where(f_valid, np.maximum(rows[:, F_WORK_END] - rows[:, F_WORK_START], 0), 0)
+        b_incl = np.where(b_valid, np.maximum(rows[:, B_WORK_END] - rows[:, B_WORK_START], 0), 0)
+    else:
+        f_incl = f_wall
+        b_incl = np.where(b_valid, rows[:, B_END] - rows[:, B_START], 0)
+    f_self = _self_times(f_incl, parent, f_valid)
     b_self = _self_times(b_incl, parent, b_valid)
 
     for name, mask, incl, self_ns, start, end in (
@@ -107,8 +118,9 @@ def build_step_record(log: StepLog, step: int, table: np.ndarray | None = None,
                 mid[mask], incl[mask], self_ns[mask], rows[mask, start], rows[mask, end], counted[mask])
 
     top = depth == 0
-    record.forward_ns = int(f_incl[top & (phase == FORWARD)].sum())
-    record.recompute_ns = int(f_incl[top & (phase == RECOMPUTE)].sum())
+    # step phases are wall time, like the step itself: data_ns is what is left of the wall
+    record.forward_ns = int(f_wall[top & (phase == FORWARD)].sum())
+    record.recompute_ns = int(f_wall[top & (phase == RECOMPUTE)].sum())
     passes = [p for p in log.passes if p[0] > 0]
     record.backward_ns = int(_durations([p[:2] for p in passes], table).sum())
     record.backward_tail_ns = int(np.maximum(_durations([p[2:0:-1] for p in passes], table), 0).sum())

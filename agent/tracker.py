@@ -13,6 +13,11 @@ Where the hooks go, and why they are cheap:
   after DDP's own (which waits for the gradient all-reduce): the gap is the backward tail.
 - steps end at a global optimizer step post hook, or `step()`.
 
+What a time means (agent/clocks.py): on CPU a call's inclusive and self time are the calling
+thread's CPU time (clock="cpu", the default there), so a rank preempted by other processes or
+blocked in a collective does not look slow; timestamps (timelines, step, backward pass and tail,
+optimizer, data) stay wall time. clock="wall" makes durations wall time too; on CUDA, events.
+
 Every hook is fail-open: any exception is swallowed and counted in counters["hook_errors"].
 """
 from __future__ import annotations
@@ -29,8 +34,9 @@ from torch.utils._pytree import tree_flatten
 
 from agent.clocks import make_clock
 from agent.module_names import ModuleNames
-from agent.step_accumulator import (B_END, B_START, F_END, F_START, FORWARD, MID, PENDING, PHASE, RECOMPUTE,
-                                    StepLog, build_step_record, step_summary)
+from agent.step_accumulator import (B_END, B_START, B_WORK_END, B_WORK_START, F_END, F_START, F_WORK_END,
+                                    F_WORK_START, FORWARD, MID, PENDING, PHASE, RECOMPUTE, StepLog,
+                                    build_step_record, step_summary)
 from agent.step_record import StepRecord
 
 logger = logging.getLogger(__name__)
@@ -68,7 +74,9 @@ class ModuleTracker:
     """Tracks which modules run (`parents`, `is_bw`, as the seed does) and times every call.
 
     on_step(record) is called on the training thread once per finished step, with an
-    `agent.step_record.StepRecord`. clock: "cpu", "cuda" or "auto" (cuda when available).
+    `agent.step_record.StepRecord`. clock: "cpu" (durations in thread CPU time), "wall" (CPU,
+    durations in wall time: for ranks with several intra-op threads), "cuda" or "auto" (cuda when
+    available, else cpu).
     """
 
     def __init__(self, on_step=None, clock: str = "auto") -> None:
@@ -78,6 +86,7 @@ class ModuleTracker:
         self._clock = make_clock(clock)
         self.clock_kind: str = self._clock.kind
         self._stamp = self._clock.stamp
+        self._work = self._clock.work_stamp
         self._names = ModuleNames()
         self._names_sent = 0
         self._log = StepLog(time.perf_counter_ns())
@@ -178,10 +187,11 @@ class ModuleTracker:
             rows = self._log.rows
             # the layout of agent.step_accumulator.new_row, inlined: this runs for every call
             row = [mid, RECOMPUTE if _graph_task_id() != -1 else FORWARD, 0, 0,
-                   stack[-1][0] if stack else -1, len(stack), int(recursive), 0, 0, 0]
+                   stack[-1][0] if stack else -1, len(stack), int(recursive), 0, 0, 0, 0, 0, 0, 0]
             stack.append((len(rows), row, input_nodes, mod, name))
             rows.append(row)
             row[F_START] = self._stamp()
+            row[F_WORK_START] = self._work()
         except Exception:
             self._hook_failed()
 
@@ -189,6 +199,7 @@ class ModuleTracker:
         if _is_compiling():
             return
         try:
+            work = self._work()
             now = self._stamp()
             stack = self._stack
             if stack and stack[-1][3] is mod:
@@ -199,6 +210,7 @@ class ModuleTracker:
                     return  # a wrapper (not timed), or a call that started before a step ended
             _, row, input_nodes, _, name = frame
             row[F_END] = now
+            row[F_WORK_END] = work
             if name in self.parents:
                 self.parents.remove(name)
             else:
@@ -269,6 +281,7 @@ class ModuleTracker:
             open_rows.append(row)
             self.parents.add(self._names.names[row[MID]])
             row[B_START] = self._stamp()
+            row[B_WORK_START] = self._work()
         except Exception:
             self._hook_failed()
 
@@ -277,10 +290,12 @@ class ModuleTracker:
             row[PENDING] -= 1  # wait for the gradients of all inputs
             return
         try:
+            work = self._work()
             now = self._stamp()
             if not row[B_START] or row[B_END]:
                 return
             row[B_END] = now
+            row[B_WORK_END] = work
             if self._pass is not None:
                 self._pass[2] = now
             self.parents.discard(self._names.names[row[MID]])
@@ -300,10 +315,12 @@ class ModuleTracker:
     def _graph_task_done(self, task: int) -> None:
         """Engine callback: the graph task ran all its nodes. Close the calls that got no end."""
         try:
+            work = self._work()
             now = self._stamp()
             for row in self._open_backward.pop(task, ()):
                 if not row[B_END]:
                     row[B_END] = now
+                    row[B_WORK_END] = work
                     if self._pass is not None:
                         self._pass[2] = now
             if not self._open_backward:

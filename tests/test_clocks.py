@@ -136,7 +136,8 @@ def test_close_waits_once_for_the_gpu_and_flushes_every_step():
 
 
 def test_make_clock():
-    assert isinstance(make_clock("cpu"), CpuClock)
+    assert isinstance(make_clock("cpu"), CpuClock) and make_clock("cpu").durations == "thread"
+    assert make_clock("wall").kind == "cpu" and make_clock("wall").durations == "wall"
     assert make_clock("auto").kind == ("cuda" if torch.cuda.is_available() else "cpu")
     custom = CudaEventClock(FakeGpu().event)
     assert make_clock(custom) is custom

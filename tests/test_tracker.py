@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.module_tracker import ModuleTracker as SeedTracker
 
 from agent import ModuleTracker
+from agent.step_accumulator import step_summary
 
 torch.set_num_threads(1)
 
@@ -55,8 +56,9 @@ def keys(summary, phase):
 
 
 def busy(seconds):
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    """Compute for `seconds` of this thread's CPU time (however long other processes make it take)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
         pass
 
 
@@ -203,8 +205,6 @@ def test_checkpoint_and_compile_wrappers_are_stripped_from_names():
 
 
 def test_a_module_busy_20ms_forward_30ms_backward_is_measured_within_20_percent():
-    from agent.step_accumulator import step_summary
-
     model, records = Outer(), []
     with ModuleTracker(on_step=records.append, clock="cpu") as t:
         for _ in range(3):
@@ -221,6 +221,59 @@ def test_a_module_busy_20ms_forward_30ms_backward_is_measured_within_20_percent(
     assert best("Outer", "backward", "self_ms") < 6
     for s in steps:
         assert s[("Outer", "backward")]["inclusive_ms"] >= s[("Outer.slow", "backward")]["inclusive_ms"]
+
+
+class Waits(nn.Module):
+    """Computes 10 ms and sleeps 30 ms in forward; in backward, sleeps 30 ms then computes 10 ms."""
+
+    def forward(self, x):
+        busy(0.010)
+        time.sleep(0.030)
+        return SleepyBackward.apply(x)
+
+
+class SleepyBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(0.030)
+        busy(0.010)
+        return grad
+
+
+def run_waits(clock):
+    model, records = nn.Sequential(nn.Linear(4, 4), Waits()), []
+    with ModuleTracker(on_step=records.append, clock=clock) as t:
+        for _ in range(3):
+            model(torch.randn(2, 4)).sum().backward()
+            t.step()
+    return [step_summary(r, t.module_names) for r in records], records
+
+
+def test_cpu_clock_counts_compute_not_sleep_and_timestamps_stay_wall():
+    """A module's time is the compute its rank did: a sleep (or a preemption, or a wait in a
+    collective) is not in it, a busy-wait is. Timestamps still tell wall time."""
+    steps, records = run_waits("cpu")
+    for s in steps:
+        assert s[("Sequential.1", "forward")]["inclusive_ms"] == pytest.approx(10, abs=3)
+        assert s[("Sequential.1", "backward")]["inclusive_ms"] == pytest.approx(10, abs=3)
+        assert s[("Sequential", "forward")]["self_ms"] < 3  # the parent did no sleeping of its own either
+    for r in records:
+        fw, bw = r.phases["forward"], r.phases["backward"]
+        assert (fw.last_end_ns - fw.first_start_ns).max() >= 40e6  # the call's span on the wall clock
+        assert (bw.last_end_ns - bw.first_start_ns).max() >= 40e6
+        assert r.forward_ns >= 40e6 and r.backward_ns >= 40e6 and r.wall_ns >= 80e6
+
+
+def test_wall_clock_counts_the_sleep_too():
+    steps, _ = run_waits("wall")
+    for s in steps:
+        assert s[("Sequential.1", "forward")]["inclusive_ms"] >= 39
+        assert s[("Sequential.1", "backward")]["inclusive_ms"] >= 39
+        assert s[("Sequential", "forward")]["inclusive_ms"] >= 39
 
 
 def test_shared_module_called_twice_counts_two_calls_each_way():
@@ -251,8 +304,6 @@ def test_recursive_module_counts_inclusive_time_once():
             busy(0.005)
             x = self.lin(x)
             return self(x, depth - 1) if depth else x
-
-    from agent.step_accumulator import step_summary
 
     model, records = Recursive(), []
     with ModuleTracker(on_step=records.append) as t:
