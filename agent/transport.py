@@ -5,7 +5,7 @@ oldest, counted) and never touches the network. One daemon thread owns the gRPC 
 it connects with exponential backoff and jitter, sends a Hello with the whole module table,
 replays what the collector has not acknowledged yet, then streams new reports. Nothing here
 may keep the process alive: the thread is a daemon and close() (run at exit) waits at most a
-couple of seconds, and only while a collector is actually connected.
+couple of seconds, and only while a collector is connected or still being reached.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from agent.report_codec import encode_hello, encode_report
 from agent.step_record import StepRecord
 from protos import modtrack_pb2 as pb
 from protos import modtrack_pb2_grpc as pb_grpc
+
+_REACHING = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)
 
 _warned: set[str] = set()
 
@@ -102,6 +104,9 @@ class Transport:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._connected = threading.Event()
+        # The channel's connectivity while a session is being set up: lets close() wait for a
+        # collector that is still being reached (a short job) but not for one that refuses.
+        self._channel_state: grpc.ChannelConnectivity | None = grpc.ChannelConnectivity.IDLE
         self._paused = False
         self._clock_sync = ClockSync()
         self._stream: _Stream | None = None
@@ -144,16 +149,17 @@ class Transport:
         return self
 
     def close(self, timeout_s: float = 2.0) -> None:
-        """Flush what a connected collector can still take, then stop; bounded by timeout_s."""
+        """Flush what the collector can still take, then stop; bounded by timeout_s.
+
+        Waits only while a collector is connected, or still being reached for the first time
+        (a job shorter than the connect): a refused or failing link ends the wait at once.
+        """
         deadline = time.monotonic() + timeout_s
-        if self._thread.is_alive() and self._connected.is_set():
-            while time.monotonic() < deadline and self._connected.is_set():
-                with self._replay_lock:
-                    pending = bool(self._replay)
-                if not pending and not self._queue:
-                    break
-                self._wake.set()
-                time.sleep(0.01)
+        while self._thread.is_alive() and time.monotonic() < deadline and self._has_unsent():
+            if not (self._connected.is_set() or self._channel_state in _REACHING):
+                break
+            self._wake.set()
+            time.sleep(0.01)
         self._stop.set()
         self._wake.set()
         try:
@@ -166,6 +172,13 @@ class Transport:
             pass
         if self._thread.is_alive():
             self._thread.join(max(0.0, min(0.5, deadline - time.monotonic())))
+
+    def _has_unsent(self) -> bool:
+        with self._replay_lock:
+            return bool(self._replay) or bool(self._queue)
+
+    def _on_channel_state(self, state) -> None:
+        self._channel_state = state
 
     @property
     def connected(self) -> bool:
@@ -235,7 +248,9 @@ class Transport:
         """
         channel = self._channel()
         stream = _Stream()
+        self._channel_state = grpc.ChannelConnectivity.IDLE
         try:
+            channel.subscribe(self._on_channel_state, try_to_connect=True)
             self._ready = grpc.channel_ready_future(channel)
             try:
                 self._ready.result(timeout=self._connect_timeout_s)
@@ -271,9 +286,11 @@ class Transport:
             return answered
         finally:
             stream.done = True
+            self._channel_state = None
             self._connected.clear()
             self._wake.set()
             try:
+                channel.unsubscribe(self._on_channel_state)  # before close: no poll of a closed channel
                 channel.close()
             except Exception:
                 pass
