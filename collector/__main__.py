@@ -32,6 +32,38 @@ def _serve_parser(sub) -> None:
     p.add_argument("--hello-timeout-s", type=float, default=10.0,
                    help="a stream that sends no Hello this long after opening is closed")
     p.add_argument("--log-level", default="INFO")
+    _detector_flags(p)
+
+
+def _detector_flags(p) -> None:
+    """--detect-* for every DetectorParams knob a user may tune; defaults from DetectorParams."""
+    from collector.detector import DetectorParams
+
+    d = DetectorParams()
+    g = p.add_argument_group("straggler detection")
+    g.add_argument("--detect-ratio", type=float, default=d.ratio,
+                   help="flag a module time above this x the peers' median (default %(default)s)")
+    g.add_argument("--detect-z", type=float, default=d.z,
+                   help="... and above this robust z-score (default %(default)s)")
+    g.add_argument("--detect-k", type=int, default=d.k,
+                   help="open an episode once k of the last n steps are flagged (default %(default)s)")
+    g.add_argument("--detect-n", type=int, default=d.n,
+                   help="... and close it after n clean steps (default %(default)s)")
+    g.add_argument("--detect-min-excess-ms", type=float, default=d.min_excess_ms,
+                   help="never flag an excess over the median below this many ms (default %(default)s; "
+                   "CPU ranks sharing cores: 0.5)")
+    g.add_argument("--detect-min-excess-frac", type=float, default=d.min_excess_frac,
+                   help="... nor below this fraction of the median step wall time (default %(default)s)")
+
+
+def _detector_params(args):
+    from collector.detector import DetectorParams
+
+    if not (1 <= args.detect_k <= args.detect_n <= 255):
+        raise ValueError("--detect-k and --detect-n need 1 <= k <= n <= 255")
+    return DetectorParams(ratio=args.detect_ratio, z=args.detect_z, k=args.detect_k, n=args.detect_n,
+                          min_excess_ms=args.detect_min_excess_ms,
+                          min_excess_frac=args.detect_min_excess_frac)
 
 
 def _serve(args) -> int:
@@ -40,6 +72,11 @@ def _serve(args) -> int:
 
     if bool(args.tls_cert) != bool(args.tls_key):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    try:
+        detector = _detector_params(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -53,7 +90,7 @@ def _serve(args) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, watermark_s=args.watermark_s,
         missing_after_s=args.missing_after_s, retain_steps=args.retain_steps,
         alert_webhooks=args.alert_webhook, dashboard_url=args.dashboard_url,
-        max_streams=args.max_streams, hello_timeout_s=args.hello_timeout_s)
+        max_streams=args.max_streams, hello_timeout_s=args.hello_timeout_s, detector=detector)
     try:
         asyncio.run(serve(config, on_ready=lambda line: print(line, flush=True)))
     except OSError as exc:  # port in use, unwritable data dir

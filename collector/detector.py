@@ -33,6 +33,12 @@ class DetectorParams:
     # The MAD is floored so that equal ranks give z = 0 and sub-jitter noise never flags:
     mad_floor_frac: float = 0.01  # ... at this fraction of the median
     mad_floor_ms: float = 0.01  # ... and at this many ms (z > 3.5 then needs > ~0.05 ms excess)
+    # An excess too small to matter never opens an episode: self time over the column's median
+    # must exceed both of these. Off by default (a 1.3x slowdown of a 0.3 ms module is a real,
+    # if cheap, straggler). CPU ranks that share cores differ by a few hundred µs of CPU time in
+    # small modules (page faults, caches); there 0.5 ms and 0.005 (of the step) silence that.
+    min_excess_ms: float = 0.0
+    min_excess_frac: float = 0.0  # ... x the median step wall time
     # Two ranks have no meaningful MAD: the slower is flagged on the ratio alone, with a
     # higher bar, and only if it does not wait more than the other (a victim waits).
     two_rank_ratio: float = 1.25
@@ -113,6 +119,9 @@ def flag_step(m: StepMatrix, p: DetectorParams) -> StepFlags:
             return out
 
         flagged = above(p.ratio, p.z, p.two_rank_ratio)
+        if p.min_excess_ms > 0 or p.min_excess_frac > 0:
+            wall_part = p.min_excess_frac * wall_median if np.isfinite(wall_median) else 0.0
+            flagged &= (x - median) > max(p.min_excess_ms, wall_part)
         held = above(p.hold_ratio, p.hold_z, p.hold_ratio)
     return StepFlags(flagged=flagged, held=held, median=median, count=count)
 

@@ -49,6 +49,7 @@ class ServeConfig:
     max_streams: int = 16384  # concurrent gRPC streams; more get RESOURCE_EXHAUSTED
     hello_timeout_s: float = edge_limits.HELLO_TIMEOUT_S
     retention_every_s: float = 10.0
+    detector: DetectorParams = field(default_factory=DetectorParams)  # for every job
 
 
 def _split(addr: str) -> tuple[str, int]:
@@ -195,7 +196,7 @@ class Collector:
 
     def _detector(self, job: str) -> Detector:
         if job not in self.detectors:
-            self.detectors[job] = Detector(job, DetectorParams())
+            self.detectors[job] = Detector(job, dataclasses.replace(self.config.detector))
         return self.detectors[job]
 
     def _evaluate(self, ready: list[ReadyStep]) -> None:

@@ -249,3 +249,22 @@ def test_ranks_of_one_host_slow_in_different_columns_are_not_a_node():
         x[1, 2] *= 2.0
         det.observe(matrix(x, step=s, hosts=hosts))
     assert sorted((ep.rank, ep.module) for ep in det.active()) == [(0, "m1"), (1, "m2")]
+
+
+def test_an_excess_below_the_floor_never_opens_an_episode():
+    """Rank 2 is 1.5x in a 0.2 ms module, rank 3 is 1.5x in a 4 ms module, step after step."""
+    x = np.array([[0.2, 4.0, 20.0]] * 5)
+    x[2, 0] *= 1.5
+    x[3, 1] *= 1.5
+
+    def culprits(params):
+        det, seen = Detector("j", params), {}
+        for s in range(6):
+            for ep in det.observe(matrix(x, step=s)):
+                seen[id(ep)] = ep
+        return sorted((ep.rank, ep.module) for ep in seen.values())
+
+    assert culprits(DetectorParams()) == [(2, "m0"), (3, "m1")]
+    assert culprits(DetectorParams(min_excess_ms=0.5)) == [(3, "m1")]  # 0.1 ms: not worth an alert
+    assert culprits(DetectorParams(min_excess_frac=0.005)) == [(3, "m1")]  # 0.005 x a 26 ms step
+    assert culprits(DetectorParams(min_excess_ms=3.0)) == []

@@ -1,0 +1,58 @@
+"""`collector serve --detect-*`: the detector settings reach every job's detector."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from test_collector_harness import CollectorThread, FakeRank, get, report, wait_for
+from test_collector_serve import ServeProcess
+
+BASE = [1.0, 2.0, 3.0, 4.0, 5.0]  # ms per module (Net, embed, blocks.0, blocks.1, head)
+
+
+def one_step_with_two_slow_ranks(target: str, url: str) -> list[dict]:
+    """Rank 1 is 2 ms over its peers in Net.embed, rank 2 is 8 ms over in Net.blocks.1; step 0 only."""
+    slow = {1: (1, 2.0), 2: (3, 8.0)}
+    ranks = [FakeRank(target, "job", r, 4) for r in range(4)]
+    try:
+        for r, rank in enumerate(ranks):
+            ms = list(BASE)
+            if r in slow:
+                ms[slow[r][0]] += slow[r][1]
+            rank.report(report(0, ms))
+        for rank in ranks:
+            rank.wait_ack(0)
+        wait_for(lambda: get(url, "/api/v1/jobs")[1]["jobs"][0].get("last_evaluated_step") == 0,
+                 message=lambda: "step 0 never evaluated")
+        return get(url, "/api/v1/jobs/job/stragglers")[1]["stragglers"]
+    finally:
+        for rank in ranks:
+            rank.close()
+
+
+def test_defaults_wait_for_k_steps(tmp_path):
+    c = CollectorThread(tmp_path / "data")
+    try:
+        assert one_step_with_two_slow_ranks(c.grpc_target, c.url) == []  # k = 3: one step is not enough
+    finally:
+        c.stop()
+
+
+@pytest.mark.slow
+def test_detect_k_and_the_excess_floor_reach_the_detector(tmp_path):
+    server = ServeProcess(tmp_path / "data", "--detect-k", "1", "--detect-min-excess-ms", "3")
+    try:
+        stragglers = one_step_with_two_slow_ranks(server.grpc_target, server.url)
+        # k = 1: the first flagged step opens an episode; rank 1's 2 ms are under the 3 ms floor
+        assert [(s["rank"], s["module"], s["first_step"]) for s in stragglers] == [(2, "Net.blocks.1", 0)]
+        assert server.terminate() == 0
+    finally:
+        server.kill()
+
+
+def test_k_above_n_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "collector", "serve", "--data-dir", str(tmp_path),
+                          "--detect-k", "6", "--detect-n", "5"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--detect-k" in out.stderr
