@@ -37,7 +37,7 @@ def _serve_parser(sub) -> None:
 
 def _detector_flags(p) -> None:
     """--detect-* for every DetectorParams knob a user may tune; defaults from DetectorParams."""
-    from collector.detector import DetectorParams
+    from collector.detector import CPU_CLOCK_FLOOR, DetectorParams
 
     d = DetectorParams()
     g = p.add_argument_group("straggler detection")
@@ -49,11 +49,12 @@ def _detector_flags(p) -> None:
                    help="open an episode once k of the last n steps are flagged (default %(default)s)")
     g.add_argument("--detect-n", type=int, default=d.n,
                    help="... and close it after n clean steps (default %(default)s)")
-    g.add_argument("--detect-min-excess-ms", type=float, default=d.min_excess_ms,
-                   help="never flag an excess over the median below this many ms (default %(default)s; "
-                   "CPU ranks sharing cores: 0.5)")
-    g.add_argument("--detect-min-excess-frac", type=float, default=d.min_excess_frac,
-                   help="... nor below this fraction of the median step wall time (default %(default)s)")
+    g.add_argument("--detect-min-excess-ms", type=float, default=None,
+                   help="never flag an excess over the median below this many ms (default: 0, "
+                   f"{CPU_CLOCK_FLOOR['min_excess_ms']} for ranks on the CPU clock)")
+    g.add_argument("--detect-min-excess-frac", type=float, default=None,
+                   help="... nor below this fraction of the median step wall time (default: 0, "
+                   f"{CPU_CLOCK_FLOOR['min_excess_frac']} for ranks on the CPU clock)")
 
 
 def _detector_params(args):

@@ -8,7 +8,7 @@ episode book (collector/episodes.py), which adds hysteresis, host roll-up and co
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -34,11 +34,10 @@ class DetectorParams:
     mad_floor_frac: float = 0.01  # ... at this fraction of the median
     mad_floor_ms: float = 0.01  # ... and at this many ms (z > 3.5 then needs > ~0.05 ms excess)
     # An excess too small to matter never opens an episode: self time over the column's median
-    # must exceed both of these. Off by default (a 1.3x slowdown of a 0.3 ms module is a real,
-    # if cheap, straggler). CPU ranks that share cores differ by a few hundred µs of CPU time in
-    # small modules (page faults, caches); there 0.5 ms and 0.005 (of the step) silence that.
-    min_excess_ms: float = 0.0
-    min_excess_frac: float = 0.0  # ... x the median step wall time
+    # must exceed both floors. None: 0 (a 1.3x slowdown of a 0.3 ms GPU kernel is a real, if
+    # cheap, straggler), except on jobs whose ranks time on the CPU clock (CPU_CLOCK_FLOOR).
+    min_excess_ms: float | None = None
+    min_excess_frac: float | None = None  # ... x the median step wall time
     # Two ranks have no meaningful MAD: the slower is flagged on the ratio alone, with a
     # higher bar, and only if it does not wait more than the other (a victim waits).
     two_rank_ratio: float = 1.25
@@ -48,6 +47,20 @@ class DetectorParams:
     sync_tol_frac: float = 0.02  # of the median step wall time, whichever is larger
     smooth_steps: int = 10  # slowdown and cost: medians over its last this-many slow steps
     host_rollup: bool = True  # > half of a host's ranks (at least 2) slow together: one host episode
+
+
+# Host CPU time is a coarser instrument than GPU events: on a clean job, processes differ by a few
+# hundred µs of CPU time in small modules, for steps on end (page faults, caches, allocator, cores
+# shared with other ranks). Measured: 4 CPU ranks on 2 shared cores, 80 clean steps: 2-4 episodes
+# of 1.3-2.6x costing 0.1-1.3 ms (<= 0.6 % of a ~240 ms step) without a floor, none with this one.
+CPU_CLOCK_FLOOR = {"min_excess_ms": 0.5, "min_excess_frac": 0.005}
+
+
+def params_for_clock(params: DetectorParams, cpu_clock: bool) -> DetectorParams:
+    """A job's params: floors left unset (None) get the CPU floor on a CPU-clocked job, else 0."""
+    floors = {name: (CPU_CLOCK_FLOOR[name] if cpu_clock else 0.0)
+              for name in CPU_CLOCK_FLOOR if getattr(params, name) is None}
+    return replace(params, **floors)
 
 
 @dataclass
@@ -119,9 +132,10 @@ def flag_step(m: StepMatrix, p: DetectorParams) -> StepFlags:
             return out
 
         flagged = above(p.ratio, p.z, p.two_rank_ratio)
-        if p.min_excess_ms > 0 or p.min_excess_frac > 0:
-            wall_part = p.min_excess_frac * wall_median if np.isfinite(wall_median) else 0.0
-            flagged &= (x - median) > max(p.min_excess_ms, wall_part)
+        floor_ms, floor_frac = p.min_excess_ms or 0.0, p.min_excess_frac or 0.0
+        if floor_ms > 0 or floor_frac > 0:
+            wall_part = floor_frac * wall_median if np.isfinite(wall_median) else 0.0
+            flagged &= (x - median) > max(floor_ms, wall_part)
         held = above(p.hold_ratio, p.hold_z, p.hold_ratio)
     return StepFlags(flagged=flagged, held=held, median=median, count=count)
 

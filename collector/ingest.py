@@ -266,7 +266,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
 
     def _hello(self, h, out: asyncio.Queue) -> RankStream:
         _validate_hello(h)
-        job = self.merger.hello(h.job, h.rank, h.world_size, h.host)
+        job = self.merger.hello(h.job, h.rank, h.world_size, h.host, h.clock_kind)
         names = list(h.module_names)
         remap = self._extend(job.job)(names)
         stream = RankStream(h.job, h.rank, names, remap, out)

@@ -26,6 +26,7 @@ class RankState:
     state: str = "live"  # "live" | "missing"
     clock_offset_ns: int = 0
     counters: dict = field(default_factory=dict)
+    clock_kind: int = 0  # protos ClockKind: how the rank times its modules (the detector's floor)
 
 
 @dataclass
@@ -88,9 +89,9 @@ class Merger:
         state.world_size = max(world_size, 1)
         return state
 
-    def hello(self, job: str, rank: int, world_size: int, host: str) -> JobState:
+    def hello(self, job: str, rank: int, world_size: int, host: str, clock_kind: int = 0) -> JobState:
         state = self.job(job, world_size)
-        state.ranks[rank] = RankState(host=host, last_seen=time.monotonic())
+        state.ranks[rank] = RankState(host=host, last_seen=time.monotonic(), clock_kind=clock_kind)
         return state
 
     def add(self, row: StepRow) -> bool:

@@ -20,11 +20,12 @@ from aiohttp import web
 from collector import auth, edge_limits, http_api
 from collector.alert_payload import episode_to_alert
 from collector.alerting import AlertDispatcher
-from collector.detector import Detector, DetectorParams
+from collector.detector import Detector, DetectorParams, params_for_clock
 from collector.ingest import IngestServicer
 from collector.merge import JobState, Merger, ReadyStep, RankState, build_matrix
 from collector.metrics import CollectorMetrics
 from collector.store import Store, StoreWriter
+from protos import modtrack_pb2 as pb
 from protos import modtrack_pb2_grpc as pb_grpc
 
 log = logging.getLogger("modtrack.collector")
@@ -159,7 +160,8 @@ class Collector:
             for r in self.store.ranks(job):  # not waited for until they report again
                 state.ranks[r["rank"]] = RankState(host=r["host"] or "", last_seen=0.0,
                                                    state="missing",
-                                                   clock_offset_ns=r["clock_offset_ns"] or 0)
+                                                   clock_offset_ns=r["clock_offset_ns"] or 0,
+                                                   clock_kind=r["clock_kind"] or 0)
             self.merger.jobs[job] = state
             episodes = self.store.episodes(job, "active")
             for ep in self.store.episodes(job):
@@ -196,7 +198,9 @@ class Collector:
 
     def _detector(self, job: str) -> Detector:
         if job not in self.detectors:
-            self.detectors[job] = Detector(job, dataclasses.replace(self.config.detector))
+            state = self.merger.jobs.get(job)
+            cpu = state is not None and any(r.clock_kind == pb.CLOCK_KIND_CPU for r in state.ranks.values())
+            self.detectors[job] = Detector(job, params_for_clock(self.config.detector, cpu))
         return self.detectors[job]
 
     def _evaluate(self, ready: list[ReadyStep]) -> None:

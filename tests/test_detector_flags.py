@@ -6,16 +6,23 @@ import sys
 
 import pytest
 
-from test_collector_harness import CollectorThread, FakeRank, get, report, wait_for
+from collector.detector import DetectorParams
+from protos import modtrack_pb2 as pb
+from test_collector_harness import MODULES, CollectorThread, FakeRank, get, report, wait_for
 from test_collector_serve import ServeProcess
 
 BASE = [1.0, 2.0, 3.0, 4.0, 5.0]  # ms per module (Net, embed, blocks.0, blocks.1, head)
 
 
-def one_step_with_two_slow_ranks(target: str, url: str) -> list[dict]:
+def one_step_with_two_slow_ranks(target: str, url: str, job: str = "job", slow=None,
+                                  clock=pb.CLOCK_KIND_CPU) -> list[dict]:
     """Rank 1 is 2 ms over its peers in Net.embed, rank 2 is 8 ms over in Net.blocks.1; step 0 only."""
-    slow = {1: (1, 2.0), 2: (3, 8.0)}
-    ranks = [FakeRank(target, "job", r, 4) for r in range(4)]
+    slow = slow or {1: (1, 2.0), 2: (3, 8.0)}
+    ranks = [FakeRank(target, job, r, 4, hello=False) for r in range(4)]
+    for r, rank in enumerate(ranks):
+        rank.send(pb.AgentMessage(hello=pb.Hello(protocol_version=1, job=job, rank=r, world_size=4,
+                                                 host=f"host{r}", pid=1000 + r, module_names=MODULES,
+                                                 session="s", clock_kind=clock)))
     try:
         for r, rank in enumerate(ranks):
             ms = list(BASE)
@@ -24,9 +31,9 @@ def one_step_with_two_slow_ranks(target: str, url: str) -> list[dict]:
             rank.report(report(0, ms))
         for rank in ranks:
             rank.wait_ack(0)
-        wait_for(lambda: get(url, "/api/v1/jobs")[1]["jobs"][0].get("last_evaluated_step") == 0,
-                 message=lambda: "step 0 never evaluated")
-        return get(url, "/api/v1/jobs/job/stragglers")[1]["stragglers"]
+        wait_for(lambda: {j["job"]: j for j in get(url, "/api/v1/jobs")[1]["jobs"]}[job]
+                 .get("last_evaluated_step") == 0, message=lambda: "step 0 never evaluated")
+        return get(url, f"/api/v1/jobs/{job}/stragglers")[1]["stragglers"]
     finally:
         for rank in ranks:
             rank.close()
@@ -56,3 +63,18 @@ def test_k_above_n_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "collector", "serve", "--data-dir", str(tmp_path),
                           "--detect-k", "6", "--detect-n", "5"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--detect-k" in out.stderr
+
+
+def test_cpu_clocked_jobs_get_a_floor_cuda_jobs_do_not(tmp_path):
+    """Rank 1 is 1.3x in a 1 ms module (0.3 ms over): CPU time varies that much between processes,
+    GPU events do not."""
+    c = CollectorThread(tmp_path / "data", detector=DetectorParams(k=1))
+    try:
+        small = {1: (0, 0.3)}
+        assert one_step_with_two_slow_ranks(c.grpc_target, c.url, "on-cpu", small) == []
+        found = one_step_with_two_slow_ranks(c.grpc_target, c.url, "on-gpu", small, pb.CLOCK_KIND_CUDA)
+        assert [(s["rank"], s["module"]) for s in found] == [(1, "Net")]
+        big = one_step_with_two_slow_ranks(c.grpc_target, c.url, "big-on-cpu")  # 2 ms and 8 ms over
+        assert sorted((s["rank"], s["module"]) for s in big) == [(1, "Net.embed"), (2, "Net.blocks.1")]
+    finally:
+        c.stop()
