@@ -227,7 +227,7 @@ def test_malformed_reports_never_change_stored_rows(tmp_path):
         before = snapshot(c.collector.store.path)
         outcomes = {}
 
-        @settings(max_examples=120, deadline=None, derandomize=True,
+        @settings(max_examples=120, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(rep=malformed())
         def barrage(rep):
