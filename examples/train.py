@@ -75,9 +75,12 @@ class TinyGPT(nn.Module):
 
 
 def busy_wait(ms: float) -> None:
-    """Burn CPU for `ms`: a slow kernel, not an idle sleep."""
-    end = time.perf_counter() + ms / 1000
-    while time.perf_counter() < end:
+    """Burn `ms` of this thread's CPU time: a slow kernel, not an idle sleep.
+
+    Counted in CPU time, so the injected compute is the same however many ranks share a core.
+    """
+    end = time.thread_time() + ms / 1000
+    while time.thread_time() < end:
         pass
 
 
