@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def torchrun(target: str, job: str, steps: int, *train_args: str) -> subprocess.
          "-m", "agent", "--collector", target, "--job", job, TRAIN, "--steps", str(steps),
          *SMALL, *train_args],
         cwd=REPO, env=env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        text=True, start_new_session=True)  # its own process group: the ranks die with it
 
 
 class StalledServer:
@@ -58,13 +59,19 @@ class StalledServer:
             c.close()
 
 
-def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
+def kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 150) -> tuple[str, str]:
     try:
         return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"training did not finish within {timeout} s: it hung") from None
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        kill_group(proc)
 
 
 def test_stalled_collector_costs_training_nothing(tmp_path):
@@ -132,7 +139,5 @@ def test_killed_and_restarted_collector_gets_every_step_once(tmp_path):
                              f"{missing[:20]} of {len(missing)}; {err[-2000:]}")
         assert killed_at < restarted_at < steps - 1
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        kill_group(proc)
         server.kill()

@@ -85,7 +85,7 @@ def run_case(case: str, steps: int, tmp: str) -> dict:
     out_dir = os.path.join(tmp, f"{case}-ranks")
     os.makedirs(out_dir)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(OMP_NUM_THREADS="1", FAILOPEN_OUT=out_dir),
-                            stdout=subprocess.PIPE,
+                            start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     err_lines: list[str] = []
     threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True).start()
@@ -96,10 +96,10 @@ def run_case(case: str, steps: int, tmp: str) -> dict:
                     server.proc.send_signal(signal.SIGSTOP)
                 else:
                     server.kill()
-        proc.wait(600)
+        proc.wait(300)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the ranks too: they are in its process group
+            os.killpg(proc.pid, signal.SIGKILL)
         if server is not None:
             if case == "frozen":
                 server.proc.send_signal(signal.SIGCONT)
