@@ -56,10 +56,16 @@ def _array(values, dtype) -> np.ndarray:
     return np.array(values, dtype=dtype) if len(values) else np.zeros(0, dtype)
 
 
+# Rows of the one int64 block a report's phases are copied into (see _phase_block).
+_ID, _INCLUSIVE, _SELF, _FIRST_START, _LAST_END = range(5)
+
+
 def parse_report(report, stream: RankStream, extend_table) -> StepRow:
     """Validate one StepReport and turn it into a StepRow with job-wide module ids.
 
-    `extend_table(names)` returns job-wide ids for module names first seen in this report."""
+    `extend_table(names)` returns job-wide ids for module names first seen in this report.
+    All phases are copied into one block and checked in a handful of numpy passes; only a
+    report that fails them is walked phase by phase, to say exactly what is wrong."""
     where = f"job {stream.job!r} rank {stream.rank} step {report.step}"
     _add_new_names(report, stream, extend_table, where)
     figures = {name: getattr(report, name) for name in STEP_FIGURES}
@@ -68,8 +74,59 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         raise InvalidInput(f"{where}: negative duration {negative[0]}={figures[negative[0]]}")
     if figures["end_ns"] < figures["start_ns"]:
         raise InvalidInput(f"{where}: end_ns {figures['end_ns']} is before start_ns {figures['start_ns']}")
-    parts = {name: [] for name in ("phase", "module", "calls", "inclusive", "self",
-                                   "first_start", "last_end")}
+    block, calls, phase = _phase_block(report.phases)
+    if block is None or not _block_ok(block, len(stream.remap)):
+        _explain_phases(report, stream, where)  # raises InvalidInput
+    modules = {"phase": phase, "module": stream.remap[block[_ID]], "calls": calls,
+               "inclusive": block[_INCLUSIVE], "self": block[_SELF],
+               "first_start": block[_FIRST_START], "last_end": block[_LAST_END]}
+    counters = {name: getattr(report.counters, name) for name in COUNTERS}
+    return StepRow(stream.job, stream.rank, report.step, figures, modules,
+                   _parse_trace(report, stream, where), counters)
+
+
+def _phase_block(phases):
+    """(int64 block of 5 rows x all entries, calls, phase per entry), or (None, None, None)
+    when a phase is unknown or its columns differ in length. np.array on a repeated field
+    is a C copy; building one block keeps it to one copy per field and no concatenation."""
+    lengths = []
+    for ph in phases:
+        n = len(ph.module_id)
+        if ph.phase not in PHASE_NAMES or any(len(getattr(ph, c)) != n for c in PHASE_COLUMNS[1:]):
+            return None, None, None
+        lengths.append(n)
+    total = sum(lengths)
+    block = np.empty((5, total), np.int64)
+    calls = np.empty(total, np.uint32)
+    at = 0
+    for ph, n in zip(phases, lengths):
+        if n:
+            end = at + n
+            block[_ID, at:end] = ph.module_id
+            block[_INCLUSIVE, at:end] = ph.inclusive_ns
+            block[_SELF, at:end] = ph.self_ns
+            block[_FIRST_START, at:end] = ph.first_start_ns
+            block[_LAST_END, at:end] = ph.last_end_ns
+            calls[at:end] = ph.calls
+            at = end
+    phase = np.repeat(np.array([ph.phase for ph in phases], np.uint8), lengths)
+    return block, calls, phase
+
+
+def _block_ok(block: np.ndarray, table_size: int) -> bool:
+    """Every id in the rank's table, durations in [0, a day], stamps in range: five passes."""
+    if not block.shape[1]:
+        return True
+    durations, stamps = block[_INCLUSIVE:_SELF + 1], block[_FIRST_START:_LAST_END + 1]
+    return bool(block[_ID].max() < table_size
+                and durations.min() >= 0 and durations.max() <= edge_limits.MAX_DURATION_NS
+                and stamps.min() >= -edge_limits.MAX_ABS_TIME_NS
+                and stamps.max() <= edge_limits.MAX_ABS_TIME_NS)
+
+
+def _explain_phases(report, stream: RankStream, where: str) -> None:
+    """The slow, phase-by-phase check of a report the block check refused: raises the first
+    problem in phase order, with the phase and the field."""
     for ph in report.phases:
         if ph.phase not in PHASE_NAMES:
             raise InvalidInput(f"{where}: unknown phase {ph.phase}")
@@ -78,23 +135,12 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
             if len(getattr(ph, name)) != n:
                 raise InvalidInput(f"{where} phase {PHASE_NAMES[ph.phase]}: {name} has "
                                    f"{len(getattr(ph, name))} entries, module_id has {n}")
-        local = _module_ids(ph.module_id, stream, where)
-        inclusive, self_ns = _array(ph.inclusive_ns, np.int64), _array(ph.self_ns, np.int64)
-        first_start, last_end = _array(ph.first_start_ns, np.int64), _array(ph.last_end_ns, np.int64)
-        edge_limits.check_columns(f"{where} phase {PHASE_NAMES[ph.phase]}", (inclusive, self_ns),
-                                  (first_start, last_end))
-        parts["phase"].append(np.full(n, ph.phase, np.uint8))
-        parts["module"].append(stream.remap[local])
-        parts["calls"].append(_array(ph.calls, np.uint32))
-        parts["inclusive"].append(inclusive)
-        parts["self"].append(self_ns)
-        parts["first_start"].append(first_start)
-        parts["last_end"].append(last_end)
-    modules = {name: (np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
-               for name, arrays in parts.items()}
-    counters = {name: getattr(report.counters, name) for name in COUNTERS}
-    return StepRow(stream.job, stream.rank, report.step, figures, modules,
-                   _parse_trace(report, stream, where), counters)
+        _module_ids(ph.module_id, stream, where)
+        edge_limits.check_columns(f"{where} phase {PHASE_NAMES[ph.phase]}",
+                                  (_array(ph.inclusive_ns, np.int64), _array(ph.self_ns, np.int64)),
+                                  (_array(ph.first_start_ns, np.int64),
+                                   _array(ph.last_end_ns, np.int64)))
+    raise AssertionError("the block check refused a report the phase check accepts")
 
 
 def _add_new_names(report, stream: RankStream, extend_table, where: str) -> None:

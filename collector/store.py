@@ -334,12 +334,13 @@ class StoreWriter:
             first = self._queue.get()
             if first is None:
                 break
+            # Sleep out the batch window, then take what came: the loop's puts wake no one,
+            # where a get() per item woke this thread (and took the GIL) once per report.
+            time.sleep(self.batch_s)
             batch = [first]
-            deadline = time.monotonic() + self.batch_s
             while True:
-                left = deadline - time.monotonic()
                 try:
-                    item = self._queue.get(timeout=max(left, 0)) if left > 0 else self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
@@ -372,15 +373,16 @@ class StoreWriter:
             self.errors += 1
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-        for _, fut in batch:
-            if fut is not None:
-                self.loop.call_soon_threadsafe(_resolve, fut, error)
+        futures = [fut for _, fut in batch if fut is not None]
+        if futures:  # one wake-up of the loop per commit, not one per report
+            self.loop.call_soon_threadsafe(_resolve, futures, error)
 
 
-def _resolve(fut: asyncio.Future, error) -> None:
-    if fut.done():
-        return
-    if error is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(error)
+def _resolve(futures: list[asyncio.Future], error) -> None:
+    for fut in futures:
+        if fut.done():
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
