@@ -11,6 +11,7 @@ It prints the same lines with or without the agent: loss is deterministic for a 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -173,6 +174,16 @@ def main(argv=None) -> None:
             print(f"step {step} loss {loss.item():.4f}", flush=True)
 
     if distributed:
+        # Tear down explicitly, in an order that cannot deadlock: gloo's worker threads free finished
+        # all-reduce work objects, and one created during backward holds a Python object in its
+        # captured thread-local state, so freeing it needs the GIL. If the process group were
+        # destroyed implicitly (the DDP reducer dying as main() returns), the main thread would join
+        # those workers while holding the GIL. So: let every rank finish, give the workers the GIL
+        # for a moment, drop the reducer while the group is still registered, then destroy the group.
+        dist.barrier()
+        time.sleep(0.05)
+        del wrapped, opt
+        gc.collect()
         dist.destroy_process_group()
     if rank == 0:
         print("done", flush=True)
