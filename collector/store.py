@@ -91,13 +91,17 @@ class StepRow:
 
     def sql_row(self) -> tuple:
         return (self.job, self.rank, self.step, *(int(self.figures[f]) for f in STEP_FIGURES),
-                *(np.ascontiguousarray(self.modules[name], dtype).tobytes()
-                  for name, dtype in MODULE_COLUMNS))
+                *(_blob(self.modules[name], dtype) for name, dtype in MODULE_COLUMNS))
 
     def trace_row(self) -> tuple:
         t = self.trace
         return (self.job, self.rank, self.step, t["capture_id"],
-                *(np.ascontiguousarray(t[name], dtype).tobytes() for name, dtype in TRACE_COLUMNS))
+                *(_blob(t[name], dtype) for name, dtype in TRACE_COLUMNS))
+
+
+def _blob(values: np.ndarray, dtype) -> memoryview:
+    """A column as BLOB bytes without an extra copy: SQLite copies the buffer when it binds it."""
+    return memoryview(np.ascontiguousarray(values, dtype)).cast("B")
 
 
 def _connect(path: str) -> sqlite3.Connection:

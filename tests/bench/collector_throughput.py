@@ -4,6 +4,7 @@ In-process (no network): serialized StepReports of R ranks go through the collec
 path (decode, validate and remap, merge, build the rank x column matrix, detect), one core.
 
     python tests/bench/collector_throughput.py                 # in-process, 1,024 x 500 x 2
+    python tests/bench/collector_throughput.py --store         # + the SQLite write, on the writer's path
     python tests/bench/collector_throughput.py --loopback      # + a real collector, 2 minutes
 """
 from __future__ import annotations
@@ -25,10 +26,11 @@ from collector.detector import Detector
 from collector.ingest import RankStream, parse_report
 from collector.merge import Merger, build_matrix
 from collector.simulate import parse_straggler, report
+from collector.store import Store
 from protos import modtrack_pb2 as pb
 
 
-def in_process(ranks: int, modules: int, steps: int) -> dict:
+def in_process(ranks: int, modules: int, steps: int, store_dir: str | None = None) -> dict:
     model = ClusterModel(ranks=ranks, modules=modules, seed=0, noise_pool=4)
     model.stragglers = [parse_straggler("rank=7,module=3,phase=backward,slowdown=1.5,onset=0", model)]
     merger = Merger(watermark_s=1e9)
@@ -42,6 +44,9 @@ def in_process(ranks: int, modules: int, steps: int) -> dict:
     wire = [[report(s, r, m, model, 10**9).SerializeToString() for r in range(ranks)]
             for s, m in enumerate(matrices)]
     t = {"decode+validate": 0.0, "merge+matrix": 0.0, "detect": 0.0}
+    store = Store(store_dir) if store_dir else None
+    if store:  # what the writer thread does per batch: BLOBs, one executemany, a FULL-sync commit
+        t["store"] = 0.0
     records = 0
     episodes = []
     for s in range(steps):
@@ -62,7 +67,15 @@ def in_process(ranks: int, modules: int, steps: int) -> dict:
         t["decode+validate"] += t1 - t0
         t["merge+matrix"] += t2 - t1
         t["detect"] += t3 - t2
+        if store:
+            t4 = time.process_time()
+            store.conn().execute("BEGIN IMMEDIATE")
+            store.insert_steps(rows)
+            store.conn().execute("COMMIT")
+            t["store"] += time.process_time() - t4
         records += int(np.count_nonzero(~np.isnan(matrix.self_ms)))
+    if store:
+        store.close()
     total = sum(t.values())
     found = {(e.rank, e.module, e.phase) for e in episodes}
     return {"records": records, "cpu_s": t, "records_per_s": records / total,
@@ -85,14 +98,20 @@ def _histogram_quantile(text: str, name: str, q: float) -> float:
     return float("nan")
 
 
-def _proc(pid: int) -> tuple[float, int]:
-    """(user + system CPU seconds, RSS bytes) of a process, from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
+def _cpu_s(stat_path: str) -> float:
+    """user + system CPU seconds of a process or thread, from its /proc stat file."""
+    with open(stat_path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc(pid: int) -> tuple[float, int, float]:
+    """(CPU seconds, RSS bytes, CPU seconds of the main thread: the event loop) of a process."""
+    cpu = _cpu_s(f"/proc/{pid}/stat")
+    loop_cpu = _cpu_s(f"/proc/{pid}/task/{pid}/stat")
     with open(f"/proc/{pid}/statm") as f:
         rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return cpu, rss
+    return cpu, rss, loop_cpu
 
 
 def loopback(ranks: int, modules: int, seconds: int, step_s: float, procs: int) -> dict:
@@ -106,7 +125,7 @@ def loopback(ranks: int, modules: int, seconds: int, step_s: float, procs: int) 
             line = server.stdout.readline()
             grpc_addr = re.search(r"grpc=(\S+)", line).group(1)
             http_addr = re.search(r"http=(\S+)", line).group(1)
-            cpu0, _ = _proc(server.pid)
+            cpu0, _, _ = _proc(server.pid)
             t0 = time.monotonic()
             sim = subprocess.Popen(
                 [sys.executable, "-m", "collector.simulate", "--collector", grpc_addr, "--job", "bench",
@@ -117,15 +136,15 @@ def loopback(ranks: int, modules: int, seconds: int, step_s: float, procs: int) 
             peak_rss, samples = 0, []
             while sim.poll() is None:
                 time.sleep(1.0)
-                cpu, rss = _proc(server.pid)
-                samples.append((time.monotonic(), cpu))
+                cpu, rss, loop_cpu = _proc(server.pid)
+                samples.append((time.monotonic(), cpu, loop_cpu))
                 peak_rss = max(peak_rss, rss)
             sim_out = sim.stdout.read().strip()
             time.sleep(3)
             metrics = urllib.request.urlopen(f"http://{http_addr}/metrics", timeout=30).read().decode()
             stragglers = urllib.request.urlopen(
                 f"http://{http_addr}/api/v1/jobs/bench/stragglers", timeout=30).read().decode()
-            cpu1, rss = _proc(server.pid)
+            cpu1, rss, _ = _proc(server.pid)
         finally:
             server.terminate()
             try:
@@ -134,13 +153,16 @@ def loopback(ranks: int, modules: int, seconds: int, step_s: float, procs: int) 
                 server.kill()
     # CPU over the streaming part only (after everyone connected): the middle of the run.
     mid = [s for s in samples if s[0] - t0 > 20]
-    busy = (mid[-1][1] - mid[0][1]) / (mid[-1][0] - mid[0][0]) if len(mid) > 2 else float("nan")
+    span = (mid[-1][0] - mid[0][0]) if len(mid) > 2 else float("nan")
+    busy = (mid[-1][1] - mid[0][1]) / span if len(mid) > 2 else float("nan")
+    loop_busy = (mid[-1][2] - mid[0][2]) / span if len(mid) > 2 else float("nan")
     ingested = re.search(r"^modtrack_ingest_records(?:_total)? ([0-9.e+]+)", metrics, re.M)
     reports = float(ingested.group(1)) if ingested else float("nan")
     return {
         "steps": steps, "simulator": sim_out, "reports_ingested": reports,
         "records_per_s": reports * modules * 2 / (steps * step_s),
-        "collector_cpu_cores": busy, "collector_cpu_s_total": cpu1 - cpu0,
+        "collector_cpu_cores": busy, "event_loop_thread_cores": loop_busy,
+        "collector_cpu_s_total": cpu1 - cpu0,
         "rss_peak_mb": peak_rss / 2**20,
         "lag_p50_s": _histogram_quantile(metrics, "modtrack_verdict_lag_seconds", 0.5),
         "lag_p99_s": _histogram_quantile(metrics, "modtrack_verdict_lag_seconds", 0.99),
@@ -153,12 +175,15 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", type=int, default=1024)
     ap.add_argument("--modules", type=int, default=500)
     ap.add_argument("--steps", type=int, default=20, help="in-process steps")
+    ap.add_argument("--store", action="store_true",
+                    help="in-process: also write each step to a SQLite store in a temporary dir")
     ap.add_argument("--loopback", action="store_true", help="also run a real collector over loopback")
     ap.add_argument("--seconds", type=int, default=120)
     ap.add_argument("--step-s", type=float, default=1.0)
     ap.add_argument("--procs", type=int, default=4, help="simulator client processes")
     a = ap.parse_args(argv)
-    r = in_process(a.ranks, a.modules, a.steps)
+    with tempfile.TemporaryDirectory() as store_dir:
+        r = in_process(a.ranks, a.modules, a.steps, store_dir if a.store else None)
     print(f"in-process, one core: {a.ranks} ranks x {a.modules} modules x 2 phases, {a.steps} steps")
     print(f"{'stage':20s}{'cpu s/step':>12s}{'records/s':>16s}")
     per = r["records"] / a.steps
