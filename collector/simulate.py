@@ -85,12 +85,12 @@ async def _run_ranks(a, ranks: list[int], t0: float) -> dict:
                 acked[rank] = msg.ack.step
 
     readers = []
-    for rank in ranks:
+    for rank in ranks:  # simulated GPU ranks: CUDA-event timing, so no CPU-clock floor applies
         call = stub.Stream(metadata=metadata)
         await call.write(pb.AgentMessage(hello=pb.Hello(
             protocol_version=1, job=a.job, rank=rank, local_rank=rank % a.ranks_per_host,
             world_size=a.ranks, group_rank=rank // a.ranks_per_host, host=model.hosts[rank], pid=rank,
-            agent_version="simulate", clock_kind=pb.CLOCK_KIND_CPU, module_names=model.module_names,
+            agent_version="simulate", clock_kind=pb.CLOCK_KIND_CUDA, module_names=model.module_names,
             session=f"sim-{a.seed}-{rank}")))
         calls[rank] = call
         readers.append(asyncio.create_task(drain(rank, call)))
