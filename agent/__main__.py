@@ -11,7 +11,8 @@ import os
 import runpy
 import sys
 
-USAGE = "python -m agent [--collector HOST:PORT] [--job NAME] [--token-file F] [--tls-ca F] SCRIPT [ARGS...]"
+USAGE = ("python -m agent [--collector HOST:PORT] [--job NAME] [--token-file F] [--tls-ca F] "
+         "[--clock auto|cpu|wall|cuda] SCRIPT [ARGS...]")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--job", default=None, help="job id (env MODTRACK_JOB; default: torchrun's run id)")
     p.add_argument("--token-file", default=None, help="file holding the collector's bearer token (or env MODTRACK_TOKEN)")
     p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to reach a collector serving TLS (or env MODTRACK_TLS_CA)")
+    p.add_argument("--clock", default=os.environ.get("MODTRACK_CLOCK", "auto"),
+                   choices=("auto", "cpu", "wall", "cuda"),
+                   help="how module time is measured (env MODTRACK_CLOCK): auto = cuda events when CUDA is "
+                        "available, else cpu (thread CPU time); wall for ranks with several intra-op threads")
     p.add_argument("script", help="the training script, run as __main__")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     return p
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
 
         fallback = f"{os.path.splitext(os.path.basename(script))[0]}-{os.getpid()}"
         tracking = track(opts.collector, opts.job, token_file=opts.token_file, tls_ca=opts.tls_ca,
-                         fallback_job=fallback)
+                         clock=opts.clock, fallback_job=fallback)
     sys.argv[:] = [script, *opts.args]
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     try:

@@ -191,3 +191,25 @@ def test_forked_data_loader_workers_print_nothing_extra(tmp_path, serve):
     assert tracked.stdout == plain.stdout
     assert tracked.stderr == plain.stderr == ""
     assert sorted(set(fake.received)) == list(range(8))  # every step arrived, flushed at exit
+
+
+CLOCK = textwrap.dedent("""
+    import agent.api
+    print("clock", agent.api._active.tracker._clock.durations)
+""")
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_clock_choice_reaches_the_tracker(tmp_path, how):
+    path = tmp_path / "clock.py"
+    path.write_text(CLOCK)
+    dead = f"127.0.0.1:{free_port()}"
+    if how == "flag":
+        out, _ = run([sys.executable, "-m", "agent", "--collector", dead, "--clock", "wall", str(path)], cwd=tmp_path)
+    else:
+        out, _ = run([sys.executable, "-m", "agent", "--collector", dead, str(path)], cwd=tmp_path,
+                     env={"MODTRACK_CLOCK": "wall"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "clock wall"
+    out, _ = run([sys.executable, "-m", "agent", "--clock", "sundial", str(path)], cwd=tmp_path)
+    assert out.returncode == 2 and "invalid choice" in out.stderr
