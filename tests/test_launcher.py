@@ -19,7 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = textwrap.dedent("""
     import os, sys
     import helper_next_to_script  # found through sys.path[0] = the script's directory
-    print("argv", sys.argv[1:], "name", __name__, "path0", os.path.basename(sys.path[0]))
+    # one write: torchrun runs ranks unbuffered into one pipe, and print() would interleave them
+    os.write(1, f"argv {sys.argv[1:]} name {__name__} path0 {os.path.basename(sys.path[0])}\\n".encode())
     def fail():
         raise ValueError("boom")
     if sys.argv[1:2] == ["raise"]:
