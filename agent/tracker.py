@@ -48,6 +48,9 @@ _Tensor = torch.Tensor
 
 # CUDA steps whose events the GPU has not passed yet wait here; past this many, the oldest is dropped.
 MAX_PENDING_STEPS = 8
+# A loop that never ends a step (inference: no optimizer, no step()) must not grow memory
+# forever: past this many calls, the next return to the top level ends a step by itself.
+MAX_CALLS_PER_STEP = 100_000
 # Autograd nodes remembered (alive) to share one hook between the modules that meet there.
 RECENT_NODES = 64
 
@@ -81,7 +84,8 @@ class ModuleTracker:
 
     def __init__(self, on_step=None, clock: str = "auto") -> None:
         self.parents: set[str] = {"Global"}
-        self.counters = {"hook_errors": 0, "steps": 0, "on_step_errors": 0, "steps_dropped": 0}
+        self.counters = {"hook_errors": 0, "steps": 0, "on_step_errors": 0, "steps_dropped": 0,
+                         "implicit_steps": 0}
         self._on_step = on_step
         self._clock = make_clock(clock)
         self.clock_kind: str = self._clock.kind
@@ -218,6 +222,9 @@ class ModuleTracker:
                             "never entered. %s during forward", name)
             if output is not None:
                 self._hook_backward(row, output, input_nodes)
+            if not stack and len(self._log.rows) >= MAX_CALLS_PER_STEP and self._pass is None:
+                self.counters["implicit_steps"] += 1
+                self._end_step()
         except Exception:
             self._hook_failed()
 

@@ -499,3 +499,19 @@ def test_torch_compile_model_does_not_crash_and_is_timed_as_a_whole():
     assert s[("Sequential", "forward")]["calls"] == 1
     assert s[("Sequential", "backward")]["calls"] == 1
     assert t.counters["hook_errors"] == 0
+
+
+def test_a_loop_that_never_ends_a_step_stays_bounded(monkeypatch):
+    """Inference under the launcher: no optimizer, no step(). Calls must not pile up forever."""
+    import agent.tracker
+
+    monkeypatch.setattr(agent.tracker, "MAX_CALLS_PER_STEP", 300)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(10)])  # 11 calls per forward
+    seen = []
+    with ModuleTracker(on_step=seen.append, clock="cpu") as t:
+        for _ in range(200):
+            model(torch.randn(2, 8, requires_grad=True))  # outputs need grad; no backward ever runs
+            assert len(t._log.rows) < 300 + 11
+        assert t.counters["implicit_steps"] == len(seen) >= 6
+        assert t.counters["hook_errors"] == 0
+    assert seen[0].phases["forward"].calls.sum() >= 300
