@@ -38,6 +38,10 @@ class EpisodeBook:
         self.p = params
         self.hist: np.ndarray | None = None  # (n, R, K) bool flags of the last n steps
         self.counts: np.ndarray | None = None  # (R, K) uint8 flagged steps among the last n
+        # A step in which most of a rank's columns are flagged is one piece of evidence that the
+        # rank is slow, not evidence that each of its cells is: it is counted here, not in counts.
+        self.rank_hist: np.ndarray | None = None  # (n, R) bool rank-wide steps of the last n
+        self.rank_counts: np.ndarray | None = None  # (R,) uint8
         self.pos = 0
         self.rank_ids = np.empty(0, np.int64)
         self.col_keys = np.empty(0, np.int64)
@@ -59,12 +63,15 @@ class EpisodeBook:
         ):
             return
         new = np.zeros((self.p.n, len(ranks), len(keys)), bool)
+        new_rank = np.zeros((self.p.n, len(ranks)), bool)
         if self.hist is not None:
             _, nr, orr = np.intersect1d(ranks, self.rank_ids, assume_unique=True, return_indices=True)
             _, nc, oc = np.intersect1d(keys, self.col_keys, assume_unique=True, return_indices=True)
             new[:, nr[:, None], nc] = self.hist[:, orr[:, None], oc]
-        self.hist = new
+            new_rank[:, nr] = self.rank_hist[:, orr]
+        self.hist, self.rank_hist = new, new_rank
         self.counts = new.sum(axis=0, dtype=np.uint8)
+        self.rank_counts = new_rank.sum(axis=0, dtype=np.uint8)
         self.rank_ids, self.col_keys = ranks, keys
         self.rank_index = {int(r): i for i, r in enumerate(ranks)}
         names = m.module_names
@@ -79,12 +86,18 @@ class EpisodeBook:
     def update(self, m: StepMatrix, flags) -> list[Episode]:
         self._align(m)
         flagged = flags.flagged
+        x = np.asarray(m.self_ms, dtype=np.float64)
+        runs = np.count_nonzero(~np.isnan(x), axis=1)
+        rank_wide = (runs >= 4) & (2 * flagged.sum(axis=1) > runs)
+        cell_flags = flagged & ~rank_wide[:, None]
         self.counts -= self.hist[self.pos]
-        self.hist[self.pos] = flagged
-        self.counts += flagged
+        self.hist[self.pos] = cell_flags
+        self.counts += cell_flags
+        self.rank_counts -= self.rank_hist[self.pos]
+        self.rank_hist[self.pos] = rank_wide
+        self.rank_counts += rank_wide
         self.pos = (self.pos + 1) % self.p.n
 
-        x = np.asarray(m.self_ms, dtype=np.float64)
         wall = np.asarray(m.wall_ms, dtype=np.float64)
         wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
         wall_med = float(np.nanmedian(wall)) if len(wall) else 0.0
@@ -168,8 +181,13 @@ class EpisodeBook:
         return ep
 
     def _open(self, m, x, flags, wait, wall_med, wall_cap) -> list[Episode]:
-        """Open episodes for cells flagged now and in k of the last n steps, not yet reported."""
-        rows, cols = np.nonzero((self.counts >= self.p.k) & flags.flagged)
+        """Open episodes for cells flagged now and in k of the last n steps, not yet reported.
+
+        The k steps are either the cell's own (its rank otherwise normal) or the rank's, slow
+        across most of its columns; spikes of one kind do not add to the other's.
+        """
+        enough = (self.counts >= self.p.k) | (self.rank_counts >= self.p.k)[:, None]
+        rows, cols = np.nonzero(enough & flags.flagged)
         if not len(rows):
             return []
         busy = np.isin(self.rank_ids[rows], list(self._busy_ranks()))

@@ -268,3 +268,24 @@ def test_an_excess_below_the_floor_never_opens_an_episode():
     assert culprits(DetectorParams(min_excess_ms=0.5)) == [(3, "m1")]  # 0.1 ms: not worth an alert
     assert culprits(DetectorParams(min_excess_frac=0.005)) == [(3, "m1")]  # 0.005 x a 26 ms step
     assert culprits(DetectorParams(min_excess_ms=3.0)) == []
+
+
+def test_whole_rank_spikes_do_not_count_as_evidence_for_one_cell():
+    """One spike of a cell and two of its whole rank are not a cell slow in 3 of 5 steps.
+
+    A whole-rank straggler, slow across every column step after step, is still found.
+    """
+    base = np.ones((8, 10))
+    steps = [base.copy() for _ in range(5)]
+    steps[0][3, 4] = 2.5  # a cell spike
+    steps[3][3, :] = 1.6  # the whole rank spikes, twice
+    steps[4][3, :] = 1.6
+    det = Detector("j", DetectorParams())
+    assert [ep for s, x in enumerate(steps) for ep in det.observe(matrix(x, step=s))] == []
+
+    det = Detector("j", DetectorParams())
+    slow = base.copy()
+    slow[3, :] = 1.4
+    slow[3, 6] = 1.5
+    episodes = [ep for s in range(3) for ep in det.observe(matrix(slow, step=s))]
+    assert [(ep.rank, ep.module, ep.first_step) for ep in episodes] == [(3, "m6", 2)]

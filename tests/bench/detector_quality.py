@@ -8,6 +8,7 @@ window, score = fastest rank's median / this rank's median, flagged below 0.75.
 
     python tests/bench/detector_quality.py            # full: 300 runs
     python tests/bench/detector_quality.py --quick    # what CI asserts (tests/test_detection_quality.py)
+    python tests/bench/detector_quality.py --runs 100 --verbose   # ... and why each wrong report was made
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from collector.cluster_model import ClusterModel, Straggler
-from collector.detector import Detector, DetectorParams
+from collector.detector import Z_SCALE, Detector, DetectorParams, column_stats, flag_step
 
 BASELINE_WINDOW = 20
 BASELINE_THRESHOLD = 0.75
@@ -32,6 +33,7 @@ class Found:
     ranks: set[int]
     column: int | None
     first_step: int
+    episode: object = None  # the detector's Episode (None for the baseline), for --verbose
 
 
 @dataclass
@@ -89,7 +91,7 @@ def detector_reports(model: ClusterModel, matrices, params: DetectorParams) -> l
         ranks = set(ep.ranks) if ep.rank == -1 else {ep.rank}
         module = int(ep.module.rsplit(".", 1)[1])
         column = model.column(module, 1 if ep.phase == "forward" else 2)
-        found.append(Found(ranks, column, ep.first_step))
+        found.append(Found(ranks, column, ep.first_step, ep))
     return found
 
 
@@ -108,7 +110,9 @@ def baseline_reports(matrices) -> list[Found]:
     return found
 
 
-def score(model: ClusterModel, found: list[Found], steps: int, n: int, t: Tally) -> None:
+def score(model: ClusterModel, found: list[Found], steps: int, n: int, t: Tally) -> list[tuple[str, Found]]:
+    """Add a run's reports to the tally; return its wrong ones as ("false alarm" | "victim", report)."""
+    wrong = []
     active_at = np.full(steps, -1)
     for i, s in enumerate(model.stragglers):
         active_at[s.onset : min(s.end + n, steps)] = i  # episodes may still open just after the end
@@ -118,10 +122,12 @@ def score(model: ClusterModel, found: list[Found], steps: int, n: int, t: Tally)
         i = active_at[f.first_step]
         if i == -1:
             t.false_alarms += 1
+            wrong.append(("false alarm", f))
         elif f.ranks & set(model.stragglers[i].ranks):
             t.true_reports += 1
         else:
             t.victims += 1
+            wrong.append(("victim", f))
     for i, s in enumerate(model.stragglers):
         hits = [f for f in found if active_at[f.first_step] == i and f.ranks & set(s.ranks)]
         bucket = min(int((s.slowdown - 1.0) * 10), 9)  # 1.0-1.1, 1.1-1.2, ...
@@ -138,16 +144,43 @@ def score(model: ClusterModel, found: list[Found], steps: int, n: int, t: Tally)
             if f.column is not None and s.module >= 0:
                 t.where_known += 1
                 t.where_right += f.column == model.column(s.module, s.phase)
+    return wrong
 
 
-def evaluate(runs: int, steps: int, seed: int) -> dict[str, dict]:
+def explain(run: int, model: ClusterModel, matrices, params: DetectorParams, kind: str, f: Found) -> None:
+    """Print a wrong report and, for the n steps up to its opening, the figures behind each flag."""
+    ep = f.episode
+    print(f"{kind}: run {run} (model seed {model.seed}, {model.ranks} ranks, {model.modules} modules, "
+          f"{model.stages} stage(s), sigma {model.sigma:.3f}) step {ep.first_step}-{ep.last_step} "
+          f"rank {ep.rank} host {ep.host} ranks {ep.ranks} column {f.column} ({ep.module} {ep.phase}) "
+          f"slowdown {ep.slowdown:.3f} cost {ep.cost_ms_per_step:.3f} ms")
+    for s in model.stragglers:
+        print(f"  injected: ranks {s.ranks} module {s.module} phase {s.phase} x{s.slowdown:.2f} steps {s.onset}-{s.end}")
+    col = f.column
+    for step in range(max(ep.first_step - params.n + 1, 0), ep.first_step + 1):
+        m = matrices[step]
+        flags = flag_step(m, params)
+        count, median, mad = column_stats(np.asarray(m.self_ms, dtype=np.float64)[:, col : col + 1])
+        mad_f = max(mad[0], params.mad_floor_frac * median[0], params.mad_floor_ms)
+        wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
+        for r in sorted(f.ranks):
+            x = float(m.self_ms[r, col])
+            print(f"  step {step} rank {r}: self {x:.4f} ms, median {median[0]:.4f} (ratio {x / median[0]:.3f}), "
+                  f"MAD {mad[0]:.4f} (floored {mad_f:.4f}), z {Z_SCALE * (x - median[0]) / mad_f:.2f}, "
+                  f"n {count[0]}, wait {wait[r]:.3f} vs median {np.median(wait):.3f}, "
+                  f"flagged {bool(flags.flagged[r, col])}")
+
+
+def evaluate(runs: int, steps: int, seed: int, verbose: bool = False) -> dict[str, dict]:
     rng = np.random.default_rng(seed)
     params = DetectorParams()
     tallies = {"modtrack": Tally(), "baseline": Tally()}
-    for _ in range(runs):
+    for run in range(runs):
         model = random_run(rng, steps)
         matrices = [model.step(s) for s in range(steps)]
-        score(model, detector_reports(model, matrices, params), steps, params.n, tallies["modtrack"])
+        wrong = score(model, detector_reports(model, matrices, params), steps, params.n, tallies["modtrack"])
+        for kind, f in wrong if verbose else []:
+            explain(run, model, matrices, params, kind, f)
         score(model, baseline_reports(matrices), steps, params.n, tallies["baseline"])
     return {name: summarize(t) for name, t in tallies.items()}
 
@@ -192,10 +225,12 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--verbose", action="store_true",
+                    help="print every wrong modtrack report (false alarm, victim) with the figures behind it")
     a = ap.parse_args(argv)
     runs, steps = (40, 400) if a.quick else (a.runs, a.steps)
     t0 = time.perf_counter()
-    results = evaluate(runs, steps, a.seed)
+    results = evaluate(runs, steps, a.seed, a.verbose)
     print(f"{runs} simulated runs x {steps} steps, seed {a.seed}, {time.perf_counter() - t0:.1f} s")
     print_table(results)
     return 0
