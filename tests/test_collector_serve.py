@@ -2,52 +2,22 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
 import sys
-import threading
+from pathlib import Path
 
 import pytest
 
 from test_collector_harness import FakeRank, get, stream_steps
+from test_fail_open_harness import CollectorProcess
 
-READY = re.compile(r"modtrack collector ready grpc=(\S+) http=(\S+)")
+class ServeProcess(CollectorProcess):
+    """The harness's collector on free ports, its log beside the data dir, with the API's URL."""
 
-
-class ServeProcess:
     def __init__(self, data_dir, *extra):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "collector", "serve", "--grpc-addr", "127.0.0.1:0",
-             "--http-addr", "127.0.0.1:0", "--data-dir", str(data_dir), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        found = threading.Event()
-
-        def read():
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if READY.search(line):
-                    found.set()
-        threading.Thread(target=read, daemon=True).start()
-        if not found.wait(30):
-            self.proc.kill()
-            raise AssertionError(f"no ready line: {self.lines} {self.proc.stderr.read()}")
-        grpc_addr, http_addr = READY.search(self.lines[-1]).groups()
-        self.grpc_target, self.url = grpc_addr, f"http://{http_addr}"
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        data_dir = Path(data_dir)
+        super().__init__(data_dir, data_dir.parent / f"{data_dir.name}-collector.log", *extra)
+        self.url = f"http://{self.http_addr}"
 
 
 @pytest.mark.slow
