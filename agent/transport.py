@@ -29,7 +29,6 @@ from agent.step_record import StepRecord
 from protos import modtrack_pb2 as pb
 from protos import modtrack_pb2_grpc as pb_grpc
 
-_REACHING = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)
 
 _warned: set[str] = set()
 
@@ -104,13 +103,13 @@ class Transport:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._connected = threading.Event()
-        # The channel's connectivity while a session is being set up: lets close() wait for a
-        # collector that is still being reached (a short job) but not for one that refuses.
-        self._channel_state: grpc.ChannelConnectivity | None = grpc.ChannelConnectivity.IDLE
+        # Set while a stream is open but the collector has not answered yet: close() waits for a
+        # collector still being reached (a short job), not for one that refused (the call failed).
+        self._reaching = threading.Event()
+        self._started_session = False  # before the sender's first session, close() may wait too
         self._paused = False
         self._clock_sync = ClockSync()
         self._stream: _Stream | None = None
-        self._ready: grpc.Future | None = None
         # Each counter has one writer thread, so plain ints need no lock.
         self._queue_dropped = 0  # training thread
         self._replay_dropped = 0  # sender thread
@@ -156,15 +155,13 @@ class Transport:
         """
         deadline = time.monotonic() + timeout_s
         while self._thread.is_alive() and time.monotonic() < deadline and self._has_unsent():
-            if not (self._connected.is_set() or self._channel_state in _REACHING):
+            if not (self._connected.is_set() or self._reaching.is_set() or not self._started_session):
                 break
             self._wake.set()
             time.sleep(0.01)
         self._stop.set()
         self._wake.set()
         try:
-            if self._ready is not None:
-                self._ready.cancel()
             stream = self._stream
             if stream is not None and stream.call is not None:
                 stream.call.cancel()
@@ -176,9 +173,6 @@ class Transport:
     def _has_unsent(self) -> bool:
         with self._replay_lock:
             return bool(self._replay) or bool(self._queue)
-
-    def _on_channel_state(self, state) -> None:
-        self._channel_state = state
 
     @property
     def connected(self) -> bool:
@@ -235,10 +229,12 @@ class Transport:
             backoff = min(most, backoff * 2)
 
     def _channel(self) -> grpc.Channel:
+        # gRPC reads its per-attempt connect deadline from this (oddly named) argument
+        options = [*_CHANNEL_OPTIONS, ("grpc.min_reconnect_backoff_ms", int(self._connect_timeout_s * 1000))]
         if self._tls_ca is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=self._tls_ca)
-            return grpc.secure_channel(self.target, creds, options=_CHANNEL_OPTIONS)
-        return grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+            return grpc.secure_channel(self.target, creds, options=options)
+        return grpc.insecure_channel(self.target, options=options)
 
     def _session(self, ever_connected: bool) -> bool:
         """One connection, from connect to failure.
@@ -248,30 +244,28 @@ class Transport:
         """
         channel = self._channel()
         stream = _Stream()
-        self._channel_state = grpc.ChannelConnectivity.IDLE
+        self._reaching.set()
+        self._started_session = True
         try:
-            channel.subscribe(self._on_channel_state, try_to_connect=True)
-            self._ready = grpc.channel_ready_future(channel)
-            try:
-                self._ready.result(timeout=self._connect_timeout_s)
-            except (grpc.FutureTimeoutError, grpc.FutureCancelledError):
-                if not self._stop.is_set():
-                    warn_once("unreachable", f"collector {self.target} unreachable; training goes on, retrying")
-                return False
             if self._stop.is_set():
                 return False
-            if ever_connected:
-                self._reconnects += 1
             self._paused = False  # a (re)started collector re-sends Pause if it wants one
             self._clock_sync.reset()
             self._stream = stream
             stub = pb_grpc.CollectorStub(channel)
+            # No wait_for_ready: a refused connection fails the call at once (UNAVAILABLE), and no
+            # connectivity poller thread is started (gRPC's poller races with channel.close()
+            # and with interpreter exit, printing tracebacks into the user's stderr).
             stream.call = stub.Stream(self._requests(stream), metadata=self._metadata)
-            self._connected.set()
             answered = False
             try:
                 for message in stream.call:
-                    answered = True
+                    if not answered:
+                        answered = True
+                        self._connected.set()
+                        self._reaching.clear()
+                        if ever_connected:
+                            self._reconnects += 1
                     self._handle(message, stream)
             except grpc.RpcError as e:
                 if not self._stop.is_set():
@@ -281,16 +275,17 @@ class Transport:
                         self._drop_poison()
                     if code == grpc.StatusCode.UNAUTHENTICATED:
                         warn_once("auth", f"collector {self.target} refused the token: {e.details()}")
+                    elif not answered and code == grpc.StatusCode.UNAVAILABLE:
+                        warn_once("unreachable", f"collector {self.target} unreachable; training goes on, retrying")
                     else:
                         warn_once(f"stream-{code}", f"stream to {self.target} broke ({code}: {e.details()}); reconnecting")
             return answered
         finally:
             stream.done = True
-            self._channel_state = None
+            self._reaching.clear()
             self._connected.clear()
             self._wake.set()
             try:
-                channel.unsubscribe(self._on_channel_state)  # before close: no poll of a closed channel
                 channel.close()
             except Exception:
                 pass
