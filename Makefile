@@ -1,15 +1,21 @@
-# The two entry points of the README: `make demo` and `make test`.
-PYTHON ?= python3
+# The two entry points of the README: `make demo` and `make test`. Both work in a virtual
+# environment of their own (.venv), so a stock Debian/Ubuntu Python ("externally managed") is fine.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 
-.PHONY: install system-deps test demo protos
+.PHONY: install system-deps test lint demo protos
 
 # Debian packages the tests drive for real: Prometheus + Alertmanager (alert rules end to end),
-# Chromium + its driver (the dashboard in a headless browser). Installed only where missing.
+# Chromium + its driver (the dashboard in a headless browser), venv for a stock Python.
 APT_PACKAGES := prometheus prometheus-alertmanager chromium chromium-driver
 
+$(PYTHON):
+	python3 -m venv $(VENV) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && python3 -m venv $(VENV); }
+	$(PIP) install --quiet --upgrade pip
+
 # torch is pinned for local installs: an unpinned torch would pull a multi-GB CUDA build.
-install:
+install: $(PYTHON)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
 
@@ -20,7 +26,12 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-test: system-deps install
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
+
+test: system-deps install lint
 	$(PYTHON) -m pytest -q
 
 demo: install
@@ -28,4 +39,4 @@ demo: install
 
 # Regenerate the wire code after editing protos/modtrack.proto (tests/test_protos.py checks it).
 protos:
-	$(PYTHON) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/modtrack.proto
+	$(PYTHON) protos/generate.py

@@ -1,4 +1,4 @@
-"""`python -m agent [--collector HOST:PORT] SCRIPT [ARGS...]` (also `modtrack-agent`).
+"""`python -m modtrack.agent [--collector HOST:PORT] SCRIPT [ARGS...]` (also `modtrack-agent`).
 
 Runs SCRIPT as __main__ in this very process, the way `python -m cProfile` does, with
 tracking switched on first: the user's code needs no change, and its argv, sys.path,
@@ -11,7 +11,7 @@ import os
 import runpy
 import sys
 
-USAGE = ("python -m agent [--collector HOST:PORT] [--job NAME] [--token-file F] [--tls-ca F] "
+USAGE = ("python -m modtrack.agent [--collector HOST:PORT] [--job NAME] [--token-file F] [--tls-ca F] "
          "[--clock auto|cpu|wall|cuda] SCRIPT [ARGS...]")
 
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     tracking = None
     if opts.collector:  # set up before sys.path changes: the agent imports from where it was found
-        from agent.api import track
+        from modtrack.agent.api import track
 
         fallback = f"{os.path.splitext(os.path.basename(script))[0]}-{os.getpid()}"
         tracking = track(opts.collector, opts.job, token_file=opts.token_file, tls_ca=opts.tls_ca,

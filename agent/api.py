@@ -9,8 +9,8 @@ from __future__ import annotations
 import atexit
 import os
 
-from agent.identity import identity_from_env
-from agent.transport import Transport, warn_once
+from modtrack.agent.identity import identity_from_env
+from modtrack.agent.transport import Transport, warn_once
 
 _active: "Tracking | None" = None
 
@@ -86,7 +86,7 @@ def track(
         token = token or os.environ.get("MODTRACK_TOKEN") or None
         tls_ca = tls_ca or os.environ.get("MODTRACK_TLS_CA") or None
         ca = _read(tls_ca) if tls_ca else None
-        from agent.tracker import ModuleTracker
+        from modtrack.agent.tracker import ModuleTracker
 
         identity = identity_from_env(job, fallback_job=fallback_job)
         transport = Transport(

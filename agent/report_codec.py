@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import uuid
 
-from agent.identity import Identity
-from agent.step_record import PHASES, StepRecord
-from protos import modtrack_pb2 as pb
+from modtrack.agent.identity import Identity
+from modtrack.agent.step_record import PHASES, StepRecord
+from modtrack.protos import modtrack_pb2 as pb
 
 PROTOCOL_VERSION = 1
 SESSION = uuid.uuid4().hex  # one per agent process: a restarted rank gets a new one

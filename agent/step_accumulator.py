@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.step_record import PHASES, PhaseColumns, StepRecord, TraceColumns
+from modtrack.agent.step_record import PHASES, PhaseColumns, StepRecord, TraceColumns
 
 # A row is a list of ints, one per module call:
 (MID, PHASE, F_START, F_END, PARENT, DEPTH, RECURSIVE, B_START, B_END, PENDING,

@@ -32,12 +32,12 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._pytree import tree_flatten
 
-from agent.clocks import make_clock
-from agent.module_names import ModuleNames
-from agent.step_accumulator import (B_END, B_START, B_WORK_END, B_WORK_START, F_END, F_START, F_WORK_END,
+from modtrack.agent.clocks import make_clock
+from modtrack.agent.module_names import ModuleNames
+from modtrack.agent.step_accumulator import (B_END, B_START, B_WORK_END, B_WORK_START, F_END, F_START, F_WORK_END,
                                     F_WORK_START, FORWARD, MID, PENDING, PHASE, RECOMPUTE, StepLog,
                                     build_step_record, step_summary)
-from agent.step_record import StepRecord
+from modtrack.agent.step_record import StepRecord
 
 logger = logging.getLogger(__name__)
 

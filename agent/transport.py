@@ -22,12 +22,12 @@ from typing import Callable
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import grpc  # noqa: E402
 
-from agent.clock_sync import ClockSync
-from agent.identity import Identity
-from agent.report_codec import encode_hello, encode_report
-from agent.step_record import StepRecord
-from protos import modtrack_pb2 as pb
-from protos import modtrack_pb2_grpc as pb_grpc
+from modtrack.agent.clock_sync import ClockSync
+from modtrack.agent.identity import Identity
+from modtrack.agent.report_codec import encode_hello, encode_report
+from modtrack.agent.step_record import StepRecord
+from modtrack.protos import modtrack_pb2 as pb
+from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 
 _warned: set[str] = set()

@@ -1,4 +1,4 @@
-"""`python -m collector serve|query` (also the `modtrack-collector` console script)."""
+"""`python -m modtrack.collector serve|query` (also the `modtrack-collector` console script)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 
-from collector import query_cli
+from modtrack.collector import query_cli
 
 
 def _serve_parser(sub) -> None:
@@ -37,7 +37,7 @@ def _serve_parser(sub) -> None:
 
 def _detector_flags(p) -> None:
     """--detect-* for every DetectorParams knob a user may tune; defaults from DetectorParams."""
-    from collector.detector import CPU_CLOCK_FLOOR, DetectorParams
+    from modtrack.collector.detector import CPU_CLOCK_FLOOR, DetectorParams
 
     d = DetectorParams()
     g = p.add_argument_group("straggler detection")
@@ -58,7 +58,7 @@ def _detector_flags(p) -> None:
 
 
 def _detector_params(args):
-    from collector.detector import DetectorParams
+    from modtrack.collector.detector import DetectorParams
 
     if not (1 <= args.detect_k <= args.detect_n <= 255):
         raise ValueError("--detect-k and --detect-n need 1 <= k <= n <= 255")
@@ -68,8 +68,8 @@ def _detector_params(args):
 
 
 def _serve(args) -> int:
-    from collector import auth
-    from collector.serve import ServeConfig, serve
+    from modtrack.collector import auth
+    from modtrack.collector.serve import ServeConfig, serve
 
     if bool(args.tls_cert) != bool(args.tls_key):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)

@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timezone
 from urllib.parse import quote
 
-from collector.step_matrix import Episode
+from modtrack.collector.step_matrix import Episode
 
 STRAGGLER_ALERT = "ModtrackStraggler"
 NODE_SUSPECT_ALERT = "ModtrackNodeSuspect"

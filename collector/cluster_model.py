@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from collector.step_matrix import StepMatrix
+from modtrack.collector.step_matrix import StepMatrix
 
 
 @dataclass

@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from collector.episodes import EpisodeBook
-from collector.step_matrix import Episode, StepMatrix
+from modtrack.collector.episodes import EpisodeBook
+from modtrack.collector.step_matrix import Episode, StepMatrix
 
 Z_SCALE = 0.6745  # makes the MAD of a normal sample comparable to its standard deviation
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from collector import auth, edge_limits
-from collector.merge import Merger
-from collector.store import PHASE_NAMES, STEP_FIGURES, Store, StepRow, StoreWriter
-from protos import modtrack_pb2 as pb
-from protos import modtrack_pb2_grpc as pb_grpc
+from modtrack.collector import auth, edge_limits
+from modtrack.collector.merge import Merger
+from modtrack.collector.store import PHASE_NAMES, STEP_FIGURES, Store, StepRow, StoreWriter
+from modtrack.protos import modtrack_pb2 as pb
+from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 log = logging.getLogger("modtrack.collector.ingest")
 

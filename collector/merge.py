@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from collector.step_matrix import StepMatrix
-from collector.store import StepRow
+from modtrack.collector.step_matrix import StepMatrix
+from modtrack.collector.store import StepRow
 
 _PHASE_SLOTS = 4  # column key = module_id * 4 + phase id
 

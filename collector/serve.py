@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 import grpc
 from aiohttp import web
 
-from collector import auth, edge_limits, http_api
-from collector.alert_payload import episode_to_alert
-from collector.alerting import AlertDispatcher
-from collector.detector import Detector, DetectorParams, params_for_clock
-from collector.ingest import IngestServicer
-from collector.merge import JobState, Merger, ReadyStep, RankState, build_matrix
-from collector.metrics import CollectorMetrics
-from collector.store import Store, StoreWriter
-from protos import modtrack_pb2 as pb
-from protos import modtrack_pb2_grpc as pb_grpc
+from modtrack.collector import auth, edge_limits, http_api
+from modtrack.collector.alert_payload import episode_to_alert
+from modtrack.collector.alerting import AlertDispatcher
+from modtrack.collector.detector import Detector, DetectorParams, params_for_clock
+from modtrack.collector.ingest import IngestServicer
+from modtrack.collector.merge import JobState, Merger, ReadyStep, RankState, build_matrix
+from modtrack.collector.metrics import CollectorMetrics
+from modtrack.collector.store import Store, StoreWriter
+from modtrack.protos import modtrack_pb2 as pb
+from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 log = logging.getLogger("modtrack.collector")
 

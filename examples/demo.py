@@ -88,13 +88,13 @@ def main(argv=None) -> int:
     job = f"demo-{int(time.time())}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     collector = subprocess.Popen(
-        [sys.executable, "-m", "collector", "serve", "--grpc-addr", grpc_addr, "--http-addr", http_addr,
+        [sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", grpc_addr, "--http-addr", http_addr,
          "--data-dir", data_dir, "--log-level", "WARNING"], env=env, cwd=REPO)
     try:
         wait_until_serving(f"{api}/api/v1/jobs", collector)
         print(f"collector: gRPC {grpc_addr}, HTTP {api}, data in {data_dir}", flush=True)
         train = [
-            "-m", "agent", "--collector", grpc_addr, "--job", job,
+            "-m", "modtrack.agent", "--collector", grpc_addr, "--job", job,
             os.path.join(HERE, "train.py"), "--steps", str(args.steps),
             "--slow-rank", str(args.slow_rank), "--slow-module", args.slow_module,
             "--slow-phase", args.slow_phase, "--slow-ms", str(args.slow_ms),

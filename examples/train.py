@@ -1,7 +1,7 @@
 """A small GPT-style language model trained with DDP on synthetic tokens, with a straggler on demand.
 
     torchrun --nproc-per-node 4 examples/train.py --steps 40
-    torchrun --nproc-per-node 4 -m agent --collector 127.0.0.1:50051 examples/train.py \
+    torchrun --nproc-per-node 4 -m modtrack.agent --collector 127.0.0.1:50051 examples/train.py \
         --slow-rank 2 --slow-module blocks.1.mlp --slow-phase backward --slow-ms 40 --slow-from-step 15
 
 The fault injection busy-waits (slow compute, not sleep) inside one module's forward, or

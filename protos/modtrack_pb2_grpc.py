@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import modtrack_pb2 as protos_dot_modtrack__pb2
+from modtrack.protos import modtrack_pb2 as modtrack_dot_protos_dot_modtrack__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/modtrack_pb2_grpc.py depends on'
+        + ' but the generated code in modtrack/protos/modtrack_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,8 +36,8 @@ class CollectorStub:
         """
         self.Stream = channel.stream_stream(
                 '/modtrack.v1.Collector/Stream',
-                request_serializer=protos_dot_modtrack__pb2.AgentMessage.SerializeToString,
-                response_deserializer=protos_dot_modtrack__pb2.CollectorMessage.FromString,
+                request_serializer=modtrack_dot_protos_dot_modtrack__pb2.AgentMessage.SerializeToString,
+                response_deserializer=modtrack_dot_protos_dot_modtrack__pb2.CollectorMessage.FromString,
                 _registered_method=True)
 
 
@@ -55,8 +55,8 @@ def add_CollectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Stream': grpc.stream_stream_rpc_method_handler(
                     servicer.Stream,
-                    request_deserializer=protos_dot_modtrack__pb2.AgentMessage.FromString,
-                    response_serializer=protos_dot_modtrack__pb2.CollectorMessage.SerializeToString,
+                    request_deserializer=modtrack_dot_protos_dot_modtrack__pb2.AgentMessage.FromString,
+                    response_serializer=modtrack_dot_protos_dot_modtrack__pb2.CollectorMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -84,8 +84,8 @@ class Collector:
             request_iterator,
             target,
             '/modtrack.v1.Collector/Stream',
-            protos_dot_modtrack__pb2.AgentMessage.SerializeToString,
-            protos_dot_modtrack__pb2.CollectorMessage.FromString,
+            modtrack_dot_protos_dot_modtrack__pb2.AgentMessage.SerializeToString,
+            modtrack_dot_protos_dot_modtrack__pb2.CollectorMessage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,9 +6,9 @@ import math
 import torch
 from torch import nn
 
-from agent import ModuleTracker
-from agent.clocks import CpuClock, CudaEventClock, make_clock
-from agent.tracker import MAX_PENDING_STEPS
+from modtrack.agent import ModuleTracker
+from modtrack.agent.clocks import CpuClock, CudaEventClock, make_clock
+from modtrack.agent.tracker import MAX_PENDING_STEPS
 
 torch.set_num_threads(1)
 

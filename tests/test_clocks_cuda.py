@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from agent import ModuleTracker
+from modtrack.agent import ModuleTracker
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -16,9 +16,9 @@ import urllib.request
 import grpc
 import pytest
 
-from collector.serve import Collector, ServeConfig
-from protos import modtrack_pb2 as pb
-from protos import modtrack_pb2_grpc as pb_grpc
+from modtrack.collector.serve import Collector, ServeConfig
+from modtrack.protos import modtrack_pb2 as pb
+from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 MODULES = ["Net", "Net.embed", "Net.blocks.0", "Net.blocks.1", "Net.head"]
 

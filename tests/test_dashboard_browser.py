@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protos import modtrack_pb2 as pb
-from protos import modtrack_pb2_grpc as pb_grpc
+from modtrack.protos import modtrack_pb2 as pb
+from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 from test_trace_export import assert_valid_chrome_trace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,9 +58,9 @@ class Collector:
 
 @contextlib.contextmanager
 def running_collector(tmp_path, *extra: str):
-    """`python -m collector serve` on free loopback ports; ended on exit."""
+    """`python -m modtrack.collector serve` on free loopback ports; ended on exit."""
     grpc_port, http_port = _free_port(), _free_port()
-    cmd = [sys.executable, "-m", "collector", "serve", "--grpc-addr", f"127.0.0.1:{grpc_port}",
+    cmd = [sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", f"127.0.0.1:{grpc_port}",
            "--http-addr", f"127.0.0.1:{http_port}", "--data-dir", str(tmp_path / "data"),
            "--watermark-s", "0.5", "--log-level", "WARNING", *extra]
     log = open(tmp_path / "collector.log", "w")
@@ -411,7 +411,7 @@ def torchrun_job(collector, tmp_path):
     """examples/train.py on 4 CPU ranks (gloo) under the agent; rank 2 slow in blocks.1.mlp's
     backward from step 4. Long enough to still be running while the page is inspected."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(TORCHRUN_RANKS),
-           "-m", "agent", "--collector", collector.grpc_addr, "--job", "ddp-demo",
+           "-m", "modtrack.agent", "--collector", collector.grpc_addr, "--job", "ddp-demo",
            "examples/train.py", "--steps", "400", "--threads", "1", "--log-every", "1000",
            "--slow-rank", str(TORCHRUN_SLOW_RANK), "--slow-module", "blocks.1.mlp", "--slow-phase", "backward",
            "--slow-ms", "50", "--slow-from-step", "4"]

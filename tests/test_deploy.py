@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_metrics import episode, matrix
 
-from collector.metrics import CollectorMetrics
+from modtrack.collector.metrics import CollectorMetrics
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
 ROOT = DEPLOY.parent
@@ -129,7 +129,7 @@ def test_collector_and_agents_meet_in_kubernetes():
     grpc_port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"]
     for template in pod_templates(docs["pytorchjob-example.yaml"]):
         command = template["spec"]["containers"][0]["command"]
-        assert command[:3] == ["torchrun", "-m", "agent"]
+        assert command[:3] == ["torchrun", "-m", "modtrack.agent"]
         assert f"--collector={service['metadata']['name']}:{grpc_port}" in command
 
 
@@ -163,14 +163,15 @@ def test_dockerfile_copies_what_exists_and_installs_no_torch():
         if line.startswith("COPY"):
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), source
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    kept = [d for d in deps if not d.startswith("torch")]
-    assert kept and len(kept) == len(deps) - 1
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    collector_install = project["dependencies"] + project["optional-dependencies"]["collector"]
+    assert not [d for d in collector_install if d.startswith("torch")]
+    assert "pip install --no-cache-dir '.[collector]'" in dockerfile
     assert '"--grpc-addr=0.0.0.0:50051", "--http-addr=0.0.0.0:8080"' in dockerfile
 
 
 def test_deploy_files_use_flags_the_collector_knows():
-    help_text = subprocess.run([sys.executable, "-m", "collector", "serve", "--help"], cwd=ROOT,
+    help_text = subprocess.run([sys.executable, "-m", "modtrack.collector", "serve", "--help"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout
     docs = dict(kubernetes_documents())
     used = [a.split("=")[0] for a in docs["collector-deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"][1:]]

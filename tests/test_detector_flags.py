@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from collector.detector import DetectorParams
-from protos import modtrack_pb2 as pb
+from modtrack.collector.detector import DetectorParams
+from modtrack.protos import modtrack_pb2 as pb
 from test_collector_harness import MODULES, CollectorThread, FakeRank, get, report, wait_for
 from test_collector_serve import ServeProcess
 
@@ -60,7 +60,7 @@ def test_detect_k_and_the_excess_floor_reach_the_detector(tmp_path):
 
 
 def test_k_above_n_is_a_clear_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "collector", "serve", "--data-dir", str(tmp_path),
+    out = subprocess.run([sys.executable, "-m", "modtrack.collector", "serve", "--data-dir", str(tmp_path),
                           "--detect-k", "6", "--detect-n", "5"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--detect-k" in out.stderr
 

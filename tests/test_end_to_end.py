@@ -1,5 +1,5 @@
 """The whole path on real processes: a collector subprocess, torchrun with CPU ranks (gloo),
-examples/train.py under `-m agent`, and the verdict read back over the HTTP API."""
+examples/train.py under `-m modtrack.agent`, and the verdict read back over the HTTP API."""
 from __future__ import annotations
 
 import json
@@ -41,7 +41,7 @@ class Collector:
         self.api = f"http://127.0.0.1:{free_port()}"
         self.log = open(os.path.join(data_dir, "collector.log"), "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "collector", "serve", "--grpc-addr", self.grpc_addr,
+            [sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", self.grpc_addr,
              "--http-addr", self.api.removeprefix("http://"), "--data-dir", str(data_dir)],
             env=ENV, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
@@ -96,7 +96,7 @@ def collector(tmp_path):
 
 
 def torchrun_cmd(ranks: int, agent_args: list[str], train_args: list[str], steps: int = STEPS) -> list[str]:
-    launch = ["-m", "agent", *agent_args] if agent_args else []
+    launch = ["-m", "modtrack.agent", *agent_args] if agent_args else []
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
             *launch, TRAIN, "--steps", str(steps), "--log-every", "5", *train_args]
 

@@ -27,7 +27,7 @@ SMALL = ["--dim", "32", "--heads", "2", "--layers", "2", "--context", "16", "--b
 def torchrun(target: str, job: str, steps: int, *train_args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "agent", "--collector", target, "--job", job, TRAIN, "--steps", str(steps),
+         "-m", "modtrack.agent", "--collector", target, "--job", job, TRAIN, "--steps", str(steps),
          *SMALL, *train_args],
         cwd=REPO, env=env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True)  # its own process group: the ranks die with it

@@ -34,7 +34,7 @@ class CollectorProcess:
         self.log_path = log_path
         self._log = open(log_path, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "collector", "serve", "--grpc-addr", f"127.0.0.1:{grpc_port}",
+            [sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", f"127.0.0.1:{grpc_port}",
              "--http-addr", "127.0.0.1:0", "--data-dir", str(data_dir), *extra],
             stdout=subprocess.PIPE, stderr=self._log, text=True, env=env(), cwd=REPO)
         found = threading.Event()

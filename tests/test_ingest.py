@@ -11,8 +11,8 @@ import urllib.request
 import grpc
 import pytest
 
-from protos import modtrack_pb2 as pb
-from protos import modtrack_pb2_grpc as pb_grpc
+from modtrack.protos import modtrack_pb2 as pb
+from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 from test_collector_harness import (CollectorThread, FakeRank, collector, get, post,  # noqa: F401
                                     report, stream_steps, wait_for)
 

@@ -72,7 +72,7 @@ def without_agent_lines(stderr: str) -> str:
 def test_same_behaviour_as_plain_python(script, tmp_path, args, collector):
     plain, _ = run([sys.executable, str(script), *args], cwd=tmp_path)
     agent_opts = [] if collector is None else ["--collector", f"127.0.0.1:{free_port()}", "--job", "t"]
-    tracked, elapsed = run([sys.executable, "-m", "agent", *agent_opts, str(script), *args], cwd=tmp_path)
+    tracked, elapsed = run([sys.executable, "-m", "modtrack.agent", *agent_opts, str(script), *args], cwd=tmp_path)
     assert tracked.returncode == plain.returncode
     assert plain.returncode == {"raise": 1, "exit3": 3}.get(args[0], 0)
     assert tracked.stdout == plain.stdout
@@ -83,7 +83,7 @@ def test_same_behaviour_as_plain_python(script, tmp_path, args, collector):
 
 def test_environment_variable_names_the_collector(script, tmp_path):
     """MODTRACK_COLLECTOR alone switches tracking on; an unreachable one changes nothing."""
-    out, _ = run([sys.executable, "-m", "agent", str(script), "x"], cwd=tmp_path,
+    out, _ = run([sys.executable, "-m", "modtrack.agent", str(script), "x"], cwd=tmp_path,
                  env={"MODTRACK_COLLECTOR": f"127.0.0.1:{free_port()}"})
     assert out.returncode == 0 and out.stdout.startswith("argv ['x'] name __main__ path0 proj")
 
@@ -91,7 +91,7 @@ def test_environment_variable_names_the_collector(script, tmp_path):
 def test_console_script_and_missing_script(script, tmp_path):
     out, _ = run(["modtrack-agent", str(script), "y"], cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.startswith("argv ['y'] name __main__")
-    out, _ = run([sys.executable, "-m", "agent", str(tmp_path / "nope.py")], cwd=tmp_path)
+    out, _ = run([sys.executable, "-m", "modtrack.agent", str(tmp_path / "nope.py")], cwd=tmp_path)
     assert out.returncode == 2 and "can't open file" in out.stderr
 
 
@@ -108,7 +108,7 @@ def stdout_lines(text: str) -> list[str]:
 def test_under_torchrun(script, tmp_path, args):
     dead = f"127.0.0.1:{free_port()}"
     plain, _ = run(torchrun(str(script), *args), cwd=tmp_path)
-    tracked, _ = run(torchrun("-m", "agent", "--collector", dead, str(script), *args), cwd=tmp_path)
+    tracked, _ = run(torchrun("-m", "modtrack.agent", "--collector", dead, str(script), *args), cwd=tmp_path)
     no_python, _ = run(torchrun("--no-python", "modtrack-agent", "--collector", dead, str(script), *args),
                        cwd=tmp_path)
     assert plain.returncode == (0 if args == ["a"] else 1)
@@ -151,7 +151,7 @@ def test_dead_collector_costs_no_step_time_and_no_exit_time(tmp_path):
     path = tmp_path / "timed.py"
     path.write_text(TIMED)
     plain, plain_s = run([sys.executable, str(path)], cwd=tmp_path)
-    tracked, tracked_s = run([sys.executable, "-m", "agent", "--collector", f"127.0.0.1:{free_port()}",
+    tracked, tracked_s = run([sys.executable, "-m", "modtrack.agent", "--collector", f"127.0.0.1:{free_port()}",
                               str(path)], cwd=tmp_path)
     assert plain.returncode == tracked.returncode == 0, tracked.stderr
     assert tracked.stdout == plain.stdout  # same numbers: the agent changes nothing
@@ -186,7 +186,7 @@ def test_forked_data_loader_workers_print_nothing_extra(tmp_path, serve):
     path = tmp_path / "forking.py"
     path.write_text(FORKING)
     plain, _ = run([sys.executable, str(path)], cwd=tmp_path)
-    tracked, _ = run([sys.executable, "-m", "agent", "--collector", f"127.0.0.1:{port}", "--job", "fork",
+    tracked, _ = run([sys.executable, "-m", "modtrack.agent", "--collector", f"127.0.0.1:{port}", "--job", "fork",
                       str(path)], cwd=tmp_path)
     assert plain.returncode == tracked.returncode == 0, tracked.stderr
     assert tracked.stdout == plain.stdout
@@ -195,8 +195,8 @@ def test_forked_data_loader_workers_print_nothing_extra(tmp_path, serve):
 
 
 CLOCK = textwrap.dedent("""
-    import agent.api
-    print("clock", agent.api._active.tracker._clock.durations)
+    import modtrack.agent.api
+    print("clock", modtrack.agent.api._active.tracker._clock.durations)
 """)
 
 
@@ -206,11 +206,11 @@ def test_clock_choice_reaches_the_tracker(tmp_path, how):
     path.write_text(CLOCK)
     dead = f"127.0.0.1:{free_port()}"
     if how == "flag":
-        out, _ = run([sys.executable, "-m", "agent", "--collector", dead, "--clock", "wall", str(path)], cwd=tmp_path)
+        out, _ = run([sys.executable, "-m", "modtrack.agent", "--collector", dead, "--clock", "wall", str(path)], cwd=tmp_path)
     else:
-        out, _ = run([sys.executable, "-m", "agent", "--collector", dead, str(path)], cwd=tmp_path,
+        out, _ = run([sys.executable, "-m", "modtrack.agent", "--collector", dead, str(path)], cwd=tmp_path,
                      env={"MODTRACK_CLOCK": "wall"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "clock wall"
-    out, _ = run([sys.executable, "-m", "agent", "--clock", "sundial", str(path)], cwd=tmp_path)
+    out, _ = run([sys.executable, "-m", "modtrack.agent", "--clock", "sundial", str(path)], cwd=tmp_path)
     assert out.returncode == 2 and "invalid choice" in out.stderr

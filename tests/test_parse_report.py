@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector import edge_limits
-from collector.ingest import InvalidInput, RankStream, _explain_phases, parse_report
-from protos import modtrack_pb2 as pb
+from modtrack.collector import edge_limits
+from modtrack.collector.ingest import InvalidInput, RankStream, _explain_phases, parse_report
+from modtrack.protos import modtrack_pb2 as pb
 
 TABLE = 6
 DAY, ABS = edge_limits.MAX_DURATION_NS, edge_limits.MAX_ABS_TIME_NS

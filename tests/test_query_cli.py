@@ -1,4 +1,4 @@
-"""`python -m collector query`: tables, --json, and one-line errors with non-zero exits."""
+"""`python -m modtrack.collector query`: tables, --json, and one-line errors with non-zero exits."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from test_http_api import run_slow_job, wait_evaluated
 
 
 def query(*args, timeout=30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "collector", "query", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "modtrack.collector", "query", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from collector import auth
-from collector.serve import ServeConfig
+from modtrack.collector import auth
+from modtrack.collector.serve import ServeConfig
 from test_collector_harness import CollectorThread, FakeRank, get, stream_steps, wait_for
 from test_fail_open_harness import REPO, CollectorProcess, env
 
@@ -121,7 +121,7 @@ def test_per_job_tokens_on_grpc_and_http(tmp_path):
 def test_defaults_bind_loopback_only():
     assert ServeConfig().http_addr.startswith("127.0.0.1:")
     assert ServeConfig().grpc_addr.startswith("127.0.0.1:")
-    from collector.__main__ import _serve_parser
+    from modtrack.collector.__main__ import _serve_parser
     parser = argparse.ArgumentParser()
     _serve_parser(parser.add_subparsers())
     args = parser.parse_args(["serve"])
@@ -132,7 +132,7 @@ def test_defaults_bind_loopback_only():
 def start_agent(tmp_path, target, job, extra_env=None, *args) -> subprocess.Popen:
     script = tmp_path / "train_small.py"
     script.write_text(TRAIN)
-    return subprocess.Popen([sys.executable, "-m", "agent", "--collector", target, "--job", job,
+    return subprocess.Popen([sys.executable, "-m", "modtrack.agent", "--collector", target, "--job", job,
                              *args, str(script)], cwd=REPO, env=env(**(extra_env or {})),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

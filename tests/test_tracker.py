@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.module_tracker import ModuleTracker as SeedTracker
 
-from agent import ModuleTracker
-from agent.step_accumulator import step_summary
+from modtrack.agent import ModuleTracker
+from modtrack.agent.step_accumulator import step_summary
 
 torch.set_num_threads(1)
 
@@ -192,7 +192,7 @@ def test_names_match_the_seed_and_ignore_ddp_wrapping(free_port):
 def test_checkpoint_and_compile_wrappers_are_stripped_from_names():
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from agent.module_names import SKIP, ModuleNames
+    from modtrack.agent.module_names import SKIP, ModuleNames
 
     model = Net()
     model.blocks[1] = checkpoint_wrapper(model.blocks[1])
@@ -503,9 +503,9 @@ def test_torch_compile_model_does_not_crash_and_is_timed_as_a_whole():
 
 def test_a_loop_that_never_ends_a_step_stays_bounded(monkeypatch):
     """Inference under the launcher: no optimizer, no step(). Calls must not pile up forever."""
-    import agent.tracker
+    import modtrack.agent.tracker
 
-    monkeypatch.setattr(agent.tracker, "MAX_CALLS_PER_STEP", 300)
+    monkeypatch.setattr(modtrack.agent.tracker, "MAX_CALLS_PER_STEP", 300)
     model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(10)])  # 11 calls per forward
     seen = []
     with ModuleTracker(on_step=seen.append, clock="cpu") as t:

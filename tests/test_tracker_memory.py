@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from agent import ModuleTracker
+from modtrack.agent import ModuleTracker
 
 torch.set_num_threads(1)
 

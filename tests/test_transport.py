@@ -14,12 +14,12 @@ import grpc
 import numpy as np
 import pytest
 
-from agent.identity import Identity
-from agent.report_codec import encode_report
-from agent.step_record import PhaseColumns, StepRecord, TraceColumns
-from agent.transport import Transport
-from protos import modtrack_pb2 as pb
-from protos import modtrack_pb2_grpc as pb_grpc
+from modtrack.agent.identity import Identity
+from modtrack.agent.report_codec import encode_report
+from modtrack.agent.step_record import PhaseColumns, StepRecord, TraceColumns
+from modtrack.agent.transport import Transport
+from modtrack.protos import modtrack_pb2 as pb
+from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 IDENTITY = Identity(job="j", rank=1, local_rank=1, world_size=2, group_rank=0, host="h", pid=7)
 NAMES = ["Net", "Net.a", "Net.b"]
@@ -298,9 +298,9 @@ def test_process_with_no_collector_exits_promptly():
     port = free_port()
     script = textwrap.dedent(f"""
         import atexit, time
-        from agent.identity import Identity
-        from agent.transport import Transport
-        from agent.step_record import StepRecord
+        from modtrack.agent.identity import Identity
+        from modtrack.agent.transport import Transport
+        from modtrack.agent.step_record import StepRecord
         t = Transport("127.0.0.1:{port}", Identity("j", 0, 0, 1, 0, "h", 1)).start()
         atexit.register(t.close)
         for s in range(100):

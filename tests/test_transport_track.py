@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from agent import api
+from modtrack.agent import api
 from test_transport import FakeCollector, free_port, serve, wait_for  # noqa: F401  (serve is a fixture)
 
 

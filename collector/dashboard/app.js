@@ -216,7 +216,7 @@ function renderJobs() {
 function renderEmpty() {
   $("verdict").dataset.state = "loading";
   $("verdict-title").textContent = "No job has reported yet.";
-  $("verdict-detail").textContent = "Start training with the agent: torchrun … -m agent --collector HOST:PORT train.py";
+  $("verdict-detail").textContent = "Start training with the agent: torchrun … -m modtrack.agent --collector HOST:PORT train.py";
 }
 
 function render() {

@@ -69,7 +69,7 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
         from torch.utils.module_tracker import ModuleTracker as Tracker
     elif mode == "modtrack":
         sys.path.insert(0, ROOT)
-        from agent import ModuleTracker as Tracker
+        from modtrack.agent import ModuleTracker as Tracker
     ctx = contextlib.nullcontext() if mode == "plain" else Tracker()
     # CPU time of this (only) thread: other processes on a shared machine do not inflate it.
     clock = time.thread_time if cpu_time and not cuda else time.perf_counter

@@ -21,13 +21,13 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from collector.cluster_model import ClusterModel
-from collector.detector import Detector
-from collector.ingest import RankStream, parse_report
-from collector.merge import Merger, build_matrix
-from collector.simulate import parse_straggler, report
-from collector.store import Store
-from protos import modtrack_pb2 as pb
+from modtrack.collector.cluster_model import ClusterModel
+from modtrack.collector.detector import Detector
+from modtrack.collector.ingest import RankStream, parse_report
+from modtrack.collector.merge import Merger, build_matrix
+from modtrack.collector.simulate import parse_straggler, report
+from modtrack.collector.store import Store
+from modtrack.protos import modtrack_pb2 as pb
 
 
 def in_process(ranks: int, modules: int, steps: int, store_dir: str | None = None) -> dict:
@@ -118,7 +118,7 @@ def loopback(ranks: int, modules: int, seconds: int, step_s: float, procs: int) 
     steps = int(seconds / step_s)
     with tempfile.TemporaryDirectory() as data:
         server = subprocess.Popen(
-            [sys.executable, "-m", "collector", "serve", "--grpc-addr", "127.0.0.1:0",
+            [sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", "127.0.0.1:0",
              "--http-addr", "127.0.0.1:0", "--data-dir", data, "--log-level", "WARNING"],
             stdout=subprocess.PIPE, text=True)
         try:
@@ -128,7 +128,7 @@ def loopback(ranks: int, modules: int, seconds: int, step_s: float, procs: int) 
             cpu0, _, _ = _proc(server.pid)
             t0 = time.monotonic()
             sim = subprocess.Popen(
-                [sys.executable, "-m", "collector.simulate", "--collector", grpc_addr, "--job", "bench",
+                [sys.executable, "-m", "modtrack.collector.simulate", "--collector", grpc_addr, "--job", "bench",
                  "--ranks", str(ranks), "--modules", str(modules), "--steps", str(steps),
                  "--step-s", str(step_s), "--procs", str(procs), "--start-delay-s", "15",
                  "--straggler", "rank=7,module=3,phase=backward,slowdown=1.5,onset=20"],

@@ -52,7 +52,7 @@ def worker(argv: list[str]) -> None:
     gaps = [b - a for a, b in zip(stamps[10:], stamps[11:])]  # after warm-up
     stats = {}
     try:
-        from agent import api
+        from modtrack.agent import api
         if api._active is not None:
             stats = api._active.transport.stats
     except Exception:
@@ -78,7 +78,7 @@ def run_case(case: str, steps: int, tmp: str) -> dict:
     elif case == "stalled":
         stalled = StalledServer()
         target = f"127.0.0.1:{stalled.port}"
-    agent = [] if case == "no agent" else ["-m", "agent", "--collector", target, "--job", case]
+    agent = [] if case == "no agent" else ["-m", "modtrack.agent", "--collector", target, "--job", case]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            *agent, os.path.abspath(__file__), "--worker", "--steps", str(steps), *TRAIN_ARGS]
     started = time.monotonic()
