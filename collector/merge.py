@@ -17,6 +17,7 @@ from modtrack.collector.step_matrix import StepMatrix
 from modtrack.collector.store import StepRow
 
 _PHASE_SLOTS = 4  # column key = module_id * 4 + phase id
+_CPU_CLOCK = 1  # protos ClockKind CLOCK_KIND_CPU
 
 
 @dataclass
@@ -154,11 +155,20 @@ def build_matrix(state: JobState, step: int, rows: dict[int, StepRow]) -> StepMa
     self_ms = np.full((len(ranks), len(columns)), np.nan)
     self_ms[np.repeat(np.arange(len(ranks)), lengths), inverse] = self_ns / 1e6
     figures = {name: np.array([r.figures[name] for r in ordered], dtype=np.float64)
-               for name in ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns")}
+               for name in ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns",
+                            "data_ns", "optimizer_ns")}
+    tail_ms = figures["backward_tail_ns"] / 1e6
+    # On the CPU clock a module's self time is compute only, so forward and backward wall minus all
+    # module compute is what the rank waited, in whatever phase (FSDP all-gathers, DDP's tail).
+    # Other clocks (CUDA events) cannot be subtracted from host walls: the backward tail it is.
+    cpu = np.array([r in state.ranks and state.ranks[r].clock_kind == _CPU_CLOCK for r in ranks], bool)
+    in_modules = (figures["forward_ns"] + figures["backward_ns"]) / 1e6 - np.nansum(self_ms, axis=1)
+    idle_ms = np.where(cpu, np.maximum(in_modules, tail_ms), tail_ms)
     return StepMatrix(
         job=state.job, step=step, ranks=np.array(ranks, dtype=np.int64),
         hosts=[state.ranks[r].host if r in state.ranks else "" for r in ranks],
         column_module=columns // _PHASE_SLOTS, column_phase=columns % _PHASE_SLOTS,
         self_ms=self_ms, wall_ms=(figures["end_ns"] - figures["start_ns"]) / 1e6,
-        sync_wait_ms=figures["backward_tail_ns"] / 1e6, forward_ms=figures["forward_ns"] / 1e6,
-        backward_ms=figures["backward_ns"] / 1e6, module_names=state.names)
+        sync_wait_ms=tail_ms, forward_ms=figures["forward_ns"] / 1e6,
+        backward_ms=figures["backward_ns"] / 1e6, module_names=state.names,
+        data_ms=figures["data_ns"] / 1e6, optimizer_ms=figures["optimizer_ns"] / 1e6, idle_ms=idle_ms)

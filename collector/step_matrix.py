@@ -25,11 +25,22 @@ class StepMatrix:
     forward_ms: np.ndarray = field(default=None)  # (R,) optional, for the API
     backward_ms: np.ndarray = field(default=None)  # (R,)
     module_names: list[str] = field(default_factory=list)  # job-wide id -> name
+    # Step-level figures outside modules (wall time), judged like module columns when present:
+    data_ms: np.ndarray | None = None  # (R,) data loading and everything outside fwd/bwd/optimizer
+    optimizer_ms: np.ndarray | None = None  # (R,)
+    # Time in forward and backward not spent computing (wall minus module compute): the waits of
+    # every phase (FSDP's forward all-gathers, reduce-scatters, DDP's backward tail). None: the
+    # backward tail (sync_wait_ms) is all that is known.
+    idle_ms: np.ndarray | None = None  # (R,)
 
 
 @dataclass
 class Episode:
-    """A rank (or a whole host, rank = -1) found slow in one module and phase."""
+    """A rank (or a whole host, rank = -1) found slow: one verdict listing every place it is slow.
+
+    module/phase name the costliest entry when the episode opened (they identify its alert);
+    `modules` lists every significant module x phase (and step-level cause) by excess, now.
+    """
 
     job: str
     rank: int  # -1 for a host-level (node suspect) episode
@@ -44,3 +55,7 @@ class Episode:
     cost_pct: float = 0.0
     ranks: list[int] = field(default_factory=list)  # for host episodes: the ranks involved
     id: int | None = None  # set by the store
+    cause: str = ""  # what to look at: "compute in 4 modules", "data loading", "whole rank", ...
+    excess_ms: float = 0.0  # the culprit's own excess time per slow step, over its peers' median
+    modules: list[dict] = field(default_factory=list)  # [{module, phase, excess_ms, slowdown}], costliest first
+    attempt: int = 0  # torchelastic restart count of the job when the episode opened
