@@ -325,7 +325,8 @@ class EpisodeBook:
         elif whole:
             text = "whole rank"
         else:
-            parts, modules = [], sum(1 for _, phase in names if phase in ("forward", "backward", "recompute"))
+            parts = []
+            modules = len({name for name, phase in names if phase in ("forward", "backward", "recompute")})
             for name, phase in names:
                 if phase == "data" and "data loading" not in parts:
                     parts.append("data loading")

@@ -50,6 +50,8 @@ class RankStream:
     names: list
     remap: np.ndarray  # rank-local module id -> job-wide module id
     out: asyncio.Queue
+    attempt: int = 0  # the job's attempt this stream belongs to (torchelastic restarts)
+    duplicates_logged: bool = False  # a refused duplicate is logged once per stream
 
 
 def _array(values, dtype) -> np.ndarray:
@@ -82,7 +84,7 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
                "first_start": block[_FIRST_START], "last_end": block[_LAST_END]}
     counters = {name: getattr(report.counters, name) for name in COUNTERS}
     return StepRow(stream.job, stream.rank, report.step, figures, modules,
-                   _parse_trace(report, stream, where), counters)
+                   _parse_trace(report, stream, where), counters, getattr(stream, "attempt", 0))
 
 
 def _phase_block(phases):
@@ -312,19 +314,21 @@ class IngestServicer(pb_grpc.CollectorServicer):
 
     def _hello(self, h, out: asyncio.Queue) -> RankStream:
         _validate_hello(h)
-        job = self.merger.hello(h.job, h.rank, h.world_size, h.host, h.clock_kind)
+        announced = h.attempt if h.HasField("attempt") else None
+        job = self.merger.hello(h.job, h.rank, h.world_size, h.host, h.clock_kind, h.session, announced)
+        attempt = job.sessions[h.rank][0]
         names = list(h.module_names)
         remap = self._extend(job.job)(names)
-        stream = RankStream(h.job, h.rank, names, remap, out)
+        stream = RankStream(h.job, h.rank, names, remap, out, attempt)
         self.streams.setdefault(h.job, set()).add(stream)
-        self.writer.call(self.store.upsert_job, h.job, h.world_size)
+        self.writer.call(self.store.upsert_job, h.job, h.world_size, job.attempt)
         self.writer.call(self.store.upsert_rank, h.job, h.rank, {
             "local_rank": h.local_rank, "group_rank": h.group_rank, "host": h.host, "pid": h.pid,
             "session": h.session, "torch_version": h.torch_version,
             "agent_version": h.agent_version, "clock_kind": h.clock_kind,
-            "last_seen_ns": time.time_ns(), "state": "live"})
-        log.info("rank %d of job %r connected from %s (pid %d, %d modules)", h.rank, h.job,
-                 h.host, h.pid, len(names))
+            "last_seen_ns": time.time_ns(), "state": "live", "attempt": attempt})
+        log.info("rank %d of job %r (attempt %d) connected from %s (pid %d, %d modules)", h.rank, h.job,
+                 attempt, h.host, h.pid, len(names))
         return stream
 
     def _extend(self, job: str):
@@ -340,7 +344,14 @@ class IngestServicer(pb_grpc.CollectorServicer):
     def _report(self, report, stream: RankStream, acks: asyncio.Queue) -> None:
         row = parse_report(report, stream, self._extend(stream.job))
         acks.put_nowait((row.step, self.writer.steps([row])))
-        self.merger.add(row)
+        if not self.merger.add(row):  # stored, but too late (or of an older attempt) to be merged
+            if self.metrics is not None:
+                self.metrics.count_duplicate(stream.job, "late")
+            if not stream.duplicates_logged:
+                stream.duplicates_logged = True
+                log.warning("rank %d of job %r (attempt %d): step %d came after the job's step %d was "
+                            "evaluated; stored, not merged (logged once per stream)", stream.rank,
+                            stream.job, stream.attempt, row.step, self.merger.jobs[stream.job].last_evaluated)
         info = self.merger.jobs[stream.job].ranks[stream.rank]
         info.counters = row.counters
         self._observe_rank(stream, info)

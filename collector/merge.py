@@ -4,7 +4,8 @@ A step is evaluated once every live rank has reported it, or `watermark_s` after
 report, whichever comes first, and steps of one job are evaluated in ascending order. A rank
 with no report for `missing_after_s` is marked missing: it is not waited for, and it is not a
 straggler (it simply is not in the matrix). Reports for steps already evaluated are stored but
-not merged again.
+not merged again. A torchelastic restart is a new attempt of the job: its steps start again at 0,
+are stored under (attempt, step), and only the newest attempt is merged.
 """
 from __future__ import annotations
 
@@ -42,13 +43,14 @@ class ReadyStep:
     step: int
     rows: dict  # rank -> StepRow
     lag_s: float  # first report -> evaluation
+    attempt: int = 0
 
 
 class JobState:
     """What the merge knows about one job: ranks, the job-wide module table, pending steps."""
 
     def __init__(self, job: str, world_size: int, names: list[str] | None = None,
-                 last_evaluated: int = -1):
+                 last_evaluated: int = -1, attempt: int = 0):
         self.job = job
         self.world_size = world_size
         self.names: list[str] = list(names or [])
@@ -56,6 +58,30 @@ class JobState:
         self.ranks: dict[int, RankState] = {}
         self.pending: dict[int, PendingStep] = {}
         self.last_evaluated = last_evaluated
+        self.attempt = attempt  # the newest attempt (torchelastic restarts); only it is merged
+        self.sessions: dict[int, tuple[int, str]] = {}  # rank -> (attempt, session) of its last hello
+
+    def attempt_of(self, rank: int, session: str, announced: int | None) -> int:
+        """The attempt a rank's hello belongs to; a newer one starts the job's steps afresh.
+
+        torchelastic's restart count when the agent sends it; else a rank that comes back with a
+        new session (a new process) after one of this attempt is the next attempt, and the same
+        session is a reconnect."""
+        known = self.sessions.get(rank)
+        if announced is not None:
+            attempt = announced
+        elif known is None or not session or not known[1]:
+            attempt = self.attempt
+        elif known[1] == session:
+            attempt = known[0]
+        else:
+            attempt = max(self.attempt, known[0] + 1)
+        self.sessions[rank] = (attempt, session)
+        if attempt > self.attempt:
+            self.attempt = attempt
+            self.pending.clear()  # the old attempt's unfinished steps will never complete
+            self.last_evaluated = -1
+        return attempt
 
     def module_ids(self, names: list[str]) -> tuple[np.ndarray, int, list[str]]:
         """Job-wide ids for a rank's names, adding the unseen ones. Returns (ids, first id
@@ -90,8 +116,11 @@ class Merger:
         state.world_size = max(world_size, 1)
         return state
 
-    def hello(self, job: str, rank: int, world_size: int, host: str, clock_kind: int = 0) -> JobState:
+    def hello(self, job: str, rank: int, world_size: int, host: str, clock_kind: int = 0,
+              session: str = "", attempt: int | None = None) -> JobState:
+        """Register a rank's stream; `state.sessions[rank][0]` is then the attempt it belongs to."""
         state = self.job(job, world_size)
+        state.attempt_of(rank, session, attempt)
         state.ranks[rank] = RankState(host=host, last_seen=time.monotonic(), clock_kind=clock_kind)
         return state
 
@@ -102,7 +131,7 @@ class Merger:
         rank = state.ranks[row.rank]
         rank.last_seen = now
         rank.state = "live"
-        if row.step <= state.last_evaluated:
+        if row.attempt != state.attempt or row.step <= state.last_evaluated:
             self.late_reports += 1
             return False
         pending = state.pending.get(row.step)
@@ -131,7 +160,7 @@ class Merger:
                     break
                 del state.pending[step]
                 state.last_evaluated = step
-                ready.append(ReadyStep(state, step, pending.rows, now - pending.first_seen))
+                ready.append(ReadyStep(state, step, pending.rows, now - pending.first_seen, state.attempt))
         return ready, missing
 
 
@@ -171,4 +200,5 @@ def build_matrix(state: JobState, step: int, rows: dict[int, StepRow]) -> StepMa
         self_ms=self_ms, wall_ms=(figures["end_ns"] - figures["start_ns"]) / 1e6,
         sync_wait_ms=tail_ms, forward_ms=figures["forward_ns"] / 1e6,
         backward_ms=figures["backward_ns"] / 1e6, module_names=state.names,
-        data_ms=figures["data_ns"] / 1e6, optimizer_ms=figures["optimizer_ns"] / 1e6, idle_ms=idle_ms)
+        data_ms=figures["data_ns"] / 1e6, optimizer_ms=figures["optimizer_ns"] / 1e6, idle_ms=idle_ms,
+        attempt=state.attempt)

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from modtrack.collector.step_matrix import Episode, StepMatrix
 
 DEFAULT_TOP_K = 20
+MODULES_PER_EPISODE = 5  # listed entries exported per active episode: the bound is top_k x this per job
 AGENT_COUNTERS = ("reports_dropped", "reconnects", "hook_errors", "send_errors")
 
 
@@ -43,6 +44,8 @@ class _Job:
     stragglers: list[Episode] = field(default_factory=list)  # active, costliest first, <= top_k
     stragglers_active: int = 0  # before the top-k cut
     suspect_hosts: set[str] = field(default_factory=set)
+    attempt: int = 0
+    duplicates: dict[str, int] = field(default_factory=dict)  # reason -> reports stored but not merged
 
 
 class CollectorMetrics:
@@ -64,6 +67,9 @@ class CollectorMetrics:
     def observe_step(self, matrix: StepMatrix, lag_s: float) -> None:
         with self._lock:
             job = self._job(matrix.job)
+            attempt = int(getattr(matrix, "attempt", 0) or 0)
+            if attempt != job.attempt:
+                job.attempt, job.last_step = attempt, -1
             job.matrix = matrix
             job.last_step = max(job.last_step, int(matrix.step))
         self.verdict_lag.observe(max(lag_s, 0.0))
@@ -91,6 +97,17 @@ class CollectorMetrics:
             state.stragglers = ranked[: self.top_k]
             state.stragglers_active = len(ranked)
             state.suspect_hosts = {e.host for e in active if e.rank < 0}
+
+    def count_duplicate(self, job: str, reason: str, n: int = 1) -> None:
+        """A report stored but not merged: "late" (its step was already evaluated) or "conflict" (a
+        different report with the same (attempt, step, rank) was stored first)."""
+        with self._lock:
+            d = self._job(job).duplicates
+            d[reason] = d.get(reason, 0) + n
+
+    def set_duplicates(self, job: str, reason: str, n: int) -> None:
+        with self._lock:
+            self._job(job).duplicates[reason] = n
 
     def mark_rank_missing(self, job: str, rank: int, host: str) -> None:
         with self._lock:
@@ -162,6 +179,9 @@ class CollectorMetrics:
         if job.last_step >= 0:
             f["last_step"].add(job_labels, job.last_step)
         f["n_active"].add(job_labels, job.stragglers_active)
+        f["attempt"].add(job_labels, job.attempt)
+        for reason, n in sorted(job.duplicates.items()):
+            f["duplicates"].add(_labels(job=name, reason=reason), n)
         seen = set()
         for e in job.stragglers:
             labels = _labels(job=name, rank=e.rank, host=e.host, module=e.module, phase=e.phase)
@@ -170,6 +190,10 @@ class CollectorMetrics:
             seen.add(labels)
             f["slowdown"].add(labels, e.slowdown)
             f["cost"].add(labels, e.cost_ms_per_step / 1e3)
+            f["excess"].add(labels, e.excess_ms / 1e3)
+            for entry in e.modules[:MODULES_PER_EPISODE]:
+                f["module_excess"].add(_labels(job=name, rank=e.rank, host=e.host, module=entry["module"],
+                                               phase=entry["phase"]), entry["excess_ms"] / 1e3)
         for host in sorted(job.suspect_hosts):
             f["node"].add(_labels(job=name, host=host), 1)
 
@@ -227,6 +251,15 @@ _FAMILIES = {  # key: (name, type, help)
     "slowdown": ("modtrack_straggler_slowdown_ratio", "gauge",
                  "Active straggler: the rank's time over its peers' median."),
     "cost": ("modtrack_straggler_cost_seconds_per_step", "gauge", "Active straggler: step time the job loses to it."),
+    "excess": ("modtrack_straggler_excess_seconds_per_step", "gauge",
+               "Active straggler: the rank's own excess time per slow step over its peers' median, all places."),
+    "module_excess": ("modtrack_straggler_module_excess_seconds", "gauge",
+                      f"Active straggler: excess per slow step in each listed module x phase (at most "
+                      f"{MODULES_PER_EPISODE} per episode)."),
+    "attempt": ("modtrack_job_attempt", "gauge", "The job's latest attempt (torchelastic restarts, 0 first)."),
+    "duplicates": ("modtrack_reports_duplicate", "counter",
+                   "Reports stored but not merged, by reason (late: step already evaluated; conflict: "
+                   "another report had the same attempt, step and rank)."),
     "n_active": ("modtrack_straggler_episodes_active", "gauge",
                  "Active rank episodes of the job (the per-episode series keep the costliest top-k)."),
     "node": ("modtrack_node_suspect", "gauge", "1 while the host's ranks straggle together."),

@@ -156,18 +156,19 @@ class Collector:
             job = row["job"]
             last = row["last_evaluated_step"]
             state = JobState(job, row["world_size"], self.store.module_names(job),
-                             -1 if last is None else last)
+                             -1 if last is None else last, row["attempt"])
             for r in self.store.ranks(job):  # not waited for until they report again
                 state.ranks[r["rank"]] = RankState(host=r["host"] or "", last_seen=0.0,
                                                    state="missing",
                                                    clock_offset_ns=r["clock_offset_ns"] or 0,
                                                    clock_kind=r["clock_kind"] or 0)
+                state.sessions[r["rank"]] = (r["attempt"] or 0, r["session"] or "")
             self.merger.jobs[job] = state
             episodes = self.store.episodes(job, "active")
             for ep in self.store.episodes(job):
                 self.episode_ids[_episode_key(ep)] = ep.id
             if episodes:
-                self._detector(job).restore(episodes)
+                self._detector(job, state.attempt).restore(episodes)
         self._next_episode_id = self.store.max_episode_id() + 1
 
     # --- the merge tick and evaluation -----------------------------------------------------------
@@ -185,6 +186,8 @@ class Collector:
                     self.metrics.mark_rank_missing(job, rank, self.merger.jobs[job].ranks[rank].host)
                 if ready:
                     await loop.run_in_executor(self.eval_pool, self._evaluate, ready)
+                for job, n in list(self.store.duplicates.items()):
+                    self.metrics.set_duplicates(job, "conflict", n)
                 if time.monotonic() >= next_retention:
                     next_retention = time.monotonic() + self.config.retention_every_s
                     for job in list(self.merger.jobs):
@@ -196,12 +199,21 @@ class Collector:
                 self.eval_errors += 1
                 log.exception("merge tick failed")
 
-    def _detector(self, job: str) -> Detector:
-        if job not in self.detectors:
+    def _detector(self, job: str, attempt: int = 0) -> Detector:
+        """The job's detector; a new attempt starts a fresh one, and the old attempt's episodes end."""
+        det = self.detectors.get(job)
+        if det is not None and getattr(det, "attempt", 0) != attempt:
+            for ep in det.active():
+                ep.state = "resolved"
+                self._persist_episode(ep)
+            self.metrics.set_episodes(job, [])
+            det = None
+        if det is None:
             state = self.merger.jobs.get(job)
             cpu = state is not None and any(r.clock_kind == pb.CLOCK_KIND_CPU for r in state.ranks.values())
-            self.detectors[job] = Detector(job, params_for_clock(self.config.detector, cpu))
-        return self.detectors[job]
+            det = self.detectors[job] = Detector(job, params_for_clock(self.config.detector, cpu))
+            det.attempt = attempt
+        return det
 
     def _evaluate(self, ready: list[ReadyStep]) -> None:
         """Evaluation thread: matrix, detector, episodes to the store, metrics, alerts."""
@@ -209,11 +221,12 @@ class Collector:
             job = item.job.job
             try:
                 matrix = build_matrix(item.job, item.step, item.rows)
-                detector = self._detector(job)
+                matrix.attempt = item.attempt
+                detector = self._detector(job, item.attempt)
                 changed = detector.observe(matrix)
                 for ep in changed:
                     self._persist_episode(ep)
-                self.writer.call_threadsafe(self.store.set_evaluated, job, item.step)
+                self.writer.call_threadsafe(self.store.set_evaluated, job, item.step, item.attempt)
                 self.metrics.observe_step(matrix, item.lag_s)
                 if changed:
                     self.metrics.set_episodes(job, detector.active())
@@ -231,14 +244,14 @@ class Collector:
         self.episode_ids[key] = ep.id
         snapshot = dataclasses.replace(ep, ranks=list(ep.ranks))
         self.writer.call_threadsafe(self.store.upsert_episode, snapshot)
-        log.info("straggler episode %s: job %r rank %d host %s %s/%s %.2fx steps %d-%d",
-                 ep.state, ep.job, ep.rank, ep.host, ep.module, ep.phase, ep.slowdown,
-                 ep.first_step, ep.last_step)
+        log.info("straggler episode %s: job %r attempt %d rank %d host %s: %s, %s/%s %.2fx, %.1f ms/step "
+                 "lost, steps %d-%d", ep.state, ep.job, ep.attempt, ep.rank, ep.host, ep.cause, ep.module,
+                 ep.phase, ep.slowdown, ep.cost_ms_per_step, ep.first_step, ep.last_step)
         self.alerting.episode_changed(snapshot)  # thread-safe, never blocks
 
 
 def _episode_key(ep) -> tuple:
-    return (ep.job, ep.rank, ep.module, ep.phase, ep.first_step)
+    return (ep.job, ep.attempt, ep.rank, ep.first_step)
 
 
 async def serve(config: ServeConfig, on_ready=print) -> None:

@@ -32,6 +32,7 @@ class StepMatrix:
     # every phase (FSDP's forward all-gathers, reduce-scatters, DDP's backward tail). None: the
     # backward tail (sync_wait_ms) is all that is known.
     idle_ms: np.ndarray | None = None  # (R,)
+    attempt: int = 0  # the job's attempt (torchelastic restarts) this step belongs to
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from modtrack.collector.step_matrix import Episode
+
+log = logging.getLogger("modtrack.collector.store")
 
 PHASE_NAMES = {1: "forward", 2: "backward", 3: "recompute"}
 PHASE_IDS = {name: pid for pid, name in PHASE_NAMES.items()}
@@ -59,6 +62,73 @@ CREATE TABLE IF NOT EXISTS traces (
   PRIMARY KEY (job, step, rank));
 """
 
+
+
+def migrate_attempts(conn: sqlite3.Connection) -> None:
+    """Schema 0 -> 1: torchelastic attempts, and verdicts with every place a culprit is slow.
+
+    A restarted attempt's steps start again at 0: steps and traces are keyed by (job, attempt,
+    step, rank) (SQLite cannot change a UNIQUE key in place: the tables are rebuilt, rows kept as
+    attempt 0). jobs and ranks say the newest attempt; episodes gain attempt, cause, excess_ms and
+    modules (JSON list of {module, phase, excess_ms, slowdown})."""
+    _run_statements(conn, """
+ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE ranks ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE episodes ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE episodes ADD COLUMN cause TEXT NOT NULL DEFAULT '';
+ALTER TABLE episodes ADD COLUMN excess_ms REAL NOT NULL DEFAULT 0;
+ALTER TABLE episodes ADD COLUMN modules TEXT NOT NULL DEFAULT '[]';
+CREATE TABLE steps_v1 (
+  job TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, rank INTEGER NOT NULL, step INTEGER NOT NULL,
+  start_ns INTEGER, end_ns INTEGER, forward_ns INTEGER, backward_ns INTEGER,
+  optimizer_ns INTEGER, data_ns INTEGER, backward_tail_ns INTEGER, recompute_ns INTEGER,
+  m_phase BLOB, m_module BLOB, m_calls BLOB, m_inclusive BLOB, m_self BLOB,
+  m_first_start BLOB, m_last_end BLOB,
+  UNIQUE (job, attempt, step, rank));
+INSERT INTO steps_v1 (job, rank, step, start_ns, end_ns, forward_ns, backward_ns, optimizer_ns, data_ns,
+  backward_tail_ns, recompute_ns, m_phase, m_module, m_calls, m_inclusive, m_self, m_first_start, m_last_end)
+  SELECT job, rank, step, start_ns, end_ns, forward_ns, backward_ns, optimizer_ns, data_ns,
+  backward_tail_ns, recompute_ns, m_phase, m_module, m_calls, m_inclusive, m_self, m_first_start, m_last_end
+  FROM steps;
+DROP TABLE steps;
+ALTER TABLE steps_v1 RENAME TO steps;
+CREATE TABLE traces_v1 (
+  job TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, rank INTEGER NOT NULL, step INTEGER NOT NULL,
+  capture_id TEXT, t_module BLOB, t_phase BLOB, t_start BLOB, t_end BLOB, t_depth BLOB,
+  PRIMARY KEY (job, attempt, step, rank));
+INSERT INTO traces_v1 (job, rank, step, capture_id, t_module, t_phase, t_start, t_end, t_depth)
+  SELECT job, rank, step, capture_id, t_module, t_phase, t_start, t_end, t_depth FROM traces;
+DROP TABLE traces;
+ALTER TABLE traces_v1 RENAME TO traces;
+""")
+
+
+def _run_statements(conn: sqlite3.Connection, script: str) -> None:
+    """A script statement by statement, inside the caller's transaction (executescript would commit)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+# Schema migrations in order: MIGRATIONS[i] takes `PRAGMA user_version` i to i + 1.
+MIGRATIONS = (migrate_attempts,)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a store of any older schema to the newest, one transaction per migration."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            step(conn)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
 STEP_FIGURES = ("start_ns", "end_ns", "forward_ns", "backward_ns", "optimizer_ns", "data_ns",
                 "backward_tail_ns", "recompute_ns")
 # Per-module columns and the dtype each is stored with.
@@ -69,12 +139,12 @@ TRACE_COLUMNS = (("module", np.uint32), ("phase", np.uint8), ("start", np.int64)
                  ("end", np.int64), ("depth", np.uint32))
 
 _INSERT_STEP = (
-    f"INSERT OR IGNORE INTO steps (job, rank, step, {', '.join(STEP_FIGURES)}, "
+    f"INSERT OR IGNORE INTO steps (job, attempt, rank, step, {', '.join(STEP_FIGURES)}, "
     f"{', '.join('m_' + name for name, _ in MODULE_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * (3 + len(STEP_FIGURES) + len(MODULE_COLUMNS)))})")
+    f"VALUES ({', '.join('?' * (4 + len(STEP_FIGURES) + len(MODULE_COLUMNS)))})")
 _INSERT_TRACE = (
-    "INSERT OR IGNORE INTO traces (job, rank, step, capture_id, t_module, t_phase, t_start, "
-    "t_end, t_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    "INSERT OR IGNORE INTO traces (job, attempt, rank, step, capture_id, t_module, t_phase, t_start, "
+    "t_end, t_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 @dataclass
@@ -88,14 +158,15 @@ class StepRow:
     modules: dict  # MODULE_COLUMNS names -> np.ndarray (one entry per module and phase)
     trace: dict | None = None  # TRACE_COLUMNS names -> np.ndarray, plus "capture_id"
     counters: dict = field(default_factory=dict)
+    attempt: int = 0  # the job's attempt (torchelastic restart count) the rank's stream belongs to
 
     def sql_row(self) -> tuple:
-        return (self.job, self.rank, self.step, *(int(self.figures[f]) for f in STEP_FIGURES),
+        return (self.job, self.attempt, self.rank, self.step, *(int(self.figures[f]) for f in STEP_FIGURES),
                 *(_blob(self.modules[name], dtype) for name, dtype in MODULE_COLUMNS))
 
     def trace_row(self) -> tuple:
         t = self.trace
-        return (self.job, self.rank, self.step, t["capture_id"],
+        return (self.job, self.attempt, self.rank, self.step, t["capture_id"],
                 *(_blob(t[name], dtype) for name, dtype in TRACE_COLUMNS))
 
 
@@ -118,11 +189,17 @@ def _blobs(row, names_types, offset: int) -> dict:
             for i, (name, dtype) in enumerate(names_types)}
 
 
+_EPISODE_COLUMNS = ("id, job, rank, host, module, phase, slowdown, first_step, last_step, state, "
+                    "cost_ms_per_step, cost_pct, ranks, attempt, cause, excess_ms, modules")
+
+
 def _episode(row) -> Episode:
-    (eid, job, rank, host, module, phase, slowdown, first, last, state, cost, pct, ranks) = row
+    (eid, job, rank, host, module, phase, slowdown, first, last, state, cost, pct, ranks, attempt, cause,
+     excess, modules) = row
     return Episode(job=job, rank=rank, host=host, module=module, phase=phase, slowdown=slowdown,
                    first_step=first, last_step=last, state=state, cost_ms_per_step=cost,
-                   cost_pct=pct or 0.0, ranks=json.loads(ranks or "[]"), id=eid)
+                   cost_pct=pct or 0.0, ranks=json.loads(ranks or "[]"), id=eid, attempt=attempt or 0,
+                   cause=cause or "", excess_ms=excess or 0.0, modules=json.loads(modules or "[]"))
 
 
 class Store:
@@ -132,8 +209,10 @@ class Store:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, "modtrack.sqlite3")
         self._local = threading.local()
-        self._retained_from: dict[str, int] = {}  # job -> steps below this already trimmed
+        self._retained_from: dict[tuple, int] = {}  # (job, attempt) -> steps below this already trimmed
+        self.duplicates: dict[str, int] = {}  # job -> reports refused as already stored (same key)
         self.conn().executescript(SCHEMA)
+        migrate(self.conn())
 
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -148,11 +227,13 @@ class Store:
             self._local.conn = None
 
     # --- writes (StoreWriter's thread, inside its transaction) ---------------------------
-    def upsert_job(self, job: str, world_size: int) -> None:
+    def upsert_job(self, job: str, world_size: int, attempt: int = 0) -> None:
         self.conn().execute(
-            "INSERT INTO jobs (job, world_size, created_ns) VALUES (?, ?, ?) "
-            "ON CONFLICT (job) DO UPDATE SET world_size = excluded.world_size",
-            (job, world_size, time.time_ns()))
+            "INSERT INTO jobs (job, world_size, created_ns, attempt) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (job) DO UPDATE SET world_size = excluded.world_size, "
+            "last_evaluated_step = CASE WHEN excluded.attempt > attempt THEN NULL ELSE last_evaluated_step END, "
+            "attempt = MAX(attempt, excluded.attempt)",
+            (job, world_size, time.time_ns(), attempt))
 
     def upsert_rank(self, job: str, rank: int, info: dict) -> None:
         cols = ["job", "rank", *info]
@@ -167,22 +248,24 @@ class Store:
             "INSERT OR IGNORE INTO modules (job, module_id, name) VALUES (?, ?, ?)",
             [(job, first_id + i, name) for i, name in enumerate(names)])
 
-    def set_evaluated(self, job: str, step: int) -> None:
+    def set_evaluated(self, job: str, step: int, attempt: int = 0) -> None:
         self.conn().execute(
             "UPDATE jobs SET last_evaluated_step = MAX(COALESCE(last_evaluated_step, -1), ?) "
-            "WHERE job = ?", (step, job))
+            "WHERE job = ? AND attempt = ?", (step, job, attempt))
 
     def upsert_episode(self, ep: Episode) -> None:
         self.conn().execute(
             "INSERT INTO episodes (id, job, rank, host, module, phase, slowdown, first_step, "
-            "last_step, state, cost_ms_per_step, cost_pct, ranks, updated_ns) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "last_step, state, cost_ms_per_step, cost_pct, ranks, updated_ns, attempt, cause, excess_ms, modules) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
             "host = excluded.host, slowdown = excluded.slowdown, last_step = excluded.last_step, "
             "state = excluded.state, cost_ms_per_step = excluded.cost_ms_per_step, "
-            "cost_pct = excluded.cost_pct, ranks = excluded.ranks, updated_ns = excluded.updated_ns",
+            "cost_pct = excluded.cost_pct, ranks = excluded.ranks, updated_ns = excluded.updated_ns, "
+            "cause = excluded.cause, excess_ms = excluded.excess_ms, modules = excluded.modules",
             (ep.id, ep.job, ep.rank, ep.host, ep.module, ep.phase, float(ep.slowdown),
              int(ep.first_step), int(ep.last_step), ep.state, float(ep.cost_ms_per_step),
-             float(ep.cost_pct), json.dumps([int(r) for r in ep.ranks]), time.time_ns()))
+             float(ep.cost_pct), json.dumps([int(r) for r in ep.ranks]), time.time_ns(),
+             int(ep.attempt), ep.cause, float(ep.excess_ms), json.dumps(ep.modules)))
 
     def add_capture(self, capture_id: str, job: str, steps: int, ranks: int) -> None:
         self.conn().execute(
@@ -192,7 +275,10 @@ class Store:
     def insert_steps(self, rows: list[StepRow]) -> None:
         """INSERT OR IGNORE: a report replayed after a reconnect changes nothing."""
         conn = self.conn()
+        before = conn.total_changes
         conn.executemany(_INSERT_STEP, [r.sql_row() for r in rows])
+        if conn.total_changes - before < len(rows):  # some (job, attempt, step, rank) were stored already
+            self._count_duplicates(rows)
         traces = [r.trace_row() for r in rows if r.trace is not None]
         if traces:
             conn.executemany(_INSERT_TRACE, traces)
@@ -206,29 +292,53 @@ class Store:
             [(now, c.get("reports_dropped", 0), c.get("reconnects", 0), c.get("hook_errors", 0),
               c.get("send_errors", 0), job, rank) for (job, rank), c in seen.items()])
 
+    def _count_duplicates(self, rows: list[StepRow]) -> None:
+        """Which rows were refused as already stored: a replay after reconnect, or a lost report."""
+        conn = self.conn()
+        for r in rows:
+            end = conn.execute("SELECT end_ns FROM steps WHERE job = ? AND attempt = ? AND step = ? AND rank = ?",
+                               (r.job, r.attempt, r.step, r.rank)).fetchone()
+            if end is not None and end[0] != int(r.figures["end_ns"]):  # another report with the same key
+                if r.job not in self.duplicates:
+                    log.warning("job %r rank %d attempt %d step %d: a different report with the same attempt, "
+                                "step and rank is stored already; this one is refused (logged once per job)",
+                                r.job, r.rank, r.attempt, r.step)
+                self.duplicates[r.job] = self.duplicates.get(r.job, 0) + 1
+
     def drop_old_module_blobs(self, job: str, keep_steps: int) -> int:
         """Retention: module blobs of steps older than the newest keep_steps become NULL; the
         step-level figures stay forever."""
         conn = self.conn()
-        newest = conn.execute("SELECT MAX(step) FROM steps WHERE job = ?", (job,)).fetchone()[0]
+        attempt = self.latest_attempt(job)
+        newest = conn.execute("SELECT MAX(step) FROM steps WHERE job = ? AND attempt = ?",
+                              (job, attempt)).fetchone()[0]
         if newest is None:
             return 0
         cutoff = newest - keep_steps + 1
-        lo = self._retained_from.get(job, -1)  # only the steps not trimmed before: no rescans
+        lo = self._retained_from.get((job, attempt), -1)  # only the steps not trimmed before: no rescans
         cur = conn.execute(
             "UPDATE steps SET " + ", ".join(f"m_{n} = NULL" for n, _ in MODULE_COLUMNS)
-            + " WHERE job = ? AND step >= ? AND step < ? AND m_module IS NOT NULL",
-            (job, lo, cutoff))
-        self._retained_from[job] = max(lo, cutoff)
+            + " WHERE job = ? AND attempt = ? AND step >= ? AND step < ? AND m_module IS NOT NULL",
+            (job, attempt, lo, cutoff))
+        self._retained_from[(job, attempt)] = max(lo, cutoff)
         return cur.rowcount
 
     # --- reads --------------------------------------------------------------------------
     def jobs(self) -> list[dict]:
         rows = self.conn().execute(
-            "SELECT j.job, j.world_size, j.last_evaluated_step, "
-            "(SELECT MAX(step) FROM steps s WHERE s.job = j.job) FROM jobs j ORDER BY j.job")
-        return [{"job": job, "world_size": ws, "last_evaluated_step": ev, "last_step": last}
-                for job, ws, ev, last in rows]
+            "SELECT j.job, j.world_size, j.last_evaluated_step, j.attempt, "
+            "(SELECT MAX(step) FROM steps s WHERE s.job = j.job AND s.attempt = j.attempt) "
+            "FROM jobs j ORDER BY j.job")
+        return [{"job": job, "world_size": ws, "last_evaluated_step": ev, "attempt": attempt, "last_step": last}
+                for job, ws, ev, attempt, last in rows]
+
+    def last_stored_step(self, job: str, attempt: int) -> int | None:
+        return self.conn().execute("SELECT MAX(step) FROM steps WHERE job = ? AND attempt = ?",
+                                   (job, attempt)).fetchone()[0]
+
+    def latest_attempt(self, job: str) -> int:
+        row = self.conn().execute("SELECT attempt FROM jobs WHERE job = ?", (job,)).fetchone()
+        return 0 if row is None else row[0]
 
     def job_exists(self, job: str) -> bool:
         return self.conn().execute("SELECT 1 FROM jobs WHERE job = ?", (job,)).fetchone() is not None
@@ -249,27 +359,30 @@ class Store:
             "SELECT module_id, name FROM modules WHERE job = ? ORDER BY module_id", (job,))
         return [name for _, name in rows]
 
-    def last_steps(self, job: str, last: int) -> list[tuple]:
-        """(step, rank, *STEP_FIGURES) for the newest `last` steps, ascending."""
+    def last_steps(self, job: str, last: int, attempt: int | None = None) -> list[tuple]:
+        """(step, rank, *STEP_FIGURES) for the newest `last` steps of an attempt (the latest), ascending."""
+        attempt = self.latest_attempt(job) if attempt is None else attempt
         return self.conn().execute(
-            f"SELECT step, rank, {', '.join(STEP_FIGURES)} FROM steps WHERE job = ? AND step IN "
-            "(SELECT DISTINCT step FROM steps WHERE job = ? ORDER BY step DESC LIMIT ?) "
-            "ORDER BY step, rank", (job, job, last)).fetchall()
+            f"SELECT step, rank, {', '.join(STEP_FIGURES)} FROM steps WHERE job = ? AND attempt = ? AND step IN "
+            "(SELECT DISTINCT step FROM steps WHERE job = ? AND attempt = ? ORDER BY step DESC LIMIT ?) "
+            "ORDER BY step, rank", (job, attempt, job, attempt, last)).fetchall()
 
-    def step_modules(self, job: str, step: int) -> dict[int, dict]:
+    def step_modules(self, job: str, step: int, attempt: int | None = None) -> dict[int, dict]:
         """rank -> MODULE_COLUMNS arrays for one step (empty arrays once retention dropped them)."""
+        attempt = self.latest_attempt(job) if attempt is None else attempt
         rows = self.conn().execute(
             f"SELECT rank, {', '.join('m_' + n for n, _ in MODULE_COLUMNS)} FROM steps "
-            "WHERE job = ? AND step = ? ORDER BY rank", (job, step))
+            "WHERE job = ? AND attempt = ? AND step = ? ORDER BY rank", (job, attempt, step))
         return {row[0]: _blobs(row, MODULE_COLUMNS, 1) for row in rows}
 
-    def episodes(self, job: str | None = None, state: str | None = None) -> list[Episode]:
-        sql = ("SELECT id, job, rank, host, module, phase, slowdown, first_step, last_step, state, "
-               "cost_ms_per_step, cost_pct, ranks FROM episodes WHERE 1 = 1")
+    def episodes(self, job: str | None = None, state: str | None = None,
+                 attempt: int | None = None) -> list[Episode]:
+        """Episodes, active first; with a job and no attempt, those of the job's latest attempt."""
+        sql = f"SELECT {_EPISODE_COLUMNS} FROM episodes WHERE 1 = 1"
         args = []
         if job is not None:
-            sql += " AND job = ?"
-            args.append(job)
+            sql += " AND job = ? AND attempt = ?"
+            args += [job, self.latest_attempt(job) if attempt is None else attempt]
         if state is not None:
             sql += " AND state = ?"
             args.append(state)
@@ -279,13 +392,16 @@ class Store:
     def max_episode_id(self) -> int:
         return self.conn().execute("SELECT COALESCE(MAX(id), 0) FROM episodes").fetchone()[0]
 
-    def trace_calls(self, job: str, from_step: int, to_step: int) -> dict[int, list[dict]]:
+    def trace_calls(self, job: str, from_step: int, to_step: int,
+                    attempt: int | None = None) -> dict[int, list[dict]]:
         """rank -> [{"step", "capture_id", TRACE_COLUMNS arrays...}] for captured steps in
-        [from_step, to_step]; module ids are job-wide (see module_names)."""
+        [from_step, to_step] of an attempt (the latest); module ids are job-wide (see module_names)."""
+        attempt = self.latest_attempt(job) if attempt is None else attempt
         out: dict[int, list[dict]] = {}
         rows = self.conn().execute(
             "SELECT rank, step, capture_id, t_module, t_phase, t_start, t_end, t_depth FROM traces "
-            "WHERE job = ? AND step BETWEEN ? AND ? ORDER BY rank, step", (job, from_step, to_step))
+            "WHERE job = ? AND attempt = ? AND step BETWEEN ? AND ? ORDER BY rank, step",
+            (job, attempt, from_step, to_step))
         for row in rows:
             out.setdefault(row[0], []).append(
                 {"step": row[1], "capture_id": row[2], **_blobs(row, TRACE_COLUMNS, 3)})

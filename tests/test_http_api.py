@@ -88,7 +88,7 @@ def test_jobs_steps_modules(collector):
         wait_for(lambda: get(collector.url, "/api/v1/jobs")[1]["jobs"][0]["last_evaluated_step"] == 3)
         _, jobs = get(collector.url, "/api/v1/jobs")
         assert jobs == {"jobs": [{"job": "j", "world_size": 2, "ranks_reporting": 2, "last_step": 3,
-                                  "last_evaluated_step": 3, "state": "running"}]}
+                                  "last_evaluated_step": 3, "attempt": 0, "state": "running"}]}
         _, steps = get(collector.url, "/api/v1/jobs/j/steps?last=2")
         assert [s["step"] for s in steps["steps"]] == [2, 3]
         assert set(steps["steps"][0]["ranks"][0]) >= {"rank", "host", "wall_ms", "forward_ms",
