@@ -21,6 +21,9 @@ from modtrack.collector.step_matrix import Episode, StepMatrix
 PHASE_NAMES = {1: "forward", 2: "backward", 3: "recompute"}
 STEP_COLUMN_NAMES = {-1: ("(data loading)", "data"), -2: ("(optimizer)", "optimizer")}
 MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would list every module)
+BASELINE_STEPS = 20  # the job's step time before an episode: median of this many quiet steps
+MIN_BASELINE = 5
+MAX_WALL_SCALE = 1.5  # the wall a culprit costs, per ms of its excess compute, at most
 MAX_GAP = 20  # steps between an intermittent straggler's slow steps that still keep it one episode
 
 
@@ -81,6 +84,7 @@ class _Track:
     sig: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # significant columns
     med_excess: np.ndarray = field(default_factory=lambda: np.zeros(0))
     med_ratio: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pending: tuple | None = None  # this step's (what-if loss, own excess, walls), before the wall scale
 
 
 def _key(rank: int, host: str) -> tuple:
@@ -118,6 +122,8 @@ class EpisodeBook:
         self.col_index: dict[tuple[str, str], int] = {}
         self.col_names: list[tuple[str, str]] = []
         self.tracks: dict[tuple, _Track] = {}
+        self.baseline: deque = deque()  # the job's step time (median rank wall) in recent quiet steps
+        self._floor_ms = 0.0
 
     # ---- bookkeeping of ranks and columns that come and go -------------------------------
 
@@ -193,18 +199,49 @@ class EpisodeBook:
         wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
         idle = wait if m.idle_ms is None else np.nan_to_num(np.asarray(m.idle_ms, dtype=np.float64))
         wall = np.nan_to_num(wall)
+        self._floor_ms = max(self._floor(wall), 0.05)
         step = _Step(m, x, flags, rank_wide, wall, wait, idle, self._floor(wall),
                      float(np.median(wall)) if len(wall) else 0.0, np.argsort(idle, kind="stable"))
 
+        quiet = not self.tracks
         changed: list[Episode] = []
+        stepped: list[_Track] = []
         for key, track in list(self.tracks.items()):
             self._advance(track, step)
+            stepped.append(track)
             changed.append(track.episode)
             if track.episode.state == "resolved":
                 del self.tracks[key]
                 self._forget(track.ranks)
-        changed += self._open(step)
+        opened = self._open(step)
+        changed += opened
+        stepped += [t for t in self.tracks.values() if t.episode in opened]
+        self._losses(stepped, step.wall_med, quiet)
         return changed
+
+    def _losses(self, tracks: list[_Track], job_wall: float, quiet: bool) -> None:
+        """Each track's loss this step: its what-if (excess bounded by its peers' wait), scaled so the
+        slowest culprit's what-if is what the job's step time really grew by over the steps before.
+
+        Module compute is CPU time on the CPU clock; what the job loses is wall time, which on a host
+        whose cores are shared runs longer than the compute behind it (by 0-30 % on 2 cores, measured
+        under DDP, FSDP2, FSDP1). The job's step time against its median before any episode measures
+        that; with no baseline (yet) the what-if stands."""
+        if quiet and job_wall > 0:
+            self.baseline.append(job_wall)
+            while len(self.baseline) > BASELINE_STEPS:
+                self.baseline.popleft()
+        pending = [t for t in tracks if t.pending is not None]
+        if not pending:
+            return
+        scale = 1.0
+        top = max(t.pending[1] for t in pending)
+        if len(self.baseline) >= MIN_BASELINE and top > self._floor_ms:
+            grew = job_wall - float(np.median(self.baseline))
+            scale = min(max(grew / top, 0.0), MAX_WALL_SCALE)
+        for t in pending:
+            self._record_loss(t, t.pending[0] * scale, t.pending[2])
+            t.pending = None
 
     def _floor(self, wall: np.ndarray) -> float:
         """The least excess a listed entry must carry (the opening floors)."""
@@ -269,7 +306,8 @@ class EpisodeBook:
                 sig = track.sig
             whole = self._wide_share(track) >= 0.5
             step_excess = float(np.nansum(excess)) if whole else float(np.nansum(excess[sig]))
-            self._record_loss(track, min(max(step_excess, 0.0), cap), s.wall)
+            step_excess = max(step_excess, 0.0)
+            track.pending = (min(step_excess, cap), step_excess, s.wall)  # the loss is set in _losses
             self._verdict(track, sig, whole)
         if now:
             if not opening:
