@@ -216,17 +216,18 @@ class EpisodeBook:
         opened = self._open(step)
         changed += opened
         stepped += [t for t in self.tracks.values() if t.episode in opened]
-        self._losses(stepped, step.wall_med, quiet)
+        self._losses(stepped, step, quiet)
         return changed
 
-    def _losses(self, tracks: list[_Track], job_wall: float, quiet: bool) -> None:
-        """Each track's loss this step: its what-if (excess bounded by its peers' wait), scaled so the
-        slowest culprit's what-if is what the job's step time really grew by over the steps before.
+    def _losses(self, tracks: list[_Track], s: _Step, quiet: bool) -> None:
+        """Each track's loss this step: its what-if (excess bounded by its peers' wait), scaled so that
+        what all culprits together explain is what the job's step time really grew by over the steps before.
 
         Module compute is CPU time on the CPU clock; what the job loses is wall time, which on a host
         whose cores are shared runs longer than the compute behind it (by 0-30 % on 2 cores, measured
         under DDP, FSDP2, FSDP1). The job's step time against its median before any episode measures
         that; with no baseline (yet) the what-if stands."""
+        job_wall = s.wall_med
         if quiet and job_wall > 0:
             self.baseline.append(job_wall)
             while len(self.baseline) > BASELINE_STEPS:
@@ -234,11 +235,16 @@ class EpisodeBook:
         pending = [t for t in tracks if t.pending is not None]
         if not pending:
             return
+        # With every culprit at its peers' pace the step would end at the first non-culprit's finish:
+        # the most any culprit's excess would give back, bounded by what the non-culprits waited.
+        culprits = sorted({r for t in pending for r in t.pending[3]})
+        others = np.delete(s.idle, culprits)
+        explained = max(min(t.pending[1], float(others.min()) - float(s.idle[t.pending[3]].min()))
+                        if len(others) else t.pending[0] for t in pending)
         scale = 1.0
-        top = max(t.pending[1] for t in pending)
-        if len(self.baseline) >= MIN_BASELINE and top > self._floor_ms:
+        if len(self.baseline) >= MIN_BASELINE and explained > self._floor_ms:
             grew = job_wall - float(np.median(self.baseline))
-            scale = min(max(grew / top, 0.0), MAX_WALL_SCALE)
+            scale = min(max(grew / explained, 0.0), MAX_WALL_SCALE)
         for t in pending:
             self._record_loss(t, t.pending[0] * scale, t.pending[2])
             t.pending = None
@@ -307,7 +313,7 @@ class EpisodeBook:
             whole = self._wide_share(track) >= 0.5
             step_excess = float(np.nansum(excess)) if whole else float(np.nansum(excess[sig]))
             step_excess = max(step_excess, 0.0)
-            track.pending = (min(step_excess, cap), step_excess, s.wall)  # the loss is set in _losses
+            track.pending = (min(step_excess, cap), step_excess, s.wall, rows)  # the loss is set in _losses
             self._verdict(track, sig, whole)
         if now:
             if not opening:

@@ -173,7 +173,7 @@ class StepTimes:
     """Rank 0's own record of each step's wall time, appended as JSON lines: the ground truth of cost."""
 
     def __init__(self, path: str | None, rank: int, attempt: int):
-        self.file = open(path, "a") if path and rank == 0 else None
+        self.file = open(path, "a") if path and rank == 0 else None  # noqa: SIM115 (open for the run)
         self.attempt = attempt
         self.last = time.perf_counter()
 
@@ -228,7 +228,7 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = TinyGPT(args.vocab, args.dim, args.heads, args.layers, args.context).to(device)
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     progress = {"step": 0, "attempt": attempt}
     slow_here = args.slow_rank == rank
     if slow_here and args.slow_phase in ("forward", "backward", "whole"):

@@ -71,7 +71,7 @@ def test_four_slow_modules_are_one_verdict_listing_all_four_and_their_sum(tail_o
     def make(s, rng):
         return job_step(s, rng, slow=fault if s >= 10 else None, tail_only=tail_only)
 
-    det, episodes = run(range(40), make)
+    _, episodes = run(range(40), make)
     assert len(episodes) == 1
     (ep,) = episodes
     assert ep.rank == 2 and ep.state == "active" and 10 <= ep.first_step <= 14
@@ -132,7 +132,7 @@ def test_a_gradual_ramp_is_found_and_its_cost_follows_it():
     def make(s, rng):
         return job_step(s, rng, slow={(3, 2): max(0.0, (s - 10) * 1.0)})
 
-    det, episodes = run(range(60), make)
+    _, episodes = run(range(60), make)
     assert len(episodes) == 1
     (ep,) = episodes
     assert ep.rank == 3 and ep.first_step <= 20
