@@ -23,7 +23,7 @@ STEP_COLUMN_NAMES = {-1: ("(data loading)", "data"), -2: ("(optimizer)", "optimi
 MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would list every module)
 BASELINE_STEPS = 20  # the job's step time before an episode: median of this many quiet steps
 MIN_BASELINE = 5
-MAX_WALL_SCALE = 1.5  # the wall a culprit costs, per ms of its excess compute, at most
+MAX_WALL_SCALE = 2.0  # the wall a culprit costs, per ms of its excess compute, at most
 MAX_GAP = 20  # steps between an intermittent straggler's slow steps that still keep it one episode
 
 
@@ -203,7 +203,7 @@ class EpisodeBook:
         step = _Step(m, x, flags, rank_wide, wall, wait, idle, self._floor(wall),
                      float(np.median(wall)) if len(wall) else 0.0, np.argsort(idle, kind="stable"))
 
-        quiet = not self.tracks
+        quiet = not self.tracks and not flagged.any()  # a step for the baseline: nothing slow, nothing flagged
         changed: list[Episode] = []
         stepped: list[_Track] = []
         for key, track in list(self.tracks.items()):
