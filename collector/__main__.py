@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 
-from modtrack.collector import query_cli
+from modtrack.collector.api import query_cli
 
 
 def _serve_parser(sub) -> None:
@@ -37,7 +37,7 @@ def _serve_parser(sub) -> None:
 
 def _detector_flags(p) -> None:
     """--detect-* for every DetectorParams knob a user may tune; defaults from DetectorParams."""
-    from modtrack.collector.detector import CPU_CLOCK_FLOOR, DetectorParams
+    from modtrack.collector.pipeline.detector import CPU_CLOCK_FLOOR, DetectorParams
 
     d = DetectorParams()
     g = p.add_argument_group("straggler detection")
@@ -58,7 +58,7 @@ def _detector_flags(p) -> None:
 
 
 def _detector_params(args):
-    from modtrack.collector.detector import DetectorParams
+    from modtrack.collector.pipeline.detector import DetectorParams
 
     if not (1 <= args.detect_k <= args.detect_n <= 255):
         raise ValueError("--detect-k and --detect-n need 1 <= k <= n <= 255")

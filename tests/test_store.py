@@ -7,8 +7,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from modtrack.collector.step_matrix import Episode
-from modtrack.collector.store import Store, StoreWriter
+from modtrack.collector.records import Episode
+from modtrack.collector.store.sqlite import Store, StoreWriter
 from test_merge import row
 
 

@@ -1,7 +1,7 @@
 """The detector's input and output types: one merged step of a job, and a straggler episode.
 
-The merge (collector/merge.py) builds a StepMatrix per step from the ranks' reports; the
-detector (collector/detector.py) reads it and keeps Episodes. Columns are (module, phase)
+The merge (collector/pipeline/merge.py) builds a StepMatrix per step from the ranks' reports; the
+detector (collector/pipeline/detector.py) reads it and keeps Episodes. Columns are (module, phase)
 pairs with job-wide ids, so every rank's figures for one module share a column.
 """
 from __future__ import annotations

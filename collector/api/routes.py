@@ -12,7 +12,7 @@ import numpy as np
 from aiohttp import web
 
 from modtrack.collector import auth
-from modtrack.collector.store import PHASE_NAMES, STEP_FIGURES
+from modtrack.collector.store.sqlite import PHASE_NAMES, STEP_FIGURES
 
 DASHBOARD = pathlib.Path(__file__).resolve().parent / "dashboard" / "index.html"
 OPEN_PATHS = {"/healthz", "/"}  # probes and the static page carry no data
@@ -192,7 +192,7 @@ def make_app(collector) -> web.Application:
     app.router.add_post("/api/v1/jobs/{job}/resume", control("resume"))
     app.router.add_get("/api/v1/alerts", alerts)
     try:  # the timeline export, once present
-        from modtrack.collector.trace_export import make_trace_handler
+        from modtrack.collector.api.trace_export import make_trace_handler
     except ImportError:
         pass
     else:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 
-from modtrack.collector.step_matrix import Episode, StepMatrix
+from modtrack.collector.records import Episode, StepMatrix
 
 DEFAULT_TOP_K = 20
 AGENT_COUNTERS = ("reports_dropped", "reconnects", "hook_errors", "send_errors")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modtrack.collector.step_matrix import Episode
+from modtrack.collector.records import Episode
 
 PHASE_NAMES = {1: "forward", 2: "backward", 3: "recompute"}
 PHASE_IDS = {name: pid for pid, name in PHASE_NAMES.items()}

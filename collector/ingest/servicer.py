@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from modtrack.collector import auth, edge_limits
-from modtrack.collector.merge import Merger
-from modtrack.collector.store import PHASE_NAMES, STEP_FIGURES, Store, StepRow, StoreWriter
+from modtrack.collector import auth
+from modtrack.collector.ingest import edge_limits
+from modtrack.collector.pipeline.merge import Merger
+from modtrack.collector.store.sqlite import PHASE_NAMES, STEP_FIGURES, Store, StepRow, StoreWriter
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
-log = logging.getLogger("modtrack.collector.ingest")
+log = logging.getLogger("modtrack.collector.ingest.servicer")
 
 PHASE_COLUMNS = ("module_id", "calls", "inclusive_ns", "self_ns", "first_start_ns", "last_end_ns")
 TRACE_FIELDS = ("module_id", "phase", "start_ns", "end_ns", "depth")

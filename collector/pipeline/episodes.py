@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modtrack.collector.step_matrix import Episode, StepMatrix
+from modtrack.collector.records import Episode, StepMatrix
 
 PHASE_NAMES = {1: "forward", 2: "backward", 3: "recompute"}
 

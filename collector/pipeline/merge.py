@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modtrack.collector.step_matrix import StepMatrix
-from modtrack.collector.store import StepRow
+from modtrack.collector.records import StepMatrix
+from modtrack.collector.store.sqlite import StepRow
 
 _PHASE_SLOTS = 4  # column key = module_id * 4 + phase id
 
