@@ -16,16 +16,15 @@ from dataclasses import dataclass, field
 
 import grpc
 from aiohttp import web
-
 from modtrack.collector import auth
 from modtrack.collector.api import routes as http_api
 from modtrack.collector.ingest import edge_limits
+from modtrack.collector.ingest.servicer import IngestServicer
 from modtrack.collector.outputs.alert_payload import episode_to_alert
 from modtrack.collector.outputs.alerting import AlertDispatcher
-from modtrack.collector.pipeline.detector import Detector, DetectorParams, params_for_clock
-from modtrack.collector.ingest.servicer import IngestServicer
-from modtrack.collector.pipeline.merge import JobState, Merger, ReadyStep, RankState, build_matrix
 from modtrack.collector.outputs.metrics import CollectorMetrics
+from modtrack.collector.pipeline.detector import Detector, DetectorParams, params_for_clock
+from modtrack.collector.pipeline.merge import JobState, Merger, RankState, ReadyStep, build_matrix
 from modtrack.collector.store.sqlite import Store, StoreWriter
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc

@@ -10,9 +10,8 @@ import time
 
 import numpy as np
 from aiohttp import web
-
 from modtrack.collector import auth
-from modtrack.collector.store.sqlite import PHASE_NAMES, STEP_FIGURES
+from modtrack.collector.records import PHASE_NAMES, STEP_FIGURES, column_key
 
 DASHBOARD = pathlib.Path(__file__).resolve().parent / "dashboard" / "index.html"
 OPEN_PATHS = {"/healthz", "/"}  # probes and the static page carry no data
@@ -226,7 +225,7 @@ def module_table(per_rank: dict[int, dict], names: list[str]) -> list[dict]:
     incl_ms = np.concatenate([c["inclusive"] for c in cols]) / 1e6
     calls = np.concatenate([c["calls"] for c in cols]).astype(np.int64)
     order = np.lexsort((rank_of, phase, module))
-    keys = (module * 4 + phase)[order]
+    keys = column_key(module, phase)[order]
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     bounds = np.r_[starts, len(keys)]
     rank_s = rank_of[order].astype(str).tolist()

@@ -23,8 +23,8 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
+from modtrack.collector.records import PHASE_NAMES
 
-PHASE_NAMES = {1: "forward", 2: "backward", 3: "recompute"}
 # Track ids within a rank's process: steps first, then one per phase; overflow tracks after.
 STEP_TID = 1
 PHASE_TID = {1: 2, 2: 3, 3: 4}

@@ -15,12 +15,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from modtrack.collector.records import AGENT_COUNTERS, Episode, StepMatrix
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 
-from modtrack.collector.records import Episode, StepMatrix
-
 DEFAULT_TOP_K = 20
-AGENT_COUNTERS = ("reports_dropped", "reconnects", "hook_errors", "send_errors")
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-
 from modtrack.collector.pipeline.episodes import EpisodeBook
 from modtrack.collector.records import Episode, StepMatrix
 

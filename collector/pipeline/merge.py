@@ -12,11 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from modtrack.collector.records import StepMatrix
-from modtrack.collector.store.sqlite import StepRow
-
-_PHASE_SLOTS = 4  # column key = module_id * 4 + phase id
+from modtrack.collector.records import N_PHASES, StepMatrix, StepRow, column_key
 
 
 @dataclass
@@ -143,9 +139,9 @@ def build_matrix(state: JobState, step: int, rows: dict[int, StepRow]) -> StepMa
     modules = np.concatenate([r.modules["module"] for r in ordered]).astype(np.int64)
     phases = np.concatenate([r.modules["phase"] for r in ordered]).astype(np.int64)
     self_ns = np.concatenate([r.modules["self"] for r in ordered])
-    keys = modules * _PHASE_SLOTS + phases
+    keys = column_key(modules, phases)
     # Job-wide ids are dense, so a presence table finds the columns without sorting 10^6 keys.
-    present = np.zeros(len(state.names) * _PHASE_SLOTS + _PHASE_SLOTS, dtype=bool)
+    present = np.zeros(column_key(len(state.names) + 1, 0), dtype=bool)
     if len(keys) and keys.max() >= len(present):  # a name added since the table was read
         present = np.zeros(int(keys.max()) + 1, dtype=bool)
     present[keys] = True
@@ -158,7 +154,7 @@ def build_matrix(state: JobState, step: int, rows: dict[int, StepRow]) -> StepMa
     return StepMatrix(
         job=state.job, step=step, ranks=np.array(ranks, dtype=np.int64),
         hosts=[state.ranks[r].host if r in state.ranks else "" for r in ranks],
-        column_module=columns // _PHASE_SLOTS, column_phase=columns % _PHASE_SLOTS,
+        column_module=columns // N_PHASES, column_phase=columns % N_PHASES,
         self_ms=self_ms, wall_ms=(figures["end_ns"] - figures["start_ns"]) / 1e6,
         sync_wait_ms=figures["backward_tail_ns"] / 1e6, forward_ms=figures["forward_ns"] / 1e6,
         backward_ms=figures["backward_ns"] / 1e6, module_names=state.names)

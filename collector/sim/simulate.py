@@ -20,12 +20,12 @@ import time
 
 import grpc
 import numpy as np
-
+from modtrack.collector.records import PHASE_IDS
 from modtrack.collector.sim.cluster_model import ClusterModel, Straggler
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
-PHASES = {"forward": 1, "backward": 2}
+PHASES = {name: PHASE_IDS[name] for name in ("forward", "backward")}  # what the model times
 
 
 def parse_straggler(text: str, model: ClusterModel) -> Straggler:

@@ -15,14 +15,9 @@ import queue
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
-
-from modtrack.collector.records import Episode
-
-PHASE_NAMES = {1: "forward", 2: "backward", 3: "recompute"}
-PHASE_IDS = {name: pid for pid, name in PHASE_NAMES.items()}
+from modtrack.collector.records import MODULE_COLUMNS, STEP_FIGURES, TRACE_COLUMNS, Episode, StepRow
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -59,15 +54,6 @@ CREATE TABLE IF NOT EXISTS traces (
   PRIMARY KEY (job, step, rank));
 """
 
-STEP_FIGURES = ("start_ns", "end_ns", "forward_ns", "backward_ns", "optimizer_ns", "data_ns",
-                "backward_tail_ns", "recompute_ns")
-# Per-module columns and the dtype each is stored with.
-MODULE_COLUMNS = (("phase", np.uint8), ("module", np.uint32), ("calls", np.uint32),
-                  ("inclusive", np.int64), ("self", np.int64), ("first_start", np.int64),
-                  ("last_end", np.int64))
-TRACE_COLUMNS = (("module", np.uint32), ("phase", np.uint8), ("start", np.int64),
-                 ("end", np.int64), ("depth", np.uint32))
-
 _INSERT_STEP = (
     f"INSERT OR IGNORE INTO steps (job, rank, step, {', '.join(STEP_FIGURES)}, "
     f"{', '.join('m_' + name for name, _ in MODULE_COLUMNS)}) "
@@ -75,33 +61,6 @@ _INSERT_STEP = (
 _INSERT_TRACE = (
     "INSERT OR IGNORE INTO traces (job, rank, step, capture_id, t_module, t_phase, t_start, "
     "t_end, t_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
-
-
-@dataclass
-class StepRow:
-    """One rank's report of one step, validated, with module ids already job-wide."""
-
-    job: str
-    rank: int
-    step: int
-    figures: dict  # STEP_FIGURES -> int ns
-    modules: dict  # MODULE_COLUMNS names -> np.ndarray (one entry per module and phase)
-    trace: dict | None = None  # TRACE_COLUMNS names -> np.ndarray, plus "capture_id"
-    counters: dict = field(default_factory=dict)
-
-    def sql_row(self) -> tuple:
-        return (self.job, self.rank, self.step, *(int(self.figures[f]) for f in STEP_FIGURES),
-                *(_blob(self.modules[name], dtype) for name, dtype in MODULE_COLUMNS))
-
-    def trace_row(self) -> tuple:
-        t = self.trace
-        return (self.job, self.rank, self.step, t["capture_id"],
-                *(_blob(t[name], dtype) for name, dtype in TRACE_COLUMNS))
-
-
-def _blob(values: np.ndarray, dtype) -> memoryview:
-    """A column as BLOB bytes without an extra copy: SQLite copies the buffer when it binds it."""
-    return memoryview(np.ascontiguousarray(values, dtype)).cast("B")
 
 
 def _connect(path: str) -> sqlite3.Connection:

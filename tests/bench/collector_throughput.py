@@ -23,7 +23,7 @@ import numpy as np
 
 from modtrack.collector.sim.cluster_model import ClusterModel
 from modtrack.collector.pipeline.detector import Detector
-from modtrack.collector.ingest.servicer import RankStream, parse_report
+from modtrack.collector.ingest.parse import RankStream, parse_report
 from modtrack.collector.pipeline.merge import Merger, build_matrix
 from modtrack.collector.sim.simulate import parse_straggler, report
 from modtrack.collector.store.sqlite import Store
