@@ -8,9 +8,11 @@ proto, so a new phase or counter there reaches every stage.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from modtrack.protos import modtrack_pb2 as pb
 
 # Phase ids are the proto's Phase enum: 1 forward, 2 backward, 3 recompute (0 is never sent).
@@ -20,6 +22,7 @@ PHASE_NAMES: dict[int, str] = {
 }
 PHASE_IDS: dict[str, int] = {name: number for number, name in PHASE_NAMES.items()}
 N_PHASES = max(pb.Phase.values()) + 1  # slots per module in a column key, the unused 0 included
+CLOCK_KIND_CPU = pb.CLOCK_KIND_CPU  # a rank timing its modules in host CPU time
 
 # The agent's own cumulative counters, as the wire names them.
 AGENT_COUNTERS: tuple[str, ...] = tuple(f.name for f in pb.AgentCounters.DESCRIPTOR.fields)
@@ -83,7 +86,7 @@ class StepMatrix:
     sync_wait_ms: np.ndarray  # (R,) backward tail: waiting in the gradient all-reduce
     forward_ms: np.ndarray = field(default=None)  # (R,) optional, for the API
     backward_ms: np.ndarray = field(default=None)  # (R,)
-    module_names: list[str] = field(default_factory=list)  # job-wide id -> name
+    module_names: Sequence[str] = field(default_factory=list)  # job-wide id -> name
 
 
 @dataclass

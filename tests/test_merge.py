@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from modtrack.collector.pipeline.merge import JobState, Merger, build_matrix
 from modtrack.collector.records import StepRow
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from modtrack.collector.ingest import edge_limits
 from modtrack.collector.ingest.parse import RankStream, _explain_phases, parse_report
 from modtrack.protos import modtrack_pb2 as pb

@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from modtrack.collector.records import PHASE_NAMES
 
 # Track ids within a rank's process: steps first, then one per phase; overflow tracks after.

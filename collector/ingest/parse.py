@@ -9,6 +9,7 @@ import asyncio
 from dataclasses import dataclass
 
 import numpy as np
+
 from modtrack.collector.ingest import edge_limits
 from modtrack.collector.ingest.edge_limits import invalid
 from modtrack.collector.records import AGENT_COUNTERS, PHASE_NAMES, STEP_FIGURES, StepRow

@@ -17,16 +17,19 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+
 from modtrack.collector import auth
 from modtrack.collector.ingest import edge_limits
 from modtrack.collector.ingest.edge_limits import Refused, invalid
 from modtrack.collector.ingest.parse import RankStream, parse_report
 from modtrack.collector.pipeline.merge import Merger
-from modtrack.collector.store.sqlite import Store, StoreWriter
+from modtrack.collector.store.sqlite import Store
+from modtrack.collector.store.writer import StoreWriter
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
-log = logging.getLogger("modtrack.collector.ingest.servicer")
+log = logging.getLogger("modtrack.collector.ingest")
+
 
 @dataclass
 class _End:
@@ -35,9 +38,10 @@ class _End:
 
 
 class IngestServicer(pb_grpc.CollectorServicer):
-    def __init__(self, merger: Merger, store: Store, writer: StoreWriter, token: str | None = None,
-                 metrics=None):
+    def __init__(self, merger: Merger, store: Store, writer: StoreWriter, token=None, metrics=None,
+                 restore_job=None):
         self.merger = merger
+        self.restore_job = restore_job  # async (job): reads a job not in memory back from SQLite
         self.store = store
         self.writer = writer
         self.token = token
@@ -46,6 +50,15 @@ class IngestServicer(pb_grpc.CollectorServicer):
         self.rejected = 0
         self.hello_timeout_s = edge_limits.HELLO_TIMEOUT_S
         self.refusals = auth.RefusalLog()
+
+    def connected(self, job: str) -> bool:
+        """Some rank of `job` has a stream open."""
+        return bool(self.streams.get(job))
+
+    def forget_job(self, job: str) -> None:
+        """The job left memory (finished long ago); a new stream of it starts a new entry."""
+        if not self.streams.get(job):
+            self.streams.pop(job, None)
 
     # --- control, called from the HTTP API on the same loop -------------------------------
     def request_capture(self, job: str, steps: int) -> tuple[str, int]:
@@ -113,6 +126,8 @@ class IngestServicer(pb_grpc.CollectorServicer):
                     if stream is not None:
                         raise invalid("a second Hello on the same stream")
                     edge_limits.check_hello(msg.hello, access)
+                    if self.restore_job is not None and msg.hello.job not in self.merger.jobs:
+                        await self.restore_job(msg.hello.job)
                     stream = self._hello(msg.hello, out)
                     holder.append(stream)
                 elif stream is None:

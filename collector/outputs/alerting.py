@@ -16,6 +16,7 @@ import threading
 import time
 
 import aiohttp
+
 from modtrack.collector.outputs.alert_payload import alert_labels, episode_to_alert, fingerprint, webhook_payload
 from modtrack.collector.records import Episode
 

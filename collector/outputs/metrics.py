@@ -6,26 +6,54 @@ at most `top_k` per job (the costliest): never one series per module per rank. C
 forgotten jobs and recovered hosts drop their series at once.
 
 Ingest only stores the latest numbers (the step matrix's arrays, a few dict entries per report);
-series are built when Prometheus scrapes, so a step costs O(1) here whatever the world size.
+series are built when Prometheus scrapes, by a prometheus-client custom collector (families built
+from that state at collect time), so a step costs O(1) here whatever the world size. The
+collector's own failure counters (evaluation errors, late reports, dropped alert changes, store
+write errors, ...) are read from the stages at scrape time too.
 """
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from modtrack.collector.records import AGENT_COUNTERS, Episode, StepMatrix
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from modtrack.collector.records import AGENT_COUNTERS, Episode, StepMatrix
 
 DEFAULT_TOP_K = 20
 
 
 @dataclass
+class FailureCounts:
+    """The collector's own failures, each counted where it happens, all exported."""
+
+    eval_errors: int = 0  # steps (or merge ticks) whose evaluation raised: no verdict for them
+    late_reports: int = 0  # reports for steps already evaluated (stored, not merged)
+    ingest_rejected: int = 0  # agent messages refused (by reason in modtrack_ingest_rejected_total)
+    alert_changes_dropped: int = 0  # episode changes the alert inbox had no room for
+    store_write_errors: int = 0  # store commits that failed and were rolled back
+    jobs_forgotten: int = 0  # finished jobs dropped from memory after --job-retention-s (not a failure)
+
+
+_FAILURE_HELP = {
+    "eval_errors": "Steps whose evaluation failed (no verdict for them).",
+    "late_reports": "Step reports that arrived after their step was evaluated (stored, not merged).",
+    "alert_changes_dropped": "Episode changes dropped because the alert inbox was full.",
+    "store_write_errors": "Store transactions that failed and were rolled back.",
+    "jobs_forgotten": "Finished jobs dropped from memory after the job retention (kept in SQLite).",
+}
+
+
+@dataclass
 class _Rank:
     host: str
-    labels: str = ""  # job, rank, host in exposition form, built once (scrapes at 4096 ranks add up)
-    rank_labels: str = ""  # job, rank
+    labels: tuple = ()  # job, rank, host label values, built once (scrapes at 4096 ranks add up)
+    rank_labels: tuple = ()  # job, rank
     reports: int = 0
     last_report_s: float = 0.0
     clock_offset_ms: float = 0.0
@@ -54,9 +82,11 @@ class CollectorMetrics:
         self._ingested = 0
         self._rejected: dict[str, int] = {}  # reason -> count
         self._deliveries: dict[str, int] = {}  # webhook outcome -> count
+        self.failures: Callable[[], FailureCounts] | None = None  # the collector's counters, read at scrape
         self.verdict_lag = Histogram(
             "modtrack_verdict_lag_seconds", "From a step's last report arriving to the detector's verdict on it.",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+        self.registry.register(_StateCollector(self))
 
     # -- fed by the collector ---------------------------------------------------------------
     def observe_step(self, matrix: StepMatrix, lag_s: float) -> None:
@@ -112,8 +142,8 @@ class CollectorMetrics:
             self._deliveries[outcome] = self._deliveries.get(outcome, 0) + 1
 
     def exposition(self) -> tuple[bytes, str]:
-        """The text for /metrics: the registry's (the lag histogram) and every job's series."""
-        return generate_latest(self.registry) + self._render().encode(), CONTENT_TYPE_LATEST
+        """The text for /metrics: the lag histogram, every job's series, the collector's counters."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def _job(self, job: str) -> _Job:
         state = self._jobs.get(job)
@@ -121,117 +151,102 @@ class CollectorMetrics:
             state = self._jobs[job] = _Job()
         return state
 
-    # -- exposition ---------------------------------------------------------------------------
-    # The per-job families are written as text here: prometheus_client's generic formatter spends
-    # ~25 us a sample, half a second per scrape at 4096 ranks, on the collector's event loop.
-    def _render(self) -> str:
-        f = {key: _Family(*spec) for key, spec in _FAMILIES.items()}
-        with self._lock:
-            for name, job in self._jobs.items():
-                self._render_job(name, job, f)
-            f["ingested"].add("", self._ingested)
-            for reason, n in sorted(self._rejected.items()):
-                f["rejected"].add(_labels(reason=reason), n)
-            for outcome, n in sorted(self._deliveries.items()):
-                f["deliveries"].add(_labels(outcome=outcome), n)
-        return "".join(family.text() for family in f.values())
 
-    @staticmethod
-    def _render_job(name: str, job: _Job, f: dict) -> None:
-        for r in job.ranks.values():
-            if r.reports:  # a rank marked missing before it ever reported has no clock yet
-                f["offset"].add(r.labels, r.clock_offset_ms / 1e3)
-                f["last"].add(r.labels, r.last_report_s)
-            f["received"].add(r.rank_labels, r.reports)
-            for k in AGENT_COUNTERS:
-                f[k].add(r.rank_labels, r.counters.get(k, 0))
-        m = job.matrix
-        if m is not None:
-            wall_s = (np.asarray(m.wall_ms, dtype=np.float64) / 1e3).tolist()
-            sync_s = (np.asarray(m.sync_wait_ms, dtype=np.float64) / 1e3).tolist()
-            for i, rank in enumerate(np.asarray(m.ranks).tolist()):
-                r = job.ranks.get(rank)
-                labels = r.labels if r is not None and r.host == m.hosts[i] else \
-                    _labels(job=name, rank=rank, host=m.hosts[i])
-                f["step"].add(labels, wall_s[i])
-                f["sync"].add(labels, sync_s[i])
-        job_labels = _labels(job=name)
-        f["missing"].add(job_labels, len(job.missing))
-        if job.last_step >= 0:
-            f["last_step"].add(job_labels, job.last_step)
-        f["n_active"].add(job_labels, job.stragglers_active)
-        seen = set()
-        for e in job.stragglers:
-            labels = _labels(job=name, rank=e.rank, host=e.host, module=e.module, phase=e.phase)
-            if labels in seen:
-                continue  # one series per label set, the costliest episode's
-            seen.add(labels)
-            f["slowdown"].add(labels, e.slowdown)
-            f["cost"].add(labels, e.cost_ms_per_step / 1e3)
-        for host in sorted(job.suspect_hosts):
-            f["node"].add(_labels(job=name, host=host), 1)
+class _StateCollector(Collector):
+    """The families built from CollectorMetrics' state when the registry is collected."""
+
+    def __init__(self, metrics: CollectorMetrics):
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []  # built at scrape time only (no collect() when registering)
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        f = _families()
+        with m._lock:
+            for name, job in m._jobs.items():
+                _job_samples(name, job, f)
+            f["ingested"].add_metric([], m._ingested)
+            for reason, n in sorted(m._rejected.items()):
+                f["rejected"].add_metric([reason], n)
+            for outcome, n in sorted(m._deliveries.items()):
+                f["deliveries"].add_metric([outcome], n)
+        yield from f.values()
+        counts = m.failures() if m.failures is not None else FailureCounts()
+        for name, help_text in _FAILURE_HELP.items():
+            yield CounterMetricFamily(f"modtrack_{name}", help_text, value=getattr(counts, name))
+
+
+def _job_samples(name: str, job: _Job, f: dict) -> None:
+    for r in job.ranks.values():
+        if r.reports:  # a rank marked missing before it ever reported has no clock yet
+            f["offset"].add_metric(r.labels, r.clock_offset_ms / 1e3)
+            f["last"].add_metric(r.labels, r.last_report_s)
+        f["received"].add_metric(r.rank_labels, r.reports)
+        for k in AGENT_COUNTERS:
+            f[k].add_metric(r.rank_labels, r.counters.get(k, 0))
+    m = job.matrix
+    if m is not None:
+        wall_s = (np.asarray(m.wall_ms, dtype=np.float64) / 1e3).tolist()
+        sync_s = (np.asarray(m.sync_wait_ms, dtype=np.float64) / 1e3).tolist()
+        for i, rank in enumerate(np.asarray(m.ranks).tolist()):
+            r = job.ranks.get(rank)
+            labels = r.labels if r is not None and r.host == m.hosts[i] else (name, str(rank), m.hosts[i])
+            f["step"].add_metric(labels, wall_s[i])
+            f["sync"].add_metric(labels, sync_s[i])
+    f["missing"].add_metric([name], len(job.missing))
+    if job.last_step >= 0:
+        f["last_step"].add_metric([name], job.last_step)
+    f["n_active"].add_metric([name], job.stragglers_active)
+    seen = set()
+    for e in job.stragglers:
+        labels = (name, str(e.rank), e.host, e.module, e.phase)
+        if labels in seen:
+            continue  # one series per label set, the costliest episode's
+        seen.add(labels)
+        f["slowdown"].add_metric(labels, e.slowdown)
+        f["cost"].add_metric(labels, e.cost_ms_per_step / 1e3)
+    for host in sorted(job.suspect_hosts):
+        f["node"].add_metric([name, host], 1)
 
 
 def _new_rank(job: str, rank: int, host: str, old: _Rank | None = None) -> _Rank:
-    r = _Rank(host, _labels(job=job, rank=rank, host=host), _labels(job=job, rank=rank))
+    r = _Rank(host, (job, str(rank), host), (job, str(rank)))
     if old is not None:  # same rank, new host (a restarted pod): keep its counts
         r.reports, r.last_report_s, r.clock_offset_ms, r.counters = (old.reports, old.last_report_s,
                                                                      old.clock_offset_ms, old.counters)
     return r
 
 
-def _escape(value) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(**labels) -> str:
-    return ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-
-
-def _number(value) -> str:
-    value = float(value)
-    if value != value:
-        return "NaN"
-    if value in (float("inf"), float("-inf")):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
-
-
-class _Family:
-    """One metric family in the Prometheus text format (version 0.0.4)."""
-
-    def __init__(self, name: str, kind: str, help_text: str):
-        self.name = name + "_total" if kind == "counter" else name
-        self.header = f"# HELP {self.name} {help_text}\n# TYPE {self.name} {kind}\n"
-        self.lines: list[str] = []
-
-    def add(self, labels: str, value) -> None:
-        series = f"{self.name}{{{labels}}}" if labels else self.name
-        self.lines.append(f"{series} {_number(value)}\n")
-
-    def text(self) -> str:
-        return self.header + "".join(self.lines)
-
-
-_FAMILIES = {  # key: (name, type, help)
-    "step": ("modtrack_step_seconds", "gauge", "Wall time of the rank's latest merged step."),
-    "sync": ("modtrack_sync_wait_seconds", "gauge",
-             "Time the rank waited in the gradient all-reduce in its latest merged step."),
-    "offset": ("modtrack_clock_offset_seconds", "gauge",
-               "The rank's clock offset to the collector (collector = agent + offset)."),
-    "last": ("modtrack_rank_last_report_timestamp_seconds", "gauge", "Unix time of the rank's latest report."),
-    "missing": ("modtrack_ranks_missing", "gauge", "Ranks of the job that stopped reporting."),
-    "last_step": ("modtrack_last_step", "gauge", "Latest step merged for the job."),
-    "slowdown": ("modtrack_straggler_slowdown_ratio", "gauge",
-                 "Active straggler: the rank's time over its peers' median."),
-    "cost": ("modtrack_straggler_cost_seconds_per_step", "gauge", "Active straggler: step time the job loses to it."),
-    "n_active": ("modtrack_straggler_episodes_active", "gauge",
-                 "Active rank episodes of the job (the per-episode series keep the costliest top-k)."),
-    "node": ("modtrack_node_suspect", "gauge", "1 while the host's ranks straggle together."),
-    "received": ("modtrack_reports_received", "counter", "Step reports received from the rank."),
-    **{k: (f"modtrack_agent_{k}", "counter", f"The agent's own count of {k.replace('_', ' ')}.")
+_RANK, _JOB_RANK, _JOB = ("job", "rank", "host"), ("job", "rank"), ("job",)
+_FAMILIES = {  # key: (family type, name, help, labels)
+    "step": (GaugeMetricFamily, "modtrack_step_seconds", "Wall time of the rank's latest merged step.", _RANK),
+    "sync": (GaugeMetricFamily, "modtrack_sync_wait_seconds",
+             "Time the rank waited in the gradient all-reduce in its latest merged step.", _RANK),
+    "offset": (GaugeMetricFamily, "modtrack_clock_offset_seconds",
+               "The rank's clock offset to the collector (collector = agent + offset).", _RANK),
+    "last": (GaugeMetricFamily, "modtrack_rank_last_report_timestamp_seconds",
+             "Unix time of the rank's latest report.", _RANK),
+    "missing": (GaugeMetricFamily, "modtrack_ranks_missing", "Ranks of the job that stopped reporting.", _JOB),
+    "last_step": (GaugeMetricFamily, "modtrack_last_step", "Latest step merged for the job.", _JOB),
+    "slowdown": (GaugeMetricFamily, "modtrack_straggler_slowdown_ratio",
+                 "Active straggler: the rank's time over its peers' median.", (*_RANK, "module", "phase")),
+    "cost": (GaugeMetricFamily, "modtrack_straggler_cost_seconds_per_step",
+             "Active straggler: step time the job loses to it.", (*_RANK, "module", "phase")),
+    "n_active": (GaugeMetricFamily, "modtrack_straggler_episodes_active",
+                 "Active rank episodes of the job (the per-episode series keep the costliest top-k).", _JOB),
+    "node": (GaugeMetricFamily, "modtrack_node_suspect", "1 while the host's ranks straggle together.",
+             ("job", "host")),
+    "received": (CounterMetricFamily, "modtrack_reports_received", "Step reports received from the rank.", _JOB_RANK),
+    **{k: (CounterMetricFamily, f"modtrack_agent_{k}", f"The agent's own count of {k.replace('_', ' ')}.", _JOB_RANK)
        for k in AGENT_COUNTERS},
-    "ingested": ("modtrack_ingest_records", "counter", "Step reports ingested, all jobs."),
-    "rejected": ("modtrack_ingest_rejected", "counter", "Agent messages refused, by reason."),
-    "deliveries": ("modtrack_alert_webhook_deliveries", "counter", "Built-in webhook deliveries, by outcome."),
+    "ingested": (CounterMetricFamily, "modtrack_ingest_records", "Step reports ingested, all jobs.", ()),
+    "rejected": (CounterMetricFamily, "modtrack_ingest_rejected", "Agent messages refused, by reason.", ("reason",)),
+    "deliveries": (CounterMetricFamily, "modtrack_alert_webhook_deliveries",
+                   "Built-in webhook deliveries, by outcome.", ("outcome",)),
 }
+
+
+def _families() -> dict:
+    return {key: kind(name, help_text, labels=list(labels)) for key, (kind, name, help_text, labels) in _FAMILIES.items()}

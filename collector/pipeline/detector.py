@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+
 from modtrack.collector.pipeline.episodes import EpisodeBook
 from modtrack.collector.records import Episode, StepMatrix
 

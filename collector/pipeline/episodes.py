@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from modtrack.collector.records import PHASE_NAMES, Episode, StepMatrix, column_key
 
 

@@ -5,6 +5,10 @@ report, whichever comes first, and steps of one job are evaluated in ascending o
 with no report for `missing_after_s` is marked missing: it is not waited for, and it is not a
 straggler (it simply is not in the matrix). Reports for steps already evaluated are stored but
 not merged again.
+
+Merge state lives on the event loop. What evaluating a step needs of its job (hosts, the module
+table, the clock) is copied into a JobSnapshot when the step is handed out, so the evaluation
+thread never reads a dict that a Hello may be growing at the same moment.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from modtrack.collector.records import N_PHASES, StepMatrix, StepRow, column_key
+
+from modtrack.collector.records import CLOCK_KIND_CPU, N_PHASES, StepMatrix, StepRow, column_key
 
 
 @dataclass
@@ -31,9 +36,19 @@ class PendingStep:
     rows: dict = field(default_factory=dict)  # rank -> StepRow
 
 
+@dataclass(frozen=True)
+class JobSnapshot:
+    """A job as one step's evaluation sees it, taken on the event loop."""
+
+    job: str
+    names: list[str]  # job-wide module id -> name: a copy the loop never changes
+    hosts: dict[int, str]  # rank -> host, for the ranks of this step
+    cpu_clock: bool  # some rank times its modules on the CPU clock (the detector's floor)
+
+
 @dataclass
 class ReadyStep:
-    job: "JobState"
+    job: JobSnapshot
     step: int
     rows: dict  # rank -> StepRow
     lag_s: float  # first report -> evaluation
@@ -51,6 +66,22 @@ class JobState:
         self.ranks: dict[int, RankState] = {}
         self.pending: dict[int, PendingStep] = {}
         self.last_evaluated = last_evaluated
+        self.cpu_clock = False
+        self.last_activity = time.monotonic()  # latest Hello or report (or the restore)
+        self._frozen_names: list[str] = []
+
+    def add_rank(self, rank: int, info: RankState) -> None:
+        self.ranks[rank] = info
+        self.cpu_clock = self.cpu_clock or info.clock_kind == CLOCK_KIND_CPU
+
+    def snapshot(self, ranks=None) -> JobSnapshot:
+        """What evaluating a step of `ranks` (default: all known) needs; cheap per step: the
+        name table is copied again only after it grew."""
+        if len(self._frozen_names) != len(self.names):
+            self._frozen_names = list(self.names)  # a new copy: the old one stays as snapshots saw it
+        ranks = self.ranks if ranks is None else ranks
+        hosts = {r: self.ranks[r].host for r in ranks if r in self.ranks}
+        return JobSnapshot(self.job, self._frozen_names, hosts, self.cpu_clock)
 
     def module_ids(self, names: list[str]) -> tuple[np.ndarray, int, list[str]]:
         """Job-wide ids for a rank's names, adding the unseen ones. Returns (ids, first id
@@ -87,7 +118,8 @@ class Merger:
 
     def hello(self, job: str, rank: int, world_size: int, host: str, clock_kind: int = 0) -> JobState:
         state = self.job(job, world_size)
-        state.ranks[rank] = RankState(host=host, last_seen=time.monotonic(), clock_kind=clock_kind)
+        state.add_rank(rank, RankState(host=host, last_seen=time.monotonic(), clock_kind=clock_kind))
+        state.last_activity = time.monotonic()
         return state
 
     def add(self, row: StepRow) -> bool:
@@ -95,7 +127,7 @@ class Merger:
         state = self.jobs[row.job]
         now = time.monotonic()
         rank = state.ranks[row.rank]
-        rank.last_seen = now
+        rank.last_seen = state.last_activity = now
         rank.state = "live"
         if row.step <= state.last_evaluated:
             self.late_reports += 1
@@ -126,12 +158,14 @@ class Merger:
                     break
                 del state.pending[step]
                 state.last_evaluated = step
-                ready.append(ReadyStep(state, step, pending.rows, now - pending.first_seen))
+                ready.append(ReadyStep(state.snapshot(pending.rows), step, pending.rows,
+                                       now - pending.first_seen))
         return ready, missing
 
 
-def build_matrix(state: JobState, step: int, rows: dict[int, StepRow]) -> StepMatrix:
+def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow]) -> StepMatrix:
     """One step of one job as a rank x (module, phase) matrix of self times, with numpy."""
+    state = job.snapshot(rows) if isinstance(job, JobState) else job
     ranks = sorted(rows)
     ordered = [rows[r] for r in ranks]
     lengths = np.fromiter((len(r.modules["module"]) for r in ordered), dtype=np.int64,
@@ -153,7 +187,7 @@ def build_matrix(state: JobState, step: int, rows: dict[int, StepRow]) -> StepMa
                for name in ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns")}
     return StepMatrix(
         job=state.job, step=step, ranks=np.array(ranks, dtype=np.int64),
-        hosts=[state.ranks[r].host if r in state.ranks else "" for r in ranks],
+        hosts=[state.hosts.get(r, "") for r in ranks],
         column_module=columns // N_PHASES, column_phase=columns % N_PHASES,
         self_ms=self_ms, wall_ms=(figures["end_ns"] - figures["start_ns"]) / 1e6,
         sync_wait_ms=figures["backward_tail_ns"] / 1e6, forward_ms=figures["forward_ns"] / 1e6,

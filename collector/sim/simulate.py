@@ -20,6 +20,7 @@ import time
 
 import grpc
 import numpy as np
+
 from modtrack.collector.records import PHASE_IDS
 from modtrack.collector.sim.cluster_model import ClusterModel, Straggler
 from modtrack.protos import modtrack_pb2 as pb
