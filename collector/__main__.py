@@ -11,8 +11,7 @@ from modtrack.collector.api import query_cli
 
 
 def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="run the collector: gRPC ingest, HTTP API, SQLite store",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("serve", help="run the collector: gRPC ingest, HTTP API, SQLite store")
     config.add_serve_arguments(p)
     p.add_argument("--log-level", default="INFO")
 

@@ -1,7 +1,8 @@
 """`collector serve`'s settings: one ServeConfig holds every default, and the command line is built from it.
 
 Each field's metadata carries its flag's help text (fields without help have no flag: tests and
-embedders set them). The defaults are typed once, here; `--help` shows them. `validate()` is
+embedders set them). The defaults are typed once, here; `--help` shows them, and the stages'
+own defaults (the merge's watermark, ingest's Hello timeout, the query CLI's URL) refer here. `validate()` is
 where settings that cannot work together are refused, whether they came from flags or code.
 """
 
@@ -91,12 +92,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name)
         if kw.get("action") != "append" and default is not None:
             kw["type"] = type(default)
+            kw["help"] += " (default: %(default)s)"
         parser.add_argument(flag, dest=f.name, default=default, **kw)
     group = parser.add_argument_group("straggler detection")
     params = DetectorParams()
     for name, help_text in DETECTOR_FLAGS.items():
         default = getattr(params, name)
         kind = float if name in _FLOAT_OR_NONE else type(default)
+        if default is not None:
+            help_text += " (default: %(default)s)"
         group.add_argument(f"--detect-{name.replace('_', '-')}", dest=f"detect_{name}", type=kind, default=default,
                            help=help_text)
 

@@ -84,8 +84,8 @@ class StepMatrix:
     self_ms: np.ndarray  # (R, K) float64 compute (self) time; NaN where the rank did not run it
     wall_ms: np.ndarray  # (R,) step wall time
     sync_wait_ms: np.ndarray  # (R,) backward tail: waiting in the gradient all-reduce
-    forward_ms: np.ndarray = field(default=None)  # (R,) optional, for the API
-    backward_ms: np.ndarray = field(default=None)  # (R,)
+    forward_ms: np.ndarray | None = None  # (R,) optional, for the API
+    backward_ms: np.ndarray | None = None  # (R,)
     module_names: Sequence[str] = field(default_factory=list)  # job-wide id -> name
 
 

@@ -50,7 +50,7 @@ class Collector:
         self.merger = Merger(config.watermark_s, config.missing_after_s)
         self.grpc_port: int | None = None
         self.http_port: int | None = None
-        self._stopping: asyncio.Event | None = None
+        self._stopping = asyncio.Event()
 
     @property
     def eval_errors(self) -> int:
@@ -62,7 +62,6 @@ class Collector:
         self.loop = loop
         self.writer = StoreWriter(self.store, loop)
         self.read_pool = concurrent.futures.ThreadPoolExecutor(2, "modtrack-read")
-        self._stopping = asyncio.Event()
         self.metrics = CollectorMetrics()
         # Logs every episode change, and posts to the webhooks when there are any.
         self.alerting = AlertDispatcher(self.config.alert_webhooks, self.config.dashboard_url or "",
@@ -75,8 +74,7 @@ class Collector:
                                      restore_job=self.evaluator.restore_job)
         self.ingest.hello_timeout_s = self.config.hello_timeout_s
         self.evaluator.connected = self.ingest.connected
-        self.evaluator.on_forget += [self.ingest.forget_job, self.metrics.forget_job,
-                                     lambda job: self.writer.call(self.store.forget_job, job)]
+        self.evaluator.on_forget += [self.ingest.forget_job, self.metrics.forget_job, self._forget_in_store]
         self.metrics.failures = self.failure_counts
         self.grpc_server = grpc.aio.server(maximum_concurrent_rpcs=self.config.max_streams, options=[
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -107,6 +105,9 @@ class Collector:
         return ApiDeps(store=self.store, read=self.read, tokens=self.token, ranks_reporting=ranks_reporting,
                        controls=self.ingest, alerts=self.alerts, exposition=self.metrics.exposition,
                        store_errors=lambda: self.writer.errors)
+
+    def _forget_in_store(self, job: str) -> None:
+        self.writer.call(self.store.forget_job, job)
 
     def failure_counts(self) -> FailureCounts:
         """Every failure counter of the stages, read at scrape time."""

@@ -203,7 +203,15 @@ def test_every_failure_counter_is_in_metrics(served, monkeypatch):
         wait_for(lambda: job_row(served.url, "counted").get("last_evaluated_step") == 2, what="steps 0-2 evaluated")
         rank.report(1)  # step 1 again, after it was evaluated: late
         wait_for(lambda: rank.acks and rank.acks[-1] >= 2 and c.merger.late_reports >= 1, what="the late report")
-        c.writer.call(lambda: 1 / 0)  # a store transaction that fails and is rolled back
+
+        def failing_write():  # a store transaction that fails and is rolled back
+            raise sqlite3.OperationalError("injected: disk I/O error")
+
+        async def write():
+            with pytest.raises(sqlite3.OperationalError):
+                await c.writer.call(failing_write)
+
+        asyncio.run_coroutine_threadsafe(write(), served.loop).result(10)
         wait_for(lambda: c.writer.errors >= 1, what="the failed commit")
         text = get_text(f"{served.url}/metrics")
         assert metric(text, "modtrack_eval_errors_total") == 1

@@ -22,7 +22,6 @@ MAX_STEP = 1 << 53
 MAX_STEPS_AHEAD = 100_000  # beyond the job's newest evaluated step and the rank's own newest
 MAX_DURATION_NS = 24 * 3600 * 10**9  # one day, for a step or any phase or module figure
 MAX_ABS_TIME_NS = 1 << 62  # agent clock stamps and clock offsets: room to add them safely
-HELLO_TIMEOUT_S = 10.0
 
 
 class Refused(Exception):

@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from modtrack.collector import auth
+from modtrack.collector.config import ServeConfig
 from modtrack.collector.ingest import edge_limits
 from modtrack.collector.ingest.edge_limits import Refused, invalid
 from modtrack.collector.ingest.parse import RankStream, parse_report
@@ -48,7 +49,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
         self.metrics = metrics
         self.streams: dict[str, set] = {}  # job -> live RankStreams
         self.rejected = 0
-        self.hello_timeout_s = edge_limits.HELLO_TIMEOUT_S
+        self.hello_timeout_s = ServeConfig.hello_timeout_s
         self.refusals = auth.RefusalLog()
 
     def connected(self, job: str) -> bool:

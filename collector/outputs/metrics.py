@@ -191,8 +191,8 @@ def _job_samples(name: str, job: _Job, f: dict) -> None:
         wall_s = (np.asarray(m.wall_ms, dtype=np.float64) / 1e3).tolist()
         sync_s = (np.asarray(m.sync_wait_ms, dtype=np.float64) / 1e3).tolist()
         for i, rank in enumerate(np.asarray(m.ranks).tolist()):
-            r = job.ranks.get(rank)
-            labels = r.labels if r is not None and r.host == m.hosts[i] else (name, str(rank), m.hosts[i])
+            known = job.ranks.get(rank)
+            labels = known.labels if known is not None and known.host == m.hosts[i] else (name, str(rank), m.hosts[i])
             f["step"].add_metric(labels, wall_s[i])
             f["sync"].add_metric(labels, sync_s[i])
     f["missing"].add_metric([name], len(job.missing))

@@ -112,7 +112,8 @@ class Evaluator:
     def _install_episodes(self, stored: StoredJob) -> None:
         """Episode ids and the active episodes' detector state (the evaluation thread's own)."""
         for ep in stored.episodes:
-            self.episode_ids[episode_key(ep)] = ep.id
+            if ep.id is not None:
+                self.episode_ids[episode_key(ep)] = ep.id
         if stored.active:
             self._detector(stored.state.snapshot()).restore(stored.active)
 

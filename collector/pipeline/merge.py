@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from modtrack.collector.config import ServeConfig
 from modtrack.collector.records import CLOCK_KIND_CPU, N_PHASES, StepMatrix, StepRow, column_key
 
 
@@ -101,8 +102,8 @@ class JobState:
 
 
 class Merger:
-    def __init__(self, watermark_s: float = 2.0, missing_after_s: float = 30.0,
-                 max_pending_steps: int = 10_000):
+    def __init__(self, watermark_s: float = ServeConfig.watermark_s,
+                 missing_after_s: float = ServeConfig.missing_after_s, max_pending_steps: int = 10_000):
         self.watermark_s = watermark_s
         self.missing_after_s = missing_after_s
         self.max_pending_steps = max_pending_steps  # bounds memory if a rank races far ahead
