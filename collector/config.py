@@ -29,18 +29,23 @@ class ServeConfig:
     http_addr: str = _flag("127.0.0.1:8080", "HOST:PORT for the API (port 0: any)")
     data_dir: str = _flag("./modtrack-data", "where the SQLite file lives")
     token_file: str | None = _flag(
-        None, "require 'authorization: Bearer <token>': the file holds one token, or lines 'JOB TOKEN' "
-        "(per-job tokens; JOB '*' is the admin token)")
+        None,
+        "require 'authorization: Bearer <token>': the file holds one token, or lines 'JOB TOKEN' "
+        "(per-job tokens; JOB '*' is the admin token)",
+    )
     tls_cert: str | None = _flag(None, "PEM certificate for gRPC and HTTP (with --tls-key)")
     tls_key: str | None = _flag(None, "PEM private key")
     watermark_s: float = _flag(2.0, "evaluate a step this long after its first report even if ranks are late")
     missing_after_s: float = _flag(30.0, "a rank silent this long is marked missing and no longer waited for")
     retain_steps: int = _flag(5000, "per-module figures are kept for this many newest steps per job")
     job_retention_s: float = _flag(
-        3600.0, "a job with no connected rank for this long leaves the collector's memory "
-        "(its history stays in SQLite and is served from there)")
+        3600.0,
+        "a job with no connected rank for this long leaves the collector's memory "
+        "(its history stays in SQLite and is served from there)",
+    )
     alert_webhooks: list[str] = _flag(
-        [], "POST straggler alerts here (repeatable)", flag="--alert-webhook", action="append", metavar="URL")
+        [], "POST straggler alerts here (repeatable)", flag="--alert-webhook", action="append", metavar="URL"
+    )
     dashboard_url: str | None = _flag(None, "link put in alerts (default: none)")
     max_streams: int = _flag(16384, "concurrent agent streams; more are refused with RESOURCE_EXHAUSTED")
     hello_timeout_s: float = _flag(10.0, "a stream that sends no Hello this long after opening is closed")
@@ -101,12 +106,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         kind = float if name in _FLOAT_OR_NONE else type(default)
         if default is not None:
             help_text += " (default: %(default)s)"
-        group.add_argument(f"--detect-{name.replace('_', '-')}", dest=f"detect_{name}", type=kind, default=default,
-                           help=help_text)
+        group.add_argument(
+            f"--detect-{name.replace('_', '-')}", dest=f"detect_{name}", type=kind, default=default, help=help_text
+        )
 
 
 def from_args(args: argparse.Namespace) -> ServeConfig:
     """The ServeConfig a parsed `serve` command line asks for (tokens not loaded yet), validated."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if "help" in f.metadata}
-    detector = dataclasses.replace(DetectorParams(), **{name: getattr(args, f"detect_{name}") for name in DETECTOR_FLAGS})
+    tuned = {name: getattr(args, f"detect_{name}") for name in DETECTOR_FLAGS}
+    detector = dataclasses.replace(DetectorParams(), **tuned)
     return ServeConfig(**values, detector=detector).validate()

@@ -60,8 +60,15 @@ class Rank:
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         hello = pb.Hello(
-            protocol_version=1, job=job, rank=rank, world_size=world_size, host=f"host{rank}", pid=1000 + rank,
-            module_names=MODULES, session="s", clock_kind=clock_kind,
+            protocol_version=1,
+            job=job,
+            rank=rank,
+            world_size=world_size,
+            host=f"host{rank}",
+            pid=1000 + rank,
+            module_names=MODULES,
+            session="s",
+            clock_kind=clock_kind,
         )
         self.outgoing.put(pb.AgentMessage(hello=hello))
 
@@ -77,10 +84,17 @@ class Rank:
         ns = [int(ms * 1e6) for ms in self_ms]
         rep = pb.StepReport(step=step, start_ns=step * 10**9, end_ns=step * 10**9 + 100_000_000)
         for phase in (pb.PHASE_FORWARD, pb.PHASE_BACKWARD):
-            rep.phases.append(pb.PhaseStats(
-                phase=phase, module_id=range(len(ns)), calls=[1] * len(ns), inclusive_ns=ns, self_ns=ns,
-                first_start_ns=[1000] * len(ns), last_end_ns=[1000 + n for n in ns],
-            ))
+            rep.phases.append(
+                pb.PhaseStats(
+                    phase=phase,
+                    module_id=range(len(ns)),
+                    calls=[1] * len(ns),
+                    inclusive_ns=ns,
+                    self_ns=ns,
+                    first_start_ns=[1000] * len(ns),
+                    last_end_ns=[1000 + n for n in ns],
+                )
+            )
         self.outgoing.put(pb.AgentMessage(report=rep))
 
     def close(self) -> None:
@@ -158,8 +172,10 @@ def test_a_hello_during_the_first_evaluation_loses_no_verdict(served, monkeypatc
         wait_for(lambda: "race" in c.merger.jobs and 0 in c.merger.jobs["race"].ranks, what="rank 0's Hello")
         c.merger.jobs["race"].ranks[0].__class__ = HookedRank
         rank0.report(0)  # world size 2 with one rank known: evaluated at the watermark
-        wait_for(lambda: job_row(served.url, "race").get("last_evaluated_step") is not None or c.eval_errors,
-                 what="step 0's evaluation")
+        wait_for(
+            lambda: job_row(served.url, "race").get("last_evaluated_step") is not None or c.eval_errors,
+            what="step 0's evaluation",
+        )
         assert joined.is_set(), "the Hello was not forced into the evaluation"
         assert c.eval_errors == 0
         assert job_row(served.url, "race")["last_evaluated_step"] == 0
@@ -236,8 +252,10 @@ def test_a_finished_job_leaves_memory_and_stays_queryable(tmp_path):
         for step in range(3):
             rank.report(step)
         wait_for(lambda: job_row(served.url, "done").get("last_evaluated_step") == 2, what="steps evaluated")
-        assert "done" in c.evaluator.detectors and metric(get_text(f"{served.url}/metrics"), "modtrack_last_step",
-                                                          job="done") == 2
+        assert (
+            "done" in c.evaluator.detectors
+            and metric(get_text(f"{served.url}/metrics"), "modtrack_last_step", job="done") == 2
+        )
         rank.close()
         wait_for(lambda: "done" not in c.merger.jobs, timeout=10, what="the job to be forgotten")
         wait_for(lambda: "done" not in c.evaluator.detectors, what="the detector to be forgotten")
@@ -251,15 +269,20 @@ def test_a_finished_job_leaves_memory_and_stays_queryable(tmp_path):
         steps = get_json(f"{served.url}/api/v1/jobs/done/steps?last=10")["steps"]
         assert [s["step"] for s in steps] == [0, 1, 2]
         modules = get_json(f"{served.url}/api/v1/jobs/done/modules?step=2")["modules"]
-        assert {(m["module"], m["phase"]) for m in modules} == {(n, p) for n in MODULES for p in ("forward", "backward")}
+        assert {(m["module"], m["phase"]) for m in modules} == {
+            (n, p) for n in MODULES for p in ("forward", "backward")
+        }
 
         again = Rank(served.grpc_target, "done", 0, 1)  # the job comes back: read back from SQLite
         again.report(3, self_ms=(4.0, 5.0, 6.0))
         wait_for(lambda: job_row(served.url, "done").get("last_evaluated_step") == 3, what="step 3 evaluated")
         assert c.merger.jobs["done"].names == MODULES  # the same job-wide ids, not a second table
         modules = get_json(f"{served.url}/api/v1/jobs/done/modules?step=3")["modules"]
-        assert {m["module"]: m["ms_by_rank"]["0"] for m in modules if m["phase"] == "forward"} == \
-            {"Net": 4.0, "Net.a": 5.0, "Net.b": 6.0}
+        assert {m["module"]: m["ms_by_rank"]["0"] for m in modules if m["phase"] == "forward"} == {
+            "Net": 4.0,
+            "Net.a": 5.0,
+            "Net.b": 6.0,
+        }
         again.close()
     finally:
         served.stop()
@@ -309,20 +332,33 @@ def write_old_data_dir(data_dir) -> None:
     conn.executescript(SCHEMA_BEFORE_VERSIONS)
     conn.execute("INSERT INTO jobs VALUES ('old', 2, 1, 1)")
     for rank in range(2):
-        conn.execute("INSERT INTO ranks (job, rank, host, state, clock_kind) VALUES ('old', ?, ?, 'live', 1)",
-                     (rank, f"host{rank}"))
+        conn.execute(
+            "INSERT INTO ranks (job, rank, host, state, clock_kind) VALUES ('old', ?, ?, 'live', 1)",
+            (rank, f"host{rank}"),
+        )
     conn.executemany("INSERT INTO modules VALUES ('old', ?, ?)", list(enumerate(MODULES)))
     for step in range(2):
         for rank in range(2):
             self_ns = np.array([1, 2, 3 + rank * 3], np.int64) * 1_000_000  # rank 1 slow in Net.b
             conn.execute(
                 "INSERT INTO steps VALUES ('old', ?, ?, ?, ?, 0, 0, 0, 0, 1000000, 0, ?, ?, ?, ?, ?, ?, ?)",
-                (rank, step, step * 10**9, step * 10**9 + 100_000_000,
-                 np.full(3, 1, np.uint8).tobytes(), np.arange(3, dtype=np.uint32).tobytes(),
-                 np.ones(3, np.uint32).tobytes(), self_ns.tobytes(), self_ns.tobytes(),
-                 np.zeros(3, np.int64).tobytes(), self_ns.tobytes()))
-    conn.execute("INSERT INTO episodes VALUES (7, 'old', 1, 'host1', 'Net.b', 'forward', 2.0, 0, 1, 'active', "
-                 "3.0, 3.0, '[]', 1)")
+                (
+                    rank,
+                    step,
+                    step * 10**9,
+                    step * 10**9 + 100_000_000,
+                    np.full(3, 1, np.uint8).tobytes(),
+                    np.arange(3, dtype=np.uint32).tobytes(),
+                    np.ones(3, np.uint32).tobytes(),
+                    self_ns.tobytes(),
+                    self_ns.tobytes(),
+                    np.zeros(3, np.int64).tobytes(),
+                    self_ns.tobytes(),
+                ),
+            )
+    conn.execute(
+        "INSERT INTO episodes VALUES (7, 'old', 1, 'host1', 'Net.b', 'forward', 2.0, 0, 1, 'active', 3.0, 3.0, '[]', 1)"
+    )
     conn.commit()
     conn.close()
 
@@ -334,14 +370,25 @@ def test_a_data_directory_of_the_previous_schema_opens_and_reads_back(tmp_path):
     served = CollectorThread(tmp_path / "data")
     try:
         url = served.url
-        assert job_row(url, "old") == {"job": "old", "world_size": 2, "ranks_reporting": 0, "last_step": 1,
-                                       "last_evaluated_step": 1, "state": "stopped"}
+        assert job_row(url, "old") == {
+            "job": "old",
+            "world_size": 2,
+            "ranks_reporting": 0,
+            "last_step": 1,
+            "last_evaluated_step": 1,
+            "state": "stopped",
+        }
         steps = get_json(f"{url}/api/v1/jobs/old/steps?last=10")["steps"]
-        assert [(s["step"], [r["host"] for r in s["ranks"]]) for s in steps] == [(0, ["host0", "host1"]),
-                                                                                 (1, ["host0", "host1"])]
+        assert [(s["step"], [r["host"] for r in s["ranks"]]) for s in steps] == [
+            (0, ["host0", "host1"]),
+            (1, ["host0", "host1"]),
+        ]
         modules = get_json(f"{url}/api/v1/jobs/old/modules?step=1")["modules"]
         assert {m["module"]: m["ms_by_rank"] for m in modules} == {
-            "Net": {"0": 1.0, "1": 1.0}, "Net.a": {"0": 2.0, "1": 2.0}, "Net.b": {"0": 3.0, "1": 6.0}}
+            "Net": {"0": 1.0, "1": 1.0},
+            "Net.a": {"0": 2.0, "1": 2.0},
+            "Net.b": {"0": 3.0, "1": 6.0},
+        }
         (episode,) = get_json(f"{url}/api/v1/jobs/old/stragglers")["stragglers"]
         assert (episode["id"], episode["rank"], episode["module"], episode["state"]) == (7, 1, "Net.b", "active")
     finally:

@@ -3,6 +3,7 @@
 Every problem raises edge_limits.Refused (INVALID_ARGUMENT) with the step, phase and field, so
 the sender's stream ends with a reason a person can act on and nothing of the report is stored.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -54,12 +55,19 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
     block, calls, phase = _phase_block(report.phases)
     if block is None or not _block_ok(block, len(stream.remap)):
         _explain_phases(report, stream, where)  # raises Refused
-    modules = {"phase": phase, "module": stream.remap[block[_ID]], "calls": calls,
-               "inclusive": block[_INCLUSIVE], "self": block[_SELF],
-               "first_start": block[_FIRST_START], "last_end": block[_LAST_END]}
+    modules = {
+        "phase": phase,
+        "module": stream.remap[block[_ID]],
+        "calls": calls,
+        "inclusive": block[_INCLUSIVE],
+        "self": block[_SELF],
+        "first_start": block[_FIRST_START],
+        "last_end": block[_LAST_END],
+    }
     counters = {name: getattr(report.counters, name) for name in AGENT_COUNTERS}
-    return StepRow(stream.job, stream.rank, report.step, figures, modules,
-                   _parse_trace(report, stream, where), counters)
+    return StepRow(
+        stream.job, stream.rank, report.step, figures, modules, _parse_trace(report, stream, where), counters
+    )
 
 
 def _phase_block(phases):
@@ -94,7 +102,7 @@ def _block_ok(block: np.ndarray, table_size: int) -> bool:
     """Every id in the rank's table, durations in [0, a day], stamps in range: five passes."""
     if not block.shape[1]:
         return True
-    durations, stamps = block[_INCLUSIVE:_SELF + 1], block[_FIRST_START:_LAST_END + 1]
+    durations, stamps = block[_INCLUSIVE : _SELF + 1], block[_FIRST_START : _LAST_END + 1]
     return bool(block[_ID].max() < table_size) and edge_limits.column_problem(durations, stamps) is None
 
 
@@ -107,13 +115,16 @@ def _explain_phases(report, stream: RankStream, where: str) -> None:
         n = len(ph.module_id)
         for name in PHASE_COLUMNS[1:]:
             if len(getattr(ph, name)) != n:
-                raise invalid(f"{where} phase {PHASE_NAMES[ph.phase]}: {name} has "
-                                   f"{len(getattr(ph, name))} entries, module_id has {n}")
+                raise invalid(
+                    f"{where} phase {PHASE_NAMES[ph.phase]}: {name} has "
+                    f"{len(getattr(ph, name))} entries, module_id has {n}"
+                )
         _module_ids(ph.module_id, stream, where)
-        edge_limits.check_columns(f"{where} phase {PHASE_NAMES[ph.phase]}",
-                                  (_array(ph.inclusive_ns, np.int64), _array(ph.self_ns, np.int64)),
-                                  (_array(ph.first_start_ns, np.int64),
-                                   _array(ph.last_end_ns, np.int64)))
+        edge_limits.check_columns(
+            f"{where} phase {PHASE_NAMES[ph.phase]}",
+            (_array(ph.inclusive_ns, np.int64), _array(ph.self_ns, np.int64)),
+            (_array(ph.first_start_ns, np.int64), _array(ph.last_end_ns, np.int64)),
+        )
     raise AssertionError("the block check refused a report the phase check accepts")
 
 
@@ -122,14 +133,14 @@ def _add_new_names(report, stream: RankStream, extend_table, where: str) -> None
         return
     first = report.first_new_module_id
     if first > len(stream.names):
-        raise invalid(f"{where}: new module names start at id {first} but the rank's table "
-                           f"has {len(stream.names)} names")
+        raise invalid(
+            f"{where}: new module names start at id {first} but the rank's table has {len(stream.names)} names"
+        )
     new = []
     for i, name in enumerate(report.new_module_names):
         if first + i < len(stream.names):  # a replayed report re-announcing a known name
             if stream.names[first + i] != name:
-                raise invalid(f"{where}: module id {first + i} is {stream.names[first + i]!r}, "
-                                   f"not {name!r}")
+                raise invalid(f"{where}: module id {first + i} is {stream.names[first + i]!r}, not {name!r}")
         else:
             new.append(name)
     if new:
@@ -140,8 +151,7 @@ def _add_new_names(report, stream: RankStream, extend_table, where: str) -> None
 def _module_ids(values, stream: RankStream, where: str) -> np.ndarray:
     local = _array(values, np.int64)
     if len(local) and local.max() >= len(stream.remap):
-        raise invalid(f"{where}: module id {int(local.max())} is outside the rank's table of "
-                           f"{len(stream.remap)} names")
+        raise invalid(f"{where}: module id {int(local.max())} is outside the rank's table of {len(stream.remap)} names")
     return local
 
 
@@ -152,8 +162,7 @@ def _parse_trace(report, stream: RankStream, where: str) -> dict | None:
     n = len(t.module_id)
     for name in TRACE_FIELDS[1:]:
         if len(getattr(t, name)) != n:
-            raise invalid(f"{where} trace: {name} has {len(getattr(t, name))} entries, "
-                               f"module_id has {n}")
+            raise invalid(f"{where} trace: {name} has {len(getattr(t, name))} entries, module_id has {n}")
     start, end = _array(t.start_ns, np.int64), _array(t.end_ns, np.int64)
     phase = _array(t.phase, np.int64)
     if (end < start).any():
@@ -161,6 +170,11 @@ def _parse_trace(report, stream: RankStream, where: str) -> dict | None:
     edge_limits.check_columns(f"{where} trace", (end - start,), (start, end))
     if not np.isin(phase, list(PHASE_NAMES)).all():
         raise invalid(f"{where} trace: unknown phase")
-    return {"module": stream.remap[_module_ids(t.module_id, stream, where)], "phase": phase,
-            "start": start, "end": end, "depth": _array(t.depth, np.uint32),
-            "capture_id": t.capture_id}
+    return {
+        "module": stream.remap[_module_ids(t.module_id, stream, where)],
+        "phase": phase,
+        "start": start,
+        "end": end,
+        "depth": _array(t.depth, np.uint32),
+        "capture_id": t.capture_id,
+    }

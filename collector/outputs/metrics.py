@@ -249,4 +249,4 @@ _FAMILIES = {  # key: (family type, name, help, labels)
 
 
 def _families() -> dict:
-    return {key: kind(name, help_text, labels=list(labels)) for key, (kind, name, help_text, labels) in _FAMILIES.items()}
+    return {key: kind(name, text, labels=list(labels)) for key, (kind, name, text, labels) in _FAMILIES.items()}

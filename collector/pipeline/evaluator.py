@@ -44,9 +44,16 @@ def read_job(store: Store, row: dict) -> StoredJob:
     last = row["last_evaluated_step"]
     state = JobState(job, row["world_size"], store.module_names(job), -1 if last is None else last)
     for r in store.ranks(job):
-        state.add_rank(r["rank"], RankState(host=r["host"] or "", last_seen=0.0, state="missing",
-                                            clock_offset_ns=r["clock_offset_ns"] or 0,
-                                            clock_kind=r["clock_kind"] or 0))
+        state.add_rank(
+            r["rank"],
+            RankState(
+                host=r["host"] or "",
+                last_seen=0.0,
+                state="missing",
+                clock_offset_ns=r["clock_offset_ns"] or 0,
+                clock_kind=r["clock_kind"] or 0,
+            ),
+        )
     episodes = store.episodes(job)
     return StoredJob(state, episodes, [e for e in episodes if e.state == "active"])
 
@@ -61,8 +68,16 @@ def episode_key(ep: Episode) -> tuple:
 
 
 class Evaluator:
-    def __init__(self, config: ServeConfig, merger: Merger, store: Store, writer: StoreWriter,
-                 metrics: CollectorMetrics, alerting: AlertDispatcher, read: Callable):
+    def __init__(
+        self,
+        config: ServeConfig,
+        merger: Merger,
+        store: Store,
+        writer: StoreWriter,
+        metrics: CollectorMetrics,
+        alerting: AlertDispatcher,
+        read: Callable,
+    ):
         self.config = config
         self.merger = merger
         self.store = store
@@ -126,8 +141,9 @@ class Evaluator:
             try:
                 ready, missing = self.merger.due(time.monotonic())
                 for job, rank in missing:
-                    log.warning("rank %d of job %r is missing (no report for %.0f s)", rank, job,
-                                self.config.missing_after_s)
+                    log.warning(
+                        "rank %d of job %r is missing (no report for %.0f s)", rank, job, self.config.missing_after_s
+                    )
                     self.writer.call(self.store.upsert_rank, job, rank, {"state": "missing"})
                     self.metrics.mark_rank_missing(job, rank, self.merger.jobs[job].ranks[rank].host)
                 if ready:
@@ -146,9 +162,11 @@ class Evaluator:
     async def forget_finished(self, now: float) -> list[str]:
         """Jobs with no connected rank, nothing pending and no activity for job_retention_s leave
         memory: merge state, detector, episode ids, metrics series. SQLite keeps their history."""
-        gone = [job for job, state in self.merger.jobs.items()
-                if not state.pending and not self.connected(job)
-                and now - state.last_activity > self.config.job_retention_s]
+        gone = [
+            job
+            for job, state in self.merger.jobs.items()
+            if not state.pending and not self.connected(job) and now - state.last_activity > self.config.job_retention_s
+        ]
         if not gone:
             return gone
         for job in gone:
@@ -157,8 +175,9 @@ class Evaluator:
         for job in gone:
             for forget in self.on_forget:
                 forget(job)
-            log.info("job %r finished %.0f s ago: forgotten in memory, kept in SQLite", job,
-                     self.config.job_retention_s)
+            log.info(
+                "job %r finished %.0f s ago: forgotten in memory, kept in SQLite", job, self.config.job_retention_s
+            )
         self.jobs_forgotten += len(gone)
         return gone
 
@@ -207,9 +226,18 @@ class Evaluator:
         self.episode_ids[key] = ep.id
         snapshot = dataclasses.replace(ep, ranks=list(ep.ranks))
         self.writer.call_threadsafe(self.store.upsert_episode, snapshot)
-        log.info("straggler episode %s: job %r rank %d host %s %s/%s %.2fx steps %d-%d",
-                 ep.state, ep.job, ep.rank, ep.host, ep.module, ep.phase, ep.slowdown,
-                 ep.first_step, ep.last_step)
+        log.info(
+            "straggler episode %s: job %r rank %d host %s %s/%s %.2fx steps %d-%d",
+            ep.state,
+            ep.job,
+            ep.rank,
+            ep.host,
+            ep.module,
+            ep.phase,
+            ep.slowdown,
+            ep.first_step,
+            ep.last_step,
+        )
         self.alerting.episode_changed(snapshot)  # thread-safe, never blocks
 
     def close(self) -> None:

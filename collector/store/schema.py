@@ -79,8 +79,10 @@ def migrate(conn: sqlite3.Connection) -> int:
     autocommit mode (isolation_level=None), as the store opens it."""
     version = version_of(conn)
     if version > VERSION:
-        raise SchemaError(f"the data directory has schema version {version}, newer than this collector's "
-                          f"{VERSION}: run a newer modtrack, or another --data-dir")
+        raise SchemaError(
+            f"the data directory has schema version {version}, newer than this collector's "
+            f"{VERSION}: run a newer modtrack, or another --data-dir"
+        )
     for number in range(version, VERSION):
         conn.execute("BEGIN IMMEDIATE")
         try:

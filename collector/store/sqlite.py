@@ -17,13 +17,17 @@ import time
 
 import numpy as np
 
-from modtrack.collector.records import MODULE_COLUMNS, STEP_FIGURES, TRACE_COLUMNS, Episode, StepRow
+from modtrack.collector.records import AGENT_COUNTERS, MODULE_COLUMNS, STEP_FIGURES, TRACE_COLUMNS, Episode, StepRow
 from modtrack.collector.store import schema
 
 _INSERT_STEP = (
     f"INSERT OR IGNORE INTO steps (job, rank, step, {', '.join(STEP_FIGURES)}, "
     f"{', '.join('m_' + name for name, _ in MODULE_COLUMNS)}) "
     f"VALUES ({', '.join('?' * (3 + len(STEP_FIGURES) + len(MODULE_COLUMNS)))})")
+# The ranks table has one column per agent counter, named as the wire names it.
+_UPDATE_RANK_SEEN = (
+    "UPDATE ranks SET last_seen_ns = ?, state = 'live', "
+    + ", ".join(f"{name} = ?" for name in AGENT_COUNTERS) + " WHERE job = ? AND rank = ?")
 _INSERT_TRACE = (
     "INSERT OR IGNORE INTO traces (job, rank, step, capture_id, t_module, t_phase, t_start, "
     "t_end, t_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
@@ -125,11 +129,8 @@ class Store:
         for r in rows:  # one last-seen update per rank per batch, not per report
             seen[(r.job, r.rank)] = r.counters
         now = time.time_ns()
-        conn.executemany(
-            "UPDATE ranks SET last_seen_ns = ?, state = 'live', reports_dropped = ?, "
-            "reconnects = ?, hook_errors = ?, send_errors = ? WHERE job = ? AND rank = ?",
-            [(now, c.get("reports_dropped", 0), c.get("reconnects", 0), c.get("hook_errors", 0),
-              c.get("send_errors", 0), job, rank) for (job, rank), c in seen.items()])
+        conn.executemany(_UPDATE_RANK_SEEN, [(now, *(c.get(name, 0) for name in AGENT_COUNTERS), job, rank)
+                                             for (job, rank), c in seen.items()])
 
     def drop_old_module_blobs(self, job: str, keep_steps: int) -> int:
         """Retention: module blobs of steps older than the newest keep_steps become NULL; the
