@@ -9,8 +9,9 @@ import json
 import sqlite3
 import urllib.request
 
-from modtrack.collector.merge import Merger
-from modtrack.collector.store import MIGRATIONS, SCHEMA, Store
+from modtrack.collector.pipeline.merge import Merger
+from modtrack.collector.store.schema import MIGRATIONS, V1_TABLES
+from modtrack.collector.store.sqlite import Store
 from test_collector_harness import CollectorThread, FakeRank, report, stream_steps, wait_for
 from test_merge import row
 
@@ -42,7 +43,9 @@ def test_attempt_comes_from_the_restart_count_or_a_new_session():
 
 def test_an_old_store_is_migrated_and_keeps_every_row_as_attempt_0(tmp_path):
     conn = sqlite3.connect(tmp_path / "modtrack.sqlite3")
-    conn.executescript(SCHEMA)  # schema 0, as stores were written before attempts
+    for statement in V1_TABLES:  # version 1, as stores were written before attempts
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
     conn.execute("INSERT INTO jobs (job, world_size, created_ns, last_evaluated_step) VALUES ('j', 2, 1, 7)")
     conn.execute("INSERT INTO steps (job, rank, step, start_ns, end_ns) VALUES ('j', 0, 7, 0, 5)")
     conn.execute("INSERT INTO episodes (id, job, rank, host, module, phase, slowdown, first_step, last_step, "

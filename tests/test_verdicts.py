@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from modtrack.collector.detector import Detector, DetectorParams
-from modtrack.collector.step_matrix import StepMatrix
+from modtrack.collector.pipeline.detector import Detector, DetectorParams
+from modtrack.collector.records import StepMatrix
 
 RANKS, MODULES = 4, 8
 CPU = DetectorParams(min_excess_ms=1.0, min_excess_frac=0.01)  # the floors of a CPU-clocked job

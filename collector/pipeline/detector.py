@@ -5,7 +5,7 @@ and flags a rank whose self time is both `ratio` times the median and a robust o
 (modified z = 0.6745 (x - median) / MAD above `z`). One sort per matrix gives the medians of
 all columns at once; no Python loop runs per rank or per column. Step-level figures outside
 modules (data loading, optimizer) are judged as two more columns. The flags then feed the
-episode book (collector/episodes.py): one verdict per culprit, hysteresis, host roll-up, cost.
+episode book (collector/pipeline/episodes.py): one verdict per culprit, hysteresis, host roll-up, cost.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from modtrack.collector.episodes import EpisodeBook
-from modtrack.collector.step_matrix import Episode, StepMatrix
+from modtrack.collector.pipeline.episodes import EpisodeBook
+from modtrack.collector.records import Episode, StepMatrix
 
 Z_SCALE = 0.6745  # makes the MAD of a normal sample comparable to its standard deviation
 

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modtrack.collector.step_matrix import Episode, StepMatrix
+from modtrack.collector.records import N_PHASES, PHASE_NAMES, Episode, StepMatrix, column_key
 
-PHASE_NAMES = {1: "forward", 2: "backward", 3: "recompute"}
 STEP_COLUMN_NAMES = {-1: ("(data loading)", "data"), -2: ("(optimizer)", "optimizer")}
 MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would list every module)
 BASELINE_STEPS = 20  # the job's step time before an episode: median of this many quiet steps
@@ -98,7 +97,7 @@ def _empty_rings(s: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _column_name(key: int, names: list[str]) -> tuple[str, str]:
     if key < 0:
         return STEP_COLUMN_NAMES.get(key, (f"step#{key}", "step"))
-    mid, ph = divmod(key, 4)
+    mid, ph = divmod(key, N_PHASES)
     return (names[mid] if 0 <= mid < len(names) else f"module#{mid}", PHASE_NAMES.get(ph, str(ph)))
 
 
@@ -130,8 +129,8 @@ class EpisodeBook:
     def _align(self, m: StepMatrix, step_keys: np.ndarray) -> None:
         """Keep the flag history indexed like this matrix (ranks leave, modules appear)."""
         ranks = np.asarray(m.ranks, np.int64)
-        keys = np.concatenate([np.asarray(m.column_module, np.int64) * 4 + np.asarray(m.column_phase, np.int64),
-                               step_keys])
+        keys = np.concatenate([column_key(np.asarray(m.column_module, np.int64),
+                                          np.asarray(m.column_phase, np.int64)), step_keys])
         if self.hist is not None and np.array_equal(ranks, self.rank_ids) and np.array_equal(keys, self.col_keys):
             return
         new = np.zeros((self.span, len(ranks), len(keys)), bool)
