@@ -142,3 +142,15 @@ def test_a_gradual_ramp_is_found_and_its_cost_follows_it():
 
 def test_clean_steps_raise_nothing():
     assert run(range(500), lambda s, rng: job_step(s, rng))[1] == []
+
+
+def test_a_rank_a_little_slow_in_every_module_is_a_whole_rank_verdict():
+    """0.9 ms more in each of 8 modules: no cell clears the 1 ms floor, the rank's 7 ms in all does."""
+
+    def make(s, rng):
+        return job_step(s, rng, slow={(1, c): 0.9 for c in range(MODULES)} if s >= 5 else None)
+
+    _, (ep,) = run(range(25), make)
+    assert ep.rank == 1 and ep.cause == "whole rank" and ep.first_step <= 10
+    assert len(ep.modules) == MODULES
+    assert ep.cost_ms_per_step == pytest.approx(7.2, rel=0.15)

@@ -53,8 +53,8 @@ class DetectorParams:
     long_n: int = 20
     cost_steps: int = 30  # the cost is the mean loss over this many steps (slow or not)
     # Step-level columns (data loading, optimizer) are wall time: they open nothing below this excess.
-    step_floor_ms: float = 3.0
-    step_floor_frac: float = 0.1  # ... x the median step wall time
+    step_floor_ms: float = 5.0
+    step_floor_frac: float = 0.2  # ... x the median step wall time
     host_rollup: bool = True  # > half of a host's ranks (at least 2) slow together: one host episode
 
 
@@ -166,7 +166,7 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
         steps = x.shape[1] - np.asarray(m.self_ms).shape[1]  # the step-level columns, last
         if steps and np.isfinite(wall_median):
             # Data loading and optimizer are wall time, which a rank preempted on shared cores
-            # stretches by a few ms now and then (measured: 1-2 ms, 1.6-2.2x, on 3 ranks / 2 cores).
+            # stretches by a few ms now and then (measured: 1-16 ms, 1.6-10x, on 3 ranks / 2 cores).
             bar = max(p.step_floor_ms, p.step_floor_frac * wall_median)
             flagged[:, -steps:] &= (x[:, -steps:] - median[-steps:]) > bar
         held = above(p.hold_ratio, p.hold_z, p.hold_ratio)

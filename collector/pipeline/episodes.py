@@ -23,6 +23,7 @@ MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would
 BASELINE_STEPS = 20  # the job's step time before an episode: median of this many quiet steps
 MIN_BASELINE = 5
 MAX_WALL_SCALE = 2.0  # the wall a culprit costs, per ms of its excess compute, at most
+WHOLE_RANK_FRAC = 0.1  # a rank slower in most modules by this fraction of the step in all is slow as a whole
 MAX_GAP = 20  # steps between an intermittent straggler's slow steps that still keep it one episode
 
 
@@ -192,6 +193,7 @@ class EpisodeBook:
         flagged = flags.flagged
         runs = np.count_nonzero(~np.isnan(x), axis=1)
         rank_wide = (runs >= 4) & (2 * flagged.sum(axis=1) > runs)
+        rank_wide |= self._slow_everywhere(m, x, flags)
         self._push(flagged & ~rank_wide[:, None], rank_wide)
 
         wall = np.asarray(m.wall_ms, dtype=np.float64)
@@ -248,6 +250,23 @@ class EpisodeBook:
             self._record_loss(t, t.pending[0] * scale, t.pending[2])
             t.pending = None
 
+    def _slow_everywhere(self, m: StepMatrix, x: np.ndarray, flags) -> np.ndarray:
+        """Ranks slower than the median in most of their modules, by a total that matters: a whole
+        rank slowed a little in each module (a slower core, a throttled clock), where no one cell
+        clears the floors. Victims (waiting more than the median rank) are not."""
+        k = np.asarray(m.self_ms).shape[1]
+        with _quiet():
+            diff = x[:, :k] - flags.median[:k]
+            runs = np.count_nonzero(~np.isnan(diff), axis=1)
+            # three in four of its modules above the hold ratio: slow everywhere, not in a few
+            spread = np.nanpercentile(x[:, :k] / flags.median[:k], 25, axis=1) > self.p.hold_ratio
+            total = np.nansum(diff, axis=1)
+            wall_med = float(np.nanmedian(m.wall_ms)) if len(m.wall_ms) else 0.0
+            wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
+        floor = max(3 * (self.p.min_excess_ms or 0.0), WHOLE_RANK_FRAC * (wall_med if np.isfinite(wall_med) else 0.0))
+        not_victim = wait <= (np.median(wait) if len(wait) else 0.0) + max(self.p.sync_tol_ms, 0.02 * wall_med)
+        return (runs >= 8) & (len(x) >= 3) & spread & (total > floor) & not_victim
+
     def _floor(self, wall: np.ndarray) -> float:
         """The least excess a listed entry must carry (the opening floors)."""
         wall_med = float(np.nanmedian(wall)) if len(wall) else 0.0
@@ -285,7 +304,8 @@ class EpisodeBook:
             track.med_excess = np.median(track.excess[:recorded], axis=0)
             track.med_ratio = np.median(track.ratio[:recorded], axis=0)
         often = 2 * track.held[:recorded].sum(axis=0) >= recorded
-        track.sig = often & (np.nan_to_num(track.med_excess, nan=-1.0) > floor)
+        whole = self._wide_share(track) >= 0.5  # slow everywhere: a little in each module counts
+        track.sig = often & (np.nan_to_num(track.med_excess, nan=-1.0) > (0.0 if whole else floor))
 
     def _advance(self, track: _Track, s: _Step, opening: bool = False) -> None:
         ep = track.episode
@@ -295,11 +315,15 @@ class EpisodeBook:
         if fig is not None:
             rows, excess, ratio, cap = fig
             sig = track.sig if len(track.sig) == len(track.keys) else np.zeros(len(track.keys), bool)
+            if not track.slow_steps:  # restored after a collector restart: its module until it has figures
+                c = self.col_index.get((ep.module, ep.phase))
+                if c is not None and c < len(sig):
+                    sig = sig.copy()
+                    sig[c] = True
             wide = bool(s.rank_wide[rows].any())
-            # Slow now: across the rank, in a listed column (lower bars), or anew in a column
-            # flagged twice lately (a spike elsewhere keeps no episode open).
-            fresh = s.flags.flagged[rows] & (self.counts[rows] >= 2)
-            now = opening or wide or bool(fresh.any()) or bool(s.flags.held[rows][:, sig].any())
+            # Slow now: across the rank, or in a listed column (lower bars). A spike elsewhere keeps
+            # no episode open; a module that joins a slow rank is recorded with its slow steps.
+            now = opening or wide or bool(s.flags.held[rows][:, sig].any())
             if now:
                 slot = track.pos % track.excess.shape[0]
                 track.excess[slot], track.ratio[slot] = excess, ratio
@@ -418,9 +442,22 @@ class EpisodeBook:
         across most of its columns; spikes of one kind do not add to the other's.
         """
         p = self.p
-        enough = (self.counts >= p.k) | (self.long_counts >= p.long_k)
+        # The rate rule is for modules: wall-time step columns (data, optimizer) see preemption
+        # spikes now and then on shared cores, and open only on k of the last n steps.
+        long = self.long_counts >= p.long_k
+        long[:, self.col_keys < 0] = False
+        enough = (self.counts >= p.k) | long
         rank_enough = (self.rank_counts >= p.k) | (self.rank_long_counts >= p.long_k)
         rows, cols = np.nonzero((enough | rank_enough[:, None]) & s.flags.flagged)
+        # A whole rank slow a little everywhere may have no flagged cell: its costliest column.
+        busy_now = self._busy_ranks()
+        bare = [r for r in np.flatnonzero(rank_enough & s.rank_wide).tolist()
+                if r not in set(rows.tolist()) and int(self.rank_ids[r]) not in busy_now]
+        if bare:
+            k = np.asarray(s.m.self_ms).shape[1]
+            with _quiet():
+                best = np.nanargmax(np.nan_to_num(s.x[bare, :k] - s.flags.median[:k], nan=-np.inf), axis=1)
+            rows, cols = np.concatenate([rows, bare]).astype(np.int64), np.concatenate([cols, best]).astype(np.int64)
         if not len(rows):
             return []
         busy = np.isin(self.rank_ids[rows], list(self._busy_ranks()))

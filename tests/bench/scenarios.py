@@ -220,7 +220,8 @@ def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str
     attempt = 1 if shape.restart else 0
     if out.returncode != 0 or not collector.wait_evaluated(job, shape.steps - 1, attempt):
         res.ok_run = False
-        res.detail = f"rc {out.returncode}: {out.stderr[-600:]}"
+        errors = [line for line in out.stderr.splitlines() if "Error" in line or "error:" in line]
+        res.detail = f"rc {out.returncode}: " + " | ".join(errors[-4:] or [out.stderr[-600:]])
         return res
     verdicts = get_json(f"{collector.url}/api/v1/jobs/{job}/stragglers")["stragglers"]
     res.verdicts = verdicts
