@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -220,7 +221,15 @@ def main(argv=None) -> None:
     distributed = "WORLD_SIZE" in os.environ
     cuda = torch.cuda.is_available()
     rank = int(os.environ.get("RANK", 0))
-    if distributed:
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if distributed and attempt:
+        # A restarted attempt reuses torchrun's store, which still holds the first attempt's gloo
+        # addresses under the same keys: join it under a prefix of its own.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=60))
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"attempt-{attempt}", store),
+                                rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    elif distributed:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
@@ -228,7 +237,6 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = TinyGPT(args.vocab, args.dim, args.heads, args.layers, args.context).to(device)
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     progress = {"step": 0, "attempt": attempt}
     slow_here = args.slow_rank == rank
     if slow_here and args.slow_phase in ("forward", "backward", "whole"):
