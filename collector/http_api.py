@@ -164,7 +164,12 @@ def make_app(collector) -> web.Application:
     async def alerts(request):
         episodes = await collector.read(collector.store.episodes, None, "active")
         episodes = [e for e in episodes if _allowed(request, e.job)]
-        return web.json_response({"alerts": collector.alerts(episodes)})
+        alerts = [a for a in collector.alerts(episodes) if _allowed(request, a["labels"]["job"])]
+        return web.json_response({"alerts": alerts})
+
+    async def stall(request):  # hung jobs (issue 14): collector/stall.py says who holds the job
+        job = await known_job(request)
+        return web.json_response(collector.ingest.stall_watch.verdict(job, collector.merger.jobs.get(job)))
 
     async def metrics(request):
         body, content_type = collector.exposition()
@@ -187,6 +192,7 @@ def make_app(collector) -> web.Application:
     app.router.add_get("/api/v1/jobs/{job}/stragglers", stragglers)
     app.router.add_get("/api/v1/jobs/{job}/steps", steps)
     app.router.add_get("/api/v1/jobs/{job}/modules", modules)
+    app.router.add_get("/api/v1/jobs/{job}/stall", stall)  # hung jobs
     app.router.add_post("/api/v1/jobs/{job}/capture", capture)
     app.router.add_post("/api/v1/jobs/{job}/pause", control("pause"))
     app.router.add_post("/api/v1/jobs/{job}/resume", control("resume"))

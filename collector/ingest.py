@@ -20,6 +20,7 @@ import numpy as np
 
 from modtrack.collector import auth, edge_limits
 from modtrack.collector.merge import Merger
+from modtrack.collector.stall_watch import BadHeartbeat, StallWatch  # hung jobs (issue 14)
 from modtrack.collector.store import PHASE_NAMES, STEP_FIGURES, Store, StepRow, StoreWriter
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
@@ -213,6 +214,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
         self.rejected = 0
         self.hello_timeout_s = edge_limits.HELLO_TIMEOUT_S
         self.refusals = auth.RefusalLog()
+        self.stall_watch = StallWatch()  # hung jobs: the latest heartbeat of every rank
 
     # --- control, called from the HTTP API on the same loop -------------------------------
     def request_capture(self, job: str, steps: int) -> tuple[str, int]:
@@ -265,6 +267,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
             reader.cancel()
             if holder:
                 self.streams.get(holder[0].job, set()).discard(holder[0])
+                self.stall_watch.gone(holder[0].job, holder[0].rank, holder[0])  # hung jobs
 
     async def _read(self, request_iterator, out: asyncio.Queue, holder: list,
                     access=None) -> None:
@@ -293,6 +296,11 @@ class IngestServicer(pb_grpc.CollectorServicer):
                         t1_ns=msg.ping.t1_ns, t2_ns=received_ns, t3_ns=time.time_ns())))
                 elif kind == "clock":
                     self._clock(msg.clock, stream)
+                elif kind == "heartbeat":  # hung jobs: where a rank in a long step is
+                    try:
+                        self.stall_watch.heartbeat(stream.job, stream.rank, msg.heartbeat, stream)
+                    except BadHeartbeat as exc:
+                        raise InvalidInput(f"job {stream.job!r} rank {stream.rank}: {exc}") from None
                 else:
                     raise InvalidInput("an empty AgentMessage")
             acks.put_nowait(None)

@@ -106,6 +106,9 @@ class Collector:
         await site.start()
         self.http_port = site._server.sockets[0].getsockname()[1]
         self._tick_task = asyncio.create_task(self._tick())
+        # hung jobs (issue 14): stall verdicts, ModtrackJobStalled alerts, modtrack_job_stalled_seconds
+        self.metrics.registry.register(self.ingest.stall_watch)
+        self._stall_task = asyncio.create_task(self.ingest.stall_watch.run(self.merger.jobs, self.alerting))
 
     def ready_line(self) -> str:
         grpc_host, _ = _split(self.config.grpc_addr)
@@ -129,6 +132,7 @@ class Collector:
     async def stop(self) -> None:
         """Stop taking streams, evaluate what can be, commit everything, close."""
         self._tick_task.cancel()
+        self._stall_task.cancel()  # hung jobs
         await self.grpc_server.stop(grace=1.0)
         await self.runner.cleanup()
         await self.alerting.stop()
@@ -147,7 +151,7 @@ class Collector:
         """Alerts for the active episodes; the dispatcher's copies know when each started."""
         live = {a["fingerprint"]: a for a in self.alerting.active_alerts()}
         alerts = [episode_to_alert(e, self.config.dashboard_url or "") for e in active_episodes]
-        return [live.get(a["fingerprint"], a) for a in alerts]
+        return [live.get(a["fingerprint"], a) for a in alerts] + self.ingest.stall_watch.alerts()  # + hung jobs
 
     # --- restart: the same history ----------------------------------------------------------
     def _restore(self) -> None:
