@@ -140,7 +140,8 @@ def _stall_summary(long: list[RankView], stuck: np.ndarray, first: RankView) -> 
     who = f"rank {stuck_ranks[0]}" if len(stuck_ranks) == 1 else "ranks " + ", ".join(map(str, stuck_ranks))
     text = f"{who} stuck in {_where(first.beat)} for {first.beat.seconds:.0f} s"
     if waiting:
-        text += "; rank" + ("s " if len(waiting) > 1 else " ") + ", ".join(map(str, waiting)) + " wait for it"
+        text += (f"; ranks {', '.join(map(str, waiting))} wait for it" if len(waiting) > 1
+                 else f"; rank {waiting[0]} waits for it")
     return text
 
 
