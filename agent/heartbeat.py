@@ -53,16 +53,29 @@ class HeartbeatSettings:
                    repeat_s=number("MODTRACK_STALL_REPEAT_S", default.repeat_s))
 
 
+# nn.Module.__call__'s own frames, three per module call: they say nothing the module names do not.
+MODULE_CALL = ("torch/nn/modules/module.py", ("_wrapped_call_impl", "_call_impl", "inner"))
+
+
 def thread_stack(thread_id: int, max_frames: int) -> list[str]:
-    """The innermost `max_frames` frames of a thread, "file:line in function: code", innermost last."""
+    """The innermost `max_frames` frames of a thread, "file:line in function: code", innermost last;
+    without nn.Module's call plumbing, installed files shown from their package on."""
     frame = sys._current_frames().get(thread_id)
     if frame is None:
         return []
     try:
-        frames = traceback.extract_stack(frame, limit=max_frames)
+        frames = traceback.extract_stack(frame, limit=4 * max_frames)
     finally:
         del frame
-    return [f"{f.filename}:{f.lineno} in {f.name}{': ' + f.line if f.line else ''}"[:MAX_FRAME_CHARS] for f in frames]
+    lines = []
+    for f in frames:
+        path = f.filename.replace("\\", "/")
+        if path.endswith(MODULE_CALL[0]) and f.name in MODULE_CALL[1]:
+            continue
+        installed = path.rfind("-packages/")
+        path = path[installed + len("-packages/"):] if installed >= 0 else path
+        lines.append(f"{path}:{f.lineno} in {f.name}{': ' + f.line if f.line else ''}"[:MAX_FRAME_CHARS])
+    return lines[-max_frames:]
 
 
 class Heartbeat:

@@ -22,8 +22,9 @@ MOVING_FRACTION = 0.5  # at its position for less than this share of its long st
 # Where a collective blocks the training thread: torch.distributed's Python API, DDP's module, and
 # the autograd engine once every module's backward is done (DDP's reducer waits for the gradient
 # all-reduce in the engine's final callback, in C++ under `backward()`).
-COLLECTIVE_PATHS = ("/torch/distributed/", "/torch/nn/parallel/distributed.py")
-ENGINE_PATHS = ("/torch/autograd/", "/torch/_tensor.py")
+# Paths as the agent sends them: installed files from their package on ("torch/...").
+COLLECTIVE_PATHS = ("torch/distributed/", "torch/nn/parallel/distributed.py")
+ENGINE_PATHS = ("torch/autograd/", "torch/_tensor.py")
 
 
 @dataclass

@@ -161,7 +161,6 @@ class StallWatch:
 
 
 def _annotations(answer: dict, r: dict) -> dict:
-    waiting = [str(x["rank"]) for x in answer["ranks"] if x["state"] == "waiting"]
     where = f"{r['module']} ({r['phase']})" if r["module"] else f"{r['phase']} (outside every module)"
     if r["state"] == "stuck":
         summary = (f"Job {answer['job']} is stalled: rank {r['rank']} on host {r['host']} has not moved for "
@@ -170,7 +169,6 @@ def _annotations(answer: dict, r: dict) -> dict:
         summary = f"Job {answer['job']} is stalled: every rank waits in {where} at step {answer['step']}"
     stack = "\n".join(r["stack"][-ALERT_FRAMES:]) or "(no stack)"
     description = (f"{answer['summary']}. "
-                   + (f"Ranks {', '.join(waiting)} wait for it. " if waiting else "")
                    + f"Innermost frames of the stuck rank's training thread:\n{stack}\n"
                    "Runbook: README, section When a job hangs.")
     return {"summary": summary, "description": description}
