@@ -299,6 +299,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
                 elif kind == "heartbeat":  # hung jobs: where a rank in a long step is
                     try:
                         self.stall_watch.heartbeat(stream.job, stream.rank, msg.heartbeat, stream)
+                        self.merger.jobs[stream.job].ranks[stream.rank].last_seen = time.monotonic()  # not missing
                     except BadHeartbeat as exc:
                         raise InvalidInput(f"job {stream.job!r} rank {stream.rank}: {exc}") from None
                 else:

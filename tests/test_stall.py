@@ -309,3 +309,23 @@ def test_stall_api_and_cli_over_grpc(tmp_path):
         for r in ranks:
             r.kill()
         c.stop()
+
+
+def test_a_rank_that_sends_heartbeats_is_not_marked_missing(tmp_path):
+    """A hung job reports no step for long: its ranks are stuck or waiting, not missing."""
+    c = CollectorThread(tmp_path / "data", missing_after_s=0.6)
+    ranks = [FakeRank(c.grpc_target, "hung", r, 2) for r in range(2)]
+    try:
+        for _ in range(8):  # 2 s of heartbeats, no report
+            for r in ranks:
+                r.send(pb.AgentMessage(heartbeat=hb()))
+            time.sleep(0.25)
+        [job] = get(c.url, "/api/v1/jobs")[1]["jobs"]
+        assert job["ranks_reporting"] == 2, job
+        # no heartbeat any more: missing after missing_after_s, as before
+        wait_for(lambda: get(c.url, "/api/v1/jobs")[1]["jobs"][0]["ranks_reporting"] == 0, 10)
+    finally:
+        for r in ranks:
+            r.kill()
+        c.stop()
+
