@@ -12,6 +12,7 @@ Steps are learnt from the position alone (its step number and start), so the hea
 hook of its own. No heartbeat before the first step ended: without a median, a long start-up is
 not a hang.
 """
+
 from __future__ import annotations
 
 import collections
@@ -48,9 +49,11 @@ class HeartbeatSettings:
                 return fallback
             return value if value > 0 else fallback
 
-        return cls(factor=number("MODTRACK_STALL_FACTOR", default.factor),
-                   min_s=number("MODTRACK_STALL_MIN_S", default.min_s),
-                   repeat_s=number("MODTRACK_STALL_REPEAT_S", default.repeat_s))
+        return cls(
+            factor=number("MODTRACK_STALL_FACTOR", default.factor),
+            min_s=number("MODTRACK_STALL_MIN_S", default.min_s),
+            repeat_s=number("MODTRACK_STALL_REPEAT_S", default.repeat_s),
+        )
 
 
 # nn.Module.__call__'s own frames, three per module call: they say nothing the module names do not.
@@ -73,7 +76,7 @@ def thread_stack(thread_id: int, max_frames: int) -> list[str]:
         if path.endswith(MODULE_CALL[0]) and f.name in MODULE_CALL[1]:
             continue
         installed = path.rfind("-packages/")
-        path = path[installed + len("-packages/"):] if installed >= 0 else path
+        path = path[installed + len("-packages/") :] if installed >= 0 else path
         lines.append(f"{path}:{f.lineno} in {f.name}{': ' + f.line if f.line else ''}"[:MAX_FRAME_CHARS])
     return lines[-max_frames:]
 
@@ -82,8 +85,13 @@ class Heartbeat:
     """poll() from the sender thread, as often as it wakes (at least every second): a pb.Heartbeat
     to send, or None. Never raises (errors are counted)."""
 
-    def __init__(self, position: Position, names: Callable[[], list], settings: HeartbeatSettings | None = None,
-                 clock: Callable[[], int] = time.perf_counter_ns):
+    def __init__(
+        self,
+        position: Position,
+        names: Callable[[], list],
+        settings: HeartbeatSettings | None = None,
+        clock: Callable[[], int] = time.perf_counter_ns,
+    ):
         self.position = position
         self.settings = settings or HeartbeatSettings()
         self.errors = 0
@@ -135,8 +143,13 @@ class Heartbeat:
         step, phase, module, passes = seen
         names = self._names()
         return pb.Heartbeat(
-            step=step, phase=PHASE_NAMES[phase],
+            step=step,
+            phase=PHASE_NAMES[phase],
             module=names[module] if module != NO_MODULE and 0 <= module < len(names) else "",
-            step_ns=step_ns, position_ns=now - self._since_ns, median_step_ns=int(self._median_ns),
-            stack=thread_stack(position.thread_id, s.max_frames), backward_passes=passes,
-            repeat_ms=int(s.repeat_s * 1000))
+            step_ns=step_ns,
+            position_ns=now - self._since_ns,
+            median_step_ns=int(self._median_ns),
+            stack=thread_stack(position.thread_id, s.max_frames),
+            backward_passes=passes,
+            repeat_ms=int(s.repeat_s * 1000),
+        )

@@ -6,6 +6,7 @@ writes, which is fine: each field is one reference store, so a reader sees a val
 moment ago, and the next read sees the newer one. Time is not stamped here: the reader notices when
 the position last changed (agent/heartbeat.py), so hooks pay for no clock call.
 """
+
 from __future__ import annotations
 
 import threading

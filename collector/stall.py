@@ -10,6 +10,7 @@ its step runs long (agent/heartbeat.py), so:
   earlier step, or an earlier stage of the same step). Every rank still in one and the same place,
   none in a collective, is the whole job paused there (a checkpoint, an evaluation), not a stall.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -77,12 +78,12 @@ def verdict(job: str, ranks: list[RankView]) -> dict:
     ranks = sorted(ranks, key=lambda r: r.rank)
     present = [r for r in ranks if not r.missing]
     long = [r for r in present if r.beat is not None]
+    beats: list[Beat] = [r.beat for r in long if r.beat is not None]
     state = {r.rank: ("missing" if r.missing else "running") for r in ranks}
-    answer = {"job": job, "stalled": False, "since_s": None, "step": None, "paused": None, "summary": ""}
+    answer: dict = {"job": job, "stalled": False, "since_s": None, "step": None, "paused": None, "summary": ""}
     if not long or len(long) < len(present):
         answer["summary"] = _running_summary(ranks, long)
         return _with_ranks(answer, ranks, state, set())
-    beats = [r.beat for r in long]
     seconds = np.array([b.seconds for b in beats])
     step_seconds = np.array([b.step_seconds for b in beats])
     if (seconds < MOVING_FRACTION * step_seconds).any():
@@ -95,10 +96,18 @@ def verdict(job: str, ranks: list[RankView]) -> dict:
         for r in long:
             state[r.rank] = "paused"
         b = beats[0]
-        answer.update(since_s=round(float(seconds.min()), 3), step=b.step,
-                      paused={"step": b.step, "phase": b.phase, "module": b.module,
-                              "seconds": round(float(seconds.min()), 3), "stack": b.stack},
-                      summary=f"the whole job is paused at {_where(b)} (every rank in the same place)")
+        answer.update(
+            since_s=round(float(seconds.min()), 3),
+            step=b.step,
+            paused={
+                "step": b.step,
+                "phase": b.phase,
+                "module": b.module,
+                "seconds": round(float(seconds.min()), 3),
+                "stack": b.stack,
+            },
+            summary=f"the whole job is paused at {_where(b)} (every rank in the same place)",
+        )
         return _with_ranks(answer, ranks, state, {r.rank for r in long})
     if waiting.all() and len(places) == 1:
         stuck = np.zeros(len(long), dtype=bool)  # all wait in one collective: the collective hangs
@@ -109,9 +118,13 @@ def verdict(job: str, ranks: list[RankView]) -> dict:
     for r, is_stuck in zip(long, stuck.tolist()):
         state[r.rank] = "stuck" if is_stuck else "waiting"
     held = seconds[stuck] if stuck.any() else seconds
-    first = long[int(np.flatnonzero(stuck)[0])] if stuck.any() else long[0]
-    answer.update(stalled=True, since_s=round(float(held.max() if stuck.any() else held.min()), 3),
-                  step=int(first.beat.step), summary=_stall_summary(long, stuck, first))
+    first = beats[int(np.flatnonzero(stuck)[0])] if stuck.any() else beats[0]
+    answer.update(
+        stalled=True,
+        since_s=round(float(held.max() if stuck.any() else held.min()), 3),
+        step=int(first.step),
+        summary=_stall_summary(long, stuck, first),
+    )
     return _with_ranks(answer, ranks, state, {r.rank for r, s in zip(long, stuck.tolist()) if s})
 
 
@@ -119,11 +132,24 @@ def _with_ranks(answer: dict, ranks: list[RankView], state: dict, full_stack: se
     out = []
     for r in ranks:
         b = r.beat
-        entry = {"rank": r.rank, "host": r.host, "state": state[r.rank], "phase": None, "module": None,
-                 "seconds": None, "stack": [], "step": None}
+        entry = {
+            "rank": r.rank,
+            "host": r.host,
+            "state": state[r.rank],
+            "phase": None,
+            "module": None,
+            "seconds": None,
+            "stack": [],
+            "step": None,
+        }
         if b is not None:
-            entry.update(phase=b.phase, module=b.module, seconds=round(b.seconds, 3), step=b.step,
-                         stack=b.stack if r.rank in full_stack else b.stack[-WAITING_FRAMES:])
+            entry.update(
+                phase=b.phase,
+                module=b.module,
+                seconds=round(b.seconds, 3),
+                step=b.step,
+                stack=b.stack if r.rank in full_stack else b.stack[-WAITING_FRAMES:],
+            )
         out.append(entry)
     answer["ranks"] = out
     return answer
@@ -133,16 +159,19 @@ def _where(b: Beat) -> str:
     return f"{b.module} ({b.phase}), step {b.step}" if b.module else f"{b.phase}, step {b.step}"
 
 
-def _stall_summary(long: list[RankView], stuck: np.ndarray, first: RankView) -> str:
+def _stall_summary(long: list[RankView], stuck: np.ndarray, first: Beat) -> str:
     waiting = [r.rank for r, s in zip(long, stuck.tolist()) if not s]
     if not stuck.any():
-        return f"every rank waits in the same place, {_where(first.beat)}, for {first.beat.seconds:.0f} s"
+        return f"every rank waits in the same place, {_where(first)}, for {first.seconds:.0f} s"
     stuck_ranks = [r.rank for r, s in zip(long, stuck.tolist()) if s]
     who = f"rank {stuck_ranks[0]}" if len(stuck_ranks) == 1 else "ranks " + ", ".join(map(str, stuck_ranks))
-    text = f"{who} stuck in {_where(first.beat)} for {first.beat.seconds:.0f} s"
+    text = f"{who} stuck in {_where(first)} for {first.seconds:.0f} s"
     if waiting:
-        text += (f"; ranks {', '.join(map(str, waiting))} wait for it" if len(waiting) > 1
-                 else f"; rank {waiting[0]} waits for it")
+        text += (
+            f"; ranks {', '.join(map(str, waiting))} wait for it"
+            if len(waiting) > 1
+            else f"; rank {waiting[0]} waits for it"
+        )
     return text
 
 

@@ -1,4 +1,5 @@
 """`collector query stall` as text: the verdict in one line, every rank's place, the stuck rank's stack."""
+
 from __future__ import annotations
 
 from modtrack.collector.query_cli import table
@@ -11,8 +12,9 @@ def render_stall(data: dict) -> str:
         head = f"job {data['job']}: paused for {data['since_s']:.0f} s: {data['summary']}"
     else:
         head = f"job {data['job']}: not stalled ({data.get('summary') or 'running'})"
-    rows = [[r["rank"], r["host"], r["state"], r.get("step"), r["phase"], r["module"], r["seconds"]]
-            for r in data["ranks"]]
+    rows = [
+        [r["rank"], r["host"], r["state"], r.get("step"), r["phase"], r["module"], r["seconds"]] for r in data["ranks"]
+    ]
     lines = [head, table(["RANK", "HOST", "STATE", "STEP", "PHASE", "MODULE", "SECONDS"], rows)]
     for r in data["ranks"]:
         if r["state"] in ("stuck", "paused") and r["stack"]:

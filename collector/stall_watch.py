@@ -8,6 +8,7 @@ was killed), through the same webhooks as straggler alerts, and is listed by /ap
 job is stalled /metrics has `modtrack_job_stalled_seconds{job, rank, host, module, phase}`.
 Heartbeats are not stored: a hang is about now.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from modtrack.collector.alert_payload import ZERO_TIME, dashboard_link, fingerprint, rfc3339, webhook_payload
 from modtrack.collector.alerting import RECEIVER
 from modtrack.collector.stall import PHASES, Beat, RankView, verdict
+from modtrack.protos import modtrack_pb2 as pb
 
 log = logging.getLogger("modtrack.alerts")
 
@@ -37,7 +39,7 @@ class BadHeartbeat(ValueError):
 
 @dataclass
 class _Entry:
-    beat: object  # pb.Heartbeat
+    beat: pb.Heartbeat
     received: float  # monotonic
     owner: object  # the stream that sent it
 
@@ -48,8 +50,9 @@ def check_heartbeat(hb) -> None:
     if hb.phase not in PHASES:
         raise BadHeartbeat(f"heartbeat: unknown phase {hb.phase!r}")
     if len(hb.module) > MAX_TEXT or len(hb.stack) > MAX_STACK_FRAMES or any(len(s) > MAX_TEXT for s in hb.stack):
-        raise BadHeartbeat(f"heartbeat: module or stack too long (at most {MAX_STACK_FRAMES} lines of "
-                           f"{MAX_TEXT} characters)")
+        raise BadHeartbeat(
+            f"heartbeat: module or stack too long (at most {MAX_STACK_FRAMES} lines of {MAX_TEXT} characters)"
+        )
     if min(hb.step_ns, hb.position_ns, hb.median_step_ns) < 0 or hb.step_ns > 10**15 or hb.position_ns > 10**15:
         raise BadHeartbeat("heartbeat: durations must be between 0 and 10^15 ns")
 
@@ -93,9 +96,15 @@ class StallWatch:
                 age = now - entry.received
                 if age <= max(MIN_STALE_S, 3 * entry.beat.repeat_ms / 1000):
                     hb = entry.beat
-                    beat = Beat(step=hb.step, phase=hb.phase, module=hb.module or None,
-                                seconds=hb.position_ns / 1e9 + age, step_seconds=hb.step_ns / 1e9 + age,
-                                stack=list(hb.stack), backward_passes=hb.backward_passes)
+                    beat = Beat(
+                        step=hb.step,
+                        phase=hb.phase,
+                        module=hb.module or None,
+                        seconds=hb.position_ns / 1e9 + age,
+                        step_seconds=hb.step_ns / 1e9 + age,
+                        stack=list(hb.stack),
+                        backward_passes=hb.backward_passes,
+                    )
             missing = beat is None and (info is None or info.state == "missing")
             views.append(RankView(rank, info.host if info is not None else "", missing, beat))
         return views
@@ -117,7 +126,7 @@ class StallWatch:
     def evaluate(self, jobs, alerting) -> None:
         watched = {job for job, beats in self._beats.items() if beats}
         watched |= {a["labels"]["job"] for a in self._firing.values()}
-        now_alerts: dict[str, dict] = {}
+        now_alerts: dict[str, tuple[dict, dict, dict]] = {}
         stalled: dict[tuple, float] = {}
         for job in sorted(watched):
             answer = self.verdict(job, jobs.get(job))
@@ -125,18 +134,30 @@ class StallWatch:
                 continue
             stuck = [r for r in answer["ranks"] if r["state"] == "stuck"] or answer["ranks"][:1]
             for r in stuck:
-                labels = {"alertname": STALL_ALERT, "severity": "critical", "job": job,
-                          "rank": str(r["rank"]) if r["state"] == "stuck" else "",
-                          "host": r["host"], "module": r["module"] or "", "phase": r["phase"] or ""}
+                labels = {
+                    "alertname": STALL_ALERT,
+                    "severity": "critical",
+                    "job": job,
+                    "rank": str(r["rank"]) if r["state"] == "stuck" else "",
+                    "host": r["host"],
+                    "module": r["module"] or "",
+                    "phase": r["phase"] or "",
+                }
                 now_alerts[fingerprint(labels)] = (labels, answer, r)
                 stalled[tuple(labels[k] for k in ("job", "rank", "host", "module", "phase"))] = r["seconds"] or 0.0
         self._stalled = stalled
         url = alerting.dashboard_url if alerting is not None else ""
         for fp, (labels, answer, r) in now_alerts.items():
             old = self._firing.get(fp)
-            alert = {"status": "firing", "labels": labels, "annotations": _annotations(answer, r),
-                     "startsAt": old["startsAt"] if old else rfc3339(time.time()), "endsAt": ZERO_TIME,
-                     "generatorURL": dashboard_link(url, labels["job"]), "fingerprint": fp}
+            alert = {
+                "status": "firing",
+                "labels": labels,
+                "annotations": _annotations(answer, r),
+                "startsAt": old["startsAt"] if old else rfc3339(time.time()),
+                "endsAt": ZERO_TIME,
+                "generatorURL": dashboard_link(url, labels["job"]),
+                "fingerprint": fp,
+            }
             self._firing[fp] = alert
             if old is None:
                 log.warning("alert opened: %s", alert["annotations"]["summary"])
@@ -152,9 +173,11 @@ class StallWatch:
 
     def collect(self):
         """prometheus_client custom collector: one series per stuck rank while its job is stalled."""
-        family = GaugeMetricFamily("modtrack_job_stalled_seconds",
-                                   "While the job is stalled: how long the stuck rank has not moved.",
-                                   labels=["job", "rank", "host", "module", "phase"])
+        family = GaugeMetricFamily(
+            "modtrack_job_stalled_seconds",
+            "While the job is stalled: how long the stuck rank has not moved.",
+            labels=["job", "rank", "host", "module", "phase"],
+        )
         for labels, seconds in sorted(self._stalled.items()):
             family.add_metric(list(labels), seconds)
         yield family
@@ -163,14 +186,17 @@ class StallWatch:
 def _annotations(answer: dict, r: dict) -> dict:
     where = f"{r['module']} ({r['phase']})" if r["module"] else f"{r['phase']} (outside every module)"
     if r["state"] == "stuck":
-        summary = (f"Job {answer['job']} is stalled: rank {r['rank']} on host {r['host']} has not moved for "
-                   f"{r['seconds']:.0f} s in {where} at step {answer['step']}")
+        summary = (
+            f"Job {answer['job']} is stalled: rank {r['rank']} on host {r['host']} has not moved for "
+            f"{r['seconds']:.0f} s in {where} at step {answer['step']}"
+        )
     else:
         summary = f"Job {answer['job']} is stalled: every rank waits in {where} at step {answer['step']}"
     stack = "\n".join(r["stack"][-ALERT_FRAMES:]) or "(no stack)"
-    description = (f"{answer['summary']}. "
-                   + f"Innermost frames of the stuck rank's training thread:\n{stack}\n"
-                   "Runbook: README, section When a job hangs.")
+    description = (
+        f"{answer['summary']}. " + f"Innermost frames of the stuck rank's training thread:\n{stack}\n"
+        "Runbook: README, section When a job hangs."
+    )
     return {"summary": summary, "description": description}
 
 

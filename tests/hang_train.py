@@ -8,6 +8,7 @@ backward (an autograd Function at the module's output); data: in its data loadin
 step's first module; pause: every rank sleeps --pause-s after the optimizer step (a checkpoint),
 then training goes on. A sleep blocks in C code, as a collective or a device wait would.
 """
+
 from __future__ import annotations
 
 import argparse

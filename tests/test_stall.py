@@ -1,6 +1,7 @@
 """Hung jobs in one process: the tracker's position on a real model, the heartbeat of a training thread
 blocked in C code, the verdict's rules, and the stall API, CLI and edge checks over real gRPC.
 (tests/test_stall_torchrun.py runs the same on real torchrun jobs.)"""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ from modtrack.collector.stall_watch import StallWatch
 from modtrack.protos import modtrack_pb2 as pb
 
 GLOO_WAIT = "/venv/lib/python3.11/site-packages/torch/distributed/distributed_c10d.py:2850 in all_reduce: work.wait()"
-DDP_WAIT = ("/venv/lib/python3.11/site-packages/torch/autograd/graph.py:829 in _engine_run_backward: "
-            "return Variable._execution_engine.run_backward(")
+DDP_WAIT = (
+    "/venv/lib/python3.11/site-packages/torch/autograd/graph.py:829 in _engine_run_backward: "
+    "return Variable._execution_engine.run_backward("
+)
 USER = "/job/train.py:40 in forward: time.sleep(3600)"
 
 
@@ -117,8 +120,9 @@ def test_heartbeat_reports_a_thread_blocked_in_c_code_then_that_it_moves():
                 opt.step()
                 time.sleep(0.02)  # a step of ~20 ms: the median
 
-    beat = Heartbeat(tracker.position, lambda: tracker.module_names,
-                     HeartbeatSettings(factor=3, min_s=0.3, repeat_s=0.2))
+    beat = Heartbeat(
+        tracker.position, lambda: tracker.module_names, HeartbeatSettings(factor=3, min_s=0.3, repeat_s=0.2)
+    )
     worker = threading.Thread(target=train, daemon=True)
     worker.start()
     beats = []
@@ -176,22 +180,40 @@ def beat(step=10, phase="forward", module="Net.block", seconds=8.0, step_seconds
 
 
 def waiting_beat(**kw):
-    return beat(**{"phase": "backward", "module": None, "stack": ("train.py:9 in main: loss.backward()", DDP_WAIT),
-                   "passes": 1, **kw})
+    return beat(
+        **{
+            "phase": "backward",
+            "module": None,
+            "stack": ("train.py:9 in main: loss.backward()", DDP_WAIT),
+            "passes": 1,
+            **kw,
+        }
+    )
 
 
 def test_the_rank_not_in_a_collective_is_stuck_and_the_others_wait():
-    answer = verdict("j", [RankView(0, "h0", beat=waiting_beat()), RankView(1, "h1", beat=beat()),
-                           RankView(2, "h2", beat=beat(stack=(GLOO_WAIT,), module="Net.head"))])
+    answer = verdict(
+        "j",
+        [
+            RankView(0, "h0", beat=waiting_beat()),
+            RankView(1, "h1", beat=beat()),
+            RankView(2, "h2", beat=beat(stack=(GLOO_WAIT,), module="Net.head")),
+        ],
+    )
     assert answer["stalled"] and answer["step"] == 10 and answer["since_s"] == 8.0
     assert [r["state"] for r in answer["ranks"]] == ["waiting", "stuck", "waiting"]
     assert answer["ranks"][1]["stack"] == [USER] and answer["summary"].startswith("rank 1 stuck in Net.block")
 
 
 def test_without_collectives_the_rank_behind_is_stuck():
-    answer = verdict("j", [RankView(0, "h", beat=beat(step=11, phase="data", module=None)),
-                           RankView(1, "h", beat=beat(step=10, phase="outside", passes=1, module=None)),
-                           RankView(2, "h", beat=beat(step=11, phase="forward"))])
+    answer = verdict(
+        "j",
+        [
+            RankView(0, "h", beat=beat(step=11, phase="data", module=None)),
+            RankView(1, "h", beat=beat(step=10, phase="outside", passes=1, module=None)),
+            RankView(2, "h", beat=beat(step=11, phase="forward")),
+        ],
+    )
     assert [r["state"] for r in answer["ranks"]] == ["waiting", "stuck", "waiting"]
     ordered = verdict("j", [RankView(0, "h", beat=waiting_beat(stack=(USER,))), RankView(1, "h", beat=beat())])
     assert [r["state"] for r in ordered["ranks"]] == ["waiting", "stuck"]  # forward is before backward
@@ -214,8 +236,9 @@ def test_a_slow_but_moving_job_is_not_stalled():
 
 
 def test_a_missing_rank_neither_blocks_nor_is_blamed():
-    answer = verdict("j", [RankView(0, "h", beat=waiting_beat()), RankView(1, "h", beat=beat()),
-                           RankView(2, "h", missing=True)])
+    answer = verdict(
+        "j", [RankView(0, "h", beat=waiting_beat()), RankView(1, "h", beat=beat()), RankView(2, "h", missing=True)]
+    )
     assert [r["state"] for r in answer["ranks"]] == ["waiting", "stuck", "missing"]
 
 
@@ -239,8 +262,15 @@ class _Job:
 
 
 def hb(**kw):
-    base = dict(step=10, phase="forward", module="Net.block", step_ns=9 * 10**9, position_ns=8 * 10**9,
-                stack=[USER], repeat_ms=1000)
+    base = dict(
+        step=10,
+        phase="forward",
+        module="Net.block",
+        step_ns=9 * 10**9,
+        position_ns=8 * 10**9,
+        stack=[USER],
+        repeat_ms=1000,
+    )
     return pb.Heartbeat(**{**base, **kw})
 
 
@@ -257,8 +287,15 @@ def test_watch_ages_beats_drops_stale_and_ended_ones_and_alerts_once():
     watch.evaluate(jobs, None)
     watch.evaluate(jobs, None)
     [alert] = watch.alerts()
-    assert alert["labels"] == {"alertname": "ModtrackJobStalled", "severity": "critical", "job": "j", "rank": "1",
-                               "host": "h1", "module": "Net.block", "phase": "forward"}
+    assert alert["labels"] == {
+        "alertname": "ModtrackJobStalled",
+        "severity": "critical",
+        "job": "j",
+        "rank": "1",
+        "host": "h1",
+        "module": "Net.block",
+        "phase": "forward",
+    }
     assert alert["status"] == "firing" and "time.sleep(3600)" in alert["annotations"]["description"]
     [family] = list(watch.collect())
     assert [s.value for s in family.samples] == [10.0]
@@ -281,17 +318,22 @@ def test_stall_api_and_cli_over_grpc(tmp_path):
     c = CollectorThread(tmp_path / "data")
     ranks = [FakeRank(c.grpc_target, "hung", r, 2) for r in range(2)]
     try:
-        ranks[0].send(pb.AgentMessage(heartbeat=hb(phase="backward", module="", stack=[DDP_WAIT],
-                                                    backward_passes=1)))
+        ranks[0].send(pb.AgentMessage(heartbeat=hb(phase="backward", module="", stack=[DDP_WAIT], backward_passes=1)))
         ranks[1].send(pb.AgentMessage(heartbeat=hb(module="Net.blocks.1")))
         wait_for(lambda: get(c.url, "/api/v1/jobs/hung/stall")[1].get("stalled"), 10)
         status, answer = get(c.url, "/api/v1/jobs/hung/stall")
         assert status == 200 and set(answer) >= {"job", "stalled", "since_s", "step", "ranks"}
         assert [(r["rank"], r["host"], r["state"], r["phase"], r["module"]) for r in answer["ranks"]] == [
-            (0, "host0", "waiting", "backward", None), (1, "host1", "stuck", "forward", "Net.blocks.1")]
+            (0, "host0", "waiting", "backward", None),
+            (1, "host1", "stuck", "forward", "Net.blocks.1"),
+        ]
         assert answer["ranks"][1]["stack"] == [USER] and answer["ranks"][1]["seconds"] >= 8
-        wait_for(lambda: any(a["labels"]["alertname"] == "ModtrackJobStalled"
-                             for a in get(c.url, "/api/v1/alerts")[1]["alerts"]), 10)
+        wait_for(
+            lambda: any(
+                a["labels"]["alertname"] == "ModtrackJobStalled" for a in get(c.url, "/api/v1/alerts")[1]["alerts"]
+            ),
+            10,
+        )
         cli = [sys.executable, "-m", "modtrack.collector", "query", "stall", "--url", c.url, "--job", "hung"]
         text = subprocess.run(cli, capture_output=True, text=True, timeout=60)
         assert text.returncode == 0, text.stderr
@@ -328,4 +370,3 @@ def test_a_rank_that_sends_heartbeats_is_not_marked_missing(tmp_path):
         for r in ranks:
             r.kill()
         c.stop()
-

@@ -1,6 +1,7 @@
 """Hung jobs on real torchrun (gloo, 3 ranks, tests/hang_train.py under the agent): the stall API names
 the stuck rank, its module, phase and stack, and who waits; ModtrackJobStalled reaches the webhook and
 /api/v1/alerts; a job paused as a whole, and a clean run, raise nothing. Each test ends its job."""
+
 from __future__ import annotations
 
 import json
@@ -65,10 +66,31 @@ class Job:
     def __init__(self, collector, job: str, *args: str, agent_env: dict | None = None):
         self.job = job
         self.url = f"{collector.api}/api/v1/jobs/{job}/stall"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(RANKS),
-               "-m", "modtrack.agent", "--collector", collector.grpc_target, "--job", job, SCRIPT, *args]
-        self.proc = subprocess.Popen(cmd, env=env(**(AGENT_ENV if agent_env is None else agent_env)), cwd=REPO, start_new_session=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(RANKS),
+            "-m",
+            "modtrack.agent",
+            "--collector",
+            collector.grpc_target,
+            "--job",
+            job,
+            SCRIPT,
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env(**(AGENT_ENV if agent_env is None else agent_env)),
+            cwd=REPO,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def end(self) -> str:
         ranks = _children(self.proc.pid)
@@ -121,15 +143,27 @@ def stalled_alerts(collector, job: str) -> list[dict]:
 
 
 def webhook_alerts(webhook, job: str, status: str) -> list[dict]:
-    return [a for _, body in webhook.received for a in body["alerts"]
-            if a["labels"]["alertname"] == "ModtrackJobStalled" and a["labels"]["job"] == job
-            and a["status"] == status]
+    return [
+        a
+        for _, body in webhook.received
+        for a in body["alerts"]
+        if a["labels"]["alertname"] == "ModtrackJobStalled" and a["labels"]["job"] == job and a["status"] == status
+    ]
 
 
 def test_rank_hung_in_a_modules_forward(collector, webhook):
     """With the agent's default thresholds: the verdict within 20 s of the hang."""
-    j = Job(collector, "hang-fwd", "--hang-rank", "1", "--hang-in", "forward", "--hang-module", "blocks.1.mlp",
-            agent_env={"OMP_NUM_THREADS": "1"})
+    j = Job(
+        collector,
+        "hang-fwd",
+        "--hang-rank",
+        "1",
+        "--hang-in",
+        "forward",
+        "--hang-module",
+        "blocks.1.mlp",
+        agent_env={"OMP_NUM_THREADS": "1"},
+    )
     try:
         answer = j.wait_for(lambda a: a["stalled"], 180)
         assert states(answer) == {0: "waiting", 1: "stuck", 2: "waiting"}, json.dumps(answer, indent=1)
@@ -174,8 +208,7 @@ def test_rank_hung_in_data_loading_outside_every_module(collector):
 
 
 def test_rank_hung_in_backward(collector):
-    answer = hung(collector, "hang-bwd", "--hang-rank", "0", "--hang-in", "backward",
-                     "--hang-module", "blocks.0.attn")
+    answer = hung(collector, "hang-bwd", "--hang-rank", "0", "--hang-in", "backward", "--hang-module", "blocks.0.attn")
     assert states(answer) == {0: "stuck", 1: "waiting", 2: "waiting"}, json.dumps(answer, indent=1)
     stuck = answer["ranks"][0]
     assert (stuck["phase"], stuck["module"], answer["step"]) == ("backward", "TinyGPT.blocks.0.attn", 10), stuck
