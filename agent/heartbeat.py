@@ -24,6 +24,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from modtrack.agent import config
 from modtrack.agent.position import NO_MODULE, PHASE_NAMES, Position
 from modtrack.protos import modtrack_pb2 as pb
 
@@ -39,20 +40,21 @@ class HeartbeatSettings:
 
     @classmethod
     def from_env(cls, env=os.environ) -> HeartbeatSettings:
-        """MODTRACK_STALL_FACTOR, MODTRACK_STALL_MIN_S, MODTRACK_STALL_REPEAT_S; bad values keep the default."""
-        default = cls()
+        """MODTRACK_STALL_FACTOR, _MIN_S, _REPEAT_S (agent/config.py); a value that is no positive number
+        keeps the default."""
+        default, read = cls(), config.from_env(env)
 
-        def number(name: str, fallback: float) -> float:
+        def number(value: str, fallback: float) -> float:
             try:
-                value = float(env.get(name, fallback))
+                parsed = float(value)
             except ValueError:
                 return fallback
-            return value if value > 0 else fallback
+            return parsed if parsed > 0 else fallback
 
         return cls(
-            factor=number("MODTRACK_STALL_FACTOR", default.factor),
-            min_s=number("MODTRACK_STALL_MIN_S", default.min_s),
-            repeat_s=number("MODTRACK_STALL_REPEAT_S", default.repeat_s),
+            factor=number(read.stall_factor, default.factor),
+            min_s=number(read.stall_min_s, default.min_s),
+            repeat_s=number(read.stall_repeat_s, default.repeat_s),
         )
 
 

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from test_metrics import episode, matrix
 
-from modtrack.collector.merge import Merger
-from modtrack.collector.metrics import CollectorMetrics
-from modtrack.collector.stall_watch import StallWatch
+from modtrack.collector.outputs.metrics import CollectorMetrics
+from modtrack.collector.pipeline.merge import Merger
+from modtrack.collector.pipeline.stall_watch import StallWatch
 from modtrack.protos import modtrack_pb2 as pb
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"

@@ -19,8 +19,8 @@ from modtrack.agent import ModuleTracker
 from modtrack.agent import position as at
 from modtrack.agent.heartbeat import Heartbeat, HeartbeatSettings, thread_stack
 from modtrack.agent.step_record import PHASES
-from modtrack.collector.stall import Beat, RankView, verdict, waits_in_collective
-from modtrack.collector.stall_watch import StallWatch
+from modtrack.collector.pipeline.stall import Beat, RankView, verdict, waits_in_collective
+from modtrack.collector.pipeline.stall_watch import StallWatch
 from modtrack.protos import modtrack_pb2 as pb
 
 GLOO_WAIT = "/venv/lib/python3.11/site-packages/torch/distributed/distributed_c10d.py:2850 in all_reduce: work.wait()"

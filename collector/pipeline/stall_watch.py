@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily
 
-from modtrack.collector.alert_payload import ZERO_TIME, dashboard_link, fingerprint, rfc3339, webhook_payload
-from modtrack.collector.alerting import RECEIVER
-from modtrack.collector.stall import PHASES, Beat, RankView, verdict
+from modtrack.collector.outputs.alert_payload import ZERO_TIME, dashboard_link, fingerprint, rfc3339, webhook_payload
+from modtrack.collector.outputs.alerting import RECEIVER
+from modtrack.collector.pipeline.stall import PHASES, Beat, RankView, verdict
 from modtrack.protos import modtrack_pb2 as pb
 
 log = logging.getLogger("modtrack.alerts")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modtrack.collector.query_cli import table
+from modtrack.collector.api.query_cli import table
 
 
 def render_stall(data: dict) -> str:
