@@ -70,6 +70,8 @@ class StallWatch:
         beats = self._beats.setdefault(job, {})
         if hb.running:
             beats.pop(rank, None)
+            if not beats:
+                del self._beats[job]
         else:
             beats[rank] = _Entry(hb, self._clock(), owner)
 
@@ -79,6 +81,8 @@ class StallWatch:
         entry = beats.get(rank)
         if entry is not None and entry.owner is owner:
             del beats[rank]
+        if not beats:
+            self._beats.pop(job, None)  # a finished job leaves nothing behind
 
     # ---- the verdict --------------------------------------------------------------------------
     def views(self, job: str, job_state) -> list[RankView]:
