@@ -112,8 +112,11 @@ class _Call:
             nodes = self.nodes[kind]
             self.task[kind] = task
             self.left[kind] = nodes if type(nodes) is int else sum(map(_will_execute, nodes))
-        self.left[kind] -= n
-        return self.left[kind] == 0
+        elif self.left[kind] <= 0:
+            return False
+        before = self.left[kind]
+        self.left[kind] = before - n
+        return before > 0 >= before - n  # a root of backward is not "executed": the seed never fires for it
 
 
 def _leaf_node(t: _Tensor):
@@ -153,6 +156,7 @@ class ModuleTracker:
         self._seed_callback = False  # the seed's "reset parents" engine callback is queued
         self._recent_nodes: dict = {}  # autograd node -> the actions its one pre-hook runs
         self._multi: list[_Call] = []  # calls that keep nodes (see _Call.nodes)
+        self._viewed_from: dict = {}  # node of an input view we made -> node of the tensor it views
         self._pending: list[tuple] = []  # finished steps waiting for their clock (CUDA)
         self._step_no = 0
         self._last: StepRecord | None = None
@@ -325,14 +329,19 @@ class ModuleTracker:
                 return tree_unflatten([self._viewed(v, views, own, seed) for v in leaves], spec)
         return value
 
-    @staticmethod
-    def _view(t: _Tensor, views: dict, own: list, seed: list | None):
+    def _view(self, t: _Tensor, views: dict, own: list, seed: list | None):
         view = views.get(id(t))
+        node = t.grad_fn
+        if node is None:
+            node = _leaf_node(t)
+        else:
+            node = self._viewed_from.get(node, node)  # a view we gave the caller: the seed sees the original
         if seed is not None:
-            seed.append(_leaf_node(t))
+            seed.append(node)
         if view is None:
             view = views[id(t)] = t.view_as(t)
             own.append(view.grad_fn)
+            self._viewed_from[view.grad_fn] = node
         return view
 
     def _exit(self, site: tuple, mod, args, output) -> None:
@@ -400,15 +409,17 @@ class ModuleTracker:
             nodes = [_leaf_node(v) for v in tree_flatten(output)[0] if isinstance(v, _Tensor) and v.requires_grad]
             if not nodes:
                 return  # no_grad, eval, or an output that needs no gradient: forward only
+        viewed_from = self._viewed_from
+        if viewed_from:  # a module that returns (part of) its input returns our view: the seed sees the original
+            nodes = [viewed_from.get(n, n) for n in nodes]
         self._watch(call, OUT, nodes)
 
     def _watch(self, call: _Call, kind: int, nodes: list) -> None:
-        if len(nodes) == 1:
-            call.nodes[kind] = 1
-            self._on_node(nodes[0], (kind, call, 1))
-            return
         call.nodes[kind] = nodes
         self._multi.append(call)
+        if len(nodes) == 1:
+            self._on_node(nodes[0], (kind, call, 1))
+            return
         counts: dict = {}
         for node in nodes:
             counts[node] = counts.get(node, 0) + 1
@@ -428,17 +439,23 @@ class ModuleTracker:
             actions.append(action)
 
     def _node_fired(self, actions: list, grad_outputs) -> None:
-        """In registration order, as the seed's tensor hooks on these nodes would run."""
+        """In registration order, as the seed's tensor hooks on these nodes would run. One stamp for
+        all: calls that start (or end) at the same node start (or end) at the same time."""
         try:
+            now = work = 0
             for kind, call, n in actions:
                 if kind == OUT:
                     if not call.row[B_START] and not call.row[B_END]:
-                        self._backward_start(call)
+                        if not now:
+                            work, now = self._work(), self._stamp()
+                        self._backward_start(call, now, work)
                     if call.arrived(OUT, n):
                         self._seed_add(call.site[1])
                 elif kind == OWN:
                     if call.arrived(OWN, n):
-                        self._backward_end(call)
+                        if not now:
+                            work, now = self._work(), self._stamp()
+                        self._backward_end(call, now, work)
                 elif call.arrived(IN, n):
                     self._seed_pop(call.site[1])
         except Exception:
@@ -466,7 +483,7 @@ class ModuleTracker:
         self._seed_callback = False
 
     # ---- backward -----------------------------------------------------------------------------
-    def _backward_start(self, call: _Call) -> None:
+    def _backward_start(self, call: _Call, now: int, work: int) -> None:
         try:
             task = _graph_task_id()
             open_calls = self._open_backward.get(task)
@@ -476,8 +493,6 @@ class ModuleTracker:
                 if self._pass is None:
                     self._begin_pass()
             open_calls.append(call)
-            now = self._stamp()
-            work = self._work()
             if self._endless:
                 self._end_endless(call, now, work)
             row = call.row
@@ -501,15 +516,13 @@ class ModuleTracker:
                 self._close_backward(call.row, now, work)
         self._endless = keep
 
-    def _backward_end(self, call: _Call) -> None:
+    def _backward_end(self, call: _Call, now: int, work: int) -> None:
         try:
-            work = self._work()
-            now = self._stamp()
             row = call.row
             if row[B_END]:
                 return  # a second backward through the same graph
             if not row[B_START]:
-                self._backward_start(call)  # the output was the input (an identity module)
+                self._backward_start(call, now, work)  # the output was the input (an identity module)
             self._close_backward(row, now, work)
         except Exception:
             self._hook_failed()
@@ -521,6 +534,7 @@ class ModuleTracker:
             self._pass[2] = now
 
     def _drop_nodes(self) -> None:
+        self._viewed_from.clear()
         for call in self._multi:
             call.nodes = [n if n is None or type(n) is int else len(n) for n in call.nodes]
         self._multi = []
