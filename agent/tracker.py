@@ -90,7 +90,7 @@ OUT, IN, OWN = 0, 1, 2
 class _Call:
     """One module call in flight: its row, and the gradients its backward waits for, per kind."""
 
-    __slots__ = ("first", "last", "left", "mod", "nodes", "row", "site", "task")
+    __slots__ = ("first", "last", "left", "mod", "nodes", "row", "site", "task", "views")
 
     def __init__(self, row: list, mod, site: tuple, first: int) -> None:
         self.row = row
@@ -103,6 +103,7 @@ class _Call:
         self.nodes: list = [None, None, None]
         self.left = [0, 0, 0]  # per kind: gradients still to come in the graph task `task`
         self.task = [-2, -2, -2]
+        self.views: list | None = None  # (view, its node) until the forward returns
 
     def arrived(self, kind: int, n: int) -> bool:
         """n more gradients of `kind` are computed; True once all the engine will compute are (the
@@ -137,7 +138,8 @@ class ModuleTracker:
     def __init__(self, on_step=None, clock: str = "auto") -> None:
         self.parents: set[str] = {"Global"}
         self.counters = {"hook_errors": 0, "steps": 0, "on_step_errors": 0, "steps_dropped": 0,
-                         "implicit_steps": 0, "backward_ends_at_pass_end": 0, "overlapping_calls": 0}
+                         "implicit_steps": 0, "backward_ends_at_pass_end": 0, "overlapping_calls": 0,
+                         "inplace_inputs": 0}
         self._on_step = on_step
         self._clock = make_clock(clock)
         self.clock_kind: str = self._clock.kind
@@ -259,7 +261,9 @@ class ModuleTracker:
         mid = self._names.module_id(mod)
         if mid < 0:
             return  # a wrapper (DDP, FSDP1, checkpoint wrapper): not timed, not in `parents`
-        site = (mid, self._names.names[mid], [0, 0])
+        # a module that changes its input in place (ReLU(inplace=True)) gets no view: autograd would
+        # copy the gradient of the whole tensor to rebase the view; its input is its output anyway
+        site = (mid, self._names.names[mid], [0, 0], getattr(mod, "inplace", False) is True)
         pre = mod.register_forward_pre_hook(partial(self._enter, site), prepend=True, with_kwargs=True)
         post = mod.register_forward_hook(partial(self._exit, site), always_call=True)
         site[2][0], site[2][1] = pre.id, post.id
@@ -275,7 +279,7 @@ class ModuleTracker:
         if _is_compiling():
             return None
         try:
-            mid, name, _ = site
+            mid, name = site[0], site[1]
             parents = self.parents
             recursive = name in parents
             if recursive:
@@ -293,7 +297,12 @@ class ModuleTracker:
             call = _Call(row, mod, site, len(rows))
             stack.append(call)
             rows.append(row)
-            result = self._view_inputs(call, args, kwargs) if _grad_enabled() else None
+            result = None
+            if _grad_enabled():
+                if site[3]:
+                    self._watch_inplace_inputs(call, args)
+                else:
+                    result = self._view_inputs(call, args, kwargs)
             row[F_START] = self._stamp()
             row[F_WORK_START] = self._work()
             return result
@@ -315,10 +324,19 @@ class ModuleTracker:
             new_kwargs = {k: self._viewed(v, views, own, None) for k, v in kwargs.items()}
         if not own:
             return None
+        call.views = [(v, v.grad_fn) for v in views.values()]
         self._watch(call, OWN, own)
         if seed:
             self._watch(call, IN, seed)
         return new_args, new_kwargs
+
+    def _watch_inplace_inputs(self, call: _Call, args) -> None:
+        """No views: the backward ends, as the seed's `parents` entry does, when the inputs' gradients are."""
+        seed = [self._viewed_from.get(n, n) for n in (_leaf_node(a) for a in tree_flatten(args)[0]
+                                                      if isinstance(a, _Tensor) and a.requires_grad)]
+        if seed:
+            self._watch(call, OWN, seed)
+            self._watch(call, IN, list(seed))
 
     def _viewed(self, value, views: dict, own: list, seed: list | None):
         if isinstance(value, _Tensor):
@@ -372,6 +390,8 @@ class ModuleTracker:
             else:
                 logger.info("The Module hierarchy tracking is confused as we're exiting a Module that was "
                             "never entered. %s during forward", name)
+            if call.views is not None:
+                self._check_views(call)
             if output is not None and _grad_enabled():
                 self._watch_outputs(call, output)
             self._keep_hooks_outermost(mod, site[2])
@@ -380,6 +400,19 @@ class ModuleTracker:
                 self._end_step()
         except Exception:
             self._hook_failed()
+
+    def _check_views(self, call: _Call) -> None:
+        """A module that changed its input in place (ReLU(inplace=True)) moved our view off the graph:
+        its backward then ends when the gradient of the tensor it changed is complete."""
+        own = call.nodes[OWN]
+        for view, node in call.views:
+            if view.grad_fn is not node:
+                self.counters["inplace_inputs"] += 1
+                original = self._viewed_from.get(node)
+                if original is not None and type(own) is list:
+                    own[own.index(node)] = original
+                    self._on_node(original, (OWN, call, 1))
+        call.views = None
 
     @staticmethod
     def _keep_hooks_outermost(mod, ids: list) -> None:

@@ -115,7 +115,7 @@ def test_lbfgs_closure_is_forward_and_backward_and_data_time_is_measured():
             opt.step(closure)
             step_call_ms.append((time.perf_counter() - start) * 1e3)
 
-    records, t = records_of(run)
+    records, _ = records_of(run)
     assert len(records) == STEPS
     for r, call_ms in zip(records[1:], step_call_ms[1:]):
         check_phases(r, DATA_WAIT, call_ms)

@@ -76,10 +76,12 @@ class Encoder(nn.Module):
 
 
 class ConvNet(nn.Module):
+    """Residual conv blocks; ReLU(inplace=True) changes its input in place, as torchvision's do."""
+
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
                                     for _ in range(2))
         self.head = nn.Linear(16, 10)
         self.reentrant = None
