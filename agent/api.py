@@ -7,8 +7,8 @@ job runs as it would without the agent.
 from __future__ import annotations
 
 import atexit
-import os
 
+from modtrack.agent import config
 from modtrack.agent.identity import identity_from_env
 from modtrack.agent.transport import Transport, warn_once
 
@@ -77,15 +77,17 @@ def track(
     global _active
     if _active is not None:
         return _active
-    collector = collector or os.environ.get("MODTRACK_COLLECTOR", "")
+    env = config.from_env()
+    collector = collector or env.collector
     if not collector:
         return Tracking()
     try:
         if token_file:
             token = _read(token_file).decode().strip()
-        token = token or os.environ.get("MODTRACK_TOKEN") or None
-        tls_ca = tls_ca or os.environ.get("MODTRACK_TLS_CA") or None
+        token = token or env.token or None
+        tls_ca = tls_ca or env.tls_ca or None
         ca = _read(tls_ca) if tls_ca else None
+        from modtrack.agent.heartbeat import Heartbeat, HeartbeatSettings
         from modtrack.agent.tracker import ModuleTracker
 
         identity = identity_from_env(job, fallback_job=fallback_job)
@@ -95,6 +97,7 @@ def track(
             hook_errors=lambda: tracker.counters.get("hook_errors", 0),
         )
         tracker = ModuleTracker(on_step=transport.submit, clock=clock)
+        transport.heartbeat = Heartbeat(tracker.position, lambda: tracker.module_names, HeartbeatSettings.from_env())
         transport.clock_kind = tracker.clock_kind
         tracker.__enter__()
         transport.start()

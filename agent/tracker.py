@@ -51,11 +51,12 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
 from modtrack.agent.clocks import make_clock
 from modtrack.agent.module_names import ModuleNames
 from modtrack.agent.step_accumulator import (B_END, B_START, B_WORK_END, B_WORK_START, F_END, F_START, F_WORK_END,
-                                             F_WORK_START, FORWARD, PHASE, RECOMPUTE, StepLog, build_step_record,
-                                             step_summary)
+                                             F_WORK_START, FORWARD, MID, PARENT, PHASE, RECOMPUTE, StepLog,
+                                             build_step_record, step_summary)
 from modtrack.agent.step_record import StepRecord
 
 try:
@@ -148,6 +149,7 @@ class ModuleTracker:
         self._names = ModuleNames()
         self._names_sent = 0
         self._log = StepLog(time.perf_counter_ns())
+        self.position = at.Position(self._log.start_host_ns)  # where the rank is (issue 14: hung jobs)
         self._stack: list[_Call] = []  # open forward calls, innermost last
         self._open_backward: dict[int, list] = {}  # graph task id -> calls whose backward started there
         self._endless: list[_Call] = []  # open backward calls with no input view to end them
@@ -179,6 +181,8 @@ class ModuleTracker:
             self._closed = False
             self._log = StepLog(time.perf_counter_ns())
             self.parents = {"Global"}
+            self.position.new_step(self._step_no, self._log.start_host_ns)  # position: the thread that trains
+            self.position.thread_id = threading.get_ident()
             self._handles = [
                 register_module_forward_pre_hook(self._forward_pre),
                 register_optimizer_step_pre_hook(self._optimizer_pre),
@@ -297,6 +301,9 @@ class ModuleTracker:
             call = _Call(row, mod, site, len(rows))
             stack.append(call)
             rows.append(row)
+            position = self.position  # position: this call is the innermost open module
+            position.module = mid
+            position.phase = row[PHASE]
             result = None
             if _grad_enabled():
                 if site[3]:
@@ -379,6 +386,14 @@ class ModuleTracker:
             row[F_END] = now
             row[F_WORK_END] = work
             call.last = len(self._log.rows) - 1
+            position = self.position  # position: back in the caller, or outside every module
+            if stack:
+                caller = stack[-1].row
+                position.module = caller[MID]
+                position.phase = caller[PHASE]
+            else:
+                position.module = at.NO_MODULE
+                position.phase = at.BACKWARD if row[PHASE] == RECOMPUTE else at.OUTSIDE
             name = site[1]
             # the seed's post hook does not run when a forward raises: non-reentrant checkpoint stops
             # its recompute that way, and the seed's `parents` keeps the name; other errors drop it
@@ -531,6 +546,9 @@ class ModuleTracker:
             row = call.row
             row[B_START] = now
             row[B_WORK_START] = work
+            position = self.position  # position: in this module's backward
+            position.module = row[MID]
+            position.phase = at.BACKWARD
             if call.nodes[OWN] is None:
                 self._endless.append(call)
         except Exception:
@@ -557,6 +575,10 @@ class ModuleTracker:
             if not row[B_START]:
                 self._backward_start(call, now, work)  # the output was the input (an identity module)
             self._close_backward(row, now, work)
+            parent = row[PARENT]  # position: back in the caller's backward, if it is open
+            caller = self._log.rows[parent] if 0 <= parent < len(self._log.rows) else None
+            self.position.module = caller[MID] if caller is not None and caller[B_START] and not caller[B_END] \
+                else at.NO_MODULE
         except Exception:
             self._hook_failed()
 
@@ -583,6 +605,7 @@ class ModuleTracker:
         else:
             self._pass = [self._stamp(), 0, 0]
             log.passes.append(self._pass)
+        self.position.passes = len(log.passes)  # position: a backward pass began
 
     def _graph_task_done(self, task: int) -> None:
         """Engine callback: the graph task ran all its nodes. Close the calls that got no end."""
@@ -596,6 +619,7 @@ class ModuleTracker:
                     self._close_backward(call.row, now, work)
             self._endless = [c for c in self._endless if not c.row[B_END]]
             if not self._open_backward:
+                self.position.module = at.NO_MODULE  # position: every module's backward is done
                 _queue_callback(self._backward_pass_done)  # runs after DDP's all-reduce wait
         except Exception:
             self._hook_failed()
@@ -609,8 +633,11 @@ class ModuleTracker:
             self._endless = []
             self._recent_nodes.clear()
             self._drop_nodes()
+            self.position.module = at.NO_MODULE  # position: between backward and the optimizer
+            self.position.phase = at.OUTSIDE
             if self._in_optimizer and not self._optimizer_start:
                 self._optimizer_start = self._stamp()  # back in optimizer.step() after its closure
+                self.position.phase = at.OPTIMIZER
             if self._step_due:
                 self._step_due = False
                 self._end_step()
@@ -621,6 +648,7 @@ class ModuleTracker:
         try:
             self._in_optimizer = True
             self._optimizer_start = self._stamp()
+            self.position.phase = at.OPTIMIZER  # position
         except Exception:
             self._hook_failed()
 
@@ -637,6 +665,7 @@ class ModuleTracker:
             self._in_optimizer = False
             if _graph_task_id() != -1:
                 self._step_due = True  # optimizer fused into backward: the step ends with the pass
+                self.position.phase = at.BACKWARD  # position
             else:
                 self._end_step()
         except Exception:
@@ -658,6 +687,7 @@ class ModuleTracker:
             self.parents = {"Global"}
             self._pending.append((self._step_no, log, self._clock.close_step(), self._take_trace()))
             self._step_no += 1
+            self.position.new_step(self._step_no, log.end_host_ns)  # position: the next step's data
             self._flush()
         except Exception:
             self._hook_failed()

@@ -10,19 +10,14 @@ couple of seconds, and only while a collector is connected or still being reache
 from __future__ import annotations
 
 import collections
-import os
 import random
 import sys
 import threading
 import time
 from typing import Callable
 
-# gRPC's fork handlers print a line on every fork (each DataLoader worker) while our sender
-# thread is in gRPC; the children never use our channel, so the handlers buy nothing here.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-import grpc  # noqa: E402
-
 from modtrack.agent.clock_sync import ClockSync
+from modtrack.agent.grpc_import import grpc
 from modtrack.agent.identity import Identity
 from modtrack.agent.report_codec import encode_hello, encode_report
 from modtrack.agent.step_record import StepRecord
@@ -117,6 +112,7 @@ class Transport:
         self._send_errors = 0
         self._sent = 0
         self._acked_step = -1
+        self.heartbeat = None  # agent.heartbeat.Heartbeat: polled by the request loop (issue 14: hung jobs)
         self._thread = threading.Thread(target=self._run, name="modtrack-sender", daemon=True)
 
     # ---- training thread -------------------------------------------------------------
@@ -359,6 +355,9 @@ class Transport:
             if sample is not None:
                 stream.clock_to_send = None
                 yield pb.AgentMessage(clock=pb.ClockOffset(offset_ns=sample.offset_ns, rtt_ns=sample.rtt_ns))
+            beat = self.heartbeat.poll() if self.heartbeat is not None else None  # heartbeat: a long step
+            if beat is not None:
+                yield pb.AgentMessage(heartbeat=beat)
             while self._queue and not self._paused and not stream.done:
                 record = self._queue.popleft()
                 try:
