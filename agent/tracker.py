@@ -319,10 +319,14 @@ class ModuleTracker:
 
     def _view_inputs(self, call: _Call, args, kwargs):
         """Hand the module an identity view of every input that needs a gradient (see the docstring)."""
+        if len(args) == 1 and not kwargs:  # the common case: one tensor, no walk, no dicts
+            x = args[0]
+            if isinstance(x, _Tensor):
+                return ((self._view_one(call, x),), kwargs) if x.requires_grad else None
         views: dict = {}  # id(tensor) -> its view: one view per tensor, so `q is k is v` stays true
         own: list = []
         seed: list = []  # the seed watches positional inputs only
-        if len(args) == 1 and isinstance(args[0], _Tensor):  # the common case, without a walk
+        if len(args) == 1 and isinstance(args[0], _Tensor):
             new_args = args if not args[0].requires_grad else (self._view(args[0], views, own, seed),)
         else:
             new_args = tuple(self._viewed(a, views, own, seed) for a in args)
@@ -331,11 +335,31 @@ class ModuleTracker:
             new_kwargs = {k: self._viewed(v, views, own, None) for k, v in kwargs.items()}
         if not own:
             return None
-        call.views = [(v, v.grad_fn) for v in views.values()]
+        call.views = list(zip(views.values(), own))  # own[i] is the node of the i-th view made
         self._watch(call, OWN, own)
         if seed:
             self._watch(call, IN, seed)
         return new_args, new_kwargs
+
+    def _view_one(self, call: _Call, x: _Tensor):
+        """_view_inputs for a single positional tensor that needs a gradient."""
+        node = x.grad_fn
+        if node is None:
+            node = _leaf_node(x)
+        else:
+            node = self._viewed_from.get(node, node)
+        view = x.view_as(x)
+        own = view.grad_fn
+        self._viewed_from[own] = node
+        call.views = [(view, own)]
+        multi = self._multi
+        call.nodes[OWN] = [own]
+        multi.append(call)
+        self._on_node(own, (OWN, call, 1))
+        call.nodes[IN] = [node]
+        multi.append(call)
+        self._on_node(node, (IN, call, 1))
+        return view
 
     def _watch_inplace_inputs(self, call: _Call, args) -> None:
         """No views: the backward ends, as the seed's `parents` entry does, when the inputs' gradients are."""
@@ -365,8 +389,9 @@ class ModuleTracker:
             seed.append(node)
         if view is None:
             view = views[id(t)] = t.view_as(t)
-            own.append(view.grad_fn)
-            self._viewed_from[view.grad_fn] = node
+            own_node = view.grad_fn
+            own.append(own_node)
+            self._viewed_from[own_node] = node
         return view
 
     def _exit(self, site: tuple, mod, args, output) -> None:
