@@ -425,6 +425,7 @@ class Transport:
                 stream.clock_to_send = None
                 yield pb.AgentMessage(clock=pb.ClockOffset(offset_ns=sample.offset_ns, rtt_ns=sample.rtt_ns))
             self._build_waiting()
+            counters = self.counters  # once per batch: the same for every report in it
             while self._queue and not self._paused and not stream.done:
                 self._sending = True
                 try:
@@ -433,7 +434,7 @@ class Transport:
                     self._sending = False
                     break  # the training thread dropped it meanwhile
                 try:
-                    message = encode_report(record, self.counters)
+                    message = encode_report(record, counters)
                 except Exception as e:
                     self._sending = False
                     self._send_errors += 1
