@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modtrack.collector import edge_limits
+from modtrack.collector.ingest import edge_limits
 from modtrack.protos import modtrack_pb2 as pb
 from test_collector_harness import (MODULES, CollectorThread, FakeRank, collector, get,  # noqa: F401
                                     report, stream_steps)

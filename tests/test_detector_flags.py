@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from modtrack.collector.detector import DetectorParams
+from modtrack.collector.pipeline.detector import DetectorParams
 from modtrack.protos import modtrack_pb2 as pb
 from test_collector_harness import MODULES, CollectorThread, FakeRank, get, report, wait_for
 from test_collector_serve import ServeProcess

@@ -2,8 +2,8 @@
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from modtrack.collector.metrics import CollectorMetrics
-from modtrack.collector.step_matrix import Episode, StepMatrix
+from modtrack.collector.outputs.metrics import CollectorMetrics
+from modtrack.collector.records import Episode, StepMatrix
 
 
 def scrape(metrics: CollectorMetrics) -> dict:

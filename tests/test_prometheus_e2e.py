@@ -19,7 +19,7 @@ import yaml
 from test_collector_harness import CollectorThread, FakeRank, report
 from webhook_receiver import WebhookReceiver
 
-from modtrack.collector.alert_payload import fingerprint
+from modtrack.collector.outputs.alert_payload import fingerprint
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS = shutil.which("prometheus")

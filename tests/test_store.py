@@ -6,10 +6,11 @@ import sqlite3
 
 import numpy as np
 import pytest
-
-from modtrack.collector.step_matrix import Episode
-from modtrack.collector.store import Store, StoreWriter
 from test_merge import row
+
+from modtrack.collector.records import Episode
+from modtrack.collector.store.sqlite import Store
+from modtrack.collector.store.writer import StoreWriter
 
 
 def write(store: Store, *calls) -> None:

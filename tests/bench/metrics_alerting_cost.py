@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 
-from modtrack.collector.alerting import AlertDispatcher
-from modtrack.collector.metrics import CollectorMetrics
-from modtrack.collector.step_matrix import Episode, StepMatrix
+from modtrack.collector.outputs.alerting import AlertDispatcher
+from modtrack.collector.outputs.metrics import CollectorMetrics
+from modtrack.collector.records import Episode, StepMatrix
 
 
 def timed(fn, repeat: int) -> float:
