@@ -14,6 +14,11 @@ step), and the collector's own CPU. It prints every ratio the agent is held to:
   process CPU deltas (coarser: the training thread's noise between processes is in it).
 
     python tests/bench/agent_overhead.py [--rounds 5] [--steps 60] [--models mlp200,llama,gpt2,bert]
+                                         [--baseline-tree DIR]
+
+It also prints what keeping the rank's position (agent/position.py, for hung jobs) costs per module
+call, timed in the same processes; --baseline-tree DIR (an older checkout) adds a mode "baseline":
+modtrack's ModuleTracker as DIR has it, interleaved with the others.
 """
 from __future__ import annotations
 
@@ -23,11 +28,13 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODES = ("plain", "seed", "hooks", "agent")
+BASELINE_SHIM = os.path.join(tempfile.gettempdir(), f"modtrack-bench-baseline-{os.getuid()}")
 MODELS = ("mlp200", "llama", "gpt2", "bert", "transformer")
 TARGET_VS_SEED = {"mlp200": 0.3, "llama": 0.5, "gpt2": 0.5, "bert": 0.5}
 TARGET_CPU = 1.2
@@ -127,6 +134,11 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
         from modtrack.agent import ModuleTracker
 
         ctx = ModuleTracker()
+    elif mode == "baseline":
+        sys.path.insert(0, BASELINE_SHIM)
+        from modtrack.agent import ModuleTracker
+
+        ctx = ModuleTracker()
     else:
         ctx = contextlib.nullcontext()
     # CPU time of this (only) thread: other processes on a shared machine do not inflate it.
@@ -164,9 +176,26 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
         stats = transport.stats if transport is not None else {}
     if tracking is not None:
         tracking.close()
-    return {"median_ms": statistics.median(times) * 1e3, "process_cpu_ms": cpu / steps * 1e3,
-            "other_threads_ms": others / steps / 1e6,
-            "calls": calls[0], "agent": stats}
+    out = {"median_ms": statistics.median(times) * 1e3, "process_cpu_ms": cpu / steps * 1e3,
+           "other_threads_ms": others / steps / 1e6, "calls": calls[0], "agent": stats}
+    if mode == "hooks":
+        out["position_ns_per_call"] = position_cost_ns()
+    return out
+
+
+def position_cost_ns() -> float:
+    """The position writes the tracker's hooks add to one module call (pre + post hook, as in
+    agent/tracker.py), timed alone: best of 5 runs of 200,000."""
+    import timeit
+
+    from modtrack.agent.position import Position
+
+    setup = "p = Position(); mid = 7; row = [7, 0]; stack = [(0, [3, 0])]"
+    body = ("position = p; position.module = mid; position.phase = row[1]\n"
+            "position = p\nif stack:\n    caller = stack[-1][1]; position.module = caller[0]; position.phase = caller[1]")
+    empty = timeit.repeat("pass", setup, repeat=5, number=200_000, globals={"Position": Position})
+    timed = timeit.repeat(body, setup, repeat=5, number=200_000, globals={"Position": Position})
+    return (min(timed) - min(empty)) / 200_000 * 1e9
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -184,6 +213,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--wall", action="store_true", help="time steps by wall clock, not thread CPU time")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (then steps are timed by wall clock)")
+    ap.add_argument("--baseline-tree", help="a checkout of an older modtrack: adds the mode 'baseline'")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--collector", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -197,6 +227,9 @@ def main() -> None:
     from test_fail_open_harness import CollectorProcess, env
 
     models, modes = args.models.split(","), args.modes.split(",")
+    if args.baseline_tree:
+        make_baseline_shim(os.path.abspath(args.baseline_tree))
+        modes.append("baseline")
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = CollectorProcess(os.path.join(tmp, "data"), os.path.join(tmp, "collector.log")) \
@@ -248,6 +281,14 @@ def report(results: dict, models: list[str], modes: list[str], args) -> None:
                       + (f" (target <= {target})" if target else ""))
         if "agent" in over:
             print(f"{model}: agent overhead = {100 * over['agent'] / plain:.2f} % of the plain step")
+        position = [x["position_ns_per_call"] for x in results.get((model, "hooks"), []) if "position_ns_per_call" in x]
+        if position:
+            position_ms = statistics.median(position) * calls / 1e6
+            print(f"{model}: position updates {statistics.median(position):.0f} ns/call = {position_ms:.3f} ms/step = "
+                  f"{100 * position_ms / plain:.2f} % of the plain step")
+        if "baseline" in over:
+            print(f"{model}: hooks - baseline = {over['hooks'] - over['baseline']:+.3f} ms/step "
+                  f"({100 * (over['hooks'] - over['baseline']) / plain:+.2f} % of the plain step)")
         if "agent" in cpu_over and over.get("hooks", 0) > 0:
             # the agent's CPU: what it adds to the training thread, plus everything its other threads use
             agent_cpu = over["agent"] + others["agent"]
@@ -256,6 +297,16 @@ def report(results: dict, models: list[str], modes: list[str], args) -> None:
                   f"{others['agent']:.3f} ms, hooks alone {over['hooks']:.3f} ms per step); by process CPU "
                   f"{cpu_over['agent'] / max(cpu_over['hooks'], 1e-9):.2f}; collector CPU "
                   f"{med(model, 'agent', 'collector_cpu_ms'):.3f} ms/step")
+
+
+def make_baseline_shim(tree: str) -> None:
+    """BASELINE_SHIM/modtrack/{agent,collector,protos} -> the baseline checkout's folders."""
+    import shutil
+
+    shutil.rmtree(BASELINE_SHIM, ignore_errors=True)
+    os.makedirs(os.path.join(BASELINE_SHIM, "modtrack"))
+    for part in ("agent", "collector", "protos"):
+        os.symlink(os.path.join(tree, part), os.path.join(BASELINE_SHIM, "modtrack", part))
 
 
 if __name__ == "__main__":
