@@ -12,10 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import MODULES, FakeRank, report, stream_steps
+from harness.http import get
 from modtrack.collector import edge_limits
 from modtrack.protos import modtrack_pb2 as pb
-from test_collector_harness import (MODULES, CollectorThread, FakeRank, collector, get,  # noqa: F401
-                                    report, stream_steps)
 
 STREAM = "/modtrack.v1.Collector/Stream"
 CLEAR = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -223,7 +224,7 @@ def test_malformed_reports_never_change_stored_rows(tmp_path):
         stream_steps(ranks, range(10))
         for r in ranks:
             r.close()
-        time.sleep(0.3)  # the writer's batch is committed
+        c.flush_store()
         before = snapshot(c.collector.store.path)
         outcomes = {}
 
@@ -243,7 +244,7 @@ def test_malformed_reports_never_change_stored_rows(tmp_path):
             finally:
                 bad.kill()
         barrage()
-        time.sleep(0.3)
+        c.flush_store()  # whatever the barrage got stored is committed
         after = snapshot(c.collector.store.path)
         for table, rows in before.items():
             for key, row in rows.items():

@@ -7,8 +7,10 @@ import time
 
 import pytest
 
-from test_collector_harness import FakeRank, get, report, wait_for
-from test_fail_open_harness import CollectorProcess
+from harness.collector_process import CollectorProcess
+from harness.fake_rank import FakeRank, report
+from harness.http import get
+from harness.waiting import wait_for
 
 MODULES = [f"Net.layers.{i}" for i in range(200)]
 
@@ -28,7 +30,7 @@ def pump(rank: FakeRank, stop: threading.Event) -> None:
 @pytest.mark.slow
 def test_kill_9_during_heavy_ingest_loses_no_acked_report(tmp_path):
     data = tmp_path / "data"
-    server = CollectorProcess(data, tmp_path / "collector.log")
+    server = CollectorProcess(data, log_path=tmp_path / "collector.log")
     ranks, pumps, stop = [], [], threading.Event()
     try:
         ranks = [FakeRank(server.grpc_target, "heavy", r, 4, modules=MODULES) for r in range(4)]
@@ -49,7 +51,7 @@ def test_kill_9_during_heavy_ingest_loses_no_acked_report(tmp_path):
             r.kill()
         server.kill()
     path = data / "modtrack.sqlite3"
-    again = CollectorProcess(data, tmp_path / "collector2.log")  # opens the store as a restart does
+    again = CollectorProcess(data, log_path=tmp_path / "collector2.log")  # opens the store as a restart does
     try:
         conn = sqlite3.connect(path)
         try:
@@ -62,7 +64,7 @@ def test_kill_9_during_heavy_ingest_loses_no_acked_report(tmp_path):
             assert len(conn.execute("SELECT name FROM modules WHERE job = 'heavy'").fetchall()) == 200
         finally:
             conn.close()
-        status, body = get(f"http://{again.http_addr}", "/api/v1/jobs/heavy/steps?last=5")
+        status, body = get(again.url, "/api/v1/jobs/heavy/steps?last=5")
         assert status == 200 and len(body["steps"]) == 5
     finally:
         again.terminate()

@@ -10,26 +10,25 @@ MODTRACK_SCREENSHOT=docs/dashboard.png also saves the torchrun run's screenshot 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from harness import torchrun as launch
+from harness.chrome_trace import assert_valid_chrome_trace
+from harness.collector_process import CollectorProcess
+from harness.waiting import wait_for
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
-from test_trace_export import assert_valid_chrome_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -41,50 +40,10 @@ CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
 
 # ---- the collector -------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Collector:
-    def __init__(self, proc, grpc_addr: str, http_url: str):
-        self.proc, self.grpc_addr, self.url = proc, grpc_addr, http_url
-
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=10) as resp:
-            return json.loads(resp.read())
-
-
-@contextlib.contextmanager
-def running_collector(tmp_path, *extra: str):
-    """`python -m modtrack.collector serve` on free loopback ports; ended on exit."""
-    grpc_port, http_port = _free_port(), _free_port()
-    cmd = [sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", f"127.0.0.1:{grpc_port}",
-           "--http-addr", f"127.0.0.1:{http_port}", "--data-dir", str(tmp_path / "data"),
-           "--watermark-s", "0.5", "--log-level", "WARNING", *extra]
-    log = open(tmp_path / "collector.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=1).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("collector did not start:\n" + (tmp_path / "collector.log").read_text())
-                time.sleep(0.1)
-        yield Collector(proc, f"127.0.0.1:{grpc_port}", url)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def running_collector(tmp_path, *extra: str) -> CollectorProcess:
+    """`python -m modtrack.collector serve` on free loopback ports, as the dashboard tests want it."""
+    return CollectorProcess(tmp_path / "data", "--watermark-s", "0.5", "--log-level", "WARNING", *extra,
+                            log_path=tmp_path / "collector.log")
 
 
 @pytest.fixture
@@ -121,15 +80,9 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def wait_for(driver, script: str, timeout: float = 60.0, what: str = ""):
-    """Poll a JS expression until it is truthy; its value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = driver.execute_script("return " + script)
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what or script}")
+def wait_js(driver, script: str, timeout: float = 60.0, what: str = ""):
+    """Poll a JS expression until it is truthy; its value (fails at the deadline)."""
+    return wait_for(lambda: driver.execute_script("return " + script), timeout, what or script, interval=0.25)
 
 
 def console_errors(driver) -> list[dict]:
@@ -256,7 +209,7 @@ class SimulatedJob:
             async with grpc.aio.insecure_channel(self.addr) as channel:
                 stub = pb_grpc.CollectorStub(channel)
                 queues = [asyncio.Queue() for _ in range(self.world)]
-                captures = [dict() for _ in range(self.world)]
+                captures = [{} for _ in range(self.world)]
                 calls = [stub.Stream(self._requests(r, queues[r]), metadata=self.metadata) for r in range(self.world)]
                 readers = [asyncio.create_task(self._read(c, captures[r])) for r, c in enumerate(calls)]
                 rng = np.random.default_rng(0)
@@ -315,7 +268,7 @@ def _shift(report, ns: int) -> None:
 
 @pytest.fixture
 def simulated_job(collector):
-    job = SimulatedJob(collector.grpc_addr, "sim-job", clock_shift_ns={3: 5_000_000_000}).start()
+    job = SimulatedJob(collector.grpc_target, "sim-job", clock_shift_ns={3: 5_000_000_000}).start()
     try:
         yield job
     finally:
@@ -325,16 +278,11 @@ def simulated_job(collector):
 # ---- the tests -----------------------------------------------------------------------------
 
 def _wait_for_straggler(collector, job: str, timeout: float = 90.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            active = [s for s in collector.get(f"/api/v1/jobs/{job}/stragglers")["stragglers"] if s["state"] == "active"]
-        except OSError:
-            active = []
-        if active:
-            return active[0]
-        time.sleep(0.5)
-    raise AssertionError(f"the collector found no straggler in {job} within {timeout} s")
+    def active():
+        found = collector.get(f"/api/v1/jobs/{job}/stragglers")["stragglers"]
+        return [s for s in found if s["state"] == "active"]
+
+    return wait_for(active, timeout, f"a straggler in {job}", interval=0.5, retry_on=(OSError,))[0]
 
 
 @pytest.mark.slow
@@ -343,7 +291,7 @@ def test_dashboard_shows_the_simulated_culprit_and_captures_a_trace(collector, s
     assert (straggler["rank"], straggler["module"], straggler["phase"]) == (2, SLOW_MODULE, "backward")
 
     browser.get(collector.url + "/")
-    wait_for(browser, "document.querySelector('#heatmap td[data-culprit=\"true\"]')", what="the culprit's cell")
+    wait_js(browser, "document.querySelector('#heatmap td[data-culprit=\"true\"]')", what="the culprit's cell")
     state = page_state(browser)
     assert state["culprit"] == [{"rank": "2", "module": SLOW_MODULE, "phase": "backward"}]
     assert state["hottest"] == {"rank": "2", "module": SLOW_MODULE}
@@ -353,7 +301,7 @@ def test_dashboard_shows_the_simulated_culprit_and_captures_a_trace(collector, s
 
     # live refresh: the page moves on without a reload
     first = browser.execute_script("return document.getElementById('heat-window').textContent")
-    wait_for(browser, f"document.getElementById('heat-window').textContent !== {json.dumps(first)}", 20, "a refresh")
+    wait_js(browser, f"document.getElementById('heat-window').textContent !== {json.dumps(first)}", 20, "a refresh")
 
     # the forward/backward switch and the module bars
     browser.find_element("id", "phase-forward").click()
@@ -366,7 +314,7 @@ def test_dashboard_shows_the_simulated_culprit_and_captures_a_trace(collector, s
 
     # capture: the button asks the ranks for a trace; once it is in, download is enabled
     browser.find_element("id", "capture-btn").click()
-    wait_for(browser, "!document.getElementById('trace-download').disabled", 60, "the captured trace")
+    wait_js(browser, "!document.getElementById('trace-download').disabled", 60, "the captured trace")
     status = browser.find_element("id", "capture-status").text
     assert "is in" in status
     trace = browser.execute_script("return state.capture.trace")
@@ -410,24 +358,17 @@ TORCHRUN_MODULE = "TinyGPT.blocks.1.mlp"
 def torchrun_job(collector, tmp_path):
     """examples/train.py on 4 CPU ranks (gloo) under the agent; rank 2 slow in blocks.1.mlp's
     backward from step 4. Long enough to still be running while the page is inspected."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(TORCHRUN_RANKS),
-           "-m", "modtrack.agent", "--collector", collector.grpc_addr, "--job", "ddp-demo",
-           "examples/train.py", "--steps", "400", "--threads", "1", "--log-every", "1000",
-           "--slow-rank", str(TORCHRUN_SLOW_RANK), "--slow-module", "blocks.1.mlp", "--slow-phase", "backward",
-           "--slow-ms", "50", "--slow-from-step", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = launch.torchrun_cmd(
+        TORCHRUN_RANKS, "-m", "modtrack.agent", "--collector", collector.grpc_target, "--job", "ddp-demo",
+        launch.TRAIN, "--steps", "400", "--threads", "1", "--log-every", "1000",
+        "--slow-rank", str(TORCHRUN_SLOW_RANK), "--slow-module", "blocks.1.mlp", "--slow-phase", "backward",
+        "--slow-ms", "50", "--slow-from-step", "4")  # fmt: skip
     log = open(tmp_path / "torchrun.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = launch.start(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)  # torchrun passes it on to its ranks
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
+        launch.end(proc, grace_s=20)  # SIGTERM first: torchrun passes it on to its ranks
         log.close()
 
 
@@ -445,16 +386,15 @@ def _culprit_shown(driver, min_steps: int = 0) -> bool:
 @pytest.mark.slow
 def test_dashboard_names_the_culprit_of_a_real_torchrun_job(collector, torchrun_job, browser, tmp_path):
     browser.get(collector.url + "/")
-    deadline = time.monotonic() + 240
     # wait for the culprit with some history on the chart (and take the picture right then:
     # the page shows what the detector says, and that may flicker between episodes)
-    while not _culprit_shown(browser, min_steps=20):
+    def shown() -> bool:
         if torchrun_job.poll() is not None:
             raise AssertionError("torchrun ended before the page showed the culprit:\n"
                                  + (tmp_path / "torchrun.log").read_text()[-3000:])
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the page never showed the culprit: {page_state(browser)}")
-        time.sleep(0.5)
+        return _culprit_shown(browser, min_steps=20)
+
+    wait_for(shown, 240, lambda: f"the page to show the culprit: {page_state(browser)}", interval=0.5)
     errors = console_errors(browser)
     assert not errors, errors
 
@@ -471,7 +411,7 @@ def test_dashboard_names_the_culprit_of_a_real_torchrun_job(collector, torchrun_
     browser.find_element("id", "capture-steps").clear()
     browser.find_element("id", "capture-steps").send_keys("2")
     browser.find_element("id", "capture-btn").click()
-    wait_for(browser, "!document.getElementById('trace-download').disabled", 90, "the captured trace")
+    wait_js(browser, "!document.getElementById('trace-download').disabled", 90, "the captured trace")
     trace = browser.execute_script("return state.capture.trace")
     assert_valid_chrome_trace(trace)
     assert trace["otherData"]["source"] == "capture"
@@ -484,18 +424,18 @@ def test_dashboard_names_the_culprit_of_a_real_torchrun_job(collector, torchrun_
 def test_the_page_sends_the_token_it_was_opened_with(tmp_path, browser):
     (tmp_path / "token").write_text("s3cret-token\n")
     with running_collector(tmp_path, "--token-file", str(tmp_path / "token")) as collector:
-        job = SimulatedJob(collector.grpc_addr, "secured", world=2, slow_rank=-1, token="s3cret-token").start()
+        job = SimulatedJob(collector.grpc_target, "secured", world=2, slow_rank=-1, token="s3cret-token").start()
         try:
             browser.get(collector.url + "/#token=s3cret-token")
-            wait_for(browser, "document.querySelector('#jobs button[data-job=\"secured\"]')", 30, "the job list")
+            wait_js(browser, "document.querySelector('#jobs button[data-job=\"secured\"]')", 30, "the job list")
             assert browser.execute_script("return location.hash") == ""  # not left in the address bar
-            wait_for(browser, "document.querySelector('#heatmap td[data-slowdown]')", 30, "the heatmap")
+            wait_js(browser, "document.querySelector('#heatmap td[data-slowdown]')", 30, "the heatmap")
             assert not console_errors(browser)
             browser.get(collector.url + "/")  # remembered for the next visit
-            wait_for(browser, "document.querySelector('#jobs button[data-job=\"secured\"]')", 30, "the job list again")
+            wait_js(browser, "document.querySelector('#jobs button[data-job=\"secured\"]')", 30, "the job list again")
             browser.execute_script("localStorage.clear()")
             browser.get(collector.url + "/")  # no token: the page asks for one instead of showing data
-            wait_for(browser, "!document.getElementById('token-form').hidden", 30, "the token prompt")
+            wait_js(browser, "!document.getElementById('token-form').hidden", 30, "the token prompt")
             assert not browser.find_elements("css selector", "#jobs button")
         finally:
             job.stop()

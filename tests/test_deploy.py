@@ -5,13 +5,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
-from test_metrics import episode, matrix
 
+from harness.metrics_samples import episode, matrix
 from modtrack.collector.metrics import CollectorMetrics
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
@@ -94,7 +94,7 @@ def pod_templates(doc) -> list[dict]:
 
 def test_every_kubernetes_manifest_validates_against_the_schemas():
     kinds = set()
-    for name, doc in kubernetes_documents():
+    for _name, doc in kubernetes_documents():
         kinds.add(doc["kind"])
         if doc["kind"] == "PyTorchJob":
             for template in pod_templates(doc):

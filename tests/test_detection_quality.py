@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent / "bench"))
 
-import detector_quality  # noqa: E402
+import detector_quality
 
 
 def test_detection_quality_targets_on_a_fixed_seed():

@@ -6,10 +6,13 @@ import sys
 
 import pytest
 
+from harness.collector_process import CollectorProcess
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import MODULES, FakeRank, report
+from harness.http import get
+from harness.waiting import wait_for
 from modtrack.collector.detector import DetectorParams
 from modtrack.protos import modtrack_pb2 as pb
-from test_collector_harness import MODULES, CollectorThread, FakeRank, get, report, wait_for
-from test_collector_serve import ServeProcess
 
 BASE = [1.0, 2.0, 3.0, 4.0, 5.0]  # ms per module (Net, embed, blocks.0, blocks.1, head)
 
@@ -32,7 +35,7 @@ def one_step_with_two_slow_ranks(target: str, url: str, job: str = "job", slow=N
         for rank in ranks:
             rank.wait_ack(0)
         wait_for(lambda: {j["job"]: j for j in get(url, "/api/v1/jobs")[1]["jobs"]}[job]
-                 .get("last_evaluated_step") == 0, message=lambda: "step 0 never evaluated")
+                 .get("last_evaluated_step") == 0, what="the evaluation of step 0")
         return get(url, f"/api/v1/jobs/{job}/stragglers")[1]["stragglers"]
     finally:
         for rank in ranks:
@@ -49,7 +52,7 @@ def test_defaults_wait_for_k_steps(tmp_path):
 
 @pytest.mark.slow
 def test_detect_k_and_the_excess_floor_reach_the_detector(tmp_path):
-    server = ServeProcess(tmp_path / "data", "--detect-k", "1", "--detect-min-excess-ms", "3")
+    server = CollectorProcess(tmp_path / "data", "--detect-k", "1", "--detect-min-excess-ms", "3")
     try:
         stragglers = one_step_with_two_slow_ranks(server.grpc_target, server.url)
         # k = 1: the first flagged step opens an episode; rank 1's 2 ms are under the 3 ms floor

@@ -3,43 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from test_collector_harness import (CollectorThread, FakeRank, collector, get,  # noqa: F401
-                                    report, stream_steps, wait_for)
-
-SLOW_RANK, SLOW_MODULE = 2, 3  # rank 2 is 1.5x slower in Net.blocks.1, forward and backward
-
-
-def slow_rank_ms(rank: int, step: int) -> list[float]:
-    ms = [1.0, 2.0, 3.0, 4.0, 5.0]
-    ms = [m * (1 + 0.01 * ((rank + step) % 3)) for m in ms]  # a little jitter
-    if rank == SLOW_RANK:
-        ms[SLOW_MODULE] *= 1.5
-    return ms
-
-
-def sync_of(rank: int) -> float:
-    return 1.0 if rank == SLOW_RANK else 6.0  # the others wait for the slow one
-
-
-def run_slow_job(collector, steps, job="train", world=4):
-    ranks = [FakeRank(collector.grpc_target, job, i, world) for i in range(world)]
-    try:
-        for step in steps:
-            for i, r in enumerate(ranks):
-                r.report(report(step, slow_rank_ms(i, step), sync_ms=sync_of(i)))
-        for r in ranks:
-            r.wait_ack(steps[-1])
-    finally:
-        for r in ranks:
-            r.close()
-
-
-def wait_evaluated(url: str, step: int, job="train") -> None:
-    """Until the collector has evaluated (and stored the verdict on) `step`."""
-    def done():
-        jobs = {j["job"]: j for j in get(url, "/api/v1/jobs")[1]["jobs"]}
-        return job in jobs and (jobs[job]["last_evaluated_step"] or -1) >= step
-    wait_for(done, 10, lambda: get(url, "/api/v1/jobs"))
+from harness.collector_thread import CollectorThread
+from harness.evaluated import wait_evaluated
+from harness.fake_rank import FakeRank, stream_steps
+from harness.http import get
+from harness.slow_job import SLOW_RANK, run_slow_job
+from harness.waiting import wait_for
 
 
 def active_stragglers(url: str, job="train") -> list[dict]:
@@ -85,7 +54,8 @@ def test_jobs_steps_modules(collector):
     ranks = [FakeRank(collector.grpc_target, "j", i, 2) for i in range(2)]
     try:
         stream_steps(ranks, range(4), fwd_ms_of=lambda r, s: [1.0 + r, 2.0, 3.0, 4.0, 5.0 + s])
-        wait_for(lambda: get(collector.url, "/api/v1/jobs")[1]["jobs"][0]["last_evaluated_step"] == 3)
+        wait_for(lambda: get(collector.url, "/api/v1/jobs")[1]["jobs"][0]["last_evaluated_step"] == 3, 10,
+                 "the evaluation of step 3")
         _, jobs = get(collector.url, "/api/v1/jobs")
         assert jobs == {"jobs": [{"job": "j", "world_size": 2, "ranks_reporting": 2, "last_step": 3,
                                   "last_evaluated_step": 3, "state": "running"}]}
@@ -141,7 +111,7 @@ def test_metrics_health_and_index(collector):
     rank = FakeRank(collector.grpc_target, "j", 0, 1)
     try:
         stream_steps([rank], [0, 1])
-        wait_for(lambda: "modtrack_" in get(collector.url, "/metrics")[1])
+        wait_for(lambda: "modtrack_" in get(collector.url, "/metrics")[1], 10, "modtrack series on /metrics")
         status, text = get(collector.url, "/metrics")
         assert status == 200 and 'job="j"' in text
         status, health = get(collector.url, "/healthz")

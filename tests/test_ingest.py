@@ -11,10 +11,12 @@ import urllib.request
 import grpc
 import pytest
 
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import FakeRank, report, stream_steps
+from harness.http import get, post
+from harness.waiting import wait_for
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
-from test_collector_harness import (CollectorThread, FakeRank, collector, get, post,  # noqa: F401
-                                    report, stream_steps, wait_for)
 
 
 def rejected(rank: FakeRank) -> grpc.RpcError:
@@ -133,7 +135,7 @@ def test_clock_offset_of_a_shifted_rank(collector):
         for _ in range(5):
             t1 = time.time_ns() + shift_ns
             rank.send(pb.AgentMessage(ping=pb.ClockPing(t1_ns=t1)))
-            wait_for(lambda: len(rank.pongs) > len(samples))
+            wait_for(lambda: len(rank.pongs) > len(samples), 10, "the pong")
             pong, arrived_ns = rank.pongs[-1]
             t4 = arrived_ns + shift_ns
             assert pong.t1_ns == t1 and t1 - shift_ns <= pong.t2_ns <= pong.t3_ns <= arrived_ns
@@ -156,10 +158,10 @@ def test_capture_request_reaches_ranks_and_traces_are_stored(collector):
         status, body = post(collector.url, "/api/v1/jobs/j/capture?steps=2")
         assert status == 200 and body["ranks"] == 2
         for r in ranks:
-            wait_for(lambda r=r: r.controls)
+            wait_for(lambda r=r: r.controls, 10, "the capture request")
             assert r.controls[0].capture.capture_id == body["capture_id"]
             assert r.controls[0].capture.steps == 2
-        for i, r in enumerate(ranks):
+        for r in ranks:
             rep = report(1, [1.0] * 5)
             rep.trace.CopyFrom(pb.Trace(module_id=[0, 4], phase=[1, 2], start_ns=[10, 30],
                                         end_ns=[20, 45], depth=[0, 1],
@@ -175,7 +177,7 @@ def test_capture_request_reaches_ranks_and_traces_are_stored(collector):
         assert post(collector.url, "/api/v1/jobs/j/pause")[1]["ranks"] == 2
         assert post(collector.url, "/api/v1/jobs/j/resume")[1]["ranks"] == 2
         for r in ranks:
-            wait_for(lambda r=r: len(r.controls) == 3)
+            wait_for(lambda r=r: len(r.controls) == 3, 10, "capture, pause and resume")
             assert [c.WhichOneof("action") for c in r.controls] == ["capture", "pause", "resume"]
     finally:
         for r in ranks:
@@ -193,7 +195,7 @@ def test_new_module_names_extend_the_table_job_wide(collector):
         b.report(rb)
         a.wait_ack(0)
         b.wait_ack(0)
-        wait_for(lambda: get(collector.url, "/api/v1/jobs/j/modules?step=0")[0] == 200)
+        wait_for(lambda: get(collector.url, "/api/v1/jobs/j/modules?step=0")[0] == 200, 10, "step 0's modules")
         _, body = get(collector.url, "/api/v1/jobs/j/modules?step=0")
         fwd = {m["module"]: m["ms_by_rank"] for m in body["modules"] if m["phase"] == "forward"}
         assert fwd == {"Net": {"0": 1.0, "1": 5.0}, "Net.a": {"0": 2.0, "1": 6.0},

@@ -1,20 +1,16 @@
 """`python -m agent SCRIPT` behaves as `python SCRIPT`: argv, sys.path, __main__, output, exit code."""
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
 
-from test_transport import serve  # noqa: F401  (fixture: a gRPC collector stand-in on loopback)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import torchrun as launch
+from harness.fake_collector import FakeCollector
+from harness.ports import free_port
 
 SCRIPT = textwrap.dedent("""
     import os, sys
@@ -31,12 +27,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def script(tmp_path):
     d = tmp_path / "proj"
@@ -48,19 +38,10 @@ def script(tmp_path):
 
 
 def run(cmd, cwd, env=None, timeout=120):
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-    full_env.pop("MODTRACK_COLLECTOR", None)
-    full_env.update(env or {})
+    """(completed process, seconds): in its own process group, so a timeout ends torchrun's ranks too."""
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # a group: a timeout ends torchrun's ranks too
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), time.monotonic() - started
+    out = launch.run(cmd, timeout, cwd=cwd, extra_env=env)
+    return out, time.monotonic() - started
 
 
 def without_agent_lines(stderr: str) -> str:
@@ -96,7 +77,7 @@ def test_console_script_and_missing_script(script, tmp_path):
 
 
 def torchrun(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return launch.torchrun_cmd(2, *args)
 
 
 def stdout_lines(text: str) -> list[str]:
@@ -179,8 +160,6 @@ FORKING = textwrap.dedent("""
 
 
 def test_forked_data_loader_workers_print_nothing_extra(tmp_path, serve):
-    from test_transport import FakeCollector
-
     fake = FakeCollector()
     _, port = serve(fake)
     path = tmp_path / "forking.py"

@@ -7,18 +7,19 @@ then resolved once the straggler recovers) takes seconds.
 import json
 import pathlib
 import shutil
-import socket
 import subprocess
 import threading
-import time
 import urllib.parse
 import urllib.request
 
 import pytest
 import yaml
-from test_collector_harness import CollectorThread, FakeRank, report
-from webhook_receiver import WebhookReceiver
 
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import FakeRank, report
+from harness.ports import free_port
+from harness.waiting import wait_for
+from harness.webhook_receiver import WebhookReceiver
 from modtrack.collector.alert_payload import fingerprint
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
@@ -33,27 +34,18 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_json(url: str, timeout: float = 5.0):
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         assert proc.poll() is None, f"{proc.args[0]} exited with {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"{url} not ready after {timeout_s} s")
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+
+    wait_for(ready, timeout_s, f"{url} to answer", interval=0.2, retry_on=(OSError,))
 
 
 class Process:

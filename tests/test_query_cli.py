@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from test_collector_harness import CollectorThread, collector, get  # noqa: F401
-from test_http_api import run_slow_job, wait_evaluated
+from harness.collector_thread import CollectorThread
+from harness.evaluated import wait_evaluated
+from harness.http import get
+from harness.ports import free_port
+from harness.slow_job import run_slow_job
 
 
 def query(*args, timeout=30) -> subprocess.CompletedProcess:
@@ -64,10 +66,7 @@ def test_errors_are_one_line_and_non_zero(collector):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
         f"error: 404 from {collector.url}/api/v1/jobs/nope/steps?last=10: unknown job 'nope'"]
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = query("jobs", "--url", f"http://127.0.0.1:{port}")
+    out = query("jobs", "--url", f"http://127.0.0.1:{free_port()}")  # a port nobody listens on
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "cannot reach the collector" in out.stderr and "refused" in out.stderr.lower()
 

@@ -20,10 +20,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from harness.collector_process import REPO, CollectorProcess, env
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import FakeRank, stream_steps
+from harness.http import get
+from harness.waiting import wait_for
 from modtrack.collector import auth
 from modtrack.collector.serve import ServeConfig
-from test_collector_harness import CollectorThread, FakeRank, get, stream_steps, wait_for
-from test_fail_open_harness import REPO, CollectorProcess, env
 
 TOKENS = "# per-job tokens\njob-a tok-a\nteam-b-* tok-b\n* tok-admin\n"
 
@@ -150,9 +153,9 @@ def test_real_agent_over_tls_with_tokens_and_no_secret_in_logs(tmp_path):
     cert, key = self_signed(tmp_path)
     (tmp_path / "tokens").write_text(TOKENS)
     (tmp_path / "agent-token").write_text("tok-a\n")
-    server = CollectorProcess(tmp_path / "data", tmp_path / "collector.log", "--token-file",
+    server = CollectorProcess(tmp_path / "data", "--token-file",
                               str(tmp_path / "tokens"), "--tls-cert", str(cert), "--tls-key",
-                              str(key), "--watermark-s", "0.2")
+                              str(key), "--watermark-s", "0.2", log_path=tmp_path / "collector.log")
     try:
         target = server.grpc_target
         tls = {"MODTRACK_TLS_CA": str(cert)}
@@ -176,7 +179,7 @@ def test_real_agent_over_tls_with_tokens_and_no_secret_in_logs(tmp_path):
             with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
                 return json.load(resp)
         wait_for(lambda: len(query("/api/v1/jobs/job-a/steps?last=100")["steps"]) == 6, 20,
-                 lambda: f"{query('/api/v1/jobs/job-a/steps')} {results[0][2]}")
+                 lambda: f"job-a's 6 steps: {query('/api/v1/jobs/job-a/steps')} {results[0][2]}")
         assert [j["job"] for j in query("/api/v1/jobs")["jobs"]] == ["job-a"]
         with pytest.raises(OSError):  # plain HTTP to the HTTPS port
             urllib.request.urlopen(f"http://{server.http_addr}/api/v1/jobs", timeout=10)

@@ -7,9 +7,9 @@ import sqlite3
 import numpy as np
 import pytest
 
+from harness.step_row import row
 from modtrack.collector.step_matrix import Episode
 from modtrack.collector.store import Store, StoreWriter
-from test_merge import row
 
 
 def write(store: Store, *calls) -> None:

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from types import SimpleNamespace
 
 import numpy as np
 

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from modtrack.collector.alerting import AlertDispatcher
 from modtrack.collector.metrics import CollectorMetrics
 from modtrack.collector.step_matrix import Episode, StepMatrix
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared harness
+from harness.ports import free_port
 
 
 def timed(fn, repeat: int) -> float:
@@ -51,9 +55,7 @@ def metrics_costs(n_ranks: int, n_modules: int = 200, n_episodes: int = 50) -> d
 
 
 async def dispatcher_cost() -> float:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        down = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    down = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
     d = AlertDispatcher([down], "http://dash", backoff_s=5)
     await d.start()
     eps = [Episode("job", r % 64, "node0", f"Net.layer{r}", "backward", 2.0, 1, 9, "active", 10.0) for r in range(5000)]
