@@ -1,7 +1,6 @@
 """agent.ModuleTracker: what a user of the tracker sees, on the hard cases of issue 2."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -11,17 +10,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.module_tracker import ModuleTracker as SeedTracker
 
+from harness.ports import free_port
 from modtrack.agent import ModuleTracker
 from modtrack.agent.step_accumulator import step_summary
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Block(nn.Module):
@@ -160,7 +153,7 @@ def test_parents_and_is_bw_behave_as_the_seed():
     assert ours[0][1] == ("bw", frozenset({"Global", "Sequential", "Sequential.1"}), True)
 
 
-def test_names_match_the_seed_and_ignore_ddp_wrapping(free_port):
+def test_names_match_the_seed_and_ignore_ddp_wrapping():
     import torch.distributed as dist
 
     model = Net()
@@ -176,7 +169,7 @@ def test_names_match_the_seed_and_ignore_ddp_wrapping(free_port):
         plain_names = set(n for n, _ in t.last_step())
     assert plain_names == seen - {"Global"}
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         ddp = nn.parallel.DistributedDataParallel(Net())
         with ModuleTracker() as t:
