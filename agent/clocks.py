@@ -16,7 +16,7 @@ sharing cores) and time blocked in a collective, and make a rank look slow that 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
