@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +28,10 @@ from modtrack.collector.merge import Merger, build_matrix
 from modtrack.collector.simulate import parse_straggler, report
 from modtrack.collector.store import Store
 from modtrack.protos import modtrack_pb2 as pb
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared harness
+from harness.collector_process import CollectorProcess
+from harness.evaluated import wait_evaluated
 
 
 def in_process(ranks: int, modules: int, steps: int, store_dir: str | None = None) -> dict:
@@ -115,16 +120,11 @@ def _proc(pid: int) -> tuple[float, int, float]:
 
 def loopback(ranks: int, modules: int, seconds: int, step_s: float, procs: int) -> dict:
     steps = int(seconds / step_s)
-    with tempfile.TemporaryDirectory() as data:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", "127.0.0.1:0",
-             "--http-addr", "127.0.0.1:0", "--data-dir", data, "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, text=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = CollectorProcess(Path(tmp) / "data", "--log-level", "WARNING")
         try:
-            line = server.stdout.readline()
-            grpc_addr = re.search(r"grpc=(\S+)", line).group(1)
-            http_addr = re.search(r"http=(\S+)", line).group(1)
-            cpu0, _, _ = _proc(server.pid)
+            grpc_addr, http_addr, pid = server.grpc_target, server.http_addr, server.proc.pid
+            cpu0, _, _ = _proc(pid)
             t0 = time.monotonic()
             sim = subprocess.Popen(
                 [sys.executable, "-m", "modtrack.collector.simulate", "--collector", grpc_addr, "--job", "bench",
@@ -135,21 +135,17 @@ def loopback(ranks: int, modules: int, seconds: int, step_s: float, procs: int) 
             peak_rss, samples = 0, []
             while sim.poll() is None:
                 time.sleep(1.0)
-                cpu, rss, loop_cpu = _proc(server.pid)
+                cpu, rss, loop_cpu = _proc(pid)
                 samples.append((time.monotonic(), cpu, loop_cpu))
                 peak_rss = max(peak_rss, rss)
             sim_out = sim.stdout.read().strip()
-            time.sleep(3)
+            wait_evaluated(server.url, steps - 1, "bench", timeout=60)  # the verdicts on the last steps are in
             metrics = urllib.request.urlopen(f"http://{http_addr}/metrics", timeout=30).read().decode()
             stragglers = urllib.request.urlopen(
                 f"http://{http_addr}/api/v1/jobs/bench/stragglers", timeout=30).read().decode()
-            cpu1, rss, _ = _proc(server.pid)
+            cpu1, rss, _ = _proc(pid)
         finally:
             server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
     # CPU over the streaming part only (after everyone connected): the middle of the run.
     mid = [s for s in samples if s[0] - t0 > 20]
     span = (mid[-1][0] - mid[0][0]) if len(mid) > 2 else float("nan")
