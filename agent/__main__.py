@@ -11,19 +11,21 @@ import os
 import runpy
 import sys
 
+from modtrack.agent import config
+
 USAGE = ("python -m modtrack.agent [--collector HOST:PORT] [--job NAME] [--token-file F] [--tls-ca F] "
          "[--clock auto|cpu|wall|cuda] SCRIPT [ARGS...]")
 
 
 def _parser() -> argparse.ArgumentParser:
+    env = config.from_env()
     p = argparse.ArgumentParser(prog="modtrack-agent", usage=USAGE, description=__doc__.split("\n\n")[1])
-    p.add_argument("--collector", default=os.environ.get("MODTRACK_COLLECTOR", ""),
+    p.add_argument("--collector", default=env.collector,
                    help="collector gRPC address (env MODTRACK_COLLECTOR); without one the script runs untracked")
     p.add_argument("--job", default=None, help="job id (env MODTRACK_JOB; default: torchrun's run id)")
     p.add_argument("--token-file", default=None, help="file holding the collector's bearer token (or env MODTRACK_TOKEN)")
     p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to reach a collector serving TLS (or env MODTRACK_TLS_CA)")
-    p.add_argument("--clock", default=os.environ.get("MODTRACK_CLOCK", "auto"),
-                   choices=("auto", "cpu", "wall", "cuda"),
+    p.add_argument("--clock", default=env.clock, choices=config.CLOCKS,
                    help="how module time is measured (env MODTRACK_CLOCK): auto = cuda events when CUDA is "
                         "available, else cpu (thread CPU time); wall for ranks with several intra-op threads")
     p.add_argument("script", help="the training script, run as __main__")

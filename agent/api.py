@@ -7,8 +7,8 @@ job runs as it would without the agent.
 from __future__ import annotations
 
 import atexit
-import os
 
+from modtrack.agent import config
 from modtrack.agent.identity import identity_from_env
 from modtrack.agent.transport import Transport, warn_once
 
@@ -77,14 +77,15 @@ def track(
     global _active
     if _active is not None:
         return _active
-    collector = collector or os.environ.get("MODTRACK_COLLECTOR", "")
+    env = config.from_env()
+    collector = collector or env.collector
     if not collector:
         return Tracking()
     try:
         if token_file:
             token = _read(token_file).decode().strip()
-        token = token or os.environ.get("MODTRACK_TOKEN") or None
-        tls_ca = tls_ca or os.environ.get("MODTRACK_TLS_CA") or None
+        token = token or env.token or None
+        tls_ca = tls_ca or env.tls_ca or None
         ca = _read(tls_ca) if tls_ca else None
         from modtrack.agent.tracker import ModuleTracker
 

@@ -9,6 +9,8 @@ import os
 import socket
 from dataclasses import dataclass
 
+from modtrack.agent import config
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -34,7 +36,7 @@ def default_job(env=os.environ, fallback: str = "") -> str:
     torchrun's run id is the literal "none" unless --rdzv-id or --standalone set it, and
     would merge unrelated jobs, so it does not count.
     """
-    job = env.get("MODTRACK_JOB", "")
+    job = config.from_env(env).job
     if job:
         return job
     run_id = env.get("TORCHELASTIC_RUN_ID", "")

@@ -10,19 +10,14 @@ couple of seconds, and only while a collector is connected or still being reache
 from __future__ import annotations
 
 import collections
-import os
 import random
 import sys
 import threading
 import time
 from typing import Callable
 
-# gRPC's fork handlers print a line on every fork (each DataLoader worker) while our sender
-# thread is in gRPC; the children never use our channel, so the handlers buy nothing here.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-import grpc  # noqa: E402
-
 from modtrack.agent.clock_sync import ClockSync
+from modtrack.agent.grpc_import import grpc
 from modtrack.agent.identity import Identity
 from modtrack.agent.report_codec import encode_hello, encode_report
 from modtrack.agent.step_record import StepRecord

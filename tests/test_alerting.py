@@ -7,10 +7,10 @@ import time
 from harness.ports import free_port
 from harness.waiting import wait_for
 from harness.webhook_receiver import WebhookReceiver
-from modtrack.collector.alert_payload import ZERO_TIME, episode_to_alert, fingerprint
-from modtrack.collector.alerting import AlertDispatcher
-from modtrack.collector.metrics import CollectorMetrics
-from modtrack.collector.step_matrix import Episode
+from modtrack.collector.outputs.alert_payload import ZERO_TIME, episode_to_alert, fingerprint
+from modtrack.collector.outputs.alerting import AlertDispatcher
+from modtrack.collector.outputs.metrics import CollectorMetrics
+from modtrack.collector.records import Episode
 
 DASHBOARD = "http://collector.example:8080"
 

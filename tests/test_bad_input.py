@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from harness.collector_thread import CollectorThread
 from harness.fake_rank import MODULES, FakeRank, report, stream_steps
 from harness.http import get
-from modtrack.collector import edge_limits
+from modtrack.collector.ingest import edge_limits
 from modtrack.protos import modtrack_pb2 as pb
 
 STREAM = "/modtrack.v1.Collector/Stream"

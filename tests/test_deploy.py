@@ -12,7 +12,7 @@ import tomllib
 import yaml
 
 from harness.metrics_samples import episode, matrix
-from modtrack.collector.metrics import CollectorMetrics
+from modtrack.collector.outputs.metrics import CollectorMetrics
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
 ROOT = DEPLOY.parent

@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from modtrack.collector.cluster_model import ClusterModel, Straggler
-from modtrack.collector.detector import Detector, DetectorParams, column_stats
-from modtrack.collector.step_matrix import StepMatrix
+from modtrack.collector.pipeline.detector import Detector, DetectorParams, column_stats
+from modtrack.collector.records import StepMatrix
+from modtrack.collector.sim.cluster_model import ClusterModel, Straggler
 
 
 def run(model: ClusterModel, steps: range, det: Detector | None = None, present=None):

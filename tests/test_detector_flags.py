@@ -11,7 +11,7 @@ from harness.collector_thread import CollectorThread
 from harness.fake_rank import MODULES, FakeRank, report
 from harness.http import get
 from harness.waiting import wait_for
-from modtrack.collector.detector import DetectorParams
+from modtrack.collector.pipeline.detector import DetectorParams
 from modtrack.protos import modtrack_pb2 as pb
 
 BASE = [1.0, 2.0, 3.0, 4.0, 5.0]  # ms per module (Net, embed, blocks.0, blocks.1, head)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from harness.step_row import row
-from modtrack.collector.merge import JobState, Merger, build_matrix
+from modtrack.collector.pipeline.merge import JobState, Merger, build_matrix
 
 
 def test_matrix_lines_up_columns_across_ranks_with_nan_for_modules_not_run():

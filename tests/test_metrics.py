@@ -2,8 +2,8 @@
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness.metrics_samples import episode, matrix
-from modtrack.collector.metrics import CollectorMetrics
-from modtrack.collector.step_matrix import Episode
+from modtrack.collector.outputs.metrics import CollectorMetrics
+from modtrack.collector.records import Episode
 
 
 def scrape(metrics: CollectorMetrics) -> dict:

@@ -20,7 +20,7 @@ from harness.fake_rank import FakeRank, report
 from harness.ports import free_port
 from harness.waiting import wait_for
 from harness.webhook_receiver import WebhookReceiver
-from modtrack.collector.alert_payload import fingerprint
+from modtrack.collector.outputs.alert_payload import fingerprint
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS = shutil.which("prometheus")

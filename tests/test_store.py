@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from harness.step_row import row
-from modtrack.collector.step_matrix import Episode
-from modtrack.collector.store import Store, StoreWriter
+from modtrack.collector.records import Episode
+from modtrack.collector.store.sqlite import Store
+from modtrack.collector.store.writer import StoreWriter
 
 
 def write(store: Store, *calls) -> None:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.chrome_trace import assert_valid_chrome_trace
-from modtrack.collector.trace_export import RankTimeline, build_trace
+from modtrack.collector.api.trace_export import RankTimeline, build_trace
 
 MODULES = ["GPT", "GPT.blocks.0", "GPT.blocks.0.attn", "GPT.blocks.0.mlp", "GPT.head"]
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from modtrack.collector.cluster_model import ClusterModel
-from modtrack.collector.detector import Detector
-from modtrack.collector.ingest import RankStream, parse_report
-from modtrack.collector.merge import Merger, build_matrix
-from modtrack.collector.simulate import parse_straggler, report
-from modtrack.collector.store import Store
+from modtrack.collector.ingest.parse import RankStream, parse_report
+from modtrack.collector.pipeline.detector import Detector
+from modtrack.collector.pipeline.merge import Merger, build_matrix
+from modtrack.collector.sim.cluster_model import ClusterModel
+from modtrack.collector.sim.simulate import parse_straggler, report
+from modtrack.collector.store.sqlite import Store
 from modtrack.protos import modtrack_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared harness
@@ -127,7 +127,7 @@ def loopback(ranks: int, modules: int, seconds: int, step_s: float, procs: int) 
             cpu0, _, _ = _proc(pid)
             t0 = time.monotonic()
             sim = subprocess.Popen(
-                [sys.executable, "-m", "modtrack.collector.simulate", "--collector", grpc_addr, "--job", "bench",
+                [sys.executable, "-m", "modtrack.collector.sim.simulate", "--collector", grpc_addr, "--job", "bench",
                  "--ranks", str(ranks), "--modules", str(modules), "--steps", str(steps),
                  "--step-s", str(step_s), "--procs", str(procs), "--start-delay-s", "15",
                  "--straggler", "rank=7,module=3,phase=backward,slowdown=1.5,onset=20"],

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modtrack.collector.cluster_model import ClusterModel, Straggler
-from modtrack.collector.detector import Z_SCALE, Detector, DetectorParams, column_stats, flag_step
+from modtrack.collector.pipeline.detector import Z_SCALE, Detector, DetectorParams, column_stats, flag_step
+from modtrack.collector.sim.cluster_model import ClusterModel, Straggler
 
 BASELINE_WINDOW = 20
 BASELINE_THRESHOLD = 0.75

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from modtrack.collector.alerting import AlertDispatcher
-from modtrack.collector.metrics import CollectorMetrics
-from modtrack.collector.step_matrix import Episode, StepMatrix
+from modtrack.collector.outputs.alerting import AlertDispatcher
+from modtrack.collector.outputs.metrics import CollectorMetrics
+from modtrack.collector.records import Episode, StepMatrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared harness
 from harness.ports import free_port

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from modtrack.collector.step_matrix import Episode, StepMatrix
+from modtrack.collector.records import Episode, StepMatrix
 
 
 def matrix(job="train", step=7, n_ranks=4, n_modules=3, hosts=None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from modtrack.collector.store import StepRow
+from modtrack.collector.records import StepRow
 
 
 def row(job, rank, step, modules, phases, self_ms, wall_ms=10.0, tail_ms=1.0) -> StepRow:

@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timezone
 from urllib.parse import quote
 
-from modtrack.collector.step_matrix import Episode
+from modtrack.collector.records import Episode
 
 STRAGGLER_ALERT = "ModtrackStraggler"
 NODE_SUSPECT_ALERT = "ModtrackNodeSuspect"

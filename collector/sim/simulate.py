@@ -1,12 +1,12 @@
-"""`python -m modtrack.collector.simulate`: a fake synchronous job streaming to a real collector over gRPC.
+"""`python -m modtrack.collector.sim.simulate`: a fake synchronous job streaming to a real collector over gRPC.
 
 N ranks as real gRPC clients (several processes, each holding many streams), each sending a
 Hello with the module table and then one columnar StepReport per step, figures from the
-cluster model (collector/cluster_model.py): heavy-tailed noise, DDP-style sync wait, optional
+cluster model (collector/sim/cluster_model.py): heavy-tailed noise, DDP-style sync wait, optional
 pipeline stages, injected stragglers. Every process builds the same model from the same seed,
 so all ranks agree on who waited for whom without talking to each other.
 
-    python -m modtrack.collector.simulate --collector 127.0.0.1:50051 --ranks 64 --modules 50 --steps 300 \\
+    python -m modtrack.collector.sim.simulate --collector 127.0.0.1:50051 --ranks 64 --modules 50 --steps 300 \\
         --straggler rank=5,module=7,phase=backward,slowdown=1.5,onset=50,end=200
 """
 from __future__ import annotations
@@ -21,11 +21,12 @@ import time
 import grpc
 import numpy as np
 
-from modtrack.collector.cluster_model import ClusterModel, Straggler
+from modtrack.collector.records import PHASE_IDS
+from modtrack.collector.sim.cluster_model import ClusterModel, Straggler
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
-PHASES = {"forward": 1, "backward": 2}
+PHASES = {name: PHASE_IDS[name] for name in ("forward", "backward")}  # what the model times
 
 
 def parse_straggler(text: str, model: ClusterModel) -> Straggler:
@@ -141,7 +142,7 @@ def run(a) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m modtrack.collector.simulate", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m modtrack.collector.sim.simulate", description=__doc__.splitlines()[0])
     ap.add_argument("--collector", required=True, help="HOST:PORT of the collector's gRPC port")
     ap.add_argument("--job", default="sim")
     ap.add_argument("--token", default="", help="bearer token, if the collector wants one")

@@ -17,8 +17,8 @@ import time
 
 import aiohttp
 
-from modtrack.collector.alert_payload import alert_labels, episode_to_alert, fingerprint, webhook_payload
-from modtrack.collector.step_matrix import Episode
+from modtrack.collector.outputs.alert_payload import alert_labels, episode_to_alert, fingerprint, webhook_payload
+from modtrack.collector.records import Episode
 
 log = logging.getLogger("modtrack.alerts")
 

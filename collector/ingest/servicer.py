@@ -18,21 +18,18 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from modtrack.collector import auth, edge_limits
-from modtrack.collector.merge import Merger
-from modtrack.collector.store import PHASE_NAMES, STEP_FIGURES, Store, StepRow, StoreWriter
+from modtrack.collector import auth
+from modtrack.collector.config import ServeConfig
+from modtrack.collector.ingest import edge_limits
+from modtrack.collector.ingest.edge_limits import Refused, invalid
+from modtrack.collector.ingest.parse import RankStream, parse_report
+from modtrack.collector.pipeline.merge import Merger
+from modtrack.collector.store.sqlite import Store
+from modtrack.collector.store.writer import StoreWriter
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 log = logging.getLogger("modtrack.collector.ingest")
-
-PHASE_COLUMNS = ("module_id", "calls", "inclusive_ns", "self_ns", "first_start_ns", "last_end_ns")
-TRACE_FIELDS = ("module_id", "phase", "start_ns", "end_ns", "depth")
-COUNTERS = ("reports_dropped", "reconnects", "hook_errors", "send_errors")
-
-
-class InvalidInput(ValueError):
-    """A message the collector refuses: its stream ends with INVALID_ARGUMENT and this text."""
 
 
 @dataclass
@@ -41,178 +38,28 @@ class _End:
     message: str = ""
 
 
-@dataclass(eq=False)
-class RankStream:
-    """One connected rank: its module-name table and the remap to job-wide ids."""
-
-    job: str
-    rank: int
-    names: list
-    remap: np.ndarray  # rank-local module id -> job-wide module id
-    out: asyncio.Queue
-
-
-def _array(values, dtype) -> np.ndarray:
-    return np.array(values, dtype=dtype) if len(values) else np.zeros(0, dtype)
-
-
-# Rows of the one int64 block a report's phases are copied into (see _phase_block).
-_ID, _INCLUSIVE, _SELF, _FIRST_START, _LAST_END = range(5)
-
-
-def parse_report(report, stream: RankStream, extend_table) -> StepRow:
-    """Validate one StepReport and turn it into a StepRow with job-wide module ids.
-
-    `extend_table(names)` returns job-wide ids for module names first seen in this report.
-    All phases are copied into one block and checked in a handful of numpy passes; only a
-    report that fails them is walked phase by phase, to say exactly what is wrong."""
-    where = f"job {stream.job!r} rank {stream.rank} step {report.step}"
-    _add_new_names(report, stream, extend_table, where)
-    figures = {name: getattr(report, name) for name in STEP_FIGURES}
-    negative = [name for name in STEP_FIGURES[2:] if figures[name] < 0]
-    if negative:
-        raise InvalidInput(f"{where}: negative duration {negative[0]}={figures[negative[0]]}")
-    if figures["end_ns"] < figures["start_ns"]:
-        raise InvalidInput(f"{where}: end_ns {figures['end_ns']} is before start_ns {figures['start_ns']}")
-    block, calls, phase = _phase_block(report.phases)
-    if block is None or not _block_ok(block, len(stream.remap)):
-        _explain_phases(report, stream, where)  # raises InvalidInput
-    modules = {"phase": phase, "module": stream.remap[block[_ID]], "calls": calls,
-               "inclusive": block[_INCLUSIVE], "self": block[_SELF],
-               "first_start": block[_FIRST_START], "last_end": block[_LAST_END]}
-    counters = {name: getattr(report.counters, name) for name in COUNTERS}
-    return StepRow(stream.job, stream.rank, report.step, figures, modules,
-                   _parse_trace(report, stream, where), counters)
-
-
-def _phase_block(phases):
-    """(int64 block of 5 rows x all entries, calls, phase per entry), or (None, None, None)
-    when a phase is unknown or its columns differ in length. np.array on a repeated field
-    is a C copy; building one block keeps it to one copy per field and no concatenation."""
-    lengths = []
-    for ph in phases:
-        n = len(ph.module_id)
-        if ph.phase not in PHASE_NAMES or any(len(getattr(ph, c)) != n for c in PHASE_COLUMNS[1:]):
-            return None, None, None
-        lengths.append(n)
-    total = sum(lengths)
-    block = np.empty((5, total), np.int64)
-    calls = np.empty(total, np.uint32)
-    at = 0
-    for ph, n in zip(phases, lengths):
-        if n:
-            end = at + n
-            block[_ID, at:end] = ph.module_id
-            block[_INCLUSIVE, at:end] = ph.inclusive_ns
-            block[_SELF, at:end] = ph.self_ns
-            block[_FIRST_START, at:end] = ph.first_start_ns
-            block[_LAST_END, at:end] = ph.last_end_ns
-            calls[at:end] = ph.calls
-            at = end
-    phase = np.repeat(np.array([ph.phase for ph in phases], np.uint8), lengths)
-    return block, calls, phase
-
-
-def _block_ok(block: np.ndarray, table_size: int) -> bool:
-    """Every id in the rank's table, durations in [0, a day], stamps in range: five passes."""
-    if not block.shape[1]:
-        return True
-    durations, stamps = block[_INCLUSIVE:_SELF + 1], block[_FIRST_START:_LAST_END + 1]
-    return bool(block[_ID].max() < table_size
-                and durations.min() >= 0 and durations.max() <= edge_limits.MAX_DURATION_NS
-                and stamps.min() >= -edge_limits.MAX_ABS_TIME_NS
-                and stamps.max() <= edge_limits.MAX_ABS_TIME_NS)
-
-
-def _explain_phases(report, stream: RankStream, where: str) -> None:
-    """The slow, phase-by-phase check of a report the block check refused: raises the first
-    problem in phase order, with the phase and the field."""
-    for ph in report.phases:
-        if ph.phase not in PHASE_NAMES:
-            raise InvalidInput(f"{where}: unknown phase {ph.phase}")
-        n = len(ph.module_id)
-        for name in PHASE_COLUMNS[1:]:
-            if len(getattr(ph, name)) != n:
-                raise InvalidInput(f"{where} phase {PHASE_NAMES[ph.phase]}: {name} has "
-                                   f"{len(getattr(ph, name))} entries, module_id has {n}")
-        _module_ids(ph.module_id, stream, where)
-        edge_limits.check_columns(f"{where} phase {PHASE_NAMES[ph.phase]}",
-                                  (_array(ph.inclusive_ns, np.int64), _array(ph.self_ns, np.int64)),
-                                  (_array(ph.first_start_ns, np.int64),
-                                   _array(ph.last_end_ns, np.int64)))
-    raise AssertionError("the block check refused a report the phase check accepts")
-
-
-def _add_new_names(report, stream: RankStream, extend_table, where: str) -> None:
-    if not report.new_module_names:
-        return
-    first = report.first_new_module_id
-    if first > len(stream.names):
-        raise InvalidInput(f"{where}: new module names start at id {first} but the rank's table "
-                           f"has {len(stream.names)} names")
-    new = []
-    for i, name in enumerate(report.new_module_names):
-        if first + i < len(stream.names):  # a replayed report re-announcing a known name
-            if stream.names[first + i] != name:
-                raise InvalidInput(f"{where}: module id {first + i} is {stream.names[first + i]!r}, "
-                                   f"not {name!r}")
-        else:
-            new.append(name)
-    if new:
-        stream.names.extend(new)
-        stream.remap = np.concatenate([stream.remap, extend_table(new)])
-
-
-def _module_ids(values, stream: RankStream, where: str) -> np.ndarray:
-    local = _array(values, np.int64)
-    if len(local) and local.max() >= len(stream.remap):
-        raise InvalidInput(f"{where}: module id {int(local.max())} is outside the rank's table of "
-                           f"{len(stream.remap)} names")
-    return local
-
-
-def _parse_trace(report, stream: RankStream, where: str) -> dict | None:
-    if not report.HasField("trace") or not len(report.trace.module_id):
-        return None
-    t = report.trace
-    n = len(t.module_id)
-    for name in TRACE_FIELDS[1:]:
-        if len(getattr(t, name)) != n:
-            raise InvalidInput(f"{where} trace: {name} has {len(getattr(t, name))} entries, "
-                               f"module_id has {n}")
-    start, end = _array(t.start_ns, np.int64), _array(t.end_ns, np.int64)
-    phase = _array(t.phase, np.int64)
-    if (end < start).any():
-        raise InvalidInput(f"{where} trace: a call ends before it starts")
-    edge_limits.check_columns(f"{where} trace", (end - start,), (start, end))
-    if not np.isin(phase, list(PHASE_NAMES)).all():
-        raise InvalidInput(f"{where} trace: unknown phase")
-    return {"module": stream.remap[_module_ids(t.module_id, stream, where)], "phase": phase,
-            "start": start, "end": end, "depth": _array(t.depth, np.uint32),
-            "capture_id": t.capture_id}
-
-
-def _validate_hello(h) -> None:
-    if h.protocol_version not in (0, 1):
-        raise InvalidInput(f"protocol_version {h.protocol_version} is not supported (want 1)")
-    if not h.job:
-        raise InvalidInput("Hello without a job name")
-    if h.world_size < 1 or h.rank >= h.world_size:
-        raise InvalidInput(f"Hello: rank {h.rank} is outside world_size {h.world_size}")
-
-
 class IngestServicer(pb_grpc.CollectorServicer):
-    def __init__(self, merger: Merger, store: Store, writer: StoreWriter, token: str | None = None,
-                 metrics=None):
+    def __init__(self, merger: Merger, store: Store, writer: StoreWriter, token=None, metrics=None,
+                 restore_job=None):
         self.merger = merger
+        self.restore_job = restore_job  # async (job): reads a job not in memory back from SQLite
         self.store = store
         self.writer = writer
         self.token = token
         self.metrics = metrics
         self.streams: dict[str, set] = {}  # job -> live RankStreams
         self.rejected = 0
-        self.hello_timeout_s = edge_limits.HELLO_TIMEOUT_S
+        self.hello_timeout_s = ServeConfig.hello_timeout_s
         self.refusals = auth.RefusalLog()
+
+    def connected(self, job: str) -> bool:
+        """Some rank of `job` has a stream open."""
+        return bool(self.streams.get(job))
+
+    def forget_job(self, job: str) -> None:
+        """The job left memory (finished long ago); a new stream of it starts a new entry."""
+        if not self.streams.get(job):
+            self.streams.pop(job, None)
 
     # --- control, called from the HTTP API on the same loop -------------------------------
     def request_capture(self, job: str, steps: int) -> tuple[str, int]:
@@ -278,12 +125,14 @@ class IngestServicer(pb_grpc.CollectorServicer):
                 kind = msg.WhichOneof("body")
                 if kind == "hello":
                     if stream is not None:
-                        raise InvalidInput("a second Hello on the same stream")
+                        raise invalid("a second Hello on the same stream")
                     edge_limits.check_hello(msg.hello, access)
+                    if self.restore_job is not None and msg.hello.job not in self.merger.jobs:
+                        await self.restore_job(msg.hello.job)
                     stream = self._hello(msg.hello, out)
                     holder.append(stream)
                 elif stream is None:
-                    raise InvalidInput(f"the first message must be a Hello, got {kind}")
+                    raise invalid(f"the first message must be a Hello, got {kind}")
                 elif kind == "report":
                     newest_step = edge_limits.check_report(
                         msg.report, newest_step, self.merger.jobs[stream.job].last_evaluated)
@@ -294,13 +143,11 @@ class IngestServicer(pb_grpc.CollectorServicer):
                 elif kind == "clock":
                     self._clock(msg.clock, stream)
                 else:
-                    raise InvalidInput("an empty AgentMessage")
+                    raise invalid("an empty AgentMessage")
             acks.put_nowait(None)
             await acker  # the last reports' acks go out before the stream ends
             out.put_nowait(_End())
-        except InvalidInput as exc:
-            out.put_nowait(_End(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
-        except edge_limits.Refused as exc:
+        except Refused as exc:
             out.put_nowait(_End(exc.code, str(exc)))
         except asyncio.CancelledError:
             raise
@@ -311,7 +158,6 @@ class IngestServicer(pb_grpc.CollectorServicer):
             acker.cancel()
 
     def _hello(self, h, out: asyncio.Queue) -> RankStream:
-        _validate_hello(h)
         job = self.merger.hello(h.job, h.rank, h.world_size, h.host, h.clock_kind)
         names = list(h.module_names)
         remap = self._extend(job.job)(names)

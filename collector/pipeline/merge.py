@@ -5,6 +5,10 @@ report, whichever comes first, and steps of one job are evaluated in ascending o
 with no report for `missing_after_s` is marked missing: it is not waited for, and it is not a
 straggler (it simply is not in the matrix). Reports for steps already evaluated are stored but
 not merged again.
+
+Merge state lives on the event loop. What evaluating a step needs of its job (hosts, the module
+table, the clock) is copied into a JobSnapshot when the step is handed out, so the evaluation
+thread never reads a dict that a Hello may be growing at the same moment.
 """
 from __future__ import annotations
 
@@ -13,10 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modtrack.collector.step_matrix import StepMatrix
-from modtrack.collector.store import StepRow
-
-_PHASE_SLOTS = 4  # column key = module_id * 4 + phase id
+from modtrack.collector.config import ServeConfig
+from modtrack.collector.records import CLOCK_KIND_CPU, N_PHASES, StepMatrix, StepRow, column_key
 
 
 @dataclass
@@ -35,9 +37,19 @@ class PendingStep:
     rows: dict = field(default_factory=dict)  # rank -> StepRow
 
 
+@dataclass(frozen=True)
+class JobSnapshot:
+    """A job as one step's evaluation sees it, taken on the event loop."""
+
+    job: str
+    names: list[str]  # job-wide module id -> name: a copy the loop never changes
+    hosts: dict[int, str]  # rank -> host, for the ranks of this step
+    cpu_clock: bool  # some rank times its modules on the CPU clock (the detector's floor)
+
+
 @dataclass
 class ReadyStep:
-    job: "JobState"
+    job: JobSnapshot
     step: int
     rows: dict  # rank -> StepRow
     lag_s: float  # first report -> evaluation
@@ -55,6 +67,22 @@ class JobState:
         self.ranks: dict[int, RankState] = {}
         self.pending: dict[int, PendingStep] = {}
         self.last_evaluated = last_evaluated
+        self.cpu_clock = False
+        self.last_activity = time.monotonic()  # latest Hello or report (or the restore)
+        self._frozen_names: list[str] = []
+
+    def add_rank(self, rank: int, info: RankState) -> None:
+        self.ranks[rank] = info
+        self.cpu_clock = self.cpu_clock or info.clock_kind == CLOCK_KIND_CPU
+
+    def snapshot(self, ranks=None) -> JobSnapshot:
+        """What evaluating a step of `ranks` (default: all known) needs; cheap per step: the
+        name table is copied again only after it grew."""
+        if len(self._frozen_names) != len(self.names):
+            self._frozen_names = list(self.names)  # a new copy: the old one stays as snapshots saw it
+        ranks = self.ranks if ranks is None else ranks
+        hosts = {r: self.ranks[r].host for r in ranks if r in self.ranks}
+        return JobSnapshot(self.job, self._frozen_names, hosts, self.cpu_clock)
 
     def module_ids(self, names: list[str]) -> tuple[np.ndarray, int, list[str]]:
         """Job-wide ids for a rank's names, adding the unseen ones. Returns (ids, first id
@@ -74,8 +102,8 @@ class JobState:
 
 
 class Merger:
-    def __init__(self, watermark_s: float = 2.0, missing_after_s: float = 30.0,
-                 max_pending_steps: int = 10_000):
+    def __init__(self, watermark_s: float = ServeConfig.watermark_s,
+                 missing_after_s: float = ServeConfig.missing_after_s, max_pending_steps: int = 10_000):
         self.watermark_s = watermark_s
         self.missing_after_s = missing_after_s
         self.max_pending_steps = max_pending_steps  # bounds memory if a rank races far ahead
@@ -91,7 +119,8 @@ class Merger:
 
     def hello(self, job: str, rank: int, world_size: int, host: str, clock_kind: int = 0) -> JobState:
         state = self.job(job, world_size)
-        state.ranks[rank] = RankState(host=host, last_seen=time.monotonic(), clock_kind=clock_kind)
+        state.add_rank(rank, RankState(host=host, last_seen=time.monotonic(), clock_kind=clock_kind))
+        state.last_activity = time.monotonic()
         return state
 
     def add(self, row: StepRow) -> bool:
@@ -99,7 +128,7 @@ class Merger:
         state = self.jobs[row.job]
         now = time.monotonic()
         rank = state.ranks[row.rank]
-        rank.last_seen = now
+        rank.last_seen = state.last_activity = now
         rank.state = "live"
         if row.step <= state.last_evaluated:
             self.late_reports += 1
@@ -130,12 +159,14 @@ class Merger:
                     break
                 del state.pending[step]
                 state.last_evaluated = step
-                ready.append(ReadyStep(state, step, pending.rows, now - pending.first_seen))
+                ready.append(ReadyStep(state.snapshot(pending.rows), step, pending.rows,
+                                       now - pending.first_seen))
         return ready, missing
 
 
-def build_matrix(state: JobState, step: int, rows: dict[int, StepRow]) -> StepMatrix:
+def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow]) -> StepMatrix:
     """One step of one job as a rank x (module, phase) matrix of self times, with numpy."""
+    state = job.snapshot(rows) if isinstance(job, JobState) else job
     ranks = sorted(rows)
     ordered = [rows[r] for r in ranks]
     lengths = np.fromiter((len(r.modules["module"]) for r in ordered), dtype=np.int64,
@@ -143,9 +174,9 @@ def build_matrix(state: JobState, step: int, rows: dict[int, StepRow]) -> StepMa
     modules = np.concatenate([r.modules["module"] for r in ordered]).astype(np.int64)
     phases = np.concatenate([r.modules["phase"] for r in ordered]).astype(np.int64)
     self_ns = np.concatenate([r.modules["self"] for r in ordered])
-    keys = modules * _PHASE_SLOTS + phases
+    keys = column_key(modules, phases)
     # Job-wide ids are dense, so a presence table finds the columns without sorting 10^6 keys.
-    present = np.zeros(len(state.names) * _PHASE_SLOTS + _PHASE_SLOTS, dtype=bool)
+    present = np.zeros(column_key(len(state.names) + 1, 0), dtype=bool)
     if len(keys) and keys.max() >= len(present):  # a name added since the table was read
         present = np.zeros(int(keys.max()) + 1, dtype=bool)
     present[keys] = True
@@ -157,8 +188,8 @@ def build_matrix(state: JobState, step: int, rows: dict[int, StepRow]) -> StepMa
                for name in ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns")}
     return StepMatrix(
         job=state.job, step=step, ranks=np.array(ranks, dtype=np.int64),
-        hosts=[state.ranks[r].host if r in state.ranks else "" for r in ranks],
-        column_module=columns // _PHASE_SLOTS, column_phase=columns % _PHASE_SLOTS,
+        hosts=[state.hosts.get(r, "") for r in ranks],
+        column_module=columns // N_PHASES, column_phase=columns % N_PHASES,
         self_ms=self_ms, wall_ms=(figures["end_ns"] - figures["start_ns"]) / 1e6,
         sync_wait_ms=figures["backward_tail_ns"] / 1e6, forward_ms=figures["forward_ns"] / 1e6,
         backward_ms=figures["backward_ns"] / 1e6, module_names=state.names)

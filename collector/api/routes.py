@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import pathlib
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 from aiohttp import web
 
 from modtrack.collector import auth
-from modtrack.collector.store import PHASE_NAMES, STEP_FIGURES
+from modtrack.collector.records import PHASE_NAMES, STEP_FIGURES, Episode, column_key
+from modtrack.collector.store.sqlite import Store
 
 DASHBOARD = pathlib.Path(__file__).resolve().parent / "dashboard" / "index.html"
 OPEN_PATHS = {"/healthz", "/"}  # probes and the static page carry no data
@@ -46,8 +50,34 @@ def int_param(request: web.Request, name: str, default: int | None, lo: int = 0,
     return value
 
 
-def make_app(collector) -> web.Application:
-    """`collector` is serve.Collector: store, merger, ingest, metrics, read(fn, *args)."""
+class Controls(Protocol):
+    """Messages to a job's connected ranks (the ingest servicer); KeyError: no rank connected."""
+
+    def request_capture(self, job: str, steps: int) -> tuple[str, int]: ...
+
+    def pause(self, job: str) -> int: ...
+
+    def resume(self, job: str) -> int: ...
+
+
+@dataclass
+class ApiDeps:
+    """Everything the routes use, typed: the store (read on the read pool), what lives only in
+    memory (connected ranks, firing alerts, metrics), and the controls."""
+
+    store: Store
+    read: Callable[..., Awaitable[Any]]  # read(fn, *args): fn on the read pool
+    tokens: auth.Tokens | None
+    ranks_reporting: Callable[[str], int | None]  # a job's live ranks; None when it is not in memory
+    controls: Controls
+    alerts: Callable[[list[Episode]], list[dict]]  # active episodes -> alerts, as they fire
+    exposition: Callable[[], tuple[bytes, str]]  # /metrics body and content type
+    store_errors: Callable[[], int]  # failed store commits so far
+
+
+def make_app(deps: ApiDeps) -> web.Application:
+    """The aiohttp application serving CONTRACT.md's routes from `deps`."""
+    store, read = deps.store, deps.read
 
     refusals = auth.RefusalLog()
 
@@ -55,7 +85,7 @@ def make_app(collector) -> web.Application:
     async def token_and_errors(request, handler):
         static = request.path.startswith("/dashboard/")
         if request.path not in OPEN_PATHS and not static:
-            access = auth.access(request.headers.get("Authorization"), collector.token)
+            access = auth.access(request.headers.get("Authorization"), deps.tokens)
             if access is None:
                 refusals.refused(request.remote, "missing or wrong bearer token (HTTP)")
                 return error(401, "missing or wrong bearer token")
@@ -76,17 +106,15 @@ def make_app(collector) -> web.Application:
 
     async def known_job(request) -> str:
         job = request.match_info["job"]
-        if job not in collector.merger.jobs and not await collector.read(
-                collector.store.job_exists, job):
+        if deps.ranks_reporting(job) is None and not await read(store.job_exists, job):
             raise ApiError(404, f"unknown job {job!r}")
         return job
 
     async def jobs(request):
-        rows = await collector.read(collector.store.jobs)
+        rows = await read(store.jobs)
         out = []
         for row in filter(lambda r: _allowed(request, r["job"]), rows):
-            live = collector.merger.jobs.get(row["job"])
-            reporting = live.live_ranks() if live else 0
+            reporting = deps.ranks_reporting(row["job"]) or 0
             out.append({"job": row["job"], "world_size": row["world_size"],
                         "ranks_reporting": reporting, "last_step": row["last_step"],
                         "last_evaluated_step": row["last_evaluated_step"],
@@ -98,7 +126,7 @@ def make_app(collector) -> web.Application:
         state = request.query.get("state")
         if state not in (None, "active", "resolved"):
             return error(400, "state must be active or resolved")
-        episodes = await collector.read(collector.store.episodes, job, state)
+        episodes = await read(store.episodes, job, state)
         return web.json_response({"job": job, "stragglers": [
             {"rank": e.rank, "host": e.host, "module": e.module, "phase": e.phase,
              "slowdown": round(e.slowdown, 4), "first_step": e.first_step,
@@ -109,7 +137,7 @@ def make_app(collector) -> web.Application:
     async def steps(request):
         job = await known_job(request)
         last = int_param(request, "last", 100, 1, MAX_LAST)
-        rows = await collector.read(collector.store.last_steps, job, last)
+        rows = await read(store.last_steps, job, last)
         hosts = await _hosts(job)
         by_step: dict[int, list] = {}
         for step, rank, *figures in rows:
@@ -124,20 +152,20 @@ def make_app(collector) -> web.Application:
             {"step": s, "ranks": ranks} for s, ranks in by_step.items()]})
 
     async def _hosts(job: str) -> dict[int, str]:
-        ranks = await collector.read(collector.store.ranks, job)
+        ranks = await read(store.ranks, job)
         return {r["rank"]: r["host"] for r in ranks}
 
     async def modules(request):
         job = await known_job(request)
         step = int_param(request, "step", None)
         if step is None:
-            step = await collector.read(collector.store.last_evaluated_step, job)
+            step = await read(store.last_evaluated_step, job)
             if step is None:
                 return error(404, f"job {job!r} has no evaluated step yet")
-        per_rank = await collector.read(collector.store.step_modules, job, step)
+        per_rank = await read(store.step_modules, job, step)
         if not per_rank:
             return error(404, f"job {job!r} has no step {step}")
-        names = await collector.read(collector.store.module_names, job)
+        names = await read(store.module_names, job)
         return web.json_response({"job": job, "step": step,
                                   "modules": module_table(per_rank, names)})
 
@@ -145,7 +173,7 @@ def make_app(collector) -> web.Application:
         job = await known_job(request)
         count = int_param(request, "steps", 1, 1, 1000)
         try:
-            capture_id, asked = collector.ingest.request_capture(job, count)
+            capture_id, asked = deps.controls.request_capture(job, count)
         except KeyError:
             return error(409, f"no rank of job {job!r} is connected")
         return web.json_response({"job": job, "capture_id": capture_id, "steps": count,
@@ -155,25 +183,25 @@ def make_app(collector) -> web.Application:
         async def handle(request):
             job = await known_job(request)
             try:
-                asked = getattr(collector.ingest, action)(job)
+                asked = getattr(deps.controls, action)(job)
             except KeyError:
                 return error(409, f"no rank of job {job!r} is connected")
             return web.json_response({"job": job, "action": action, "ranks": asked})
         return handle
 
     async def alerts(request):
-        episodes = await collector.read(collector.store.episodes, None, "active")
+        episodes = await read(store.episodes, None, "active")
         episodes = [e for e in episodes if _allowed(request, e.job)]
-        return web.json_response({"alerts": collector.alerts(episodes)})
+        return web.json_response({"alerts": deps.alerts(episodes)})
 
     async def metrics(request):
-        body, content_type = collector.exposition()
+        body, content_type = await read(deps.exposition)  # off the loop: a scrape of 4096 ranks takes a while
         resp = web.Response(body=body)
         resp.headers["Content-Type"] = content_type
         return resp
 
     async def healthz(request):
-        return web.json_response({"status": "ok", "store_errors": collector.writer.errors,
+        return web.json_response({"status": "ok", "store_errors": deps.store_errors(),
                                   "time_ms": time.time_ns() / 1e6})
 
     async def index(request):
@@ -192,12 +220,12 @@ def make_app(collector) -> web.Application:
     app.router.add_post("/api/v1/jobs/{job}/resume", control("resume"))
     app.router.add_get("/api/v1/alerts", alerts)
     try:  # the timeline export, once present
-        from modtrack.collector.trace_export import make_trace_handler
+        from modtrack.collector.api.trace_export import make_trace_handler
     except ImportError:
         pass
     else:
         app.router.add_get("/api/v1/jobs/{job}/trace",
-                           make_trace_handler(collector.store, collector.read))
+                           make_trace_handler(store, read))
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", index)
@@ -226,7 +254,7 @@ def module_table(per_rank: dict[int, dict], names: list[str]) -> list[dict]:
     incl_ms = np.concatenate([c["inclusive"] for c in cols]) / 1e6
     calls = np.concatenate([c["calls"] for c in cols]).astype(np.int64)
     order = np.lexsort((rank_of, phase, module))
-    keys = (module * 4 + phase)[order]
+    keys = column_key(module, phase)[order]
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     bounds = np.r_[starts, len(keys)]
     rank_s = rank_of[order].astype(str).tolist()

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PHASE_NAMES = {1: "forward", 2: "backward", 3: "recompute"}
+from modtrack.collector.records import PHASE_NAMES
+
 # Track ids within a rank's process: steps first, then one per phase; overflow tracks after.
 STEP_TID = 1
 PHASE_TID = {1: 2, 2: 3, 3: 4}

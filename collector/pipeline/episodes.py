@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modtrack.collector.step_matrix import Episode, StepMatrix
-
-PHASE_NAMES = {1: "forward", 2: "backward", 3: "recompute"}
+from modtrack.collector.records import PHASE_NAMES, Episode, StepMatrix, column_key
 
 
 @dataclass
@@ -55,7 +53,7 @@ class EpisodeBook:
     def _align(self, m: StepMatrix) -> None:
         """Keep the flag history indexed like this matrix (ranks leave, modules appear)."""
         ranks = np.asarray(m.ranks, np.int64)
-        keys = np.asarray(m.column_module, np.int64) * 4 + np.asarray(m.column_phase, np.int64)
+        keys = column_key(np.asarray(m.column_module, np.int64), np.asarray(m.column_phase, np.int64))
         if (
             self.hist is not None
             and np.array_equal(ranks, self.rank_ids)

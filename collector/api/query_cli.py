@@ -12,13 +12,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from modtrack.collector.config import ServeConfig
+
 PER_RANK_COLUMNS = 8  # modules table: one column per rank up to this many ranks
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("query", help="ask a running collector (readable table or --json)")
     p.add_argument("what", choices=("jobs", "stragglers", "steps", "modules"))
-    p.add_argument("--url", default="http://127.0.0.1:8080", help="the collector's HTTP address")
+    p.add_argument("--url", default=f"http://{ServeConfig.http_addr}", help="the collector's HTTP address")
     p.add_argument("--job", help="job name (all but `jobs`; default: the only job, if one)")
     p.add_argument("--last", type=int, default=10, help="steps: how many recent steps")
     p.add_argument("--step", type=int, help="modules: which step (default: last evaluated)")

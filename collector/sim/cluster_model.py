@@ -1,6 +1,6 @@
 """A synthetic synchronous training job: per-step rank x (module, phase) times, no torch.
 
-Used by the simulator (collector/simulate.py), the detection-quality benchmark and the
+Used by the simulator (collector/sim/simulate.py), the detection-quality benchmark and the
 detector tests. Each module has a base forward and backward time; every rank's time is that
 times log-normal jitter, with rare large spikes (a page fault, a noisy neighbour) on single
 cells and whole ranks. DDP-style synchronisation: every rank's step ends when the slowest
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modtrack.collector.step_matrix import StepMatrix
+from modtrack.collector.records import StepMatrix
 
 
 @dataclass

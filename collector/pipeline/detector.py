@@ -4,7 +4,7 @@ For every column, among the ranks that ran it, the detector takes the median and
 and flags a rank whose self time is both `ratio` times the median and a robust outlier
 (modified z = 0.6745 (x - median) / MAD above `z`). One sort per matrix gives the medians of
 all columns at once; no Python loop runs per rank or per column. The flags then feed the
-episode book (collector/episodes.py), which adds hysteresis, host roll-up and cost.
+episode book (collector/pipeline/episodes.py), which adds hysteresis, host roll-up and cost.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from modtrack.collector.episodes import EpisodeBook
-from modtrack.collector.step_matrix import Episode, StepMatrix
+from modtrack.collector.pipeline.episodes import EpisodeBook
+from modtrack.collector.records import Episode, StepMatrix
 
 Z_SCALE = 0.6745  # makes the MAD of a normal sample comparable to its standard deviation
 

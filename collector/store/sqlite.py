@@ -3,105 +3,34 @@
 One row per (job, rank, step), never one row per module: a step's per-module figures are
 stored columnar, one BLOB per column (numpy .tobytes()), so 1,024 ranks x 1,000 columns per
 second stays 1,024 inserts per second. All writes go through StoreWriter's single thread,
-batched into one transaction every few tens of milliseconds; reads open one connection per
-thread, which WAL lets run beside the writer.
+batched into one transaction every few tens of milliseconds (collector/store/writer.py); reads
+open one connection per thread, which WAL lets run beside the writer. The tables and their
+versions are in collector/store/schema.py.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import queue
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from modtrack.collector.step_matrix import Episode
-
-PHASE_NAMES = {1: "forward", 2: "backward", 3: "recompute"}
-PHASE_IDS = {name: pid for pid, name in PHASE_NAMES.items()}
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-  job TEXT PRIMARY KEY, world_size INTEGER NOT NULL, created_ns INTEGER NOT NULL,
-  last_evaluated_step INTEGER);
-CREATE TABLE IF NOT EXISTS ranks (
-  job TEXT NOT NULL, rank INTEGER NOT NULL, local_rank INTEGER, group_rank INTEGER,
-  host TEXT, pid INTEGER, session TEXT, torch_version TEXT, agent_version TEXT,
-  clock_kind INTEGER, clock_offset_ns INTEGER, rtt_ns INTEGER, last_seen_ns INTEGER,
-  state TEXT NOT NULL DEFAULT 'live', reports_dropped INTEGER DEFAULT 0,
-  reconnects INTEGER DEFAULT 0, hook_errors INTEGER DEFAULT 0, send_errors INTEGER DEFAULT 0,
-  PRIMARY KEY (job, rank));
-CREATE TABLE IF NOT EXISTS modules (
-  job TEXT NOT NULL, module_id INTEGER NOT NULL, name TEXT NOT NULL,
-  PRIMARY KEY (job, module_id));
-CREATE TABLE IF NOT EXISTS steps (
-  job TEXT NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL,
-  start_ns INTEGER, end_ns INTEGER, forward_ns INTEGER, backward_ns INTEGER,
-  optimizer_ns INTEGER, data_ns INTEGER, backward_tail_ns INTEGER, recompute_ns INTEGER,
-  m_phase BLOB, m_module BLOB, m_calls BLOB, m_inclusive BLOB, m_self BLOB,
-  m_first_start BLOB, m_last_end BLOB,
-  UNIQUE (job, step, rank));
-CREATE TABLE IF NOT EXISTS episodes (
-  id INTEGER PRIMARY KEY, job TEXT NOT NULL, rank INTEGER NOT NULL, host TEXT,
-  module TEXT, phase TEXT, slowdown REAL, first_step INTEGER, last_step INTEGER,
-  state TEXT, cost_ms_per_step REAL, cost_pct REAL, ranks TEXT, updated_ns INTEGER);
-CREATE INDEX IF NOT EXISTS episodes_by_job ON episodes (job, state);
-CREATE TABLE IF NOT EXISTS captures (
-  capture_id TEXT PRIMARY KEY, job TEXT NOT NULL, steps INTEGER, requested_ns INTEGER,
-  ranks INTEGER);
-CREATE TABLE IF NOT EXISTS traces (
-  job TEXT NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL, capture_id TEXT,
-  t_module BLOB, t_phase BLOB, t_start BLOB, t_end BLOB, t_depth BLOB,
-  PRIMARY KEY (job, step, rank));
-"""
-
-STEP_FIGURES = ("start_ns", "end_ns", "forward_ns", "backward_ns", "optimizer_ns", "data_ns",
-                "backward_tail_ns", "recompute_ns")
-# Per-module columns and the dtype each is stored with.
-MODULE_COLUMNS = (("phase", np.uint8), ("module", np.uint32), ("calls", np.uint32),
-                  ("inclusive", np.int64), ("self", np.int64), ("first_start", np.int64),
-                  ("last_end", np.int64))
-TRACE_COLUMNS = (("module", np.uint32), ("phase", np.uint8), ("start", np.int64),
-                 ("end", np.int64), ("depth", np.uint32))
+from modtrack.collector.records import AGENT_COUNTERS, MODULE_COLUMNS, STEP_FIGURES, TRACE_COLUMNS, Episode, StepRow
+from modtrack.collector.store import schema
 
 _INSERT_STEP = (
     f"INSERT OR IGNORE INTO steps (job, rank, step, {', '.join(STEP_FIGURES)}, "
     f"{', '.join('m_' + name for name, _ in MODULE_COLUMNS)}) "
     f"VALUES ({', '.join('?' * (3 + len(STEP_FIGURES) + len(MODULE_COLUMNS)))})")
+# The ranks table has one column per agent counter, named as the wire names it.
+_UPDATE_RANK_SEEN = (
+    "UPDATE ranks SET last_seen_ns = ?, state = 'live', "
+    + ", ".join(f"{name} = ?" for name in AGENT_COUNTERS) + " WHERE job = ? AND rank = ?")
 _INSERT_TRACE = (
     "INSERT OR IGNORE INTO traces (job, rank, step, capture_id, t_module, t_phase, t_start, "
     "t_end, t_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
-
-
-@dataclass
-class StepRow:
-    """One rank's report of one step, validated, with module ids already job-wide."""
-
-    job: str
-    rank: int
-    step: int
-    figures: dict  # STEP_FIGURES -> int ns
-    modules: dict  # MODULE_COLUMNS names -> np.ndarray (one entry per module and phase)
-    trace: dict | None = None  # TRACE_COLUMNS names -> np.ndarray, plus "capture_id"
-    counters: dict = field(default_factory=dict)
-
-    def sql_row(self) -> tuple:
-        return (self.job, self.rank, self.step, *(int(self.figures[f]) for f in STEP_FIGURES),
-                *(_blob(self.modules[name], dtype) for name, dtype in MODULE_COLUMNS))
-
-    def trace_row(self) -> tuple:
-        t = self.trace
-        return (self.job, self.rank, self.step, t["capture_id"],
-                *(_blob(t[name], dtype) for name, dtype in TRACE_COLUMNS))
-
-
-def _blob(values: np.ndarray, dtype) -> memoryview:
-    """A column as BLOB bytes without an extra copy: SQLite copies the buffer when it binds it."""
-    return memoryview(np.ascontiguousarray(values, dtype)).cast("B")
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -133,7 +62,7 @@ class Store:
         self.path = os.path.join(data_dir, "modtrack.sqlite3")
         self._local = threading.local()
         self._retained_from: dict[str, int] = {}  # job -> steps below this already trimmed
-        self.conn().executescript(SCHEMA)
+        self.schema_version = schema.migrate(self.conn())
 
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -200,11 +129,8 @@ class Store:
         for r in rows:  # one last-seen update per rank per batch, not per report
             seen[(r.job, r.rank)] = r.counters
         now = time.time_ns()
-        conn.executemany(
-            "UPDATE ranks SET last_seen_ns = ?, state = 'live', reports_dropped = ?, "
-            "reconnects = ?, hook_errors = ?, send_errors = ? WHERE job = ? AND rank = ?",
-            [(now, c.get("reports_dropped", 0), c.get("reconnects", 0), c.get("hook_errors", 0),
-              c.get("send_errors", 0), job, rank) for (job, rank), c in seen.items()])
+        conn.executemany(_UPDATE_RANK_SEEN, [(now, *(c.get(name, 0) for name in AGENT_COUNTERS), job, rank)
+                                             for (job, rank), c in seen.items()])
 
     def drop_old_module_blobs(self, job: str, keep_steps: int) -> int:
         """Retention: module blobs of steps older than the newest keep_steps become NULL; the
@@ -229,6 +155,19 @@ class Store:
             "(SELECT MAX(step) FROM steps s WHERE s.job = j.job) FROM jobs j ORDER BY j.job")
         return [{"job": job, "world_size": ws, "last_evaluated_step": ev, "last_step": last}
                 for job, ws, ev, last in rows]
+
+    def job(self, job: str) -> dict | None:
+        """One row of jobs(), or None."""
+        row = self.conn().execute(
+            "SELECT job, world_size, last_evaluated_step, (SELECT MAX(step) FROM steps s WHERE s.job = j.job) "
+            "FROM jobs j WHERE job = ?", (job,)).fetchone()
+        if row is None:
+            return None
+        return {"job": row[0], "world_size": row[1], "last_evaluated_step": row[2], "last_step": row[3]}
+
+    def forget_job(self, job: str) -> None:
+        """Writer thread: drop what is held in memory for a job that left the collector's memory."""
+        self._retained_from.pop(job, None)
 
     def job_exists(self, job: str) -> bool:
         return self.conn().execute("SELECT 1 FROM jobs WHERE job = ?", (job,)).fetchone() is not None
@@ -296,97 +235,3 @@ class Store:
         rows = self.conn().execute(
             "SELECT rank, host, clock_offset_ns, rtt_ns FROM ranks WHERE job = ?", (job,))
         return {r: {"host": h, "clock_offset_ns": o or 0, "rtt_ns": rtt} for r, h, o, rtt in rows}
-
-
-class StoreWriter:
-    """The single writer thread: gathers work for `batch_s`, runs it in one transaction,
-    commits, then resolves each caller's asyncio future (ingest acks only after that)."""
-
-    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, batch_s: float = 0.05):
-        self.store = store
-        self.loop = loop
-        self.batch_s = batch_s
-        self.errors = 0
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="modtrack-store-writer", daemon=True)
-        self._thread.start()
-
-    def steps(self, rows: list[StepRow]) -> asyncio.Future:
-        return self._put(("steps", rows))
-
-    def call(self, fn, *args) -> asyncio.Future:
-        """Run store method `fn(*args)` in the next transaction."""
-        return self._put(("call", (fn, args)))
-
-    def _put(self, item) -> asyncio.Future:
-        fut = self.loop.create_future()
-        self._queue.put((item, fut))
-        return fut
-
-    def call_threadsafe(self, fn, *args) -> None:
-        """From a thread other than the loop's: fire and forget."""
-        self._queue.put((("call", (fn, args)), None))
-
-    def close(self) -> None:
-        """Commits what is queued, then ends the thread."""
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                break
-            # Sleep out the batch window, then take what came: the loop's puts wake no one,
-            # where a get() per item woke this thread (and took the GIL) once per report.
-            time.sleep(self.batch_s)
-            batch = [first]
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            self._commit(batch)
-        self.store.close()
-
-    def _commit(self, batch) -> None:
-        conn = self.store.conn()
-        error = None
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            rows = []  # consecutive reports go in one executemany; order is kept
-            for (kind, payload), _ in batch:
-                if kind == "steps":
-                    rows.extend(payload)
-                    continue
-                if rows:
-                    self.store.insert_steps(rows)
-                    rows = []
-                fn, args = payload
-                fn(*args)
-            if rows:
-                self.store.insert_steps(rows)
-            conn.execute("COMMIT")
-        except Exception as exc:  # keep serving; the callers see the error, agents replay
-            error = exc
-            self.errors += 1
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-        futures = [fut for _, fut in batch if fut is not None]
-        if futures:  # one wake-up of the loop per commit, not one per report
-            self.loop.call_soon_threadsafe(_resolve, futures, error)
-
-
-def _resolve(futures: list[asyncio.Future], error) -> None:
-    for fut in futures:
-        if fut.done():
-            continue
-        if error is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(error)

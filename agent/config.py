@@ -1,0 +1,36 @@
+"""Every MODTRACK_* environment variable the agent reads, in one place, with its default.
+
+The launcher's flags and track()'s arguments win over these; these win over the defaults. The
+agent only reads the environment, never writes it: it is the training process's, and its children's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+CLOCKS = ("auto", "cpu", "wall", "cuda")
+
+
+@dataclass(frozen=True)
+class AgentEnv:
+    collector: str = ""  # MODTRACK_COLLECTOR: HOST:PORT; empty: tracking off
+    job: str = ""  # MODTRACK_JOB: the job id (empty: torchrun's run id, see identity.default_job)
+    token: str = ""  # MODTRACK_TOKEN: the collector's bearer token
+    tls_ca: str = ""  # MODTRACK_TLS_CA: a CA file (PEM): the collector serves TLS
+    clock: str = "auto"  # MODTRACK_CLOCK: auto | cpu | wall | cuda
+
+
+def variable(name: str) -> str:
+    """The environment variable behind an AgentEnv field."""
+    return f"MODTRACK_{name.upper()}"
+
+
+VARIABLES = tuple(variable(f.name) for f in fields(AgentEnv))
+
+
+def from_env(env: Mapping[str, str] = os.environ) -> AgentEnv:
+    """The agent's settings from `env`; a variable set to the empty string counts as unset."""
+    defaults = AgentEnv()
+    return AgentEnv(**{f.name: env.get(variable(f.name)) or getattr(defaults, f.name) for f in fields(AgentEnv)})

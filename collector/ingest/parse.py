@@ -1,0 +1,180 @@
+"""A StepReport checked and turned into a StepRow with job-wide module ids, in a few numpy passes.
+
+Every problem raises edge_limits.Refused (INVALID_ARGUMENT) with the step, phase and field, so
+the sender's stream ends with a reason a person can act on and nothing of the report is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+
+from modtrack.collector.ingest import edge_limits
+from modtrack.collector.ingest.edge_limits import invalid
+from modtrack.collector.records import AGENT_COUNTERS, PHASE_NAMES, STEP_FIGURES, StepRow
+
+PHASE_COLUMNS = ("module_id", "calls", "inclusive_ns", "self_ns", "first_start_ns", "last_end_ns")
+TRACE_FIELDS = ("module_id", "phase", "start_ns", "end_ns", "depth")
+
+
+@dataclass(eq=False)
+class RankStream:
+    """One connected rank: its module-name table and the remap to job-wide ids."""
+
+    job: str
+    rank: int
+    names: list
+    remap: np.ndarray  # rank-local module id -> job-wide module id
+    out: asyncio.Queue
+
+
+def _array(values, dtype) -> np.ndarray:
+    return np.array(values, dtype=dtype) if len(values) else np.zeros(0, dtype)
+
+
+# Rows of the one int64 block a report's phases are copied into (see _phase_block).
+_ID, _INCLUSIVE, _SELF, _FIRST_START, _LAST_END = range(5)
+
+
+def parse_report(report, stream: RankStream, extend_table) -> StepRow:
+    """Validate one StepReport and turn it into a StepRow with job-wide module ids.
+
+    `extend_table(names)` returns job-wide ids for module names first seen in this report.
+    All phases are copied into one block and checked in a handful of numpy passes; only a
+    report that fails them is walked phase by phase, to say exactly what is wrong."""
+    where = f"job {stream.job!r} rank {stream.rank} step {report.step}"
+    _add_new_names(report, stream, extend_table, where)
+    figures = {name: getattr(report, name) for name in STEP_FIGURES}
+    negative = [name for name in STEP_FIGURES[2:] if figures[name] < 0]
+    if negative:
+        raise invalid(f"{where}: negative duration {negative[0]}={figures[negative[0]]}")
+    if figures["end_ns"] < figures["start_ns"]:
+        raise invalid(f"{where}: end_ns {figures['end_ns']} is before start_ns {figures['start_ns']}")
+    block, calls, phase = _phase_block(report.phases)
+    if block is None or not _block_ok(block, len(stream.remap)):
+        _explain_phases(report, stream, where)  # raises Refused
+    modules = {
+        "phase": phase,
+        "module": stream.remap[block[_ID]],
+        "calls": calls,
+        "inclusive": block[_INCLUSIVE],
+        "self": block[_SELF],
+        "first_start": block[_FIRST_START],
+        "last_end": block[_LAST_END],
+    }
+    counters = {name: getattr(report.counters, name) for name in AGENT_COUNTERS}
+    return StepRow(
+        stream.job, stream.rank, report.step, figures, modules, _parse_trace(report, stream, where), counters
+    )
+
+
+def _phase_block(phases):
+    """(int64 block of 5 rows x all entries, calls, phase per entry), or (None, None, None)
+    when a phase is unknown or its columns differ in length. np.array on a repeated field
+    is a C copy; building one block keeps it to one copy per field and no concatenation."""
+    lengths = []
+    for ph in phases:
+        n = len(ph.module_id)
+        if ph.phase not in PHASE_NAMES or any(len(getattr(ph, c)) != n for c in PHASE_COLUMNS[1:]):
+            return None, None, None
+        lengths.append(n)
+    total = sum(lengths)
+    block = np.empty((5, total), np.int64)
+    calls = np.empty(total, np.uint32)
+    at = 0
+    for ph, n in zip(phases, lengths):
+        if n:
+            end = at + n
+            block[_ID, at:end] = ph.module_id
+            block[_INCLUSIVE, at:end] = ph.inclusive_ns
+            block[_SELF, at:end] = ph.self_ns
+            block[_FIRST_START, at:end] = ph.first_start_ns
+            block[_LAST_END, at:end] = ph.last_end_ns
+            calls[at:end] = ph.calls
+            at = end
+    phase = np.repeat(np.array([ph.phase for ph in phases], np.uint8), lengths)
+    return block, calls, phase
+
+
+def _block_ok(block: np.ndarray, table_size: int) -> bool:
+    """Every id in the rank's table, durations in [0, a day], stamps in range: five passes."""
+    if not block.shape[1]:
+        return True
+    durations, stamps = block[_INCLUSIVE : _SELF + 1], block[_FIRST_START : _LAST_END + 1]
+    return bool(block[_ID].max() < table_size) and edge_limits.column_problem(durations, stamps) is None
+
+
+def _explain_phases(report, stream: RankStream, where: str) -> None:
+    """The slow, phase-by-phase check of a report the block check refused: raises the first
+    problem in phase order, with the phase and the field."""
+    for ph in report.phases:
+        if ph.phase not in PHASE_NAMES:
+            raise invalid(f"{where}: unknown phase {ph.phase}")
+        n = len(ph.module_id)
+        for name in PHASE_COLUMNS[1:]:
+            if len(getattr(ph, name)) != n:
+                raise invalid(
+                    f"{where} phase {PHASE_NAMES[ph.phase]}: {name} has "
+                    f"{len(getattr(ph, name))} entries, module_id has {n}"
+                )
+        _module_ids(ph.module_id, stream, where)
+        edge_limits.check_columns(
+            f"{where} phase {PHASE_NAMES[ph.phase]}",
+            (_array(ph.inclusive_ns, np.int64), _array(ph.self_ns, np.int64)),
+            (_array(ph.first_start_ns, np.int64), _array(ph.last_end_ns, np.int64)),
+        )
+    raise AssertionError("the block check refused a report the phase check accepts")
+
+
+def _add_new_names(report, stream: RankStream, extend_table, where: str) -> None:
+    if not report.new_module_names:
+        return
+    first = report.first_new_module_id
+    if first > len(stream.names):
+        raise invalid(
+            f"{where}: new module names start at id {first} but the rank's table has {len(stream.names)} names"
+        )
+    new = []
+    for i, name in enumerate(report.new_module_names):
+        if first + i < len(stream.names):  # a replayed report re-announcing a known name
+            if stream.names[first + i] != name:
+                raise invalid(f"{where}: module id {first + i} is {stream.names[first + i]!r}, not {name!r}")
+        else:
+            new.append(name)
+    if new:
+        stream.names.extend(new)
+        stream.remap = np.concatenate([stream.remap, extend_table(new)])
+
+
+def _module_ids(values, stream: RankStream, where: str) -> np.ndarray:
+    local = _array(values, np.int64)
+    if len(local) and local.max() >= len(stream.remap):
+        raise invalid(f"{where}: module id {int(local.max())} is outside the rank's table of {len(stream.remap)} names")
+    return local
+
+
+def _parse_trace(report, stream: RankStream, where: str) -> dict | None:
+    if not report.HasField("trace") or not len(report.trace.module_id):
+        return None
+    t = report.trace
+    n = len(t.module_id)
+    for name in TRACE_FIELDS[1:]:
+        if len(getattr(t, name)) != n:
+            raise invalid(f"{where} trace: {name} has {len(getattr(t, name))} entries, module_id has {n}")
+    start, end = _array(t.start_ns, np.int64), _array(t.end_ns, np.int64)
+    phase = _array(t.phase, np.int64)
+    if (end < start).any():
+        raise invalid(f"{where} trace: a call ends before it starts")
+    edge_limits.check_columns(f"{where} trace", (end - start,), (start, end))
+    if not np.isin(phase, list(PHASE_NAMES)).all():
+        raise invalid(f"{where} trace: unknown phase")
+    return {
+        "module": stream.remap[_module_ids(t.module_id, stream, where)],
+        "phase": phase,
+        "start": start,
+        "end": end,
+        "depth": _array(t.depth, np.uint32),
+        "capture_id": t.capture_id,
+    }

@@ -1,0 +1,1 @@
+"""What the collector pushes and exposes: Prometheus metrics and alerts."""

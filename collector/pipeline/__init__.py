@@ -1,0 +1,1 @@
+"""The pipeline: merge the ranks' reports per step, detect stragglers, keep episodes."""

@@ -1,0 +1,108 @@
+"""What the collector's stages hand each other, and the wire's constants, in one place.
+
+Ingest turns a report into a StepRow; the merge (collector/pipeline/merge.py) lines a step's rows
+up into a StepMatrix; the detector (collector/pipeline/detector.py) reads it and keeps Episodes.
+Columns are (module, phase) pairs with job-wide ids, so every rank's figures for one module share
+a column; `column_key` packs a pair into one integer. Phases and agent counters come from the
+proto, so a new phase or counter there reaches every stage.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from modtrack.protos import modtrack_pb2 as pb
+
+# Phase ids are the proto's Phase enum: 1 forward, 2 backward, 3 recompute (0 is never sent).
+Phase = pb.Phase
+PHASE_NAMES: dict[int, str] = {
+    number: name.removeprefix("PHASE_").lower() for name, number in pb.Phase.items() if number
+}
+PHASE_IDS: dict[str, int] = {name: number for number, name in PHASE_NAMES.items()}
+N_PHASES = max(pb.Phase.values()) + 1  # slots per module in a column key, the unused 0 included
+CLOCK_KIND_CPU = pb.CLOCK_KIND_CPU  # a rank timing its modules in host CPU time
+
+# The agent's own cumulative counters, as the wire names them.
+AGENT_COUNTERS: tuple[str, ...] = tuple(f.name for f in pb.AgentCounters.DESCRIPTOR.fields)
+
+# A step's scalar figures, as the wire and the store name them (ns).
+STEP_FIGURES = ("start_ns", "end_ns", "forward_ns", "backward_ns", "optimizer_ns", "data_ns",
+                "backward_tail_ns", "recompute_ns")
+# A StepRow's per-module columns (one entry per module and phase) and its trace's columns (one
+# entry per call), with the dtype each is kept in.
+MODULE_COLUMNS = (("phase", np.uint8), ("module", np.uint32), ("calls", np.uint32),
+                  ("inclusive", np.int64), ("self", np.int64), ("first_start", np.int64),
+                  ("last_end", np.int64))
+TRACE_COLUMNS = (("module", np.uint32), ("phase", np.uint8), ("start", np.int64),
+                 ("end", np.int64), ("depth", np.uint32))
+
+
+def column_key(module, phase):
+    """One integer per (module, phase) pair, for ints and numpy arrays alike; the inverse is
+    `divmod(key, N_PHASES)`."""
+    return module * N_PHASES + phase
+
+
+@dataclass
+class StepRow:
+    """One rank's report of one step, validated, with module ids already job-wide."""
+
+    job: str
+    rank: int
+    step: int
+    figures: dict  # STEP_FIGURES -> int ns
+    modules: dict  # MODULE_COLUMNS names -> np.ndarray
+    trace: dict | None = None  # TRACE_COLUMNS names -> np.ndarray, plus "capture_id"
+    counters: dict = field(default_factory=dict)  # AGENT_COUNTERS -> int
+
+    def sql_row(self) -> tuple:
+        """(job, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs): the store's steps row."""
+        return (self.job, self.rank, self.step, *(int(self.figures[f]) for f in STEP_FIGURES),
+                *(blob(self.modules[name], dtype) for name, dtype in MODULE_COLUMNS))
+
+    def trace_row(self) -> tuple:
+        t = self.trace
+        return (self.job, self.rank, self.step, t["capture_id"],
+                *(blob(t[name], dtype) for name, dtype in TRACE_COLUMNS))
+
+
+def blob(values: np.ndarray, dtype) -> memoryview:
+    """A column as BLOB bytes without an extra copy: SQLite copies the buffer when it binds it."""
+    return memoryview(np.ascontiguousarray(values, dtype)).cast("B")
+
+
+@dataclass
+class StepMatrix:
+    job: str
+    step: int
+    ranks: np.ndarray  # (R,) int64 rank numbers, ascending
+    hosts: list[str]  # (R,) host of each rank
+    column_module: np.ndarray  # (K,) int64 job-wide module id of each column
+    column_phase: np.ndarray  # (K,) int64 phase id of each column: 1 forward, 2 backward, 3 recompute
+    self_ms: np.ndarray  # (R, K) float64 compute (self) time; NaN where the rank did not run it
+    wall_ms: np.ndarray  # (R,) step wall time
+    sync_wait_ms: np.ndarray  # (R,) backward tail: waiting in the gradient all-reduce
+    forward_ms: np.ndarray | None = None  # (R,) optional, for the API
+    backward_ms: np.ndarray | None = None  # (R,)
+    module_names: Sequence[str] = field(default_factory=list)  # job-wide id -> name
+
+
+@dataclass
+class Episode:
+    """A rank (or a whole host, rank = -1) found slow in one module and phase."""
+
+    job: str
+    rank: int  # -1 for a host-level (node suspect) episode
+    host: str
+    module: str
+    phase: str  # "forward" | "backward" | "recompute"
+    slowdown: float  # this rank's time over its peers' median, recent steps
+    first_step: int
+    last_step: int  # last step flagged
+    state: str  # "active" | "resolved"
+    cost_ms_per_step: float  # step time lost vs. the culprit at its peers' median
+    cost_pct: float = 0.0
+    ranks: list[int] = field(default_factory=list)  # for host episodes: the ranks involved
+    id: int | None = None  # set by the store

@@ -1,0 +1,1 @@
+"""The store: SQLite under --data-dir, written by one thread."""

@@ -1,0 +1,95 @@
+"""The SQLite schema, versioned with `PRAGMA user_version`, and the migrations between versions.
+
+MIGRATIONS is a plain ordered list: entry i takes a data directory from version i to i + 1, in
+one transaction with the version bump, so a collector stopped half-way leaves the old version
+intact. A change of the tables is a new function appended here (never an edit of an old one);
+a data directory is opened by running every migration past its version. Version 0 is both a
+new file and a data directory written before versions existed: its tables are version 1's,
+which is why version 1 creates them only if they are not there.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+V1_TABLES = (
+    """
+    CREATE TABLE IF NOT EXISTS jobs (
+      job TEXT PRIMARY KEY, world_size INTEGER NOT NULL, created_ns INTEGER NOT NULL,
+      last_evaluated_step INTEGER)""",
+    """
+    CREATE TABLE IF NOT EXISTS ranks (
+      job TEXT NOT NULL, rank INTEGER NOT NULL, local_rank INTEGER, group_rank INTEGER,
+      host TEXT, pid INTEGER, session TEXT, torch_version TEXT, agent_version TEXT,
+      clock_kind INTEGER, clock_offset_ns INTEGER, rtt_ns INTEGER, last_seen_ns INTEGER,
+      state TEXT NOT NULL DEFAULT 'live', reports_dropped INTEGER DEFAULT 0,
+      reconnects INTEGER DEFAULT 0, hook_errors INTEGER DEFAULT 0, send_errors INTEGER DEFAULT 0,
+      PRIMARY KEY (job, rank))""",
+    """
+    CREATE TABLE IF NOT EXISTS modules (
+      job TEXT NOT NULL, module_id INTEGER NOT NULL, name TEXT NOT NULL,
+      PRIMARY KEY (job, module_id))""",
+    """
+    CREATE TABLE IF NOT EXISTS steps (
+      job TEXT NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL,
+      start_ns INTEGER, end_ns INTEGER, forward_ns INTEGER, backward_ns INTEGER,
+      optimizer_ns INTEGER, data_ns INTEGER, backward_tail_ns INTEGER, recompute_ns INTEGER,
+      m_phase BLOB, m_module BLOB, m_calls BLOB, m_inclusive BLOB, m_self BLOB,
+      m_first_start BLOB, m_last_end BLOB,
+      UNIQUE (job, step, rank))""",
+    """
+    CREATE TABLE IF NOT EXISTS episodes (
+      id INTEGER PRIMARY KEY, job TEXT NOT NULL, rank INTEGER NOT NULL, host TEXT,
+      module TEXT, phase TEXT, slowdown REAL, first_step INTEGER, last_step INTEGER,
+      state TEXT, cost_ms_per_step REAL, cost_pct REAL, ranks TEXT, updated_ns INTEGER)""",
+    """
+    CREATE INDEX IF NOT EXISTS episodes_by_job ON episodes (job, state)""",
+    """
+    CREATE TABLE IF NOT EXISTS captures (
+      capture_id TEXT PRIMARY KEY, job TEXT NOT NULL, steps INTEGER, requested_ns INTEGER,
+      ranks INTEGER)""",
+    """
+    CREATE TABLE IF NOT EXISTS traces (
+      job TEXT NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL, capture_id TEXT,
+      t_module BLOB, t_phase BLOB, t_start BLOB, t_end BLOB, t_depth BLOB,
+      PRIMARY KEY (job, step, rank))""",
+)
+
+
+class SchemaError(RuntimeError):
+    """The data directory cannot be opened by this collector (written by a newer one)."""
+
+
+def _v1_tables(conn: sqlite3.Connection) -> None:
+    for statement in V1_TABLES:
+        conn.execute(statement)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_tables]
+VERSION = len(MIGRATIONS)
+
+
+def version_of(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the file to VERSION, one migration per transaction; returns VERSION. `conn` is in
+    autocommit mode (isolation_level=None), as the store opens it."""
+    version = version_of(conn)
+    if version > VERSION:
+        raise SchemaError(
+            f"the data directory has schema version {version}, newer than this collector's "
+            f"{VERSION}: run a newer modtrack, or another --data-dir"
+        )
+    for number in range(version, VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            MIGRATIONS[number](conn)
+            conn.execute(f"PRAGMA user_version = {number + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return VERSION

@@ -1,0 +1,110 @@
+"""The store's single writer thread: every SQLite write of the collector goes through it.
+
+Work is gathered for `batch_s` and run in one transaction, then each caller's asyncio future
+is resolved (ingest acks a report only after the commit that holds it). A failed commit is
+rolled back and counted; the callers see the error and agents replay what was not acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+
+from modtrack.collector.records import StepRow
+from modtrack.collector.store.sqlite import Store
+
+
+class StoreWriter:
+    """The single writer thread: gathers work for `batch_s`, runs it in one transaction,
+    commits, then resolves each caller's asyncio future (ingest acks only after that)."""
+
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, batch_s: float = 0.05):
+        self.store = store
+        self.loop = loop
+        self.batch_s = batch_s
+        self.errors = 0  # failed commits (each rolled back)
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="modtrack-store-writer", daemon=True)
+        self._thread.start()
+
+    def steps(self, rows: list[StepRow]) -> asyncio.Future:
+        return self._put(("steps", rows))
+
+    def call(self, fn, *args) -> asyncio.Future:
+        """Run store method `fn(*args)` in the next transaction."""
+        return self._put(("call", (fn, args)))
+
+    def _put(self, item) -> asyncio.Future:
+        fut = self.loop.create_future()
+        self._queue.put((item, fut))
+        return fut
+
+    def call_threadsafe(self, fn, *args) -> None:
+        """From a thread other than the loop's: fire and forget."""
+        self._queue.put((("call", (fn, args)), None))
+
+    def close(self) -> None:
+        """Commits what is queued, then ends the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            # Sleep out the batch window, then take what came: the loop's puts wake no one,
+            # where a get() per item woke this thread (and took the GIL) once per report.
+            time.sleep(self.batch_s)
+            batch = [first]
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+        self.store.close()
+
+    def _commit(self, batch) -> None:
+        conn = self.store.conn()
+        error = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            rows = []  # consecutive reports go in one executemany; order is kept
+            for (kind, payload), _ in batch:
+                if kind == "steps":
+                    rows.extend(payload)
+                    continue
+                if rows:
+                    self.store.insert_steps(rows)
+                    rows = []
+                fn, args = payload
+                fn(*args)
+            if rows:
+                self.store.insert_steps(rows)
+            conn.execute("COMMIT")
+        except Exception as exc:  # keep serving; the callers see the error, agents replay
+            error = exc
+            self.errors += 1
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        futures = [fut for _, fut in batch if fut is not None]
+        if futures:  # one wake-up of the loop per commit, not one per report
+            self.loop.call_soon_threadsafe(_resolve, futures, error)
+
+
+def _resolve(futures: list[asyncio.Future], error) -> None:
+    for fut in futures:
+        if fut.done():
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
