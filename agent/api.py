@@ -87,6 +87,7 @@ def track(
         token = token or env.token or None
         tls_ca = tls_ca or env.tls_ca or None
         ca = _read(tls_ca) if tls_ca else None
+        from modtrack.agent.heartbeat import Heartbeat, HeartbeatSettings
         from modtrack.agent.tracker import ModuleTracker
 
         identity = identity_from_env(job, fallback_job=fallback_job)
@@ -96,6 +97,7 @@ def track(
             hook_errors=lambda: tracker.counters.get("hook_errors", 0),
         )
         tracker = ModuleTracker(on_step=transport.submit, clock=clock)
+        transport.heartbeat = Heartbeat(tracker.position, lambda: tracker.module_names, HeartbeatSettings.from_env())
         transport.clock_kind = tracker.clock_kind
         tracker.__enter__()
         transport.start()

@@ -20,6 +20,10 @@ class AgentEnv:
     token: str = ""  # MODTRACK_TOKEN: the collector's bearer token
     tls_ca: str = ""  # MODTRACK_TLS_CA: a CA file (PEM): the collector serves TLS
     clock: str = "auto"  # MODTRACK_CLOCK: auto | cpu | wall | cuda
+    # hung jobs (agent/heartbeat.py): a heartbeat once the step in progress runs past both of these
+    stall_factor: str = "3"  # MODTRACK_STALL_FACTOR: this many times the rank's median step
+    stall_min_s: str = "5"  # MODTRACK_STALL_MIN_S: this many seconds
+    stall_repeat_s: str = "3"  # MODTRACK_STALL_REPEAT_S: again this often while the step lasts
 
 
 def variable(name: str) -> str:

@@ -34,9 +34,11 @@ from torch.utils._pytree import tree_flatten
 
 from modtrack.agent.clocks import make_clock
 from modtrack.agent.module_names import ModuleNames
+from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
 from modtrack.agent.step_accumulator import (B_END, B_START, B_WORK_END, B_WORK_START, F_END, F_START, F_WORK_END,
                                     F_WORK_START, FORWARD, MID, PENDING, PHASE, RECOMPUTE, StepLog,
                                     build_step_record, step_summary)
+from modtrack.agent.step_accumulator import PARENT  # position
 from modtrack.agent.step_record import StepRecord
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ class ModuleTracker:
         self._names = ModuleNames()
         self._names_sent = 0
         self._log = StepLog(time.perf_counter_ns())
+        self.position = at.Position(self._log.start_host_ns)  # where the rank is (issue 14: hung jobs)
         self._stack: list[tuple] = []  # open forward calls: (row, input grad nodes)
         self._open_backward: dict[int, list] = {}  # graph task id -> rows whose backward started there
         self._pass: list | None = None  # the backward pass running now, an entry of log.passes
@@ -117,6 +120,8 @@ class ModuleTracker:
     def __enter__(self):
         if not self._handles and not self._closed:
             self._log = StepLog(time.perf_counter_ns())
+            self.position.new_step(self._step_no, self._log.start_host_ns)  # position: the thread that trains
+            self.position.thread_id = threading.get_ident()
             self._handles = [
                 register_module_forward_pre_hook(self._forward_pre),
                 register_module_forward_hook(self._forward_post, always_call=True),
@@ -194,6 +199,9 @@ class ModuleTracker:
                    stack[-1][0] if stack else -1, len(stack), int(recursive), 0, 0, 0, 0, 0, 0, 0]
             stack.append((len(rows), row, input_nodes, mod, name))
             rows.append(row)
+            position = self.position  # position: this call is the innermost open module
+            position.module = mid
+            position.phase = row[PHASE]
             row[F_START] = self._stamp()
             row[F_WORK_START] = self._work()
         except Exception:
@@ -215,6 +223,14 @@ class ModuleTracker:
             _, row, input_nodes, _, name = frame
             row[F_END] = now
             row[F_WORK_END] = work
+            position = self.position  # position: back in the caller, or outside every module
+            if stack:
+                caller = stack[-1][1]
+                position.module = caller[MID]
+                position.phase = caller[PHASE]
+            else:
+                position.module = at.NO_MODULE
+                position.phase = at.BACKWARD if row[PHASE] == RECOMPUTE else at.OUTSIDE
             if name in self.parents:
                 self.parents.remove(name)
             else:
@@ -287,6 +303,9 @@ class ModuleTracker:
                     self._begin_pass()
             open_rows.append(row)
             self.parents.add(self._names.names[row[MID]])
+            position = self.position  # position: in this module's backward
+            position.module = row[MID]
+            position.phase = at.BACKWARD
             row[B_START] = self._stamp()
             row[B_WORK_START] = self._work()
         except Exception:
@@ -306,6 +325,10 @@ class ModuleTracker:
             if self._pass is not None:
                 self._pass[2] = now
             self.parents.discard(self._names.names[row[MID]])
+            parent = row[PARENT]  # position: back in the caller's backward, if it is open
+            caller = self._log.rows[parent] if 0 <= parent < len(self._log.rows) else None
+            self.position.module = caller[MID] if caller is not None and caller[B_START] and not caller[B_END] \
+                else at.NO_MODULE
         except Exception:
             self._hook_failed()
 
@@ -318,6 +341,7 @@ class ModuleTracker:
         else:
             self._pass = [self._stamp(), 0, 0]
             log.passes.append(self._pass)
+        self.position.passes = len(log.passes)  # position: a backward pass began
 
     def _graph_task_done(self, task: int) -> None:
         """Engine callback: the graph task ran all its nodes. Close the calls that got no end."""
@@ -331,6 +355,7 @@ class ModuleTracker:
                     if self._pass is not None:
                         self._pass[2] = now
             if not self._open_backward:
+                self.position.module = at.NO_MODULE  # position: every module's backward is done
                 _queue_callback(self._backward_pass_done)  # runs after DDP's all-reduce wait
         except Exception:
             self._hook_failed()
@@ -343,6 +368,8 @@ class ModuleTracker:
             self._pass = None
             self._recent_nodes.clear()
             self.parents = {"Global"}
+            self.position.module = at.NO_MODULE  # position: between backward and the optimizer
+            self.position.phase = at.OUTSIDE
             if self._step_due:
                 self._step_due = False
                 self._end_step()
@@ -353,6 +380,7 @@ class ModuleTracker:
     def _optimizer_pre(self, optimizer, args, kwargs) -> None:
         try:
             self._optimizer_start = self._stamp()
+            self.position.phase = at.OPTIMIZER  # position
         except Exception:
             self._hook_failed()
 
@@ -361,6 +389,7 @@ class ModuleTracker:
             self._log.optimizer.append((self._optimizer_start, self._stamp()))
             if _graph_task_id() != -1:
                 self._step_due = True  # optimizer fused into backward: the step ends with the pass
+                self.position.phase = at.BACKWARD  # position
             else:
                 self._end_step()
         except Exception:
@@ -380,6 +409,7 @@ class ModuleTracker:
             self.parents = {"Global"}
             self._pending.append((self._step_no, log, self._clock.close_step(), self._take_trace()))
             self._step_no += 1
+            self.position.new_step(self._step_no, log.end_host_ns)  # position: the next step's data
             self._flush()
         except Exception:
             self._hook_failed()

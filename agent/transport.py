@@ -112,6 +112,7 @@ class Transport:
         self._send_errors = 0
         self._sent = 0
         self._acked_step = -1
+        self.heartbeat = None  # agent.heartbeat.Heartbeat: polled by the request loop (issue 14: hung jobs)
         self._thread = threading.Thread(target=self._run, name="modtrack-sender", daemon=True)
 
     # ---- training thread -------------------------------------------------------------
@@ -354,6 +355,9 @@ class Transport:
             if sample is not None:
                 stream.clock_to_send = None
                 yield pb.AgentMessage(clock=pb.ClockOffset(offset_ns=sample.offset_ns, rtt_ns=sample.rtt_ns))
+            beat = self.heartbeat.poll() if self.heartbeat is not None else None  # heartbeat: a long step
+            if beat is not None:
+                yield pb.AgentMessage(heartbeat=beat)
             while self._queue and not self._paused and not stream.done:
                 record = self._queue.popleft()
                 try:

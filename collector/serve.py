@@ -97,6 +97,9 @@ class Collector:
         await site.start()
         self.http_port = self.runner.addresses[0][1]
         self._tick_task = asyncio.create_task(self.evaluator.run())
+        # hung jobs (issue 14): stall verdicts, ModtrackJobStalled alerts, modtrack_job_stalled_seconds
+        self.metrics.registry.register(self.ingest.stall_watch)
+        self._stall_task = asyncio.create_task(self.ingest.stall_watch.run(self.merger.jobs, self.alerting))
 
     def api_deps(self) -> ApiDeps:
         def ranks_reporting(job: str) -> int | None:
@@ -105,7 +108,8 @@ class Collector:
 
         return ApiDeps(store=self.store, read=self.read, tokens=self.token, ranks_reporting=ranks_reporting,
                        controls=self.ingest, alerts=self.alerts, exposition=self.metrics.exposition,
-                       store_errors=lambda: self.writer.errors)
+                       store_errors=lambda: self.writer.errors,
+                       stall=lambda job: self.ingest.stall_watch.verdict(job, self.merger.jobs.get(job)))  # hung jobs
 
     def _forget_in_store(self, job: str) -> None:
         self.writer.call(self.store.forget_job, job)
@@ -138,6 +142,7 @@ class Collector:
     async def stop(self) -> None:
         """Stop taking streams, evaluate what can be, commit everything, close."""
         self._tick_task.cancel()
+        self._stall_task.cancel()  # hung jobs
         await self.grpc_server.stop(grace=1.0)
         await self.runner.cleanup()
         await self.alerting.stop()
@@ -153,7 +158,7 @@ class Collector:
         """Alerts for the active episodes; the dispatcher's copies know when each started."""
         live = {a["fingerprint"]: a for a in self.alerting.active_alerts()}
         alerts = [episode_to_alert(e, self.config.dashboard_url or "") for e in active_episodes]
-        return [live.get(a["fingerprint"], a) for a in alerts]
+        return [live.get(a["fingerprint"], a) for a in alerts] + self.ingest.stall_watch.alerts()  # + hung jobs
 
 
 async def serve(config: ServeConfig, on_ready=print) -> None:

@@ -159,17 +159,43 @@ class ClockOffset(_message.Message):
     rtt_ns: int
     def __init__(self, offset_ns: _Optional[int] = ..., rtt_ns: _Optional[int] = ...) -> None: ...
 
+class Heartbeat(_message.Message):
+    __slots__ = ("step", "phase", "module", "step_ns", "position_ns", "median_step_ns", "stack", "backward_passes", "repeat_ms", "running")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    STEP_NS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_NS_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_STEP_NS_FIELD_NUMBER: _ClassVar[int]
+    STACK_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    REPEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    phase: str
+    module: str
+    step_ns: int
+    position_ns: int
+    median_step_ns: int
+    stack: _containers.RepeatedScalarFieldContainer[str]
+    backward_passes: int
+    repeat_ms: int
+    running: bool
+    def __init__(self, step: _Optional[int] = ..., phase: _Optional[str] = ..., module: _Optional[str] = ..., step_ns: _Optional[int] = ..., position_ns: _Optional[int] = ..., median_step_ns: _Optional[int] = ..., stack: _Optional[_Iterable[str]] = ..., backward_passes: _Optional[int] = ..., repeat_ms: _Optional[int] = ..., running: _Optional[bool] = ...) -> None: ...
+
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "report", "ping", "clock")
+    __slots__ = ("hello", "report", "ping", "clock", "heartbeat")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     report: StepReport
     ping: ClockPing
     clock: ClockOffset
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., ping: _Optional[_Union[ClockPing, _Mapping]] = ..., clock: _Optional[_Union[ClockOffset, _Mapping]] = ...) -> None: ...
+    heartbeat: Heartbeat
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., ping: _Optional[_Union[ClockPing, _Mapping]] = ..., clock: _Optional[_Union[ClockOffset, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("step",)

@@ -17,8 +17,12 @@ def test_every_variable_read_from_one_place():
         "MODTRACK_TOKEN": "t",
         "MODTRACK_TLS_CA": "ca.pem",
         "MODTRACK_CLOCK": "wall",
+        "MODTRACK_STALL_FACTOR": "4",  # hung jobs
+        "MODTRACK_STALL_MIN_S": "2",
+        "MODTRACK_STALL_REPEAT_S": "1",
     }
-    assert config.from_env(env) == config.AgentEnv(collector="c:1", job="j", token="t", tls_ca="ca.pem", clock="wall")
+    assert config.from_env(env) == config.AgentEnv(collector="c:1", job="j", token="t", tls_ca="ca.pem", clock="wall",
+                                                   stall_factor="4", stall_min_s="2", stall_repeat_s="1")
     assert config.from_env({}) == config.AgentEnv()
     assert config.from_env({"MODTRACK_CLOCK": ""}).clock == "auto"  # empty counts as unset
     assert set(config.VARIABLES) == set(env)

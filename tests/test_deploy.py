@@ -13,6 +13,9 @@ import yaml
 
 from harness.metrics_samples import episode, matrix
 from modtrack.collector.outputs.metrics import CollectorMetrics
+from modtrack.collector.pipeline.merge import Merger
+from modtrack.collector.pipeline.stall_watch import StallWatch
+from modtrack.protos import modtrack_pb2 as pb
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
 ROOT = DEPLOY.parent
@@ -31,6 +34,12 @@ def exposed_metric_names() -> set[str]:
     m.mark_rank_missing("train", 5, "node2")
     m.count_rejected("bad_token")
     m.count_alert_delivery("sent")
+    watch, merger = StallWatch(), Merger()  # hung jobs: rank 1 stuck while rank 0 waits in a collective
+    m.registry.register(watch)
+    for rank, stack in ((0, "/torch/distributed/distributed_c10d.py:1 in barrier"), (1, "train.py:9 in load")):
+        merger.hello("stuck", rank, 2, "node0")
+        watch.heartbeat("stuck", rank, pb.Heartbeat(step=3, phase="data", step_ns=9, position_ns=9, stack=[stack]), None)
+    watch.evaluate(merger.jobs, None)
     text = m.exposition()[0].decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 

@@ -1,4 +1,4 @@
-"""`collector query {jobs,stragglers,steps,modules}`: the HTTP API as tables, or its JSON.
+"""`collector query {jobs,stragglers,steps,modules,stall}`: the HTTP API as tables, or its JSON.
 
 Exit 0 on success; 1 with a one-line reason when the API answers an error (unknown job, bad
 query, wrong token); 2 when the collector cannot be reached.
@@ -19,7 +19,7 @@ PER_RANK_COLUMNS = 8  # modules table: one column per rank up to this many ranks
 
 def add_parser(sub) -> None:
     p = sub.add_parser("query", help="ask a running collector (readable table or --json)")
-    p.add_argument("what", choices=("jobs", "stragglers", "steps", "modules"))
+    p.add_argument("what", choices=("jobs", "stragglers", "steps", "modules", "stall"))
     p.add_argument("--url", default=f"http://{ServeConfig.http_addr}", help="the collector's HTTP address")
     p.add_argument("--job", help="job name (all but `jobs`; default: the only job, if one)")
     p.add_argument("--last", type=int, default=10, help="steps: how many recent steps")
@@ -90,6 +90,10 @@ def render(what: str, data: dict) -> str:
                      [[s["step"], r["rank"], r["host"], r["wall_ms"], r["forward_ms"],
                        r["backward_ms"], r["sync_wait_ms"]]
                       for s in data["steps"] for r in s["ranks"]]) if data["steps"] else "no steps yet"
+    if what == "stall":  # hung jobs (issue 14)
+        from modtrack.collector.api.stall_text import render_stall
+
+        return render_stall(data)
     return _render_modules(data)
 
 

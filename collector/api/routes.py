@@ -73,6 +73,7 @@ class ApiDeps:
     alerts: Callable[[list[Episode]], list[dict]]  # active episodes -> alerts, as they fire
     exposition: Callable[[], tuple[bytes, str]]  # /metrics body and content type
     store_errors: Callable[[], int]  # failed store commits so far
+    stall: Callable[[str], dict] | None = None  # hung jobs: a job's stall verdict (GET /api/v1/jobs/{job}/stall)
 
 
 def make_app(deps: ApiDeps) -> web.Application:
@@ -193,7 +194,14 @@ def make_app(deps: ApiDeps) -> web.Application:
     async def alerts(request):
         episodes = await read(store.episodes, None, "active")
         episodes = [e for e in episodes if _allowed(request, e.job)]
-        return web.json_response({"alerts": deps.alerts(episodes)})
+        alerts = [a for a in deps.alerts(episodes) if _allowed(request, a["labels"]["job"])]
+        return web.json_response({"alerts": alerts})
+
+    async def stall(request):  # hung jobs (issue 14): collector/pipeline/stall.py says who holds the job
+        job = await known_job(request)
+        if deps.stall is None:
+            return error(404, "this collector has no stall verdicts")
+        return web.json_response(deps.stall(job))
 
     async def metrics(request):
         body, content_type = await read(deps.exposition)  # off the loop: a scrape of 4096 ranks takes a while
@@ -216,6 +224,7 @@ def make_app(deps: ApiDeps) -> web.Application:
     app.router.add_get("/api/v1/jobs/{job}/stragglers", stragglers)
     app.router.add_get("/api/v1/jobs/{job}/steps", steps)
     app.router.add_get("/api/v1/jobs/{job}/modules", modules)
+    app.router.add_get("/api/v1/jobs/{job}/stall", stall)  # hung jobs
     app.router.add_post("/api/v1/jobs/{job}/capture", capture)
     app.router.add_post("/api/v1/jobs/{job}/pause", control("pause"))
     app.router.add_post("/api/v1/jobs/{job}/resume", control("resume"))

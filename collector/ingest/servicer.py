@@ -24,6 +24,7 @@ from modtrack.collector.ingest import edge_limits
 from modtrack.collector.ingest.edge_limits import Refused, invalid
 from modtrack.collector.ingest.parse import RankStream, parse_report
 from modtrack.collector.pipeline.merge import Merger
+from modtrack.collector.pipeline.stall_watch import BadHeartbeat, StallWatch  # hung jobs (issue 14)
 from modtrack.collector.store.sqlite import Store
 from modtrack.collector.store.writer import StoreWriter
 from modtrack.protos import modtrack_pb2 as pb
@@ -51,6 +52,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
         self.rejected = 0
         self.hello_timeout_s = ServeConfig.hello_timeout_s
         self.refusals = auth.RefusalLog()
+        self.stall_watch = StallWatch()  # hung jobs: the latest heartbeat of every rank
 
     def connected(self, job: str) -> bool:
         """Some rank of `job` has a stream open."""
@@ -112,6 +114,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
             reader.cancel()
             if holder:
                 self.streams.get(holder[0].job, set()).discard(holder[0])
+                self.stall_watch.gone(holder[0].job, holder[0].rank, holder[0])  # hung jobs
 
     async def _read(self, request_iterator, out: asyncio.Queue, holder: list,
                     access=None) -> None:
@@ -142,6 +145,12 @@ class IngestServicer(pb_grpc.CollectorServicer):
                         t1_ns=msg.ping.t1_ns, t2_ns=received_ns, t3_ns=time.time_ns())))
                 elif kind == "clock":
                     self._clock(msg.clock, stream)
+                elif kind == "heartbeat":  # hung jobs: where a rank in a long step is
+                    try:
+                        self.stall_watch.heartbeat(stream.job, stream.rank, msg.heartbeat, stream)
+                        self.merger.jobs[stream.job].ranks[stream.rank].last_seen = time.monotonic()  # not missing
+                    except BadHeartbeat as exc:
+                        raise invalid(f"job {stream.job!r} rank {stream.rank}: {exc}") from None
                 else:
                     raise invalid("an empty AgentMessage")
             acks.put_nowait(None)

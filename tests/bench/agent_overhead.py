@@ -5,7 +5,11 @@ hits every mode alike. Prints median step ms and the overhead per module call, a
 modtrack / seed on MLP-200 (target <= 0.5) and modtrack's share of the Transformer step (target
 <= 1 %).
 
-    python tests/bench/agent_overhead.py [--rounds 5] [--steps 60]
+    python tests/bench/agent_overhead.py [--rounds 5] [--steps 60] [--baseline-tree DIR]
+
+It also prints what keeping the rank's position (agent/position.py, for hung jobs) costs per module
+call, timed in the same processes; --baseline-tree DIR (an older checkout) adds a mode "baseline":
+modtrack as DIR has it, interleaved with the others.
 """
 from __future__ import annotations
 
@@ -15,10 +19,12 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODES = ("plain", "seed", "modtrack")
+BASELINE_SHIM = os.path.join(tempfile.gettempdir(), f"modtrack-bench-baseline-{os.getuid()}")
 MODELS = ("mlp200", "transformer")
 
 
@@ -70,6 +76,9 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
     elif mode == "modtrack":
         sys.path.insert(0, ROOT)
         from modtrack.agent import ModuleTracker as Tracker
+    elif mode == "baseline":
+        sys.path.insert(0, BASELINE_SHIM)
+        from modtrack.agent import ModuleTracker as Tracker
     ctx = contextlib.nullcontext() if mode == "plain" else Tracker()
     # CPU time of this (only) thread: other processes on a shared machine do not inflate it.
     clock = time.thread_time if cpu_time and not cuda else time.perf_counter
@@ -84,7 +93,25 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
                 torch.cuda.synchronize()  # the step's GPU work is part of the step
             if i >= warmup:
                 times.append(clock() - t0)
-    return {"median_ms": statistics.median(times) * 1e3, "calls": calls[0]}
+    out = {"median_ms": statistics.median(times) * 1e3, "calls": calls[0]}
+    if mode == "modtrack":
+        out["position_ns_per_call"] = position_cost_ns()
+    return out
+
+
+def position_cost_ns() -> float:
+    """The position writes the tracker's hooks add to one module call (pre + post hook, as in
+    agent/tracker.py), timed alone: best of 5 runs of 200,000."""
+    import timeit
+
+    from modtrack.agent.position import Position
+
+    setup = "p = Position(); mid = 7; row = [7, 0]; stack = [(0, [3, 0])]"
+    body = ("position = p; position.module = mid; position.phase = row[1]\n"
+            "position = p\nif stack:\n    caller = stack[-1][1]; position.module = caller[0]; position.phase = caller[1]")
+    empty = timeit.repeat("pass", setup, repeat=5, number=200_000, globals={"Position": Position})
+    timed = timeit.repeat(body, setup, repeat=5, number=200_000, globals={"Position": Position})
+    return (min(timed) - min(empty)) / 200_000 * 1e9
 
 
 def main() -> None:
@@ -94,22 +121,29 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--wall", action="store_true", help="time steps by wall clock, not thread CPU time")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (then steps are timed by wall clock)")
+    ap.add_argument("--baseline-tree", help="a checkout of an older modtrack: adds the mode 'baseline'")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.steps, warmup=5, cpu_time=not args.wall, device=args.device)))
         return
+    modes = MODES
+    if args.baseline_tree:
+        make_baseline_shim(os.path.abspath(args.baseline_tree))
+        modes = (*MODES, "baseline")
     results: dict = {}
     for r in range(args.rounds):
         for model in args.models.split(","):
             steps = args.steps if model == "mlp200" else max(5, args.steps // 4)
-            for mode in MODES:
+            for mode in modes:
                 out = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--child", model, mode]
                                      + (["--wall"] if args.wall else []) + ["--device", args.device],
                                      check=True, capture_output=True, text=True).stdout
                 res = json.loads(out.strip().splitlines()[-1])
                 results.setdefault((model, mode), []).append(res["median_ms"])
                 results[(model, "calls")] = res["calls"]
+                if "position_ns_per_call" in res:
+                    results.setdefault("position_ns", []).append(res["position_ns_per_call"])
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     timer = "wall" if args.wall or args.device != "cpu" else "thread CPU"
     print(f"device {args.device}; step time: median {timer} time, median over {args.rounds} rounds")
@@ -118,13 +152,34 @@ def main() -> None:
         plain = statistics.median(results[(model, "plain")])
         calls = results[(model, "calls")]
         over = {}
-        for mode in MODES:
+        for mode in modes:
             med = statistics.median(results[(model, mode)])
             over[mode] = med - plain
             print(f"{model:<12} {mode:<9} {med:9.2f} {over[mode]:12.2f} {over[mode] * 1e3 / calls:8.1f}  ({calls})")
         if over["seed"] > 0:
             print(f"{model}: modtrack/seed overhead ratio = {over['modtrack'] / over['seed']:.2f}")
         print(f"{model}: modtrack overhead = {100 * over['modtrack'] / plain:.2f} % of the plain step")
+        runs = results[(model, "modtrack")]
+        spread = (max(runs) - min(runs)) / statistics.median(runs) * 100 if len(runs) > 1 else float("nan")
+        position_ms = statistics.median(results["position_ns"]) * calls / 1e6
+        print(f"{model}: position updates {statistics.median(results['position_ns']):.0f} ns/call = "
+              f"{position_ms:.3f} ms/step = {100 * position_ms / plain:.2f} % of the plain step "
+              f"(modtrack's step varies {spread:.1f} % from round to round)")
+        if "baseline" in modes:
+            base = statistics.median(results[(model, "baseline")])
+            now = statistics.median(results[(model, "modtrack")])
+            print(f"{model}: modtrack - baseline = {now - base:+.3f} ms/step ({100 * (now - base) / plain:+.2f} % "
+                  "of the plain step)")
+
+
+def make_baseline_shim(tree: str) -> None:
+    """BASELINE_SHIM/modtrack/{agent,collector,protos} -> the baseline checkout's folders."""
+    import shutil
+
+    shutil.rmtree(BASELINE_SHIM, ignore_errors=True)
+    os.makedirs(os.path.join(BASELINE_SHIM, "modtrack"))
+    for part in ("agent", "collector", "protos"):
+        os.symlink(os.path.join(tree, part), os.path.join(BASELINE_SHIM, "modtrack", part))
 
 
 if __name__ == "__main__":
