@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from harness.browser import chromium
 from harness.collector_thread import CollectorThread
 from harness.fake_collector import FakeCollectorServers
 
@@ -31,3 +32,10 @@ def serve():
         yield servers
     finally:
         servers.stop()
+
+
+@pytest.fixture
+def browser():
+    """A real headless Chromium (selenium driver); the test is skipped where Chromium cannot run."""
+    with chromium() as driver:
+        yield driver

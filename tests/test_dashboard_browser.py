@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 
 from harness import torchrun as launch
+from harness.browser import console_errors, wait_js
 from harness.chrome_trace import assert_valid_chrome_trace
 from harness.collector_process import CollectorProcess
 from harness.waiting import wait_for
@@ -31,11 +31,6 @@ from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1440,1200", "--hide-scrollbars"]
 
 
 # ---- the collector -------------------------------------------------------------------------
@@ -52,42 +47,7 @@ def collector(tmp_path):
         yield c
 
 
-# ---- the browser ---------------------------------------------------------------------------
-
-@pytest.fixture
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
-    from selenium.webdriver.chrome.service import Service
-
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip("Chromium or chromedriver is not installed (apt-get install chromium chromium-driver)")
-    profile = tempfile.mkdtemp(prefix="modtrack-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROME_FLAGS + [f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    try:
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    except Exception as exc:  # a container without what Chromium needs to start
-        shutil.rmtree(profile, ignore_errors=True)
-        pytest.skip(f"Chromium cannot start here: {exc}")
-    try:
-        driver.set_page_load_timeout(30)
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def wait_js(driver, script: str, timeout: float = 60.0, what: str = ""):
-    """Poll a JS expression until it is truthy; its value (fails at the deadline)."""
-    return wait_for(lambda: driver.execute_script("return " + script), timeout, what or script, interval=0.25)
-
-
-def console_errors(driver) -> list[dict]:
-    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-
+# ---- the page (the browser fixture: tests/conftest.py) ----------------------------------
 
 def page_state(driver) -> dict:
     return driver.execute_script("""

@@ -12,9 +12,12 @@ import time
 
 import grpc
 import torch
-from test_collector_harness import CollectorThread, FakeRank, get, wait_for
 from torch import nn
 
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import FakeRank
+from harness.http import get
+from harness.waiting import wait_for
 from modtrack.agent import ModuleTracker
 from modtrack.agent import position as at
 from modtrack.agent.heartbeat import Heartbeat, HeartbeatSettings, thread_stack
