@@ -1,4 +1,5 @@
 """The built-in webhook: Alertmanager v4 payloads, retries, and no receiver can hold anything up."""
+
 import asyncio
 import logging
 import threading
@@ -16,8 +17,19 @@ DASHBOARD = "http://collector.example:8080"
 
 
 def episode(state="active", rank=3, host="node1", **kw):
-    fields = dict(job="train", rank=rank, host=host, module="Net.blocks.1.mlp", phase="backward", slowdown=2.5,
-                  first_step=40, last_step=52, state=state, cost_ms_per_step=12.3, cost_pct=8.1)
+    fields = dict(
+        job="train",
+        rank=rank,
+        host=host,
+        module="Net.blocks.1.mlp",
+        phase="backward",
+        slowdown=2.5,
+        first_step=40,
+        last_step=52,
+        state=state,
+        cost_ms_per_step=12.3,
+        cost_pct=8.1,
+    )
     fields.update(kw)
     return Episode(**fields)
 
@@ -63,8 +75,15 @@ def test_firing_then_resolved_payloads_in_alertmanager_shape(caplog):
         assert payload["externalURL"] == DASHBOARD
         (alert,) = payload["alerts"]
         assert alert["status"] == status
-        assert alert["labels"] == {"alertname": "ModtrackStraggler", "job": "train", "rank": "3", "host": "node1",
-                                   "module": "Net.blocks.1.mlp", "phase": "backward", "severity": "warning"}
+        assert alert["labels"] == {
+            "alertname": "ModtrackStraggler",
+            "job": "train",
+            "rank": "3",
+            "host": "node1",
+            "module": "Net.blocks.1.mlp",
+            "phase": "backward",
+            "severity": "warning",
+        }
         assert payload["commonLabels"] == alert["labels"]
         summary = alert["annotations"]["summary"]
         for word in ("Rank 3", "node1", "Net.blocks.1.mlp", "backward", "2.50x", "12.3 ms per step", "8.1%"):
@@ -161,8 +180,12 @@ def test_queue_is_bounded_when_the_receiver_is_down():
             d.episode_changed(episode(module=f"Net.layer{i}"))
         hook = d.webhooks[0]
         # every change routed: one in flight, the rest queued or dropped
-        await asyncio.to_thread(wait_for, lambda: hook.stats["dropped"] + hook.queue.qsize() + 1 >= 50, 10,
-                                lambda: f"all 50 changes routed: {hook.stats} queued {hook.queue.qsize()}")
+        await asyncio.to_thread(
+            wait_for,
+            lambda: hook.stats["dropped"] + hook.queue.qsize() + 1 >= 50,
+            10,
+            lambda: f"all 50 changes routed: {hook.stats} queued {hook.queue.qsize()}",
+        )
         return hook
 
     hook = asyncio.run(run_dispatcher([closed_port_url()], body, queue_size=5, backoff_s=10))

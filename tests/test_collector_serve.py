@@ -1,4 +1,5 @@
 """`python -m modtrack.collector serve` as users run it: ready line with real ports, SIGTERM, restart."""
+
 from __future__ import annotations
 
 import subprocess
@@ -36,9 +37,23 @@ def test_port_in_use_is_a_clear_error(tmp_path):
     server = CollectorProcess(tmp_path / "a")
     try:
         port = server.url.rsplit(":", 1)[1]
-        out = subprocess.run([sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr",
-                              "127.0.0.1:0", "--http-addr", f"127.0.0.1:{port}", "--data-dir",
-                              str(tmp_path / "b")], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "modtrack.collector",
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                str(tmp_path / "b"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode != 0 and "error:" in out.stderr
     finally:
         server.kill()

@@ -1,4 +1,5 @@
 """kill -9 during heavy ingest: the SQLite store reopens intact and holds every acked report."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -37,8 +38,11 @@ def test_kill_9_during_heavy_ingest_loses_no_acked_report(tmp_path):
         pumps = [threading.Thread(target=pump, args=(r, stop), daemon=True) for r in ranks]
         for p in pumps:
             p.start()
-        wait_for(lambda: all(r.acks and r.acks[-1] >= 150 for r in ranks), 60,
-                 lambda: f"ingest too slow: {[r.acks[-1:] for r in ranks]} {server.log()[-2000:]}")
+        wait_for(
+            lambda: all(r.acks and r.acks[-1] >= 150 for r in ranks),
+            60,
+            lambda: f"ingest too slow: {[r.acks[-1:] for r in ranks]} {server.log()[-2000:]}",
+        )
         server.kill()  # SIGKILL mid-stream: the writer is in the middle of its batches
         stop.set()
         for r in ranks:
@@ -57,8 +61,7 @@ def test_kill_9_during_heavy_ingest_loses_no_acked_report(tmp_path):
         try:
             assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
             for rank, last in acked.items():
-                steps = {s for (s,) in conn.execute(
-                    "SELECT step FROM steps WHERE job = 'heavy' AND rank = ?", (rank,))}
+                steps = {s for (s,) in conn.execute("SELECT step FROM steps WHERE job = 'heavy' AND rank = ?", (rank,))}
                 missing = set(range(last + 1)) - steps
                 assert not missing, f"rank {rank}: acked up to {last}, missing {sorted(missing)[:10]}"
             assert len(conn.execute("SELECT name FROM modules WHERE job = 'heavy'").fetchall()) == 200

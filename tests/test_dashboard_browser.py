@@ -7,6 +7,7 @@ the culprit's heatmap cell and name the culprit in the straggler list.
 
 MODTRACK_SCREENSHOT=docs/dashboard.png also saves the torchrun run's screenshot there (README).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,10 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---- the collector -------------------------------------------------------------------------
 
+
 def running_collector(tmp_path, *extra: str) -> CollectorProcess:
     """`python -m modtrack.collector serve` on free loopback ports, as the dashboard tests want it."""
-    return CollectorProcess(tmp_path / "data", "--watermark-s", "0.5", "--log-level", "WARNING", *extra,
-                            log_path=tmp_path / "collector.log")
+    return CollectorProcess(
+        tmp_path / "data", "--watermark-s", "0.5", "--log-level", "WARNING", *extra, log_path=tmp_path / "collector.log"
+    )
 
 
 @pytest.fixture
@@ -48,6 +51,7 @@ def collector(tmp_path):
 
 
 # ---- the page (the browser fixture: tests/conftest.py) ----------------------------------
+
 
 def page_state(driver) -> dict:
     return driver.execute_script("""
@@ -73,9 +77,17 @@ BLOCKS = [f"{ROOT_MODULE}.blocks.{i}" for i in range(2)]
 TREE = [(ROOT_MODULE, -1, 0.3), (f"{ROOT_MODULE}.embed", 0, 0.4)]
 for _b in BLOCKS:
     _bi = len(TREE)
-    TREE += [(_b, 0, 0.1), (f"{_b}.ln1", _bi, 0.2), (f"{_b}.attn", _bi, 0.5), (f"{_b}.attn.qkv", _bi + 2, 1.2),
-             (f"{_b}.attn.proj", _bi + 2, 0.6), (f"{_b}.ln2", _bi, 0.2), (f"{_b}.mlp", _bi, 0.3),
-             (f"{_b}.mlp.fc", _bi + 6, 1.6), (f"{_b}.mlp.proj", _bi + 6, 1.5)]
+    TREE += [
+        (_b, 0, 0.1),
+        (f"{_b}.ln1", _bi, 0.2),
+        (f"{_b}.attn", _bi, 0.5),
+        (f"{_b}.attn.qkv", _bi + 2, 1.2),
+        (f"{_b}.attn.proj", _bi + 2, 0.6),
+        (f"{_b}.ln2", _bi, 0.2),
+        (f"{_b}.mlp", _bi, 0.3),
+        (f"{_b}.mlp.fc", _bi + 6, 1.6),
+        (f"{_b}.mlp.proj", _bi + 6, 1.5),
+    ]
 TREE += [(f"{ROOT_MODULE}.ln_f", 0, 0.2), (f"{ROOT_MODULE}.head", 0, 1.1)]
 NAMES = [t[0] for t in TREE]
 SLOW_MODULE, SLOW_PHASE = f"{ROOT_MODULE}.blocks.1.mlp", 2
@@ -97,7 +109,7 @@ def simulate_rank_step(rank: int, step: int, t0: int, slow_rank: int, slow_ms: f
         half = int(self_ms * 5e5)
         t += half
         kids = _children(i)
-        for k in (kids if phase == 1 else kids[::-1]):
+        for k in kids if phase == 1 else kids[::-1]:
             t = run(k, phase, t, depth + 1)
         t += half
         calls.append((i, phase, start, t, depth))
@@ -120,9 +132,17 @@ def build_report(step: int, calls, t0: int, fwd_end: int, bwd_end: int, tail_ns:
         for row_i, row in enumerate(sel):  # minus the children's inclusive time
             for k in _children(int(row[0])):
                 self_ns[row_i] -= incl[np.flatnonzero(sel[:, 0] == k)[0]]
-        report.phases.append(pb.PhaseStats(
-            phase=phase, module_id=sel[:, 0].tolist(), calls=[1] * len(sel), inclusive_ns=incl.tolist(),
-            self_ns=self_ns.tolist(), first_start_ns=sel[:, 2].tolist(), last_end_ns=sel[:, 3].tolist()))
+        report.phases.append(
+            pb.PhaseStats(
+                phase=phase,
+                module_id=sel[:, 0].tolist(),
+                calls=[1] * len(sel),
+                inclusive_ns=incl.tolist(),
+                self_ns=self_ns.tolist(),
+                first_start_ns=sel[:, 2].tolist(),
+                last_end_ns=sel[:, 3].tolist(),
+            )
+        )
     report.forward_ns = int(fwd_end - t0 - 200_000)
     report.backward_ns = int(bwd_end - fwd_end - 50_000 + tail_ns)
     report.backward_tail_ns = int(tail_ns)
@@ -132,8 +152,16 @@ def build_report(step: int, calls, t0: int, fwd_end: int, bwd_end: int, tail_ns:
     if with_trace:
         order = np.lexsort((c[:, 4], c[:, 2]))
         t = c[order]
-        report.trace.CopyFrom(pb.Trace(module_id=t[:, 0].tolist(), phase=t[:, 1].tolist(), start_ns=t[:, 2].tolist(),
-                                       end_ns=t[:, 3].tolist(), depth=t[:, 4].tolist(), capture_id=with_trace))
+        report.trace.CopyFrom(
+            pb.Trace(
+                module_id=t[:, 0].tolist(),
+                phase=t[:, 1].tolist(),
+                start_ns=t[:, 2].tolist(),
+                end_ns=t[:, 3].tolist(),
+                depth=t[:, 4].tolist(),
+                capture_id=with_trace,
+            )
+        )
     return report
 
 
@@ -142,9 +170,18 @@ class SimulatedJob:
     module's backward from `slow_from` on; the others wait for it in the gradient all-reduce.
     Ranks answer capture requests with full traces. Runs until stop()."""
 
-    def __init__(self, addr: str, job: str, world: int = 4, slow_rank: int = 2, slow_ms: float = 6.0,
-                 slow_from: int = 8, step_s: float = 0.05, clock_shift_ns: dict | None = None,
-                 token: str | None = None):
+    def __init__(
+        self,
+        addr: str,
+        job: str,
+        world: int = 4,
+        slow_rank: int = 2,
+        slow_ms: float = 6.0,
+        slow_from: int = 8,
+        step_s: float = 0.05,
+        clock_shift_ns: dict | None = None,
+        token: str | None = None,
+    ):
         self.addr, self.job, self.world = addr, job, world
         self.slow_rank, self.slow_ms, self.slow_from, self.step_s = slow_rank, slow_ms, slow_from, step_s
         self.shift = clock_shift_ns or {}
@@ -198,10 +235,23 @@ class SimulatedJob:
             self.error = exc
 
     async def _requests(self, rank: int, queue: asyncio.Queue):
-        yield pb.AgentMessage(hello=pb.Hello(
-            protocol_version=1, job=self.job, rank=rank, local_rank=rank % 2, world_size=self.world,
-            group_rank=rank // 2, host=f"node{rank // 2}", pid=1000 + rank, torch_version="sim",
-            agent_version="sim", clock_kind=pb.CLOCK_KIND_CPU, module_names=NAMES, session=f"s{rank}"))
+        yield pb.AgentMessage(
+            hello=pb.Hello(
+                protocol_version=1,
+                job=self.job,
+                rank=rank,
+                local_rank=rank % 2,
+                world_size=self.world,
+                group_rank=rank // 2,
+                host=f"node{rank // 2}",
+                pid=1000 + rank,
+                torch_version="sim",
+                agent_version="sim",
+                clock_kind=pb.CLOCK_KIND_CPU,
+                module_names=NAMES,
+                session=f"s{rank}",
+            )
+        )
         yield pb.AgentMessage(clock=pb.ClockOffset(offset_ns=-self.shift.get(rank, 0), rtt_ns=50_000))
         while (msg := await queue.get()) is not None:
             yield msg
@@ -236,6 +286,7 @@ def simulated_job(collector):
 
 
 # ---- the tests -----------------------------------------------------------------------------
+
 
 def _wait_for_straggler(collector, job: str, timeout: float = 90.0) -> dict:
     def active():
@@ -283,8 +334,10 @@ def test_dashboard_shows_the_simulated_culprit_and_captures_a_trace(collector, s
     procs = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
     assert procs == {0: "rank 0 @ node0", 1: "rank 1 @ node0", 2: "rank 2 @ node1", 3: "rank 3 @ node1"}
     # rank 3's clock runs 5 s ahead; corrected, its steps line up with rank 0's
-    starts = {pid: min(e["ts"] for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == pid and e["cat"] == "step")
-              for pid in (0, 3)}
+    starts = {
+        pid: min(e["ts"] for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == pid and e["cat"] == "step")
+        for pid in (0, 3)
+    }
     assert abs(starts[3] - starts[0]) < 1000  # µs
 
     # a range with no capture falls back to the per-step summary spans, every rank present
@@ -337,8 +390,11 @@ def _culprit_shown(driver, min_steps: int = 0) -> bool:
     if state["steps"] < min_steps:
         return False
     cell = {"rank": str(TORCHRUN_SLOW_RANK), "module": TORCHRUN_MODULE, "phase": "backward"}
-    named = [r for r in state["rows"] if r["module"] == TORCHRUN_MODULE and r["state"] == "active"
-             and r["rank"] == str(TORCHRUN_SLOW_RANK)]
+    named = [
+        r
+        for r in state["rows"]
+        if r["module"] == TORCHRUN_MODULE and r["state"] == "active" and r["rank"] == str(TORCHRUN_SLOW_RANK)
+    ]
     verdict = TORCHRUN_MODULE in state["verdict"] and f"rank {TORCHRUN_SLOW_RANK} @ " in state["verdict"]
     return cell in state["culprit"] and bool(named) and verdict
 
@@ -346,12 +402,14 @@ def _culprit_shown(driver, min_steps: int = 0) -> bool:
 @pytest.mark.slow
 def test_dashboard_names_the_culprit_of_a_real_torchrun_job(collector, torchrun_job, browser, tmp_path):
     browser.get(collector.url + "/")
+
     # wait for the culprit with some history on the chart (and take the picture right then:
     # the page shows what the detector says, and that may flicker between episodes)
     def shown() -> bool:
         if torchrun_job.poll() is not None:
-            raise AssertionError("torchrun ended before the page showed the culprit:\n"
-                                 + (tmp_path / "torchrun.log").read_text()[-3000:])
+            raise AssertionError(
+                "torchrun ended before the page showed the culprit:\n" + (tmp_path / "torchrun.log").read_text()[-3000:]
+            )
         return _culprit_shown(browser, min_steps=20)
 
     wait_for(shown, 240, lambda: f"the page to show the culprit: {page_state(browser)}", interval=0.5)

@@ -1,4 +1,5 @@
 """The detection-quality benchmark's quick mode, with the targets of the scale issue asserted."""
+
 from __future__ import annotations
 
 import sys

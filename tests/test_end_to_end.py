@@ -1,5 +1,6 @@
 """The whole path on real processes: a collector subprocess, torchrun with CPU ranks (gloo),
 examples/train.py under `-m modtrack.agent`, and the verdict read back over the HTTP API."""
+
 from __future__ import annotations
 
 import json
@@ -74,9 +75,22 @@ def test_clean_run_has_no_straggler_and_no_alert(collector, plain_run):
 
 def test_rank_slowed_in_forward_is_named_with_module_and_phase(collector):
     onset = 8
-    out = torchrun(3, ["--collector", collector.grpc_target, "--job", "fwd"],
-                   ["--slow-rank", "1", "--slow-module", "blocks.2.attn", "--slow-phase", "forward",
-                    "--slow-ms", "60", "--slow-from-step", str(onset)])
+    out = torchrun(
+        3,
+        ["--collector", collector.grpc_target, "--job", "fwd"],
+        [
+            "--slow-rank",
+            "1",
+            "--slow-module",
+            "blocks.2.attn",
+            "--slow-phase",
+            "forward",
+            "--slow-ms",
+            "60",
+            "--slow-from-step",
+            str(onset),
+        ],
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     stragglers = verdict(collector, "fwd", STEPS - 1)
     culprit = [s for s in stragglers if (s["rank"], s["module"], s["phase"]) == (1, "TinyGPT.blocks.2.attn", "forward")]
@@ -90,9 +104,22 @@ def test_rank_slowed_in_forward_is_named_with_module_and_phase(collector):
 def test_rank_slowed_in_backward_under_ddp_is_the_only_one_named(collector):
     """The gradient all-reduce makes every rank's backward as long as the slow one's."""
     onset = 8
-    out = torchrun(3, ["--collector", collector.grpc_target, "--job", "bwd"],
-                   ["--slow-rank", "2", "--slow-module", "blocks.1.mlp", "--slow-phase", "backward",
-                    "--slow-ms", "60", "--slow-from-step", str(onset)])
+    out = torchrun(
+        3,
+        ["--collector", collector.grpc_target, "--job", "bwd"],
+        [
+            "--slow-rank",
+            "2",
+            "--slow-module",
+            "blocks.1.mlp",
+            "--slow-phase",
+            "backward",
+            "--slow-ms",
+            "60",
+            "--slow-from-step",
+            str(onset),
+        ],
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     stragglers = verdict(collector, "bwd", STEPS - 1)
     culprit = [s for s in stragglers if (s["rank"], s["module"], s["phase"]) == (2, "TinyGPT.blocks.1.mlp", "backward")]
@@ -101,8 +128,10 @@ def test_rank_slowed_in_backward_under_ddp_is_the_only_one_named(collector):
     assert onset <= first["first_step"] <= onset + 5, json.dumps(culprit, indent=1)
     assert [s for s in stragglers if s["rank"] != 2] == [], json.dumps(stragglers, indent=1)  # no victim
     steps = collector.get("/api/v1/jobs/bwd/steps?last=10")["steps"]
-    waits = {rank: statistics.median(r["sync_wait_ms"] for s in steps for r in s["ranks"] if r["rank"] == rank)
-             for rank in range(3)}
+    waits = {
+        rank: statistics.median(r["sync_wait_ms"] for s in steps for r in s["ranks"] if r["rank"] == rank)
+        for rank in range(3)
+    }
     assert waits[2] < min(waits[0], waits[1]), waits  # the others wait for rank 2
 
 
@@ -119,8 +148,12 @@ def test_collector_killed_mid_run(tmp_path, plain_run):
         cmd = torchrun_cmd(3, ["--collector", c.grpc_target, "--job", "killed"], [])
         proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            wait_for(lambda: proc.poll() is not None or last_step(c, "killed") >= 5, 120, "step 5 at the collector",
-                     interval=0.2)
+            wait_for(
+                lambda: proc.poll() is not None or last_step(c, "killed") >= 5,
+                120,
+                "step 5 at the collector",
+                interval=0.2,
+            )
             assert proc.poll() is None, "training ended before the collector could be killed"
             c.kill()
             stdout, stderr = proc.communicate(timeout=300)
@@ -138,6 +171,7 @@ def test_capture_pause_and_resume_reach_the_ranks(collector):
     cmd = torchrun_cmd(2, ["--collector", collector.grpc_target, "--job", "ctl"], ["--batch", "4"], steps=steps)
     proc = start(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
+
         def reported_5_steps() -> bool:
             assert proc.poll() is None, "training ended before it reported 5 steps"
             return last_step(collector, "ctl") >= 5

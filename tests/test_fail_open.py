@@ -1,6 +1,7 @@
 """Fail-open on real torchrun ranks: a stalled collector costs training nothing, and a collector
 killed and restarted on the same data dir ends up with every step, replayed ones included,
 none twice. (Never started and killed without restart: tests/test_end_to_end.py.)"""
+
 from __future__ import annotations
 
 import subprocess
@@ -18,13 +19,39 @@ from harness.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--dim", "32", "--heads", "2", "--layers", "2", "--context", "16", "--batch", "4",
-         "--vocab", "64", "--log-every", "1"]
+SMALL = [
+    "--dim",
+    "32",
+    "--heads",
+    "2",
+    "--layers",
+    "2",
+    "--context",
+    "16",
+    "--batch",
+    "4",
+    "--vocab",
+    "64",
+    "--log-every",
+    "1",
+]
 
 
 def torchrun(target: str, job: str, steps: int, *train_args: str) -> subprocess.Popen:
-    cmd = torchrun_cmd(2, "-m", "modtrack.agent", "--collector", target, "--job", job, TRAIN, "--steps", str(steps),
-                       *SMALL, *train_args)
+    cmd = torchrun_cmd(
+        2,
+        "-m",
+        "modtrack.agent",
+        "--collector",
+        target,
+        "--job",
+        job,
+        TRAIN,
+        "--steps",
+        str(steps),
+        *SMALL,
+        *train_args,
+    )
     return start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -64,6 +91,7 @@ def test_killed_and_restarted_collector_gets_every_step_once(tmp_path):
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
+
         def reported_20_steps():
             jobs = training() and get_json(f"{server.url}/api/v1/jobs")["jobs"]
             return jobs and (jobs[0]["last_step"] or 0) >= 20
@@ -87,8 +115,10 @@ def test_killed_and_restarted_collector_gets_every_step_once(tmp_path):
         got = wait_for(all_stored, 30, lambda: f"all {steps} steps stored: {len(get_json(url)['steps'])}")
         have = {s["step"]: sorted(r["rank"] for r in s["ranks"]) for s in got}
         missing = [s for s in range(steps) if have.get(s) != [0, 1]]
-        assert not missing, (f"killed at {killed_at}, back at {restarted_at}; missing or doubled "
-                             f"{missing[:20]} of {len(missing)}; {err[-2000:]}")
+        assert not missing, (
+            f"killed at {killed_at}, back at {restarted_at}; missing or doubled "
+            f"{missing[:20]} of {len(missing)}; {err[-2000:]}"
+        )
         assert killed_at < restarted_at < steps - 1
     finally:
         end(proc)

@@ -1,4 +1,5 @@
 """The HTTP API as CONTRACT.md promises it, fed by fake ranks over real gRPC."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,7 @@ def test_slow_rank_is_listed_and_survives_a_restart(tmp_path):
         assert s["slowdown"] == pytest.approx(1.5, rel=0.05)
         assert s["first_step"] <= 5 and s["cost_ms_per_step"] > 0
         _, alerts = get(c.url, "/api/v1/alerts")
-        assert any(a["labels"]["rank"] == str(SLOW_RANK) and a["status"] == "firing"
-                   for a in alerts["alerts"])
+        assert any(a["labels"]["rank"] == str(SLOW_RANK) and a["status"] == "firing" for a in alerts["alerts"])
         _, before = get(c.url, "/api/v1/jobs/train/steps?last=100")
     finally:
         c.stop()
@@ -54,15 +54,34 @@ def test_jobs_steps_modules(collector):
     ranks = [FakeRank(collector.grpc_target, "j", i, 2) for i in range(2)]
     try:
         stream_steps(ranks, range(4), fwd_ms_of=lambda r, s: [1.0 + r, 2.0, 3.0, 4.0, 5.0 + s])
-        wait_for(lambda: get(collector.url, "/api/v1/jobs")[1]["jobs"][0]["last_evaluated_step"] == 3, 10,
-                 "the evaluation of step 3")
+        wait_for(
+            lambda: get(collector.url, "/api/v1/jobs")[1]["jobs"][0]["last_evaluated_step"] == 3,
+            10,
+            "the evaluation of step 3",
+        )
         _, jobs = get(collector.url, "/api/v1/jobs")
-        assert jobs == {"jobs": [{"job": "j", "world_size": 2, "ranks_reporting": 2, "last_step": 3,
-                                  "last_evaluated_step": 3, "state": "running"}]}
+        assert jobs == {
+            "jobs": [
+                {
+                    "job": "j",
+                    "world_size": 2,
+                    "ranks_reporting": 2,
+                    "last_step": 3,
+                    "last_evaluated_step": 3,
+                    "state": "running",
+                }
+            ]
+        }
         _, steps = get(collector.url, "/api/v1/jobs/j/steps?last=2")
         assert [s["step"] for s in steps["steps"]] == [2, 3]
-        assert set(steps["steps"][0]["ranks"][0]) >= {"rank", "host", "wall_ms", "forward_ms",
-                                                      "backward_ms", "sync_wait_ms"}
+        assert set(steps["steps"][0]["ranks"][0]) >= {
+            "rank",
+            "host",
+            "wall_ms",
+            "forward_ms",
+            "backward_ms",
+            "sync_wait_ms",
+        }
         _, mods = get(collector.url, "/api/v1/jobs/j/modules")  # default: last evaluated step
         assert mods["step"] == 3 and len(mods["modules"]) == 10
         first = mods["modules"][0]
@@ -76,15 +95,18 @@ def test_jobs_steps_modules(collector):
             r.close()
 
 
-@pytest.mark.parametrize("path, status, message", [
-    ("/api/v1/jobs/nope/steps", 404, "unknown job 'nope'"),
-    ("/api/v1/jobs/nope/stragglers", 404, "unknown job"),
-    ("/api/v1/jobs/j/steps?last=abc", 400, "last must be an integer"),
-    ("/api/v1/jobs/j/steps?last=0", 400, "last must be between 1 and"),
-    ("/api/v1/jobs/j/modules?step=999", 404, "no step 999"),
-    ("/api/v1/jobs/j/stragglers?state=maybe", 400, "state must be"),
-    ("/api/v1/nothing", 404, "Not Found"),
-])
+@pytest.mark.parametrize(
+    "path, status, message",
+    [
+        ("/api/v1/jobs/nope/steps", 404, "unknown job 'nope'"),
+        ("/api/v1/jobs/nope/stragglers", 404, "unknown job"),
+        ("/api/v1/jobs/j/steps?last=abc", 400, "last must be an integer"),
+        ("/api/v1/jobs/j/steps?last=0", 400, "last must be between 1 and"),
+        ("/api/v1/jobs/j/modules?step=999", 404, "no step 999"),
+        ("/api/v1/jobs/j/stragglers?state=maybe", 400, "state must be"),
+        ("/api/v1/nothing", 404, "Not Found"),
+    ],
+)
 def test_errors_are_json(collector, path, status, message):
     rank = FakeRank(collector.grpc_target, "j", 0, 1)
     try:

@@ -161,8 +161,15 @@ def test_the_collector_serves_with_torch_impossible_to_import(tmp_path):
         finally:
             for r in ranks:
                 r.close()
-        for path in ("/api/v1/jobs", "/api/v1/jobs/no-torch/steps?last=5", "/api/v1/jobs/no-torch/stragglers",
-                     "/api/v1/jobs/no-torch/modules?step=0", "/api/v1/alerts", "/metrics", "/"):
+        for path in (
+            "/api/v1/jobs",
+            "/api/v1/jobs/no-torch/steps?last=5",
+            "/api/v1/jobs/no-torch/stragglers",
+            "/api/v1/jobs/no-torch/modules?step=0",
+            "/api/v1/alerts",
+            "/metrics",
+            "/",
+        ):
             assert get(server.url, path)[0] == 200, path
         assert server.terminate() == 0
     assert "FORBIDDEN" not in server.log(), server.log()[-3000:]

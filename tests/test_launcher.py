@@ -1,4 +1,5 @@
 """`python -m agent SCRIPT` behaves as `python SCRIPT`: argv, sys.path, __main__, output, exit code."""
+
 from __future__ import annotations
 
 import re
@@ -64,8 +65,11 @@ def test_same_behaviour_as_plain_python(script, tmp_path, args, collector):
 
 def test_environment_variable_names_the_collector(script, tmp_path):
     """MODTRACK_COLLECTOR alone switches tracking on; an unreachable one changes nothing."""
-    out, _ = run([sys.executable, "-m", "modtrack.agent", str(script), "x"], cwd=tmp_path,
-                 env={"MODTRACK_COLLECTOR": f"127.0.0.1:{free_port()}"})
+    out, _ = run(
+        [sys.executable, "-m", "modtrack.agent", str(script), "x"],
+        cwd=tmp_path,
+        env={"MODTRACK_COLLECTOR": f"127.0.0.1:{free_port()}"},
+    )
     assert out.returncode == 0 and out.stdout.startswith("argv ['x'] name __main__ path0 proj")
 
 
@@ -90,8 +94,7 @@ def test_under_torchrun(script, tmp_path, args):
     dead = f"127.0.0.1:{free_port()}"
     plain, _ = run(torchrun(str(script), *args), cwd=tmp_path)
     tracked, _ = run(torchrun("-m", "modtrack.agent", "--collector", dead, str(script), *args), cwd=tmp_path)
-    no_python, _ = run(torchrun("--no-python", "modtrack-agent", "--collector", dead, str(script), *args),
-                       cwd=tmp_path)
+    no_python, _ = run(torchrun("--no-python", "modtrack-agent", "--collector", dead, str(script), *args), cwd=tmp_path)
     assert plain.returncode == (0 if args == ["a"] else 1)
     expected = set(stdout_lines(plain.stdout))
     assert len(expected) == 1  # both ranks print the same line
@@ -132,8 +135,9 @@ def test_dead_collector_costs_no_step_time_and_no_exit_time(tmp_path):
     path = tmp_path / "timed.py"
     path.write_text(TIMED)
     plain, plain_s = run([sys.executable, str(path)], cwd=tmp_path)
-    tracked, tracked_s = run([sys.executable, "-m", "modtrack.agent", "--collector", f"127.0.0.1:{free_port()}",
-                              str(path)], cwd=tmp_path)
+    tracked, tracked_s = run(
+        [sys.executable, "-m", "modtrack.agent", "--collector", f"127.0.0.1:{free_port()}", str(path)], cwd=tmp_path
+    )
     assert plain.returncode == tracked.returncode == 0, tracked.stderr
     assert tracked.stdout == plain.stdout  # same numbers: the agent changes nothing
     # Tracking costs a little per module call; the dead link itself must cost nothing.
@@ -165,8 +169,10 @@ def test_forked_data_loader_workers_print_nothing_extra(tmp_path, serve):
     path = tmp_path / "forking.py"
     path.write_text(FORKING)
     plain, _ = run([sys.executable, str(path)], cwd=tmp_path)
-    tracked, _ = run([sys.executable, "-m", "modtrack.agent", "--collector", f"127.0.0.1:{port}", "--job", "fork",
-                      str(path)], cwd=tmp_path)
+    tracked, _ = run(
+        [sys.executable, "-m", "modtrack.agent", "--collector", f"127.0.0.1:{port}", "--job", "fork", str(path)],
+        cwd=tmp_path,
+    )
     assert plain.returncode == tracked.returncode == 0, tracked.stderr
     assert tracked.stdout == plain.stdout
     assert tracked.stderr == plain.stderr == ""
@@ -185,10 +191,15 @@ def test_clock_choice_reaches_the_tracker(tmp_path, how):
     path.write_text(CLOCK)
     dead = f"127.0.0.1:{free_port()}"
     if how == "flag":
-        out, _ = run([sys.executable, "-m", "modtrack.agent", "--collector", dead, "--clock", "wall", str(path)], cwd=tmp_path)
+        out, _ = run(
+            [sys.executable, "-m", "modtrack.agent", "--collector", dead, "--clock", "wall", str(path)], cwd=tmp_path
+        )
     else:
-        out, _ = run([sys.executable, "-m", "modtrack.agent", "--collector", dead, str(path)], cwd=tmp_path,
-                     env={"MODTRACK_CLOCK": "wall"})
+        out, _ = run(
+            [sys.executable, "-m", "modtrack.agent", "--collector", dead, str(path)],
+            cwd=tmp_path,
+            env={"MODTRACK_CLOCK": "wall"},
+        )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "clock wall"
     out, _ = run([sys.executable, "-m", "modtrack.agent", "--clock", "sundial", str(path)], cwd=tmp_path)

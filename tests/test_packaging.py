@@ -47,8 +47,8 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
         shutil.copy(ROOT / name, src / name)
     for folder in FOLDERS:
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    out = subprocess.run([sys.executable, "-c", "from setuptools import build_meta; print(build_meta.build_wheel('dist'))"],
-                         cwd=src, capture_output=True, text=True, timeout=300)  # fmt: skip
+    build = "from setuptools import build_meta; print(build_meta.build_wheel('dist'))"
+    out = subprocess.run([sys.executable, "-c", build], cwd=src, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return zipfile.ZipFile(src / "dist" / out.stdout.strip().splitlines()[-1])
 

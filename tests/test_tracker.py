@@ -1,4 +1,5 @@
 """agent.ModuleTracker: what a user of the tracker sees, on the hard cases of issue 2."""
+
 from __future__ import annotations
 
 import threading
@@ -94,8 +95,18 @@ def test_step_per_optimizer_step_with_every_module_timed_forward_and_backward():
         summary = t.last_step()
     assert t.clock_kind == "cpu" and t.counters["steps"] == 3 and t.counters["hook_errors"] == 0
     assert [r.step for r in records] == [0, 1, 2]
-    names = {"Net", "Net.blocks.0", "Net.blocks.0.mlp", "Net.blocks.0.mlp.0", "Net.blocks.0.mlp.1",
-             "Net.blocks.1", "Net.blocks.1.mlp", "Net.blocks.1.mlp.0", "Net.blocks.1.mlp.1", "Net.head"}
+    names = {
+        "Net",
+        "Net.blocks.0",
+        "Net.blocks.0.mlp",
+        "Net.blocks.0.mlp.0",
+        "Net.blocks.0.mlp.1",
+        "Net.blocks.1",
+        "Net.blocks.1.mlp",
+        "Net.blocks.1.mlp.0",
+        "Net.blocks.1.mlp.1",
+        "Net.head",
+    }
     assert keys(summary, "forward") == names
     assert keys(summary, "backward") == names  # the first layer's input needs no grad: still timed
     for stats in summary.values():
@@ -166,7 +177,7 @@ def test_names_match_the_seed_and_ignore_ddp_wrapping():
     with ModuleTracker() as t:
         model(torch.randn(2, 8)).sum().backward()
         t.step()
-        plain_names = set(n for n, _ in t.last_step())
+        plain_names = {n for n, _ in t.last_step()}
     assert plain_names == seen - {"Global"}
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
@@ -178,7 +189,7 @@ def test_names_match_the_seed_and_ignore_ddp_wrapping():
             ddp_summary = t.last_step()
     finally:
         dist.destroy_process_group()
-    assert set(n for n, _ in ddp_summary) == plain_names  # "Net...", never "DistributedDataParallel"
+    assert {n for n, _ in ddp_summary} == plain_names  # "Net...", never "DistributedDataParallel"
     assert ("Net", "backward") in ddp_summary
 
 

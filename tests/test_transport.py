@@ -1,4 +1,5 @@
 """The agent's transport over real gRPC on loopback, against a small in-test collector."""
+
 from __future__ import annotations
 
 import subprocess
@@ -27,7 +28,11 @@ def make_record(step: int, n: int = 3) -> StepRecord:
     ns = np.full(n, 1000 + step, dtype=np.int64)
     cols = PhaseColumns(ids, np.ones(n, np.uint32), ns, ns // 2, ns, ns * 2)
     return StepRecord(
-        step=step, start_ns=step * 10, end_ns=step * 10 + 9, forward_ns=3, backward_ns=4,
+        step=step,
+        start_ns=step * 10,
+        end_ns=step * 10 + 9,
+        forward_ns=3,
+        backward_ns=4,
         first_new_module_id=0 if step == 0 else n,
         new_module_names=list(NAMES[:n]) if step == 0 else [],
         phases={"forward": cols, "backward": cols},
@@ -60,7 +65,7 @@ def test_hello_reports_and_acks(serve, transports):
     for step in range(5):
         t.submit(make_record(step))
     wait_for(lambda: t.stats["acked_step"] == 4)
-    (_, hello), = fake.hellos
+    ((_, hello),) = fake.hellos
     assert (hello.job, hello.rank, hello.world_size, hello.host, hello.pid) == ("j", 1, 2, "h", 7)
     assert list(hello.module_names) in ([], NAMES)  # names known at connect, the rest in reports
     assert fake.received == [0, 1, 2, 3, 4]
@@ -174,9 +179,12 @@ def test_controls_capture_pause_resume(serve, transports):
 def test_codec_trace_and_counters():
     rec = make_record(2)
     rec.trace = TraceColumns(
-        module_id=np.array([0, 1], np.uint32), phase=np.array([0, 1], np.uint8),
-        start_ns=np.array([5, 6], np.int64), end_ns=np.array([9, 8], np.int64),
-        depth=np.array([0, 1], np.uint32), capture_id="cap",
+        module_id=np.array([0, 1], np.uint32),
+        phase=np.array([0, 1], np.uint8),
+        start_ns=np.array([5, 6], np.int64),
+        end_ns=np.array([9, 8], np.int64),
+        depth=np.array([0, 1], np.uint32),
+        capture_id="cap",
     )
     msg = encode_report(rec, {"reports_dropped": 3, "reconnects": 1, "hook_errors": 2, "send_errors": 0})
     r = msg.report

@@ -1,4 +1,5 @@
 """agent.track() / agent.step() in a custom loop, streaming to a real gRPC server on loopback."""
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,7 @@ def test_track_streams_every_step_of_a_loop_without_optimizer(serve, monkeypatch
             api.step()  # no optimizer: the loop marks its steps itself
         wait_for(lambda: len(fake.received) == 4)
     assert api._active is None
-    (_, hello), = fake.hellos
+    ((_, hello),) = fake.hellos
     assert hello.job == "custom-loop" and hello.world_size == 1
     names = list(hello.module_names) or list(fake.reports[0].new_module_names)
     assert names[:2] == ["Sequential", "Sequential.0"]

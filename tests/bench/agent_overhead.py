@@ -11,6 +11,7 @@ It also prints what keeping the rank's position (agent/position.py, for hung job
 call, timed in the same processes; --baseline-tree DIR (an older checkout) adds a mode "baseline":
 modtrack as DIR has it, interleaved with the others.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ def build(model: str):
         net = nn.Sequential(*[m for _ in range(200) for m in (nn.Linear(64, 64), nn.ReLU())])
         x = torch.randn(32, 64)
     else:
+
         class Encoder(nn.Module):
             def __init__(self):
                 super().__init__()
@@ -107,8 +109,10 @@ def position_cost_ns() -> float:
     from modtrack.agent.position import Position
 
     setup = "p = Position(); mid = 7; row = [7, 0]; stack = [(0, [3, 0])]"
-    body = ("position = p; position.module = mid; position.phase = row[1]\n"
-            "position = p\nif stack:\n    caller = stack[-1][1]; position.module = caller[0]; position.phase = caller[1]")
+    body = (
+        "position = p; position.module = mid; position.phase = row[1]\n"
+        "position = p\nif stack:\n    caller = stack[-1][1]; position.module = caller[0]; position.phase = caller[1]"
+    )
     empty = timeit.repeat("pass", setup, repeat=5, number=200_000, globals={"Position": Position})
     timed = timeit.repeat(body, setup, repeat=5, number=200_000, globals={"Position": Position})
     return (min(timed) - min(empty)) / 200_000 * 1e9
@@ -125,7 +129,11 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.steps, warmup=5, cpu_time=not args.wall, device=args.device)))
+        print(
+            json.dumps(
+                child(args.child[0], args.child[1], args.steps, warmup=5, cpu_time=not args.wall, device=args.device)
+            )
+        )
         return
     modes = MODES
     if args.baseline_tree:
@@ -136,9 +144,14 @@ def main() -> None:
         for model in args.models.split(","):
             steps = args.steps if model == "mlp200" else max(5, args.steps // 4)
             for mode in modes:
-                out = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--child", model, mode]
-                                     + (["--wall"] if args.wall else []) + ["--device", args.device],
-                                     check=True, capture_output=True, text=True).stdout
+                out = subprocess.run(
+                    [sys.executable, __file__, "--steps", str(steps), "--child", model, mode]
+                    + (["--wall"] if args.wall else [])
+                    + ["--device", args.device],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
                 res = json.loads(out.strip().splitlines()[-1])
                 results.setdefault((model, mode), []).append(res["median_ms"])
                 results[(model, "calls")] = res["calls"]
@@ -162,14 +175,18 @@ def main() -> None:
         runs = results[(model, "modtrack")]
         spread = (max(runs) - min(runs)) / statistics.median(runs) * 100 if len(runs) > 1 else float("nan")
         position_ms = statistics.median(results["position_ns"]) * calls / 1e6
-        print(f"{model}: position updates {statistics.median(results['position_ns']):.0f} ns/call = "
-              f"{position_ms:.3f} ms/step = {100 * position_ms / plain:.2f} % of the plain step "
-              f"(modtrack's step varies {spread:.1f} % from round to round)")
+        print(
+            f"{model}: position updates {statistics.median(results['position_ns']):.0f} ns/call = "
+            f"{position_ms:.3f} ms/step = {100 * position_ms / plain:.2f} % of the plain step "
+            f"(modtrack's step varies {spread:.1f} % from round to round)"
+        )
         if "baseline" in modes:
             base = statistics.median(results[(model, "baseline")])
             now = statistics.median(results[(model, "modtrack")])
-            print(f"{model}: modtrack - baseline = {now - base:+.3f} ms/step ({100 * (now - base) / plain:+.2f} % "
-                  "of the plain step)")
+            print(
+                f"{model}: modtrack - baseline = {now - base:+.3f} ms/step ({100 * (now - base) / plain:+.2f} % "
+                "of the plain step)"
+            )
 
 
 def make_baseline_shim(tree: str) -> None:

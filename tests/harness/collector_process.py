@@ -30,8 +30,15 @@ class CollectorProcess:
     """The collector command; `extra` are more serve flags. The log goes to `log_path` (default: beside
     the data dir). Use as a context manager, or end it with terminate() / kill()."""
 
-    def __init__(self, data_dir, *extra: str, log_path=None, grpc_port: int = 0, timeout: float = 30,
-                 command: list[str] | None = None):
+    def __init__(
+        self,
+        data_dir,
+        *extra: str,
+        log_path=None,
+        grpc_port: int = 0,
+        timeout: float = 30,
+        command: list[str] | None = None,
+    ):
         """`command` replaces `python -m modtrack.collector` (e.g. the same module under a guard)."""
         data_dir = Path(data_dir)
         self.log_path = Path(log_path) if log_path else data_dir.parent / f"{data_dir.name}-collector.log"

@@ -16,9 +16,7 @@ class CollectorThread:
 
     def __init__(self, data_dir, **config):
         config.setdefault("watermark_s", 0.5)
-        self.config = ServeConfig(
-            grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0", data_dir=str(data_dir), **config
-        )
+        self.config = ServeConfig(grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0", data_dir=str(data_dir), **config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

@@ -141,9 +141,7 @@ class FakeRank:
         self.channel.close()
 
 
-def stream_steps(
-    ranks: list[FakeRank], steps, fwd_ms_of=lambda rank, step: [1.0, 2.0, 3.0, 4.0, 5.0], **kw
-) -> None:
+def stream_steps(ranks: list[FakeRank], steps, fwd_ms_of=lambda rank, step: [1.0, 2.0, 3.0, 4.0, 5.0], **kw) -> None:
     """Every rank reports every step (fwd_ms_of(rank index, step) ms per module); wait for the last ack."""
     for step in steps:
         for i, r in enumerate(ranks):

@@ -1,4 +1,5 @@
 """A webhook receiver for tests: records every JSON POST it gets, can answer slowly or with errors."""
+
 from __future__ import annotations
 
 import json
