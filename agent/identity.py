@@ -21,6 +21,7 @@ class Identity:
     group_rank: int
     host: str
     pid: int
+    attempt: int | None = None  # torchelastic's restart count; None outside torchelastic
 
 
 def _int_env(env, name: str, default: int) -> int:
@@ -57,4 +58,5 @@ def identity_from_env(job: str | None = None, env=os.environ, fallback_job: str 
         group_rank=_int_env(env, "GROUP_RANK", 0),
         host=socket.gethostname(),
         pid=os.getpid(),
+        attempt=_int_env(env, "TORCHELASTIC_RESTART_COUNT", 0) if "TORCHELASTIC_RESTART_COUNT" in env else None,
     )

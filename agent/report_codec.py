@@ -54,6 +54,8 @@ def encode_hello(identity: Identity, module_names: list[str], clock_kind: str) -
         clock_kind=_CLOCK_ENUM.get(clock_kind, pb.CLOCK_KIND_UNSPECIFIED),
         session=SESSION,
     )
+    if identity.attempt is not None:
+        hello.attempt = identity.attempt
     hello.module_names.extend(module_names)
     return pb.AgentMessage(hello=hello)
 

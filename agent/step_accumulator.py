@@ -65,11 +65,13 @@ def _phase_columns(mid, incl, self_ns, start, end, counted) -> PhaseColumns:
 
 
 def _self_times(incl, parent, valid):
-    """Inclusive minus the inclusive time of direct children (rows whose PARENT is this row)."""
+    """Inclusive minus the inclusive time of direct children (rows whose PARENT is this row), and how
+    many calls had children longer than themselves (windows that overlap: counted, then clipped to 0)."""
     n = len(incl)
     has_parent = valid & (parent >= 0)
     children = np.bincount(parent[has_parent], weights=incl[has_parent], minlength=n)[:n]
-    return np.maximum(incl - children, 0)
+    self_ns = incl - children
+    return np.maximum(self_ns, 0), int(np.count_nonzero(self_ns < 0))
 
 
 def _durations(pairs: list, table) -> np.ndarray:
@@ -105,8 +107,9 @@ def build_step_record(log: StepLog, step: int, table: np.ndarray | None = None,
     else:
         f_incl = f_wall
         b_incl = np.where(b_valid, rows[:, B_END] - rows[:, B_START], 0)
-    f_self = _self_times(f_incl, parent, f_valid)
-    b_self = _self_times(b_incl, parent, b_valid)
+    f_self, f_overlaps = _self_times(f_incl, parent, f_valid)
+    b_self, b_overlaps = _self_times(b_incl, parent, b_valid)
+    record.overlapping_calls = f_overlaps + b_overlaps
 
     for name, mask, incl, self_ns, start, end in (
         ("forward", f_valid & (phase == FORWARD), f_incl, f_self, F_START, F_END),

@@ -56,16 +56,17 @@ class StepRow:
     modules: dict  # MODULE_COLUMNS names -> np.ndarray
     trace: dict | None = None  # TRACE_COLUMNS names -> np.ndarray, plus "capture_id"
     counters: dict = field(default_factory=dict)  # AGENT_COUNTERS -> int
+    attempt: int = 0  # the job's attempt (torchelastic restart count) the rank's stream belongs to
 
     def sql_row(self) -> tuple:
-        """(job, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs): the store's steps row."""
-        return (self.job, self.rank, self.step, *(int(self.figures[f]) for f in STEP_FIGURES),
+        """(job, attempt, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs): the store's steps row."""
+        return (self.job, self.attempt, self.rank, self.step, *(int(self.figures[f]) for f in STEP_FIGURES),
                 *(blob(self.modules[name], dtype) for name, dtype in MODULE_COLUMNS))
 
     def trace_row(self) -> tuple:
         t = self.trace
         assert t is not None, "a step without a trace has no trace row"
-        return (self.job, self.rank, self.step, t["capture_id"],
+        return (self.job, self.attempt, self.rank, self.step, t["capture_id"],
                 *(blob(t[name], dtype) for name, dtype in TRACE_COLUMNS))
 
 
@@ -88,11 +89,23 @@ class StepMatrix:
     forward_ms: np.ndarray | None = None  # (R,) optional, for the API
     backward_ms: np.ndarray | None = None  # (R,)
     module_names: Sequence[str] = field(default_factory=list)  # job-wide id -> name
+    # Step-level figures outside modules (wall time), judged like module columns when present:
+    data_ms: np.ndarray | None = None  # (R,) data loading and everything outside fwd/bwd/optimizer
+    optimizer_ms: np.ndarray | None = None  # (R,)
+    # Time in forward and backward not spent computing (wall minus module compute): the waits of
+    # every phase (FSDP's forward all-gathers, reduce-scatters, DDP's backward tail). None: the
+    # backward tail (sync_wait_ms) is all that is known.
+    idle_ms: np.ndarray | None = None  # (R,)
+    attempt: int = 0  # the job's attempt (torchelastic restarts) this step belongs to
 
 
 @dataclass
 class Episode:
-    """A rank (or a whole host, rank = -1) found slow in one module and phase."""
+    """A rank (or a whole host, rank = -1) found slow: one verdict listing every place it is slow.
+
+    module/phase name the costliest entry when the episode opened (they identify its alert);
+    `modules` lists every significant module x phase (and step-level cause) by excess, now.
+    """
 
     job: str
     rank: int  # -1 for a host-level (node suspect) episode
@@ -107,3 +120,7 @@ class Episode:
     cost_pct: float = 0.0
     ranks: list[int] = field(default_factory=list)  # for host episodes: the ranks involved
     id: int | None = None  # set by the store
+    cause: str = ""  # what to look at: "compute in 4 modules", "data loading", "whole rank", ...
+    excess_ms: float = 0.0  # the culprit's own excess time per slow step, over its peers' median
+    modules: list[dict] = field(default_factory=list)  # [{module, phase, excess_ms, slowdown}], costliest first
+    attempt: int = 0  # torchelastic restart count of the job when the episode opened

@@ -1,19 +1,27 @@
-"""A small GPT-style language model trained with DDP on synthetic tokens, with a straggler on demand.
+"""A small GPT-style language model trained with DDP (or FSDP) on synthetic tokens, with a straggler on demand.
 
     torchrun --nproc-per-node 4 examples/train.py --steps 40
     torchrun --nproc-per-node 4 -m modtrack.agent --collector 127.0.0.1:50051 examples/train.py \
         --slow-rank 2 --slow-module blocks.1.mlp --slow-phase backward --slow-ms 40 --slow-from-step 15
 
-The fault injection busy-waits (slow compute, not sleep) inside one module's forward, or
-inside its backward through an autograd Function placed at that module's output, on one rank.
+The fault injection busy-waits (slow compute, not sleep) on one rank: inside modules' forward, or
+inside their backward through an autograd Function placed at each module's output (--slow-module
+takes a comma-separated list), in every leaf module (--slow-phase whole), while loading the batch
+(data) or inside the optimizer step (optimizer). --slow-every N makes it intermittent (one slow
+step in N), --slow-ramp-steps a gradual ramp, --slow-to-step a stop. --fail-at-step S makes rank 0
+fail once, in the first attempt, so that `torchrun --max-restarts 1` restarts the job; --slow-attempt
+confines the fault to one attempt. --step-times FILE: rank 0 appends each step's wall time (the
+job's own measure of what a straggler costs, independent of the agent) as JSON lines.
 It prints the same lines with or without the agent: loss is deterministic for a given seed.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -99,25 +107,83 @@ class _SlowBackward(torch.autograd.Function):
         return grad, None
 
 
+def slow_ms_now(args, progress: dict) -> float:
+    """The busy wait this step asks for: 0 outside the slow steps, else --slow-ms (ramped, 1 in N)."""
+    step = progress["step"]
+    if step < args.slow_from_step or (args.slow_to_step is not None and step >= args.slow_to_step):
+        return 0.0
+    if args.slow_attempt is not None and progress["attempt"] != args.slow_attempt:
+        return 0.0
+    since = step - args.slow_from_step
+    if args.slow_every > 1 and since % args.slow_every:
+        return 0.0
+    if args.slow_ramp_steps:
+        return args.slow_ms * min(1.0, (since + 1) / args.slow_ramp_steps)
+    return args.slow_ms
+
+
+def slow_modules(model: nn.Module, args) -> list[nn.Module]:
+    """The modules the fault goes in: the named ones, or every leaf module for a whole-rank fault."""
+    if args.slow_phase == "whole":
+        return [m for m in model.modules() if not list(m.children())]
+    prefix = type(model).__name__ + "."
+    return [model.get_submodule(name.strip().removeprefix(prefix)) for name in args.slow_module.split(",")]
+
+
 def inject_slowness(model: nn.Module, args, progress: dict) -> None:
-    """Wrap one module's forward so that it is slow, in forward or backward, while the step is in range."""
-    name = args.slow_module.removeprefix(type(model).__name__ + ".")
-    module = model.get_submodule(name)
-    original = module.forward
+    """Wrap the modules' forward so that they are slow, in forward or backward, while the step is in range.
 
-    def active() -> bool:
-        step = progress["step"]
-        return step >= args.slow_from_step and (args.slow_to_step is None or step < args.slow_to_step)
+    A whole-rank fault spreads --slow-ms over every leaf module, half in forward, half in backward."""
+    modules = slow_modules(model, args)
+    share = 1.0 / (2 * len(modules)) if args.slow_phase == "whole" else 1.0
+    for module in modules:
+        original = module.forward
 
-    def slow_forward(*a, **kw):
-        if args.slow_phase == "forward" and active():
-            busy_wait(args.slow_ms)
-        out = original(*a, **kw)
-        if args.slow_phase == "backward" and active() and torch.is_grad_enabled():
-            out = _SlowBackward.apply(out, args.slow_ms)
-        return out
+        def slow_forward(*a, _original=original, **kw):
+            ms = slow_ms_now(args, progress) * share
+            if args.slow_phase in ("forward", "whole") and ms and torch.is_grad_enabled():
+                busy_wait(ms)
+            out = _original(*a, **kw)
+            if args.slow_phase in ("backward", "whole") and ms and torch.is_grad_enabled():
+                out = _SlowBackward.apply(out, ms)
+            return out
 
-    module.forward = slow_forward
+        module.forward = slow_forward
+
+
+def wrap_model(model: nn.Module, args, distributed: bool, cuda: bool) -> nn.Module:
+    """DDP, FSDP2 (fully_shard per block, then the root) or FSDP1 (FullyShardedDataParallel per block)."""
+    if not distributed or args.wrap == "none":
+        return model
+    if args.wrap == "ddp":
+        return DistributedDataParallel(model)
+    if args.wrap == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=device)
+
+
+class StepTimes:
+    """Rank 0's own record of each step's wall time, appended as JSON lines: the ground truth of cost."""
+
+    def __init__(self, path: str | None, rank: int, attempt: int):
+        self.file = open(path, "a") if path and rank == 0 else None  # noqa: SIM115 (open for the run)
+        self.attempt = attempt
+        self.last = time.perf_counter()
+
+    def step(self, step: int) -> None:
+        now = time.perf_counter()
+        if self.file is not None:
+            self.file.write(json.dumps({"attempt": self.attempt, "step": step, "ms": (now - self.last) * 1e3}) + "\n")
+            self.file.flush()
+        self.last = now
 
 
 def parse_args(argv=None):
@@ -134,10 +200,18 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--slow-rank", type=int, default=None)
     p.add_argument("--slow-module", default="blocks.1.mlp", help="e.g. blocks.1.mlp (TinyGPT. prefix optional)")
-    p.add_argument("--slow-phase", choices=("forward", "backward"), default="forward")
-    p.add_argument("--slow-ms", type=float, default=30.0)
+    p.add_argument("--slow-phase", choices=("forward", "backward", "whole", "data", "optimizer"), default="forward",
+                   help="where the busy wait goes: modules' forward or backward, every leaf module (whole), "
+                        "batch loading (data), the optimizer step")
+    p.add_argument("--slow-ms", type=float, default=30.0, help="per slow module and step (whole: in all)")
     p.add_argument("--slow-from-step", type=int, default=0)
     p.add_argument("--slow-to-step", type=int, default=None)
+    p.add_argument("--slow-every", type=int, default=1, help="intermittent: one slow step in N")
+    p.add_argument("--slow-ramp-steps", type=int, default=0, help="ramp from 0 to --slow-ms over N steps")
+    p.add_argument("--slow-attempt", type=int, default=None, help="only in this attempt (TORCHELASTIC_RESTART_COUNT)")
+    p.add_argument("--fail-at-step", type=int, default=None, help="rank 0 fails at this step of the first attempt")
+    p.add_argument("--wrap", choices=("ddp", "fsdp2", "fsdp1", "none"), default="ddp")
+    p.add_argument("--step-times", default=None, help="rank 0 appends each step's wall time here (JSON lines)")
     return p.parse_args(argv)
 
 
@@ -147,7 +221,15 @@ def main(argv=None) -> None:
     distributed = "WORLD_SIZE" in os.environ
     cuda = torch.cuda.is_available()
     rank = int(os.environ.get("RANK", 0))
-    if distributed:
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if distributed and attempt:
+        # A restarted attempt reuses torchrun's store, which still holds the first attempt's gloo
+        # addresses under the same keys: join it under a prefix of its own.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=60))
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"attempt-{attempt}", store),
+                                rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    elif distributed:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
@@ -155,21 +237,30 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = TinyGPT(args.vocab, args.dim, args.heads, args.layers, args.context).to(device)
-    progress = {"step": 0}
-    if args.slow_rank == rank:
+    progress = {"step": 0, "attempt": attempt}
+    slow_here = args.slow_rank == rank
+    if slow_here and args.slow_phase in ("forward", "backward", "whole"):
         inject_slowness(model, args, progress)
-    wrapped = DistributedDataParallel(model) if distributed else model
+    wrapped = wrap_model(model, args, distributed, cuda)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=3e-4)
+    if slow_here and args.slow_phase == "optimizer":
+        opt.register_step_pre_hook(lambda *_: busy_wait(slow_ms_now(args, progress)))
     data = torch.Generator().manual_seed(args.seed + 1000 + rank)  # each rank its own batches
+    times = StepTimes(args.step_times, rank, attempt)
 
     for step in range(args.steps):
         progress["step"] = step
+        if args.fail_at_step == step and attempt == 0 and rank == 0:
+            raise SystemExit(f"failing on purpose at step {step} of attempt 0 (--fail-at-step)")
+        if slow_here and args.slow_phase == "data":
+            busy_wait(slow_ms_now(args, progress))
         tokens = torch.randint(args.vocab, (args.batch, args.context + 1), generator=data).to(device)
         logits = wrapped(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        times.step(step)
         if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
             print(f"step {step} loss {loss.item():.4f}", flush=True)
 

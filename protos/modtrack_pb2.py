@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emodtrack/protos/modtrack.proto\x12\x0bmodtrack.v1\"\x94\x02\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nlocal_rank\x18\x04 \x01(\r\x12\x12\n\nworld_size\x18\x05 \x01(\r\x12\x12\n\ngroup_rank\x18\x06 \x01(\r\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\r\x12\x15\n\rtorch_version\x18\t \x01(\t\x12\x15\n\ragent_version\x18\n \x01(\t\x12*\n\nclock_kind\x18\x0b \x01(\x0e\x32\x16.modtrack.v1.ClockKind\x12\x14\n\x0cmodule_names\x18\x0c \x03(\t\x12\x0f\n\x07session\x18\r \x01(\t\"\xa5\x01\n\nPhaseStats\x12!\n\x05phase\x18\x01 \x01(\x0e\x32\x12.modtrack.v1.Phase\x12\x11\n\tmodule_id\x18\x02 \x03(\r\x12\r\n\x05\x63\x61lls\x18\x03 \x03(\r\x12\x14\n\x0cinclusive_ns\x18\x04 \x03(\x03\x12\x0f\n\x07self_ns\x18\x05 \x03(\x03\x12\x16\n\x0e\x66irst_start_ns\x18\x06 \x03(\x03\x12\x13\n\x0blast_end_ns\x18\x07 \x03(\x03\"\x82\x01\n\x05Trace\x12\x11\n\tmodule_id\x18\x01 \x03(\r\x12!\n\x05phase\x18\x02 \x03(\x0e\x32\x12.modtrack.v1.Phase\x12\x10\n\x08start_ns\x18\x03 \x03(\x03\x12\x0e\n\x06\x65nd_ns\x18\x04 \x03(\x03\x12\r\n\x05\x64\x65pth\x18\x05 \x03(\r\x12\x12\n\ncapture_id\x18\x06 \x01(\t\"f\n\rAgentCounters\x12\x17\n\x0freports_dropped\x18\x01 \x01(\x04\x12\x12\n\nreconnects\x18\x02 \x01(\x04\x12\x13\n\x0bhook_errors\x18\x03 \x01(\x04\x12\x13\n\x0bsend_errors\x18\x04 \x01(\x04\"\xed\x02\n\nStepReport\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x10\n\x08start_ns\x18\x02 \x01(\x03\x12\x0e\n\x06\x65nd_ns\x18\x03 \x01(\x03\x12\x12\n\nforward_ns\x18\x04 \x01(\x03\x12\x13\n\x0b\x62\x61\x63kward_ns\x18\x05 \x01(\x03\x12\x14\n\x0coptimizer_ns\x18\x06 \x01(\x03\x12\x0f\n\x07\x64\x61ta_ns\x18\x07 \x01(\x03\x12\x18\n\x10\x62\x61\x63kward_tail_ns\x18\x08 \x01(\x03\x12\x14\n\x0crecompute_ns\x18\t \x01(\x03\x12\x1b\n\x13\x66irst_new_module_id\x18\n \x01(\r\x12\x18\n\x10new_module_names\x18\x0b \x03(\t\x12\'\n\x06phases\x18\x0c \x03(\x0b\x32\x17.modtrack.v1.PhaseStats\x12!\n\x05trace\x18\r \x01(\x0b\x32\x12.modtrack.v1.Trace\x12,\n\x08\x63ounters\x18\x0e \x01(\x0b\x32\x1a.modtrack.v1.AgentCounters\"\x1a\n\tClockPing\x12\r\n\x05t1_ns\x18\x01 \x01(\x03\"8\n\tClockPong\x12\r\n\x05t1_ns\x18\x01 \x01(\x03\x12\r\n\x05t2_ns\x18\x02 \x01(\x03\x12\r\n\x05t3_ns\x18\x03 \x01(\x03\"0\n\x0b\x43lockOffset\x12\x11\n\toffset_ns\x18\x01 \x01(\x03\x12\x0e\n\x06rtt_ns\x18\x02 \x01(\x03\"\xc2\x01\n\tHeartbeat\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0e\n\x06module\x18\x03 \x01(\t\x12\x0f\n\x07step_ns\x18\x04 \x01(\x03\x12\x13\n\x0bposition_ns\x18\x05 \x01(\x03\x12\x16\n\x0emedian_step_ns\x18\x06 \x01(\x03\x12\r\n\x05stack\x18\x07 \x03(\t\x12\x17\n\x0f\x62\x61\x63kward_passes\x18\x08 \x01(\r\x12\x11\n\trepeat_ms\x18\t \x01(\r\x12\x0f\n\x07running\x18\n \x01(\x08\"\xe6\x01\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.modtrack.v1.HelloH\x00\x12)\n\x06report\x18\x02 \x01(\x0b\x32\x17.modtrack.v1.StepReportH\x00\x12&\n\x04ping\x18\x03 \x01(\x0b\x32\x16.modtrack.v1.ClockPingH\x00\x12)\n\x05\x63lock\x18\x04 \x01(\x0b\x32\x18.modtrack.v1.ClockOffsetH\x00\x12+\n\theartbeat\x18\x05 \x01(\x0b\x32\x16.modtrack.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"\x13\n\x03\x41\x63k\x12\x0c\n\x04step\x18\x01 \x01(\x04\"1\n\x0c\x43\x61ptureTrace\x12\x12\n\ncapture_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\r\"\x07\n\x05Pause\"\x08\n\x06Resume\"\x8d\x01\n\x07\x43ontrol\x12,\n\x07\x63\x61pture\x18\x01 \x01(\x0b\x32\x19.modtrack.v1.CaptureTraceH\x00\x12#\n\x05pause\x18\x02 \x01(\x0b\x32\x12.modtrack.v1.PauseH\x00\x12%\n\x06resume\x18\x03 \x01(\x0b\x32\x13.modtrack.v1.ResumeH\x00\x42\x08\n\x06\x61\x63tion\"\x8c\x01\n\x10\x43ollectorMessage\x12\x1f\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x10.modtrack.v1.AckH\x00\x12&\n\x04pong\x18\x02 \x01(\x0b\x32\x16.modtrack.v1.ClockPongH\x00\x12\'\n\x07\x63ontrol\x18\x03 \x01(\x0b\x32\x14.modtrack.v1.ControlH\x00\x42\x06\n\x04\x62ody*P\n\tClockKind\x12\x1a\n\x16\x43LOCK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43LOCK_KIND_CPU\x10\x01\x12\x13\n\x0f\x43LOCK_KIND_CUDA\x10\x02*Z\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_FORWARD\x10\x01\x12\x12\n\x0ePHASE_BACKWARD\x10\x02\x12\x13\n\x0fPHASE_RECOMPUTE\x10\x03\x32S\n\tCollector\x12\x46\n\x06Stream\x12\x19.modtrack.v1.AgentMessage\x1a\x1d.modtrack.v1.CollectorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emodtrack/protos/modtrack.proto\x12\x0bmodtrack.v1\"\xb6\x02\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nlocal_rank\x18\x04 \x01(\r\x12\x12\n\nworld_size\x18\x05 \x01(\r\x12\x12\n\ngroup_rank\x18\x06 \x01(\r\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\r\x12\x15\n\rtorch_version\x18\t \x01(\t\x12\x15\n\ragent_version\x18\n \x01(\t\x12*\n\nclock_kind\x18\x0b \x01(\x0e\x32\x16.modtrack.v1.ClockKind\x12\x14\n\x0cmodule_names\x18\x0c \x03(\t\x12\x0f\n\x07session\x18\r \x01(\t\x12\x14\n\x07\x61ttempt\x18\x0e \x01(\rH\x00\x88\x01\x01\x42\n\n\x08_attempt\"\xa5\x01\n\nPhaseStats\x12!\n\x05phase\x18\x01 \x01(\x0e\x32\x12.modtrack.v1.Phase\x12\x11\n\tmodule_id\x18\x02 \x03(\r\x12\r\n\x05\x63\x61lls\x18\x03 \x03(\r\x12\x14\n\x0cinclusive_ns\x18\x04 \x03(\x03\x12\x0f\n\x07self_ns\x18\x05 \x03(\x03\x12\x16\n\x0e\x66irst_start_ns\x18\x06 \x03(\x03\x12\x13\n\x0blast_end_ns\x18\x07 \x03(\x03\"\x82\x01\n\x05Trace\x12\x11\n\tmodule_id\x18\x01 \x03(\r\x12!\n\x05phase\x18\x02 \x03(\x0e\x32\x12.modtrack.v1.Phase\x12\x10\n\x08start_ns\x18\x03 \x03(\x03\x12\x0e\n\x06\x65nd_ns\x18\x04 \x03(\x03\x12\r\n\x05\x64\x65pth\x18\x05 \x03(\r\x12\x12\n\ncapture_id\x18\x06 \x01(\t\"f\n\rAgentCounters\x12\x17\n\x0freports_dropped\x18\x01 \x01(\x04\x12\x12\n\nreconnects\x18\x02 \x01(\x04\x12\x13\n\x0bhook_errors\x18\x03 \x01(\x04\x12\x13\n\x0bsend_errors\x18\x04 \x01(\x04\"\xed\x02\n\nStepReport\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x10\n\x08start_ns\x18\x02 \x01(\x03\x12\x0e\n\x06\x65nd_ns\x18\x03 \x01(\x03\x12\x12\n\nforward_ns\x18\x04 \x01(\x03\x12\x13\n\x0b\x62\x61\x63kward_ns\x18\x05 \x01(\x03\x12\x14\n\x0coptimizer_ns\x18\x06 \x01(\x03\x12\x0f\n\x07\x64\x61ta_ns\x18\x07 \x01(\x03\x12\x18\n\x10\x62\x61\x63kward_tail_ns\x18\x08 \x01(\x03\x12\x14\n\x0crecompute_ns\x18\t \x01(\x03\x12\x1b\n\x13\x66irst_new_module_id\x18\n \x01(\r\x12\x18\n\x10new_module_names\x18\x0b \x03(\t\x12\'\n\x06phases\x18\x0c \x03(\x0b\x32\x17.modtrack.v1.PhaseStats\x12!\n\x05trace\x18\r \x01(\x0b\x32\x12.modtrack.v1.Trace\x12,\n\x08\x63ounters\x18\x0e \x01(\x0b\x32\x1a.modtrack.v1.AgentCounters\"\x1a\n\tClockPing\x12\r\n\x05t1_ns\x18\x01 \x01(\x03\"8\n\tClockPong\x12\r\n\x05t1_ns\x18\x01 \x01(\x03\x12\r\n\x05t2_ns\x18\x02 \x01(\x03\x12\r\n\x05t3_ns\x18\x03 \x01(\x03\"0\n\x0b\x43lockOffset\x12\x11\n\toffset_ns\x18\x01 \x01(\x03\x12\x0e\n\x06rtt_ns\x18\x02 \x01(\x03\"\xc2\x01\n\tHeartbeat\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0e\n\x06module\x18\x03 \x01(\t\x12\x0f\n\x07step_ns\x18\x04 \x01(\x03\x12\x13\n\x0bposition_ns\x18\x05 \x01(\x03\x12\x16\n\x0emedian_step_ns\x18\x06 \x01(\x03\x12\r\n\x05stack\x18\x07 \x03(\t\x12\x17\n\x0f\x62\x61\x63kward_passes\x18\x08 \x01(\r\x12\x11\n\trepeat_ms\x18\t \x01(\r\x12\x0f\n\x07running\x18\n \x01(\x08\"\xe6\x01\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.modtrack.v1.HelloH\x00\x12)\n\x06report\x18\x02 \x01(\x0b\x32\x17.modtrack.v1.StepReportH\x00\x12&\n\x04ping\x18\x03 \x01(\x0b\x32\x16.modtrack.v1.ClockPingH\x00\x12)\n\x05\x63lock\x18\x04 \x01(\x0b\x32\x18.modtrack.v1.ClockOffsetH\x00\x12+\n\theartbeat\x18\x05 \x01(\x0b\x32\x16.modtrack.v1.HeartbeatH\x00\x42\x06\n\x04\x62ody\"\x13\n\x03\x41\x63k\x12\x0c\n\x04step\x18\x01 \x01(\x04\"1\n\x0c\x43\x61ptureTrace\x12\x12\n\ncapture_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\r\"\x07\n\x05Pause\"\x08\n\x06Resume\"\x8d\x01\n\x07\x43ontrol\x12,\n\x07\x63\x61pture\x18\x01 \x01(\x0b\x32\x19.modtrack.v1.CaptureTraceH\x00\x12#\n\x05pause\x18\x02 \x01(\x0b\x32\x12.modtrack.v1.PauseH\x00\x12%\n\x06resume\x18\x03 \x01(\x0b\x32\x13.modtrack.v1.ResumeH\x00\x42\x08\n\x06\x61\x63tion\"\x8c\x01\n\x10\x43ollectorMessage\x12\x1f\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x10.modtrack.v1.AckH\x00\x12&\n\x04pong\x18\x02 \x01(\x0b\x32\x16.modtrack.v1.ClockPongH\x00\x12\'\n\x07\x63ontrol\x18\x03 \x01(\x0b\x32\x14.modtrack.v1.ControlH\x00\x42\x06\n\x04\x62ody*P\n\tClockKind\x12\x1a\n\x16\x43LOCK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43LOCK_KIND_CPU\x10\x01\x12\x13\n\x0f\x43LOCK_KIND_CUDA\x10\x02*Z\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_FORWARD\x10\x01\x12\x12\n\x0ePHASE_BACKWARD\x10\x02\x12\x13\n\x0fPHASE_RECOMPUTE\x10\x03\x32S\n\tCollector\x12\x46\n\x06Stream\x12\x19.modtrack.v1.AgentMessage\x1a\x1d.modtrack.v1.CollectorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modtrack.protos.modtrack_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CLOCKKIND']._serialized_start=2043
-  _globals['_CLOCKKIND']._serialized_end=2123
-  _globals['_PHASE']._serialized_start=2125
-  _globals['_PHASE']._serialized_end=2215
+  _globals['_CLOCKKIND']._serialized_start=2077
+  _globals['_CLOCKKIND']._serialized_end=2157
+  _globals['_PHASE']._serialized_start=2159
+  _globals['_PHASE']._serialized_end=2249
   _globals['_HELLO']._serialized_start=48
-  _globals['_HELLO']._serialized_end=324
-  _globals['_PHASESTATS']._serialized_start=327
-  _globals['_PHASESTATS']._serialized_end=492
-  _globals['_TRACE']._serialized_start=495
-  _globals['_TRACE']._serialized_end=625
-  _globals['_AGENTCOUNTERS']._serialized_start=627
-  _globals['_AGENTCOUNTERS']._serialized_end=729
-  _globals['_STEPREPORT']._serialized_start=732
-  _globals['_STEPREPORT']._serialized_end=1097
-  _globals['_CLOCKPING']._serialized_start=1099
-  _globals['_CLOCKPING']._serialized_end=1125
-  _globals['_CLOCKPONG']._serialized_start=1127
-  _globals['_CLOCKPONG']._serialized_end=1183
-  _globals['_CLOCKOFFSET']._serialized_start=1185
-  _globals['_CLOCKOFFSET']._serialized_end=1233
-  _globals['_HEARTBEAT']._serialized_start=1236
-  _globals['_HEARTBEAT']._serialized_end=1430
-  _globals['_AGENTMESSAGE']._serialized_start=1433
-  _globals['_AGENTMESSAGE']._serialized_end=1663
-  _globals['_ACK']._serialized_start=1665
-  _globals['_ACK']._serialized_end=1684
-  _globals['_CAPTURETRACE']._serialized_start=1686
-  _globals['_CAPTURETRACE']._serialized_end=1735
-  _globals['_PAUSE']._serialized_start=1737
-  _globals['_PAUSE']._serialized_end=1744
-  _globals['_RESUME']._serialized_start=1746
-  _globals['_RESUME']._serialized_end=1754
-  _globals['_CONTROL']._serialized_start=1757
-  _globals['_CONTROL']._serialized_end=1898
-  _globals['_COLLECTORMESSAGE']._serialized_start=1901
-  _globals['_COLLECTORMESSAGE']._serialized_end=2041
-  _globals['_COLLECTOR']._serialized_start=2217
-  _globals['_COLLECTOR']._serialized_end=2300
+  _globals['_HELLO']._serialized_end=358
+  _globals['_PHASESTATS']._serialized_start=361
+  _globals['_PHASESTATS']._serialized_end=526
+  _globals['_TRACE']._serialized_start=529
+  _globals['_TRACE']._serialized_end=659
+  _globals['_AGENTCOUNTERS']._serialized_start=661
+  _globals['_AGENTCOUNTERS']._serialized_end=763
+  _globals['_STEPREPORT']._serialized_start=766
+  _globals['_STEPREPORT']._serialized_end=1131
+  _globals['_CLOCKPING']._serialized_start=1133
+  _globals['_CLOCKPING']._serialized_end=1159
+  _globals['_CLOCKPONG']._serialized_start=1161
+  _globals['_CLOCKPONG']._serialized_end=1217
+  _globals['_CLOCKOFFSET']._serialized_start=1219
+  _globals['_CLOCKOFFSET']._serialized_end=1267
+  _globals['_HEARTBEAT']._serialized_start=1270
+  _globals['_HEARTBEAT']._serialized_end=1464
+  _globals['_AGENTMESSAGE']._serialized_start=1467
+  _globals['_AGENTMESSAGE']._serialized_end=1697
+  _globals['_ACK']._serialized_start=1699
+  _globals['_ACK']._serialized_end=1718
+  _globals['_CAPTURETRACE']._serialized_start=1720
+  _globals['_CAPTURETRACE']._serialized_end=1769
+  _globals['_PAUSE']._serialized_start=1771
+  _globals['_PAUSE']._serialized_end=1778
+  _globals['_RESUME']._serialized_start=1780
+  _globals['_RESUME']._serialized_end=1788
+  _globals['_CONTROL']._serialized_start=1791
+  _globals['_CONTROL']._serialized_end=1932
+  _globals['_COLLECTORMESSAGE']._serialized_start=1935
+  _globals['_COLLECTORMESSAGE']._serialized_end=2075
+  _globals['_COLLECTOR']._serialized_start=2251
+  _globals['_COLLECTOR']._serialized_end=2334
 # @@protoc_insertion_point(module_scope)

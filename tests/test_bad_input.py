@@ -164,7 +164,12 @@ def test_thousands_of_streams_at_once_are_bounded(tmp_path):
 
 # --- property-based: malformed reports never change what is stored -------------------------
 
-TABLES = {"steps": "job, rank, step", "modules": "job, module_id", "traces": "job, step, rank", "jobs": "job"}
+TABLES = {
+    "steps": "job, attempt, rank, step",
+    "modules": "job, module_id",
+    "traces": "job, attempt, rank, step",
+    "jobs": "job",
+}
 
 
 def snapshot(path) -> dict:

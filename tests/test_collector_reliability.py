@@ -339,6 +339,7 @@ def test_a_data_directory_of_the_previous_schema_opens_and_reads_back(tmp_path):
             "ranks_reporting": 0,
             "last_step": 1,
             "last_evaluated_step": 1,
+            "attempt": 0,  # the migration keeps every older row as attempt 0
             "state": "stopped",
         }
         steps = get_json(f"{url}/api/v1/jobs/old/steps?last=10")["steps"]

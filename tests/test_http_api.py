@@ -68,6 +68,7 @@ def test_jobs_steps_modules(collector):
                     "ranks_reporting": 2,
                     "last_step": 3,
                     "last_evaluated_step": 3,
+                    "attempt": 0,
                     "state": "running",
                 }
             ]

@@ -33,7 +33,7 @@ def test_tables(busy):
     out = query("jobs", "--url", busy.url)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["JOB", "WORLD", "REPORTING", "LAST_STEP", "STATE"]
+    assert lines[0].split() == ["JOB", "WORLD", "REPORTING", "LAST_STEP", "ATTEMPT", "STATE"]
     assert lines[1].split()[:4] == ["train", "4", "4", "9"]
 
     out = query("stragglers", "--url", busy.url, "--job", "train")
@@ -41,6 +41,7 @@ def test_tables(busy):
     header, first = out.stdout.splitlines()[:2]
     assert header.split()[:4] == ["RANK", "HOST", "MODULE", "PHASE"]
     assert first.split()[:3] == ["2", "host2", "Net.blocks.1"] and "active" in first
+    assert header.split()[-1] == "CAUSE" and first.endswith("compute in 1 module")
 
     out = query("steps", "--url", busy.url, "--last", "2")  # the only job is the default
     assert out.returncode == 0, out.stderr

@@ -127,5 +127,5 @@ def test_a_failed_commit_is_reported_and_the_writer_keeps_going(store):
 
 def test_rows_are_compact():
     r = row("j", 0, 1, list(range(500)) * 2, [1] * 500 + [2] * 500, np.ones(1000))
-    blob_bytes = sum(len(v) for v in r.sql_row()[11:])
+    blob_bytes = sum(len(v) for v in r.sql_row()[12:])  # after job, attempt, rank, step, 8 figures
     assert blob_bytes == 1000 * (1 + 4 + 4 + 8 * 4)  # 41 bytes per module and phase

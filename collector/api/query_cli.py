@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--job", help="job name (all but `jobs`; default: the only job, if one)")
     p.add_argument("--last", type=int, default=10, help="steps: how many recent steps")
     p.add_argument("--step", type=int, help="modules: which step (default: last evaluated)")
+    p.add_argument("--attempt", type=int, help="which attempt of a restarted job (default: the latest)")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     p.add_argument("--token-file", help="send 'Authorization: Bearer <token in this file>'")
     p.add_argument("--timeout", type=float, default=10.0)
@@ -75,16 +76,13 @@ def _cell(v) -> str:
 
 def render(what: str, data: dict) -> str:
     if what == "jobs":
-        return table(["JOB", "WORLD", "REPORTING", "LAST_STEP", "STATE"],
-                     [[j["job"], j["world_size"], j["ranks_reporting"], j["last_step"], j["state"]]
-                      for j in data["jobs"]]) if data["jobs"] else "no jobs yet"
+        return table(["JOB", "WORLD", "REPORTING", "LAST_STEP", "ATTEMPT", "STATE"],
+                     [[j["job"], j["world_size"], j["ranks_reporting"], j["last_step"], j.get("attempt", 0),
+                       j["state"]] for j in data["jobs"]]) if data["jobs"] else "no jobs yet"
     if what == "stragglers":
         if not data["stragglers"]:
             return f"job {data['job']}: no stragglers"
-        return table(["RANK", "HOST", "MODULE", "PHASE", "SLOWDOWN", "STEPS", "STATE", "COST_MS/STEP"],
-                     [["host" if s["rank"] < 0 else s["rank"], s["host"], s["module"], s["phase"],
-                       f"{s['slowdown']:.2f}x", f"{s['first_step']}-{s['last_step']}", s["state"],
-                       s["cost_ms_per_step"]] for s in data["stragglers"]])
+        return _render_stragglers(data["stragglers"])
     if what == "steps":
         return table(["STEP", "RANK", "HOST", "WALL_MS", "FORWARD_MS", "BACKWARD_MS", "SYNC_WAIT_MS"],
                      [[s["step"], r["rank"], r["host"], r["wall_ms"], r["forward_ms"],
@@ -95,6 +93,22 @@ def render(what: str, data: dict) -> str:
 
         return render_stall(data)
     return _render_modules(data)
+
+
+def _render_stragglers(stragglers: list[dict]) -> str:
+    """One row per verdict, then its listed modules (every place the rank is slow) indented below it."""
+    rows = []
+    for s in stragglers:
+        rows.append(["host" if s["rank"] < 0 else s["rank"], s["host"], s["module"], s["phase"],
+                     f"{s['slowdown']:.2f}x", s.get("excess_ms"), f"{s['first_step']}-{s['last_step']}", s["state"],
+                     s["cost_ms_per_step"], s.get("cause") or "-"])
+        entries = s.get("modules") or []
+        if len(entries) > 1 or entries and (entries[0]["module"], entries[0]["phase"]) != (s["module"], s["phase"]):
+            for e in entries:
+                slowdown = f"{e['slowdown']:.2f}x" if e.get("slowdown") is not None else "-"
+                rows.append(["", "", "  " + e["module"], e["phase"], slowdown, e["excess_ms"], "", "", "", ""])
+    return table(["RANK", "HOST", "MODULE", "PHASE", "SLOWDOWN", "EXCESS_MS", "STEPS", "STATE", "COST_MS/STEP",
+                  "CAUSE"], rows)
 
 
 def _render_modules(data: dict) -> str:
@@ -147,4 +161,5 @@ def _query(args, token: str | None) -> dict:
     params = {"last": args.last} if args.what == "steps" else {}
     if args.what == "modules":
         params = {"step": args.step}
+    params["attempt"] = getattr(args, "attempt", None)
     return get(path, params)

@@ -118,7 +118,7 @@ def make_app(deps: ApiDeps) -> web.Application:
             reporting = deps.ranks_reporting(row["job"]) or 0
             out.append({"job": row["job"], "world_size": row["world_size"],
                         "ranks_reporting": reporting, "last_step": row["last_step"],
-                        "last_evaluated_step": row["last_evaluated_step"],
+                        "last_evaluated_step": row["last_evaluated_step"], "attempt": row["attempt"],
                         "state": "running" if reporting else "stopped"})
         return web.json_response({"jobs": out})
 
@@ -127,18 +127,25 @@ def make_app(deps: ApiDeps) -> web.Application:
         state = request.query.get("state")
         if state not in (None, "active", "resolved"):
             return error(400, "state must be active or resolved")
-        episodes = await read(store.episodes, job, state)
-        return web.json_response({"job": job, "stragglers": [
+        attempt = int_param(request, "attempt", None)
+        episodes = await read(store.episodes, job, state, attempt)
+        return web.json_response({"job": job, "attempt": await _attempt(job, attempt), "stragglers": [
             {"rank": e.rank, "host": e.host, "module": e.module, "phase": e.phase,
              "slowdown": round(e.slowdown, 4), "first_step": e.first_step,
              "last_step": e.last_step, "state": e.state,
              "cost_ms_per_step": round(e.cost_ms_per_step, 4), "cost_pct": round(e.cost_pct, 3),
-             "ranks": e.ranks, "id": e.id} for e in episodes]})
+             "cause": e.cause, "excess_ms": round(e.excess_ms, 4), "modules": e.modules,
+             "attempt": e.attempt, "ranks": e.ranks, "id": e.id} for e in episodes]})
+
+    async def _attempt(job: str, attempt: int | None) -> int:
+        """The attempt a query is about: the one asked for, else the job's latest."""
+        return attempt if attempt is not None else await read(store.latest_attempt, job)
 
     async def steps(request):
         job = await known_job(request)
         last = int_param(request, "last", 100, 1, MAX_LAST)
-        rows = await read(store.last_steps, job, last)
+        attempt = await _attempt(job, int_param(request, "attempt", None))
+        rows = await read(store.last_steps, job, last, attempt)
         hosts = await _hosts(job)
         by_step: dict[int, list] = {}
         for step, rank, *figures in rows:
@@ -149,7 +156,7 @@ def make_app(deps: ApiDeps) -> web.Application:
                 "backward_ms": f["backward_ns"] / 1e6, "sync_wait_ms": f["backward_tail_ns"] / 1e6,
                 "optimizer_ms": f["optimizer_ns"] / 1e6, "data_ms": f["data_ns"] / 1e6,
                 "recompute_ms": f["recompute_ns"] / 1e6})
-        return web.json_response({"job": job, "steps": [
+        return web.json_response({"job": job, "attempt": attempt, "steps": [
             {"step": s, "ranks": ranks} for s, ranks in by_step.items()]})
 
     async def _hosts(job: str) -> dict[int, str]:
@@ -159,15 +166,18 @@ def make_app(deps: ApiDeps) -> web.Application:
     async def modules(request):
         job = await known_job(request)
         step = int_param(request, "step", None)
+        asked = int_param(request, "attempt", None)
+        attempt = await _attempt(job, asked)
         if step is None:
-            step = await read(store.last_evaluated_step, job)
+            step = await read(store.last_evaluated_step, job) if asked is None else \
+                await read(store.last_stored_step, job, attempt)
             if step is None:
                 return error(404, f"job {job!r} has no evaluated step yet")
-        per_rank = await read(store.step_modules, job, step)
+        per_rank = await read(store.step_modules, job, step, attempt)
         if not per_rank:
             return error(404, f"job {job!r} has no step {step}")
         names = await read(store.module_names, job)
-        return web.json_response({"job": job, "step": step,
+        return web.json_response({"job": job, "attempt": attempt, "step": step,
                                   "modules": module_table(per_rank, names)})
 
     async def capture(request):

@@ -28,6 +28,8 @@ class RankStream:
     names: list
     remap: np.ndarray  # rank-local module id -> job-wide module id
     out: asyncio.Queue
+    attempt: int = 0  # the job's attempt this stream belongs to (torchelastic restarts)
+    duplicates_logged: bool = False  # a refused duplicate is logged once per stream
 
 
 def _array(values, dtype) -> np.ndarray:
@@ -66,7 +68,8 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
     }
     counters = {name: getattr(report.counters, name) for name in AGENT_COUNTERS}
     return StepRow(
-        stream.job, stream.rank, report.step, figures, modules, _parse_trace(report, stream, where), counters
+        stream.job, stream.rank, report.step, figures, modules, _parse_trace(report, stream, where), counters,
+        stream.attempt,
     )
 
 

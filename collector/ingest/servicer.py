@@ -167,19 +167,21 @@ class IngestServicer(pb_grpc.CollectorServicer):
             acker.cancel()
 
     def _hello(self, h, out: asyncio.Queue) -> RankStream:
-        job = self.merger.hello(h.job, h.rank, h.world_size, h.host, h.clock_kind)
+        announced = h.attempt if h.HasField("attempt") else None
+        job = self.merger.hello(h.job, h.rank, h.world_size, h.host, h.clock_kind, h.session, announced)
+        attempt = job.sessions[h.rank][0]
         names = list(h.module_names)
         remap = self._extend(job.job)(names)
-        stream = RankStream(h.job, h.rank, names, remap, out)
+        stream = RankStream(h.job, h.rank, names, remap, out, attempt)
         self.streams.setdefault(h.job, set()).add(stream)
-        self.writer.call(self.store.upsert_job, h.job, h.world_size)
+        self.writer.call(self.store.upsert_job, h.job, h.world_size, job.attempt)
         self.writer.call(self.store.upsert_rank, h.job, h.rank, {
             "local_rank": h.local_rank, "group_rank": h.group_rank, "host": h.host, "pid": h.pid,
             "session": h.session, "torch_version": h.torch_version,
             "agent_version": h.agent_version, "clock_kind": h.clock_kind,
-            "last_seen_ns": time.time_ns(), "state": "live"})
-        log.info("rank %d of job %r connected from %s (pid %d, %d modules)", h.rank, h.job,
-                 h.host, h.pid, len(names))
+            "last_seen_ns": time.time_ns(), "state": "live", "attempt": attempt})
+        log.info("rank %d of job %r (attempt %d) connected from %s (pid %d, %d modules)", h.rank, h.job,
+                 attempt, h.host, h.pid, len(names))
         return stream
 
     def _extend(self, job: str):
@@ -195,7 +197,14 @@ class IngestServicer(pb_grpc.CollectorServicer):
     def _report(self, report, stream: RankStream, acks: asyncio.Queue) -> None:
         row = parse_report(report, stream, self._extend(stream.job))
         acks.put_nowait((row.step, self.writer.steps([row])))
-        self.merger.add(row)
+        if not self.merger.add(row):  # stored, but too late (or of an older attempt) to be merged
+            if self.metrics is not None:
+                self.metrics.count_duplicate(stream.job, "late")
+            if not stream.duplicates_logged:
+                stream.duplicates_logged = True
+                log.warning("rank %d of job %r (attempt %d): step %d came after the job's step %d was "
+                            "evaluated; stored, not merged (logged once per stream)", stream.rank,
+                            stream.job, stream.attempt, row.step, self.merger.jobs[stream.job].last_evaluated)
         info = self.merger.jobs[stream.job].ranks[stream.rank]
         info.counters = row.counters
         self._observe_rank(stream, info)

@@ -67,7 +67,16 @@ def alert_annotations(episode: Episode) -> dict[str, str]:
         description = (f"In job {episode.job}, rank {episode.rank} on {episode.host} computes {where} "
                        f"{episode.slowdown:.2f}x slower than the median of its peers over {since}, while "
                        f"the others wait for it in the next collective. The job loses {_cost_text(episode)}.")
-    return {"summary": summary, "description": description}
+    annotations = {"summary": summary, "description": description}
+    if episode.cause:
+        annotations["summary"] = f"{summary}; cause: {episode.cause}"
+        annotations["cause"] = episode.cause
+    if episode.modules:  # every place the rank is slow, costliest first
+        annotations["modules"] = "; ".join(
+            f"{e['module']} ({e['phase']}) +{e['excess_ms']:.1f} ms" for e in episode.modules[:10]
+        ) + (f"; and {len(episode.modules) - 10} more" if len(episode.modules) > 10 else "")
+        annotations["excess_ms_per_step"] = f"{episode.excess_ms:.1f}"
+    return annotations
 
 
 def dashboard_link(dashboard_url: str, job: str) -> str:

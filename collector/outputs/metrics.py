@@ -69,6 +69,11 @@ class _Job:
     stragglers: list[Episode] = field(default_factory=list)  # active, costliest first, <= top_k
     stragglers_active: int = 0  # before the top-k cut
     suspect_hosts: set[str] = field(default_factory=set)
+    attempt: int = 0
+    duplicates: dict[str, int] = field(default_factory=dict)  # reason -> reports stored but not merged
+
+
+MODULES_PER_EPISODE = 5  # listed entries exported per active episode: the bound is top_k x this per job
 
 
 class CollectorMetrics:
@@ -92,6 +97,9 @@ class CollectorMetrics:
     def observe_step(self, matrix: StepMatrix, lag_s: float) -> None:
         with self._lock:
             job = self._job(matrix.job)
+            attempt = int(getattr(matrix, "attempt", 0) or 0)
+            if attempt != job.attempt:
+                job.attempt, job.last_step = attempt, -1
             job.matrix = matrix
             job.last_step = max(job.last_step, int(matrix.step))
         self.verdict_lag.observe(max(lag_s, 0.0))
@@ -119,6 +127,17 @@ class CollectorMetrics:
             state.stragglers = ranked[: self.top_k]
             state.stragglers_active = len(ranked)
             state.suspect_hosts = {e.host for e in active if e.rank < 0}
+
+    def count_duplicate(self, job: str, reason: str, n: int = 1) -> None:
+        """A report stored but not merged: "late" (its step was already evaluated) or "conflict" (a
+        different report with the same (attempt, step, rank) was stored first)."""
+        with self._lock:
+            d = self._job(job).duplicates
+            d[reason] = d.get(reason, 0) + n
+
+    def set_duplicates(self, job: str, reason: str, n: int) -> None:
+        with self._lock:
+            self._job(job).duplicates[reason] = n
 
     def mark_rank_missing(self, job: str, rank: int, host: str) -> None:
         with self._lock:
@@ -199,6 +218,9 @@ def _job_samples(name: str, job: _Job, f: dict) -> None:
     if job.last_step >= 0:
         f["last_step"].add_metric([name], job.last_step)
     f["n_active"].add_metric([name], job.stragglers_active)
+    f["attempt"].add_metric([name], job.attempt)
+    for reason, n in sorted(job.duplicates.items()):
+        f["duplicates"].add_metric([name, reason], n)
     seen = set()
     for e in job.stragglers:
         labels = (name, str(e.rank), e.host, e.module, e.phase)
@@ -207,6 +229,10 @@ def _job_samples(name: str, job: _Job, f: dict) -> None:
         seen.add(labels)
         f["slowdown"].add_metric(labels, e.slowdown)
         f["cost"].add_metric(labels, e.cost_ms_per_step / 1e3)
+        f["excess"].add_metric(labels, e.excess_ms / 1e3)
+        for entry in e.modules[:MODULES_PER_EPISODE]:
+            entry_labels = (name, str(e.rank), e.host, entry["module"], entry["phase"])
+            f["module_excess"].add_metric(entry_labels, entry["excess_ms"] / 1e3)
     for host in sorted(job.suspect_hosts):
         f["node"].add_metric([name, host], 1)
 
@@ -234,6 +260,17 @@ _FAMILIES = {  # key: (family type, name, help, labels)
                  "Active straggler: the rank's time over its peers' median.", (*_RANK, "module", "phase")),
     "cost": (GaugeMetricFamily, "modtrack_straggler_cost_seconds_per_step",
              "Active straggler: step time the job loses to it.", (*_RANK, "module", "phase")),
+    "excess": (GaugeMetricFamily, "modtrack_straggler_excess_seconds_per_step",
+               "Active straggler: the rank's own excess time per slow step over its peers' median, all places.",
+               (*_RANK, "module", "phase")),
+    "module_excess": (GaugeMetricFamily, "modtrack_straggler_module_excess_seconds",
+                      f"Active straggler: excess per slow step in each listed module x phase (at most "
+                      f"{MODULES_PER_EPISODE} per episode).", (*_RANK, "module", "phase")),
+    "attempt": (GaugeMetricFamily, "modtrack_job_attempt", "The job's latest attempt (torchelastic restarts, 0 first).",
+                _JOB),
+    "duplicates": (CounterMetricFamily, "modtrack_reports_duplicate",
+                   "Reports stored but not merged, by reason (late: step already evaluated; conflict: another "
+                   "report had the same attempt, step and rank).", ("job", "reason")),
     "n_active": (GaugeMetricFamily, "modtrack_straggler_episodes_active",
                  "Active rank episodes of the job (the per-episode series keep the costliest top-k).", _JOB),
     "node": (GaugeMetricFamily, "modtrack_node_suspect", "1 while the host's ranks straggle together.",

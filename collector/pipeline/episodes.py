@@ -1,8 +1,13 @@
-"""Straggler episodes from per-step flags: hysteresis, one episode per culprit, host roll-up, cost.
+"""Straggler episodes from per-step flags: one verdict per culprit, hysteresis, host roll-up, cost.
 
-The flag history is a ring of the last n steps' (ranks x columns) flag matrices with a running
-count, so k-of-n is one vectorized add and subtract per step. Only cells that reach k (few) and
-the active episodes (few) are visited in Python.
+The flag history is a ring of the last `long_n` steps' (ranks x columns) flag matrices with two
+running counts (the last n steps, the last long_n), so k-of-n and the rate rule for intermittent
+stragglers are one vectorized add and subtract per step. Only ranks that reach a count (few) and
+the active episodes (few) are visited in Python, each with numpy over its columns.
+
+An episode is a rank (or a host): it lists every column (module x phase, data loading, optimizer)
+where the rank carries significant excess over its peers' median, and what the job loses per step,
+which is the culprit's excess bounded by what its peers really waited, in any phase.
 """
 from __future__ import annotations
 
@@ -11,35 +16,105 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modtrack.collector.records import PHASE_NAMES, Episode, StepMatrix, column_key
+from modtrack.collector.records import N_PHASES, PHASE_NAMES, Episode, StepMatrix, column_key
+
+STEP_COLUMN_NAMES = {-1: ("(data loading)", "data"), -2: ("(optimizer)", "optimizer")}
+MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would list every module)
+BASELINE_STEPS = 20  # the job's step time before an episode: median of this many quiet steps
+MIN_BASELINE = 5
+MAX_WALL_SCALE = 2.0  # the wall a culprit costs, per ms of its excess compute, at most
+WHOLE_RANK_FRAC = 0.1  # a rank slower in most modules by this fraction of the step in all is slow as a whole
+MAX_GAP = 20  # steps between an intermittent straggler's slow steps that still keep it one episode
+
+
+class _quiet(np.errstate):
+    """numpy and warnings quiet for the all-NaN slices of absent columns."""
+
+    def __init__(self):
+        super().__init__(all="ignore")
+
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self._w.__exit__(*exc)
+
+
+@dataclass
+class _Step:
+    """One step's inputs to the book, computed once."""
+
+    m: StepMatrix
+    x: np.ndarray  # (R, K) judged columns
+    flags: object
+    rank_wide: np.ndarray  # (R,) bool
+    wall: np.ndarray
+    wait: np.ndarray
+    idle: np.ndarray  # what each rank waited, in any phase (falls back to the backward tail)
+    floor: float  # the least excess a listed entry carries
+    wall_med: float
+    idle_order: np.ndarray  # ranks' rows by idle time, least first
 
 
 @dataclass
 class _Track:
-    """An active episode and the running figures behind its smoothed slowdown and cost."""
+    """An active episode and the rings behind its verdict: the culprit's figures in its slow steps."""
 
     episode: Episode
     ranks: list[int]
+    keys: np.ndarray  # (K,) column keys the rings below are indexed by
+    excess: np.ndarray  # (S, K) ms over the peers' median, in the last S slow steps (NaN: not yet)
+    ratio: np.ndarray  # (S, K) over the peers' median
+    held: np.ndarray  # (S, K) bool: above the hold bars
+    wide: np.ndarray  # (S,) bool: slow across most columns
+    pos: int = 0
+    slow_steps: int = 0  # since the episode opened
+    steps: int = 0  # since the episode opened
     clean: int = 0  # consecutive steps without a flag
-    slowdowns: deque = field(default_factory=deque)
-    costs: deque = field(default_factory=deque)
-    pcts: deque = field(default_factory=deque)
+    last_slow: int = 0
+    max_gap: int = 1  # longest run between two slow steps: an intermittent straggler's period
+    losses: deque = field(default_factory=deque)  # the job's loss in each of the last cost_steps steps
+    walls: deque = field(default_factory=deque)
+    sig: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # significant columns
+    med_excess: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    med_ratio: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pending: tuple | None = None  # this step's (what-if loss, own excess, walls), before the wall scale
 
 
-def _key(rank: int, host: str, module: str, phase: str) -> tuple:
-    return (rank, host if rank == -1 else "", module, phase)
+def _key(rank: int, host: str) -> tuple:
+    return (rank, host if rank == -1 else "")
+
+
+def _empty_rings(s: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.full((s, k), np.nan), np.full((s, k), np.nan), np.zeros((s, k), bool)
+
+
+def _column_name(key: int, names: list[str]) -> tuple[str, str]:
+    if key < 0:
+        return STEP_COLUMN_NAMES.get(key, (f"step#{key}", "step"))
+    mid, ph = divmod(key, N_PHASES)
+    return (names[mid] if 0 <= mid < len(names) else f"module#{mid}", PHASE_NAMES.get(ph, str(ph)))
 
 
 class EpisodeBook:
     def __init__(self, job: str, params):
         self.job = job
         self.p = params
-        self.hist: np.ndarray | None = None  # (n, R, K) bool flags of the last n steps
-        self.counts: np.ndarray | None = None  # (R, K) uint8 flagged steps among the last n
+        self.span = max(params.long_n, params.n + 1)  # ring length
+        self.hist: np.ndarray | None = None  # (span, R, K) bool cell flags of the last span steps
+        self.counts: np.ndarray | None = None  # (R, K) flagged steps among the last n
+        self.long_counts: np.ndarray | None = None  # (R, K) ... among the last long_n
         # A step in which most of a rank's columns are flagged is one piece of evidence that the
         # rank is slow, not evidence that each of its cells is: it is counted here, not in counts.
-        self.rank_hist: np.ndarray | None = None  # (n, R) bool rank-wide steps of the last n
-        self.rank_counts: np.ndarray | None = None  # (R,) uint8
+        self.rank_hist: np.ndarray | None = None  # (span, R) bool rank-wide steps
+        self.rank_counts: np.ndarray | None = None  # (R,)
+        self.rank_long_counts: np.ndarray | None = None  # (R,)
         self.pos = 0
         self.rank_ids = np.empty(0, np.int64)
         self.col_keys = np.empty(0, np.int64)
@@ -47,170 +122,365 @@ class EpisodeBook:
         self.col_index: dict[tuple[str, str], int] = {}
         self.col_names: list[tuple[str, str]] = []
         self.tracks: dict[tuple, _Track] = {}
+        self.baseline: deque = deque()  # the job's step time (median rank wall) in recent quiet steps
+        self._floor_ms = 0.0
 
     # ---- bookkeeping of ranks and columns that come and go -------------------------------
 
-    def _align(self, m: StepMatrix) -> None:
+    def _align(self, m: StepMatrix, step_keys: np.ndarray) -> None:
         """Keep the flag history indexed like this matrix (ranks leave, modules appear)."""
         ranks = np.asarray(m.ranks, np.int64)
-        keys = column_key(np.asarray(m.column_module, np.int64), np.asarray(m.column_phase, np.int64))
-        if (
-            self.hist is not None
-            and np.array_equal(ranks, self.rank_ids)
-            and np.array_equal(keys, self.col_keys)
-        ):
+        keys = np.concatenate([column_key(np.asarray(m.column_module, np.int64),
+                                          np.asarray(m.column_phase, np.int64)), step_keys])
+        if self.hist is not None and np.array_equal(ranks, self.rank_ids) and np.array_equal(keys, self.col_keys):
             return
-        new = np.zeros((self.p.n, len(ranks), len(keys)), bool)
-        new_rank = np.zeros((self.p.n, len(ranks)), bool)
+        new = np.zeros((self.span, len(ranks), len(keys)), bool)
+        new_rank = np.zeros((self.span, len(ranks)), bool)
         if self.hist is not None:
             _, nr, orr = np.intersect1d(ranks, self.rank_ids, assume_unique=True, return_indices=True)
             _, nc, oc = np.intersect1d(keys, self.col_keys, assume_unique=True, return_indices=True)
             new[:, nr[:, None], nc] = self.hist[:, orr[:, None], oc]
             new_rank[:, nr] = self.rank_hist[:, orr]
         self.hist, self.rank_hist = new, new_rank
-        self.counts = new.sum(axis=0, dtype=np.uint8)
-        self.rank_counts = new_rank.sum(axis=0, dtype=np.uint8)
+        self.counts, self.rank_counts = self._window(new, self.p.n), self._window(new_rank, self.p.n)
+        self.long_counts = self._window(new, self.p.long_n)
+        self.rank_long_counts = self._window(new_rank, self.p.long_n)
         self.rank_ids, self.col_keys = ranks, keys
         self.rank_index = {int(r): i for i, r in enumerate(ranks)}
         names = m.module_names
-        self.col_names = [
-            (names[mid] if 0 <= mid < len(names) else f"module#{mid}", PHASE_NAMES.get(ph, str(ph)))
-            for mid, ph in zip(np.asarray(m.column_module).tolist(), np.asarray(m.column_phase).tolist())
-        ]
+        self.col_names = [_column_name(k, names) for k in keys.tolist()]
         self.col_index = {name: j for j, name in enumerate(self.col_names)}
+        for track in self.tracks.values():
+            self._realign_track(track, keys)
+
+    def _window(self, hist: np.ndarray, n: int) -> np.ndarray:
+        """Counts over the last n written slots of a ring whose next slot is self.pos."""
+        idx = [(self.pos - 1 - i) % self.span for i in range(n)]
+        return hist[idx].sum(axis=0, dtype=np.int16)
+
+    @staticmethod
+    def _realign_track(track: _Track, keys: np.ndarray) -> None:
+        excess, ratio, held = _empty_rings(track.excess.shape[0], len(keys))
+        _, nc, oc = np.intersect1d(keys, track.keys, assume_unique=True, return_indices=True)
+        excess[:, nc], ratio[:, nc], held[:, nc] = track.excess[:, oc], track.ratio[:, oc], track.held[:, oc]
+        track.keys, track.excess, track.ratio, track.held = keys, excess, ratio, held
+        if len(track.sig):
+            sig, med_e, med_r = np.zeros(len(keys), bool), np.full(len(keys), np.nan), np.full(len(keys), np.nan)
+            sig[nc], med_e[nc], med_r[nc] = track.sig[oc], track.med_excess[oc], track.med_ratio[oc]
+            track.sig, track.med_excess, track.med_ratio = sig, med_e, med_r
+
+    def _push(self, cell_flags: np.ndarray, rank_wide: np.ndarray) -> None:
+        """Write this step's flags over the oldest slot; the counts drop the slots leaving their windows."""
+        out_long = (self.pos - min(self.p.long_n, self.span)) % self.span
+        out_short = (self.pos - self.p.n) % self.span
+        self.long_counts -= self.hist[out_long]
+        self.counts -= self.hist[out_short]
+        self.rank_long_counts -= self.rank_hist[out_long]
+        self.rank_counts -= self.rank_hist[out_short]
+        self.hist[self.pos] = cell_flags
+        self.rank_hist[self.pos] = rank_wide
+        self.counts += cell_flags
+        self.long_counts += cell_flags
+        self.rank_counts += rank_wide
+        self.rank_long_counts += rank_wide
+        self.pos = (self.pos + 1) % self.span
 
     # ---- per step -------------------------------------------------------------------------
 
-    def update(self, m: StepMatrix, flags) -> list[Episode]:
-        self._align(m)
+    def update(self, m: StepMatrix, x: np.ndarray, step_keys: np.ndarray, flags) -> list[Episode]:
+        self._align(m, step_keys)
+        self._module_names = m.module_names
         flagged = flags.flagged
-        x = np.asarray(m.self_ms, dtype=np.float64)
         runs = np.count_nonzero(~np.isnan(x), axis=1)
         rank_wide = (runs >= 4) & (2 * flagged.sum(axis=1) > runs)
-        cell_flags = flagged & ~rank_wide[:, None]
-        self.counts -= self.hist[self.pos]
-        self.hist[self.pos] = cell_flags
-        self.counts += cell_flags
-        self.rank_counts -= self.rank_hist[self.pos]
-        self.rank_hist[self.pos] = rank_wide
-        self.rank_counts += rank_wide
-        self.pos = (self.pos + 1) % self.p.n
+        rank_wide |= self._slow_everywhere(m, x, flags)
+        self._push(flagged & ~rank_wide[:, None], rank_wide)
 
         wall = np.asarray(m.wall_ms, dtype=np.float64)
         wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
-        wall_med = float(np.nanmedian(wall)) if len(wall) else 0.0
-        wall_cap = float(np.nanmax(wall)) - wall_med if len(wall) else 0.0
+        idle = wait if m.idle_ms is None else np.nan_to_num(np.asarray(m.idle_ms, dtype=np.float64))
+        wall = np.nan_to_num(wall)
+        self._floor_ms = max(self._floor(wall), 0.05)
+        step = _Step(m, x, flags, rank_wide, wall, wait, idle, self._floor(wall),
+                     float(np.median(wall)) if len(wall) else 0.0, np.argsort(idle, kind="stable"))
 
+        quiet = not self.tracks and not flagged.any()  # a step for the baseline: nothing slow, nothing flagged
         changed: list[Episode] = []
+        stepped: list[_Track] = []
         for key, track in list(self.tracks.items()):
-            self._advance(track, m, x, flags.held, wait, wall_med, wall_cap)
+            self._advance(track, step)
+            stepped.append(track)
             changed.append(track.episode)
             if track.episode.state == "resolved":
                 del self.tracks[key]
-        changed += self._open(m, x, flags, wait, wall_med, wall_cap)
+                self._forget(track.ranks)
+        opened = self._open(step)
+        changed += opened
+        stepped += [t for t in self.tracks.values() if t.episode in opened]
+        self._losses(stepped, step, quiet)
         return changed
 
-    def _figures(self, track, x, c, wait, wall_med, wall_cap):
-        """This step's slowdown (vs. peers' median), cost in ms and % for a track's column."""
-        rows = [self.rank_index[r] for r in track.ranks if r in self.rank_index]
-        col = x[:, c]
-        mine = col[rows]
-        mine = mine[~np.isnan(mine)]
-        if not len(mine):
-            return None
-        others = np.delete(col, rows)
-        others = others[~np.isnan(others)]
-        if not len(others):
-            return None
-        peer_med = float(np.median(others))
-        excess = float(mine.max()) - peer_med
-        # Synchronous training: the step would shorten by the excess, but only down to the
-        # next slowest rank's finish (the least any peer waited, minus what the culprit waited).
-        # Unsynchronised steps: the wall gap. The job cannot lose more than that.
-        peer_wait = float(np.delete(wait, rows).min()) if len(wait) > len(rows) else 0.0
-        cap = max(wall_cap, peer_wait - float(wait[rows].min()), 0.0)
-        cost = min(max(excess, 0.0), cap)
-        slowdown = float(np.median(mine)) / peer_med if peer_med > 0 else float("inf")
-        pct = 100.0 * cost / wall_med if wall_med > 0 else 0.0
-        return slowdown, cost, pct
+    def _losses(self, tracks: list[_Track], s: _Step, quiet: bool) -> None:
+        """Each track's loss this step: its what-if (excess bounded by its peers' wait), scaled so that
+        what all culprits together explain is what the job's step time really grew by over the steps before.
 
-    def _record(self, track, figures) -> None:
-        if figures is None:
+        Module compute is CPU time on the CPU clock; what the job loses is wall time, which on a host
+        whose cores are shared runs longer than the compute behind it (by 0-30 % on 2 cores, measured
+        under DDP, FSDP2, FSDP1). The job's step time against its median before any episode measures
+        that; with no baseline (yet) the what-if stands."""
+        job_wall = s.wall_med
+        if quiet and job_wall > 0:
+            self.baseline.append(job_wall)
+            while len(self.baseline) > BASELINE_STEPS:
+                self.baseline.popleft()
+        pending = [t for t in tracks if t.pending is not None]
+        if not pending:
             return
-        ep = track.episode
-        for buf, value in zip((track.slowdowns, track.costs, track.pcts), figures):
-            buf.append(value)
-            while len(buf) > self.p.smooth_steps:
-                buf.popleft()
-        ep.slowdown = float(np.median(track.slowdowns))
-        ep.cost_ms_per_step = float(np.median(track.costs))
-        ep.cost_pct = float(np.median(track.pcts))
+        # With every culprit at its peers' pace the step would end at the first non-culprit's finish:
+        # the most any culprit's excess would give back, bounded by what the non-culprits waited.
+        culprits = sorted({r for t in pending for r in t.pending[3]})
+        others = np.delete(s.idle, culprits)
+        explained = max(min(t.pending[1], float(others.min()) - float(s.idle[t.pending[3]].min()))
+                        if len(others) else t.pending[0] for t in pending)
+        scale = 1.0
+        if len(self.baseline) >= MIN_BASELINE and explained > self._floor_ms:
+            grew = job_wall - float(np.median(self.baseline))
+            scale = min(max(grew / explained, 0.0), MAX_WALL_SCALE)
+        for t in pending:
+            self._record_loss(t, t.pending[0] * scale, t.pending[2])
+            t.pending = None
 
-    def _advance(self, track, m, x, held, wait, wall_med, wall_cap) -> None:
+    def _slow_everywhere(self, m: StepMatrix, x: np.ndarray, flags) -> np.ndarray:
+        """Ranks slower than the median in most of their modules, by a total that matters: a whole
+        rank slowed a little in each module (a slower core, a throttled clock), where no one cell
+        clears the floors. Victims (waiting more than the median rank) are not."""
+        k = np.asarray(m.self_ms).shape[1]
+        with _quiet():
+            diff = x[:, :k] - flags.median[:k]
+            runs = np.count_nonzero(~np.isnan(diff), axis=1)
+            # three in four of its modules above the hold ratio: slow everywhere, not in a few
+            spread = np.nanpercentile(x[:, :k] / flags.median[:k], 25, axis=1) > self.p.hold_ratio
+            total = np.nansum(diff, axis=1)
+            wall_med = float(np.nanmedian(m.wall_ms)) if len(m.wall_ms) else 0.0
+            wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
+        floor = max(3 * (self.p.min_excess_ms or 0.0), WHOLE_RANK_FRAC * (wall_med if np.isfinite(wall_med) else 0.0))
+        not_victim = wait <= (np.median(wait) if len(wait) else 0.0) + max(self.p.sync_tol_ms, 0.02 * wall_med)
+        return (runs >= 8) & (len(x) >= 3) & spread & (total > floor) & not_victim
+
+    def _floor(self, wall: np.ndarray) -> float:
+        """The least excess a listed entry must carry (the opening floors)."""
+        wall_med = float(np.nanmedian(wall)) if len(wall) else 0.0
+        frac = (self.p.min_excess_frac or 0.0) * (wall_med if np.isfinite(wall_med) else 0.0)
+        return max(self.p.min_excess_ms or 0.0, frac)
+
+    def _figures(self, track: _Track, s: _Step):
+        """This step's figures for a track: (rows, its excess and ratio per column, the cap on the
+        job's loss), or None when the rank (or every peer) is gone."""
+        rows = [self.rank_index[r] for r in track.ranks if r in self.rank_index]
+        if not rows or len(rows) == len(s.x):
+            return None
+        with _quiet():
+            # Among many ranks the culprit barely moves the median: the step's column medians
+            # serve every track; a few ranks need the median of the others.
+            many = len(s.x) - len(rows) >= 8
+            peer_med = s.flags.median if many else np.nanmedian(np.delete(s.x, rows, axis=0), axis=0)
+            excess = np.nanmax(s.x[rows], axis=0) - peer_med  # the job waits for the slowest member
+            ratio = np.nanmedian(s.x[rows], axis=0) / peer_med  # a host's typical member
+        # Synchronous training: the step would shorten by the culprit's excess, but only down to
+        # the next slowest rank's finish: the least any peer waited (in any phase), minus what the
+        # culprit itself waited. Unsynchronised steps: the wall gap. The job cannot lose more.
+        members = set(rows)
+        peer_idle = float(s.idle[next(i for i in s.idle_order.tolist() if i not in members)])
+        peer_wall = s.wall_med if many else float(np.median(np.delete(s.wall, rows)))
+        wall_cap = float(s.wall[rows].max()) - peer_wall
+        cap = max(peer_idle - float(s.idle[rows].min()), wall_cap, 0.0)
+        return rows, excess, ratio, cap
+
+    def _summarise(self, track: _Track, floor: float) -> None:
+        """Medians over the recorded slow steps, and the significant columns: held in at least half
+        of them, with a median excess above the floor."""
+        recorded = min(track.slow_steps, track.excess.shape[0])
+        with _quiet():  # a column absent in a recorded step has no median: it drops out
+            track.med_excess = np.median(track.excess[:recorded], axis=0)
+            track.med_ratio = np.median(track.ratio[:recorded], axis=0)
+        often = 2 * track.held[:recorded].sum(axis=0) >= recorded
+        whole = self._wide_share(track) >= 0.5  # slow everywhere: a little in each module counts
+        track.sig = often & (np.nan_to_num(track.med_excess, nan=-1.0) > (0.0 if whole else floor))
+
+    def _advance(self, track: _Track, s: _Step, opening: bool = False) -> None:
         ep = track.episode
-        c = self.col_index.get((ep.module, ep.phase))
+        track.steps += 1
+        fig = self._figures(track, s)
         now = False
-        if c is not None:
-            rows = [self.rank_index[r] for r in track.ranks if r in self.rank_index]
-            now = bool(held[rows, c].any()) if rows else False
-            if now:  # figures of the steps it is slow in: the smoothed slowdown does not fade
-                self._record(track, self._figures(track, x, c, wait, wall_med, wall_cap))
+        if fig is not None:
+            rows, excess, ratio, cap = fig
+            sig = track.sig if len(track.sig) == len(track.keys) else np.zeros(len(track.keys), bool)
+            if not track.slow_steps:  # restored after a collector restart: its module until it has figures
+                c = self.col_index.get((ep.module, ep.phase))
+                if c is not None and c < len(sig):
+                    sig = sig.copy()
+                    sig[c] = True
+            wide = bool(s.rank_wide[rows].any())
+            # Slow now: across the rank, or in a listed column (lower bars). A spike elsewhere keeps
+            # no episode open; a module that joins a slow rank is recorded with its slow steps.
+            now = opening or wide or bool(s.flags.held[rows][:, sig].any())
+            if now:
+                slot = track.pos % track.excess.shape[0]
+                track.excess[slot], track.ratio[slot] = excess, ratio
+                track.held[slot] = s.flags.held[rows].any(axis=0) | s.flags.flagged[rows].any(axis=0)
+                track.wide[slot] = wide
+                track.pos += 1
+                track.slow_steps += 1
+                self._summarise(track, s.floor)
+                sig = track.sig
+            whole = self._wide_share(track) >= 0.5
+            step_excess = float(np.nansum(excess)) if whole else float(np.nansum(excess[sig]))
+            step_excess = max(step_excess, 0.0)
+            track.pending = (min(step_excess, cap), step_excess, s.wall, rows)  # the loss is set in _losses
+            self._verdict(track, sig, whole)
         if now:
+            if not opening:
+                track.max_gap = max(track.max_gap, min(s.m.step - track.last_slow, MAX_GAP))
             track.clean = 0
-            ep.last_step = m.step
+            track.last_slow = ep.last_step = s.m.step
         else:  # a rank gone, or its module gone, no longer slows the job either
             track.clean += 1
-            if track.clean >= self.p.n:
+            if track.clean >= max(self.p.n, 2 * track.max_gap):
                 ep.state = "resolved"
+
+    def _wide_share(self, track: _Track) -> float:
+        recorded = min(track.slow_steps, len(track.wide))
+        return float(track.wide[:recorded].mean()) if recorded else 0.0
+
+    def _record_loss(self, track: _Track, loss: float, wall: np.ndarray) -> None:
+        track.losses.append(loss)
+        track.walls.append(float(np.median(wall)) if len(wall) else 0.0)
+        while len(track.losses) > self.p.cost_steps:
+            track.losses.popleft()
+            track.walls.popleft()
+        ep = track.episode
+        ep.cost_ms_per_step = float(np.mean(track.losses))
+        wall_med = float(np.median(track.walls))
+        ep.cost_pct = 100.0 * ep.cost_ms_per_step / wall_med if wall_med > 0 else 0.0
+
+    def _verdict(self, track: _Track, sig: np.ndarray, whole: bool) -> None:
+        """The episode's listed entries, excess, slowdown and cause from its slow steps."""
+        ep = track.episode
+        med_excess, med_ratio = track.med_excess, track.med_ratio
+        if len(med_excess) != len(sig):
+            return
+        cols = np.flatnonzero(sig)
+        cols = cols[np.argsort(-med_excess[cols], kind="stable")]
+        names = [_column_name(int(track.keys[c]), self._module_names) for c in cols.tolist()]
+        ep.modules = [
+            {"module": name, "phase": phase, "excess_ms": round(float(med_excess[c]), 3),
+             "slowdown": round(float(med_ratio[c]), 3) if np.isfinite(med_ratio[c]) else None}
+            for (name, phase), c in zip(names, cols.tolist())
+        ][:MAX_LISTED]
+        recorded = min(track.slow_steps, track.excess.shape[0])
+        rings = track.excess[:recorded] if whole else track.excess[:recorded, sig]
+        ep.excess_ms = float(np.median(np.nansum(rings, axis=1))) if recorded else 0.0
+        c = self.col_index.get((ep.module, ep.phase))
+        if c is not None and c < len(med_ratio) and np.isfinite(med_ratio[c]):
+            ep.slowdown = float(med_ratio[c])
+        ep.cause = self._cause(track, names, whole)
+
+    def _cause(self, track: _Track, names: list[tuple[str, str]], whole: bool) -> str:
+        ep = track.episode
+        if ep.rank == -1:
+            text = f"whole host {ep.host}"
+        elif whole:
+            text = "whole rank"
+        else:
+            parts = []
+            modules = len({name for name, phase in names if phase in ("forward", "backward", "recompute")})
+            for name, phase in names:
+                if phase == "data" and "data loading" not in parts:
+                    parts.append("data loading")
+                elif phase == "optimizer" and "optimizer" not in parts:
+                    parts.append("optimizer")
+                elif phase not in ("data", "optimizer") and not any(p.startswith("compute") for p in parts):
+                    parts.append(f"compute in {modules} module" + ("s" if modules > 1 else ""))
+            text = " + ".join(parts) or "compute"
+        if track.steps >= 6 and 1.5 * track.slow_steps < track.steps:
+            text += f", intermittent (1 step in {max(2, round(track.steps / track.slow_steps))})"
+        return text
+
+    # ---- opening ------------------------------------------------------------------------------
 
     def _busy_ranks(self) -> set[int]:
         return {r for t in self.tracks.values() for r in t.ranks}
 
-    def _new_track(self, m, rank, host, c, ranks, x, wait, wall_med, wall_cap) -> Episode:
+    def _new_track(self, s: _Step, rank: int, host: str, c: int, ranks) -> Episode:
         module, phase = self.col_names[c]
         ep = Episode(
             job=self.job, rank=rank, host=host, module=module, phase=phase, slowdown=1.0,
-            first_step=m.step, last_step=m.step, state="active", cost_ms_per_step=0.0,
-            ranks=sorted(ranks),
+            first_step=s.m.step, last_step=s.m.step, state="active", cost_ms_per_step=0.0,
+            ranks=sorted(ranks), attempt=getattr(s.m, "attempt", 0) or 0,
         )
-        track = _Track(ep, sorted(ranks))
-        self._record(track, self._figures(track, x, c, wait, wall_med, wall_cap))
-        self.tracks[_key(rank, host, module, phase)] = track
+        excess, ratio, held = _empty_rings(self.p.smooth_steps, len(self.col_keys))
+        track = _Track(ep, sorted(ranks), self.col_keys, excess, ratio, held,
+                       np.zeros(self.p.smooth_steps, bool), last_slow=s.m.step)
+        self._advance(track, s, opening=True)
+        self.tracks[_key(rank, host)] = track
+        self._forget(track.ranks)
         return ep
 
-    def _open(self, m, x, flags, wait, wall_med, wall_cap) -> list[Episode]:
-        """Open episodes for cells flagged now and in k of the last n steps, not yet reported.
+    def _forget(self, ranks) -> None:
+        """An opened episode consumes its ranks' flag history: once it closes, a new one needs new evidence."""
+        rows = [self.rank_index[r] for r in ranks if r in self.rank_index]
+        self.hist[:, rows] = False
+        self.rank_hist[:, rows] = False
+        for counts in (self.counts, self.long_counts, self.rank_counts, self.rank_long_counts):
+            counts[rows] = 0
 
-        The k steps are either the cell's own (its rank otherwise normal) or the rank's, slow
+    def _open(self, s: _Step) -> list[Episode]:
+        """Open an episode for each rank flagged now whose cell (or whole rank) was flagged in k of
+        the last n steps, or in long_k of the last long_n, and that is not reported yet.
+
+        The steps counted are either a cell's own (its rank otherwise normal) or the rank's, slow
         across most of its columns; spikes of one kind do not add to the other's.
         """
-        enough = (self.counts >= self.p.k) | (self.rank_counts >= self.p.k)[:, None]
-        rows, cols = np.nonzero(enough & flags.flagged)
+        p = self.p
+        # The rate rule is for modules: wall-time step columns (data, optimizer) see preemption
+        # spikes now and then on shared cores, and open only on k of the last n steps.
+        long = self.long_counts >= p.long_k
+        long[:, self.col_keys < 0] = False
+        enough = (self.counts >= p.k) | long
+        rank_enough = (self.rank_counts >= p.k) | (self.rank_long_counts >= p.long_k)
+        rows, cols = np.nonzero((enough | rank_enough[:, None]) & s.flags.flagged)
+        # A whole rank slow a little everywhere may have no flagged cell: its costliest column.
+        busy_now = self._busy_ranks()
+        bare = [r for r in np.flatnonzero(rank_enough & s.rank_wide).tolist()
+                if r not in set(rows.tolist()) and int(self.rank_ids[r]) not in busy_now]
+        if bare:
+            k = np.asarray(s.m.self_ms).shape[1]
+            with _quiet():
+                best = np.nanargmax(np.nan_to_num(s.x[bare, :k] - s.flags.median[:k], nan=-np.inf), axis=1)
+            rows, cols = np.concatenate([rows, bare]).astype(np.int64), np.concatenate([cols, best]).astype(np.int64)
         if not len(rows):
             return []
         busy = np.isin(self.rank_ids[rows], list(self._busy_ranks()))
         rows, cols = rows[~busy], cols[~busy]  # ranks already reported stay in their episode
         opened: list[Episode] = []
-        hosts = m.hosts
-        excess = x[rows, cols] - flags.median[cols]
+        excess = s.x[rows, cols] - s.flags.median[cols]
         cells: dict[int, list[tuple[float, int]]] = {}  # rank -> its (excess, column) now
         for r, c, e in zip(rows.tolist(), cols.tolist(), excess.tolist()):
             cells.setdefault(int(self.rank_ids[r]), []).append((e, c))
-        if self.p.host_rollup and cells:
-            opened += self._roll_up_hosts(m, cells, x, wait, wall_med, wall_cap)
-
+        if p.host_rollup and cells:
+            opened += self._roll_up_hosts(s, cells)
         for rank, flagged_cells in cells.items():
             _, c = max(flagged_cells)  # the column that carries the most excess
-            r = self.rank_index[rank]
-            opened.append(self._new_track(m, rank, hosts[r], c, [rank], x, wait, wall_med, wall_cap))
+            opened.append(self._new_track(s, rank, s.m.hosts[self.rank_index[rank]], c, [rank]))
         return opened
 
-    def _roll_up_hosts(self, m, cells, x, wait, wall_med, wall_cap) -> list[Episode]:
+    def _roll_up_hosts(self, s: _Step, cells) -> list[Episode]:
         """> half of a host's ranks (at least 2) slow in one column: one host episode replaces theirs.
 
         Only a host with peers elsewhere can be slower than its peers: on a one-host job every
         rank shares the host, and ranks slow in unrelated columns are noise, not a node problem.
         """
+        m = s.m
         host_size: dict[str, int] = {}
         for h in m.hosts:
             host_size[h] = host_size.get(h, 0) + 1
@@ -233,12 +503,12 @@ class EpisodeBook:
                 continue
             done.add(host)
             for rank in members & set(alone):
-                t = self.tracks.pop(_key(rank, "", alone[rank].episode.module, alone[rank].episode.phase))
+                t = self.tracks.pop(_key(rank, ""))
                 t.episode.state = "resolved"
                 opened.append(t.episode)
             for rank in members:
                 cells.pop(rank, None)
-            opened.append(self._new_track(m, -1, host, c, members, x, wait, wall_med, wall_cap))
+            opened.append(self._new_track(s, -1, host, c, members))
         return opened
 
     # ---- queries and restart --------------------------------------------------------------
@@ -251,8 +521,9 @@ class EpisodeBook:
             if ep.state != "active":
                 continue
             ranks = list(ep.ranks) if ep.rank == -1 else [ep.rank]
-            track = _Track(ep, sorted(ranks))
-            track.slowdowns.append(ep.slowdown)
-            track.costs.append(ep.cost_ms_per_step)
-            track.pcts.append(ep.cost_pct)
-            self.tracks[_key(ep.rank, ep.host, ep.module, ep.phase)] = track
+            excess, ratio, held = _empty_rings(self.p.smooth_steps, len(self.col_keys))
+            track = _Track(ep, sorted(ranks), self.col_keys, excess, ratio, held,
+                           np.zeros(self.p.smooth_steps, bool), last_slow=ep.last_step)
+            track.losses.append(ep.cost_ms_per_step)
+            track.walls.append(100.0 * ep.cost_ms_per_step / ep.cost_pct if ep.cost_pct else 0.0)
+            self.tracks[_key(ep.rank, ep.host)] = track

@@ -42,8 +42,10 @@ def read_job(store: Store, row: dict) -> StoredJob:
     """Read thread: a job's module table, ranks (missing until they report) and episodes."""
     job = row["job"]
     last = row["last_evaluated_step"]
-    state = JobState(job, row["world_size"], store.module_names(job), -1 if last is None else last)
+    state = JobState(job, row["world_size"], store.module_names(job), -1 if last is None else last,
+                     row.get("attempt") or 0)
     for r in store.ranks(job):
+        state.sessions[r["rank"]] = (r.get("attempt") or 0, r.get("session") or "")
         state.add_rank(
             r["rank"],
             RankState(
@@ -64,7 +66,8 @@ def read_one_job(store: Store, job: str) -> StoredJob | None:
 
 
 def episode_key(ep: Episode) -> tuple:
-    return (ep.job, ep.rank, ep.module, ep.phase, ep.first_step)
+    """One verdict per culprit: its module may change as the verdict grows, its identity does not."""
+    return (ep.job, ep.attempt, ep.rank, ep.first_step)
 
 
 class Evaluator:
@@ -148,6 +151,8 @@ class Evaluator:
                     self.metrics.mark_rank_missing(job, rank, self.merger.jobs[job].ranks[rank].host)
                 if ready:
                     await loop.run_in_executor(self.pool, self.evaluate, ready)
+                for job, n in list(self.store.duplicates.items()):
+                    self.metrics.set_duplicates(job, "conflict", n)
                 if time.monotonic() >= next_retention:
                     next_retention = time.monotonic() + self.config.retention_every_s
                     for job in list(self.merger.jobs):
@@ -191,10 +196,19 @@ class Evaluator:
 
     # --- evaluation (the evaluation thread) --------------------------------------------------------
     def _detector(self, job: JobSnapshot) -> Detector:
+        """The job's detector; a new attempt (torchelastic restart) starts a fresh one, and the old
+        attempt's episodes end."""
         detector = self.detectors.get(job.job)
+        if detector is not None and getattr(detector, "attempt", 0) != job.attempt:
+            for ep in detector.active():
+                ep.state = "resolved"
+                self._persist_episode(ep)
+            self.metrics.set_episodes(job.job, [])
+            detector = None
         if detector is None:
             params = params_for_clock(self.config.detector, job.cpu_clock)
             detector = self.detectors[job.job] = Detector(job.job, params)
+            detector.attempt = job.attempt
         return detector
 
     def evaluate(self, ready: list[ReadyStep]) -> None:
@@ -214,7 +228,7 @@ class Evaluator:
                 self.eval_errors += 1
                 log.exception("evaluating step %d of job %r failed; the step has no verdict", item.step, job)
             # Evaluated, with or without a verdict: the step is done and is not merged again.
-            self.writer.call_threadsafe(self.store.set_evaluated, job, item.step)
+            self.writer.call_threadsafe(self.store.set_evaluated, job, item.step, item.job.attempt)
 
     def _persist_episode(self, ep: Episode) -> None:
         key = episode_key(ep)
@@ -227,14 +241,17 @@ class Evaluator:
         snapshot = dataclasses.replace(ep, ranks=list(ep.ranks))
         self.writer.call_threadsafe(self.store.upsert_episode, snapshot)
         log.info(
-            "straggler episode %s: job %r rank %d host %s %s/%s %.2fx steps %d-%d",
+            "straggler episode %s: job %r attempt %d rank %d host %s: %s, %s/%s %.2fx, %.1f ms/step lost, steps %d-%d",
             ep.state,
             ep.job,
+            ep.attempt,
             ep.rank,
             ep.host,
+            ep.cause,
             ep.module,
             ep.phase,
             ep.slowdown,
+            ep.cost_ms_per_step,
             ep.first_step,
             ep.last_step,
         )

@@ -4,7 +4,8 @@ A step is evaluated once every live rank has reported it, or `watermark_s` after
 report, whichever comes first, and steps of one job are evaluated in ascending order. A rank
 with no report for `missing_after_s` is marked missing: it is not waited for, and it is not a
 straggler (it simply is not in the matrix). Reports for steps already evaluated are stored but
-not merged again.
+not merged again. A torchelastic restart is a new attempt of the job: its steps start again at 0,
+are stored under (attempt, step), and only the newest attempt is merged.
 
 Merge state lives on the event loop. What evaluating a step needs of its job (hosts, the module
 table, the clock) is copied into a JobSnapshot when the step is handed out, so the evaluation
@@ -45,6 +46,7 @@ class JobSnapshot:
     names: list[str]  # job-wide module id -> name: a copy the loop never changes
     hosts: dict[int, str]  # rank -> host, for the ranks of this step
     cpu_clock: bool  # some rank times its modules on the CPU clock (the detector's floor)
+    attempt: int = 0  # the job's attempt (torchelastic restarts) when the step was handed out
 
 
 @dataclass
@@ -53,13 +55,14 @@ class ReadyStep:
     step: int
     rows: dict  # rank -> StepRow
     lag_s: float  # first report -> evaluation
+    attempt: int = 0
 
 
 class JobState:
     """What the merge knows about one job: ranks, the job-wide module table, pending steps."""
 
     def __init__(self, job: str, world_size: int, names: list[str] | None = None,
-                 last_evaluated: int = -1):
+                 last_evaluated: int = -1, attempt: int = 0):
         self.job = job
         self.world_size = world_size
         self.names: list[str] = list(names or [])
@@ -67,9 +70,33 @@ class JobState:
         self.ranks: dict[int, RankState] = {}
         self.pending: dict[int, PendingStep] = {}
         self.last_evaluated = last_evaluated
+        self.attempt = attempt  # the newest attempt (torchelastic restarts); only it is merged
+        self.sessions: dict[int, tuple[int, str]] = {}  # rank -> (attempt, session) of its last hello
         self.cpu_clock = False
         self.last_activity = time.monotonic()  # latest Hello or report (or the restore)
         self._frozen_names: list[str] = []
+
+    def attempt_of(self, rank: int, session: str, announced: int | None) -> int:
+        """The attempt a rank's hello belongs to; a newer one starts the job's steps afresh.
+
+        torchelastic's restart count when the agent sends it; else a rank that comes back with a
+        new session (a new process) after one of this attempt is the next attempt, and the same
+        session is a reconnect."""
+        known = self.sessions.get(rank)
+        if announced is not None:
+            attempt = announced
+        elif known is None or not session or not known[1]:
+            attempt = self.attempt
+        elif known[1] == session:
+            attempt = known[0]
+        else:
+            attempt = max(self.attempt, known[0] + 1)
+        self.sessions[rank] = (attempt, session)
+        if attempt > self.attempt:
+            self.attempt = attempt
+            self.pending.clear()  # the old attempt's unfinished steps will never complete
+            self.last_evaluated = -1
+        return attempt
 
     def add_rank(self, rank: int, info: RankState) -> None:
         self.ranks[rank] = info
@@ -82,7 +109,7 @@ class JobState:
             self._frozen_names = list(self.names)  # a new copy: the old one stays as snapshots saw it
         ranks = self.ranks if ranks is None else ranks
         hosts = {r: self.ranks[r].host for r in ranks if r in self.ranks}
-        return JobSnapshot(self.job, self._frozen_names, hosts, self.cpu_clock)
+        return JobSnapshot(self.job, self._frozen_names, hosts, self.cpu_clock, self.attempt)
 
     def module_ids(self, names: list[str]) -> tuple[np.ndarray, int, list[str]]:
         """Job-wide ids for a rank's names, adding the unseen ones. Returns (ids, first id
@@ -117,8 +144,11 @@ class Merger:
         state.world_size = max(world_size, 1)
         return state
 
-    def hello(self, job: str, rank: int, world_size: int, host: str, clock_kind: int = 0) -> JobState:
+    def hello(self, job: str, rank: int, world_size: int, host: str, clock_kind: int = 0,
+              session: str = "", attempt: int | None = None) -> JobState:
+        """Register a rank's stream; `state.sessions[rank][0]` is then the attempt it belongs to."""
         state = self.job(job, world_size)
+        state.attempt_of(rank, session, attempt)
         state.add_rank(rank, RankState(host=host, last_seen=time.monotonic(), clock_kind=clock_kind))
         state.last_activity = time.monotonic()
         return state
@@ -130,7 +160,7 @@ class Merger:
         rank = state.ranks[row.rank]
         rank.last_seen = state.last_activity = now
         rank.state = "live"
-        if row.step <= state.last_evaluated:
+        if row.attempt != state.attempt or row.step <= state.last_evaluated:
             self.late_reports += 1
             return False
         pending = state.pending.get(row.step)
@@ -160,7 +190,7 @@ class Merger:
                 del state.pending[step]
                 state.last_evaluated = step
                 ready.append(ReadyStep(state.snapshot(pending.rows), step, pending.rows,
-                                       now - pending.first_seen))
+                                       now - pending.first_seen, state.attempt))
         return ready, missing
 
 
@@ -185,11 +215,20 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     self_ms = np.full((len(ranks), len(columns)), np.nan)
     self_ms[np.repeat(np.arange(len(ranks)), lengths), inverse] = self_ns / 1e6
     figures = {name: np.array([r.figures[name] for r in ordered], dtype=np.float64)
-               for name in ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns")}
+               for name in ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns",
+                            "data_ns", "optimizer_ns")}
+    tail_ms = figures["backward_tail_ns"] / 1e6
+    # On the CPU clock a module's self time is compute only, so forward and backward wall minus all
+    # module compute is what the rank waited, in whatever phase (FSDP all-gathers, DDP's tail).
+    # Other clocks (CUDA events) cannot be subtracted from host walls: the backward tail it is.
+    in_modules = (figures["forward_ns"] + figures["backward_ns"]) / 1e6 - np.nansum(self_ms, axis=1)
+    idle_ms = np.maximum(in_modules, tail_ms) if state.cpu_clock else tail_ms
     return StepMatrix(
         job=state.job, step=step, ranks=np.array(ranks, dtype=np.int64),
         hosts=[state.hosts.get(r, "") for r in ranks],
         column_module=columns // N_PHASES, column_phase=columns % N_PHASES,
         self_ms=self_ms, wall_ms=(figures["end_ns"] - figures["start_ns"]) / 1e6,
-        sync_wait_ms=figures["backward_tail_ns"] / 1e6, forward_ms=figures["forward_ns"] / 1e6,
-        backward_ms=figures["backward_ns"] / 1e6, module_names=state.names)
+        sync_wait_ms=tail_ms, forward_ms=figures["forward_ns"] / 1e6,
+        backward_ms=figures["backward_ns"] / 1e6, module_names=state.names,
+        data_ms=figures["data_ns"] / 1e6, optimizer_ms=figures["optimizer_ns"] / 1e6, idle_ms=idle_ms,
+        attempt=state.attempt)

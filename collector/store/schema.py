@@ -66,7 +66,53 @@ def _v1_tables(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_tables]
+def migrate_attempts(conn: sqlite3.Connection) -> None:
+    """Version 1 -> 2: torchelastic attempts, and verdicts with every place a culprit is slow.
+
+    A restarted attempt's steps start again at 0: steps and traces are keyed by (job, attempt,
+    step, rank) (SQLite cannot change a UNIQUE key in place: the tables are rebuilt, rows kept as
+    attempt 0). jobs and ranks say the newest attempt; episodes gain attempt, cause, excess_ms and
+    modules (JSON list of {module, phase, excess_ms, slowdown})."""
+    _run_statements(conn, """
+ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE ranks ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE episodes ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE episodes ADD COLUMN cause TEXT NOT NULL DEFAULT '';
+ALTER TABLE episodes ADD COLUMN excess_ms REAL NOT NULL DEFAULT 0;
+ALTER TABLE episodes ADD COLUMN modules TEXT NOT NULL DEFAULT '[]';
+CREATE TABLE steps_v1 (
+  job TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, rank INTEGER NOT NULL, step INTEGER NOT NULL,
+  start_ns INTEGER, end_ns INTEGER, forward_ns INTEGER, backward_ns INTEGER,
+  optimizer_ns INTEGER, data_ns INTEGER, backward_tail_ns INTEGER, recompute_ns INTEGER,
+  m_phase BLOB, m_module BLOB, m_calls BLOB, m_inclusive BLOB, m_self BLOB,
+  m_first_start BLOB, m_last_end BLOB,
+  UNIQUE (job, attempt, step, rank));
+INSERT INTO steps_v1 (job, rank, step, start_ns, end_ns, forward_ns, backward_ns, optimizer_ns, data_ns,
+  backward_tail_ns, recompute_ns, m_phase, m_module, m_calls, m_inclusive, m_self, m_first_start, m_last_end)
+  SELECT job, rank, step, start_ns, end_ns, forward_ns, backward_ns, optimizer_ns, data_ns,
+  backward_tail_ns, recompute_ns, m_phase, m_module, m_calls, m_inclusive, m_self, m_first_start, m_last_end
+  FROM steps;
+DROP TABLE steps;
+ALTER TABLE steps_v1 RENAME TO steps;
+CREATE TABLE traces_v1 (
+  job TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, rank INTEGER NOT NULL, step INTEGER NOT NULL,
+  capture_id TEXT, t_module BLOB, t_phase BLOB, t_start BLOB, t_end BLOB, t_depth BLOB,
+  PRIMARY KEY (job, attempt, step, rank));
+INSERT INTO traces_v1 (job, rank, step, capture_id, t_module, t_phase, t_start, t_end, t_depth)
+  SELECT job, rank, step, capture_id, t_module, t_phase, t_start, t_end, t_depth FROM traces;
+DROP TABLE traces;
+ALTER TABLE traces_v1 RENAME TO traces;
+""")
+
+
+def _run_statements(conn: sqlite3.Connection, script: str) -> None:
+    """A script statement by statement, inside the caller's transaction (executescript would commit)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_tables, migrate_attempts]
 VERSION = len(MIGRATIONS)
 
 

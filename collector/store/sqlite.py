@@ -10,6 +10,7 @@ versions are in collector/store/schema.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -20,17 +21,19 @@ import numpy as np
 from modtrack.collector.records import AGENT_COUNTERS, MODULE_COLUMNS, STEP_FIGURES, TRACE_COLUMNS, Episode, StepRow
 from modtrack.collector.store import schema
 
+log = logging.getLogger("modtrack.collector.store")
+
 _INSERT_STEP = (
-    f"INSERT OR IGNORE INTO steps (job, rank, step, {', '.join(STEP_FIGURES)}, "
+    f"INSERT OR IGNORE INTO steps (job, attempt, rank, step, {', '.join(STEP_FIGURES)}, "
     f"{', '.join('m_' + name for name, _ in MODULE_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * (3 + len(STEP_FIGURES) + len(MODULE_COLUMNS)))})")
+    f"VALUES ({', '.join('?' * (4 + len(STEP_FIGURES) + len(MODULE_COLUMNS)))})")
 # The ranks table has one column per agent counter, named as the wire names it.
 _UPDATE_RANK_SEEN = (
     "UPDATE ranks SET last_seen_ns = ?, state = 'live', "
     + ", ".join(f"{name} = ?" for name in AGENT_COUNTERS) + " WHERE job = ? AND rank = ?")
 _INSERT_TRACE = (
-    "INSERT OR IGNORE INTO traces (job, rank, step, capture_id, t_module, t_phase, t_start, "
-    "t_end, t_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    "INSERT OR IGNORE INTO traces (job, attempt, rank, step, capture_id, t_module, t_phase, t_start, "
+    "t_end, t_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -47,11 +50,17 @@ def _blobs(row, names_types, offset: int) -> dict:
             for i, (name, dtype) in enumerate(names_types)}
 
 
+_EPISODE_COLUMNS = ("id, job, rank, host, module, phase, slowdown, first_step, last_step, state, "
+                    "cost_ms_per_step, cost_pct, ranks, attempt, cause, excess_ms, modules")
+
+
 def _episode(row) -> Episode:
-    (eid, job, rank, host, module, phase, slowdown, first, last, state, cost, pct, ranks) = row
+    (eid, job, rank, host, module, phase, slowdown, first, last, state, cost, pct, ranks, attempt, cause,
+     excess, modules) = row
     return Episode(job=job, rank=rank, host=host, module=module, phase=phase, slowdown=slowdown,
                    first_step=first, last_step=last, state=state, cost_ms_per_step=cost,
-                   cost_pct=pct or 0.0, ranks=json.loads(ranks or "[]"), id=eid)
+                   cost_pct=pct or 0.0, ranks=json.loads(ranks or "[]"), id=eid, attempt=attempt or 0,
+                   cause=cause or "", excess_ms=excess or 0.0, modules=json.loads(modules or "[]"))
 
 
 class Store:
@@ -61,7 +70,8 @@ class Store:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, "modtrack.sqlite3")
         self._local = threading.local()
-        self._retained_from: dict[str, int] = {}  # job -> steps below this already trimmed
+        self._retained_from: dict[tuple, int] = {}  # (job, attempt) -> steps below this already trimmed
+        self.duplicates: dict[str, int] = {}  # job -> reports refused as already stored (same key)
         self.schema_version = schema.migrate(self.conn())
 
     def conn(self) -> sqlite3.Connection:
@@ -77,11 +87,13 @@ class Store:
             self._local.conn = None
 
     # --- writes (StoreWriter's thread, inside its transaction) ---------------------------
-    def upsert_job(self, job: str, world_size: int) -> None:
+    def upsert_job(self, job: str, world_size: int, attempt: int = 0) -> None:
         self.conn().execute(
-            "INSERT INTO jobs (job, world_size, created_ns) VALUES (?, ?, ?) "
-            "ON CONFLICT (job) DO UPDATE SET world_size = excluded.world_size",
-            (job, world_size, time.time_ns()))
+            "INSERT INTO jobs (job, world_size, created_ns, attempt) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (job) DO UPDATE SET world_size = excluded.world_size, "
+            "last_evaluated_step = CASE WHEN excluded.attempt > attempt THEN NULL ELSE last_evaluated_step END, "
+            "attempt = MAX(attempt, excluded.attempt)",
+            (job, world_size, time.time_ns(), attempt))
 
     def upsert_rank(self, job: str, rank: int, info: dict) -> None:
         cols = ["job", "rank", *info]
@@ -96,22 +108,24 @@ class Store:
             "INSERT OR IGNORE INTO modules (job, module_id, name) VALUES (?, ?, ?)",
             [(job, first_id + i, name) for i, name in enumerate(names)])
 
-    def set_evaluated(self, job: str, step: int) -> None:
+    def set_evaluated(self, job: str, step: int, attempt: int = 0) -> None:
         self.conn().execute(
             "UPDATE jobs SET last_evaluated_step = MAX(COALESCE(last_evaluated_step, -1), ?) "
-            "WHERE job = ?", (step, job))
+            "WHERE job = ? AND attempt = ?", (step, job, attempt))
 
     def upsert_episode(self, ep: Episode) -> None:
         self.conn().execute(
             "INSERT INTO episodes (id, job, rank, host, module, phase, slowdown, first_step, "
-            "last_step, state, cost_ms_per_step, cost_pct, ranks, updated_ns) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "last_step, state, cost_ms_per_step, cost_pct, ranks, updated_ns, attempt, cause, excess_ms, modules) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
             "host = excluded.host, slowdown = excluded.slowdown, last_step = excluded.last_step, "
             "state = excluded.state, cost_ms_per_step = excluded.cost_ms_per_step, "
-            "cost_pct = excluded.cost_pct, ranks = excluded.ranks, updated_ns = excluded.updated_ns",
+            "cost_pct = excluded.cost_pct, ranks = excluded.ranks, updated_ns = excluded.updated_ns, "
+            "cause = excluded.cause, excess_ms = excluded.excess_ms, modules = excluded.modules",
             (ep.id, ep.job, ep.rank, ep.host, ep.module, ep.phase, float(ep.slowdown),
              int(ep.first_step), int(ep.last_step), ep.state, float(ep.cost_ms_per_step),
-             float(ep.cost_pct), json.dumps([int(r) for r in ep.ranks]), time.time_ns()))
+             float(ep.cost_pct), json.dumps([int(r) for r in ep.ranks]), time.time_ns(),
+             int(ep.attempt), ep.cause, float(ep.excess_ms), json.dumps(ep.modules)))
 
     def add_capture(self, capture_id: str, job: str, steps: int, ranks: int) -> None:
         self.conn().execute(
@@ -121,7 +135,10 @@ class Store:
     def insert_steps(self, rows: list[StepRow]) -> None:
         """INSERT OR IGNORE: a report replayed after a reconnect changes nothing."""
         conn = self.conn()
+        before = conn.total_changes
         conn.executemany(_INSERT_STEP, [r.sql_row() for r in rows])
+        if conn.total_changes - before < len(rows):  # some (job, attempt, step, rank) were stored already
+            self._count_duplicates(rows)
         traces = [r.trace_row() for r in rows if r.trace is not None]
         if traces:
             conn.executemany(_INSERT_TRACE, traces)
@@ -132,38 +149,64 @@ class Store:
         conn.executemany(_UPDATE_RANK_SEEN, [(now, *(c.get(name, 0) for name in AGENT_COUNTERS), job, rank)
                                              for (job, rank), c in seen.items()])
 
+    def _count_duplicates(self, rows: list[StepRow]) -> None:
+        """Which rows were refused as already stored: a replay after reconnect, or a lost report."""
+        conn = self.conn()
+        for r in rows:
+            end = conn.execute("SELECT end_ns FROM steps WHERE job = ? AND attempt = ? AND step = ? AND rank = ?",
+                               (r.job, r.attempt, r.step, r.rank)).fetchone()
+            if end is not None and end[0] != int(r.figures["end_ns"]):  # another report with the same key
+                if r.job not in self.duplicates:
+                    log.warning("job %r rank %d attempt %d step %d: a different report with the same attempt, "
+                                "step and rank is stored already; this one is refused (logged once per job)",
+                                r.job, r.rank, r.attempt, r.step)
+                self.duplicates[r.job] = self.duplicates.get(r.job, 0) + 1
+
     def drop_old_module_blobs(self, job: str, keep_steps: int) -> int:
         """Retention: module blobs of steps older than the newest keep_steps become NULL; the
         step-level figures stay forever."""
         conn = self.conn()
-        newest = conn.execute("SELECT MAX(step) FROM steps WHERE job = ?", (job,)).fetchone()[0]
+        attempt = self.latest_attempt(job)
+        newest = conn.execute("SELECT MAX(step) FROM steps WHERE job = ? AND attempt = ?",
+                              (job, attempt)).fetchone()[0]
         if newest is None:
             return 0
         cutoff = newest - keep_steps + 1
-        lo = self._retained_from.get(job, -1)  # only the steps not trimmed before: no rescans
+        lo = self._retained_from.get((job, attempt), -1)  # only the steps not trimmed before: no rescans
         cur = conn.execute(
             "UPDATE steps SET " + ", ".join(f"m_{n} = NULL" for n, _ in MODULE_COLUMNS)
-            + " WHERE job = ? AND step >= ? AND step < ? AND m_module IS NOT NULL",
-            (job, lo, cutoff))
-        self._retained_from[job] = max(lo, cutoff)
+            + " WHERE job = ? AND attempt = ? AND step >= ? AND step < ? AND m_module IS NOT NULL",
+            (job, attempt, lo, cutoff))
+        self._retained_from[(job, attempt)] = max(lo, cutoff)
         return cur.rowcount
 
     # --- reads --------------------------------------------------------------------------
     def jobs(self) -> list[dict]:
         rows = self.conn().execute(
-            "SELECT j.job, j.world_size, j.last_evaluated_step, "
-            "(SELECT MAX(step) FROM steps s WHERE s.job = j.job) FROM jobs j ORDER BY j.job")
-        return [{"job": job, "world_size": ws, "last_evaluated_step": ev, "last_step": last}
-                for job, ws, ev, last in rows]
+            "SELECT j.job, j.world_size, j.last_evaluated_step, j.attempt, "
+            "(SELECT MAX(step) FROM steps s WHERE s.job = j.job AND s.attempt = j.attempt) "
+            "FROM jobs j ORDER BY j.job")
+        return [{"job": job, "world_size": ws, "last_evaluated_step": ev, "attempt": attempt, "last_step": last}
+                for job, ws, ev, attempt, last in rows]
+
+    def last_stored_step(self, job: str, attempt: int) -> int | None:
+        return self.conn().execute("SELECT MAX(step) FROM steps WHERE job = ? AND attempt = ?",
+                                   (job, attempt)).fetchone()[0]
+
+    def latest_attempt(self, job: str) -> int:
+        row = self.conn().execute("SELECT attempt FROM jobs WHERE job = ?", (job,)).fetchone()
+        return 0 if row is None else row[0]
 
     def job(self, job: str) -> dict | None:
         """One row of jobs(), or None."""
         row = self.conn().execute(
-            "SELECT job, world_size, last_evaluated_step, (SELECT MAX(step) FROM steps s WHERE s.job = j.job) "
+            "SELECT job, world_size, last_evaluated_step, attempt, "
+            "(SELECT MAX(step) FROM steps s WHERE s.job = j.job AND s.attempt = j.attempt) "
             "FROM jobs j WHERE job = ?", (job,)).fetchone()
         if row is None:
             return None
-        return {"job": row[0], "world_size": row[1], "last_evaluated_step": row[2], "last_step": row[3]}
+        return {"job": row[0], "world_size": row[1], "last_evaluated_step": row[2], "attempt": row[3],
+                "last_step": row[4]}
 
     def forget_job(self, job: str) -> None:
         """Writer thread: drop what is held in memory for a job that left the collector's memory."""
@@ -188,27 +231,30 @@ class Store:
             "SELECT module_id, name FROM modules WHERE job = ? ORDER BY module_id", (job,))
         return [name for _, name in rows]
 
-    def last_steps(self, job: str, last: int) -> list[tuple]:
-        """(step, rank, *STEP_FIGURES) for the newest `last` steps, ascending."""
+    def last_steps(self, job: str, last: int, attempt: int | None = None) -> list[tuple]:
+        """(step, rank, *STEP_FIGURES) for the newest `last` steps of an attempt (the latest), ascending."""
+        attempt = self.latest_attempt(job) if attempt is None else attempt
         return self.conn().execute(
-            f"SELECT step, rank, {', '.join(STEP_FIGURES)} FROM steps WHERE job = ? AND step IN "
-            "(SELECT DISTINCT step FROM steps WHERE job = ? ORDER BY step DESC LIMIT ?) "
-            "ORDER BY step, rank", (job, job, last)).fetchall()
+            f"SELECT step, rank, {', '.join(STEP_FIGURES)} FROM steps WHERE job = ? AND attempt = ? AND step IN "
+            "(SELECT DISTINCT step FROM steps WHERE job = ? AND attempt = ? ORDER BY step DESC LIMIT ?) "
+            "ORDER BY step, rank", (job, attempt, job, attempt, last)).fetchall()
 
-    def step_modules(self, job: str, step: int) -> dict[int, dict]:
+    def step_modules(self, job: str, step: int, attempt: int | None = None) -> dict[int, dict]:
         """rank -> MODULE_COLUMNS arrays for one step (empty arrays once retention dropped them)."""
+        attempt = self.latest_attempt(job) if attempt is None else attempt
         rows = self.conn().execute(
             f"SELECT rank, {', '.join('m_' + n for n, _ in MODULE_COLUMNS)} FROM steps "
-            "WHERE job = ? AND step = ? ORDER BY rank", (job, step))
+            "WHERE job = ? AND attempt = ? AND step = ? ORDER BY rank", (job, attempt, step))
         return {row[0]: _blobs(row, MODULE_COLUMNS, 1) for row in rows}
 
-    def episodes(self, job: str | None = None, state: str | None = None) -> list[Episode]:
-        sql = ("SELECT id, job, rank, host, module, phase, slowdown, first_step, last_step, state, "
-               "cost_ms_per_step, cost_pct, ranks FROM episodes WHERE 1 = 1")
+    def episodes(self, job: str | None = None, state: str | None = None,
+                 attempt: int | None = None) -> list[Episode]:
+        """Episodes, active first; with a job and no attempt, those of the job's latest attempt."""
+        sql = f"SELECT {_EPISODE_COLUMNS} FROM episodes WHERE 1 = 1"
         args = []
         if job is not None:
-            sql += " AND job = ?"
-            args.append(job)
+            sql += " AND job = ? AND attempt = ?"
+            args += [job, self.latest_attempt(job) if attempt is None else attempt]
         if state is not None:
             sql += " AND state = ?"
             args.append(state)
@@ -218,13 +264,16 @@ class Store:
     def max_episode_id(self) -> int:
         return self.conn().execute("SELECT COALESCE(MAX(id), 0) FROM episodes").fetchone()[0]
 
-    def trace_calls(self, job: str, from_step: int, to_step: int) -> dict[int, list[dict]]:
+    def trace_calls(self, job: str, from_step: int, to_step: int,
+                    attempt: int | None = None) -> dict[int, list[dict]]:
         """rank -> [{"step", "capture_id", TRACE_COLUMNS arrays...}] for captured steps in
-        [from_step, to_step]; module ids are job-wide (see module_names)."""
+        [from_step, to_step] of an attempt (the latest); module ids are job-wide (see module_names)."""
+        attempt = self.latest_attempt(job) if attempt is None else attempt
         out: dict[int, list[dict]] = {}
         rows = self.conn().execute(
             "SELECT rank, step, capture_id, t_module, t_phase, t_start, t_end, t_depth FROM traces "
-            "WHERE job = ? AND step BETWEEN ? AND ? ORDER BY rank, step", (job, from_step, to_step))
+            "WHERE job = ? AND attempt = ? AND step BETWEEN ? AND ? ORDER BY rank, step",
+            (job, attempt, from_step, to_step))
         for row in rows:
             out.setdefault(row[0], []).append(
                 {"step": row[1], "capture_id": row[2], **_blobs(row, TRACE_COLUMNS, 3)})

@@ -155,9 +155,15 @@ function episodeHas(s, rank, hosts) {
   return s.ranks && s.ranks.length ? s.ranks.includes(rank) : hosts.get(rank) === s.host;
 }
 
+// The module x phase entries an episode lists (every place its rank is slow); older answers: its one module.
+function listed(s) {
+  return s.modules && s.modules.length ? s.modules : [{ module: s.module, phase: s.phase, excess_ms: s.excess_ms, slowdown: s.slowdown }];
+}
+
 // Is (rank, module, phase) a straggler's cell?
 function isCulprit(rank, module, phase, hosts) {
-  return activeCulprits().some((s) => s.module === module && s.phase === phase && episodeHas(s, rank, hosts));
+  return activeCulprits().some((s) => episodeHas(s, rank, hosts)
+    && listed(s).some((e) => e.module === module && e.phase === phase));
 }
 
 function isCulpritRank(rank, hosts) {
@@ -249,7 +255,11 @@ function renderVerdict(culprits) {
   const who = s.rank >= 0 ? `rank ${s.rank} @ ${s.host}`
     : `host ${s.host} (ranks ${s.ranks && s.ranks.length ? s.ranks.join(", ") : "all"})`;
   const title = $("verdict-title");
-  title.replaceChildren(el("b", { text: who }), ` is slow in ${s.module} (${s.phase}): ${fmtX(s.slowdown)} its peers' median`);
+  const cause = s.cause ? `${s.cause}: ` : "";
+  const entries = listed(s);
+  const where = entries.slice(0, 4).map((e) => `${e.module} (${e.phase}) +${fmtMs(e.excess_ms || 0)}`).join(", ")
+    + (entries.length > 4 ? `, and ${entries.length - 4} more` : "");
+  title.replaceChildren(el("b", { text: who }), ` is slow — ${cause}${where}`);
   const pct = Number.isFinite(s.cost_pct) ? ` (${s.cost_pct.toFixed(1)}% of the step)` : "";
   const more = culprits.length > 1 ? ` · ${culprits.length - 1} more below` : "";
   $("verdict-detail").textContent = `since step ${s.first_step} · costs the job ${fmtMs(s.cost_ms_per_step)} per step${pct}${more}`;
@@ -437,7 +447,8 @@ function renderStragglers() {
     onclick: () => { state.phase = s.phase; pickModule(s.module); },
   },
   el("td", { text: s.state }), el("td", { text: blamed(s) }), el("td", { text: s.host }),
-  el("td", { text: s.module }), el("td", { text: s.phase }), el("td", { class: "num", text: fmtX(s.slowdown) }),
+  el("td", { text: s.cause ? `${s.module} · ${s.cause}` : s.module, title: listed(s).map((e) => `${e.module} (${e.phase}) +${fmtMs(e.excess_ms || 0)}`).join("\n") }),
+  el("td", { text: s.phase }), el("td", { class: "num", text: fmtX(s.slowdown) }),
   el("td", { class: "num", text: s.first_step }), el("td", { class: "num", text: s.last_step }),
   el("td", { class: "num", text: fmtMs(s.cost_ms_per_step) })));
   if (older > 0) rows.push(el("tr", { class: "older" }, el("td", { colspan: 9, class: "hint", text: `and ${older} older resolved episode(s)` })));

@@ -1,0 +1,346 @@
+"""Straggler scenarios on real torchrun jobs: is the verdict right, and is its cost what the job lost?
+
+Each scenario runs examples/train.py under the agent on CPU ranks (gloo), with a known busy wait
+injected on one rank (a module's forward or backward, four modules, every module, data loading,
+the optimizer; persistent, 1 step in 3, a ramp, stopping, or in the second attempt of a job that
+torchrun restarts), then reads the collector's verdict back over its HTTP API. The truth comes from
+outside the collector: the culprit's rank and what was injected, and rank 0's own step times
+(examples/train.py --step-times), whose growth after the onset is what the job really lost.
+
+    python tests/bench/scenarios.py                        # the whole matrix (long: ~100 torchrun jobs)
+    python tests/bench/scenarios.py --wraps ddp --culprits middle --shapes bwd1,four,data
+    python tests/bench/scenarios.py --results out.jsonl ...   # append results; --report out.jsonl prints them
+
+Run it under the shared lock (flock /tmp/modtrack-heavy.lock ...). Per scenario it prints: named right
+(rank, modules, cause), victims blamed, latency in steps, cost against the measured loss; then the totals.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(REPO, "examples", "train.py")
+READY = re.compile(r"ready grpc=(\S+) http=(\S+)")
+MODEL = ["--dim", "64", "--batch", "8", "--context", "32", "--layers", "4", "--heads", "4", "--vocab", "256"]
+ONSET = 15
+STEPS = 45
+WRAPS = ("ddp", "fsdp2", "fsdp1")
+CULPRITS = ("first", "middle", "last")
+FOUR = ("blocks.0.mlp", "blocks.1.attn", "blocks.2.mlp", "blocks.3.attn")
+
+
+@dataclass
+class Shape:
+    """One kind of straggler: how it is injected and what a right verdict says."""
+
+    name: str
+    args: list[str]  # examples/train.py --slow-* options (the rank is added)
+    modules: tuple[str, ...] = ()  # (module) that the verdict must list, if any
+    phase: str | None = None
+    cause: str | None = None  # a substring of the verdict's cause
+    steps: int = STEPS
+    max_latency: int = 5
+    stops_at: int | None = None  # the fault ends here: the verdict must be resolved
+    restart: bool = False  # the job fails once and torchrun restarts it; the fault is in attempt 1
+    clean: bool = False
+
+
+SHAPES = {s.name: s for s in [
+    Shape("fwd1", ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "30"],
+          ("blocks.1.mlp",), "forward", "compute in 1 module"),
+    Shape("bwd1", ["--slow-module", "blocks.2.attn", "--slow-phase", "backward", "--slow-ms", "30"],
+          ("blocks.2.attn",), "backward", "compute in 1 module"),
+    Shape("four", ["--slow-module", ",".join(FOUR), "--slow-phase", "backward", "--slow-ms", "15"],
+          FOUR, "backward", "compute in 4 modules"),
+    Shape("whole", ["--slow-phase", "whole", "--slow-ms", "40"], cause="whole rank"),
+    Shape("data", ["--slow-phase", "data", "--slow-ms", "40"], ("(data loading)",), "data", "data loading"),
+    Shape("optimizer", ["--slow-phase", "optimizer", "--slow-ms", "30"], ("(optimizer)",), "optimizer",
+          "optimizer"),
+    Shape("every3", ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "40",
+                     "--slow-every", "3"], ("blocks.1.mlp",), "forward", "intermittent", steps=70, max_latency=30),
+    Shape("ramp", ["--slow-module", "blocks.2.mlp", "--slow-phase", "backward", "--slow-ms", "40",
+                   "--slow-ramp-steps", "15"], ("blocks.2.mlp",), "backward", steps=55, max_latency=15),
+    Shape("stop", ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "30",
+                   "--slow-to-step", str(ONSET + 12)], ("blocks.1.mlp",), "forward", stops_at=ONSET + 12),
+    Shape("restart", ["--slow-module", "blocks.1.mlp", "--slow-phase", "backward", "--slow-ms", "30",
+                      "--slow-attempt", "1", "--fail-at-step", "8"], ("blocks.1.mlp",), "backward", restart=True),
+    Shape("clean", [], clean=True),
+]}
+
+
+@dataclass
+class Result:
+    wrap: str
+    shape: str
+    culprit: int
+    ranks: int
+    ok_run: bool = True
+    named: bool = False  # the culprit's verdict: right rank, modules, cause
+    victims: int = 0  # verdicts naming another rank
+    false_alarms: int = 0  # verdicts on a clean job
+    clean_steps: int = 0
+    latency: int | None = None
+    cost: float | None = None  # the collector's cost_ms_per_step
+    measured: float | None = None  # the job's step time after the onset minus before (rank 0's clock)
+    cost_error: float | None = None  # (cost - measured) / measured
+    attempt_ok: bool | None = None  # restart: both attempts' steps kept and queryable
+    detail: str = ""
+    verdicts: list = field(default_factory=list)
+
+
+def _env() -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    env.pop("MODTRACK_COLLECTOR", None)
+    return env
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+class Collector:
+    """`python -m modtrack.collector serve` on free ports, ended by stop()."""
+
+    def __init__(self, data_dir: str):
+        self.log = open(os.path.join(data_dir, "collector.log"), "w")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", "127.0.0.1:0",
+             "--http-addr", "127.0.0.1:0", "--data-dir", data_dir],
+            env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True)
+        lines: list[str] = []
+        found = threading.Event()
+
+        def read():
+            for line in self.proc.stdout:
+                lines.append(line)
+                if READY.search(line):
+                    found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not found.wait(60):
+            self.stop()
+            raise RuntimeError(f"collector not ready: {lines}")
+        self.grpc, http = READY.search("".join(lines)).groups()
+        self.url = f"http://{http}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def wait_evaluated(self, job: str, last_step: int, attempt: int, timeout_s: float = 60) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            jobs = {j["job"]: j for j in get_json(f"{self.url}/api/v1/jobs")["jobs"]}
+            j = jobs.get(job, {})
+            if j.get("attempt") == attempt and (j.get("last_evaluated_step") or -1) >= last_step:
+                return True
+            time.sleep(0.3)
+        return False
+
+
+def culprit_rank(position: str, ranks: int) -> int:
+    return {"first": 0, "middle": ranks // 2, "last": ranks - 1}[position]
+
+
+def run_job(collector: Collector, job: str, wrap: str, shape: Shape, culprit: int, ranks: int, workdir: str,
+            timeout_s: float = 240) -> tuple[subprocess.CompletedProcess, str]:
+    times = os.path.join(workdir, f"{job}.times.jsonl")
+    restart = ["--max-restarts", "1"] if shape.restart else []
+    slow = [] if shape.clean else ["--slow-rank", str(culprit), "--slow-from-step", str(ONSET), *shape.args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *restart,
+           "-m", "modtrack.agent", "--collector", collector.grpc, "--job", job, TRAIN, "--steps", str(shape.steps),
+           "--log-every", "1000", "--wrap", wrap, "--step-times", times, *MODEL, *slow]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        out, err = "", "timed out"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), times
+
+
+def measured_loss(times_path: str, attempt: int, onset: int, end: int) -> float | None:
+    """Mean step time over [end - 30, end) (no earlier than the onset), minus the mean over [5, onset)."""
+    try:
+        with open(times_path) as f:
+            rows = [json.loads(line) for line in f]
+    except OSError:
+        return None
+    ms = {r["step"]: r["ms"] for r in rows if r["attempt"] == attempt}
+    before = [ms[s] for s in range(5, onset) if s in ms]
+    after = [ms[s] for s in range(max(onset, end - 30), end) if s in ms]
+    if len(before) < 5 or len(after) < 5:
+        return None
+    return statistics.fmean(after) - statistics.fmean(before)
+
+
+def noise_sigma(collector: Collector, job: str, steps) -> float:
+    """Median over modules of the spread of log(self time / the module's median across ranks), in steps of a
+    clean job: the real noise that tests/bench/detector_quality.py's simulator draws from (its sigma)."""
+    spreads = []
+    for step in steps:
+        for m in get_json(f"{collector.url}/api/v1/jobs/{job}/modules?step={step}")["modules"]:
+            ms = [v for v in m["ms_by_rank"].values() if v > 0.05]  # sub-50 µs modules are timer noise
+            if len(ms) >= 3:
+                med = statistics.median(ms)
+                spreads.append(statistics.median(abs(math.log(v / med)) for v in ms) / 0.6745)
+    return statistics.median(spreads) if spreads else float("nan")
+
+
+def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str, ranks: int,
+          workdir: str) -> Result:
+    culprit = culprit_rank(position, ranks)
+    res = Result(wrap, shape.name, culprit, ranks)
+    out, times = run_job(collector, job, wrap, shape, culprit, ranks, workdir)
+    attempt = 1 if shape.restart else 0
+    if out.returncode != 0 or not collector.wait_evaluated(job, shape.steps - 1, attempt):
+        res.ok_run = False
+        errors = [line for line in out.stderr.splitlines() if "Error" in line or "error:" in line]
+        res.detail = f"rc {out.returncode}: " + " | ".join(errors[-4:] or [out.stderr[-600:]])
+        return res
+    verdicts = get_json(f"{collector.url}/api/v1/jobs/{job}/stragglers")["stragglers"]
+    res.verdicts = verdicts
+    if shape.clean:
+        res.false_alarms = len(verdicts)
+        res.clean_steps = shape.steps
+        res.named = not verdicts
+        sigma = noise_sigma(collector, job, range(shape.steps - 20, shape.steps))
+        res.detail = f"module noise sigma {sigma:.3f} (log self time across ranks; calibrates the simulator)"
+        return res
+    mine = [v for v in verdicts if v["rank"] == culprit]
+    res.victims = sum(1 for v in verdicts if v["rank"] != culprit)
+    if shape.restart:
+        first = get_json(f"{collector.url}/api/v1/jobs/{job}/steps?last=1000&attempt=0")["steps"]
+        second = get_json(f"{collector.url}/api/v1/jobs/{job}/steps?last=1000")["steps"]
+        res.attempt_ok = ([s["step"] for s in first] == list(range(len(first))) and len(first) >= 8
+                          and [s["step"] for s in second] == list(range(shape.steps)))
+    if len(mine) != 1:
+        res.detail = f"{len(mine)} verdicts on the culprit"
+        return res
+    v = mine[0]
+    listed = {(e["module"].split(".", 1)[-1], e["phase"]) for e in v["modules"]}
+    modules_ok = all((m, shape.phase) in listed for m in shape.modules)
+    cause_ok = shape.cause is None or shape.cause in v["cause"]
+    state_ok = (v["state"] == "resolved") if shape.stops_at is not None else (v["state"] == "active")
+    res.latency = v["first_step"] - ONSET
+    res.named = modules_ok and cause_ok and state_ok and res.attempt_ok is not False
+    res.detail = f"cause {v['cause']!r}, {len(v['modules'])} listed, state {v['state']}"
+    if shape.stops_at is None:
+        res.cost = v["cost_ms_per_step"]
+        res.measured = measured_loss(times, attempt, ONSET, shape.steps)
+        if res.measured and res.measured > 0:
+            res.cost_error = (res.cost - res.measured) / res.measured
+    return res
+
+
+def print_row(r: Result) -> None:
+    cost = f"{r.cost:6.1f}" if r.cost is not None else "     -"
+    measured = f"{r.measured:6.1f}" if r.measured is not None else "     -"
+    error = f"{100 * r.cost_error:+5.0f}%" if r.cost_error is not None else "     -"
+    latency = str(r.latency) if r.latency is not None else "-"
+    named = "yes" if r.named else ("RUN FAILED" if not r.ok_run else "NO")
+    print(f"{r.wrap:6} {r.shape:9} r{r.culprit}/{r.ranks}  named {named:4} victims {r.victims}  "
+          f"latency {latency:>3}  cost {cost} vs {measured} ms/step {error}  {r.detail}", flush=True)
+
+
+def totals(results: list[Result]) -> dict:
+    faults = [r for r in results if r.shape != "clean" and r.ok_run]
+    clean = [r for r in results if r.shape == "clean" and r.ok_run]
+    found = [r for r in faults if r.named]
+    reports = sum(1 for r in faults for v in r.verdicts) + sum(r.false_alarms for r in clean)
+    right = sum(1 for r in faults for v in r.verdicts if v["rank"] == r.culprit)
+    errors = sorted(abs(r.cost_error) for r in faults if r.cost_error is not None)
+    latencies = [r.latency for r in faults if r.latency is not None]
+    clean_steps = sum(r.clean_steps for r in clean)
+    return {
+        "scenarios": len(results), "failed_runs": sum(not r.ok_run for r in results),
+        "recall": len(found) / len(faults) if faults else float("nan"),
+        "precision": right / reports if reports else float("nan"),
+        "victims": sum(r.victims for r in faults),
+        "false_alarms_per_1000_clean_steps": 1000 * sum(r.false_alarms for r in clean) / clean_steps
+        if clean_steps else float("nan"),
+        "median_abs_cost_error": statistics.median(errors) if errors else float("nan"),
+        "worst_abs_cost_error": errors[-1] if errors else float("nan"),
+        "max_latency": max(latencies) if latencies else None,
+    }
+
+
+def print_totals(results: list[Result]) -> None:
+    t = totals(results)
+    print(f"\n{t['scenarios']} scenarios ({t['failed_runs']} runs failed): recall {t['recall']:.3f}, precision "
+          f"{t['precision']:.3f}, victims blamed {t['victims']}, false alarms per 1000 clean steps "
+          f"{t['false_alarms_per_1000_clean_steps']:.1f}, |cost error| median "
+          f"{100 * t['median_abs_cost_error']:.0f}% worst {100 * t['worst_abs_cost_error']:.0f}%, "
+          f"latency max {t['max_latency']} steps", flush=True)
+
+
+def run_matrix(wraps, shapes, culprits, ranks: int, results_path: str | None = None) -> list[Result]:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="modtrack-scenarios-") as workdir:
+        collector = Collector(workdir)
+        try:
+            for wrap in wraps:
+                for name in shapes:
+                    for position in culprits:
+                        shape = SHAPES[name]
+                        if shape.clean and position != culprits[0]:
+                            continue  # a clean job has no culprit
+                        job = f"{wrap}-{name}-{position}-{os.getpid()}"
+                        r = judge(collector, job, wrap, shape, position, ranks, workdir)
+                        print_row(r)
+                        results.append(r)
+                        if results_path:
+                            with open(results_path, "a") as f:
+                                f.write(json.dumps(asdict(r)) + "\n")
+        finally:
+            collector.stop()
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--wraps", default=",".join(WRAPS))
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--culprits", default=",".join(CULPRITS))
+    ap.add_argument("--ranks", type=int, default=3)
+    ap.add_argument("--results", help="append each result to this JSON-lines file")
+    ap.add_argument("--report", help="print the table and totals of a results file, run nothing")
+    a = ap.parse_args(argv)
+    if a.report:
+        with open(a.report) as f:
+            results = [Result(**json.loads(line)) for line in f]
+        for r in results:
+            print_row(r)
+    else:
+        results = run_matrix(a.wraps.split(","), a.shapes.split(","), a.culprits.split(","), a.ranks, a.results)
+    print_totals(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

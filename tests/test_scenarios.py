@@ -1,0 +1,54 @@
+"""A subset of the scenario benchmark (tests/bench/scenarios.py) on real torchrun jobs, asserting its targets:
+the culprit named with every slow module and its cause, no victim, found within 5 steps (30 when
+intermittent), and a cost within 25 % of what the job's own step times say it lost.
+
+Each case is one 3-rank CPU job (gloo) of examples/train.py under the agent, with a known busy wait.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+import scenarios
+
+pytestmark = pytest.mark.slow
+
+CASES = [  # (wrapper, shape, culprit position): every wrapper, the kinds the old detector got wrong
+    ("ddp", "four", "middle"),
+    ("fsdp2", "bwd1", "last"),
+    ("fsdp1", "fwd1", "first"),
+    ("ddp", "data", "last"),
+    ("ddp", "every3", "first"),
+    ("ddp", "restart", "middle"),
+    ("ddp", "clean", "first"),
+]
+
+
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory):
+    c = scenarios.Collector(str(tmp_path_factory.mktemp("scenarios")))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize("wrap, shape, position", CASES, ids=["-".join(c) for c in CASES])
+def test_scenario_verdict_and_cost(collector, tmp_path, wrap, shape, position):
+    spec = scenarios.SHAPES[shape]
+    r = scenarios.judge(collector, f"{wrap}-{shape}-{position}", wrap, spec, position, 3, str(tmp_path))
+    scenarios.print_row(r)
+    assert r.ok_run, r.detail
+    assert r.named, (r.detail, r.verdicts)
+    if spec.clean:
+        assert r.false_alarms == 0, r.verdicts
+        return
+    assert r.victims == 0, r.verdicts
+    assert r.latency is not None and 0 <= r.latency <= spec.max_latency, r.verdicts
+    if spec.restart:
+        assert r.attempt_ok, "both attempts' steps are stored and queryable"
+    assert r.measured is not None and r.measured > 0
+    assert abs(r.cost_error) <= 0.25, (r.cost, r.measured)
