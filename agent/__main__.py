@@ -23,8 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--collector", default=env.collector,
                    help="collector gRPC address (env MODTRACK_COLLECTOR); without one the script runs untracked")
     p.add_argument("--job", default=None, help="job id (env MODTRACK_JOB; default: torchrun's run id)")
-    p.add_argument("--token-file", default=None, help="file holding the collector's bearer token (or env MODTRACK_TOKEN)")
-    p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to reach a collector serving TLS (or env MODTRACK_TLS_CA)")
+    p.add_argument("--token-file", default=None,
+                   help="file holding the collector's bearer token (or env MODTRACK_TOKEN)")
+    p.add_argument("--tls-ca", default=None,
+                   help="CA certificate (PEM) to reach a collector serving TLS (or env MODTRACK_TLS_CA)")
     p.add_argument("--clock", default=env.clock, choices=config.CLOCKS,
                    help="how module time is measured (env MODTRACK_CLOCK): auto = cuda events when CUDA is "
                         "available, else cpu (thread CPU time); wall for ranks with several intra-op threads")

@@ -12,7 +12,7 @@ from modtrack.agent import config
 from modtrack.agent.identity import identity_from_env
 from modtrack.agent.transport import Transport, warn_once
 
-_active: "Tracking | None" = None
+_active: Tracking | None = None
 
 
 class Tracking:
@@ -46,7 +46,7 @@ class Tracking:
             except Exception as e:
                 warn_once(f"close-{type(part).__name__}", f"closing {type(part).__name__} failed: {e}")
 
-    def __enter__(self) -> "Tracking":
+    def __enter__(self) -> Tracking:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -41,6 +41,7 @@ class ClockSync:
             return None  # a pong that is not ours, or a broken clock: ignore it
         self._samples.append(sample_from_pong(t1, t2, t3, t4))
         best = self.best
+        assert best is not None  # one was just added
         sent = self._sent
         if (
             sent is None

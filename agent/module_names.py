@@ -18,6 +18,7 @@ from torch import nn
 WRAPPED_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 _DATA_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
+_FSDPModule: type | None
 try:  # FSDP2's fully_shard() turns class Net into FSDPNet(FSDPModule, Net)
     from torch.distributed.fsdp import FSDPModule as _FSDPModule
 except ImportError:

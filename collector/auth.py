@@ -39,11 +39,11 @@ class Tokens:
         self._grants = [(f"Bearer {t}".encode(), Access(p)) for t, p in grants.items()]
 
     @classmethod
-    def single(cls, token: str) -> "Tokens":
+    def single(cls, token: str) -> Tokens:
         return cls({token: ("*",)})
 
     @classmethod
-    def parse(cls, text: str, where: str = "token file") -> "Tokens":
+    def parse(cls, text: str, where: str = "token file") -> Tokens:
         lines = [ln.strip() for ln in text.splitlines()]
         lines = [ln for ln in lines if ln and not ln.startswith("#")]
         if len(lines) == 1 and len(lines[0].split()) == 1:

@@ -65,13 +65,14 @@ class StepRow:
 
     def trace_row(self) -> tuple:
         t = self.trace
+        assert t is not None, "a step without a trace has no trace row"
         return (self.job, self.attempt, self.rank, self.step, t["capture_id"],
                 *(blob(t[name], dtype) for name, dtype in TRACE_COLUMNS))
 
 
 def blob(values: np.ndarray, dtype) -> memoryview:
     """A column as BLOB bytes without an extra copy: SQLite copies the buffer when it binds it."""
-    return memoryview(np.ascontiguousarray(values, dtype)).cast("B")
+    return np.ascontiguousarray(values, dtype).data.cast("B")
 
 
 @dataclass

@@ -83,6 +83,7 @@ class Collector:
             ("grpc.http2.min_ping_interval_without_data_ms", 5000)])
         pb_grpc.add_CollectorServicer_to_server(self.ingest, self.grpc_server)
         if self.config.tls_cert:
+            assert self.config.tls_key is not None  # validate(): both or neither
             with open(self.config.tls_key, "rb") as k, open(self.config.tls_cert, "rb") as c:
                 creds = grpc.ssl_server_credentials([(k.read(), c.read())])
             self.grpc_port = self.grpc_server.add_secure_port(self.config.grpc_addr, creds)
@@ -94,7 +95,7 @@ class Collector:
         host, port = _split(self.config.http_addr)
         site = web.TCPSite(self.runner, host, port, ssl_context=self._ssl_context())
         await site.start()
-        self.http_port = site._server.sockets[0].getsockname()[1]
+        self.http_port = self.runner.addresses[0][1]
         self._tick_task = asyncio.create_task(self.evaluator.run())
         # hung jobs (issue 14): stall verdicts, ModtrackJobStalled alerts, modtrack_job_stalled_seconds
         self.metrics.registry.register(self.ingest.stall_watch)

@@ -7,7 +7,12 @@ import time
 
 import pytest
 import torch
+from torch import nn
+
+from harness.fake_collector import FakeCollector
+from harness.waiting import wait_for
 from modtrack.agent import clocks, transport
+from modtrack.agent.identity import Identity
 from modtrack.agent.step_accumulator import (
     DeferredStepRecord,
     build_step_records,
@@ -15,8 +20,8 @@ from modtrack.agent.step_accumulator import (
 )
 from modtrack.agent.tracker import ModuleTracker
 from modtrack.agent.transport import Transport
-from test_transport import IDENTITY, FakeCollector, serve, wait_for  # noqa: F401  (serve: fixture)
-from torch import nn
+
+IDENTITY = Identity(job="j", rank=1, local_rank=1, world_size=2, group_rank=0, host="h", pid=7)
 
 torch.set_num_threads(1)
 
@@ -93,7 +98,7 @@ def test_a_record_read_before_the_sender_builds_it_builds_itself():
     assert step_summary(records[0], t.module_names) == summary
 
 
-def test_streaming_aggregates_on_the_sender_in_batches_never_on_the_training_thread(serve, monkeypatch):  # noqa: F811
+def test_streaming_aggregates_on_the_sender_in_batches_never_on_the_training_thread(serve, monkeypatch):
     fake = FakeCollector()
     _, port = serve(fake)
     builders: list[tuple[int, int]] = []  # (thread, steps in the batch)

@@ -9,11 +9,13 @@ import json
 import sqlite3
 import urllib.request
 
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import FakeRank, report, stream_steps
+from harness.step_row import row
+from harness.waiting import wait_for
 from modtrack.collector.pipeline.merge import Merger
 from modtrack.collector.store.schema import MIGRATIONS, V1_TABLES
 from modtrack.collector.store.sqlite import Store
-from test_collector_harness import CollectorThread, FakeRank, report, stream_steps, wait_for
-from test_merge import row
 
 
 def test_attempt_comes_from_the_restart_count_or_a_new_session():

@@ -120,7 +120,7 @@ def _render_modules(data: dict) -> str:
     rows = []
     for m in data["modules"]:
         by_rank = {int(r): ms for r, ms in m["ms_by_rank"].items()}
-        slowest = max(by_rank, key=by_rank.get)
+        slowest = max(by_rank, key=lambda r: by_rank[r])
         row = [m["module"], m["phase"], statistics.median(by_rank.values()), by_rank[slowest], slowest]
         if per_rank:
             row += [by_rank.get(r) for r in ranks]

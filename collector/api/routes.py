@@ -183,6 +183,7 @@ def make_app(deps: ApiDeps) -> web.Application:
     async def capture(request):
         job = await known_job(request)
         count = int_param(request, "steps", 1, 1, 1000)
+        assert count is not None  # it has a default
         try:
             capture_id, asked = deps.controls.request_capture(job, count)
         except KeyError:

@@ -132,7 +132,7 @@ async def checked_messages(messages, hello_timeout_s: float):
     """The stream's messages, refused cleanly: DEADLINE_EXCEEDED when the first one (the
     Hello) is late, INVALID_ARGUMENT for bytes that are no AgentMessage."""
     it = messages.__aiter__()
-    timeout = hello_timeout_s
+    timeout: float | None = hello_timeout_s
     while True:
         try:
             message = await asyncio.wait_for(it.__anext__(), timeout)

@@ -233,7 +233,8 @@ class IngestServicer(pb_grpc.CollectorServicer):
 
     async def _ack(self, acks: asyncio.Queue, out: asyncio.Queue) -> None:
         """Cumulative acks: after each commit, one Ack for the highest step stored so far."""
-        best, waiting = None, collections.deque()
+        best = None
+        waiting: collections.deque = collections.deque()
         try:
             while True:
                 if not waiting:

@@ -114,7 +114,8 @@ class AlertDispatcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._session.close()
+        if self._session is not None:
+            await self._session.close()
         self._router = None
 
     async def _drain(self) -> None:
@@ -176,6 +177,7 @@ class AlertDispatcher:
                 hook.stats["retries"] += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
+            assert self._session is not None, "delivering before start()"
             try:
                 async with self._session.post(hook.url, data=body,
                                               headers={"Content-Type": "application/json"}) as resp:

@@ -59,7 +59,7 @@ def report(step: int, rank: int, m, model: ClusterModel, step_ns: int) -> pb.Age
     r = pb.StepReport(step=step, start_ns=start, end_ns=start + wall,
                       forward_ns=int(m.forward_ms[rank] * 1e6), backward_ns=int(m.backward_ms[rank] * 1e6),
                       backward_tail_ns=wait, data_ns=max(wall - int(np.nansum(row) * 1e6) - wait, 0))
-    for name, phase in PHASES.items():
+    for phase in PHASES.values():
         cols = np.nonzero(model.column_phase == phase)[0]
         ns = row[cols]
         ran = ~np.isnan(ns)
@@ -78,7 +78,7 @@ async def _run_ranks(a, ranks: list[int], t0: float) -> dict:
     options = [("grpc.max_send_message_length", 64 << 20)]
     channel = grpc.aio.insecure_channel(a.collector, options=options)
     stub = pb_grpc.CollectorStub(channel)
-    calls, acked = {}, {r: -1 for r in ranks}
+    calls, acked = {}, dict.fromkeys(ranks, -1)
 
     async def drain(rank, call):
         async for msg in call:

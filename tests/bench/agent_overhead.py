@@ -192,7 +192,8 @@ def position_cost_ns() -> float:
 
     setup = "p = Position(); mid = 7; row = [7, 0]; stack = [(0, [3, 0])]"
     body = ("position = p; position.module = mid; position.phase = row[1]\n"
-            "position = p\nif stack:\n    caller = stack[-1][1]; position.module = caller[0]; position.phase = caller[1]")
+            "position = p\nif stack:\n    caller = stack[-1][1]; position.module = caller[0]; "
+            "position.phase = caller[1]")
     empty = timeit.repeat("pass", setup, repeat=5, number=200_000, globals={"Position": Position})
     timed = timeit.repeat(body, setup, repeat=5, number=200_000, globals={"Position": Position})
     return (min(timed) - min(empty)) / 200_000 * 1e9
@@ -224,7 +225,7 @@ def main() -> None:
     import tempfile
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from test_fail_open_harness import CollectorProcess, env
+    from harness.collector_process import CollectorProcess, env
 
     models, modes = args.models.split(","), args.modes.split(",")
     if args.baseline_tree:
@@ -232,7 +233,7 @@ def main() -> None:
         modes.append("baseline")
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        server = CollectorProcess(os.path.join(tmp, "data"), os.path.join(tmp, "collector.log")) \
+        server = CollectorProcess(os.path.join(tmp, "data"), log_path=os.path.join(tmp, "collector.log")) \
             if "agent" in modes else None
         try:
             for r in range(args.rounds):
@@ -259,7 +260,10 @@ def main() -> None:
 
 def report(results: dict, models: list[str], modes: list[str], args) -> None:
     timer = "wall" if args.wall or args.device != "cpu" else "thread CPU"
-    med = lambda model, mode, key: statistics.median(x[key] for x in results[(model, mode)])
+
+    def med(model, mode, key):
+        return statistics.median(x[key] for x in results[(model, mode)])
+
     print(f"device {args.device}; median over {args.rounds} rounds of: the training thread's median {timer} time "
           f"per step, the process CPU per step (all threads)")
     print(f"{'model':<12} {'mode':<6} {'step ms':>8} {'overhead':>9} {'us/call':>8} {'proc cpu ms':>12} "

@@ -22,7 +22,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the shared harness (tests/harness/)
 CASES = ("no agent", "healthy", "absent", "stalled", "frozen", "killed")
 TRAIN_ARGS = ["--dim", "64", "--heads", "2", "--layers", "2", "--context", "32", "--batch", "8",
               "--vocab", "128", "--log-every", "1"]
@@ -75,15 +75,16 @@ def proc_cpu_s(pid: int) -> float:
 
 
 def run_case(case: str, steps: int, tmp: str, train_args: list[str] = TRAIN_ARGS) -> dict:
-    from test_fail_open import StalledServer
-    from test_fail_open_harness import CollectorProcess, env, free_port
+    from harness.collector_process import CollectorProcess, env
+    from harness.ports import free_port
+    from harness.stalled_server import StalledServer
 
     os.makedirs(tmp, exist_ok=True)
 
     server = stalled = None
     target = f"127.0.0.1:{free_port()}"
     if case in ("healthy", "frozen", "killed"):
-        server = CollectorProcess(os.path.join(tmp, case), os.path.join(tmp, f"{case}.log"))
+        server = CollectorProcess(os.path.join(tmp, case), log_path=os.path.join(tmp, f"{case}.log"))
         target = server.grpc_target
     elif case == "stalled":
         stalled = StalledServer()
@@ -162,7 +163,10 @@ def main() -> None:
             ms = [x["median_ms"] for x in rk]
             over = (statistics.median(ms) / base - 1) * 100 if ms else float("nan")
             a = [x["agent"] for x in rk]
-            col = lambda k: "/".join(str(x.get(k, "-")) for x in a) if any(a) else "-"
+
+            def col(k, a=a):
+                return "/".join(str(x.get(k, "-")) for x in a) if any(a) else "-"
+
             cpu_col = "/".join(f"{x['cpu_ms']:.2f}" for x in rk)
             mem = " ".join("->".join(f"{m:.0f}" for m in x["rss_mb"]) for x in rk)
             print(f"{case:10} {res['exit']:>4} {res['wall_s']:>7.1f} "

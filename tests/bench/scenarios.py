@@ -117,7 +117,7 @@ class Collector:
     """`python -m modtrack.collector serve` on free ports, ended by stop()."""
 
     def __init__(self, data_dir: str):
-        self.log = open(os.path.join(data_dir, "collector.log"), "w")  # noqa: SIM115 (closed in stop())
+        self.log = open(os.path.join(data_dir, "collector.log"), "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", "127.0.0.1:0",
              "--http-addr", "127.0.0.1:0", "--data-dir", data_dir],
