@@ -23,6 +23,7 @@ further apart than that) and saves ~45 ns per stamp there, not worth the preempt
 thread CPU clock is coarse (Windows counts it in 15.6 ms scheduler ticks), durations fall back to wall time:
 a 20 us module would otherwise read 0 or 15 ms.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,7 +31,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,10 @@ class CpuClock:
         if durations not in ("thread", "wall"):
             raise ValueError(f"durations must be 'thread' or 'wall', not {durations!r}")
         if durations == "thread" and cpu_clock_step_ns() > MAX_CPU_CLOCK_STEP_NS:
-            logger.warning("modtrack: this platform's thread CPU clock is too coarse to time module calls; "
-                           "module durations are wall time")
+            logger.warning(
+                "modtrack: this platform's thread CPU clock is too coarse to time module calls; "
+                "module durations are wall time"
+            )
             durations = "wall"
         self.durations = durations
         self.stamp: Callable[[], int] = time.perf_counter_ns
@@ -178,7 +180,7 @@ class CudaEventClock:
 
 
 def make_clock(kind="auto"):
-    """"cpu" (durations in thread CPU time), "wall" (CPU, durations in wall time), "cuda", "auto"
+    """ "cpu" (durations in thread CPU time), "wall" (CPU, durations in wall time), "cuda", "auto"
     (cuda when available, else cpu), or a clock object (tests pass a CudaEventClock built on fake
     events)."""
     if not isinstance(kind, str):

@@ -8,6 +8,7 @@ takes the wrapper's own name: DDP(Net) and Net both give `Net.blocks.1.mlp` on e
 Names are interned: `names[i]` is the name of module id i, append-only, so the transport can send
 the table once and then only what is new.
 """
+
 from __future__ import annotations
 
 import weakref

@@ -10,6 +10,7 @@ CPU, event tokens on CUDA) say *when*; work stamps (F_WORK_START..B_WORK_END: th
 `work_stamp`, thread CPU time on CPU by default) say *how much*. On CPU, inclusive and self time are
 work-stamp differences; on CUDA (a token table is given) they are event differences.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,22 @@ import numpy as np
 from modtrack.agent.step_record import PHASES, PhaseColumns, StepRecord, TraceColumns
 
 # A row is a list of ints, one per module call:
-(MID, PHASE, F_START, F_END, PARENT, DEPTH, RECURSIVE, B_START, B_END, PENDING,
- F_WORK_START, F_WORK_END, B_WORK_START, B_WORK_END) = range(14)
+(
+    MID,
+    PHASE,
+    F_START,
+    F_END,
+    PARENT,
+    DEPTH,
+    RECURSIVE,
+    B_START,
+    B_END,
+    PENDING,
+    F_WORK_START,
+    F_WORK_END,
+    B_WORK_START,
+    B_WORK_END,
+) = range(14)
 ROW_WIDTH = 14
 FORWARD, BACKWARD, RECOMPUTE = (PHASES.index(p) for p in ("forward", "backward", "recompute"))
 _TIME_COLUMNS = [F_START, F_END, B_START, B_END]
@@ -80,8 +95,14 @@ class DeferredStepRecord(StepRecord):
     phases = _Built()
     trace = _Built()
 
-    def __init__(self, log: StepLog, step: int, table: np.ndarray | None = None, trace_id: str | None = None,
-                 counters: dict | None = None):
+    def __init__(
+        self,
+        log: StepLog,
+        step: int,
+        table: np.ndarray | None = None,
+        trace_id: str | None = None,
+        counters: dict | None = None,
+    ):
         """`counters` (the tracker's) gets the calls that overlapped their children once this is built."""
         self.step = step
         self.start_ns = log.start_host_ns
@@ -105,8 +126,9 @@ class DeferredStepRecord(StepRecord):
         return self
 
 
-def build_step_record(log: StepLog, step: int, table: np.ndarray | None = None,
-                      trace_id: str | None = None) -> StepRecord:
+def build_step_record(
+    log: StepLog, step: int, table: np.ndarray | None = None, trace_id: str | None = None
+) -> StepRecord:
     """Aggregate one step now. `table` maps clock tokens to ns (CUDA); None when stamps are ns (CPU)."""
     return DeferredStepRecord(log, step, table, trace_id).build()
 
@@ -120,7 +142,7 @@ def _span_ns(pairs, table) -> int:
     return total
 
 
-def build_step_records(records: list[DeferredStepRecord]) -> None:
+def build_step_records(records: list[StepRecord]) -> None:
     """Aggregate every unbuilt record of `records` in one numpy pass over all their rows.
 
     The cost of a pass is mostly numpy's per-call overhead, not the rows: done for N steps at once it is
@@ -172,8 +194,17 @@ def build_step_records(records: list[DeferredStepRecord]) -> None:
         ("backward", b_valid, b_incl, b_self, B_START, B_END),
     ):
         if mask.any():
-            _phase_columns(phases, name, step_of_row[mask], mid[mask], incl[mask], self_ns[mask],
-                           rows[mask, start], rows[mask, end], counted[mask])
+            _phase_columns(
+                phases,
+                name,
+                step_of_row[mask],
+                mid[mask],
+                incl[mask],
+                self_ns[mask],
+                rows[mask, start],
+                rows[mask, end],
+                counted[mask],
+            )
 
     top = depth == 0
     forward = np.bincount(step_of_row, weights=f_wall * (top & (phase == FORWARD)), minlength=n_steps)
@@ -216,8 +247,13 @@ def _phase_columns(out: list[dict], name: str, step, mid, incl, self_ns, start, 
     for i in np.unique(group_step).tolist():
         lo, hi = edges[i], edges[i + 1]
         out[i][name] = PhaseColumns(
-            module_id=module_id[lo:hi], calls=calls[lo:hi], inclusive_ns=inclusive[lo:hi],
-            self_ns=self_sum[lo:hi], first_start_ns=first[lo:hi], last_end_ns=last[lo:hi])
+            module_id=module_id[lo:hi],
+            calls=calls[lo:hi],
+            inclusive_ns=inclusive[lo:hi],
+            self_ns=self_sum[lo:hi],
+            first_start_ns=first[lo:hi],
+            last_end_ns=last[lo:hi],
+        )
 
 
 def _self_times(incl, parent, valid):
@@ -249,7 +285,8 @@ def step_summary(record: StepRecord, names: list[str]) -> dict:
     """last_step()'s shape: {(module_name, phase): {"calls", "inclusive_ms", "self_ms"}}."""
     out = {}
     for phase, cols in record.phases.items():
-        for mid, calls, incl, self_ns in zip(cols.module_id.tolist(), cols.calls.tolist(),
-                                             cols.inclusive_ns.tolist(), cols.self_ns.tolist()):
+        for mid, calls, incl, self_ns in zip(
+            cols.module_id.tolist(), cols.calls.tolist(), cols.inclusive_ns.tolist(), cols.self_ns.tolist()
+        ):
             out[(names[mid], phase)] = {"calls": calls, "inclusive_ms": incl / 1e6, "self_ms": self_ns / 1e6}
     return out

@@ -11,6 +11,7 @@ streams new reports; between connections it keeps aggregating, so raw steps neve
 Nothing here may keep the process alive: the thread is a daemon and close() (run at exit) waits
 at most a couple of seconds, and only while a collector is connected or still being reached.
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,7 +19,8 @@ import random
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from modtrack.agent.clock_sync import ClockSync
 from modtrack.agent.grpc_import import grpc
@@ -28,6 +30,9 @@ from modtrack.agent.step_accumulator import build_step_records
 from modtrack.agent.step_record import StepRecord
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from modtrack.agent.heartbeat import Heartbeat
 
 
 _warned: set[str] = set()
@@ -134,7 +139,9 @@ class Transport:
         self._send_errors = 0
         self._sent = 0
         self._acked_step = -1
-        self.heartbeat = None  # agent.heartbeat.Heartbeat: polled by the request loop (issue 14: hung jobs)
+        self.heartbeat: Heartbeat | None = (
+            None  # agent.heartbeat.Heartbeat: polled by the request loop (issue 14: hung jobs)
+        )
         self._thread = threading.Thread(target=self._run, name="modtrack-sender", daemon=True)
 
     # ---- training thread -------------------------------------------------------------
@@ -171,7 +178,7 @@ class Transport:
         table.extend(names[len(table) - first :])
 
     # ---- lifecycle ---------------------------------------------------------------------
-    def start(self) -> "Transport":
+    def start(self) -> Transport:
         self._thread.start()
         return self
 
@@ -230,8 +237,14 @@ class Transport:
 
     @property
     def stats(self) -> dict[str, int]:
-        return {**self.counters, "reports_sent": self._sent, "acked_step": self._acked_step,
-                "queued": len(self._raw) + len(self._queue), "unacked": len(self._replay), "wakes": self._wakes}
+        return {
+            **self.counters,
+            "reports_sent": self._sent,
+            "acked_step": self._acked_step,
+            "queued": len(self._raw) + len(self._queue),
+            "unacked": len(self._replay),
+            "wakes": self._wakes,
+        }
 
     def _safe_hook_errors(self) -> int:
         try:
@@ -339,7 +352,9 @@ class Transport:
                     elif not answered and code == grpc.StatusCode.UNAVAILABLE:
                         warn_once("unreachable", f"collector {self.target} unreachable; training goes on, retrying")
                     else:
-                        warn_once(f"stream-{code}", f"stream to {self.target} broke ({code}: {e.details()}); reconnecting")
+                        warn_once(
+                            f"stream-{code}", f"stream to {self.target} broke ({code}: {e.details()}); reconnecting"
+                        )
             return answered
         finally:
             stream.done = True

@@ -1,5 +1,6 @@
 """What keeps the agent cheap, and still right: steps are aggregated off the training thread, many at once;
 the sender wakes on a timer, not per step; raw steps waiting for it stay bounded; the CPU clock is usable."""
+
 from __future__ import annotations
 
 import threading
@@ -156,8 +157,15 @@ def test_raw_steps_are_bounded_by_module_calls_too(monkeypatch):
 
 
 def test_between_connections_the_sender_still_aggregates():
-    t = Transport("127.0.0.1:9", IDENTITY, raw_size=16, backoff_initial_s=0.05, backoff_max_s=0.1,
-                  connect_timeout_s=0.2, flush_interval_s=0.02).start()  # nothing listens on port 9
+    t = Transport(
+        "127.0.0.1:9",
+        IDENTITY,
+        raw_size=16,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.1,
+        connect_timeout_s=0.2,
+        flush_interval_s=0.02,
+    ).start()  # nothing listens on port 9
     try:
         tracked_steps(10, t.submit)
         assert wait_for(lambda: not t._raw and len(t._queue) == 10)

@@ -20,6 +20,7 @@ It also prints what keeping the rank's position (agent/position.py, for hung job
 call, timed in the same processes; --baseline-tree DIR (an older checkout) adds a mode "baseline":
 modtrack's ModuleTracker as DIR has it, interleaved with the others.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ def build(model: str):
         x = torch.randn(32, 64)
         return net, lambda: net(x).sum()
     if model == "transformer":
+
         class Encoder(nn.Module):
             def __init__(self):
                 super().__init__()
@@ -69,13 +71,22 @@ def build(model: str):
     tf.logging.set_verbosity_error()
     common = {"vocab_size": VOCAB, "max_position_embeddings": SEQ}
     if model == "llama":
-        net = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                                 num_attention_heads=4, num_key_value_heads=4, **common))
+        net = tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                hidden_size=64,
+                intermediate_size=256,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                **common,
+            )
+        )
     elif model == "gpt2":
         net = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=SEQ, vocab_size=VOCAB))
     elif model == "bert":
-        net = tf.BertForMaskedLM(tf.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                               intermediate_size=256, **common))
+        net = tf.BertForMaskedLM(
+            tf.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, **common)
+        )
     else:
         raise ValueError(model)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ))
@@ -159,8 +170,9 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
         for _ in range(warmup):
             train_step()
         transport = tracking.transport if tracking is not None else None
-        if transport is not None and not wait_until(lambda: transport.connected and transport.stats["unacked"] == 0
-                                                    and transport.stats["queued"] == 0, 30):
+        if transport is not None and not wait_until(
+            lambda: transport.connected and transport.stats["unacked"] == 0 and transport.stats["queued"] == 0, 30
+        ):
             raise SystemExit("the collector did not take the warm-up steps")
         times = []
         cpu0, others0 = time.process_time(), other_threads_cpu_ns()
@@ -176,8 +188,13 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
         stats = transport.stats if transport is not None else {}
     if tracking is not None:
         tracking.close()
-    out = {"median_ms": statistics.median(times) * 1e3, "process_cpu_ms": cpu / steps * 1e3,
-           "other_threads_ms": others / steps / 1e6, "calls": calls[0], "agent": stats}
+    out = {
+        "median_ms": statistics.median(times) * 1e3,
+        "process_cpu_ms": cpu / steps * 1e3,
+        "other_threads_ms": others / steps / 1e6,
+        "calls": calls[0],
+        "agent": stats,
+    }
     if mode == "hooks":
         out["position_ns_per_call"] = position_cost_ns()
     return out
@@ -191,9 +208,11 @@ def position_cost_ns() -> float:
     from modtrack.agent.position import Position
 
     setup = "p = Position(); mid = 7; row = [7, 0]; stack = [(0, [3, 0])]"
-    body = ("position = p; position.module = mid; position.phase = row[1]\n"
-            "position = p\nif stack:\n    caller = stack[-1][1]; position.module = caller[0]; "
-            "position.phase = caller[1]")
+    body = (
+        "position = p; position.module = mid; position.phase = row[1]\n"
+        "position = p\nif stack:\n    caller = stack[-1][1]; position.module = caller[0]; "
+        "position.phase = caller[1]"
+    )
     empty = timeit.repeat("pass", setup, repeat=5, number=200_000, globals={"Position": Position})
     timed = timeit.repeat(body, setup, repeat=5, number=200_000, globals={"Position": Position})
     return (min(timed) - min(empty)) / 200_000 * 1e9
@@ -219,8 +238,19 @@ def main() -> None:
     ap.add_argument("--collector", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.steps, warmup=10, cpu_time=not args.wall,
-                               device=args.device, collector=args.collector)))
+        print(
+            json.dumps(
+                child(
+                    args.child[0],
+                    args.child[1],
+                    args.steps,
+                    warmup=10,
+                    cpu_time=not args.wall,
+                    device=args.device,
+                    collector=args.collector,
+                )
+            )
+        )
         return
     import tempfile
 
@@ -233,20 +263,33 @@ def main() -> None:
         modes.append("baseline")
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        server = CollectorProcess(os.path.join(tmp, "data"), log_path=os.path.join(tmp, "collector.log")) \
-            if "agent" in modes else None
+        server = (
+            CollectorProcess(os.path.join(tmp, "data"), log_path=os.path.join(tmp, "collector.log"))
+            if "agent" in modes
+            else None
+        )
         try:
             for r in range(args.rounds):
                 for model in models:
                     steps = args.steps if model != "transformer" else max(5, args.steps // 4)
                     for mode in modes:
-                        cmd = [sys.executable, __file__, "--steps", str(steps), "--child", model, mode,
-                               "--device", args.device] + (["--wall"] if args.wall else [])
+                        cmd = [
+                            sys.executable,
+                            __file__,
+                            "--steps",
+                            str(steps),
+                            "--child",
+                            model,
+                            mode,
+                            "--device",
+                            args.device,
+                        ] + (["--wall"] if args.wall else [])
                         if mode == "agent":
                             cmd += ["--collector", server.grpc_target]
                             before = proc_cpu_s(server.proc.pid)
-                        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                             env=env(OMP_NUM_THREADS="1")).stdout
+                        out = subprocess.run(
+                            cmd, check=True, capture_output=True, text=True, env=env(OMP_NUM_THREADS="1")
+                        ).stdout
                         res = json.loads(out.strip().splitlines()[-1])
                         if mode == "agent":  # includes the collector's Hello and warm-up steps: an upper bound
                             res["collector_cpu_ms"] = (proc_cpu_s(server.proc.pid) - before) * 1e3 / steps
@@ -264,10 +307,14 @@ def report(results: dict, models: list[str], modes: list[str], args) -> None:
     def med(model, mode, key):
         return statistics.median(x[key] for x in results[(model, mode)])
 
-    print(f"device {args.device}; median over {args.rounds} rounds of: the training thread's median {timer} time "
-          f"per step, the process CPU per step (all threads)")
-    print(f"{'model':<12} {'mode':<6} {'step ms':>8} {'overhead':>9} {'us/call':>8} {'proc cpu ms':>12} "
-          f"{'overhead':>9} {'other threads ms':>17}  (calls/step)")
+    print(
+        f"device {args.device}; median over {args.rounds} rounds of: the training thread's median {timer} time "
+        f"per step, the process CPU per step (all threads)"
+    )
+    print(
+        f"{'model':<12} {'mode':<6} {'step ms':>8} {'overhead':>9} {'us/call':>8} {'proc cpu ms':>12} "
+        f"{'overhead':>9} {'other threads ms':>17}  (calls/step)"
+    )
     for model in models:
         calls = results[(model, modes[0])][0]["calls"]
         plain, plain_cpu = med(model, "plain", "median_ms"), med(model, "plain", "process_cpu_ms")
@@ -276,31 +323,41 @@ def report(results: dict, models: list[str], modes: list[str], args) -> None:
             ms, cpu = med(model, mode, "median_ms"), med(model, mode, "process_cpu_ms")
             others[mode] = med(model, mode, "other_threads_ms")
             over[mode], cpu_over[mode] = ms - plain, cpu - plain_cpu
-            print(f"{model:<12} {mode:<6} {ms:8.3f} {over[mode]:9.3f} {over[mode] * 1e3 / calls:8.1f} "
-                  f"{cpu:12.3f} {cpu_over[mode]:9.3f} {others[mode]:17.3f}  ({calls})")
+            print(
+                f"{model:<12} {mode:<6} {ms:8.3f} {over[mode]:9.3f} {over[mode] * 1e3 / calls:8.1f} "
+                f"{cpu:12.3f} {cpu_over[mode]:9.3f} {others[mode]:17.3f}  ({calls})"
+            )
         target = TARGET_VS_SEED.get(model)
         for mode in ("hooks", "agent"):
             if mode in over and over.get("seed", 0) > 0:
-                print(f"{model}: {mode}/seed training-thread overhead ratio = {over[mode] / over['seed']:.2f}"
-                      + (f" (target <= {target})" if target else ""))
+                print(
+                    f"{model}: {mode}/seed training-thread overhead ratio = {over[mode] / over['seed']:.2f}"
+                    + (f" (target <= {target})" if target else "")
+                )
         if "agent" in over:
             print(f"{model}: agent overhead = {100 * over['agent'] / plain:.2f} % of the plain step")
         position = [x["position_ns_per_call"] for x in results.get((model, "hooks"), []) if "position_ns_per_call" in x]
         if position:
             position_ms = statistics.median(position) * calls / 1e6
-            print(f"{model}: position updates {statistics.median(position):.0f} ns/call = {position_ms:.3f} ms/step = "
-                  f"{100 * position_ms / plain:.2f} % of the plain step")
+            print(
+                f"{model}: position updates {statistics.median(position):.0f} ns/call = {position_ms:.3f} ms/step = "
+                f"{100 * position_ms / plain:.2f} % of the plain step"
+            )
         if "baseline" in over:
-            print(f"{model}: hooks - baseline = {over['hooks'] - over['baseline']:+.3f} ms/step "
-                  f"({100 * (over['hooks'] - over['baseline']) / plain:+.2f} % of the plain step)")
+            print(
+                f"{model}: hooks - baseline = {over['hooks'] - over['baseline']:+.3f} ms/step "
+                f"({100 * (over['hooks'] - over['baseline']) / plain:+.2f} % of the plain step)"
+            )
         if "agent" in cpu_over and over.get("hooks", 0) > 0:
             # the agent's CPU: what it adds to the training thread, plus everything its other threads use
             agent_cpu = over["agent"] + others["agent"]
-            print(f"{model}: agent CPU over all threads / hooks-only CPU = {agent_cpu / over['hooks']:.2f} "
-                  f"(target <= {TARGET_CPU}; training thread +{over['agent']:.3f} ms, sender and gRPC threads "
-                  f"{others['agent']:.3f} ms, hooks alone {over['hooks']:.3f} ms per step); by process CPU "
-                  f"{cpu_over['agent'] / max(cpu_over['hooks'], 1e-9):.2f}; collector CPU "
-                  f"{med(model, 'agent', 'collector_cpu_ms'):.3f} ms/step")
+            print(
+                f"{model}: agent CPU over all threads / hooks-only CPU = {agent_cpu / over['hooks']:.2f} "
+                f"(target <= {TARGET_CPU}; training thread +{over['agent']:.3f} ms, sender and gRPC threads "
+                f"{others['agent']:.3f} ms, hooks alone {over['hooks']:.3f} ms per step); by process CPU "
+                f"{cpu_over['agent'] / max(cpu_over['hooks'], 1e-9):.2f}; collector CPU "
+                f"{med(model, 'agent', 'collector_cpu_ms'):.3f} ms/step"
+            )
 
 
 def make_baseline_shim(tree: str) -> None:
