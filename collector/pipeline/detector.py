@@ -192,9 +192,13 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
             # Data loading and optimizer are wall time, which a rank preempted on shared cores
             # stretches by a few ms now and then (measured: 1-16 ms, 1.6-10x, on 3 ranks / 2 cores).
             bar = max(p.step_floor_ms, p.step_floor_frac * wall_median)
+            # ... and a rank is slow there only if its peers waited for it (most of its excess).
             step_excess = x[:, -steps:] - median[-steps:]
-            flagged[:, -steps:] &= (step_excess > bar) & (_waited_for(m, x, median, steps)[:, None] >= 0.5 * step_excess)
+            waited = _waited_for(m, x, median, steps)[:, None] >= 0.5 * step_excess
+            flagged[:, -steps:] &= (step_excess > bar) & waited
         held = above(p.hold_ratio, p.hold_z, p.hold_ratio)
+        if steps and np.isfinite(wall_median):
+            held[:, -steps:] &= waited  # an open episode lists them on the same evidence
     return StepFlags(flagged=flagged, held=held, median=median, count=count)
 
 
