@@ -3,6 +3,7 @@
 Kept free of protobuf so the training thread never builds wire messages; the transport
 thread turns a StepRecord into a StepReport (agent/report_codec.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class StepRecord:
     optimizer_ns: int = 0
     data_ns: int = 0  # wall time outside forward, backward, recompute and optimizer
     backward_tail_ns: int = 0  # last module backward end -> backward pass end
+    overlapping_calls: int = 0  # calls whose children add up to more than the call (never sent: a tracker counter)
     recompute_ns: int = 0
     first_new_module_id: int = 0
     new_module_names: list[str] = field(default_factory=list)

@@ -1,17 +1,34 @@
 """ModuleTracker: the seed's `torch.utils.module_tracker.ModuleTracker`, plus timing per module call.
 
-Where the hooks go, and why they are cheap:
-- forward: global module forward pre/post hooks (the post hook with always_call, so an exception in
-  a forward still closes its call).
-- backward start: a pre-hook on the autograd node that made the module's output (fires when the
-  first gradient reaches the module). Backward end: a pre-hook on the node that made each input
-  (fires once the module has produced the input's gradient). These hooks live on the graph's own
-  nodes and die with the graph: no handle is kept, so memory stays flat step after step. The seed
-  uses a multi-grad hook on every call's inputs and outputs, which costs ~10x more.
-- the autograd engine's final callback closes calls whose inputs need no gradient (the first
-  layer) and marks the end of the backward pass; a second callback, queued from the first, runs
-  after DDP's own (which waits for the gradient all-reduce): the gap is the backward tail.
-- steps end at a global optimizer step post hook, or `step()`.
+Where a module call's window opens and closes, and why:
+- forward: a pre hook registered on the module itself with prepend=True, and a post hook registered
+  on it with always_call=True and kept last, so the module's own hooks (a user's, FSDP2's all-gather
+  and reshard) run inside its window. A global pre hook only meets modules the first time (it
+  installs the per-module hooks on the module and everything under it, and handles that first call).
+- backward start: a pre-hook on the autograd node that made the module's output (the module's first
+  backward node cannot run before that node did).
+- backward end: the module's own gradient for its inputs. On the way in, each input tensor that
+  needs a gradient (positional, keyword, nested; a leaf too) is handed to the module as an identity
+  view of itself (`x.view_as(x)`, as FSDP2 hands inputs through an identity function). Only this
+  module's ops consume the view, so the view's node runs once this module's input gradients are
+  done, not once every consumer of `x` is (a residual stream, T5's encoder output read by every
+  decoder block, q/k/v projections of one input). A call with no such input (an embedding of token
+  ids) ends when the backward of a module that is neither inside it nor around it starts, or when
+  the pass ends.
+- the autograd engine's final callback marks the end of the backward pass; a second callback,
+  queued from the first, runs after DDP's own (which waits for the gradient all-reduce): the gap is
+  the backward tail.
+- steps end at a global optimizer step post hook, or `step()`. Forward and backward run inside
+  `optimizer.step(closure)` (LBFGS, Lightning) are forward and backward, not optimizer time.
+
+`parents` and `is_bw` are the seed's, op for op: a module is in `parents` from its forward pre to its
+post hook, and in backward from the moment the gradients of all its outputs are computed to the
+moment those of all its positional inputs are (the seed's multi-grad hooks, here on the same nodes),
+until the engine callback resets it. That is not always the module's own backward (see above): the
+timing windows are modtrack's, `parents` is the seed's.
+
+These hooks live on the graph's own nodes and die with the graph: no handle is kept, so memory stays
+flat step after step (the seed keeps one per call until exit).
 
 What a time means (agent/clocks.py): on CPU a call's inclusive and self time are the calling
 thread's CPU time (clock="cpu", the default there), so a rank preempted by other processes or
@@ -23,30 +40,40 @@ Every hook is fail-open: any exception is swallowed and counted in counters["hoo
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
+import weakref
 from functools import partial
 
 import torch
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
 from modtrack.agent.clocks import make_clock
 from modtrack.agent.module_names import ModuleNames
-from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
 from modtrack.agent.step_accumulator import (B_END, B_START, B_WORK_END, B_WORK_START, F_END, F_START, F_WORK_END,
-                                    F_WORK_START, FORWARD, MID, PENDING, PHASE, RECOMPUTE, StepLog,
-                                    build_step_record, step_summary)
-from modtrack.agent.step_accumulator import PARENT  # position
+                                             F_WORK_START, FORWARD, MID, PARENT, PHASE, RECOMPUTE,
+                                             DeferredStepRecord, StepLog, step_summary)
 from modtrack.agent.step_record import StepRecord
+
+try:
+    from torch.utils.checkpoint import _StopRecomputationError
+except ImportError:  # older torch: non-reentrant checkpoint never stops a recompute early
+    class _StopRecomputationError(Exception):
+        pass
 
 logger = logging.getLogger(__name__)
 
 _graph_task_id = torch._C._current_graph_task_id
+_will_execute = torch._C._will_engine_execute_node
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
 _is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 _Tensor = torch.Tensor
+_CONTAINERS = (list, tuple, dict)
 
 # CUDA steps whose events the GPU has not passed yet wait here; past this many, the oldest is dropped.
 MAX_PENDING_STEPS = 8
@@ -56,38 +83,65 @@ MAX_CALLS_PER_STEP = 100_000
 # Autograd nodes remembered (alive) to share one hook between the modules that meet there.
 RECENT_NODES = 64
 
+# What a node's pre-hook tells a call: its outputs' gradients (backward starts; the seed's "add"),
+# its positional inputs' gradients (the seed's "pop"), its own input views' gradients (backward ends).
+OUT, IN, OWN = 0, 1, 2
 
-def _grad_nodes(values) -> list:
-    """Distinct autograd nodes that produced the tensors in `values` (a tensor, or any nesting)."""
-    if isinstance(values, _Tensor):
-        node = values.grad_fn
-        return [node] if node is not None else []
-    if type(values) is tuple and len(values) == 1 and isinstance(values[0], _Tensor):
-        node = values[0].grad_fn
-        return [node] if node is not None else []
-    values = tree_flatten(values)[0]
-    nodes = []
-    for v in values:
-        if isinstance(v, _Tensor):
-            node = v.grad_fn
-            if node is not None and node not in nodes:
-                nodes.append(node)
-    return nodes
+
+class _Call:
+    """One module call in flight: its row, and the gradients its backward waits for, per kind."""
+
+    __slots__ = ("first", "last", "left", "mod", "nodes", "row", "site", "task", "views")
+
+    def __init__(self, row: list, mod, site: tuple, first: int) -> None:
+        self.row = row
+        self.mod = mod
+        self.site = site  # (module id, name, [pre hook id, post hook id])
+        self.first = first  # row index of this call; rows first..last are it and the calls inside it
+        self.last = first
+        # per kind: None (no such tensor), how many tensors, or (several) the node of each: nodes are
+        # kept only until the step ends or the pass is done (they hold this call: a cycle through C++)
+        self.nodes: list = [None, None, None]
+        self.left = [0, 0, 0]  # per kind: gradients still to come in the graph task `task`
+        self.task = [-2, -2, -2]
+        self.views: list | None = None  # (view, its node) until the forward returns
+
+    def arrived(self, kind: int, n: int) -> bool:
+        """n more gradients of `kind` are computed; True once all the engine will compute are (the
+        seed's multi-grad hook, mode "all": tensors the engine will not reach are not waited for)."""
+        task = _graph_task_id()
+        if self.task[kind] != task:
+            nodes = self.nodes[kind]
+            self.task[kind] = task
+            self.left[kind] = nodes if type(nodes) is int else sum(map(_will_execute, nodes))
+        elif self.left[kind] <= 0:
+            return False
+        before = self.left[kind]
+        self.left[kind] = before - n
+        return before > 0 >= before - n  # a root of backward is not "executed": the seed never fires for it
+
+
+def _leaf_node(t: _Tensor):
+    """The node that receives a tensor's gradient: its grad_fn, or a leaf's gradient accumulator."""
+    node = t.grad_fn
+    return node if node is not None else torch.autograd.graph.get_gradient_edge(t).node
 
 
 class ModuleTracker:
     """Tracks which modules run (`parents`, `is_bw`, as the seed does) and times every call.
 
     on_step(record) is called on the training thread once per finished step, with an
-    `agent.step_record.StepRecord`. clock: "cpu" (durations in thread CPU time), "wall" (CPU,
+    `agent.step_record.StepRecord` whose figures are computed when first read (the transport reads them
+    on its own thread, many steps at once). clock: "cpu" (durations in thread CPU time), "wall" (CPU,
     durations in wall time: for ranks with several intra-op threads), "cuda" or "auto" (cuda when
-    available, else cpu).
+    available, else cpu). A tracker can be entered again after it exited (FlopCounterMode does).
     """
 
     def __init__(self, on_step=None, clock: str = "auto") -> None:
         self.parents: set[str] = {"Global"}
         self.counters = {"hook_errors": 0, "steps": 0, "on_step_errors": 0, "steps_dropped": 0,
-                         "implicit_steps": 0}
+                         "implicit_steps": 0, "backward_ends_at_pass_end": 0, "overlapping_calls": 0,
+                         "inplace_inputs": 0}
         self._on_step = on_step
         self._clock = make_clock(clock)
         self.clock_kind: str = self._clock.kind
@@ -97,18 +151,24 @@ class ModuleTracker:
         self._names_sent = 0
         self._log = StepLog(time.perf_counter_ns())
         self.position = at.Position(self._log.start_host_ns)  # where the rank is (issue 14: hung jobs)
-        self._stack: list[tuple] = []  # open forward calls: (row, input grad nodes)
-        self._open_backward: dict[int, list] = {}  # graph task id -> rows whose backward started there
+        self._stack: list[_Call] = []  # open forward calls, innermost last
+        self._open_backward: dict[int, list] = {}  # graph task id -> calls whose backward started there
+        self._endless: list[_Call] = []  # open backward calls with no input view to end them
         self._pass: list | None = None  # the backward pass running now, an entry of log.passes
         self._step_due = False  # an optimizer stepped inside backward: end the step when it ends
-        self._optimizer_start = 0
+        self._optimizer_start = 0  # 0: no optimizer step open, or one paused for its closure's work
+        self._in_optimizer = False
+        self._seed_callback = False  # the seed's "reset parents" engine callback is queued
         self._recent_nodes: dict = {}  # autograd node -> the actions its one pre-hook runs
+        self._multi: list[_Call] = []  # calls that keep nodes (see _Call.nodes)
+        self._viewed_from: dict = {}  # node of an input view we made -> node of the tensor it views
         self._pending: list[tuple] = []  # finished steps waiting for their clock (CUDA)
         self._step_no = 0
         self._last: StepRecord | None = None
         self._trace_lock = threading.Lock()
         self._trace_request: tuple[str, int] | None = None
         self._handles: list = []
+        self._hooked: dict[int, weakref.ref] = {}  # id(module) -> module, for modules with our hooks
         self._closed = False
 
     # ---- the seed's surface -------------------------------------------------------------------
@@ -118,13 +178,14 @@ class ModuleTracker:
         return _graph_task_id() != -1
 
     def __enter__(self):
-        if not self._handles and not self._closed:
+        if not self._handles:
+            self._closed = False
             self._log = StepLog(time.perf_counter_ns())
+            self.parents = {"Global"}
             self.position.new_step(self._step_no, self._log.start_host_ns)  # position: the thread that trains
             self.position.thread_id = threading.get_ident()
             self._handles = [
                 register_module_forward_pre_hook(self._forward_pre),
-                register_module_forward_hook(self._forward_post, always_call=True),
                 register_optimizer_step_pre_hook(self._optimizer_pre),
                 register_optimizer_step_post_hook(self._optimizer_post),
             ]
@@ -163,6 +224,7 @@ class ModuleTracker:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._hooked.clear()
         try:
             self._end_step()
             for _, _, batch, _ in self._pending:
@@ -172,100 +234,246 @@ class ModuleTracker:
             self.counters["hook_errors"] += 1
             logger.debug("modtrack: error while closing", exc_info=True)
 
-    # ---- forward ------------------------------------------------------------------------------
-    def _forward_pre(self, mod, args) -> None:
-        if _is_compiling():
-            return
+    # ---- meeting modules ----------------------------------------------------------------------
+    def _forward_pre(self, mod, args):
+        """Global pre hook: runs for every call, does something only the first time a module runs."""
+        if id(mod) in self._hooked or _is_compiling():
+            return None
         try:
             mid = self._names.module_id(mod)
+            for sub in mod.modules():
+                if id(sub) not in self._hooked:
+                    self._install(sub)
             if mid < 0:
-                return
-            name = self._names.names[mid]
+                return None
+            site = self._site_of(mod)
+            if site is None:
+                return None
+            result = self._enter(site, mod, args, None)  # this call's own pre hooks are already fixed
+            return None if result is None else result[0]
+        except Exception:
+            self._hook_failed()
+            return None
+
+    def _install(self, mod) -> None:
+        key = id(mod)
+        hooked = self._hooked
+
+        def forget(_ref, key=key):
+            hooked.pop(key, None)
+
+        hooked[key] = weakref.ref(mod, forget)
+        mid = self._names.module_id(mod)
+        if mid < 0:
+            return  # a wrapper (DDP, FSDP1, checkpoint wrapper): not timed, not in `parents`
+        # a module that changes its input in place (ReLU(inplace=True)) gets no view: autograd would
+        # copy the gradient of the whole tensor to rebase the view; its input is its output anyway
+        site = (mid, self._names.names[mid], [0, 0], getattr(mod, "inplace", False) is True)
+        pre = mod.register_forward_pre_hook(partial(self._enter, site), prepend=True, with_kwargs=True)
+        post = mod.register_forward_hook(partial(self._exit, site), always_call=True)
+        site[2][0], site[2][1] = pre.id, post.id
+        mod.__dict__.setdefault("_modtrack_sites", {})[id(self)] = site
+        self._handles += (pre, post)
+
+    def _site_of(self, mod):
+        sites = mod.__dict__.get("_modtrack_sites")
+        return None if sites is None else sites.get(id(self))
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _enter(self, site: tuple, mod, args, kwargs):
+        if _is_compiling():
+            return None
+        try:
+            mid, name = site[0], site[1]
             parents = self.parents
             recursive = name in parents
             if recursive:
                 logger.info("The module hierarchy tracking seems to be broken as this Module was already "
                             "entered. %s during forward", name)
             parents.add(name)
-            if len(args) == 1 and isinstance(args[0], _Tensor):  # the common case, without a call
-                node = args[0].grad_fn
-                input_nodes = None if node is None else (node,)
-            else:
-                input_nodes = _grad_nodes(args) if args else None
             stack = self._stack
             rows = self._log.rows
+            in_backward = _graph_task_id() != -1
+            if not stack and not in_backward and self._optimizer_start:
+                self._pause_optimizer()  # a closure inside optimizer.step(): this is forward, not optimizer
             # the layout of agent.step_accumulator.new_row, inlined: this runs for every call
-            row = [mid, RECOMPUTE if _graph_task_id() != -1 else FORWARD, 0, 0,
-                   stack[-1][0] if stack else -1, len(stack), int(recursive), 0, 0, 0, 0, 0, 0, 0]
-            stack.append((len(rows), row, input_nodes, mod, name))
+            row = [mid, RECOMPUTE if in_backward else FORWARD, 0, 0,
+                   stack[-1].first if stack else -1, len(stack), int(recursive), 0, 0, 0, 0, 0, 0, 0]
+            call = _Call(row, mod, site, len(rows))
+            stack.append(call)
             rows.append(row)
             position = self.position  # position: this call is the innermost open module
             position.module = mid
             position.phase = row[PHASE]
+            result = None
+            if _grad_enabled():
+                if site[3]:
+                    self._watch_inplace_inputs(call, args)
+                else:
+                    result = self._view_inputs(call, args, kwargs)
             row[F_START] = self._stamp()
             row[F_WORK_START] = self._work()
+            return result
         except Exception:
             self._hook_failed()
+            return None
 
-    def _forward_post(self, mod, args, output) -> None:
+    def _view_inputs(self, call: _Call, args, kwargs):
+        """Hand the module an identity view of every input that needs a gradient (see the docstring)."""
+        views: dict = {}  # id(tensor) -> its view: one view per tensor, so `q is k is v` stays true
+        own: list = []
+        seed: list = []  # the seed watches positional inputs only
+        if len(args) == 1 and isinstance(args[0], _Tensor):  # the common case, without a walk
+            new_args = args if not args[0].requires_grad else (self._view(args[0], views, own, seed),)
+        else:
+            new_args = tuple(self._viewed(a, views, own, seed) for a in args)
+        new_kwargs = kwargs
+        if kwargs:
+            new_kwargs = {k: self._viewed(v, views, own, None) for k, v in kwargs.items()}
+        if not own:
+            return None
+        call.views = [(v, v.grad_fn) for v in views.values()]
+        self._watch(call, OWN, own)
+        if seed:
+            self._watch(call, IN, seed)
+        return new_args, new_kwargs
+
+    def _watch_inplace_inputs(self, call: _Call, args) -> None:
+        """No views: the backward ends, as the seed's `parents` entry does, when the inputs' gradients are."""
+        seed = [self._viewed_from.get(n, n) for n in (_leaf_node(a) for a in tree_flatten(args)[0]
+                                                      if isinstance(a, _Tensor) and a.requires_grad)]
+        if seed:
+            self._watch(call, OWN, seed)
+            self._watch(call, IN, list(seed))
+
+    def _viewed(self, value, views: dict, own: list, seed: list | None):
+        if isinstance(value, _Tensor):
+            return self._view(value, views, own, seed) if value.requires_grad else value
+        if type(value) in _CONTAINERS and value:
+            leaves, spec = tree_flatten(value)
+            if any(isinstance(v, _Tensor) and v.requires_grad for v in leaves):
+                return tree_unflatten([self._viewed(v, views, own, seed) for v in leaves], spec)
+        return value
+
+    def _view(self, t: _Tensor, views: dict, own: list, seed: list | None):
+        view = views.get(id(t))
+        node = t.grad_fn
+        if node is None:
+            node = _leaf_node(t)
+        else:
+            node = self._viewed_from.get(node, node)  # a view we gave the caller: the seed sees the original
+        if seed is not None:
+            seed.append(node)
+        if view is None:
+            view = views[id(t)] = t.view_as(t)
+            own.append(view.grad_fn)
+            self._viewed_from[view.grad_fn] = node
+        return view
+
+    def _exit(self, site: tuple, mod, args, output) -> None:
         if _is_compiling():
             return
         try:
             work = self._work()
             now = self._stamp()
             stack = self._stack
-            if stack and stack[-1][3] is mod:
-                frame = stack.pop()
+            if stack and stack[-1].mod is mod:
+                call = stack.pop()
             else:
-                frame = self._find_frame(mod)
-                if frame is None:
-                    return  # a wrapper (not timed), or a call that started before a step ended
-            _, row, input_nodes, _, name = frame
+                call = self._find_call(mod)
+                if call is None:
+                    return  # a call that started before a step ended
+            row = call.row
             row[F_END] = now
             row[F_WORK_END] = work
+            call.last = len(self._log.rows) - 1
             position = self.position  # position: back in the caller, or outside every module
             if stack:
-                caller = stack[-1][1]
+                caller = stack[-1].row
                 position.module = caller[MID]
                 position.phase = caller[PHASE]
             else:
                 position.module = at.NO_MODULE
                 position.phase = at.BACKWARD if row[PHASE] == RECOMPUTE else at.OUTSIDE
-            if name in self.parents:
+            name = site[1]
+            # the seed's post hook does not run when a forward raises: non-reentrant checkpoint stops
+            # its recompute that way, and the seed's `parents` keeps the name; other errors drop it
+            stopped = output is None and isinstance(sys.exc_info()[1], _StopRecomputationError)
+            if stopped:
+                pass
+            elif name in self.parents:
                 self.parents.remove(name)
             else:
                 logger.info("The Module hierarchy tracking is confused as we're exiting a Module that was "
                             "never entered. %s during forward", name)
-            if output is not None:
-                self._hook_backward(row, output, input_nodes)
+            if call.views is not None:
+                self._check_views(call)
+            if output is not None and _grad_enabled():
+                self._watch_outputs(call, output)
+            self._keep_hooks_outermost(mod, site[2])
             if not stack and len(self._log.rows) >= MAX_CALLS_PER_STEP and self._pass is None:
                 self.counters["implicit_steps"] += 1
                 self._end_step()
         except Exception:
             self._hook_failed()
 
-    def _find_frame(self, mod):
-        """Hooks out of step (a step ended inside a forward): find mod's frame, drop those above it."""
+    def _check_views(self, call: _Call) -> None:
+        """A module that changed its input in place (ReLU(inplace=True)) moved our view off the graph:
+        its backward then ends when the gradient of the tensor it changed is complete."""
+        own = call.nodes[OWN]
+        for view, node in call.views:
+            if view.grad_fn is not node:
+                self.counters["inplace_inputs"] += 1
+                original = self._viewed_from.get(node)
+                if original is not None and type(own) is list:
+                    own[own.index(node)] = original
+                    self._on_node(original, (OWN, call, 1))
+        call.views = None
+
+    @staticmethod
+    def _keep_hooks_outermost(mod, ids: list) -> None:
+        """Hooks registered on the module after ours still run inside its window, from its next call."""
+        pre, post = mod._forward_pre_hooks, mod._forward_hooks
+        if len(pre) > 1 and next(iter(pre)) != ids[0]:
+            pre.move_to_end(ids[0], last=False)
+        if len(post) > 1 and next(reversed(post)) != ids[1]:
+            post.move_to_end(ids[1])
+
+    def _find_call(self, mod):
+        """Hooks out of step (a step ended inside a forward): find mod's call, drop those above it."""
         stack = self._stack
         for i in range(len(stack) - 1, -1, -1):
-            if stack[i][3] is mod:
-                frame = stack[i]
+            if stack[i].mod is mod:
+                call = stack[i]
                 del stack[i:]
-                return frame
+                return call
         return None
 
-    def _hook_backward(self, row: list, output, input_nodes) -> None:
-        """Pre-hooks on the output's nodes (backward starts) and the inputs' nodes (it ends)."""
-        out_nodes = _grad_nodes(output)
-        if not out_nodes:
-            return  # no_grad, eval, or an output that needs no gradient: forward only
-        for node in out_nodes:
-            self._on_node(node, (True, row))
-        if input_nodes:
-            if len(input_nodes) > 1:
-                row[PENDING] = len(input_nodes)
-            for node in input_nodes:
-                self._on_node(node, (False, row))
+    def _watch_outputs(self, call: _Call, output) -> None:
+        if isinstance(output, _Tensor):
+            if not output.requires_grad:
+                return
+            nodes = [_leaf_node(output)]
+        else:
+            nodes = [_leaf_node(v) for v in tree_flatten(output)[0] if isinstance(v, _Tensor) and v.requires_grad]
+            if not nodes:
+                return  # no_grad, eval, or an output that needs no gradient: forward only
+        viewed_from = self._viewed_from
+        if viewed_from:  # a module that returns (part of) its input returns our view: the seed sees the original
+            nodes = [viewed_from.get(n, n) for n in nodes]
+        self._watch(call, OUT, nodes)
+
+    def _watch(self, call: _Call, kind: int, nodes: list) -> None:
+        call.nodes[kind] = nodes
+        self._multi.append(call)
+        if len(nodes) == 1:
+            self._on_node(nodes[0], (kind, call, 1))
+            return
+        counts: dict = {}
+        for node in nodes:
+            counts[node] = counts.get(node, 0) + 1
+        for node, n in counts.items():
+            self._on_node(node, (kind, call, n))
 
     def _on_node(self, node, action: tuple) -> None:
         """One Python pre-hook per node: a module's output node is usually the next module's input
@@ -280,51 +488,94 @@ class ModuleTracker:
             actions.append(action)
 
     def _node_fired(self, actions: list, grad_outputs) -> None:
+        """In registration order, as the seed's tensor hooks on these nodes would run. One stamp for
+        all: calls that start (or end) at the same node start (or end) at the same time."""
         try:
-            for is_start, row in actions:
-                if is_start:
-                    self._backward_start(row)
-                else:
-                    self._backward_end(row)
+            now = work = 0
+            for kind, call, n in actions:
+                if kind == OUT:
+                    if not call.row[B_START] and not call.row[B_END]:
+                        if not now:
+                            work, now = self._work(), self._stamp()
+                        self._backward_start(call, now, work)
+                    if call.arrived(OUT, n):
+                        self._seed_add(call.site[1])
+                elif kind == OWN:
+                    if call.arrived(OWN, n):
+                        if not now:
+                            work, now = self._work(), self._stamp()
+                        self._backward_end(call, now, work)
+                elif call.arrived(IN, n):
+                    self._seed_pop(call.site[1])
         except Exception:
             self._hook_failed()
 
+    # ---- the seed's `parents` in backward -----------------------------------------------------
+    def _seed_add(self, name: str) -> None:
+        if not self._seed_callback:
+            self._seed_callback = True
+            _queue_callback(self._seed_reset)
+        if name in self.parents:
+            logger.info("The module hierarchy tracking seems to be broken as this Module was already "
+                        "entered. %s during backward", name)
+        self.parents.add(name)
+
+    def _seed_pop(self, name: str) -> None:
+        if name in self.parents:
+            self.parents.remove(name)
+        else:
+            logger.info("The Module hierarchy tracking is confused as we're exiting a Module that was "
+                        "never entered. %s during backward", name)
+
+    def _seed_reset(self) -> None:
+        self.parents = {"Global"}
+        self._seed_callback = False
+
     # ---- backward -----------------------------------------------------------------------------
-    def _backward_start(self, row: list) -> None:
-        if row[B_START] or row[B_END]:
-            return  # another output of the same call, or a second backward through the graph
+    def _backward_start(self, call: _Call, now: int, work: int) -> None:
         try:
             task = _graph_task_id()
-            open_rows = self._open_backward.get(task)
-            if open_rows is None:
-                open_rows = self._open_backward[task] = []
+            open_calls = self._open_backward.get(task)
+            if open_calls is None:
+                open_calls = self._open_backward[task] = []
                 _queue_callback(partial(self._graph_task_done, task))
                 if self._pass is None:
                     self._begin_pass()
-            open_rows.append(row)
-            self.parents.add(self._names.names[row[MID]])
+            open_calls.append(call)
+            if self._endless:
+                self._end_endless(call, now, work)
+            row = call.row
+            row[B_START] = now
+            row[B_WORK_START] = work
             position = self.position  # position: in this module's backward
             position.module = row[MID]
             position.phase = at.BACKWARD
-            row[B_START] = self._stamp()
-            row[B_WORK_START] = self._work()
+            if call.nodes[OWN] is None:
+                self._endless.append(call)
         except Exception:
             self._hook_failed()
 
-    def _backward_end(self, row: list) -> None:
-        if row[PENDING] > 1:
-            row[PENDING] -= 1  # wait for the gradients of all inputs
-            return
+    def _end_endless(self, starting: _Call, now: int, work: int) -> None:
+        """A call with no input view is done once the backward of a module outside it begins."""
+        first, last = starting.first, starting.last
+        keep = []
+        for call in self._endless:
+            inside = call.first < first <= call.last
+            around = first < call.first <= last
+            if inside or around or call.row[PHASE] != starting.row[PHASE]:  # a recompute's rows are apart
+                keep.append(call)
+            elif not call.row[B_END]:
+                self._close_backward(call.row, now, work)
+        self._endless = keep
+
+    def _backward_end(self, call: _Call, now: int, work: int) -> None:
         try:
-            work = self._work()
-            now = self._stamp()
-            if not row[B_START] or row[B_END]:
-                return
-            row[B_END] = now
-            row[B_WORK_END] = work
-            if self._pass is not None:
-                self._pass[2] = now
-            self.parents.discard(self._names.names[row[MID]])
+            row = call.row
+            if row[B_END]:
+                return  # a second backward through the same graph
+            if not row[B_START]:
+                self._backward_start(call, now, work)  # the output was the input (an identity module)
+            self._close_backward(row, now, work)
             parent = row[PARENT]  # position: back in the caller's backward, if it is open
             caller = self._log.rows[parent] if 0 <= parent < len(self._log.rows) else None
             self.position.module = caller[MID] if caller is not None and caller[B_START] and not caller[B_END] \
@@ -332,8 +583,22 @@ class ModuleTracker:
         except Exception:
             self._hook_failed()
 
+    def _close_backward(self, row: list, now: int, work: int) -> None:
+        row[B_END] = now
+        row[B_WORK_END] = work
+        if self._pass is not None:
+            self._pass[2] = now
+
+    def _drop_nodes(self) -> None:
+        self._viewed_from.clear()
+        for call in self._multi:
+            call.nodes = [n if n is None or type(n) is int else len(n) for n in call.nodes]
+        self._multi = []
+
     def _begin_pass(self) -> None:
         log = self._log
+        if self._optimizer_start:
+            self._pause_optimizer()  # loss.backward() inside optimizer.step(closure)
         # A backward whose first module hook fired in a nested graph task (reentrant checkpoint)
         # shows up as two pieces with no forward in between: they are one pass.
         if log.passes and not any(r[PHASE] == FORWARD for r in log.rows[log.rows_at_pass_end:]):
@@ -348,12 +613,12 @@ class ModuleTracker:
         try:
             work = self._work()
             now = self._stamp()
-            for row in self._open_backward.pop(task, ()):
-                if not row[B_END]:
-                    row[B_END] = now
-                    row[B_WORK_END] = work
-                    if self._pass is not None:
-                        self._pass[2] = now
+            for call in self._open_backward.pop(task, ()):
+                if not call.row[B_END]:
+                    if call.nodes[OWN] is not None:
+                        self.counters["backward_ends_at_pass_end"] += 1
+                    self._close_backward(call.row, now, work)
+            self._endless = [c for c in self._endless if not c.row[B_END]]
             if not self._open_backward:
                 self.position.module = at.NO_MODULE  # position: every module's backward is done
                 _queue_callback(self._backward_pass_done)  # runs after DDP's all-reduce wait
@@ -366,27 +631,39 @@ class ModuleTracker:
                 self._pass[1] = self._stamp()
                 self._log.rows_at_pass_end = len(self._log.rows)
             self._pass = None
+            self._endless = []
             self._recent_nodes.clear()
-            self.parents = {"Global"}
+            self._drop_nodes()
             self.position.module = at.NO_MODULE  # position: between backward and the optimizer
             self.position.phase = at.OUTSIDE
+            if self._in_optimizer and not self._optimizer_start:
+                self._optimizer_start = self._stamp()  # back in optimizer.step() after its closure
+                self.position.phase = at.OPTIMIZER
             if self._step_due:
                 self._step_due = False
                 self._end_step()
         except Exception:
             self._hook_failed()
 
-    # ---- optimizer and steps ------------------------------------------------------------------
     def _optimizer_pre(self, optimizer, args, kwargs) -> None:
         try:
+            self._in_optimizer = True
             self._optimizer_start = self._stamp()
             self.position.phase = at.OPTIMIZER  # position
         except Exception:
             self._hook_failed()
 
+    def _pause_optimizer(self) -> None:
+        """optimizer.step(closure) runs a forward and backward: that time is not the optimizer's."""
+        self._log.optimizer.append((self._optimizer_start, self._stamp()))
+        self._optimizer_start = 0
+
     def _optimizer_post(self, optimizer, args, kwargs) -> None:
         try:
-            self._log.optimizer.append((self._optimizer_start, self._stamp()))
+            if self._optimizer_start:
+                self._log.optimizer.append((self._optimizer_start, self._stamp()))
+            self._optimizer_start = 0
+            self._in_optimizer = False
             if _graph_task_id() != -1:
                 self._step_due = True  # optimizer fused into backward: the step ends with the pass
                 self.position.phase = at.BACKWARD  # position
@@ -404,7 +681,9 @@ class ModuleTracker:
             self._log = StepLog(log.end_host_ns)
             self._stack.clear()
             self._open_backward.clear()
+            self._endless = []
             self._recent_nodes.clear()
+            self._drop_nodes()
             self._pass = None
             self.parents = {"Global"}
             self._pending.append((self._step_no, log, self._clock.close_step(), self._take_trace()))
@@ -438,7 +717,8 @@ class ModuleTracker:
                     self.counters["steps_dropped"] += 1
                     continue
             pending.pop(0)
-            self._emit(build_step_record(log, step_no, table, trace_id))
+            # aggregated later, off the training thread (by the sender, or by whoever reads it first)
+            self._emit(DeferredStepRecord(log, step_no, table, trace_id, self.counters))
 
     def _emit(self, record: StepRecord) -> None:
         names = self._names.names
