@@ -4,6 +4,7 @@ On shared cores a preempted rank shows ms more wall time in its data loading or 
 steps on end, while its peers were held up just as long: nobody waited for it, the job lost nothing by it.
 A slow loader or optimizer keeps every peer waiting in the next collective. Steps built like a synchronous job's.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,9 +34,18 @@ def step_matrix(step, rng, data_extra=0.0, optimizer_extra=0.0, waited=True, mod
         idle = np.full(RANKS, 1.0)
         wall = busy + idle
     return StepMatrix(
-        job="j", step=step, ranks=np.arange(RANKS), hosts=["h0"] * RANKS,
-        column_module=np.arange(MODULES), column_phase=np.full(MODULES, 2), self_ms=x, wall_ms=wall,
-        sync_wait_ms=idle, module_names=[f"Net.m{k}" for k in range(MODULES)], data_ms=d, optimizer_ms=o,
+        job="j",
+        step=step,
+        ranks=np.arange(RANKS),
+        hosts=["h0"] * RANKS,
+        column_module=np.arange(MODULES),
+        column_phase=np.full(MODULES, 2),
+        self_ms=x,
+        wall_ms=wall,
+        sync_wait_ms=idle,
+        module_names=[f"Net.m{k}" for k in range(MODULES)],
+        data_ms=d,
+        optimizer_ms=o,
         idle_ms=idle,
     )
 
