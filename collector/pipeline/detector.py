@@ -114,6 +114,30 @@ def _peer_wait_median(wait: np.ndarray, x: np.ndarray, count: np.ndarray) -> np.
     return _row_medians(np.sort(waits, axis=0), count)
 
 
+def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) -> np.ndarray:
+    """Per rank, how long its peers waited for it beyond what its slower modules explain: what the
+    median peer waited (in any phase) minus what the rank itself waited and its module excess.
+
+    A rank slow in data loading or in the optimizer keeps every peer waiting in the next
+    collective (the gradient all-reduce of the step, or of the next one, the slowdown going on);
+    a rank preempted while its peers were held up too cost nobody anything, and is no straggler."""
+    idle = np.nan_to_num(np.asarray(m.sync_wait_ms if m.idle_ms is None else m.idle_ms, dtype=np.float64))
+    if len(idle) < 2:
+        return np.zeros(len(idle))
+    order = np.argsort(idle, kind="stable")
+    ordered, place = idle[order], np.empty(len(idle), np.int64)
+    place[order] = np.arange(len(idle))
+    others = len(idle) - 1  # the median of the others: the sorted waits with the rank's own left out
+
+    def other(j: int) -> np.ndarray:
+        return np.where(j < place, ordered[j], ordered[min(j + 1, len(idle) - 1)])
+
+    peer = 0.5 * (other((others - 1) // 2) + other(others // 2))
+    with np.errstate(invalid="ignore"):
+        module_excess = np.nansum(np.clip(x[:, :-steps] - median[:-steps], 0.0, None), axis=1)
+    return peer - idle - module_excess
+
+
 # Step-level figures judged like module columns: (StepMatrix field, name, phase).
 STEP_COLUMNS = (("data_ms", "(data loading)", "data"), ("optimizer_ms", "(optimizer)", "optimizer"))
 
@@ -168,8 +192,13 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
             # Data loading and optimizer are wall time, which a rank preempted on shared cores
             # stretches by a few ms now and then (measured: 1-16 ms, 1.6-10x, on 3 ranks / 2 cores).
             bar = max(p.step_floor_ms, p.step_floor_frac * wall_median)
-            flagged[:, -steps:] &= (x[:, -steps:] - median[-steps:]) > bar
+            # ... and a rank is slow there only if its peers waited for it (most of its excess).
+            step_excess = x[:, -steps:] - median[-steps:]
+            waited = _waited_for(m, x, median, steps)[:, None] >= 0.5 * step_excess
+            flagged[:, -steps:] &= (step_excess > bar) & waited
         held = above(p.hold_ratio, p.hold_z, p.hold_ratio)
+        if steps and np.isfinite(wall_median):
+            held[:, -steps:] &= waited  # an open episode lists them on the same evidence
     return StepFlags(flagged=flagged, held=held, median=median, count=count)
 
 
