@@ -54,9 +54,24 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
 from modtrack.agent.clocks import make_clock
 from modtrack.agent.module_names import ModuleNames
-from modtrack.agent.step_accumulator import (B_END, B_START, B_WORK_END, B_WORK_START, F_END, F_START, F_WORK_END,
-                                             F_WORK_START, FORWARD, MID, PARENT, PHASE, RECOMPUTE,
-                                             DeferredStepRecord, StepLog, step_summary)
+from modtrack.agent.step_accumulator import (
+    B_END,
+    B_START,
+    B_WORK_END,
+    B_WORK_START,
+    F_END,
+    F_START,
+    F_WORK_END,
+    F_WORK_START,
+    FORWARD,
+    MID,
+    PARENT,
+    PHASE,
+    RECOMPUTE,
+    DeferredStepRecord,
+    StepLog,
+    step_summary,
+)
 from modtrack.agent.step_record import StepRecord
 
 try:

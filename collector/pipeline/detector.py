@@ -7,9 +7,11 @@ all columns at once; no Python loop runs per rank or per column. Step-level figu
 modules (data loading, optimizer) are judged as two more columns. The flags then feed the
 episode book (collector/pipeline/episodes.py): one verdict per culprit, hysteresis, host roll-up, cost.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -69,8 +71,9 @@ CPU_CLOCK_FLOOR = {"min_excess_ms": 1.0, "min_excess_frac": 0.01}
 
 def params_for_clock(params: DetectorParams, cpu_clock: bool) -> DetectorParams:
     """A job's params: floors left unset (None) get the CPU floor on a CPU-clocked job, else 0."""
-    floors = {name: (CPU_CLOCK_FLOOR[name] if cpu_clock else 0.0)
-              for name in CPU_CLOCK_FLOOR if getattr(params, name) is None}
+    floors: dict[str, Any] = {
+        name: (CPU_CLOCK_FLOOR[name] if cpu_clock else 0.0) for name in CPU_CLOCK_FLOOR if getattr(params, name) is None
+    }
     return replace(params, **floors)
 
 
@@ -146,8 +149,11 @@ def judged_columns(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
     """The (R, K') matrix the detector judges: module self times, then the step-level columns the
     matrix carries. Returns it and the step columns' keys (negative: they are no module)."""
     x = np.asarray(m.self_ms, dtype=np.float64)
-    extra = [(-1 - i, getattr(m, field)) for i, (field, _, _) in enumerate(STEP_COLUMNS)
-             if getattr(m, field, None) is not None]
+    extra = [
+        (-1 - i, getattr(m, field))
+        for i, (field, _, _) in enumerate(STEP_COLUMNS)
+        if getattr(m, field, None) is not None
+    ]
     if not extra:
         return x, np.empty(0, np.int64)
     cols = np.column_stack([np.asarray(v, dtype=np.float64) for _, v in extra])
@@ -211,6 +217,7 @@ class Detector:
 
     def __init__(self, job: str, params: DetectorParams | None = None):
         self.job = job
+        self.attempt = 0  # the attempt it judges: the evaluator starts a fresh detector for each
         self.params = params or DetectorParams()
         self.book = EpisodeBook(job, self.params)
         self.last_step: int | None = None

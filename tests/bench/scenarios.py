@@ -298,16 +298,22 @@ def run_job(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), times
 
 
-def measured_loss(times_path: str, attempt: int, onset: int, end: int) -> float | None:
-    """Mean step time over [end - 30, end) (no earlier than the onset), minus the mean over [5, onset)."""
+def measured_loss(times_path: str, attempt: int, onset: int, end: int, every: int = 1) -> float | None:
+    """Mean step time over [end - 30, end) (no earlier than the onset), minus the mean over [5, onset).
+
+    An intermittent fault (one slow step in `every`) is measured against the steps of the same window that
+    were not slowed: on a shared machine the job's speed drifts more between windows than 1-in-N adds."""
     try:
         with open(times_path) as f:
             rows = [json.loads(line) for line in f]
     except OSError:
         return None
     ms = {r["step"]: r["ms"] for r in rows if r["attempt"] == attempt}
-    before = [ms[s] for s in range(5, onset) if s in ms]
     after = [ms[s] for s in range(max(onset, end - 30), end) if s in ms]
+    if every > 1:
+        before = [ms[s] for s in range(max(onset, end - 30), end) if s in ms and (s - onset) % every]
+    else:
+        before = [ms[s] for s in range(5, onset) if s in ms]
     if len(before) < 5 or len(after) < 5:
         return None
     return statistics.fmean(after) - statistics.fmean(before)
@@ -368,7 +374,8 @@ def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str
     res.detail = f"cause {v['cause']!r}, {len(v['modules'])} listed, state {v['state']}"
     if shape.stops_at is None:
         res.cost = v["cost_ms_per_step"]
-        res.measured = measured_loss(times, attempt, ONSET, shape.steps)
+        every = int(shape.args[shape.args.index("--slow-every") + 1]) if "--slow-every" in shape.args else 1
+        res.measured = measured_loss(times, attempt, ONSET, shape.steps, every)
         if res.measured and res.measured > 0:
             res.cost_error = (res.cost - res.measured) / res.measured
     return res
