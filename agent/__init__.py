@@ -1,4 +1,5 @@
 """modtrack's in-process agent: times every nn.Module call on this rank, step by step."""
+
 from modtrack.agent.tracker import ModuleTracker
 
 __all__ = ["ModuleTracker", "track", "step"]

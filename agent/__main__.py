@@ -4,6 +4,7 @@ Runs SCRIPT as __main__ in this very process, the way `python -m cProfile` does,
 tracking switched on first: the user's code needs no change, and its argv, sys.path,
 output, exceptions and exit code are what they would be under plain `python SCRIPT`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,21 +14,34 @@ import sys
 
 from modtrack.agent import config
 
-USAGE = ("python -m modtrack.agent [--collector HOST:PORT] [--job NAME] [--token-file F] [--tls-ca F] "
-         "[--clock auto|cpu|wall|cuda] SCRIPT [ARGS...]")
+USAGE = (
+    "python -m modtrack.agent [--collector HOST:PORT] [--job NAME] [--token-file F] [--tls-ca F] "
+    "[--clock auto|cpu|wall|cuda] SCRIPT [ARGS...]"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     env = config.from_env()
     p = argparse.ArgumentParser(prog="modtrack-agent", usage=USAGE, description=__doc__.split("\n\n")[1])
-    p.add_argument("--collector", default=env.collector,
-                   help="collector gRPC address (env MODTRACK_COLLECTOR); without one the script runs untracked")
+    p.add_argument(
+        "--collector",
+        default=env.collector,
+        help="collector gRPC address (env MODTRACK_COLLECTOR); without one the script runs untracked",
+    )
     p.add_argument("--job", default=None, help="job id (env MODTRACK_JOB; default: torchrun's run id)")
-    p.add_argument("--token-file", default=None, help="file holding the collector's bearer token (or env MODTRACK_TOKEN)")
-    p.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to reach a collector serving TLS (or env MODTRACK_TLS_CA)")
-    p.add_argument("--clock", default=env.clock, choices=config.CLOCKS,
-                   help="how module time is measured (env MODTRACK_CLOCK): auto = cuda events when CUDA is "
-                        "available, else cpu (thread CPU time); wall for ranks with several intra-op threads")
+    p.add_argument(
+        "--token-file", default=None, help="file holding the collector's bearer token (or env MODTRACK_TOKEN)"
+    )
+    p.add_argument(
+        "--tls-ca", default=None, help="CA certificate (PEM) to reach a collector serving TLS (or env MODTRACK_TLS_CA)"
+    )
+    p.add_argument(
+        "--clock",
+        default=env.clock,
+        choices=config.CLOCKS,
+        help="how module time is measured (env MODTRACK_CLOCK): auto = cuda events when CUDA is "
+        "available, else cpu (thread CPU time); wall for ranks with several intra-op threads",
+    )
     p.add_argument("script", help="the training script, run as __main__")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     return p
@@ -60,8 +74,14 @@ def main(argv: list[str] | None = None) -> None:
         from modtrack.agent.api import track
 
         fallback = f"{os.path.splitext(os.path.basename(script))[0]}-{os.getpid()}"
-        tracking = track(opts.collector, opts.job, token_file=opts.token_file, tls_ca=opts.tls_ca,
-                         clock=opts.clock, fallback_job=fallback)
+        tracking = track(
+            opts.collector,
+            opts.job,
+            token_file=opts.token_file,
+            tls_ca=opts.tls_ca,
+            clock=opts.clock,
+            fallback_job=fallback,
+        )
     sys.argv[:] = [script, *opts.args]
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     try:

@@ -4,6 +4,7 @@ This is what the launcher calls, and what custom loops call themselves. It never
 into the training job: if anything cannot be set up, it says so once on stderr and the
 job runs as it would without the agent.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -12,7 +13,7 @@ from modtrack.agent import config
 from modtrack.agent.identity import identity_from_env
 from modtrack.agent.transport import Transport, warn_once
 
-_active: "Tracking | None" = None
+_active: Tracking | None = None
 
 
 class Tracking:
@@ -46,7 +47,7 @@ class Tracking:
             except Exception as e:
                 warn_once(f"close-{type(part).__name__}", f"closing {type(part).__name__} failed: {e}")
 
-    def __enter__(self) -> "Tracking":
+    def __enter__(self) -> Tracking:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -92,7 +93,10 @@ def track(
 
         identity = identity_from_env(job, fallback_job=fallback_job)
         transport = Transport(
-            collector, identity, token=token, tls_ca=ca,
+            collector,
+            identity,
+            token=token,
+            tls_ca=ca,
             on_capture=lambda capture_id, steps: tracker.request_trace(capture_id, steps),
             hook_errors=lambda: tracker.counters.get("hook_errors", 0),
         )

@@ -5,6 +5,7 @@ its clock. offset = ((t2 - t1) + (t3 - t4)) / 2 is exact when the two legs take 
 the error is at most half the round trip, so the sample with the smallest round trip wins.
 Samples expire after a while so that slow drift between the two clocks is followed.
 """
+
 from __future__ import annotations
 
 import collections
@@ -41,12 +42,9 @@ class ClockSync:
             return None  # a pong that is not ours, or a broken clock: ignore it
         self._samples.append(sample_from_pong(t1, t2, t3, t4))
         best = self.best
+        assert best is not None  # one was just added
         sent = self._sent
-        if (
-            sent is None
-            or best.rtt_ns < sent.rtt_ns
-            or abs(best.offset_ns - sent.offset_ns) > self._drift_ns
-        ):
+        if sent is None or best.rtt_ns < sent.rtt_ns or abs(best.offset_ns - sent.offset_ns) > self._drift_ns:
             self._sent = best
             return best
         return None

@@ -3,6 +3,7 @@
 Every rank must arrive at the same job id without talking to the others, so the id comes
 from what torchrun gives all of them alike (the rendezvous id, else the master address).
 """
+
 from __future__ import annotations
 
 import os

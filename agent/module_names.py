@@ -8,6 +8,7 @@ takes the wrapper's own name: DDP(Net) and Net both give `Net.blocks.1.mlp` on e
 Names are interned: `names[i]` is the name of module id i, append-only, so the transport can send
 the table once and then only what is new.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -18,6 +19,7 @@ from torch import nn
 WRAPPED_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 _DATA_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
+_FSDPModule: type | None
 try:  # FSDP2's fully_shard() turns class Net into FSDPNet(FSDPModule, Net)
     from torch.distributed.fsdp import FSDPModule as _FSDPModule
 except ImportError:

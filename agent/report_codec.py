@@ -3,6 +3,7 @@
 Runs once per step per rank, so numpy columns go into repeated fields with one
 extend(array.tolist()) each: no per-module Python loop.
 """
+
 from __future__ import annotations
 
 import uuid

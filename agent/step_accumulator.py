@@ -1,13 +1,16 @@
 """One step's raw module calls, and how they become a columnar StepRecord.
 
 The hooks only append small int lists (one "row" per module call) and stamp times into them; all
-arithmetic (durations, self time, per-module sums) happens once per step here, with numpy.
+arithmetic (durations, self time, per-module sums) happens here, with numpy, and not on the training
+thread: at a step's end the tracker hands over its StepLog as a DeferredStepRecord, and the sender thread
+aggregates every step waiting for it in one pass (build_step_records), a few times a second.
 
 Each call carries two kinds of stamps: timestamps (F_START..B_END: the clock's `stamp`, wall time on
 CPU, event tokens on CUDA) say *when*; work stamps (F_WORK_START..B_WORK_END: the clock's
 `work_stamp`, thread CPU time on CPU by default) say *how much*. On CPU, inclusive and self time are
 work-stamp differences; on CUDA (a token table is given) they are event differences.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +18,22 @@ import numpy as np
 from modtrack.agent.step_record import PHASES, PhaseColumns, StepRecord, TraceColumns
 
 # A row is a list of ints, one per module call:
-(MID, PHASE, F_START, F_END, PARENT, DEPTH, RECURSIVE, B_START, B_END, PENDING,
- F_WORK_START, F_WORK_END, B_WORK_START, B_WORK_END) = range(14)
+(
+    MID,
+    PHASE,
+    F_START,
+    F_END,
+    PARENT,
+    DEPTH,
+    RECURSIVE,
+    B_START,
+    B_END,
+    PENDING,
+    F_WORK_START,
+    F_WORK_END,
+    B_WORK_START,
+    B_WORK_END,
+) = range(14)
 ROW_WIDTH = 14
 FORWARD, BACKWARD, RECOMPUTE = (PHASES.index(p) for p in ("forward", "backward", "recompute"))
 _TIME_COLUMNS = [F_START, F_END, B_START, B_END]
@@ -43,96 +60,210 @@ class StepLog:
         return not (self.rows or self.passes or self.optimizer)
 
 
-def _phase_columns(mid, incl, self_ns, start, end, counted) -> PhaseColumns:
-    """Sum per module. `counted` excludes recursive inner calls from the inclusive sum."""
-    ids, inv = np.unique(mid, return_inverse=True)
-    n = len(ids)
-    calls = np.bincount(inv, minlength=n)
-    inclusive = np.bincount(inv, weights=incl * counted, minlength=n)
-    self_sum = np.bincount(inv, weights=self_ns, minlength=n)
-    first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first, inv, start)
-    last = np.zeros(n, dtype=np.int64)
-    np.maximum.at(last, inv, end)
-    return PhaseColumns(
-        module_id=ids.astype(np.uint32),
-        calls=calls.astype(np.uint32),
-        inclusive_ns=np.round(inclusive).astype(np.int64),
-        self_ns=np.round(self_sum).astype(np.int64),
-        first_start_ns=first,
-        last_end_ns=last,
-    )
+class _Built:
+    """A StepRecord field of a DeferredStepRecord: reading it builds the record first."""
+
+    def __set_name__(self, owner, name):
+        self.key = "_built_" + name
+
+    def __get__(self, record, owner=None):
+        if record is None:
+            return self
+        if record._source is not None:
+            build_step_records([record])
+        return getattr(record, self.key)
+
+    def __set__(self, record, value):
+        setattr(record, self.key, value)
 
 
-def _self_times(incl, parent, valid):
-    """Inclusive minus the inclusive time of direct children (rows whose PARENT is this row), and how
-    many calls had children longer than themselves (windows that overlap: counted, then clipped to 0)."""
-    n = len(incl)
-    has_parent = valid & (parent >= 0)
-    children = np.bincount(parent[has_parent], weights=incl[has_parent], minlength=n)[:n]
-    self_ns = incl - children
-    return np.maximum(self_ns, 0), int(np.count_nonzero(self_ns < 0))
+class DeferredStepRecord(StepRecord):
+    """A finished step whose aggregation has not run yet: the training thread only hands over its StepLog.
+
+    The figures (phases, forward_ns, ...) are computed the first time anything reads them, or, for many
+    steps at once in one numpy pass, by `build_step_records` on the sender thread. Building is idempotent
+    (every field is assigned its final value once), so a reader on another thread at worst builds twice.
+    """
+
+    overlapping_calls = _Built()
+    forward_ns = _Built()
+    backward_ns = _Built()
+    optimizer_ns = _Built()
+    data_ns = _Built()
+    backward_tail_ns = _Built()
+    recompute_ns = _Built()
+    phases = _Built()
+    trace = _Built()
+
+    def __init__(
+        self,
+        log: StepLog,
+        step: int,
+        table: np.ndarray | None = None,
+        trace_id: str | None = None,
+        counters: dict | None = None,
+    ):
+        """`counters` (the tracker's) gets the calls that overlapped their children once this is built."""
+        self.step = step
+        self.start_ns = log.start_host_ns
+        self.end_ns = log.end_host_ns
+        self.first_new_module_id = 0
+        self.new_module_names = []
+        self._source = (log, table, trace_id, counters)
+
+    @property
+    def built(self) -> bool:
+        return self._source is None
+
+    @property
+    def raw_calls(self) -> int:
+        """Module calls still held raw (0 once built): what this record costs in memory."""
+        return 0 if self._source is None else len(self._source[0].rows)
+
+    def build(self) -> DeferredStepRecord:
+        if self._source is not None:
+            build_step_records([self])
+        return self
 
 
-def _durations(pairs: list, table) -> np.ndarray:
-    """(start, end) stamp pairs -> ns, pairs never closed count 0."""
-    if not pairs:
-        return np.zeros(0, dtype=np.int64)
-    a = np.asarray(pairs, dtype=np.int64).reshape(len(pairs), -1)
-    valid = (a[:, 0] > 0) & (a[:, 1] > 0)
-    if table is not None:
-        a = table[a]
-    return np.where(valid, a[:, 1] - a[:, 0], 0)
+def build_step_record(
+    log: StepLog, step: int, table: np.ndarray | None = None, trace_id: str | None = None
+) -> StepRecord:
+    """Aggregate one step now. `table` maps clock tokens to ns (CUDA); None when stamps are ns (CPU)."""
+    return DeferredStepRecord(log, step, table, trace_id).build()
 
 
-def build_step_record(log: StepLog, step: int, table: np.ndarray | None = None,
-                      trace_id: str | None = None) -> StepRecord:
-    """Aggregate one step. `table` maps clock tokens to ns (CUDA); None when stamps are ns (CPU)."""
-    record = StepRecord(step=step, start_ns=log.start_host_ns, end_ns=log.end_host_ns)
-    if log.rows:
-        rows = np.asarray(log.rows, dtype=np.int64)
-        if table is not None:
-            rows[:, _TIME_COLUMNS] = table[rows[:, _TIME_COLUMNS]]
+def _span_ns(pairs, table) -> int:
+    """Sum of (start, end) stamp pairs in ns; pairs never closed count 0 (a few per step: plain Python)."""
+    total = 0
+    for start, end in pairs:
+        if start > 0 and end > 0:
+            total += int(table[end] - table[start]) if table is not None else end - start
+    return total
+
+
+def build_step_records(records: list[StepRecord]) -> None:
+    """Aggregate every unbuilt record of `records` in one numpy pass over all their rows.
+
+    The cost of a pass is mostly numpy's per-call overhead, not the rows: done for N steps at once it is
+    paid once, not N times. All arithmetic is vectorized over steps x module calls.
+    """
+    todo = []
+    for record in records:
+        source = getattr(record, "_source", None)  # a plain StepRecord is built already
+        if source is not None:
+            todo.append((record, *source))
+    if not todo:
+        return
+    counts = [len(log.rows) for _, log, _, _, _ in todo]
+    total = sum(counts)
+    if total:
+        rows = np.asarray([row for _, log, _, _, _ in todo for row in log.rows], dtype=np.int64)
     else:
         rows = np.zeros((0, ROW_WIDTH), dtype=np.int64)
-    mid, phase, parent, depth = rows[:, MID], rows[:, PHASE], rows[:, PARENT], rows[:, DEPTH]
+    bounds = np.zeros(len(todo) + 1, dtype=np.int64)
+    np.cumsum(counts, out=bounds[1:])
+    timed_by_events = np.zeros(total, dtype=bool)  # CUDA: durations from event times, not work stamps
+    for i, (_, _, table, _, _) in enumerate(todo):
+        if table is not None and counts[i]:
+            lo, hi = bounds[i], bounds[i + 1]
+            rows[lo:hi, _TIME_COLUMNS] = table[rows[lo:hi, _TIME_COLUMNS]]
+            timed_by_events[lo:hi] = True
+    step_of_row = np.repeat(np.arange(len(todo)), counts)
+    mid, phase, depth = rows[:, MID], rows[:, PHASE], rows[:, DEPTH]
+    parent = np.where(rows[:, PARENT] >= 0, rows[:, PARENT] + bounds[step_of_row], -1)
     counted = 1 - rows[:, RECURSIVE]
 
     f_valid = (rows[:, F_START] > 0) & (rows[:, F_END] > 0)
     f_wall = np.where(f_valid, rows[:, F_END] - rows[:, F_START], 0)
     b_valid = (rows[:, B_START] > 0) & (rows[:, B_END] >= rows[:, B_START])
-    if table is None:  # CPU: durations from the work stamps (never negative: a thread's CPU time only grows)
-        f_incl = np.where(f_valid, np.maximum(rows[:, F_WORK_END] - rows[:, F_WORK_START], 0), 0)
-        b_incl = np.where(b_valid, np.maximum(rows[:, B_WORK_END] - rows[:, B_WORK_START], 0), 0)
-    else:
-        f_incl = f_wall
-        b_incl = np.where(b_valid, rows[:, B_END] - rows[:, B_START], 0)
+    # CPU: durations from the work stamps (never negative: a thread's CPU time only grows); CUDA: events
+    f_work = np.maximum(rows[:, F_WORK_END] - rows[:, F_WORK_START], 0)
+    b_work = np.maximum(rows[:, B_WORK_END] - rows[:, B_WORK_START], 0)
+    f_incl = np.where(f_valid, np.where(timed_by_events, f_wall, f_work), 0)
+    b_incl = np.where(b_valid, np.where(timed_by_events, rows[:, B_END] - rows[:, B_START], b_work), 0)
     f_self, f_overlaps = _self_times(f_incl, parent, f_valid)
     b_self, b_overlaps = _self_times(b_incl, parent, b_valid)
-    record.overlapping_calls = f_overlaps + b_overlaps
+    overlaps = np.bincount(step_of_row, weights=f_overlaps.astype(np.int64) + b_overlaps, minlength=len(todo))
 
+    n_steps = len(todo)
+    phases: list[dict] = [{} for _ in range(n_steps)]
     for name, mask, incl, self_ns, start, end in (
         ("forward", f_valid & (phase == FORWARD), f_incl, f_self, F_START, F_END),
         ("recompute", f_valid & (phase == RECOMPUTE), f_incl, f_self, F_START, F_END),
         ("backward", b_valid, b_incl, b_self, B_START, B_END),
     ):
         if mask.any():
-            record.phases[name] = _phase_columns(
-                mid[mask], incl[mask], self_ns[mask], rows[mask, start], rows[mask, end], counted[mask])
+            _phase_columns(
+                phases,
+                name,
+                step_of_row[mask],
+                mid[mask],
+                incl[mask],
+                self_ns[mask],
+                rows[mask, start],
+                rows[mask, end],
+                counted[mask],
+            )
 
     top = depth == 0
-    # step phases are wall time, like the step itself: data_ns is what is left of the wall
-    record.forward_ns = int(f_wall[top & (phase == FORWARD)].sum())
-    record.recompute_ns = int(f_wall[top & (phase == RECOMPUTE)].sum())
-    passes = [p for p in log.passes if p[0] > 0]
-    record.backward_ns = int(_durations([p[:2] for p in passes], table).sum())
-    record.backward_tail_ns = int(np.maximum(_durations([p[2:0:-1] for p in passes], table), 0).sum())
-    record.optimizer_ns = int(_durations(log.optimizer, table).sum())
-    busy = record.forward_ns + record.backward_ns + record.optimizer_ns
-    record.data_ns = max(0, record.wall_ns - busy)
-    if trace_id is not None:
-        record.trace = _trace(rows, f_valid, b_valid, trace_id)
-    return record
+    forward = np.bincount(step_of_row, weights=f_wall * (top & (phase == FORWARD)), minlength=n_steps)
+    recompute = np.bincount(step_of_row, weights=f_wall * (top & (phase == RECOMPUTE)), minlength=n_steps)
+    for i, (record, log, table, trace_id, counters) in enumerate(todo):
+        record._source = None  # the raw rows are let go; from here on its fields are read as they are set
+        record.overlapping_calls = int(overlaps[i])
+        if counters is not None and record.overlapping_calls:
+            counters["overlapping_calls"] = counters.get("overlapping_calls", 0) + record.overlapping_calls
+        # step phases are wall time, like the step itself: data_ns is what is left of the wall
+        passes = [p for p in log.passes if p[0] > 0]
+        record.forward_ns = int(forward[i])
+        record.recompute_ns = int(recompute[i])
+        record.backward_ns = _span_ns([(p[0], p[1]) for p in passes], table)
+        record.backward_tail_ns = sum(max(0, _span_ns([(p[2], p[1])], table)) for p in passes)
+        record.optimizer_ns = _span_ns(log.optimizer, table)
+        busy = record.forward_ns + record.backward_ns + record.optimizer_ns
+        record.data_ns = max(0, record.wall_ns - busy)
+        record.phases = phases[i]
+        lo, hi = bounds[i], bounds[i + 1]
+        record.trace = None if trace_id is None else _trace(rows[lo:hi], f_valid[lo:hi], b_valid[lo:hi], trace_id)
+
+
+def _phase_columns(out: list[dict], name: str, step, mid, incl, self_ns, start, end, counted) -> None:
+    """Sum per (step, module) and hand each step its slice. `counted` keeps recursive inner calls out of
+    the inclusive sum."""
+    width = int(mid.max()) + 1
+    ids, inv = np.unique(step * width + mid, return_inverse=True)
+    n = len(ids)
+    calls = np.bincount(inv, minlength=n).astype(np.uint32)
+    inclusive = np.round(np.bincount(inv, weights=incl * counted, minlength=n)).astype(np.int64)
+    self_sum = np.round(np.bincount(inv, weights=self_ns, minlength=n)).astype(np.int64)
+    first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, inv, start)
+    last = np.zeros(n, dtype=np.int64)
+    np.maximum.at(last, inv, end)
+    module_id = (ids % width).astype(np.uint32)
+    group_step = ids // width
+    edges = np.searchsorted(group_step, np.arange(len(out) + 1)).tolist()
+    for i in np.unique(group_step).tolist():
+        lo, hi = edges[i], edges[i + 1]
+        out[i][name] = PhaseColumns(
+            module_id=module_id[lo:hi],
+            calls=calls[lo:hi],
+            inclusive_ns=inclusive[lo:hi],
+            self_ns=self_sum[lo:hi],
+            first_start_ns=first[lo:hi],
+            last_end_ns=last[lo:hi],
+        )
+
+
+def _self_times(incl, parent, valid):
+    """Inclusive minus the inclusive time of direct children (rows whose PARENT is this row), and which calls
+    had children longer than themselves (windows that overlap: counted, then clipped to 0)."""
+    n = len(incl)
+    has_parent = valid & (parent >= 0)
+    children = np.bincount(parent[has_parent], weights=incl[has_parent], minlength=n)[:n]
+    self_ns = incl - children
+    return np.maximum(self_ns, 0), self_ns < 0
 
 
 def _trace(rows, f_valid, b_valid, capture_id: str) -> TraceColumns:
@@ -154,7 +285,8 @@ def step_summary(record: StepRecord, names: list[str]) -> dict:
     """last_step()'s shape: {(module_name, phase): {"calls", "inclusive_ms", "self_ms"}}."""
     out = {}
     for phase, cols in record.phases.items():
-        for mid, calls, incl, self_ns in zip(cols.module_id.tolist(), cols.calls.tolist(),
-                                             cols.inclusive_ns.tolist(), cols.self_ns.tolist()):
+        for mid, calls, incl, self_ns in zip(
+            cols.module_id.tolist(), cols.calls.tolist(), cols.inclusive_ns.tolist(), cols.self_ns.tolist()
+        ):
             out[(names[mid], phase)] = {"calls": calls, "inclusive_ms": incl / 1e6, "self_ms": self_ns / 1e6}
     return out

@@ -3,6 +3,7 @@
 Kept free of protobuf so the training thread never builds wire messages; the transport
 thread turns a StepRecord into a StepReport (agent/report_codec.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

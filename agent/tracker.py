@@ -54,9 +54,24 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
 from modtrack.agent.clocks import make_clock
 from modtrack.agent.module_names import ModuleNames
-from modtrack.agent.step_accumulator import (B_END, B_START, B_WORK_END, B_WORK_START, F_END, F_START, F_WORK_END,
-                                             F_WORK_START, FORWARD, MID, PARENT, PHASE, RECOMPUTE, StepLog,
-                                             build_step_record, step_summary)
+from modtrack.agent.step_accumulator import (
+    B_END,
+    B_START,
+    B_WORK_END,
+    B_WORK_START,
+    F_END,
+    F_START,
+    F_WORK_END,
+    F_WORK_START,
+    FORWARD,
+    MID,
+    PARENT,
+    PHASE,
+    RECOMPUTE,
+    DeferredStepRecord,
+    StepLog,
+    step_summary,
+)
 from modtrack.agent.step_record import StepRecord
 
 try:
@@ -131,7 +146,8 @@ class ModuleTracker:
     """Tracks which modules run (`parents`, `is_bw`, as the seed does) and times every call.
 
     on_step(record) is called on the training thread once per finished step, with an
-    `agent.step_record.StepRecord`. clock: "cpu" (durations in thread CPU time), "wall" (CPU,
+    `agent.step_record.StepRecord` whose figures are computed when first read (the transport reads them
+    on its own thread, many steps at once). clock: "cpu" (durations in thread CPU time), "wall" (CPU,
     durations in wall time: for ranks with several intra-op threads), "cuda" or "auto" (cuda when
     available, else cpu). A tracker can be entered again after it exited (FlopCounterMode does).
     """
@@ -741,7 +757,8 @@ class ModuleTracker:
                     self.counters["steps_dropped"] += 1
                     continue
             pending.pop(0)
-            self._emit(build_step_record(log, step_no, table, trace_id))
+            # aggregated later, off the training thread (by the sender, or by whoever reads it first)
+            self._emit(DeferredStepRecord(log, step_no, table, trace_id, self.counters))
 
     def _emit(self, record: StepRecord) -> None:
         names = self._names.names
@@ -750,7 +767,6 @@ class ModuleTracker:
         self._names_sent += len(record.new_module_names)
         self._last = record
         self.counters["steps"] += 1
-        self.counters["overlapping_calls"] += record.overlapping_calls
         if self._on_step is not None:
             try:
                 self._on_step(record)

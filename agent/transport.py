@@ -1,12 +1,17 @@
 """The agent's background sender: step records out, acks, clock pongs and controls in.
 
-The training thread only calls submit(), which appends to a bounded deque (dropping the
-oldest, counted) and never touches the network. One daemon thread owns the gRPC channel:
-it connects with exponential backoff and jitter, sends a Hello with the whole module table,
-replays what the collector has not acknowledged yet, then streams new reports. Nothing here
-may keep the process alive: the thread is a daemon and close() (run at exit) waits at most a
-couple of seconds, and only while a collector is connected or still being reached.
+The training thread only calls submit(), which appends the step, not yet aggregated, to a
+bounded deque (dropping the oldest, counted) and never touches the network nor wakes anyone:
+the sender wakes on its own a few times a second (or early, once many steps wait), aggregates
+every waiting step in one numpy pass (agent.step_accumulator.build_step_records), encodes and
+sends them. So the training thread pays neither the aggregation nor a thread switch per step.
+One daemon thread owns the gRPC channel: it connects with exponential backoff and jitter, sends
+a Hello with the whole module table, replays what the collector has not acknowledged yet, then
+streams new reports; between connections it keeps aggregating, so raw steps never pile up.
+Nothing here may keep the process alive: the thread is a daemon and close() (run at exit) waits
+at most a couple of seconds, and only while a collector is connected or still being reached.
 """
+
 from __future__ import annotations
 
 import collections
@@ -14,15 +19,20 @@ import random
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from modtrack.agent.clock_sync import ClockSync
 from modtrack.agent.grpc_import import grpc
 from modtrack.agent.identity import Identity
 from modtrack.agent.report_codec import encode_hello, encode_report
+from modtrack.agent.step_accumulator import build_step_records
 from modtrack.agent.step_record import StepRecord
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from modtrack.agent.heartbeat import Heartbeat
 
 
 _warned: set[str] = set()
@@ -38,6 +48,10 @@ def warn_once(key: str, message: str) -> None:
     except Exception:
         pass
 
+
+# Module calls held by steps waiting for aggregation, at most (~400 bytes each): a loop of 100,000-call
+# steps (see agent.tracker.MAX_CALLS_PER_STEP) with a stuck sender must not take gigabytes.
+RAW_CALLS = 200_000
 
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),  # notice a dead collector host within a minute
@@ -70,6 +84,9 @@ class Transport:
         hook_errors: Callable[[], int] = lambda: 0,
         queue_size: int = 256,
         replay_size: int = 1024,
+        raw_size: int = 64,
+        flush_interval_s: float = 0.1,
+        wake_after: int = 32,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 15.0,
         connect_timeout_s: float = 5.0,
@@ -86,12 +103,20 @@ class Transport:
         self._hook_errors = hook_errors
         self._queue_size = queue_size
         self._replay_size = replay_size
+        self._raw_size = raw_size
+        self._flush_interval_s = flush_interval_s
+        self._wake_after = wake_after
         self._backoff = (backoff_initial_s, backoff_max_s)
         self._connect_timeout_s = connect_timeout_s
         self._ping_interval_s = ping_interval_s
         self._ack_timeout_s = ack_timeout_s
 
+        # Steps as the tracker hands them over (not aggregated yet: they hold every module call), then,
+        # aggregated by the sender, waiting to be sent. Both bounded: the oldest is dropped, counted.
+        self._raw: collections.deque[StepRecord] = collections.deque()
         self._queue: collections.deque[StepRecord] = collections.deque()
+        self._build_lock = threading.Lock()
+        self._sending = False  # a report is between the queue and the replay buffer
         self._names: list[str] = []  # module table, learned from submitted records
         self._replay: collections.deque = collections.deque()  # (step, message, sent_at)
         self._replay_lock = threading.Lock()
@@ -107,28 +132,42 @@ class Transport:
         self._stream: _Stream | None = None
         # Each counter has one writer thread, so plain ints need no lock.
         self._queue_dropped = 0  # training thread
+        self._built_dropped = 0  # sender thread
         self._replay_dropped = 0  # sender thread
+        self._wakes = 0  # sender thread: times it woke to aggregate and send
         self._reconnects = 0
         self._send_errors = 0
         self._sent = 0
         self._acked_step = -1
-        self.heartbeat = None  # agent.heartbeat.Heartbeat: polled by the request loop (issue 14: hung jobs)
+        self.heartbeat: Heartbeat | None = (
+            None  # agent.heartbeat.Heartbeat: polled by the request loop (issue 14: hung jobs)
+        )
         self._thread = threading.Thread(target=self._run, name="modtrack-sender", daemon=True)
 
     # ---- training thread -------------------------------------------------------------
     def submit(self, record: StepRecord) -> None:
-        """Hand over one step; O(1), never blocks, never raises."""
+        """Hand over one step; O(1), never blocks, never raises, and wakes the sender only once
+        `wake_after` steps wait (it wakes by itself every `flush_interval_s`)."""
         try:
             if record.new_module_names:
                 self._learn_names(record.first_new_module_id, record.new_module_names)
-            if len(self._queue) >= self._queue_size:
+            raw, queue = self._raw, self._queue
+            held = len(raw)
+            if held >= self._raw_size or held * getattr(record, "raw_calls", 0) >= RAW_CALLS:
+                oldest = raw  # the sender is stuck: keep memory bounded, in steps and in module calls held raw
+            elif held + len(queue) >= self._queue_size:
+                oldest = queue if queue else raw
+            else:
+                oldest = None
+            if oldest is not None:
                 try:
-                    self._queue.popleft()
+                    oldest.popleft()
                     self._queue_dropped += 1
                 except IndexError:
                     pass  # the sender took it meanwhile
-            self._queue.append(record)
-            self._wake.set()
+            raw.append(record)
+            if len(raw) >= self._wake_after:
+                self._wake.set()
         except Exception:
             self._queue_dropped += 1
 
@@ -139,7 +178,7 @@ class Transport:
         table.extend(names[len(table) - first :])
 
     # ---- lifecycle ---------------------------------------------------------------------
-    def start(self) -> "Transport":
+    def start(self) -> Transport:
         self._thread.start()
         return self
 
@@ -167,8 +206,11 @@ class Transport:
             self._thread.join(max(0.0, min(0.5, deadline - time.monotonic())))
 
     def _has_unsent(self) -> bool:
+        with self._build_lock:  # not while a batch is between the raw and the built queue
+            if self._raw or self._queue or self._sending:
+                return True
         with self._replay_lock:
-            return bool(self._replay) or bool(self._queue)
+            return bool(self._replay)
 
     @property
     def connected(self) -> bool:
@@ -187,7 +229,7 @@ class Transport:
     def counters(self) -> dict[str, int]:
         """The AgentCounters fields, cumulative since start."""
         return {
-            "reports_dropped": self._queue_dropped + self._replay_dropped,
+            "reports_dropped": self._queue_dropped + self._built_dropped + self._replay_dropped,
             "reconnects": self._reconnects,
             "hook_errors": int(self._safe_hook_errors()),
             "send_errors": self._send_errors,
@@ -195,8 +237,14 @@ class Transport:
 
     @property
     def stats(self) -> dict[str, int]:
-        return {**self.counters, "reports_sent": self._sent, "acked_step": self._acked_step,
-                "queued": len(self._queue), "unacked": len(self._replay)}
+        return {
+            **self.counters,
+            "reports_sent": self._sent,
+            "acked_step": self._acked_step,
+            "queued": len(self._raw) + len(self._queue),
+            "unacked": len(self._replay),
+            "wakes": self._wakes,
+        }
 
     def _safe_hook_errors(self) -> int:
         try:
@@ -221,8 +269,38 @@ class Transport:
                 backoff = initial
             if self._stop.is_set():
                 break
-            self._stop.wait(backoff * random.uniform(0.5, 1.0))
+            self._idle(backoff * random.uniform(0.5, 1.0))
             backoff = min(most, backoff * 2)
+
+    def _idle(self, seconds: float) -> None:
+        """Wait between connections, aggregating what arrives (raw steps are large: never let them pile up)."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            self._build_waiting()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._stop.wait(min(left, self._flush_interval_s))
+
+    def _build_waiting(self) -> None:
+        """Aggregate every raw step in one pass and queue it for sending (sender side only)."""
+        with self._build_lock:
+            raw = self._raw
+            if not raw:
+                return
+            self._wakes += 1
+            batch = []
+            while raw:
+                batch.append(raw.popleft())
+            try:
+                build_step_records(batch)
+            except Exception as e:  # counted when encoding each of them fails
+                warn_once("build", f"could not aggregate steps: {type(e).__name__}: {e}")
+            queue = self._queue
+            queue.extend(batch)
+            while queue and len(queue) + len(raw) > self._queue_size:
+                queue.popleft()
+                self._built_dropped += 1
 
     def _channel(self) -> grpc.Channel:
         # gRPC reads its per-attempt connect deadline from this (oddly named) argument
@@ -274,7 +352,9 @@ class Transport:
                     elif not answered and code == grpc.StatusCode.UNAVAILABLE:
                         warn_once("unreachable", f"collector {self.target} unreachable; training goes on, retrying")
                     else:
-                        warn_once(f"stream-{code}", f"stream to {self.target} broke ({code}: {e.details()}); reconnecting")
+                        warn_once(
+                            f"stream-{code}", f"stream to {self.target} broke ({code}: {e.details()}); reconnecting"
+                        )
             return answered
         finally:
             stream.done = True
@@ -358,11 +438,19 @@ class Transport:
             beat = self.heartbeat.poll() if self.heartbeat is not None else None  # heartbeat: a long step
             if beat is not None:
                 yield pb.AgentMessage(heartbeat=beat)
+            self._build_waiting()
+            counters = self.counters  # once per batch: the same for every report in it
             while self._queue and not self._paused and not stream.done:
-                record = self._queue.popleft()
+                self._sending = True
                 try:
-                    message = encode_report(record, self.counters)
+                    record = self._queue.popleft()
+                except IndexError:
+                    self._sending = False
+                    break  # the training thread dropped it meanwhile
+                try:
+                    message = encode_report(record, counters)
                 except Exception as e:
+                    self._sending = False
                     self._send_errors += 1
                     warn_once("encode", f"could not encode step {record.step}: {e}")
                     continue
@@ -374,6 +462,7 @@ class Transport:
                     report.new_module_names.extend(table)
                     told += len(table)
                 self._remember(record.step, message)
+                self._sending = False
                 self._sent += 1
                 yield message
             if self._stalled():
@@ -381,7 +470,7 @@ class Transport:
                 if stream.call is not None:
                     stream.call.cancel()
                 return
-            self._wake.wait(max(0.001, min(0.5, next_ping - time.monotonic())))
+            self._wake.wait(max(0.001, min(self._flush_interval_s, next_ping - time.monotonic())))
 
     def _stalled(self) -> bool:
         with self._replay_lock:

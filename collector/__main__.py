@@ -1,4 +1,5 @@
 """`python -m modtrack.collector serve|query` (also the `modtrack-collector` console script)."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,7 @@ def _serve(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings.token = auth.load_tokens(settings.token_file)
     except (OSError, ValueError) as exc:

@@ -6,6 +6,7 @@ works), and a line `* TOKEN` is the admin token that opens every job, /metrics a
 alert list. Blank lines and lines starting with `#` are ignored. Every comparison is
 constant time, against every configured token, so timing says nothing about which is near.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -39,11 +40,11 @@ class Tokens:
         self._grants = [(f"Bearer {t}".encode(), Access(p)) for t, p in grants.items()]
 
     @classmethod
-    def single(cls, token: str) -> "Tokens":
+    def single(cls, token: str) -> Tokens:
         return cls({token: ("*",)})
 
     @classmethod
-    def parse(cls, text: str, where: str = "token file") -> "Tokens":
+    def parse(cls, text: str, where: str = "token file") -> Tokens:
         lines = [ln.strip() for ln in text.splitlines()]
         lines = [ln for ln in lines if ln and not ln.startswith("#")]
         if len(lines) == 1 and len(lines[0].split()) == 1:
@@ -52,8 +53,7 @@ class Tokens:
         for n, line in enumerate(lines, 1):
             parts = line.split()
             if len(parts) != 2:
-                raise ValueError(f"{where}: want 'JOB TOKEN' per line (entry {n} has "
-                                 f"{len(parts)} fields)")
+                raise ValueError(f"{where}: want 'JOB TOKEN' per line (entry {n} has {len(parts)} fields)")
             grants.setdefault(parts[1], []).append(parts[0])
         return cls({t: tuple(p) for t, p in grants.items()})
 
@@ -138,7 +138,7 @@ def peer_host(peer: str | None) -> str:
     peer = peer or "?"
     for scheme in ("ipv4:", "ipv6:", "unix:"):
         if peer.startswith(scheme):
-            peer = peer[len(scheme):]
+            peer = peer[len(scheme) :]
     host, sep, port = peer.rpartition(":")
     if sep and port.isdigit():
         peer = host

@@ -6,6 +6,7 @@ Columns are (module, phase) pairs with job-wide ids, so every rank's figures for
 a column; `column_key` packs a pair into one integer. Phases and agent counters come from the
 proto, so a new phase or counter there reaches every stage.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,15 +29,34 @@ CLOCK_KIND_CPU = pb.CLOCK_KIND_CPU  # a rank timing its modules in host CPU time
 AGENT_COUNTERS: tuple[str, ...] = tuple(f.name for f in pb.AgentCounters.DESCRIPTOR.fields)
 
 # A step's scalar figures, as the wire and the store name them (ns).
-STEP_FIGURES = ("start_ns", "end_ns", "forward_ns", "backward_ns", "optimizer_ns", "data_ns",
-                "backward_tail_ns", "recompute_ns")
+STEP_FIGURES = (
+    "start_ns",
+    "end_ns",
+    "forward_ns",
+    "backward_ns",
+    "optimizer_ns",
+    "data_ns",
+    "backward_tail_ns",
+    "recompute_ns",
+)
 # A StepRow's per-module columns (one entry per module and phase) and its trace's columns (one
 # entry per call), with the dtype each is kept in.
-MODULE_COLUMNS = (("phase", np.uint8), ("module", np.uint32), ("calls", np.uint32),
-                  ("inclusive", np.int64), ("self", np.int64), ("first_start", np.int64),
-                  ("last_end", np.int64))
-TRACE_COLUMNS = (("module", np.uint32), ("phase", np.uint8), ("start", np.int64),
-                 ("end", np.int64), ("depth", np.uint32))
+MODULE_COLUMNS = (
+    ("phase", np.uint8),
+    ("module", np.uint32),
+    ("calls", np.uint32),
+    ("inclusive", np.int64),
+    ("self", np.int64),
+    ("first_start", np.int64),
+    ("last_end", np.int64),
+)
+TRACE_COLUMNS = (
+    ("module", np.uint32),
+    ("phase", np.uint8),
+    ("start", np.int64),
+    ("end", np.int64),
+    ("depth", np.uint32),
+)
 
 
 def column_key(module, phase):
@@ -60,18 +80,31 @@ class StepRow:
 
     def sql_row(self) -> tuple:
         """(job, attempt, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs): the store's steps row."""
-        return (self.job, self.attempt, self.rank, self.step, *(int(self.figures[f]) for f in STEP_FIGURES),
-                *(blob(self.modules[name], dtype) for name, dtype in MODULE_COLUMNS))
+        return (
+            self.job,
+            self.attempt,
+            self.rank,
+            self.step,
+            *(int(self.figures[f]) for f in STEP_FIGURES),
+            *(blob(self.modules[name], dtype) for name, dtype in MODULE_COLUMNS),
+        )
 
     def trace_row(self) -> tuple:
         t = self.trace
-        return (self.job, self.attempt, self.rank, self.step, t["capture_id"],
-                *(blob(t[name], dtype) for name, dtype in TRACE_COLUMNS))
+        assert t is not None, "a step without a trace has no trace row"
+        return (
+            self.job,
+            self.attempt,
+            self.rank,
+            self.step,
+            t["capture_id"],
+            *(blob(t[name], dtype) for name, dtype in TRACE_COLUMNS),
+        )
 
 
 def blob(values: np.ndarray, dtype) -> memoryview:
     """A column as BLOB bytes without an extra copy: SQLite copies the buffer when it binds it."""
-    return memoryview(np.ascontiguousarray(values, dtype)).cast("B")
+    return np.ascontiguousarray(values, dtype).data.cast("B")
 
 
 @dataclass

@@ -64,25 +64,33 @@ class Collector:
         self.read_pool = concurrent.futures.ThreadPoolExecutor(2, "modtrack-read")
         self.metrics = CollectorMetrics()
         # Logs every episode change, and posts to the webhooks when there are any.
-        self.alerting = AlertDispatcher(self.config.alert_webhooks, self.config.dashboard_url or "",
-                                        metrics=self.metrics)
+        self.alerting = AlertDispatcher(
+            self.config.alert_webhooks, self.config.dashboard_url or "", metrics=self.metrics
+        )
         await self.alerting.start()
-        self.evaluator = Evaluator(self.config, self.merger, self.store, self.writer, self.metrics,
-                                   self.alerting, self.read)
+        self.evaluator = Evaluator(
+            self.config, self.merger, self.store, self.writer, self.metrics, self.alerting, self.read
+        )
         await self.read(self.evaluator.restore_all)
-        self.ingest = IngestServicer(self.merger, self.store, self.writer, self.token, self.metrics,
-                                     restore_job=self.evaluator.restore_job)
+        self.ingest = IngestServicer(
+            self.merger, self.store, self.writer, self.token, self.metrics, restore_job=self.evaluator.restore_job
+        )
         self.ingest.hello_timeout_s = self.config.hello_timeout_s
         self.evaluator.connected = self.ingest.connected
         self.evaluator.on_forget += [self.ingest.forget_job, self.metrics.forget_job, self._forget_in_store]
         self.metrics.failures = self.failure_counts
-        self.grpc_server = grpc.aio.server(maximum_concurrent_rpcs=self.config.max_streams, options=[
-            ("grpc.max_receive_message_length", self.config.max_message_bytes),
-            ("grpc.max_send_message_length", self.config.max_message_bytes),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5000)])
+        self.grpc_server = grpc.aio.server(
+            maximum_concurrent_rpcs=self.config.max_streams,
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.max_message_bytes),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ],
+        )
         pb_grpc.add_CollectorServicer_to_server(self.ingest, self.grpc_server)
         if self.config.tls_cert:
+            assert self.config.tls_key is not None  # validate(): both or neither
             with open(self.config.tls_key, "rb") as k, open(self.config.tls_cert, "rb") as c:
                 creds = grpc.ssl_server_credentials([(k.read(), c.read())])
             self.grpc_port = self.grpc_server.add_secure_port(self.config.grpc_addr, creds)
@@ -94,7 +102,7 @@ class Collector:
         host, port = _split(self.config.http_addr)
         site = web.TCPSite(self.runner, host, port, ssl_context=self._ssl_context())
         await site.start()
-        self.http_port = site._server.sockets[0].getsockname()[1]
+        self.http_port = self.runner.addresses[0][1]
         self._tick_task = asyncio.create_task(self.evaluator.run())
         # hung jobs (issue 14): stall verdicts, ModtrackJobStalled alerts, modtrack_job_stalled_seconds
         self.metrics.registry.register(self.ingest.stall_watch)
@@ -105,25 +113,39 @@ class Collector:
             state = self.merger.jobs.get(job)
             return None if state is None else state.live_ranks()
 
-        return ApiDeps(store=self.store, read=self.read, tokens=self.token, ranks_reporting=ranks_reporting,
-                       controls=self.ingest, alerts=self.alerts, exposition=self.metrics.exposition,
-                       store_errors=lambda: self.writer.errors,
-                       stall=lambda job: self.ingest.stall_watch.verdict(job, self.merger.jobs.get(job)))  # hung jobs
+        return ApiDeps(
+            store=self.store,
+            read=self.read,
+            tokens=self.token,
+            ranks_reporting=ranks_reporting,
+            controls=self.ingest,
+            alerts=self.alerts,
+            exposition=self.metrics.exposition,
+            store_errors=lambda: self.writer.errors,
+            stall=lambda job: self.ingest.stall_watch.verdict(job, self.merger.jobs.get(job)),
+        )  # hung jobs
 
     def _forget_in_store(self, job: str) -> None:
         self.writer.call(self.store.forget_job, job)
 
     def failure_counts(self) -> FailureCounts:
         """Every failure counter of the stages, read at scrape time."""
-        return FailureCounts(eval_errors=self.evaluator.eval_errors, late_reports=self.merger.late_reports,
-                             ingest_rejected=self.ingest.rejected, alert_changes_dropped=self.alerting.dropped_changes,
-                             store_write_errors=self.writer.errors, jobs_forgotten=self.evaluator.jobs_forgotten)
+        return FailureCounts(
+            eval_errors=self.evaluator.eval_errors,
+            late_reports=self.merger.late_reports,
+            ingest_rejected=self.ingest.rejected,
+            alert_changes_dropped=self.alerting.dropped_changes,
+            store_write_errors=self.writer.errors,
+            jobs_forgotten=self.evaluator.jobs_forgotten,
+        )
 
     def ready_line(self) -> str:
         grpc_host, _ = _split(self.config.grpc_addr)
         http_host, _ = _split(self.config.http_addr)
-        return (f"modtrack collector ready grpc={grpc_host}:{self.grpc_port} "
-                f"http={http_host}:{self.http_port} data={self.store.path}")
+        return (
+            f"modtrack collector ready grpc={grpc_host}:{self.grpc_port} "
+            f"http={http_host}:{self.http_port} data={self.store.path}"
+        )
 
     def _ssl_context(self):
         if not self.config.tls_cert:

@@ -5,6 +5,7 @@ examples/train.py under torchrun with 4 ranks and the agent, rank 2 slowed in on
 block's backward from some step on, then asks the collector who is slow and prints it.
 Everything it started is stopped before it returns (unless --keep).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,9 +62,11 @@ def wait_for_verdict(api: str, job: str, timeout_s: float) -> list[dict]:
 
 def describe(s: dict) -> str:
     until = "ongoing" if s["state"] == "active" else f"until step {s['last_step']}"
-    return (f"rank {s['rank']} on host {s['host']}: {s['module']} ({s['phase']}) runs "
-            f"{s['slowdown']:.2f}x its peers' median since step {s['first_step']} ({until}), "
-            f"costing the job {s['cost_ms_per_step']:.1f} ms per step")
+    return (
+        f"rank {s['rank']} on host {s['host']}: {s['module']} ({s['phase']}) runs "
+        f"{s['slowdown']:.2f}x its peers' median since step {s['first_step']} ({until}), "
+        f"costing the job {s['cost_ms_per_step']:.1f} ms per step"
+    )
 
 
 def parse_args(argv=None):
@@ -88,24 +91,57 @@ def main(argv=None) -> int:
     job = f"demo-{int(time.time())}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     collector = subprocess.Popen(
-        [sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", grpc_addr, "--http-addr", http_addr,
-         "--data-dir", data_dir, "--log-level", "WARNING"], env=env, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "modtrack.collector",
+            "serve",
+            "--grpc-addr",
+            grpc_addr,
+            "--http-addr",
+            http_addr,
+            "--data-dir",
+            data_dir,
+            "--log-level",
+            "WARNING",
+        ],
+        env=env,
+        cwd=REPO,
+    )
     try:
         wait_until_serving(f"{api}/api/v1/jobs", collector)
         print(f"collector: gRPC {grpc_addr}, HTTP {api}, data in {data_dir}", flush=True)
         train = [
-            "-m", "modtrack.agent", "--collector", grpc_addr, "--job", job,
-            os.path.join(HERE, "train.py"), "--steps", str(args.steps),
-            "--slow-rank", str(args.slow_rank), "--slow-module", args.slow_module,
-            "--slow-phase", args.slow_phase, "--slow-ms", str(args.slow_ms),
-            "--slow-from-step", str(args.slow_from_step),
+            "-m",
+            "modtrack.agent",
+            "--collector",
+            grpc_addr,
+            "--job",
+            job,
+            os.path.join(HERE, "train.py"),
+            "--steps",
+            str(args.steps),
+            "--slow-rank",
+            str(args.slow_rank),
+            "--slow-module",
+            args.slow_module,
+            "--slow-phase",
+            args.slow_phase,
+            "--slow-ms",
+            str(args.slow_ms),
+            "--slow-from-step",
+            str(args.slow_from_step),
         ]
         torchrun = ["--standalone", "--nproc-per-node", str(args.ranks), *train]
         print("$ torchrun " + shlex.join(torchrun), flush=True)
-        print(f"(rank {args.slow_rank} is slowed by {args.slow_ms:g} ms in {args.slow_module} "
-              f"{args.slow_phase} from step {args.slow_from_step} on)", flush=True)
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", *torchrun], env=env, cwd=REPO,
-                                timeout=600)
+        print(
+            f"(rank {args.slow_rank} is slowed by {args.slow_ms:g} ms in {args.slow_module} "
+            f"{args.slow_phase} from step {args.slow_from_step} on)",
+            flush=True,
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", *torchrun], env=env, cwd=REPO, timeout=600
+        )
         if result.returncode != 0:
             print(f"training exited with {result.returncode}", file=sys.stderr)
             return result.returncode

@@ -14,6 +14,7 @@ confines the fault to one attempt. --step-times FILE: rank 0 appends each step's
 job's own measure of what a straggler costs, independent of the agent) as JSON lines.
 It prints the same lines with or without the agent: loss is deterministic for a given seed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -174,7 +175,7 @@ class StepTimes:
     """Rank 0's own record of each step's wall time, appended as JSON lines: the ground truth of cost."""
 
     def __init__(self, path: str | None, rank: int, attempt: int):
-        self.file = open(path, "a") if path and rank == 0 else None  # noqa: SIM115 (open for the run)
+        self.file = open(path, "a") if path and rank == 0 else None
         self.attempt = attempt
         self.last = time.perf_counter()
 
@@ -200,9 +201,13 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--slow-rank", type=int, default=None)
     p.add_argument("--slow-module", default="blocks.1.mlp", help="e.g. blocks.1.mlp (TinyGPT. prefix optional)")
-    p.add_argument("--slow-phase", choices=("forward", "backward", "whole", "data", "optimizer"), default="forward",
-                   help="where the busy wait goes: modules' forward or backward, every leaf module (whole), "
-                        "batch loading (data), the optimizer step")
+    p.add_argument(
+        "--slow-phase",
+        choices=("forward", "backward", "whole", "data", "optimizer"),
+        default="forward",
+        help="where the busy wait goes: modules' forward or backward, every leaf module (whole), "
+        "batch loading (data), the optimizer step",
+    )
     p.add_argument("--slow-ms", type=float, default=30.0, help="per slow module and step (whole: in all)")
     p.add_argument("--slow-from-step", type=int, default=0)
     p.add_argument("--slow-to-step", type=int, default=None)
@@ -225,10 +230,15 @@ def main(argv=None) -> None:
     if distributed and attempt:
         # A restarted attempt reuses torchrun's store, which still holds the first attempt's gloo
         # addresses under the same keys: join it under a prefix of its own.
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=timedelta(seconds=60))
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"attempt-{attempt}", store),
-                                rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=60)
+        )
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            store=dist.PrefixStore(f"attempt-{attempt}", store),
+            rank=rank,
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
     elif distributed:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")

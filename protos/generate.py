@@ -3,6 +3,7 @@
 protoc writes imports after the proto's path, so the proto is compiled from a scratch tree where it
 sits at modtrack/protos/: the generated modules then import each other as `modtrack.protos.…`.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -21,8 +22,20 @@ def generate(out_dir: pathlib.Path) -> None:
         tree = pathlib.Path(scratch)
         (tree / "modtrack" / "protos").mkdir(parents=True)
         shutil.copy(HERE / "modtrack.proto", tree / "modtrack" / "protos" / "modtrack.proto")
-        subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.",
-                        "--grpc_python_out=.", "modtrack/protos/modtrack.proto"], cwd=tree, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                "-I.",
+                "--python_out=.",
+                "--pyi_out=.",
+                "--grpc_python_out=.",
+                "modtrack/protos/modtrack.proto",
+            ],
+            cwd=tree,
+            check=True,
+        )
         for name in GENERATED:
             shutil.copy(tree / "modtrack" / "protos" / name, out_dir / name)
 

@@ -3,6 +3,7 @@
 `--slow-rank R --slow-ms M --slow-from-step S`: from step S on, rank R's user forward hook on
 `model.layers.1.mlp` computes for M ms (thread CPU time): a straggler inside that module's own hook.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,16 @@ torch.set_num_threads(1)
 
 def tiny_llama():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=32,
-                                   attn_implementation="eager")
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -65,10 +73,19 @@ def main() -> None:
     data = Tokens(4 * world * (args.steps + 1))
     if args.framework == "hf":
         out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hf-{os.getpid()}")
-        targs = transformers.TrainingArguments(output_dir=out, max_steps=args.steps, per_device_train_batch_size=4,
-                                               report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                                               ddp_backend="gloo", dataloader_num_workers=0, disable_tqdm=True,
-                                               optim="adamw_torch")
+        targs = transformers.TrainingArguments(
+            output_dir=out,
+            max_steps=args.steps,
+            per_device_train_batch_size=4,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            ddp_backend="gloo",
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            optim="adamw_torch",
+        )
         transformers.Trainer(model=model, args=targs, train_dataset=data).train()
     else:
         import pytorch_lightning as pl
@@ -84,9 +101,17 @@ def main() -> None:
             def configure_optimizers(self):
                 return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
-        trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", devices=world, strategy="ddp", logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0)
+        trainer = pl.Trainer(
+            max_steps=args.steps,
+            accelerator="cpu",
+            devices=world,
+            strategy="ddp",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
         trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=4))
     print(f"done rank {os.environ.get('RANK', '0')}", flush=True)
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-from train import TinyGPT  # noqa: E402
+from train import TinyGPT
 
 FOREVER_S = 3600.0
 

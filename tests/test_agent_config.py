@@ -21,8 +21,16 @@ def test_every_variable_read_from_one_place():
         "MODTRACK_STALL_MIN_S": "2",
         "MODTRACK_STALL_REPEAT_S": "1",
     }
-    assert config.from_env(env) == config.AgentEnv(collector="c:1", job="j", token="t", tls_ca="ca.pem", clock="wall",
-                                                   stall_factor="4", stall_min_s="2", stall_repeat_s="1")
+    assert config.from_env(env) == config.AgentEnv(
+        collector="c:1",
+        job="j",
+        token="t",
+        tls_ca="ca.pem",
+        clock="wall",
+        stall_factor="4",
+        stall_min_s="2",
+        stall_repeat_s="1",
+    )
     assert config.from_env({}) == config.AgentEnv()
     assert config.from_env({"MODTRACK_CLOCK": ""}).clock == "auto"  # empty counts as unset
     assert set(config.VARIABLES) == set(env)

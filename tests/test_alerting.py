@@ -1,12 +1,13 @@
 """The built-in webhook: Alertmanager v4 payloads, retries, and no receiver can hold anything up."""
+
 import asyncio
 import logging
-import socket
 import threading
 import time
 
-from webhook_receiver import WebhookReceiver
-
+from harness.ports import free_port
+from harness.waiting import wait_for
+from harness.webhook_receiver import WebhookReceiver
 from modtrack.collector.outputs.alert_payload import ZERO_TIME, episode_to_alert, fingerprint
 from modtrack.collector.outputs.alerting import AlertDispatcher
 from modtrack.collector.outputs.metrics import CollectorMetrics
@@ -16,16 +17,25 @@ DASHBOARD = "http://collector.example:8080"
 
 
 def episode(state="active", rank=3, host="node1", **kw):
-    fields = dict(job="train", rank=rank, host=host, module="Net.blocks.1.mlp", phase="backward", slowdown=2.5,
-                  first_step=40, last_step=52, state=state, cost_ms_per_step=12.3, cost_pct=8.1)
+    fields = dict(
+        job="train",
+        rank=rank,
+        host=host,
+        module="Net.blocks.1.mlp",
+        phase="backward",
+        slowdown=2.5,
+        first_step=40,
+        last_step=52,
+        state=state,
+        cost_ms_per_step=12.3,
+        cost_pct=8.1,
+    )
     fields.update(kw)
     return Episode(**fields)
 
 
 def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+    return f"http://127.0.0.1:{free_port()}/hook"
 
 
 async def run_dispatcher(urls, body, **kw):
@@ -54,8 +64,7 @@ def test_firing_then_resolved_payloads_in_alertmanager_shape(caplog):
 
     with WebhookReceiver() as rx:
         firing, resolved = asyncio.run(run_dispatcher([rx.url], body))
-        time.sleep(0.3)
-        assert len(rx.received) == 2
+        assert len(rx.received) == 2  # the dispatcher stopped drained: nothing more is on its way
 
     for payload, status in ((firing, "firing"), (resolved, "resolved")):
         assert payload["version"] == "4"
@@ -66,8 +75,15 @@ def test_firing_then_resolved_payloads_in_alertmanager_shape(caplog):
         assert payload["externalURL"] == DASHBOARD
         (alert,) = payload["alerts"]
         assert alert["status"] == status
-        assert alert["labels"] == {"alertname": "ModtrackStraggler", "job": "train", "rank": "3", "host": "node1",
-                                   "module": "Net.blocks.1.mlp", "phase": "backward", "severity": "warning"}
+        assert alert["labels"] == {
+            "alertname": "ModtrackStraggler",
+            "job": "train",
+            "rank": "3",
+            "host": "node1",
+            "module": "Net.blocks.1.mlp",
+            "phase": "backward",
+            "severity": "warning",
+        }
         assert payload["commonLabels"] == alert["labels"]
         summary = alert["annotations"]["summary"]
         for word in ("Rank 3", "node1", "Net.blocks.1.mlp", "backward", "2.50x", "12.3 ms per step", "8.1%"):
@@ -148,8 +164,9 @@ def test_receiver_errors_are_retried_with_backoff():
 def test_a_refusing_receiver_is_not_retried():
     async def body(d):
         d.episode_changed(episode())
-        await asyncio.sleep(0.5)
-        return d.webhooks[0].stats
+        stats = d.webhooks[0].stats
+        await asyncio.to_thread(wait_for, lambda: stats["failed"], 10, "the refusal to be counted")
+        return stats
 
     with WebhookReceiver(status=400) as rx:
         stats = asyncio.run(run_dispatcher([rx.url], body, backoff_s=0.05))
@@ -161,8 +178,15 @@ def test_queue_is_bounded_when_the_receiver_is_down():
     async def body(d):
         for i in range(50):
             d.episode_changed(episode(module=f"Net.layer{i}"))
-        await asyncio.sleep(0.3)
-        return d.webhooks[0]
+        hook = d.webhooks[0]
+        # every change routed: one in flight, the rest queued or dropped
+        await asyncio.to_thread(
+            wait_for,
+            lambda: hook.stats["dropped"] + hook.queue.qsize() + 1 >= 50,
+            10,
+            lambda: f"all 50 changes routed: {hook.stats} queued {hook.queue.qsize()}",
+        )
+        return hook
 
     hook = asyncio.run(run_dispatcher([closed_port_url()], body, queue_size=5, backoff_s=10))
     assert hook.queue.maxsize == 5

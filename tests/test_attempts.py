@@ -3,17 +3,20 @@
 Unit level (the merge's attempt rule, the store's migration of an older schema) and over real gRPC with
 a collector in this process; the real `torchrun --max-restarts` run is in tests/test_scenarios.py.
 """
+
 from __future__ import annotations
 
 import json
 import sqlite3
 import urllib.request
 
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import FakeRank, report, stream_steps
+from harness.step_row import row
+from harness.waiting import wait_for
 from modtrack.collector.pipeline.merge import Merger
 from modtrack.collector.store.schema import MIGRATIONS, V1_TABLES
 from modtrack.collector.store.sqlite import Store
-from test_collector_harness import CollectorThread, FakeRank, report, stream_steps, wait_for
-from test_merge import row
 
 
 def test_attempt_comes_from_the_restart_count_or_a_new_session():
@@ -48,16 +51,17 @@ def test_an_old_store_is_migrated_and_keeps_every_row_as_attempt_0(tmp_path):
     conn.execute("PRAGMA user_version = 1")
     conn.execute("INSERT INTO jobs (job, world_size, created_ns, last_evaluated_step) VALUES ('j', 2, 1, 7)")
     conn.execute("INSERT INTO steps (job, rank, step, start_ns, end_ns) VALUES ('j', 0, 7, 0, 5)")
-    conn.execute("INSERT INTO episodes (id, job, rank, host, module, phase, slowdown, first_step, last_step, "
-                 "state, cost_ms_per_step, cost_pct, ranks) VALUES (1, 'j', 0, 'h', 'm', 'forward', 2.0, 1, 7, "
-                 "'active', 3.0, 1.0, '[]')")
+    conn.execute(
+        "INSERT INTO episodes (id, job, rank, host, module, phase, slowdown, first_step, last_step, "
+        "state, cost_ms_per_step, cost_pct, ranks) VALUES (1, 'j', 0, 'h', 'm', 'forward', 2.0, 1, 7, "
+        "'active', 3.0, 1.0, '[]')"
+    )
     conn.commit()
     conn.close()
     store = Store(str(tmp_path))
     try:
         assert store.conn().execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-        assert store.jobs() == [{"job": "j", "world_size": 2, "last_evaluated_step": 7, "attempt": 0,
-                                 "last_step": 7}]
+        assert store.jobs() == [{"job": "j", "world_size": 2, "last_evaluated_step": 7, "attempt": 0, "last_step": 7}]
         assert [s[:2] for s in store.last_steps("j", 10)] == [(7, 0)]
         (ep,) = store.episodes("j")
         assert (ep.attempt, ep.cause, ep.modules, ep.cost_ms_per_step) == (0, "", [], 3.0)

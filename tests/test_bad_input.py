@@ -1,5 +1,6 @@
 """Bad input at the edge: every malformed or hostile message gets a clear gRPC status, the
 collector keeps serving everyone else, and nothing already stored changes."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,14 +13,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import MODULES, FakeRank, report, stream_steps
+from harness.http import get
 from modtrack.collector.ingest import edge_limits
 from modtrack.protos import modtrack_pb2 as pb
-from test_collector_harness import (MODULES, CollectorThread, FakeRank, collector, get,  # noqa: F401
-                                    report, stream_steps)
 
 STREAM = "/modtrack.v1.Collector/Stream"
-CLEAR = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-         grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.DEADLINE_EXCEEDED}
+CLEAR = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 
 
 def refused(rank: FakeRank, timeout: float = 20) -> grpc.RpcError:
@@ -29,8 +35,7 @@ def refused(rank: FakeRank, timeout: float = 20) -> grpc.RpcError:
 
 
 def hello(**fields) -> pb.AgentMessage:
-    base = dict(protocol_version=1, job="j", rank=0, world_size=1, host="h",
-                module_names=MODULES, session="s")
+    base = dict(protocol_version=1, job="j", rank=0, world_size=1, host="h", module_names=MODULES, session="s")
     return pb.AgentMessage(hello=pb.Hello(**{**base, **fields}))
 
 
@@ -40,20 +45,21 @@ def long_module_call() -> pb.StepReport:
     return rep
 
 
-@pytest.mark.parametrize("first, then, code, words", [
-    (hello(world_size=10**9), None, "INVALID_ARGUMENT", "world_size 1000000000 is over the limit"),
-    (hello(module_names=[f"m{i}" for i in range(10**6)]), None, "RESOURCE_EXHAUSTED",
-     "1000000 module names"),
-    (hello(module_names=["x" * 5000]), None, "INVALID_ARGUMENT", "longer than 1000 characters"),
-    (hello(job="evil\njob"), None, "INVALID_ARGUMENT", "job must be at most"),
-    (hello(), report(2**60, [1.0] * 5, start_ns=0), "INVALID_ARGUMENT", "over the limit of 2^53"),
-    (hello(), report(3, [1.0] * 5, optimizer_ns=2**62), "INVALID_ARGUMENT", "more than a day"),
-    (hello(), report(3, [1.0] * 5, start_ns=-(2**63) + 5), "INVALID_ARGUMENT", "out of range"),
-    (hello(), long_module_call(), "INVALID_ARGUMENT", "ns is more than a day"),
-    (hello(), pb.AgentMessage(clock=pb.ClockOffset(offset_ns=2**63 - 1)), "INVALID_ARGUMENT",
-     "clock offset"),
-    (hello(), pb.AgentMessage(), "INVALID_ARGUMENT", "an empty AgentMessage"),
-])
+@pytest.mark.parametrize(
+    "first, then, code, words",
+    [
+        (hello(world_size=10**9), None, "INVALID_ARGUMENT", "world_size 1000000000 is over the limit"),
+        (hello(module_names=[f"m{i}" for i in range(10**6)]), None, "RESOURCE_EXHAUSTED", "1000000 module names"),
+        (hello(module_names=["x" * 5000]), None, "INVALID_ARGUMENT", "longer than 1000 characters"),
+        (hello(job="evil\njob"), None, "INVALID_ARGUMENT", "job must be at most"),
+        (hello(), report(2**60, [1.0] * 5, start_ns=0), "INVALID_ARGUMENT", "over the limit of 2^53"),
+        (hello(), report(3, [1.0] * 5, optimizer_ns=2**62), "INVALID_ARGUMENT", "more than a day"),
+        (hello(), report(3, [1.0] * 5, start_ns=-(2**63) + 5), "INVALID_ARGUMENT", "out of range"),
+        (hello(), long_module_call(), "INVALID_ARGUMENT", "ns is more than a day"),
+        (hello(), pb.AgentMessage(clock=pb.ClockOffset(offset_ns=2**63 - 1)), "INVALID_ARGUMENT", "clock offset"),
+        (hello(), pb.AgentMessage(), "INVALID_ARGUMENT", "an empty AgentMessage"),
+    ],
+)
 def test_each_bad_message_gets_a_clear_status(collector, first, then, code, words):
     good = FakeRank(collector.grpc_target, "j", 0, 2)
     bad = FakeRank(collector.grpc_target, "j", 1, 2, hello=False)
@@ -127,6 +133,7 @@ async def _flood(target: str, streams: int, channels: int = 8) -> dict:
             return "OK"
         except grpc.RpcError as exc:
             return exc.code().name
+
     try:
         ends = await asyncio.gather(*(one(i) for i in range(streams)))
     finally:
@@ -157,8 +164,12 @@ def test_thousands_of_streams_at_once_are_bounded(tmp_path):
 
 # --- property-based: malformed reports never change what is stored -------------------------
 
-TABLES = {"steps": "job, attempt, rank, step", "modules": "job, module_id", "traces": "job, attempt, rank, step",
-          "jobs": "job"}
+TABLES = {
+    "steps": "job, attempt, rank, step",
+    "modules": "job, module_id",
+    "traces": "job, attempt, rank, step",
+    "jobs": "job",
+}
 
 
 def snapshot(path) -> dict:
@@ -168,7 +179,7 @@ def snapshot(path) -> dict:
         for table, key in TABLES.items():
             cols = "job, world_size" if table == "jobs" else "*"
             rows = conn.execute(f"SELECT {cols} FROM {table} ORDER BY {key}").fetchall()
-            out[table] = {row[:len(key.split(","))]: row for row in rows}
+            out[table] = {row[: len(key.split(","))]: row for row in rows}
         return out
     finally:
         conn.close()
@@ -184,8 +195,9 @@ def malformed(draw):
     """A report for an already stored step, broken in one or two of many ways."""
     rep = report(draw(st.integers(0, 9)), [1.0, 2.0, 3.0, 4.0, 5.0])
     for _ in range(draw(st.integers(1, 2))):
-        kind = draw(st.sampled_from(["drop", "module_id", "duration", "figure", "step", "names",
-                                     "phase", "trace", "stamp"]))
+        kind = draw(
+            st.sampled_from(["drop", "module_id", "duration", "figure", "step", "names", "phase", "trace", "stamp"])
+        )
         ph = rep.phases[draw(st.integers(0, 1))]
         col = draw(st.sampled_from(COLUMNS))
         if kind == "drop":
@@ -196,8 +208,13 @@ def malformed(draw):
             name = draw(st.sampled_from(COLUMNS[2:4] if kind == "duration" else COLUMNS[4:]))
             getattr(ph, name)[draw(st.integers(0, 4))] = draw(int64)
         elif kind == "figure":
-            setattr(rep, draw(st.sampled_from(["start_ns", "end_ns", "forward_ns", "backward_ns",
-                                               "data_ns", "backward_tail_ns"])), draw(int64))
+            setattr(
+                rep,
+                draw(
+                    st.sampled_from(["start_ns", "end_ns", "forward_ns", "backward_ns", "data_ns", "backward_tail_ns"])
+                ),
+                draw(int64),
+            )
         elif kind == "step":
             rep.step = draw(st.integers(0, 2**64 - 1))
         elif kind == "names":
@@ -223,12 +240,13 @@ def test_malformed_reports_never_change_stored_rows(tmp_path):
         stream_steps(ranks, range(10))
         for r in ranks:
             r.close()
-        time.sleep(0.3)  # the writer's batch is committed
+        c.flush_store()
         before = snapshot(c.collector.store.path)
         outcomes = {}
 
-        @settings(max_examples=120, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=120, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+        )
         @given(rep=malformed())
         def barrage(rep):
             bad = FakeRank(c.grpc_target, "victim", 1, 2)
@@ -242,8 +260,9 @@ def test_malformed_reports_never_change_stored_rows(tmp_path):
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
             finally:
                 bad.kill()
+
         barrage()
-        time.sleep(0.3)
+        c.flush_store()  # whatever the barrage got stored is committed
         after = snapshot(c.collector.store.path)
         for table, rows in before.items():
             for key, row in rows.items():

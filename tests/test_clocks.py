@@ -1,4 +1,5 @@
 """The CUDA event clock's logic, on CPU: the one place a fake (a fake CUDA event) is used."""
+
 from __future__ import annotations
 
 import math

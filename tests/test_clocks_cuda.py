@@ -1,4 +1,5 @@
 """On a real GPU: module times come from CUDA events (GPU work), where host time sees only launches."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,7 @@ from torch import nn
 
 from modtrack.agent import ModuleTracker
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def cycles_for(ms: float) -> int:

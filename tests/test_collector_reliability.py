@@ -1,52 +1,28 @@
 """The collector under the conditions a long-lived one meets: a rank joining while a step is being
 evaluated, failures counted where Prometheus reads them, finished jobs leaving memory but not SQLite,
 and a data directory written by the previous schema.
-
-Helpers are local to this file until the shared test harness lands.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import queue
 import sqlite3
 import threading
-import time
 import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 
+from harness.collector_thread import CollectorThread
+from harness.http import get_json
+from harness.waiting import wait_for
 from modtrack.collector.pipeline.merge import RankState
-from modtrack.collector.serve import Collector, ServeConfig
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 MODULES = ["Net", "Net.a", "Net.b"]
-
-
-class CollectorThread:
-    """A real Collector on loopback ports, on its own event loop thread."""
-
-    def __init__(self, data_dir, **config):
-        self.config = ServeConfig(grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0", data_dir=str(data_dir), **config)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.collector = Collector(self.config)
-        asyncio.run_coroutine_threadsafe(self.collector.start(), self.loop).result(30)
-        self.grpc_target = f"127.0.0.1:{self.collector.grpc_port}"
-        self.url = f"http://127.0.0.1:{self.collector.http_port}"
-
-    def stop(self) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self.collector.stop(), self.loop).result(30)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
 
 
 class Rank:
@@ -101,19 +77,6 @@ class Rank:
         self.outgoing.put(None)
         self.reader.join(10)
         self.channel.close()
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def get_json(url: str):
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
 
 
 def get_text(url: str) -> str:

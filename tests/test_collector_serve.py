@@ -1,28 +1,20 @@
 """`python -m modtrack.collector serve` as users run it: ready line with real ports, SIGTERM, restart."""
+
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from test_collector_harness import FakeRank, get, stream_steps
-from test_fail_open_harness import CollectorProcess
-
-class ServeProcess(CollectorProcess):
-    """The harness's collector on free ports, its log beside the data dir, with the API's URL."""
-
-    def __init__(self, data_dir, *extra):
-        data_dir = Path(data_dir)
-        super().__init__(data_dir, data_dir.parent / f"{data_dir.name}-collector.log", *extra)
-        self.url = f"http://{self.http_addr}"
+from harness.collector_process import CollectorProcess
+from harness.fake_rank import FakeRank, stream_steps
+from harness.http import get
 
 
 @pytest.mark.slow
 def test_serve_ready_sigterm_and_restart(tmp_path):
-    server = ServeProcess(tmp_path / "data")
+    server = CollectorProcess(tmp_path / "data")
     try:
         assert not server.grpc_target.endswith(":0") and not server.url.endswith(":0")
         rank = FakeRank(server.grpc_target, "job", 0, 1)
@@ -31,7 +23,7 @@ def test_serve_ready_sigterm_and_restart(tmp_path):
         assert server.terminate() == 0
     finally:
         server.kill()
-    again = ServeProcess(tmp_path / "data")
+    again = CollectorProcess(tmp_path / "data")
     try:
         status, body = get(again.url, "/api/v1/jobs/job/steps?last=10")
         assert status == 200 and [s["step"] for s in body["steps"]] == list(range(5))
@@ -42,19 +34,26 @@ def test_serve_ready_sigterm_and_restart(tmp_path):
 
 @pytest.mark.slow
 def test_port_in_use_is_a_clear_error(tmp_path):
-    server = ServeProcess(tmp_path / "a")
+    server = CollectorProcess(tmp_path / "a")
     try:
         port = server.url.rsplit(":", 1)[1]
-        out = subprocess.run([sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr",
-                              "127.0.0.1:0", "--http-addr", f"127.0.0.1:{port}", "--data-dir",
-                              str(tmp_path / "b")], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "modtrack.collector",
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                str(tmp_path / "b"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode != 0 and "error:" in out.stderr
     finally:
         server.kill()
-
-
-def test_collector_never_imports_torch():
-    code = ("import sys, collector.serve, collector.__main__; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

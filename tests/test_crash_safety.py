@@ -1,4 +1,5 @@
 """kill -9 during heavy ingest: the SQLite store reopens intact and holds every acked report."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -7,8 +8,10 @@ import time
 
 import pytest
 
-from test_collector_harness import FakeRank, get, report, wait_for
-from test_fail_open_harness import CollectorProcess
+from harness.collector_process import CollectorProcess
+from harness.fake_rank import FakeRank, report
+from harness.http import get
+from harness.waiting import wait_for
 
 MODULES = [f"Net.layers.{i}" for i in range(200)]
 
@@ -28,15 +31,18 @@ def pump(rank: FakeRank, stop: threading.Event) -> None:
 @pytest.mark.slow
 def test_kill_9_during_heavy_ingest_loses_no_acked_report(tmp_path):
     data = tmp_path / "data"
-    server = CollectorProcess(data, tmp_path / "collector.log")
+    server = CollectorProcess(data, log_path=tmp_path / "collector.log")
     ranks, pumps, stop = [], [], threading.Event()
     try:
         ranks = [FakeRank(server.grpc_target, "heavy", r, 4, modules=MODULES) for r in range(4)]
         pumps = [threading.Thread(target=pump, args=(r, stop), daemon=True) for r in ranks]
         for p in pumps:
             p.start()
-        wait_for(lambda: all(r.acks and r.acks[-1] >= 150 for r in ranks), 60,
-                 lambda: f"ingest too slow: {[r.acks[-1:] for r in ranks]} {server.log()[-2000:]}")
+        wait_for(
+            lambda: all(r.acks and r.acks[-1] >= 150 for r in ranks),
+            60,
+            lambda: f"ingest too slow: {[r.acks[-1:] for r in ranks]} {server.log()[-2000:]}",
+        )
         server.kill()  # SIGKILL mid-stream: the writer is in the middle of its batches
         stop.set()
         for r in ranks:
@@ -49,20 +55,19 @@ def test_kill_9_during_heavy_ingest_loses_no_acked_report(tmp_path):
             r.kill()
         server.kill()
     path = data / "modtrack.sqlite3"
-    again = CollectorProcess(data, tmp_path / "collector2.log")  # opens the store as a restart does
+    again = CollectorProcess(data, log_path=tmp_path / "collector2.log")  # opens the store as a restart does
     try:
         conn = sqlite3.connect(path)
         try:
             assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
             for rank, last in acked.items():
-                steps = {s for (s,) in conn.execute(
-                    "SELECT step FROM steps WHERE job = 'heavy' AND rank = ?", (rank,))}
+                steps = {s for (s,) in conn.execute("SELECT step FROM steps WHERE job = 'heavy' AND rank = ?", (rank,))}
                 missing = set(range(last + 1)) - steps
                 assert not missing, f"rank {rank}: acked up to {last}, missing {sorted(missing)[:10]}"
             assert len(conn.execute("SELECT name FROM modules WHERE job = 'heavy'").fetchall()) == 200
         finally:
             conn.close()
-        status, body = get(f"http://{again.http_addr}", "/api/v1/jobs/heavy/steps?last=5")
+        status, body = get(again.url, "/api/v1/jobs/heavy/steps?last=5")
         assert status == 200 and len(body["steps"]) == 5
     finally:
         again.terminate()

@@ -7,84 +7,41 @@ the culprit's heatmap cell and name the culprit in the straggler list.
 
 MODTRACK_SCREENSHOT=docs/dashboard.png also saves the torchrun run's screenshot there (README).
 """
+
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from harness import torchrun as launch
+from harness.browser import console_errors, wait_js
+from harness.chrome_trace import assert_valid_chrome_trace
+from harness.collector_process import CollectorProcess
+from harness.waiting import wait_for
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
-from test_trace_export import assert_valid_chrome_trace
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1440,1200", "--hide-scrollbars"]
 
 
 # ---- the collector -------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-class Collector:
-    def __init__(self, proc, grpc_addr: str, http_url: str):
-        self.proc, self.grpc_addr, self.url = proc, grpc_addr, http_url
-
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=10) as resp:
-            return json.loads(resp.read())
-
-
-@contextlib.contextmanager
-def running_collector(tmp_path, *extra: str):
-    """`python -m modtrack.collector serve` on free loopback ports; ended on exit."""
-    grpc_port, http_port = _free_port(), _free_port()
-    cmd = [sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", f"127.0.0.1:{grpc_port}",
-           "--http-addr", f"127.0.0.1:{http_port}", "--data-dir", str(tmp_path / "data"),
-           "--watermark-s", "0.5", "--log-level", "WARNING", *extra]
-    log = open(tmp_path / "collector.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=1).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("collector did not start:\n" + (tmp_path / "collector.log").read_text())
-                time.sleep(0.1)
-        yield Collector(proc, f"127.0.0.1:{grpc_port}", url)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def running_collector(tmp_path, *extra: str) -> CollectorProcess:
+    """`python -m modtrack.collector serve` on free loopback ports, as the dashboard tests want it."""
+    return CollectorProcess(
+        tmp_path / "data", "--watermark-s", "0.5", "--log-level", "WARNING", *extra, log_path=tmp_path / "collector.log"
+    )
 
 
 @pytest.fixture
@@ -93,47 +50,7 @@ def collector(tmp_path):
         yield c
 
 
-# ---- the browser ---------------------------------------------------------------------------
-
-@pytest.fixture
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
-    from selenium.webdriver.chrome.service import Service
-
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip("Chromium or chromedriver is not installed (apt-get install chromium chromium-driver)")
-    profile = tempfile.mkdtemp(prefix="modtrack-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROME_FLAGS + [f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    try:
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    except Exception as exc:  # a container without what Chromium needs to start
-        shutil.rmtree(profile, ignore_errors=True)
-        pytest.skip(f"Chromium cannot start here: {exc}")
-    try:
-        driver.set_page_load_timeout(30)
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def wait_for(driver, script: str, timeout: float = 60.0, what: str = ""):
-    """Poll a JS expression until it is truthy; its value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = driver.execute_script("return " + script)
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what or script}")
-
-
-def console_errors(driver) -> list[dict]:
-    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+# ---- the page (the browser fixture: tests/conftest.py) ----------------------------------
 
 
 def page_state(driver) -> dict:
@@ -160,9 +77,17 @@ BLOCKS = [f"{ROOT_MODULE}.blocks.{i}" for i in range(2)]
 TREE = [(ROOT_MODULE, -1, 0.3), (f"{ROOT_MODULE}.embed", 0, 0.4)]
 for _b in BLOCKS:
     _bi = len(TREE)
-    TREE += [(_b, 0, 0.1), (f"{_b}.ln1", _bi, 0.2), (f"{_b}.attn", _bi, 0.5), (f"{_b}.attn.qkv", _bi + 2, 1.2),
-             (f"{_b}.attn.proj", _bi + 2, 0.6), (f"{_b}.ln2", _bi, 0.2), (f"{_b}.mlp", _bi, 0.3),
-             (f"{_b}.mlp.fc", _bi + 6, 1.6), (f"{_b}.mlp.proj", _bi + 6, 1.5)]
+    TREE += [
+        (_b, 0, 0.1),
+        (f"{_b}.ln1", _bi, 0.2),
+        (f"{_b}.attn", _bi, 0.5),
+        (f"{_b}.attn.qkv", _bi + 2, 1.2),
+        (f"{_b}.attn.proj", _bi + 2, 0.6),
+        (f"{_b}.ln2", _bi, 0.2),
+        (f"{_b}.mlp", _bi, 0.3),
+        (f"{_b}.mlp.fc", _bi + 6, 1.6),
+        (f"{_b}.mlp.proj", _bi + 6, 1.5),
+    ]
 TREE += [(f"{ROOT_MODULE}.ln_f", 0, 0.2), (f"{ROOT_MODULE}.head", 0, 1.1)]
 NAMES = [t[0] for t in TREE]
 SLOW_MODULE, SLOW_PHASE = f"{ROOT_MODULE}.blocks.1.mlp", 2
@@ -184,7 +109,7 @@ def simulate_rank_step(rank: int, step: int, t0: int, slow_rank: int, slow_ms: f
         half = int(self_ms * 5e5)
         t += half
         kids = _children(i)
-        for k in (kids if phase == 1 else kids[::-1]):
+        for k in kids if phase == 1 else kids[::-1]:
             t = run(k, phase, t, depth + 1)
         t += half
         calls.append((i, phase, start, t, depth))
@@ -207,9 +132,17 @@ def build_report(step: int, calls, t0: int, fwd_end: int, bwd_end: int, tail_ns:
         for row_i, row in enumerate(sel):  # minus the children's inclusive time
             for k in _children(int(row[0])):
                 self_ns[row_i] -= incl[np.flatnonzero(sel[:, 0] == k)[0]]
-        report.phases.append(pb.PhaseStats(
-            phase=phase, module_id=sel[:, 0].tolist(), calls=[1] * len(sel), inclusive_ns=incl.tolist(),
-            self_ns=self_ns.tolist(), first_start_ns=sel[:, 2].tolist(), last_end_ns=sel[:, 3].tolist()))
+        report.phases.append(
+            pb.PhaseStats(
+                phase=phase,
+                module_id=sel[:, 0].tolist(),
+                calls=[1] * len(sel),
+                inclusive_ns=incl.tolist(),
+                self_ns=self_ns.tolist(),
+                first_start_ns=sel[:, 2].tolist(),
+                last_end_ns=sel[:, 3].tolist(),
+            )
+        )
     report.forward_ns = int(fwd_end - t0 - 200_000)
     report.backward_ns = int(bwd_end - fwd_end - 50_000 + tail_ns)
     report.backward_tail_ns = int(tail_ns)
@@ -219,8 +152,16 @@ def build_report(step: int, calls, t0: int, fwd_end: int, bwd_end: int, tail_ns:
     if with_trace:
         order = np.lexsort((c[:, 4], c[:, 2]))
         t = c[order]
-        report.trace.CopyFrom(pb.Trace(module_id=t[:, 0].tolist(), phase=t[:, 1].tolist(), start_ns=t[:, 2].tolist(),
-                                       end_ns=t[:, 3].tolist(), depth=t[:, 4].tolist(), capture_id=with_trace))
+        report.trace.CopyFrom(
+            pb.Trace(
+                module_id=t[:, 0].tolist(),
+                phase=t[:, 1].tolist(),
+                start_ns=t[:, 2].tolist(),
+                end_ns=t[:, 3].tolist(),
+                depth=t[:, 4].tolist(),
+                capture_id=with_trace,
+            )
+        )
     return report
 
 
@@ -229,9 +170,18 @@ class SimulatedJob:
     module's backward from `slow_from` on; the others wait for it in the gradient all-reduce.
     Ranks answer capture requests with full traces. Runs until stop()."""
 
-    def __init__(self, addr: str, job: str, world: int = 4, slow_rank: int = 2, slow_ms: float = 6.0,
-                 slow_from: int = 8, step_s: float = 0.05, clock_shift_ns: dict | None = None,
-                 token: str | None = None):
+    def __init__(
+        self,
+        addr: str,
+        job: str,
+        world: int = 4,
+        slow_rank: int = 2,
+        slow_ms: float = 6.0,
+        slow_from: int = 8,
+        step_s: float = 0.05,
+        clock_shift_ns: dict | None = None,
+        token: str | None = None,
+    ):
         self.addr, self.job, self.world = addr, job, world
         self.slow_rank, self.slow_ms, self.slow_from, self.step_s = slow_rank, slow_ms, slow_from, step_s
         self.shift = clock_shift_ns or {}
@@ -256,7 +206,7 @@ class SimulatedJob:
             async with grpc.aio.insecure_channel(self.addr) as channel:
                 stub = pb_grpc.CollectorStub(channel)
                 queues = [asyncio.Queue() for _ in range(self.world)]
-                captures = [dict() for _ in range(self.world)]
+                captures = [{} for _ in range(self.world)]
                 calls = [stub.Stream(self._requests(r, queues[r]), metadata=self.metadata) for r in range(self.world)]
                 readers = [asyncio.create_task(self._read(c, captures[r])) for r, c in enumerate(calls)]
                 rng = np.random.default_rng(0)
@@ -285,10 +235,23 @@ class SimulatedJob:
             self.error = exc
 
     async def _requests(self, rank: int, queue: asyncio.Queue):
-        yield pb.AgentMessage(hello=pb.Hello(
-            protocol_version=1, job=self.job, rank=rank, local_rank=rank % 2, world_size=self.world,
-            group_rank=rank // 2, host=f"node{rank // 2}", pid=1000 + rank, torch_version="sim",
-            agent_version="sim", clock_kind=pb.CLOCK_KIND_CPU, module_names=NAMES, session=f"s{rank}"))
+        yield pb.AgentMessage(
+            hello=pb.Hello(
+                protocol_version=1,
+                job=self.job,
+                rank=rank,
+                local_rank=rank % 2,
+                world_size=self.world,
+                group_rank=rank // 2,
+                host=f"node{rank // 2}",
+                pid=1000 + rank,
+                torch_version="sim",
+                agent_version="sim",
+                clock_kind=pb.CLOCK_KIND_CPU,
+                module_names=NAMES,
+                session=f"s{rank}",
+            )
+        )
         yield pb.AgentMessage(clock=pb.ClockOffset(offset_ns=-self.shift.get(rank, 0), rtt_ns=50_000))
         while (msg := await queue.get()) is not None:
             yield msg
@@ -315,7 +278,7 @@ def _shift(report, ns: int) -> None:
 
 @pytest.fixture
 def simulated_job(collector):
-    job = SimulatedJob(collector.grpc_addr, "sim-job", clock_shift_ns={3: 5_000_000_000}).start()
+    job = SimulatedJob(collector.grpc_target, "sim-job", clock_shift_ns={3: 5_000_000_000}).start()
     try:
         yield job
     finally:
@@ -324,17 +287,13 @@ def simulated_job(collector):
 
 # ---- the tests -----------------------------------------------------------------------------
 
+
 def _wait_for_straggler(collector, job: str, timeout: float = 90.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            active = [s for s in collector.get(f"/api/v1/jobs/{job}/stragglers")["stragglers"] if s["state"] == "active"]
-        except OSError:
-            active = []
-        if active:
-            return active[0]
-        time.sleep(0.5)
-    raise AssertionError(f"the collector found no straggler in {job} within {timeout} s")
+    def active():
+        found = collector.get(f"/api/v1/jobs/{job}/stragglers")["stragglers"]
+        return [s for s in found if s["state"] == "active"]
+
+    return wait_for(active, timeout, f"a straggler in {job}", interval=0.5, retry_on=(OSError,))[0]
 
 
 @pytest.mark.slow
@@ -343,7 +302,7 @@ def test_dashboard_shows_the_simulated_culprit_and_captures_a_trace(collector, s
     assert (straggler["rank"], straggler["module"], straggler["phase"]) == (2, SLOW_MODULE, "backward")
 
     browser.get(collector.url + "/")
-    wait_for(browser, "document.querySelector('#heatmap td[data-culprit=\"true\"]')", what="the culprit's cell")
+    wait_js(browser, "document.querySelector('#heatmap td[data-culprit=\"true\"]')", what="the culprit's cell")
     state = page_state(browser)
     assert state["culprit"] == [{"rank": "2", "module": SLOW_MODULE, "phase": "backward"}]
     assert state["hottest"] == {"rank": "2", "module": SLOW_MODULE}
@@ -353,7 +312,7 @@ def test_dashboard_shows_the_simulated_culprit_and_captures_a_trace(collector, s
 
     # live refresh: the page moves on without a reload
     first = browser.execute_script("return document.getElementById('heat-window').textContent")
-    wait_for(browser, f"document.getElementById('heat-window').textContent !== {json.dumps(first)}", 20, "a refresh")
+    wait_js(browser, f"document.getElementById('heat-window').textContent !== {json.dumps(first)}", 20, "a refresh")
 
     # the forward/backward switch and the module bars
     browser.find_element("id", "phase-forward").click()
@@ -366,7 +325,7 @@ def test_dashboard_shows_the_simulated_culprit_and_captures_a_trace(collector, s
 
     # capture: the button asks the ranks for a trace; once it is in, download is enabled
     browser.find_element("id", "capture-btn").click()
-    wait_for(browser, "!document.getElementById('trace-download').disabled", 60, "the captured trace")
+    wait_js(browser, "!document.getElementById('trace-download').disabled", 60, "the captured trace")
     status = browser.find_element("id", "capture-status").text
     assert "is in" in status
     trace = browser.execute_script("return state.capture.trace")
@@ -375,8 +334,10 @@ def test_dashboard_shows_the_simulated_culprit_and_captures_a_trace(collector, s
     procs = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
     assert procs == {0: "rank 0 @ node0", 1: "rank 1 @ node0", 2: "rank 2 @ node1", 3: "rank 3 @ node1"}
     # rank 3's clock runs 5 s ahead; corrected, its steps line up with rank 0's
-    starts = {pid: min(e["ts"] for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == pid and e["cat"] == "step")
-              for pid in (0, 3)}
+    starts = {
+        pid: min(e["ts"] for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == pid and e["cat"] == "step")
+        for pid in (0, 3)
+    }
     assert abs(starts[3] - starts[0]) < 1000  # µs
 
     # a range with no capture falls back to the per-step summary spans, every rank present
@@ -410,24 +371,17 @@ TORCHRUN_MODULE = "TinyGPT.blocks.1.mlp"
 def torchrun_job(collector, tmp_path):
     """examples/train.py on 4 CPU ranks (gloo) under the agent; rank 2 slow in blocks.1.mlp's
     backward from step 4. Long enough to still be running while the page is inspected."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(TORCHRUN_RANKS),
-           "-m", "modtrack.agent", "--collector", collector.grpc_addr, "--job", "ddp-demo",
-           "examples/train.py", "--steps", "400", "--threads", "1", "--log-every", "1000",
-           "--slow-rank", str(TORCHRUN_SLOW_RANK), "--slow-module", "blocks.1.mlp", "--slow-phase", "backward",
-           "--slow-ms", "50", "--slow-from-step", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = launch.torchrun_cmd(
+        TORCHRUN_RANKS, "-m", "modtrack.agent", "--collector", collector.grpc_target, "--job", "ddp-demo",
+        launch.TRAIN, "--steps", "400", "--threads", "1", "--log-every", "1000",
+        "--slow-rank", str(TORCHRUN_SLOW_RANK), "--slow-module", "blocks.1.mlp", "--slow-phase", "backward",
+        "--slow-ms", "50", "--slow-from-step", "4")  # fmt: skip
     log = open(tmp_path / "torchrun.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = launch.start(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)  # torchrun passes it on to its ranks
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
+        launch.end(proc, grace_s=20)  # SIGTERM first: torchrun passes it on to its ranks
         log.close()
 
 
@@ -436,8 +390,11 @@ def _culprit_shown(driver, min_steps: int = 0) -> bool:
     if state["steps"] < min_steps:
         return False
     cell = {"rank": str(TORCHRUN_SLOW_RANK), "module": TORCHRUN_MODULE, "phase": "backward"}
-    named = [r for r in state["rows"] if r["module"] == TORCHRUN_MODULE and r["state"] == "active"
-             and r["rank"] == str(TORCHRUN_SLOW_RANK)]
+    named = [
+        r
+        for r in state["rows"]
+        if r["module"] == TORCHRUN_MODULE and r["state"] == "active" and r["rank"] == str(TORCHRUN_SLOW_RANK)
+    ]
     verdict = TORCHRUN_MODULE in state["verdict"] and f"rank {TORCHRUN_SLOW_RANK} @ " in state["verdict"]
     return cell in state["culprit"] and bool(named) and verdict
 
@@ -445,16 +402,17 @@ def _culprit_shown(driver, min_steps: int = 0) -> bool:
 @pytest.mark.slow
 def test_dashboard_names_the_culprit_of_a_real_torchrun_job(collector, torchrun_job, browser, tmp_path):
     browser.get(collector.url + "/")
-    deadline = time.monotonic() + 240
+
     # wait for the culprit with some history on the chart (and take the picture right then:
     # the page shows what the detector says, and that may flicker between episodes)
-    while not _culprit_shown(browser, min_steps=20):
+    def shown() -> bool:
         if torchrun_job.poll() is not None:
-            raise AssertionError("torchrun ended before the page showed the culprit:\n"
-                                 + (tmp_path / "torchrun.log").read_text()[-3000:])
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the page never showed the culprit: {page_state(browser)}")
-        time.sleep(0.5)
+            raise AssertionError(
+                "torchrun ended before the page showed the culprit:\n" + (tmp_path / "torchrun.log").read_text()[-3000:]
+            )
+        return _culprit_shown(browser, min_steps=20)
+
+    wait_for(shown, 240, lambda: f"the page to show the culprit: {page_state(browser)}", interval=0.5)
     errors = console_errors(browser)
     assert not errors, errors
 
@@ -471,7 +429,7 @@ def test_dashboard_names_the_culprit_of_a_real_torchrun_job(collector, torchrun_
     browser.find_element("id", "capture-steps").clear()
     browser.find_element("id", "capture-steps").send_keys("2")
     browser.find_element("id", "capture-btn").click()
-    wait_for(browser, "!document.getElementById('trace-download').disabled", 90, "the captured trace")
+    wait_js(browser, "!document.getElementById('trace-download').disabled", 90, "the captured trace")
     trace = browser.execute_script("return state.capture.trace")
     assert_valid_chrome_trace(trace)
     assert trace["otherData"]["source"] == "capture"
@@ -484,18 +442,18 @@ def test_dashboard_names_the_culprit_of_a_real_torchrun_job(collector, torchrun_
 def test_the_page_sends_the_token_it_was_opened_with(tmp_path, browser):
     (tmp_path / "token").write_text("s3cret-token\n")
     with running_collector(tmp_path, "--token-file", str(tmp_path / "token")) as collector:
-        job = SimulatedJob(collector.grpc_addr, "secured", world=2, slow_rank=-1, token="s3cret-token").start()
+        job = SimulatedJob(collector.grpc_target, "secured", world=2, slow_rank=-1, token="s3cret-token").start()
         try:
             browser.get(collector.url + "/#token=s3cret-token")
-            wait_for(browser, "document.querySelector('#jobs button[data-job=\"secured\"]')", 30, "the job list")
+            wait_js(browser, "document.querySelector('#jobs button[data-job=\"secured\"]')", 30, "the job list")
             assert browser.execute_script("return location.hash") == ""  # not left in the address bar
-            wait_for(browser, "document.querySelector('#heatmap td[data-slowdown]')", 30, "the heatmap")
+            wait_js(browser, "document.querySelector('#heatmap td[data-slowdown]')", 30, "the heatmap")
             assert not console_errors(browser)
             browser.get(collector.url + "/")  # remembered for the next visit
-            wait_for(browser, "document.querySelector('#jobs button[data-job=\"secured\"]')", 30, "the job list again")
+            wait_js(browser, "document.querySelector('#jobs button[data-job=\"secured\"]')", 30, "the job list again")
             browser.execute_script("localStorage.clear()")
             browser.get(collector.url + "/")  # no token: the page asks for one instead of showing data
-            wait_for(browser, "!document.getElementById('token-form').hidden", 30, "the token prompt")
+            wait_js(browser, "!document.getElementById('token-form').hidden", 30, "the token prompt")
             assert not browser.find_elements("css selector", "#jobs button")
         finally:
             job.stop()

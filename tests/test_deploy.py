@@ -1,17 +1,18 @@
 """deploy/: the rules pass promtool, manifests validate, the dashboard asks for metrics that exist."""
+
 import json
 import pathlib
 import re
 import shutil
 import subprocess
 import sys
-import tomllib
 
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
-from test_metrics import episode, matrix
 
+from harness.metrics_samples import episode, matrix
 from modtrack.collector.outputs.metrics import CollectorMetrics
 from modtrack.collector.pipeline.merge import Merger
 from modtrack.collector.pipeline.stall_watch import StallWatch
@@ -21,7 +22,9 @@ DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
 ROOT = DEPLOY.parent
 K8S_VERSION = "1.30.0"
 
-needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (make system-deps)")
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (make system-deps)"
+)
 
 
 def exposed_metric_names() -> set[str]:
@@ -38,7 +41,9 @@ def exposed_metric_names() -> set[str]:
     m.registry.register(watch)
     for rank, stack in ((0, "/torch/distributed/distributed_c10d.py:1 in barrier"), (1, "train.py:9 in load")):
         merger.hello("stuck", rank, 2, "node0")
-        watch.heartbeat("stuck", rank, pb.Heartbeat(step=3, phase="data", step_ns=9, position_ns=9, stack=[stack]), None)
+        watch.heartbeat(
+            "stuck", rank, pb.Heartbeat(step=3, phase="data", step_ns=9, position_ns=9, stack=[stack]), None
+        )
     watch.evaluate(merger.jobs, None)
     text = m.exposition()[0].decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
@@ -50,11 +55,16 @@ def metric_names_in(expr: str) -> set[str]:
 
 @needs_promtool
 def test_rules_pass_promtool_check_and_their_unit_tests():
-    check = subprocess.run(["promtool", "check", "rules", "modtrack-rules.yml"], cwd=DEPLOY / "prometheus",
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        ["promtool", "check", "rules", "modtrack-rules.yml"], cwd=DEPLOY / "prometheus", capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr
-    unit = subprocess.run(["promtool", "test", "rules", "modtrack-rules.test.yml"], cwd=DEPLOY / "prometheus",
-                          capture_output=True, text=True)
+    unit = subprocess.run(
+        ["promtool", "test", "rules", "modtrack-rules.test.yml"],
+        cwd=DEPLOY / "prometheus",
+        capture_output=True,
+        text=True,
+    )
     assert unit.returncode == 0, unit.stdout + unit.stderr
 
 
@@ -85,8 +95,9 @@ def test_scrape_config_example_is_a_valid_prometheus_config(tmp_path):
     job["authorization"]["credentials_file"] = str(tmp_path / "token")
     config["rule_files"] = [str(DEPLOY / "prometheus" / "modtrack-rules.yml")]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    check = subprocess.run(["promtool", "check", "config", "prometheus.yml"], cwd=tmp_path,
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        ["promtool", "check", "config", "prometheus.yml"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -103,7 +114,7 @@ def pod_templates(doc) -> list[dict]:
 
 def test_every_kubernetes_manifest_validates_against_the_schemas():
     kinds = set()
-    for name, doc in kubernetes_documents():
+    for _name, doc in kubernetes_documents():
         kinds.add(doc["kind"])
         if doc["kind"] == "PyTorchJob":
             for template in pod_templates(doc):
@@ -160,9 +171,12 @@ def test_grafana_dashboard_queries_name_metrics_that_exist():
 def test_systemd_unit_verifies(tmp_path):
     unit = (DEPLOY / "systemd" / "modtrack-collector.service").read_text()
     # the console script is not installed at that path here: point at one that exists
-    (tmp_path / "modtrack-collector.service").write_text(unit.replace("/usr/local/bin/modtrack-collector", sys.executable))
-    verify = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "modtrack-collector.service")],
-                            capture_output=True, text=True)
+    (tmp_path / "modtrack-collector.service").write_text(
+        unit.replace("/usr/local/bin/modtrack-collector", sys.executable)
+    )
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "modtrack-collector.service")], capture_output=True, text=True
+    )
     assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
 
 
@@ -180,11 +194,22 @@ def test_dockerfile_copies_what_exists_and_installs_no_torch():
 
 
 def test_deploy_files_use_flags_the_collector_knows():
-    help_text = subprocess.run([sys.executable, "-m", "modtrack.collector", "serve", "--help"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "modtrack.collector", "serve", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     docs = dict(kubernetes_documents())
-    used = [a.split("=")[0] for a in docs["collector-deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"][1:]]
-    used += re.findall(r"(--[a-z-]+)", (DEPLOY / "systemd" / "modtrack-collector.service").read_text().split("ExecStart=")[1].split("\n\n")[0])
+    used = [
+        a.split("=")[0]
+        for a in docs["collector-deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"][1:]
+    ]
+    used += re.findall(
+        r"(--[a-z-]+)",
+        (DEPLOY / "systemd" / "modtrack-collector.service").read_text().split("ExecStart=")[1].split("\n\n")[0],
+    )
     used += re.findall(r'"(--[a-z-]+)=', (DEPLOY / "Dockerfile").read_text())
     assert {"--grpc-addr", "--http-addr", "--data-dir", "--token-file"} <= set(used)
     for flag in used:

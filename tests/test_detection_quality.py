@@ -1,4 +1,5 @@
 """The detection-quality benchmark's quick mode, with the targets of the scale issue asserted."""
+
 from __future__ import annotations
 
 import sys
@@ -6,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent / "bench"))
 
-import detector_quality  # noqa: E402
+import detector_quality
 
 
 def test_detection_quality_targets_on_a_fixed_seed():

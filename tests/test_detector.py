@@ -1,4 +1,5 @@
 """The detector on synthetic rank x module matrices: who is slow, where, and never a victim."""
+
 from __future__ import annotations
 
 import time
@@ -6,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from modtrack.collector.sim.cluster_model import ClusterModel, Straggler
 from modtrack.collector.pipeline.detector import Detector, DetectorParams, column_stats
 from modtrack.collector.records import StepMatrix
+from modtrack.collector.sim.cluster_model import ClusterModel, Straggler
 
 
 def run(model: ClusterModel, steps: range, det: Detector | None = None, present=None):
@@ -25,9 +26,13 @@ def matrix(self_ms, step=0, wait=None, hosts=None, ranks=None) -> StepMatrix:
     x = np.asarray(self_ms, dtype=np.float64)
     R, K = x.shape
     return StepMatrix(
-        job="j", step=step, ranks=np.asarray(ranks if ranks is not None else range(R), np.int64),
-        hosts=hosts or ["h0"] * R, column_module=np.arange(K, dtype=np.int64),
-        column_phase=np.ones(K, np.int64), self_ms=x,
+        job="j",
+        step=step,
+        ranks=np.asarray(ranks if ranks is not None else range(R), np.int64),
+        hosts=hosts or ["h0"] * R,
+        column_module=np.arange(K, dtype=np.int64),
+        column_phase=np.ones(K, np.int64),
+        self_ms=x,
         wall_ms=np.full(R, np.nansum(x, axis=1).max()),
         sync_wait_ms=np.zeros(R) if wait is None else np.asarray(wait, np.float64),
         module_names=[f"m{k}" for k in range(K)],

@@ -1,4 +1,5 @@
 """`collector serve --detect-*`: the detector settings reach every job's detector."""
+
 from __future__ import annotations
 
 import subprocess
@@ -6,23 +7,39 @@ import sys
 
 import pytest
 
+from harness.collector_process import CollectorProcess
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import MODULES, FakeRank, report
+from harness.http import get
+from harness.waiting import wait_for
 from modtrack.collector.pipeline.detector import DetectorParams
 from modtrack.protos import modtrack_pb2 as pb
-from test_collector_harness import MODULES, CollectorThread, FakeRank, get, report, wait_for
-from test_collector_serve import ServeProcess
 
 BASE = [1.0, 2.0, 3.0, 4.0, 5.0]  # ms per module (Net, embed, blocks.0, blocks.1, head)
 
 
-def one_step_with_two_slow_ranks(target: str, url: str, job: str = "job", slow=None,
-                                  clock=pb.CLOCK_KIND_CPU) -> list[dict]:
+def one_step_with_two_slow_ranks(
+    target: str, url: str, job: str = "job", slow=None, clock=pb.CLOCK_KIND_CPU
+) -> list[dict]:
     """Rank 1 is 2 ms over its peers in Net.embed, rank 2 is 8 ms over in Net.blocks.1; step 0 only."""
     slow = slow or {1: (1, 2.0), 2: (3, 8.0)}
     ranks = [FakeRank(target, job, r, 4, hello=False) for r in range(4)]
     for r, rank in enumerate(ranks):
-        rank.send(pb.AgentMessage(hello=pb.Hello(protocol_version=1, job=job, rank=r, world_size=4,
-                                                 host=f"host{r}", pid=1000 + r, module_names=MODULES,
-                                                 session="s", clock_kind=clock)))
+        rank.send(
+            pb.AgentMessage(
+                hello=pb.Hello(
+                    protocol_version=1,
+                    job=job,
+                    rank=r,
+                    world_size=4,
+                    host=f"host{r}",
+                    pid=1000 + r,
+                    module_names=MODULES,
+                    session="s",
+                    clock_kind=clock,
+                )
+            )
+        )
     try:
         for r, rank in enumerate(ranks):
             ms = list(BASE)
@@ -31,8 +48,10 @@ def one_step_with_two_slow_ranks(target: str, url: str, job: str = "job", slow=N
             rank.report(report(0, ms))
         for rank in ranks:
             rank.wait_ack(0)
-        wait_for(lambda: {j["job"]: j for j in get(url, "/api/v1/jobs")[1]["jobs"]}[job]
-                 .get("last_evaluated_step") == 0, message=lambda: "step 0 never evaluated")
+        wait_for(
+            lambda: {j["job"]: j for j in get(url, "/api/v1/jobs")[1]["jobs"]}[job].get("last_evaluated_step") == 0,
+            what="the evaluation of step 0",
+        )
         return get(url, f"/api/v1/jobs/{job}/stragglers")[1]["stragglers"]
     finally:
         for rank in ranks:
@@ -49,7 +68,7 @@ def test_defaults_wait_for_k_steps(tmp_path):
 
 @pytest.mark.slow
 def test_detect_k_and_the_excess_floor_reach_the_detector(tmp_path):
-    server = ServeProcess(tmp_path / "data", "--detect-k", "1", "--detect-min-excess-ms", "3")
+    server = CollectorProcess(tmp_path / "data", "--detect-k", "1", "--detect-min-excess-ms", "3")
     try:
         stragglers = one_step_with_two_slow_ranks(server.grpc_target, server.url)
         # k = 1: the first flagged step opens an episode; rank 1's 2 ms are under the 3 ms floor
@@ -60,8 +79,23 @@ def test_detect_k_and_the_excess_floor_reach_the_detector(tmp_path):
 
 
 def test_k_above_n_is_a_clear_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "modtrack.collector", "serve", "--data-dir", str(tmp_path),
-                          "--detect-k", "6", "--detect-n", "5"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modtrack.collector",
+            "serve",
+            "--data-dir",
+            str(tmp_path),
+            "--detect-k",
+            "6",
+            "--detect-n",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "--detect-k" in out.stderr
 
 

@@ -1,21 +1,22 @@
 """Step phases under real training loops: forward and backward run inside `optimizer.step(closure)`
 (LBFGS, PyTorch Lightning) are forward and backward, not optimizer time, and data time is still
 measured; Lightning and the HF Trainer give the same per-module breakdown as a plain loop."""
+
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import torch
 from torch import nn
 
+from harness import torchrun
+from harness.collector_process import CollectorProcess
+from harness.evaluated import wait_evaluated
+from harness.http import get_json
 from modtrack.agent import ModuleTracker
 
 transformers = pytest.importorskip("transformers")
@@ -28,9 +29,16 @@ STEPS = 3
 
 def tiny_llama():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=32,
-                                   attn_implementation="eager")
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -137,8 +145,16 @@ def test_lightning_steps_have_the_plain_loops_breakdown():
             return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
     def run():
-        trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer = pl.Trainer(
+            max_steps=STEPS,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
         trainer.fit(Module(), torch.utils.data.DataLoader(SlowData(), batch_size=4))
 
     records, t = records_of(run)
@@ -153,9 +169,18 @@ def test_hf_trainer_steps_have_the_plain_loops_breakdown(tmp_path):
     pytest.importorskip("accelerate")
 
     def run():
-        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4,
-                                              report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                                              dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch")
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=STEPS,
+            per_device_train_batch_size=4,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            optim="adamw_torch",
+        )
         transformers.Trainer(model=tiny_llama(), args=args, train_dataset=SlowData()).train()
 
     records, t = records_of(run)
@@ -169,82 +194,55 @@ def test_hf_trainer_steps_have_the_plain_loops_breakdown(tmp_path):
 # ---- under torchrun, with the agent and a real collector -----------------------------------------
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "framework_train.py")
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-       "OMP_NUM_THREADS": "1"}
-ENV.pop("MODTRACK_COLLECTOR", None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str):
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.load(response)
 
 
 @pytest.fixture
-def collector(tmp_path):
-    """A collector subprocess on free ports (local to this file until tests/harness/ is on main)."""
-    grpc_addr, api = f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    log = open(tmp_path / "collector.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", grpc_addr,
-                             "--http-addr", api.removeprefix("http://"), "--data-dir", str(tmp_path / "data")],
-                            env=ENV, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "collector exited"
-            try:
-                get_json(f"{api}/api/v1/jobs")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "collector not serving"
-                time.sleep(0.2)
-        yield grpc_addr, api
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def verdict(api: str, job: str, last_step: int, timeout_s: float = 30) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        jobs = {j["job"]: j for j in get_json(f"{api}/api/v1/jobs")["jobs"]}
-        if jobs.get(job, {}).get("last_evaluated_step", -1) >= last_step:
-            break
-        time.sleep(0.3)
-    return get_json(f"{api}/api/v1/jobs/{job}/stragglers")["stragglers"]
+def collector_process(tmp_path):
+    """A collector subprocess on free loopback ports, ended by the test."""
+    with CollectorProcess(tmp_path / "data") as server:
+        yield server
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("framework", ["lightning", "hf"])
-def test_a_user_hook_that_slows_one_rank_is_named_at_its_module(collector, framework, tmp_path):
-    grpc_addr, api = collector
+def test_a_user_hook_that_slows_one_rank_is_named_at_its_module(collector_process, framework, tmp_path):
+    grpc_addr, api = collector_process.grpc_target, collector_process.url
     steps, onset = 30, 6
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "modtrack.agent", "--collector", grpc_addr, "--job", framework, SCRIPT, "--framework", framework,
-           "--steps", str(steps), "--slow-rank", "1", "--slow-ms", "40", "--slow-from-step", str(onset)]
-    proc = subprocess.Popen(cmd, env={**ENV, "TMPDIR": str(tmp_path)}, cwd=REPO, text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
-    assert out.count("done rank") == 2, out
-    stragglers = verdict(api, framework, steps - 1)
-    culprit = [s for s in stragglers if s["rank"] == 1 and s["module"].endswith("model.layers.1.mlp")
-               and s["phase"] == "forward"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "modtrack.agent",
+        "--collector",
+        grpc_addr,
+        "--job",
+        framework,
+        SCRIPT,
+        "--framework",
+        framework,
+        "--steps",
+        str(steps),
+        "--slow-rank",
+        "1",
+        "--slow-ms",
+        "40",
+        "--slow-from-step",
+        str(onset),
+    ]
+    done = torchrun.run(cmd, timeout=240, extra_env={"TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done rank") == 2, done.stdout
+    wait_evaluated(api, steps - 1, job=framework, timeout=30)
+    stragglers = get_json(f"{api}/api/v1/jobs/{framework}/stragglers")["stragglers"]
+    culprit = [
+        s
+        for s in stragglers
+        if s["rank"] == 1 and s["module"].endswith("model.layers.1.mlp") and s["phase"] == "forward"
+    ]
     assert culprit, json.dumps(stragglers, indent=1)
     assert [s for s in stragglers if s["rank"] != 1] == [], json.dumps(stragglers, indent=1)
     # the module's time, not its caller's: the hook's 40 ms are in layers.1.mlp's forward

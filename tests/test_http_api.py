@@ -1,45 +1,15 @@
 """The HTTP API as CONTRACT.md promises it, fed by fake ranks over real gRPC."""
+
 from __future__ import annotations
 
 import pytest
 
-from test_collector_harness import (CollectorThread, FakeRank, collector, get,  # noqa: F401
-                                    report, stream_steps, wait_for)
-
-SLOW_RANK, SLOW_MODULE = 2, 3  # rank 2 is 1.5x slower in Net.blocks.1, forward and backward
-
-
-def slow_rank_ms(rank: int, step: int) -> list[float]:
-    ms = [1.0, 2.0, 3.0, 4.0, 5.0]
-    ms = [m * (1 + 0.01 * ((rank + step) % 3)) for m in ms]  # a little jitter
-    if rank == SLOW_RANK:
-        ms[SLOW_MODULE] *= 1.5
-    return ms
-
-
-def sync_of(rank: int) -> float:
-    return 1.0 if rank == SLOW_RANK else 6.0  # the others wait for the slow one
-
-
-def run_slow_job(collector, steps, job="train", world=4):
-    ranks = [FakeRank(collector.grpc_target, job, i, world) for i in range(world)]
-    try:
-        for step in steps:
-            for i, r in enumerate(ranks):
-                r.report(report(step, slow_rank_ms(i, step), sync_ms=sync_of(i)))
-        for r in ranks:
-            r.wait_ack(steps[-1])
-    finally:
-        for r in ranks:
-            r.close()
-
-
-def wait_evaluated(url: str, step: int, job="train") -> None:
-    """Until the collector has evaluated (and stored the verdict on) `step`."""
-    def done():
-        jobs = {j["job"]: j for j in get(url, "/api/v1/jobs")[1]["jobs"]}
-        return job in jobs and (jobs[job]["last_evaluated_step"] or -1) >= step
-    wait_for(done, 10, lambda: get(url, "/api/v1/jobs"))
+from harness.collector_thread import CollectorThread
+from harness.evaluated import wait_evaluated
+from harness.fake_rank import FakeRank, stream_steps
+from harness.http import get
+from harness.slow_job import SLOW_RANK, run_slow_job
+from harness.waiting import wait_for
 
 
 def active_stragglers(url: str, job="train") -> list[dict]:
@@ -60,8 +30,7 @@ def test_slow_rank_is_listed_and_survives_a_restart(tmp_path):
         assert s["slowdown"] == pytest.approx(1.5, rel=0.05)
         assert s["first_step"] <= 5 and s["cost_ms_per_step"] > 0
         _, alerts = get(c.url, "/api/v1/alerts")
-        assert any(a["labels"]["rank"] == str(SLOW_RANK) and a["status"] == "firing"
-                   for a in alerts["alerts"])
+        assert any(a["labels"]["rank"] == str(SLOW_RANK) and a["status"] == "firing" for a in alerts["alerts"])
         _, before = get(c.url, "/api/v1/jobs/train/steps?last=100")
     finally:
         c.stop()
@@ -85,14 +54,35 @@ def test_jobs_steps_modules(collector):
     ranks = [FakeRank(collector.grpc_target, "j", i, 2) for i in range(2)]
     try:
         stream_steps(ranks, range(4), fwd_ms_of=lambda r, s: [1.0 + r, 2.0, 3.0, 4.0, 5.0 + s])
-        wait_for(lambda: get(collector.url, "/api/v1/jobs")[1]["jobs"][0]["last_evaluated_step"] == 3)
+        wait_for(
+            lambda: get(collector.url, "/api/v1/jobs")[1]["jobs"][0]["last_evaluated_step"] == 3,
+            10,
+            "the evaluation of step 3",
+        )
         _, jobs = get(collector.url, "/api/v1/jobs")
-        assert jobs == {"jobs": [{"job": "j", "world_size": 2, "ranks_reporting": 2, "last_step": 3,
-                                  "last_evaluated_step": 3, "attempt": 0, "state": "running"}]}
+        assert jobs == {
+            "jobs": [
+                {
+                    "job": "j",
+                    "world_size": 2,
+                    "ranks_reporting": 2,
+                    "last_step": 3,
+                    "last_evaluated_step": 3,
+                    "attempt": 0,
+                    "state": "running",
+                }
+            ]
+        }
         _, steps = get(collector.url, "/api/v1/jobs/j/steps?last=2")
         assert [s["step"] for s in steps["steps"]] == [2, 3]
-        assert set(steps["steps"][0]["ranks"][0]) >= {"rank", "host", "wall_ms", "forward_ms",
-                                                      "backward_ms", "sync_wait_ms"}
+        assert set(steps["steps"][0]["ranks"][0]) >= {
+            "rank",
+            "host",
+            "wall_ms",
+            "forward_ms",
+            "backward_ms",
+            "sync_wait_ms",
+        }
         _, mods = get(collector.url, "/api/v1/jobs/j/modules")  # default: last evaluated step
         assert mods["step"] == 3 and len(mods["modules"]) == 10
         first = mods["modules"][0]
@@ -106,15 +96,18 @@ def test_jobs_steps_modules(collector):
             r.close()
 
 
-@pytest.mark.parametrize("path, status, message", [
-    ("/api/v1/jobs/nope/steps", 404, "unknown job 'nope'"),
-    ("/api/v1/jobs/nope/stragglers", 404, "unknown job"),
-    ("/api/v1/jobs/j/steps?last=abc", 400, "last must be an integer"),
-    ("/api/v1/jobs/j/steps?last=0", 400, "last must be between 1 and"),
-    ("/api/v1/jobs/j/modules?step=999", 404, "no step 999"),
-    ("/api/v1/jobs/j/stragglers?state=maybe", 400, "state must be"),
-    ("/api/v1/nothing", 404, "Not Found"),
-])
+@pytest.mark.parametrize(
+    "path, status, message",
+    [
+        ("/api/v1/jobs/nope/steps", 404, "unknown job 'nope'"),
+        ("/api/v1/jobs/nope/stragglers", 404, "unknown job"),
+        ("/api/v1/jobs/j/steps?last=abc", 400, "last must be an integer"),
+        ("/api/v1/jobs/j/steps?last=0", 400, "last must be between 1 and"),
+        ("/api/v1/jobs/j/modules?step=999", 404, "no step 999"),
+        ("/api/v1/jobs/j/stragglers?state=maybe", 400, "state must be"),
+        ("/api/v1/nothing", 404, "Not Found"),
+    ],
+)
 def test_errors_are_json(collector, path, status, message):
     rank = FakeRank(collector.grpc_target, "j", 0, 1)
     try:
@@ -141,7 +134,7 @@ def test_metrics_health_and_index(collector):
     rank = FakeRank(collector.grpc_target, "j", 0, 1)
     try:
         stream_steps([rank], [0, 1])
-        wait_for(lambda: "modtrack_" in get(collector.url, "/metrics")[1])
+        wait_for(lambda: "modtrack_" in get(collector.url, "/metrics")[1], 10, "modtrack series on /metrics")
         status, text = get(collector.url, "/metrics")
         assert status == 200 and 'job="j"' in text
         status, health = get(collector.url, "/healthz")

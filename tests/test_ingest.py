@@ -1,4 +1,5 @@
 """gRPC ingest over real loopback: validation at the edge, acks, clock sync, replay, controls."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,12 @@ import urllib.request
 import grpc
 import pytest
 
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import FakeRank, report, stream_steps
+from harness.http import get, post
+from harness.waiting import wait_for
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
-from test_collector_harness import (CollectorThread, FakeRank, collector, get, post,  # noqa: F401
-                                    report, stream_steps, wait_for)
 
 
 def rejected(rank: FakeRank) -> grpc.RpcError:
@@ -23,15 +26,20 @@ def rejected(rank: FakeRank) -> grpc.RpcError:
     return rank.error
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda r: r.phases[0].self_ns.pop(), "self_ns has 4 entries, module_id has 5"),
-    (lambda r: r.phases[1].module_id.__setitem__(0, 99), "module id 99 is outside the rank's table of 5"),
-    (lambda r: r.phases[0].inclusive_ns.__setitem__(2, -5), "negative duration"),
-    (lambda r: setattr(r, "backward_tail_ns", -1), "negative duration backward_tail_ns"),
-    (lambda r: setattr(r, "end_ns", r.start_ns - 1), "is before start_ns"),
-    (lambda r: setattr(r, "first_new_module_id", 7) or r.new_module_names.append("X"),
-     "new module names start at id 7"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r.phases[0].self_ns.pop(), "self_ns has 4 entries, module_id has 5"),
+        (lambda r: r.phases[1].module_id.__setitem__(0, 99), "module id 99 is outside the rank's table of 5"),
+        (lambda r: r.phases[0].inclusive_ns.__setitem__(2, -5), "negative duration"),
+        (lambda r: setattr(r, "backward_tail_ns", -1), "negative duration backward_tail_ns"),
+        (lambda r: setattr(r, "end_ns", r.start_ns - 1), "is before start_ns"),
+        (
+            lambda r: setattr(r, "first_new_module_id", 7) or r.new_module_names.append("X"),
+            "new module names start at id 7",
+        ),
+    ],
+)
 def test_bad_report_aborts_only_its_stream(collector, mutate, message):
     good = FakeRank(collector.grpc_target, "j", 0, 2)
     bad = FakeRank(collector.grpc_target, "j", 1, 2)
@@ -46,8 +54,11 @@ def test_bad_report_aborts_only_its_stream(collector, mutate, message):
         stream_steps([good], [1, 2])  # the other rank keeps streaming
         assert good.error is None
         _, body = get(collector.url, "/api/v1/jobs/j/steps?last=10")
-        assert [(s["step"], [r["rank"] for r in s["ranks"]]) for s in body["steps"]] == \
-            [(0, [0, 1]), (1, [0]), (2, [0])]  # nothing from the bad report was stored
+        assert [(s["step"], [r["rank"] for r in s["ranks"]]) for s in body["steps"]] == [
+            (0, [0, 1]),
+            (1, [0]),
+            (2, [0]),
+        ]  # nothing from the bad report was stored
     finally:
         good.close()
         bad.kill()
@@ -133,12 +144,11 @@ def test_clock_offset_of_a_shifted_rank(collector):
         for _ in range(5):
             t1 = time.time_ns() + shift_ns
             rank.send(pb.AgentMessage(ping=pb.ClockPing(t1_ns=t1)))
-            wait_for(lambda: len(rank.pongs) > len(samples))
+            wait_for(lambda: len(rank.pongs) > len(samples), 10, "the pong")
             pong, arrived_ns = rank.pongs[-1]
             t4 = arrived_ns + shift_ns
             assert pong.t1_ns == t1 and t1 - shift_ns <= pong.t2_ns <= pong.t3_ns <= arrived_ns
-            samples.append(((t4 - t1) - (pong.t3_ns - pong.t2_ns),
-                            ((pong.t2_ns - t1) + (pong.t3_ns - t4)) // 2))
+            samples.append(((t4 - t1) - (pong.t3_ns - pong.t2_ns), ((pong.t2_ns - t1) + (pong.t3_ns - t4)) // 2))
         rtt, offset = min(samples)
         rank.send(pb.AgentMessage(clock=pb.ClockOffset(offset_ns=offset, rtt_ns=rtt)))
         stream_steps([rank], [0])
@@ -156,14 +166,21 @@ def test_capture_request_reaches_ranks_and_traces_are_stored(collector):
         status, body = post(collector.url, "/api/v1/jobs/j/capture?steps=2")
         assert status == 200 and body["ranks"] == 2
         for r in ranks:
-            wait_for(lambda r=r: r.controls)
+            wait_for(lambda r=r: r.controls, 10, "the capture request")
             assert r.controls[0].capture.capture_id == body["capture_id"]
             assert r.controls[0].capture.steps == 2
-        for i, r in enumerate(ranks):
+        for r in ranks:
             rep = report(1, [1.0] * 5)
-            rep.trace.CopyFrom(pb.Trace(module_id=[0, 4], phase=[1, 2], start_ns=[10, 30],
-                                        end_ns=[20, 45], depth=[0, 1],
-                                        capture_id=body["capture_id"]))
+            rep.trace.CopyFrom(
+                pb.Trace(
+                    module_id=[0, 4],
+                    phase=[1, 2],
+                    start_ns=[10, 30],
+                    end_ns=[20, 45],
+                    depth=[0, 1],
+                    capture_id=body["capture_id"],
+                )
+            )
             r.report(rep)
             r.wait_ack(1)
         calls = collector.collector.store.trace_calls("j", 0, 5)
@@ -175,7 +192,7 @@ def test_capture_request_reaches_ranks_and_traces_are_stored(collector):
         assert post(collector.url, "/api/v1/jobs/j/pause")[1]["ranks"] == 2
         assert post(collector.url, "/api/v1/jobs/j/resume")[1]["ranks"] == 2
         for r in ranks:
-            wait_for(lambda r=r: len(r.controls) == 3)
+            wait_for(lambda r=r: len(r.controls) == 3, 10, "capture, pause and resume")
             assert [c.WhichOneof("action") for c in r.controls] == ["capture", "pause", "resume"]
     finally:
         for r in ranks:
@@ -193,15 +210,13 @@ def test_new_module_names_extend_the_table_job_wide(collector):
         b.report(rb)
         a.wait_ack(0)
         b.wait_ack(0)
-        wait_for(lambda: get(collector.url, "/api/v1/jobs/j/modules?step=0")[0] == 200)
+        wait_for(lambda: get(collector.url, "/api/v1/jobs/j/modules?step=0")[0] == 200, 10, "step 0's modules")
         _, body = get(collector.url, "/api/v1/jobs/j/modules?step=0")
         fwd = {m["module"]: m["ms_by_rank"] for m in body["modules"] if m["phase"] == "forward"}
-        assert fwd == {"Net": {"0": 1.0, "1": 5.0}, "Net.a": {"0": 2.0, "1": 6.0},
-                       "Net.b": {"0": 3.0, "1": 4.0}}
+        assert fwd == {"Net": {"0": 1.0, "1": 5.0}, "Net.a": {"0": 2.0, "1": 6.0}, "Net.b": {"0": 3.0, "1": 4.0}}
     finally:
         a.close()
         b.close()
-
 
 
 def test_oversized_message_is_refused_and_others_keep_streaming(collector):
@@ -209,8 +224,9 @@ def test_oversized_message_is_refused_and_others_keep_streaming(collector):
     huge = FakeRank(collector.grpc_target, "j", 1, 2)
     try:
         stream_steps([good, huge], [0])
-        huge.report(report(1, [1.0] * 5, first_new_module_id=5,
-                           new_module_names=["x" * (17 * 1024 * 1024)]))  # over the 16 MiB limit
+        huge.report(
+            report(1, [1.0] * 5, first_new_module_id=5, new_module_names=["x" * (17 * 1024 * 1024)])
+        )  # over the 16 MiB limit
         assert rejected(huge).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         stream_steps([good], [1, 2])
         assert good.error is None
@@ -222,23 +238,41 @@ def test_oversized_message_is_refused_and_others_keep_streaming(collector):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls_for_grpc_and_http(tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     c = CollectorThread(tmp_path / "data", tls_cert=str(cert), tls_key=str(key))
     try:
         channel = grpc.secure_channel(c.grpc_target, grpc.ssl_channel_credentials(cert.read_bytes()))
         stub = pb_grpc.CollectorStub(channel)
-        hello = pb.AgentMessage(hello=pb.Hello(protocol_version=1, job="tls", rank=0, world_size=1,
-                                               host="h", module_names=["Net"]))
-        answers = list(stub.Stream(iter([hello, pb.AgentMessage(report=report(0, [1.0]))]),
-                                   timeout=20))
+        hello = pb.AgentMessage(
+            hello=pb.Hello(protocol_version=1, job="tls", rank=0, world_size=1, host="h", module_names=["Net"])
+        )
+        answers = list(stub.Stream(iter([hello, pb.AgentMessage(report=report(0, [1.0]))]), timeout=20))
         assert [a.ack.step for a in answers if a.HasField("ack")] == [0]
         channel.close()
         ctx = ssl.create_default_context(cafile=str(cert))
-        with urllib.request.urlopen(c.url.replace("http:", "https:") + "/api/v1/jobs",
-                                    context=ctx, timeout=10) as resp:
+        with urllib.request.urlopen(c.url.replace("http:", "https:") + "/api/v1/jobs", context=ctx, timeout=10) as resp:
             assert json.load(resp)["jobs"][0]["job"] == "tls"
     finally:
         c.stop()

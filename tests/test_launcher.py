@@ -1,20 +1,17 @@
 """`python -m agent SCRIPT` behaves as `python SCRIPT`: argv, sys.path, __main__, output, exit code."""
+
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
 
-from test_transport import serve  # noqa: F401  (fixture: a gRPC collector stand-in on loopback)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import torchrun as launch
+from harness.fake_collector import FakeCollector
+from harness.ports import free_port
 
 SCRIPT = textwrap.dedent("""
     import os, sys
@@ -31,12 +28,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def script(tmp_path):
     d = tmp_path / "proj"
@@ -48,19 +39,10 @@ def script(tmp_path):
 
 
 def run(cmd, cwd, env=None, timeout=120):
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-    full_env.pop("MODTRACK_COLLECTOR", None)
-    full_env.update(env or {})
+    """(completed process, seconds): in its own process group, so a timeout ends torchrun's ranks too."""
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # a group: a timeout ends torchrun's ranks too
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), time.monotonic() - started
+    out = launch.run(cmd, timeout, cwd=cwd, extra_env=env)
+    return out, time.monotonic() - started
 
 
 def without_agent_lines(stderr: str) -> str:
@@ -83,8 +65,11 @@ def test_same_behaviour_as_plain_python(script, tmp_path, args, collector):
 
 def test_environment_variable_names_the_collector(script, tmp_path):
     """MODTRACK_COLLECTOR alone switches tracking on; an unreachable one changes nothing."""
-    out, _ = run([sys.executable, "-m", "modtrack.agent", str(script), "x"], cwd=tmp_path,
-                 env={"MODTRACK_COLLECTOR": f"127.0.0.1:{free_port()}"})
+    out, _ = run(
+        [sys.executable, "-m", "modtrack.agent", str(script), "x"],
+        cwd=tmp_path,
+        env={"MODTRACK_COLLECTOR": f"127.0.0.1:{free_port()}"},
+    )
     assert out.returncode == 0 and out.stdout.startswith("argv ['x'] name __main__ path0 proj")
 
 
@@ -96,7 +81,7 @@ def test_console_script_and_missing_script(script, tmp_path):
 
 
 def torchrun(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return launch.torchrun_cmd(2, *args)
 
 
 def stdout_lines(text: str) -> list[str]:
@@ -109,8 +94,7 @@ def test_under_torchrun(script, tmp_path, args):
     dead = f"127.0.0.1:{free_port()}"
     plain, _ = run(torchrun(str(script), *args), cwd=tmp_path)
     tracked, _ = run(torchrun("-m", "modtrack.agent", "--collector", dead, str(script), *args), cwd=tmp_path)
-    no_python, _ = run(torchrun("--no-python", "modtrack-agent", "--collector", dead, str(script), *args),
-                       cwd=tmp_path)
+    no_python, _ = run(torchrun("--no-python", "modtrack-agent", "--collector", dead, str(script), *args), cwd=tmp_path)
     assert plain.returncode == (0 if args == ["a"] else 1)
     expected = set(stdout_lines(plain.stdout))
     assert len(expected) == 1  # both ranks print the same line
@@ -151,8 +135,9 @@ def test_dead_collector_costs_no_step_time_and_no_exit_time(tmp_path):
     path = tmp_path / "timed.py"
     path.write_text(TIMED)
     plain, plain_s = run([sys.executable, str(path)], cwd=tmp_path)
-    tracked, tracked_s = run([sys.executable, "-m", "modtrack.agent", "--collector", f"127.0.0.1:{free_port()}",
-                              str(path)], cwd=tmp_path)
+    tracked, tracked_s = run(
+        [sys.executable, "-m", "modtrack.agent", "--collector", f"127.0.0.1:{free_port()}", str(path)], cwd=tmp_path
+    )
     assert plain.returncode == tracked.returncode == 0, tracked.stderr
     assert tracked.stdout == plain.stdout  # same numbers: the agent changes nothing
     # Tracking costs a little per module call; the dead link itself must cost nothing.
@@ -179,15 +164,15 @@ FORKING = textwrap.dedent("""
 
 
 def test_forked_data_loader_workers_print_nothing_extra(tmp_path, serve):
-    from test_transport import FakeCollector
-
     fake = FakeCollector()
     _, port = serve(fake)
     path = tmp_path / "forking.py"
     path.write_text(FORKING)
     plain, _ = run([sys.executable, str(path)], cwd=tmp_path)
-    tracked, _ = run([sys.executable, "-m", "modtrack.agent", "--collector", f"127.0.0.1:{port}", "--job", "fork",
-                      str(path)], cwd=tmp_path)
+    tracked, _ = run(
+        [sys.executable, "-m", "modtrack.agent", "--collector", f"127.0.0.1:{port}", "--job", "fork", str(path)],
+        cwd=tmp_path,
+    )
     assert plain.returncode == tracked.returncode == 0, tracked.stderr
     assert tracked.stdout == plain.stdout
     assert tracked.stderr == plain.stderr == ""
@@ -206,10 +191,15 @@ def test_clock_choice_reaches_the_tracker(tmp_path, how):
     path.write_text(CLOCK)
     dead = f"127.0.0.1:{free_port()}"
     if how == "flag":
-        out, _ = run([sys.executable, "-m", "modtrack.agent", "--collector", dead, "--clock", "wall", str(path)], cwd=tmp_path)
+        out, _ = run(
+            [sys.executable, "-m", "modtrack.agent", "--collector", dead, "--clock", "wall", str(path)], cwd=tmp_path
+        )
     else:
-        out, _ = run([sys.executable, "-m", "modtrack.agent", "--collector", dead, str(path)], cwd=tmp_path,
-                     env={"MODTRACK_CLOCK": "wall"})
+        out, _ = run(
+            [sys.executable, "-m", "modtrack.agent", "--collector", dead, str(path)],
+            cwd=tmp_path,
+            env={"MODTRACK_CLOCK": "wall"},
+        )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "clock wall"
     out, _ = run([sys.executable, "-m", "modtrack.agent", "--clock", "sundial", str(path)], cwd=tmp_path)

@@ -1,22 +1,11 @@
 """Step assembly: job-wide module columns, NaN where a rank did not run, watermark, missing ranks."""
+
 from __future__ import annotations
 
 import numpy as np
 
+from harness.step_row import row
 from modtrack.collector.pipeline.merge import JobState, Merger, build_matrix
-from modtrack.collector.records import StepRow
-
-
-def row(job, rank, step, modules, phases, self_ms, wall_ms=10.0, tail_ms=1.0) -> StepRow:
-    n = len(modules)
-    figures = {"start_ns": 0, "end_ns": int(wall_ms * 1e6), "forward_ns": 2_000_000,
-               "backward_ns": 3_000_000, "optimizer_ns": 0, "data_ns": 0,
-               "backward_tail_ns": int(tail_ms * 1e6), "recompute_ns": 0}
-    ns = (np.array(self_ms) * 1e6).astype(np.int64)
-    return StepRow(job, rank, step, figures, {
-        "phase": np.array(phases, np.uint8), "module": np.array(modules, np.int64),
-        "calls": np.ones(n, np.uint32), "inclusive": ns, "self": ns,
-        "first_start": np.zeros(n, np.int64), "last_end": ns})
 
 
 def test_matrix_lines_up_columns_across_ranks_with_nan_for_modules_not_run():
@@ -26,12 +15,13 @@ def test_matrix_lines_up_columns_across_ranks_with_nan_for_modules_not_run():
     m.jobs["j"] = state
     m.hello("j", 0, 2, "h0")
     m.hello("j", 1, 2, "h1")
-    rows = {1: row("j", 1, 5, [2, 0], [1, 1], [7.0, 1.5], wall_ms=20, tail_ms=4),  # pipeline stage
-            0: row("j", 0, 5, [0, 1, 0], [1, 1, 2], [1.0, 2.0, 3.0])}
+    rows = {
+        1: row("j", 1, 5, [2, 0], [1, 1], [7.0, 1.5], wall_ms=20, tail_ms=4),  # pipeline stage
+        0: row("j", 0, 5, [0, 1, 0], [1, 1, 2], [1.0, 2.0, 3.0]),
+    }
     matrix = build_matrix(state, 5, rows)
     assert matrix.ranks.tolist() == [0, 1] and matrix.hosts == ["h0", "h1"]
-    assert list(zip(matrix.column_module.tolist(), matrix.column_phase.tolist())) == \
-        [(0, 1), (0, 2), (1, 1), (2, 1)]
+    assert list(zip(matrix.column_module.tolist(), matrix.column_phase.tolist())) == [(0, 1), (0, 2), (1, 1), (2, 1)]
     np.testing.assert_array_equal(matrix.self_ms, [[1.0, 3.0, 2.0, np.nan], [1.5, np.nan, np.nan, 7.0]])
     assert matrix.wall_ms.tolist() == [10.0, 20.0] and matrix.sync_wait_ms.tolist() == [1.0, 4.0]
     assert matrix.forward_ms.tolist() == [2.0, 2.0] and matrix.module_names == ["a", "b", "c"]

@@ -1,9 +1,10 @@
 """What Prometheus sees on /metrics: per-rank series, active episodes only, a bounded cardinality."""
-import numpy as np
+
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.metrics_samples import episode, matrix
 from modtrack.collector.outputs.metrics import CollectorMetrics
-from modtrack.collector.records import Episode, StepMatrix
+from modtrack.collector.records import Episode
 
 
 def scrape(metrics: CollectorMetrics) -> dict:
@@ -21,26 +22,16 @@ def series(samples: dict, name: str) -> dict:
     return {labels: v for (n, labels), v in samples.items() if n == name}
 
 
-def matrix(job="train", step=7, n_ranks=4, n_modules=3, hosts=None):
-    hosts = hosts or [f"node{r // 2}" for r in range(n_ranks)]
-    return StepMatrix(
-        job=job, step=step, ranks=np.arange(n_ranks), hosts=hosts,
-        column_module=np.arange(n_modules), column_phase=np.ones(n_modules, dtype=np.int64),
-        self_ms=np.ones((n_ranks, n_modules)), wall_ms=100.0 + np.arange(n_ranks) * 10,
-        sync_wait_ms=np.full(n_ranks, 20.0),
-    )
-
-
-def episode(rank=1, host="node0", module="Net.blocks.1.mlp", phase="backward", state="active", cost=12.0, **kw):
-    return Episode(job="train", rank=rank, host=host, module=module, phase=phase, slowdown=2.5,
-                   first_step=3, last_step=9, state=state, cost_ms_per_step=cost, **kw)
-
-
 def test_per_rank_step_time_sync_wait_and_agent_counters_in_seconds():
     m = CollectorMetrics()
     for rank in range(4):
-        m.observe_rank("train", rank, f"node{rank // 2}", clock_offset_ms=2.0 * rank,
-                       counters={"reports_dropped": rank, "reconnects": 1})
+        m.observe_rank(
+            "train",
+            rank,
+            f"node{rank // 2}",
+            clock_offset_ms=2.0 * rank,
+            counters={"reports_dropped": rank, "reconnects": 1},
+        )
     m.observe_step(matrix(), lag_s=0.3)
     s = scrape(m)
     key = (("host", "node1"), ("job", "train"), ("rank", "3"))
@@ -133,8 +124,23 @@ def test_odd_label_values_are_escaped_and_parse_back():
     m = CollectorMetrics()
     job = 'team "a"\\exp\n2'
     m.observe_rank(job, 0, "node0", 0.0, {})
-    m.set_episodes(job, [Episode(job=job, rank=0, host="node0", module='Net.blocks["x"]', phase="forward",
-                                 slowdown=1.5, first_step=1, last_step=2, state="active", cost_ms_per_step=1.0)])
+    m.set_episodes(
+        job,
+        [
+            Episode(
+                job=job,
+                rank=0,
+                host="node0",
+                module='Net.blocks["x"]',
+                phase="forward",
+                slowdown=1.5,
+                first_step=1,
+                last_step=2,
+                state="active",
+                cost_ms_per_step=1.0,
+            )
+        ],
+    )
     s = scrape(m)
     assert s[("modtrack_reports_received_total", (("job", job), ("rank", "0")))] == 1
     (labels,) = series(s, "modtrack_straggler_slowdown_ratio")
@@ -148,4 +154,5 @@ def test_a_rank_that_moves_host_keeps_its_counts_under_the_new_host():
     s = scrape(m)
     assert s[("modtrack_reports_received_total", (("job", "train"), ("rank", "0")))] == 2
     assert list(series(s, "modtrack_rank_last_report_timestamp_seconds")) == [
-        (("host", "node7"), ("job", "train"), ("rank", "0"))]
+        (("host", "node7"), ("job", "train"), ("rank", "0"))
+    ]

@@ -1,5 +1,6 @@
 """parse_report in-process: the one-block fast check accepts exactly what the phase-by-phase
 check accepts, refuses with the same message, and keeps every column entry in order."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,13 +16,21 @@ TABLE = 6
 DAY, ABS = edge_limits.MAX_DURATION_NS, edge_limits.MAX_ABS_TIME_NS
 # Values at and beyond every bound; a report gets clean values and at most a few bad ones,
 # so a check that let one kind of bad value through would be seen.
-GOOD = {"module_id": st.integers(0, TABLE - 1), "calls": st.integers(0, 2**32 - 1),
-        "inclusive_ns": st.sampled_from([0, 1, 5_000, DAY]), "self_ns": st.sampled_from([0, DAY]),
-        "first_start_ns": st.sampled_from([0, 10**12, ABS, -ABS]),
-        "last_end_ns": st.sampled_from([-ABS, 0, ABS])}
-BAD = {"module_id": [TABLE, 2**32 - 1], "inclusive_ns": [-1, DAY + 1, -(2**63)],
-       "self_ns": [-1, DAY + 1, 2**63 - 1], "first_start_ns": [ABS + 1, -ABS - 1],
-       "last_end_ns": [ABS + 1, -(2**63)]}
+GOOD = {
+    "module_id": st.integers(0, TABLE - 1),
+    "calls": st.integers(0, 2**32 - 1),
+    "inclusive_ns": st.sampled_from([0, 1, 5_000, DAY]),
+    "self_ns": st.sampled_from([0, DAY]),
+    "first_start_ns": st.sampled_from([0, 10**12, ABS, -ABS]),
+    "last_end_ns": st.sampled_from([-ABS, 0, ABS]),
+}
+BAD = {
+    "module_id": [TABLE, 2**32 - 1],
+    "inclusive_ns": [-1, DAY + 1, -(2**63)],
+    "self_ns": [-1, DAY + 1, 2**63 - 1],
+    "first_start_ns": [ABS + 1, -ABS - 1],
+    "last_end_ns": [ABS + 1, -(2**63)],
+}
 
 
 def stream() -> RankStream:
@@ -35,8 +44,9 @@ def phases(draw):
     out = []
     for phase in draw(st.lists(st.sampled_from([1, 2, 3]), max_size=3)):
         n = draw(st.integers(0, 4))
-        out.append({"phase": phase, **{name: draw(st.lists(values, min_size=n, max_size=n))
-                                      for name, values in GOOD.items()}})
+        out.append(
+            {"phase": phase, **{name: draw(st.lists(values, min_size=n, max_size=n)) for name, values in GOOD.items()}}
+        )
     for _ in range(draw(st.integers(0, 2)) if out else 0):
         ph = out[draw(st.integers(0, len(out) - 1))]
         kind = draw(st.sampled_from(["value", "value", "value", "phase", "short"]))
@@ -81,12 +91,33 @@ def test_fast_check_agrees_with_phase_by_phase(phase_list):
 
 def test_clean_report_keeps_every_entry_in_order():
     phase_list = [
-        {"phase": 2, "module_id": [3, 0], "calls": [1, 2], "inclusive_ns": [30, 10],
-         "self_ns": [20, 5], "first_start_ns": [-4, 7], "last_end_ns": [26, 17]},
-        {"phase": 1, "module_id": [], "calls": [], "inclusive_ns": [], "self_ns": [],
-         "first_start_ns": [], "last_end_ns": []},
-        {"phase": 3, "module_id": [5], "calls": [4], "inclusive_ns": [DAY], "self_ns": [0],
-         "first_start_ns": [ABS], "last_end_ns": [-ABS]},
+        {
+            "phase": 2,
+            "module_id": [3, 0],
+            "calls": [1, 2],
+            "inclusive_ns": [30, 10],
+            "self_ns": [20, 5],
+            "first_start_ns": [-4, 7],
+            "last_end_ns": [26, 17],
+        },
+        {
+            "phase": 1,
+            "module_id": [],
+            "calls": [],
+            "inclusive_ns": [],
+            "self_ns": [],
+            "first_start_ns": [],
+            "last_end_ns": [],
+        },
+        {
+            "phase": 3,
+            "module_id": [5],
+            "calls": [4],
+            "inclusive_ns": [DAY],
+            "self_ns": [0],
+            "first_start_ns": [ABS],
+            "last_end_ns": [-ABS],
+        },
     ]
     row = parse_report(message(phase_list), stream(), None)
     m = row.modules
@@ -105,13 +136,24 @@ def test_report_with_no_phases_is_empty_not_refused():
     assert all(len(v) == 0 for v in row.modules.values())
 
 
-@pytest.mark.parametrize("bad, message_part", [
-    ({"inclusive_ns": [-1]}, "phase forward: negative duration -1"),
-    ({"self_ns": [DAY + 1]}, "phase forward: a duration of 86400000000001 ns is more than a day"),
-    ({"last_end_ns": [ABS + 1]}, "phase forward: a clock stamp is out of range"),
-    ({"module_id": [TABLE]}, f"module id {TABLE} is outside the rank's table of {TABLE} names"),
-])
+@pytest.mark.parametrize(
+    "bad, message_part",
+    [
+        ({"inclusive_ns": [-1]}, "phase forward: negative duration -1"),
+        ({"self_ns": [DAY + 1]}, "phase forward: a duration of 86400000000001 ns is more than a day"),
+        ({"last_end_ns": [ABS + 1]}, "phase forward: a clock stamp is out of range"),
+        ({"module_id": [TABLE]}, f"module id {TABLE} is outside the rank's table of {TABLE} names"),
+    ],
+)
 def test_refusal_names_the_phase_and_the_problem(bad, message_part):
-    ph = {"phase": 1, "module_id": [0], "calls": [1], "inclusive_ns": [1], "self_ns": [1],
-          "first_start_ns": [0], "last_end_ns": [1], **bad}
+    ph = {
+        "phase": 1,
+        "module_id": [0],
+        "calls": [1],
+        "inclusive_ns": [1],
+        "self_ns": [1],
+        "first_start_ns": [0],
+        "last_end_ns": [1],
+        **bad,
+    }
     assert message_part in refusal(lambda: parse_report(message([ph]), stream(), None))

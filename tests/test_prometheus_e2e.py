@@ -4,21 +4,23 @@ Alertmanager -> a webhook receiver, next to the collector's own built-in webhook
 The test's copies of the configs use 1 s intervals and a 2 s `for`, so the whole story (firing,
 then resolved once the straggler recovers) takes seconds.
 """
+
 import json
 import pathlib
 import shutil
-import socket
 import subprocess
 import threading
-import time
 import urllib.parse
 import urllib.request
 
 import pytest
 import yaml
-from test_collector_harness import CollectorThread, FakeRank, report
-from webhook_receiver import WebhookReceiver
 
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import FakeRank, report
+from harness.ports import free_port
+from harness.waiting import wait_for
+from harness.webhook_receiver import WebhookReceiver
 from modtrack.collector.outputs.alert_payload import fingerprint
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
@@ -33,27 +35,18 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_json(url: str, timeout: float = 5.0):
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         assert proc.poll() is None, f"{proc.args[0]} exited with {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"{url} not ready after {timeout_s} s")
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+
+    wait_for(ready, timeout_s, f"{url} to answer", interval=0.2, retry_on=(OSError,))
 
 
 class Process:
@@ -108,19 +101,38 @@ def test_culprit_fires_through_prometheus_and_alertmanager_then_resolves(tmp_pat
         stack.append(lambda: am_receiver.__exit__(None, None, None))
         builtin_receiver = WebhookReceiver().__enter__()
         stack.append(lambda: builtin_receiver.__exit__(None, None, None))
-        collector = CollectorThread(tmp_path / "data", alert_webhooks=[builtin_receiver.url],
-                                    dashboard_url="http://dash.example")
+        collector = CollectorThread(
+            tmp_path / "data", alert_webhooks=[builtin_receiver.url], dashboard_url="http://dash.example"
+        )
         stack.append(collector.stop)
 
         am_port, prom_port = free_port(), free_port()
-        (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump({
-            "route": {"receiver": "test", "group_by": ["alertname", "job", "rank", "module"],
-                      "group_wait": "1s", "group_interval": "1s", "repeat_interval": "1h"},
-            "receivers": [{"name": "test", "webhook_configs": [{"url": am_receiver.url, "send_resolved": True}]}],
-        }))
-        am = Process([ALERTMANAGER, f"--config.file={tmp_path / 'alertmanager.yml'}",
-                      f"--storage.path={tmp_path / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
-                      "--cluster.listen-address="], tmp_path / "alertmanager.log")
+        (tmp_path / "alertmanager.yml").write_text(
+            yaml.safe_dump(
+                {
+                    "route": {
+                        "receiver": "test",
+                        "group_by": ["alertname", "job", "rank", "module"],
+                        "group_wait": "1s",
+                        "group_interval": "1s",
+                        "repeat_interval": "1h",
+                    },
+                    "receivers": [
+                        {"name": "test", "webhook_configs": [{"url": am_receiver.url, "send_resolved": True}]}
+                    ],
+                }
+            )
+        )
+        am = Process(
+            [
+                ALERTMANAGER,
+                f"--config.file={tmp_path / 'alertmanager.yml'}",
+                f"--storage.path={tmp_path / 'am-data'}",
+                f"--web.listen-address=127.0.0.1:{am_port}",
+                "--cluster.listen-address=",
+            ],
+            tmp_path / "alertmanager.log",
+        )
         stack.append(am.stop)
 
         rules = yaml.safe_load((DEPLOY / "prometheus" / "modtrack-rules.yml").read_text())
@@ -129,16 +141,29 @@ def test_culprit_fires_through_prometheus_and_alertmanager_then_resolves(tmp_pat
         (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
         scrape = yaml.safe_load((DEPLOY / "prometheus" / "scrape-config.yml").read_text())["scrape_configs"][0]
         del scrape["authorization"]  # this collector runs without a token
-        scrape.update(scrape_interval="1s", static_configs=[{"targets": [f"127.0.0.1:{collector.collector.http_port}"]}])
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(tmp_path / "rules.yml")],
-            "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
-            "scrape_configs": [scrape],
-        }))
-        prom = Process([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-                        f"--storage.tsdb.path={tmp_path / 'prom-data'}", f"--web.listen-address=127.0.0.1:{prom_port}",
-                        "--rules.alert.resend-delay=1s"], tmp_path / "prometheus.log")
+        scrape.update(
+            scrape_interval="1s", static_configs=[{"targets": [f"127.0.0.1:{collector.collector.http_port}"]}]
+        )
+        (tmp_path / "prometheus.yml").write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(tmp_path / "rules.yml")],
+                    "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
+                    "scrape_configs": [scrape],
+                }
+            )
+        )
+        prom = Process(
+            [
+                PROMETHEUS,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'prom-data'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+                "--rules.alert.resend-delay=1s",
+            ],
+            tmp_path / "prometheus.log",
+        )
         stack.append(prom.stop)
         wait_ready(f"http://127.0.0.1:{am_port}/-/ready", am.proc)
         wait_ready(f"http://127.0.0.1:{prom_port}/-/ready", prom.proc)
@@ -147,16 +172,25 @@ def test_culprit_fires_through_prometheus_and_alertmanager_then_resolves(tmp_pat
         stack.append(feeder.stop)
 
         def alerts_with(status):
-            return lambda bodies: any(a["status"] == status and a["labels"].get("alertname") == "ModtrackStraggler"
-                                      for b in bodies for a in b["alerts"])
+            return lambda bodies: any(
+                a["status"] == status and a["labels"].get("alertname") == "ModtrackStraggler"
+                for b in bodies
+                for a in b["alerts"]
+            )
 
         bodies = am_receiver.wait_for(alerts_with("firing"), 40)
         firing = [a for b in bodies for a in b["alerts"] if a["status"] == "firing"]
         assert firing, f"no firing alert from Alertmanager; got {bodies}"
         labels = firing[0]["labels"]
-        assert (labels["alertname"], labels["job"], labels["rank"], labels["host"], labels["module"],
-                labels["phase"], labels["severity"]) == ("ModtrackStraggler", JOB, str(CULPRIT), "node1", MODULE,
-                                                         "forward", "warning")
+        assert (
+            labels["alertname"],
+            labels["job"],
+            labels["rank"],
+            labels["host"],
+            labels["module"],
+            labels["phase"],
+            labels["severity"],
+        ) == ("ModtrackStraggler", JOB, str(CULPRIT), "node1", MODULE, "forward", "warning")
         assert f"Rank {CULPRIT} on host node1" in firing[0]["annotations"]["summary"]
         assert MODULE in firing[0]["annotations"]["summary"]
         assert "per step" in firing[0]["annotations"]["summary"]
@@ -186,8 +220,11 @@ def test_culprit_fires_through_prometheus_and_alertmanager_then_resolves(tmp_pat
 
         # The collector's own webhook told the same story, without Prometheus.
         builtin = builtin_receiver.wait_for(alerts_with("resolved"), 10)
-        statuses = [(b["status"], b["alerts"][0]["labels"]["rank"], b["alerts"][0]["labels"]["module"])
-                    for b in builtin if b["alerts"][0]["labels"]["phase"] == "forward"]
+        statuses = [
+            (b["status"], b["alerts"][0]["labels"]["rank"], b["alerts"][0]["labels"]["module"])
+            for b in builtin
+            if b["alerts"][0]["labels"]["phase"] == "forward"
+        ]
         assert statuses[0] == ("firing", str(CULPRIT), MODULE) and statuses[-1] == ("resolved", str(CULPRIT), MODULE)
         assert builtin[0]["alerts"][0]["generatorURL"].startswith("http://dash.example/")
     finally:

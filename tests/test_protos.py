@@ -1,4 +1,5 @@
 """The committed wire code must match protos/modtrack.proto."""
+
 import pathlib
 
 from modtrack.protos.generate import GENERATED, generate

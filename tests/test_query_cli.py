@@ -1,20 +1,24 @@
 """`python -m modtrack.collector query`: tables, --json, and one-line errors with non-zero exits."""
+
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from test_collector_harness import CollectorThread, collector, get  # noqa: F401
-from test_http_api import run_slow_job, wait_evaluated
+from harness.collector_thread import CollectorThread
+from harness.evaluated import wait_evaluated
+from harness.http import get
+from harness.ports import free_port
+from harness.slow_job import run_slow_job
 
 
 def query(*args, timeout=30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "modtrack.collector", "query", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "modtrack.collector", "query", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -53,8 +57,11 @@ def test_tables(busy):
 
 
 def test_json_is_the_api_answer(busy):
-    for what, path in [("jobs", "/api/v1/jobs"), ("stragglers", "/api/v1/jobs/train/stragglers"),
-                       ("steps", "/api/v1/jobs/train/steps?last=3")]:
+    for what, path in [
+        ("jobs", "/api/v1/jobs"),
+        ("stragglers", "/api/v1/jobs/train/stragglers"),
+        ("steps", "/api/v1/jobs/train/steps?last=3"),
+    ]:
         out = query(what, "--url", busy.url, "--job", "train", "--last", "3", "--json")
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout) == get(busy.url, path)[1]
@@ -64,11 +71,9 @@ def test_errors_are_one_line_and_non_zero(collector):
     out = query("steps", "--url", collector.url, "--job", "nope")
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
-        f"error: 404 from {collector.url}/api/v1/jobs/nope/steps?last=10: unknown job 'nope'"]
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = query("jobs", "--url", f"http://127.0.0.1:{port}")
+        f"error: 404 from {collector.url}/api/v1/jobs/nope/steps?last=10: unknown job 'nope'"
+    ]
+    out = query("jobs", "--url", f"http://127.0.0.1:{free_port()}")  # a port nobody listens on
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "cannot reach the collector" in out.stderr and "refused" in out.stderr.lower()
 

@@ -8,6 +8,7 @@ input shared by every decoder block) are measured and stay in their module; a mo
 inside its window; `parents` and `is_bw` as the seed's at every aten op; FlopCounterMode with
 modtrack's tracker gives the seed's per-module FLOPs, on first use and on reuse.
 """
+
 from __future__ import annotations
 
 import time
@@ -15,8 +16,8 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils import flop_counter
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 from torch.utils.module_tracker import ModuleTracker as SeedTracker
@@ -32,27 +33,50 @@ VOCAB, BATCH, SEQ = 256, 4, 64
 
 # ---- the models ---------------------------------------------------------------------------------
 def llama():
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=SEQ,
-                                   attn_implementation="eager")
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+        attn_implementation="eager",
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
 def gpt2():
-    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=SEQ,
-                                  attn_implementation="eager")
+    cfg = transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=SEQ, attn_implementation="eager"
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def bert():
-    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                  vocab_size=VOCAB, max_position_embeddings=SEQ, attn_implementation="eager")
+    cfg = transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+        attn_implementation="eager",
+    )
     return transformers.BertForMaskedLM(cfg)
 
 
 def t5():
-    cfg = transformers.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=VOCAB,
-                                decoder_start_token_id=0, attn_implementation="eager")
+    cfg = transformers.T5Config(
+        d_model=64,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        d_kv=16,
+        vocab_size=VOCAB,
+        decoder_start_token_id=0,
+        attn_implementation="eager",
+    )
     return transformers.T5ForConditionalGeneration(cfg)
 
 
@@ -81,8 +105,9 @@ class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
-                                    for _ in range(2))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True)) for _ in range(2)
+        )
         self.head = nn.Linear(16, 10)
         self.reentrant = None
 
@@ -109,8 +134,10 @@ def build(name: str, reentrant: bool | None = None):
             model.reentrant = reentrant
     g = torch.Generator().manual_seed(0)
     if name == "convnet":
-        return model, {"images": torch.randn(BATCH, 3, 16, 16, generator=g),
-                       "labels": torch.randint(0, 10, (BATCH,), generator=g)}
+        return model, {
+            "images": torch.randn(BATCH, 3, 16, 16, generator=g),
+            "labels": torch.randint(0, 10, (BATCH,), generator=g),
+        }
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
     labels = torch.randint(0, VOCAB, (BATCH, SEQ // 2), generator=g) if name == "t5" else ids
     return model, {"input_ids": ids, "labels": labels}
@@ -181,8 +208,12 @@ def test_every_step_nests_adds_up_and_fits_in_the_backward_pass(name):
         assert t.counters[key] == 0, (key, t.counters)
     root = t.module_names[0]
     ran = [m for (m, p) in s if p == "forward" and m != root]
-    untimed = [m for m in ran if (m, "backward") not in s and any(
-        p.grad is not None for p in model.get_submodule(m.split(".", 1)[1]).parameters(recurse=False))]
+    untimed = [
+        m
+        for m in ran
+        if (m, "backward") not in s
+        and any(p.grad is not None for p in model.get_submodule(m.split(".", 1)[1]).parameters(recurse=False))
+    ]
     assert not untimed, untimed[:5]  # every module that ran and has parameters has a backward
 
 
@@ -204,13 +235,21 @@ def inject(module: nn.Module, fw: float, bw: float, kwarg: str | None = None) ->
 
 CASES = {
     # Llama calls self_attn(hidden_states=...): a keyword input
-    "llama-keyword": ("llama", "model.layers.1.self_attn", "hidden_states",
-                      ["model.layers.1.mlp", "model.layers.0.self_attn", "model.layers.1.input_layernorm"]),
+    "llama-keyword": (
+        "llama",
+        "model.layers.1.self_attn",
+        "hidden_states",
+        ["model.layers.1.mlp", "model.layers.0.self_attn", "model.layers.1.input_layernorm"],
+    ),
     # a GPT-2 block's input is the residual stream: read by ln_1 and by the residual add
     "gpt2-residual": ("gpt2", "transformer.h.1", None, ["transformer.h.0", "transformer.h.1.attn", "lm_head"]),
     # T5's encoder output is read by the cross-attention of every decoder block
-    "t5-shared": ("t5", "decoder.block.1.layer.1.EncDecAttention", "key_value_states",
-                  ["decoder.block.0.layer.1.EncDecAttention", "decoder.block.1.layer.0", "encoder.block.1"]),
+    "t5-shared": (
+        "t5",
+        "decoder.block.1.layer.1.EncDecAttention",
+        "key_value_states",
+        ["decoder.block.0.layer.1.EncDecAttention", "decoder.block.1.layer.0", "encoder.block.1"],
+    ),
 }
 
 
@@ -274,8 +313,15 @@ class OpRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.ops.append((str(func), frozenset(self.tracker.parents), self.tracker.is_bw,
-                         type(torch._C._current_autograd_node()).__name__, _same_shape_view(func, args, out)))
+        self.ops.append(
+            (
+                str(func),
+                frozenset(self.tracker.parents),
+                self.tracker.is_bw,
+                type(torch._C._current_autograd_node()).__name__,
+                _same_shape_view(func, args, out),
+            )
+        )
         return out
 
 
@@ -313,8 +359,9 @@ def comparable(ops):
     return forward, backward
 
 
-PARITY = [(name, reentrant) for name in MODELS for reentrant in (None, False, True)
-          if (name, reentrant) != ("t5", True)]  # see the README: a known limit
+PARITY = [
+    (name, reentrant) for name in MODELS for reentrant in (None, False, True) if (name, reentrant) != ("t5", True)
+]  # see the README: a known limit
 
 
 @pytest.mark.parametrize("name,reentrant", PARITY)

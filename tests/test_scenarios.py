@@ -4,6 +4,7 @@ intermittent), and a cost within 25 % of what the job's own step times say it lo
 
 Each case is one 3-rank CPU job (gloo) of examples/train.py under the agent, with a known busy wait.
 """
+
 from __future__ import annotations
 
 import os

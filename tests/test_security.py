@@ -1,5 +1,6 @@
 """Authentication (one shared token or per-job tokens), TLS with the real agent, safe defaults,
 and no secret in any log."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from harness.collector_process import REPO, CollectorProcess, env
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import FakeRank, stream_steps
+from harness.http import get
+from harness.waiting import wait_for
 from modtrack.collector import auth
 from modtrack.collector.serve import ServeConfig
-from test_collector_harness import CollectorThread, FakeRank, get, stream_steps, wait_for
-from test_fail_open_harness import REPO, CollectorProcess, env
 
 TOKENS = "# per-job tokens\njob-a tok-a\nteam-b-* tok-b\n* tok-admin\n"
 
@@ -45,19 +49,25 @@ def self_signed(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -88,10 +98,14 @@ def test_per_job_tokens_on_grpc_and_http(tmp_path):
         stream_steps([a], [0, 1])
         stream_steps([b], [0])
         refused = {
-            grpc.StatusCode.PERMISSION_DENIED: [FakeRank(c.grpc_target, "team-b-1", 1, 2, token="tok-a"),
-                                                FakeRank(c.grpc_target, "job-c", 0, 1, token="tok-b")],
-            grpc.StatusCode.UNAUTHENTICATED: [FakeRank(c.grpc_target, "job-a", 0, 1),
-                                              FakeRank(c.grpc_target, "job-a", 0, 1, token="tok-a ")],
+            grpc.StatusCode.PERMISSION_DENIED: [
+                FakeRank(c.grpc_target, "team-b-1", 1, 2, token="tok-a"),
+                FakeRank(c.grpc_target, "job-c", 0, 1, token="tok-b"),
+            ],
+            grpc.StatusCode.UNAUTHENTICATED: [
+                FakeRank(c.grpc_target, "job-a", 0, 1),
+                FakeRank(c.grpc_target, "job-a", 0, 1, token="tok-a "),
+            ],
         }
         for code, streams in refused.items():
             ranks += streams
@@ -122,6 +136,7 @@ def test_defaults_bind_loopback_only():
     assert ServeConfig().http_addr.startswith("127.0.0.1:")
     assert ServeConfig().grpc_addr.startswith("127.0.0.1:")
     from modtrack.collector.__main__ import _serve_parser
+
     parser = argparse.ArgumentParser()
     _serve_parser(parser.add_subparsers())
     args = parser.parse_args(["serve"])
@@ -132,9 +147,14 @@ def test_defaults_bind_loopback_only():
 def start_agent(tmp_path, target, job, extra_env=None, *args) -> subprocess.Popen:
     script = tmp_path / "train_small.py"
     script.write_text(TRAIN)
-    return subprocess.Popen([sys.executable, "-m", "modtrack.agent", "--collector", target, "--job", job,
-                             *args, str(script)], cwd=REPO, env=env(**(extra_env or {})),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "modtrack.agent", "--collector", target, "--job", job, *args, str(script)],
+        cwd=REPO,
+        env=env(**(extra_env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
@@ -150,16 +170,26 @@ def test_real_agent_over_tls_with_tokens_and_no_secret_in_logs(tmp_path):
     cert, key = self_signed(tmp_path)
     (tmp_path / "tokens").write_text(TOKENS)
     (tmp_path / "agent-token").write_text("tok-a\n")
-    server = CollectorProcess(tmp_path / "data", tmp_path / "collector.log", "--token-file",
-                              str(tmp_path / "tokens"), "--tls-cert", str(cert), "--tls-key",
-                              str(key), "--watermark-s", "0.2")
+    server = CollectorProcess(
+        tmp_path / "data",
+        "--token-file",
+        str(tmp_path / "tokens"),
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        "--watermark-s",
+        "0.2",
+        log_path=tmp_path / "collector.log",
+    )
     try:
         target = server.grpc_target
         tls = {"MODTRACK_TLS_CA": str(cert)}
         agents = [  # all at once: the machine is small, the test should not be slow
             start_agent(tmp_path, target, "job-a", {"MODTRACK_TOKEN": "tok-a", **tls}),
-            start_agent(tmp_path, target, "job-a", None, "--token-file",
-                        str(tmp_path / "agent-token"), "--tls-ca", str(cert)),
+            start_agent(
+                tmp_path, target, "job-a", None, "--token-file", str(tmp_path / "agent-token"), "--tls-ca", str(cert)
+            ),
             start_agent(tmp_path, target, "team-b-1", {"MODTRACK_TOKEN": "tok-a", **tls}),
             start_agent(tmp_path, target, "job-a", {"MODTRACK_TOKEN": "tok-a"}),  # no CA: no TLS
         ]
@@ -175,8 +205,12 @@ def test_real_agent_over_tls_with_tokens_and_no_secret_in_logs(tmp_path):
             req = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"})
             with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
                 return json.load(resp)
-        wait_for(lambda: len(query("/api/v1/jobs/job-a/steps?last=100")["steps"]) == 6, 20,
-                 lambda: f"{query('/api/v1/jobs/job-a/steps')} {results[0][2]}")
+
+        wait_for(
+            lambda: len(query("/api/v1/jobs/job-a/steps?last=100")["steps"]) == 6,
+            20,
+            lambda: f"job-a's 6 steps: {query('/api/v1/jobs/job-a/steps')} {results[0][2]}",
+        )
         assert [j["job"] for j in query("/api/v1/jobs")["jobs"]] == ["job-a"]
         with pytest.raises(OSError):  # plain HTTP to the HTTPS port
             urllib.request.urlopen(f"http://{server.http_addr}/api/v1/jobs", timeout=10)

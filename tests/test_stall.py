@@ -12,9 +12,12 @@ import time
 
 import grpc
 import torch
-from test_collector_harness import CollectorThread, FakeRank, get, wait_for
 from torch import nn
 
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import FakeRank
+from harness.http import get
+from harness.waiting import wait_for
 from modtrack.agent import ModuleTracker
 from modtrack.agent import position as at
 from modtrack.agent.heartbeat import Heartbeat, HeartbeatSettings, thread_stack
@@ -154,7 +157,7 @@ def test_heartbeat_reports_a_thread_blocked_in_c_code_then_that_it_moves():
 def test_no_heartbeat_for_short_steps_or_before_the_first_step():
     position = at.Position(0)
     now = [0]
-    beat = Heartbeat(position, lambda: [], HeartbeatSettings(min_s=1.0), clock=lambda: now[0])
+    beat = Heartbeat(position, list, HeartbeatSettings(min_s=1.0), clock=lambda: now[0])
     now[0] = 10 * 10**9  # ten seconds in step 0: start-up, no median yet
     assert beat.poll() is None
     for step in range(1, 20):  # steps of 100 ms

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from test_collector_harness import CollectorThread, FakeRank, get, wait_for
-from test_dashboard_browser import browser, console_errors  # noqa: F401  (a fixture)
-from test_dashboard_browser import wait_for as wait_in_page
 
+from harness.browser import console_errors
+from harness.browser import wait_js as wait_in_page
+from harness.collector_thread import CollectorThread
+from harness.fake_rank import FakeRank
+from harness.http import get
+from harness.waiting import wait_for
 from modtrack.protos import modtrack_pb2 as pb
 
 DDP_WAIT = "/site-packages/torch/autograd/graph.py:829 in _engine_run_backward: return Variable._execution_engine"
@@ -14,7 +17,7 @@ HANG = "/job/train.py:40 in next_batch: time.sleep(3600)"
 
 
 @pytest.mark.slow
-def test_banner_names_the_stuck_rank_shows_its_stack_and_goes_when_it_moves(tmp_path, browser):  # noqa: F811
+def test_banner_names_the_stuck_rank_shows_its_stack_and_goes_when_it_moves(tmp_path, browser):
     c = CollectorThread(tmp_path / "data")
     ranks = [FakeRank(c.grpc_target, "hung", r, 2) for r in range(2)]
     try:

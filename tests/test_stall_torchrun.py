@@ -14,8 +14,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from test_fail_open_harness import CollectorProcess, env
-from webhook_receiver import WebhookReceiver
+
+from harness.collector_process import CollectorProcess, env
+from harness.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def webhook():
 @pytest.fixture(scope="module")
 def collector(tmp_path_factory, webhook):
     data = tmp_path_factory.mktemp("stall")
-    c = CollectorProcess(data / "data", data / "collector.log", "--alert-webhook", webhook.url)
+    c = CollectorProcess(data / "data", "--alert-webhook", webhook.url, log_path=data / "collector.log")
     c.api = f"http://{c.http_addr}"
     try:
         yield c

@@ -1,4 +1,5 @@
 """SQLite store: one row per rank and step with columnar blobs, idempotent inserts, retention."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,8 +7,8 @@ import sqlite3
 
 import numpy as np
 import pytest
-from test_merge import row
 
+from harness.step_row import row
 from modtrack.collector.records import Episode
 from modtrack.collector.store.sqlite import Store
 from modtrack.collector.store.writer import StoreWriter
@@ -15,13 +16,14 @@ from modtrack.collector.store.writer import StoreWriter
 
 def write(store: Store, *calls) -> None:
     """Run (fn, *args) calls through the real single writer thread, wait for the commit."""
+
     async def go():
         writer = StoreWriter(store, asyncio.get_running_loop())
         try:
-            await asyncio.gather(*(writer.steps(c[1]) if c[0] == "steps" else writer.call(*c)
-                                   for c in calls))
+            await asyncio.gather(*(writer.steps(c[1]) if c[0] == "steps" else writer.call(*c) for c in calls))
         finally:
             writer.close()
+
     asyncio.run(go())
 
 
@@ -35,9 +37,12 @@ def store(tmp_path):
 
 
 def test_a_step_is_one_row_with_its_module_columns(store):
-    write(store, (store.upsert_job, "j", 2), (store.add_modules, "j", 0, ["a", "b", "c"]),
-          ("steps", [row("j", r, 7, [0, 1, 2, 0], [1, 1, 1, 2], [1.0, 2.0, 3.0, 4.0 + r])
-                     for r in range(2)]))
+    write(
+        store,
+        (store.upsert_job, "j", 2),
+        (store.add_modules, "j", 0, ["a", "b", "c"]),
+        ("steps", [row("j", r, 7, [0, 1, 2, 0], [1, 1, 1, 2], [1.0, 2.0, 3.0, 4.0 + r]) for r in range(2)]),
+    )
     assert store.conn().execute("SELECT COUNT(*) FROM steps").fetchone()[0] == 2
     mods = store.step_modules("j", 7)
     assert sorted(mods) == [0, 1]
@@ -60,21 +65,47 @@ def test_retention_drops_old_module_blobs_and_keeps_step_figures(store):
     write(store, (store.drop_old_module_blobs, "j", 4))
     assert len(store.last_steps("j", 100)) == 10
     assert [len(store.step_modules("j", s)[0]["module"]) for s in range(10)] == [0] * 6 + [2] * 4
-    write(store, ("steps", [row("j", 0, s, [0, 1], [1, 1], [1.0, 2.0]) for s in range(10, 12)]),
-          (store.drop_old_module_blobs, "j", 4))
+    write(
+        store,
+        ("steps", [row("j", 0, s, [0, 1], [1, 1], [1.0, 2.0]) for s in range(10, 12)]),
+        (store.drop_old_module_blobs, "j", 4),
+    )
     assert [len(store.step_modules("j", s)[0]["module"]) for s in range(12)] == [0] * 8 + [2] * 4
 
 
 def test_episodes_upsert_by_id_and_read_back(store):
-    ep = Episode(job="j", rank=3, host="h", module="m", phase="forward", slowdown=1.4, first_step=5,
-                 last_step=8, state="active", cost_ms_per_step=2.5, cost_pct=4.0, id=1)
+    ep = Episode(
+        job="j",
+        rank=3,
+        host="h",
+        module="m",
+        phase="forward",
+        slowdown=1.4,
+        first_step=5,
+        last_step=8,
+        state="active",
+        cost_ms_per_step=2.5,
+        cost_pct=4.0,
+        id=1,
+    )
     write(store, (store.upsert_episode, ep))
     ep.last_step, ep.state = 20, "resolved"
-    host = Episode(job="j", rank=-1, host="h", module="m", phase="backward", slowdown=2.0,
-                   first_step=6, last_step=9, state="active", cost_ms_per_step=1.0, ranks=[0, 1], id=2)
+    host = Episode(
+        job="j",
+        rank=-1,
+        host="h",
+        module="m",
+        phase="backward",
+        slowdown=2.0,
+        first_step=6,
+        last_step=9,
+        state="active",
+        cost_ms_per_step=1.0,
+        ranks=[0, 1],
+        id=2,
+    )
     write(store, (store.upsert_episode, ep), (store.upsert_episode, host))
-    assert [(e.id, e.state, e.last_step) for e in store.episodes("j")] == \
-        [(2, "active", 9), (1, "resolved", 20)]
+    assert [(e.id, e.state, e.last_step) for e in store.episodes("j")] == [(2, "active", 9), (1, "resolved", 20)]
     assert store.episodes("j", "active")[0].ranks == [0, 1]
     assert store.max_episode_id() == 2
 
@@ -89,6 +120,7 @@ def test_a_failed_commit_is_reported_and_the_writer_keeps_going(store):
             return writer.errors
         finally:
             writer.close()
+
     assert asyncio.run(go()) == 1
     assert len(store.last_steps("j", 10)) == 1
 

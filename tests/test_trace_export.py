@@ -4,50 +4,15 @@ The checks follow the format's rules that Perfetto's JSON importer enforces: com
 events with `ts`/`dur` in microseconds, events on one track perfectly nested, metadata ("M")
 events naming every process and track.
 """
-import json
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness.chrome_trace import assert_valid_chrome_trace
 from modtrack.collector.api.trace_export import RankTimeline, build_trace
 
 MODULES = ["GPT", "GPT.blocks.0", "GPT.blocks.0.attn", "GPT.blocks.0.mlp", "GPT.head"]
-
-
-def assert_valid_chrome_trace(doc: dict) -> None:
-    """Raise if `doc` breaks the rules the JSON importer relies on."""
-    json.dumps(doc, allow_nan=False)  # plain JSON, no NaN/Infinity
-    assert doc["displayTimeUnit"] == "ms"
-    assert isinstance(doc["traceEvents"], list)
-    named_procs, named_tracks, tracks = set(), set(), {}
-    for ev in doc["traceEvents"]:
-        assert isinstance(ev["name"], str) and ev["name"]
-        assert isinstance(ev["pid"], int) and isinstance(ev["tid"], int)
-        if ev["ph"] == "M":
-            assert ev["name"] in {"process_name", "thread_name", "process_sort_index", "thread_sort_index"}
-            assert "args" in ev
-            if ev["name"] == "process_name":
-                named_procs.add(ev["pid"])
-            if ev["name"] == "thread_name":
-                named_tracks.add((ev["pid"], ev["tid"]))
-            continue
-        assert ev["ph"] == "X", ev
-        assert isinstance(ev["ts"], (int, float)) and isinstance(ev["dur"], (int, float))
-        assert ev["dur"] >= 0
-        tracks.setdefault((ev["pid"], ev["tid"]), []).append(
-            (round(ev["ts"] * 1000), round((ev["ts"] + ev["dur"]) * 1000), ev["name"])
-        )
-    for key, spans in tracks.items():
-        assert key in named_tracks, f"track {key} has no thread_name"
-        assert key[0] in named_procs, f"process {key[0]} has no process_name"
-        spans.sort(key=lambda s: (s[0], -(s[1] - s[0])))
-        stack: list[tuple] = []
-        for s, e, name in spans:
-            while stack and stack[-1][1] <= s:
-                stack.pop()
-            assert not stack or e <= stack[-1][1], f"{name} {s}..{e} straddles {stack[-1]} on {key}"
-            stack.append((s, e, name))
 
 
 def _captured_rank(rank: int, host: str, clock_shift_ns: int, base_ns: int, slow: float = 1.0):
@@ -75,9 +40,16 @@ def _captured_rank(rank: int, host: str, clock_shift_ns: int, base_ns: int, slow
     a = np.array(rows, dtype=np.int64)
     agent = base_ns + clock_shift_ns
     return RankTimeline(
-        rank=rank, host=host, offset_ns=-clock_shift_ns, module_names=MODULES,
-        step=a[:, 0], module_id=a[:, 1], phase=a[:, 2],
-        start_ns=a[:, 3] + agent, end_ns=a[:, 4] + agent, depth=a[:, 5],
+        rank=rank,
+        host=host,
+        offset_ns=-clock_shift_ns,
+        module_names=MODULES,
+        step=a[:, 0],
+        module_id=a[:, 1],
+        phase=a[:, 2],
+        start_ns=a[:, 3] + agent,
+        end_ns=a[:, 4] + agent,
+        depth=a[:, 5],
         step_number=np.array([s for s, _, _ in steps]),
         step_start_ns=np.array([b for _, b, _ in steps]) + agent,
         step_end_ns=np.array([e for _, _, e in steps]) + agent,
@@ -117,8 +89,11 @@ def test_timestamps_are_microseconds_on_the_collector_clock():
 
 def test_a_rank_with_its_clock_five_seconds_ahead_lines_up_after_correction():
     base = 50_000_000_000
-    ranks = [_captured_rank(0, "a", 0, base), _captured_rank(1, "b", 5_000_000_000, base),
-             _captured_rank(2, "c", -3_000_000, base)]
+    ranks = [
+        _captured_rank(0, "a", 0, base),
+        _captured_rank(1, "b", 5_000_000_000, base),
+        _captured_rank(2, "c", -3_000_000, base),
+    ]
     doc = build_trace("j", ranks, "capture", 10, 11)
     assert_valid_chrome_trace(doc)
     first = {pid: min(e["ts"] for e in _x_events(doc, pid, "forward")) for pid in (0, 1, 2)}
@@ -134,9 +109,15 @@ def test_summary_spans_that_straddle_go_to_an_overflow_track():
     # A module called twice (0..1 ms and 4..5 ms) around a sibling (2..7 ms): as first-start..last-end
     # spans they straddle, which one track cannot show.
     tl = RankTimeline(
-        rank=0, host="h", offset_ns=0, module_names=["M", "M.a", "M.b"],
-        step=np.array([5, 5, 5]), module_id=np.array([0, 1, 2]), phase=np.array([1, 1, 1]),
-        start_ns=np.array([0, 0, 2_000_000]) + 10**9, end_ns=np.array([8_000_000, 5_000_000, 7_000_000]) + 10**9,
+        rank=0,
+        host="h",
+        offset_ns=0,
+        module_names=["M", "M.a", "M.b"],
+        step=np.array([5, 5, 5]),
+        module_id=np.array([0, 1, 2]),
+        phase=np.array([1, 1, 1]),
+        start_ns=np.array([0, 0, 2_000_000]) + 10**9,
+        end_ns=np.array([8_000_000, 5_000_000, 7_000_000]) + 10**9,
     )
     doc = build_trace("j", [tl], "step_summary", 5, 5)
     assert_valid_chrome_trace(doc)
@@ -153,14 +134,23 @@ def test_no_ranks_gives_an_empty_but_valid_document():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 3_000), st.sampled_from([1, 2, 3])),
-                min_size=1, max_size=60))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 10_000), st.integers(0, 3_000), st.sampled_from([1, 2, 3])), min_size=1, max_size=60
+    )
+)
 def test_any_set_of_spans_exports_as_perfectly_nested_tracks(spans):
     a = np.array(spans, dtype=np.int64)
     tl = RankTimeline(
-        rank=3, host="h", offset_ns=123_456_789, module_names=[f"m{i}" for i in range(60)],
-        step=np.zeros(len(a), np.int64), module_id=np.arange(len(a)), phase=a[:, 2],
-        start_ns=a[:, 0] * 997, end_ns=(a[:, 0] + a[:, 1]) * 997,
+        rank=3,
+        host="h",
+        offset_ns=123_456_789,
+        module_names=[f"m{i}" for i in range(60)],
+        step=np.zeros(len(a), np.int64),
+        module_id=np.arange(len(a)),
+        phase=a[:, 2],
+        start_ns=a[:, 0] * 997,
+        end_ns=(a[:, 0] + a[:, 1]) * 997,
     )
     doc = build_trace("j", [tl], "step_summary", 0, 0)
     assert_valid_chrome_trace(doc)
@@ -168,12 +158,15 @@ def test_any_set_of_spans_exports_as_perfectly_nested_tracks(spans):
 
 
 def test_the_checker_rejects_straddling_events():
-    bad = {"displayTimeUnit": "ms", "traceEvents": [
-        {"name": "process_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": "rank 0 @ h"}},
-        {"name": "thread_name", "ph": "M", "pid": 0, "tid": 2, "args": {"name": "forward"}},
-        {"name": "a", "ph": "X", "pid": 0, "tid": 2, "ts": 0.0, "dur": 5.0},
-        {"name": "b", "ph": "X", "pid": 0, "tid": 2, "ts": 2.0, "dur": 5.0},
-    ]}
+    bad = {
+        "displayTimeUnit": "ms",
+        "traceEvents": [
+            {"name": "process_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": "rank 0 @ h"}},
+            {"name": "thread_name", "ph": "M", "pid": 0, "tid": 2, "args": {"name": "forward"}},
+            {"name": "a", "ph": "X", "pid": 0, "tid": 2, "ts": 0.0, "dur": 5.0},
+            {"name": "b", "ph": "X", "pid": 0, "tid": 2, "ts": 2.0, "dur": 5.0},
+        ],
+    }
     try:
         assert_valid_chrome_trace(bad)
     except AssertionError:

@@ -1,7 +1,7 @@
 """agent.ModuleTracker: what a user of the tracker sees, on the hard cases of issue 2."""
+
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -11,17 +11,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.module_tracker import ModuleTracker as SeedTracker
 
+from harness.ports import free_port
 from modtrack.agent import ModuleTracker
 from modtrack.agent.step_accumulator import step_summary
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Block(nn.Module):
@@ -101,8 +95,18 @@ def test_step_per_optimizer_step_with_every_module_timed_forward_and_backward():
         summary = t.last_step()
     assert t.clock_kind == "cpu" and t.counters["steps"] == 3 and t.counters["hook_errors"] == 0
     assert [r.step for r in records] == [0, 1, 2]
-    names = {"Net", "Net.blocks.0", "Net.blocks.0.mlp", "Net.blocks.0.mlp.0", "Net.blocks.0.mlp.1",
-             "Net.blocks.1", "Net.blocks.1.mlp", "Net.blocks.1.mlp.0", "Net.blocks.1.mlp.1", "Net.head"}
+    names = {
+        "Net",
+        "Net.blocks.0",
+        "Net.blocks.0.mlp",
+        "Net.blocks.0.mlp.0",
+        "Net.blocks.0.mlp.1",
+        "Net.blocks.1",
+        "Net.blocks.1.mlp",
+        "Net.blocks.1.mlp.0",
+        "Net.blocks.1.mlp.1",
+        "Net.head",
+    }
     assert keys(summary, "forward") == names
     assert keys(summary, "backward") == names  # the first layer's input needs no grad: still timed
     for stats in summary.values():
@@ -160,7 +164,7 @@ def test_parents_and_is_bw_behave_as_the_seed():
     assert ours[0][1] == ("bw", frozenset({"Global", "Sequential", "Sequential.1"}), True)
 
 
-def test_names_match_the_seed_and_ignore_ddp_wrapping(free_port):
+def test_names_match_the_seed_and_ignore_ddp_wrapping():
     import torch.distributed as dist
 
     model = Net()
@@ -173,10 +177,10 @@ def test_names_match_the_seed_and_ignore_ddp_wrapping(free_port):
     with ModuleTracker() as t:
         model(torch.randn(2, 8)).sum().backward()
         t.step()
-        plain_names = set(n for n, _ in t.last_step())
+        plain_names = {n for n, _ in t.last_step()}
     assert plain_names == seen - {"Global"}
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         ddp = nn.parallel.DistributedDataParallel(Net())
         with ModuleTracker() as t:
@@ -185,7 +189,7 @@ def test_names_match_the_seed_and_ignore_ddp_wrapping(free_port):
             ddp_summary = t.last_step()
     finally:
         dist.destroy_process_group()
-    assert set(n for n, _ in ddp_summary) == plain_names  # "Net...", never "DistributedDataParallel"
+    assert {n for n, _ in ddp_summary} == plain_names  # "Net...", never "DistributedDataParallel"
     assert ("Net", "backward") in ddp_summary
 
 

@@ -1,4 +1,5 @@
 """The tracker is a guest: 5,000 steps must not grow live hook handles nor Python memory."""
+
 from __future__ import annotations
 
 import gc

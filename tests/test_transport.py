@@ -1,34 +1,26 @@
 """The agent's transport over real gRPC on loopback, against a small in-test collector."""
+
 from __future__ import annotations
 
-import queue
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from concurrent import futures
 
-import grpc
 import numpy as np
 import pytest
 
+from harness.fake_collector import FakeCollector
+from harness.ports import free_port
+from harness.waiting import wait_for
 from modtrack.agent.identity import Identity
 from modtrack.agent.report_codec import encode_report
 from modtrack.agent.step_record import PhaseColumns, StepRecord, TraceColumns
 from modtrack.agent.transport import Transport
 from modtrack.protos import modtrack_pb2 as pb
-from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 IDENTITY = Identity(job="j", rank=1, local_rank=1, world_size=2, group_rank=0, host="h", pid=7)
 NAMES = ["Net", "Net.a", "Net.b"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_record(step: int, n: int = 3) -> StepRecord:
@@ -36,100 +28,15 @@ def make_record(step: int, n: int = 3) -> StepRecord:
     ns = np.full(n, 1000 + step, dtype=np.int64)
     cols = PhaseColumns(ids, np.ones(n, np.uint32), ns, ns // 2, ns, ns * 2)
     return StepRecord(
-        step=step, start_ns=step * 10, end_ns=step * 10 + 9, forward_ns=3, backward_ns=4,
+        step=step,
+        start_ns=step * 10,
+        end_ns=step * 10 + 9,
+        forward_ns=3,
+        backward_ns=4,
         first_new_module_id=0 if step == 0 else n,
         new_module_names=list(NAMES[:n]) if step == 0 else [],
         phases={"forward": cols, "backward": cols},
     )
-
-
-class FakeCollector(pb_grpc.CollectorServicer):
-    """Records what arrives; acks, pongs, sends controls, and drops streams on request."""
-
-    def __init__(self, ack=True, drop_at_once=False):
-        self.ack = ack
-        self.drop_at_once = drop_at_once
-        self.hellos: list[tuple[float, pb.Hello]] = []
-        self.received: list[int] = []  # report steps, in arrival order, duplicates kept
-        self.reports: dict[int, pb.StepReport] = {}
-        self.acked: set[int] = set()
-        self.offsets: list[pb.ClockOffset] = []
-        self.metadata: list[dict] = []
-        self._outs: list[queue.Queue] = []
-        self._lock = threading.Lock()
-
-    def Stream(self, request_iterator, context):
-        self.metadata.append(dict(context.invocation_metadata()))
-        out: queue.Queue = queue.Queue()
-        with self._lock:
-            self._outs.append(out)
-
-        def read():
-            try:
-                for msg in request_iterator:
-                    kind = msg.WhichOneof("body")
-                    if kind == "hello":
-                        self.hellos.append((time.monotonic(), msg.hello))
-                        if self.drop_at_once:
-                            break
-                    elif kind == "report":
-                        step = msg.report.step
-                        self.received.append(step)
-                        self.reports[step] = msg.report
-                        if self.ack:
-                            self.acked.add(step)
-                            out.put(pb.CollectorMessage(ack=pb.Ack(step=step)))
-                    elif kind == "ping":
-                        t2 = time.time_ns()
-                        out.put(pb.CollectorMessage(pong=pb.ClockPong(t1_ns=msg.ping.t1_ns, t2_ns=t2, t3_ns=time.time_ns())))
-                    elif kind == "clock":
-                        self.offsets.append(msg.clock)
-            except Exception:
-                pass
-            out.put(None)
-
-        threading.Thread(target=read, daemon=True).start()
-        try:
-            while context.is_active():
-                try:
-                    item = out.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                if item is None:
-                    return
-                yield item
-        finally:
-            with self._lock:
-                self._outs.remove(out)
-
-    def send(self, message: pb.CollectorMessage) -> None:
-        with self._lock:
-            for out in self._outs:
-                out.put(message)
-
-    def drop_streams(self) -> None:
-        """End every open stream from the server side: the agent has to reconnect."""
-        self.send(None)
-
-
-@pytest.fixture
-def serve():
-    servers = []
-
-    def start(fake: FakeCollector, port: int | None = None):
-        port = port or free_port()
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        pb_grpc.add_CollectorServicer_to_server(fake, server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        server.start()
-        servers.append(server)
-        return server, port
-
-    try:
-        yield start
-    finally:
-        for server in servers:
-            server.stop(0)
 
 
 @pytest.fixture
@@ -151,23 +58,14 @@ def transports():
             t.close(timeout_s=0.5)
 
 
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_hello_reports_and_acks(serve, transports):
     fake = FakeCollector()
     _, port = serve(fake)
     t = transports(port, token="s3cret").start()
     for step in range(5):
         t.submit(make_record(step))
-    assert wait_for(lambda: t.stats["acked_step"] == 4)
-    (_, hello), = fake.hellos
+    wait_for(lambda: t.stats["acked_step"] == 4)
+    ((_, hello),) = fake.hellos
     assert (hello.job, hello.rank, hello.world_size, hello.host, hello.pid) == ("j", 1, 2, "h", 7)
     assert list(hello.module_names) in ([], NAMES)  # names known at connect, the rest in reports
     assert fake.received == [0, 1, 2, 3, 4]
@@ -190,7 +88,7 @@ def test_queue_is_bounded_and_drops_are_reported_when_the_link_returns(serve, tr
 
     fake = FakeCollector()
     serve(fake, port)
-    assert wait_for(lambda: len(fake.received) == 50)
+    wait_for(lambda: len(fake.received) == 50)
     assert fake.received == list(range(950, 1000))
     assert fake.reports[999].counters.reports_dropped == 950
     # Step 0 (which carried the module names) was dropped; the collector learns them anyway.
@@ -204,17 +102,17 @@ def test_replay_after_forced_reconnect_resends_only_unacked(serve, transports):
     t = transports(port).start()
     for step in range(10):
         t.submit(make_record(step))
-    assert wait_for(lambda: t.stats["acked_step"] == 9)
+    wait_for(lambda: t.stats["acked_step"] == 9)
     fake.ack = False  # the collector goes quiet: these stay unacknowledged
     for step in range(10, 15):
         t.submit(make_record(step))
-    assert wait_for(lambda: len(fake.received) == 15)
+    wait_for(lambda: len(fake.received) == 15)
     fake.ack = True
     fake.drop_streams()
-    assert wait_for(lambda: len(fake.hellos) == 2)
+    wait_for(lambda: len(fake.hellos) == 2)
     for step in range(15, 20):
         t.submit(make_record(step))
-    assert wait_for(lambda: t.stats["acked_step"] == 19)
+    wait_for(lambda: t.stats["acked_step"] == 19)
     counts = {s: fake.received.count(s) for s in range(20)}
     assert all(counts[s] == 1 for s in range(10)), counts  # acked: never re-sent
     assert all(counts[s] == 2 for s in range(10, 15)), counts  # unacked: replayed once
@@ -229,7 +127,7 @@ def test_replay_buffer_is_bounded(serve, transports):
     t = transports(port, replay_size=8, ack_timeout_s=60).start()
     for step in range(20):
         t.submit(make_record(step))
-    assert wait_for(lambda: len(fake.received) == 20)
+    wait_for(lambda: len(fake.received) == 20)
     assert t.stats["unacked"] == 8 and t.counters["reports_dropped"] == 12
 
 
@@ -237,7 +135,7 @@ def test_reconnect_backs_off_with_jitter(serve, transports):
     fake = FakeCollector(drop_at_once=True)  # accepts, then drops every stream unanswered
     _, port = serve(fake)
     transports(port, backoff_initial_s=0.05, backoff_max_s=0.4).start()
-    assert wait_for(lambda: len(fake.hellos) >= 7, timeout=15)
+    wait_for(lambda: len(fake.hellos) >= 7, timeout=15)
     times = [at for at, _ in fake.hellos]
     gaps = np.diff(times)
     assert gaps[0] < 0.3  # first retry soon
@@ -250,8 +148,8 @@ def test_clock_offset_of_a_shifted_clock(serve, transports):
     _, port = serve(fake)
     shift = 7_000_000_000  # the agent's clock runs 7 s ahead of its perf counter
     t = transports(port, clock=lambda: time.perf_counter_ns() + shift).start()
-    assert wait_for(lambda: len(fake.offsets) >= 1)
-    time.sleep(0.3)  # let the quick pings at connect finish
+    wait_for(lambda: len(fake.offsets) >= 1)
+    wait_for(lambda: fake.pings >= 5, 10, "the five quick pings at connect")
     true_offset = time.time_ns() - (time.perf_counter_ns() + shift)
     sent = fake.offsets[-1]
     assert abs(sent.offset_ns - true_offset) < 2_000_000, (sent, true_offset)
@@ -265,25 +163,28 @@ def test_controls_capture_pause_resume(serve, transports):
     captures = []
     t = transports(port, on_capture=lambda cid, n: captures.append((cid, n))).start()
     t.submit(make_record(0))
-    assert wait_for(lambda: fake.received == [0])
+    wait_for(lambda: fake.received == [0])
     fake.send(pb.CollectorMessage(control=pb.Control(capture=pb.CaptureTrace(capture_id="c1", steps=3))))
-    assert wait_for(lambda: captures == [("c1", 3)])
+    wait_for(lambda: captures == [("c1", 3)])
     fake.send(pb.CollectorMessage(control=pb.Control(pause=pb.Pause())))
-    assert wait_for(lambda: t.paused)
+    wait_for(lambda: t.paused)
     for step in range(1, 4):
         t.submit(make_record(step))
-    time.sleep(0.5)
+    time.sleep(0.5)  # not a wait for a condition: the window in which a sender that ignored the pause would send
     assert fake.received == [0]  # paused: nothing sent, but kept
     fake.send(pb.CollectorMessage(control=pb.Control(resume=pb.Resume())))
-    assert wait_for(lambda: fake.received == [0, 1, 2, 3])
+    wait_for(lambda: fake.received == [0, 1, 2, 3])
 
 
 def test_codec_trace_and_counters():
     rec = make_record(2)
     rec.trace = TraceColumns(
-        module_id=np.array([0, 1], np.uint32), phase=np.array([0, 1], np.uint8),
-        start_ns=np.array([5, 6], np.int64), end_ns=np.array([9, 8], np.int64),
-        depth=np.array([0, 1], np.uint32), capture_id="cap",
+        module_id=np.array([0, 1], np.uint32),
+        phase=np.array([0, 1], np.uint8),
+        start_ns=np.array([5, 6], np.int64),
+        end_ns=np.array([9, 8], np.int64),
+        depth=np.array([0, 1], np.uint32),
+        capture_id="cap",
     )
     msg = encode_report(rec, {"reports_dropped": 3, "reconnects": 1, "hook_errors": 2, "send_errors": 0})
     r = msg.report

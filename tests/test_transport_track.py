@@ -1,10 +1,12 @@
 """agent.track() / agent.step() in a custom loop, streaming to a real gRPC server on loopback."""
+
 from __future__ import annotations
 
 import torch
 
+from harness.fake_collector import FakeCollector
+from harness.waiting import wait_for
 from modtrack.agent import api
-from test_transport import FakeCollector, free_port, serve, wait_for  # noqa: F401  (serve is a fixture)
 
 
 def test_track_streams_every_step_of_a_loop_without_optimizer(serve, monkeypatch):
@@ -18,9 +20,9 @@ def test_track_streams_every_step_of_a_loop_without_optimizer(serve, monkeypatch
         for _ in range(4):
             model(torch.randn(4, 8)).sum().backward()
             api.step()  # no optimizer: the loop marks its steps itself
-        assert wait_for(lambda: len(fake.received) == 4)
+        wait_for(lambda: len(fake.received) == 4)
     assert api._active is None
-    (_, hello), = fake.hellos
+    ((_, hello),) = fake.hellos
     assert hello.job == "custom-loop" and hello.world_size == 1
     names = list(hello.module_names) or list(fake.reports[0].new_module_names)
     assert names[:2] == ["Sequential", "Sequential.0"]

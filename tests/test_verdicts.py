@@ -6,6 +6,7 @@ waits (idle) until the slowest has computed, as in a synchronous collective, so 
 the slowest rank's compute. The truth for the cost is that step time against the same step with the
 culprit at its peers' compute, computed here, not by the detector.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,10 +40,19 @@ def job_step(step, rng, slow=None, data=None, optimizer=None, tail_only=False):
     idle = step_ms - busy
     wait = idle if tail_only else np.minimum(idle, 0.2)
     m = StepMatrix(
-        job="j", step=step, ranks=np.arange(RANKS), hosts=["h0"] * RANKS,
-        column_module=np.arange(MODULES), column_phase=np.full(MODULES, 2), self_ms=x,
-        wall_ms=np.full(RANKS, step_ms), sync_wait_ms=wait, module_names=[f"Net.m{k}" for k in range(MODULES)],
-        data_ms=d, optimizer_ms=o, idle_ms=idle,
+        job="j",
+        step=step,
+        ranks=np.arange(RANKS),
+        hosts=["h0"] * RANKS,
+        column_module=np.arange(MODULES),
+        column_phase=np.full(MODULES, 2),
+        self_ms=x,
+        wall_ms=np.full(RANKS, step_ms),
+        sync_wait_ms=wait,
+        module_names=[f"Net.m{k}" for k in range(MODULES)],
+        data_ms=d,
+        optimizer_ms=o,
+        idle_ms=idle,
     )
     return m, step_ms
 

@@ -3,6 +3,7 @@
 Exit 0 on success; 1 with a one-line reason when the API answers an error (unknown job, bad
 query, wrong token); 2 when the collector cannot be reached.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,18 +77,42 @@ def _cell(v) -> str:
 
 def render(what: str, data: dict) -> str:
     if what == "jobs":
-        return table(["JOB", "WORLD", "REPORTING", "LAST_STEP", "ATTEMPT", "STATE"],
-                     [[j["job"], j["world_size"], j["ranks_reporting"], j["last_step"], j.get("attempt", 0),
-                       j["state"]] for j in data["jobs"]]) if data["jobs"] else "no jobs yet"
+        return (
+            table(
+                ["JOB", "WORLD", "REPORTING", "LAST_STEP", "ATTEMPT", "STATE"],
+                [
+                    [j["job"], j["world_size"], j["ranks_reporting"], j["last_step"], j.get("attempt", 0), j["state"]]
+                    for j in data["jobs"]
+                ],
+            )
+            if data["jobs"]
+            else "no jobs yet"
+        )
     if what == "stragglers":
         if not data["stragglers"]:
             return f"job {data['job']}: no stragglers"
         return _render_stragglers(data["stragglers"])
     if what == "steps":
-        return table(["STEP", "RANK", "HOST", "WALL_MS", "FORWARD_MS", "BACKWARD_MS", "SYNC_WAIT_MS"],
-                     [[s["step"], r["rank"], r["host"], r["wall_ms"], r["forward_ms"],
-                       r["backward_ms"], r["sync_wait_ms"]]
-                      for s in data["steps"] for r in s["ranks"]]) if data["steps"] else "no steps yet"
+        return (
+            table(
+                ["STEP", "RANK", "HOST", "WALL_MS", "FORWARD_MS", "BACKWARD_MS", "SYNC_WAIT_MS"],
+                [
+                    [
+                        s["step"],
+                        r["rank"],
+                        r["host"],
+                        r["wall_ms"],
+                        r["forward_ms"],
+                        r["backward_ms"],
+                        r["sync_wait_ms"],
+                    ]
+                    for s in data["steps"]
+                    for r in s["ranks"]
+                ],
+            )
+            if data["steps"]
+            else "no steps yet"
+        )
     if what == "stall":  # hung jobs (issue 14)
         from modtrack.collector.api.stall_text import render_stall
 
@@ -99,16 +124,28 @@ def _render_stragglers(stragglers: list[dict]) -> str:
     """One row per verdict, then its listed modules (every place the rank is slow) indented below it."""
     rows = []
     for s in stragglers:
-        rows.append(["host" if s["rank"] < 0 else s["rank"], s["host"], s["module"], s["phase"],
-                     f"{s['slowdown']:.2f}x", s.get("excess_ms"), f"{s['first_step']}-{s['last_step']}", s["state"],
-                     s["cost_ms_per_step"], s.get("cause") or "-"])
+        rows.append(
+            [
+                "host" if s["rank"] < 0 else s["rank"],
+                s["host"],
+                s["module"],
+                s["phase"],
+                f"{s['slowdown']:.2f}x",
+                s.get("excess_ms"),
+                f"{s['first_step']}-{s['last_step']}",
+                s["state"],
+                s["cost_ms_per_step"],
+                s.get("cause") or "-",
+            ]
+        )
         entries = s.get("modules") or []
         if len(entries) > 1 or entries and (entries[0]["module"], entries[0]["phase"]) != (s["module"], s["phase"]):
             for e in entries:
                 slowdown = f"{e['slowdown']:.2f}x" if e.get("slowdown") is not None else "-"
                 rows.append(["", "", "  " + e["module"], e["phase"], slowdown, e["excess_ms"], "", "", "", ""])
-    return table(["RANK", "HOST", "MODULE", "PHASE", "SLOWDOWN", "EXCESS_MS", "STEPS", "STATE", "COST_MS/STEP",
-                  "CAUSE"], rows)
+    return table(
+        ["RANK", "HOST", "MODULE", "PHASE", "SLOWDOWN", "EXCESS_MS", "STEPS", "STATE", "COST_MS/STEP", "CAUSE"], rows
+    )
 
 
 def _render_modules(data: dict) -> str:
@@ -120,7 +157,7 @@ def _render_modules(data: dict) -> str:
     rows = []
     for m in data["modules"]:
         by_rank = {int(r): ms for r, ms in m["ms_by_rank"].items()}
-        slowest = max(by_rank, key=by_rank.get)
+        slowest = max(by_rank, key=lambda r: by_rank[r])
         row = [m["module"], m["phase"], statistics.median(by_rank.values()), by_rank[slowest], slowest]
         if per_rank:
             row += [by_rank.get(r) for r in ranks]
@@ -154,8 +191,9 @@ def _query(args, token: str | None) -> dict:
     if job is None:
         jobs = [j["job"] for j in get("/api/v1/jobs")["jobs"]]
         if len(jobs) != 1:
-            raise QueryError(f"--job is needed: the collector has {len(jobs)} jobs"
-                             + (f" ({', '.join(jobs[:10])})" if jobs else ""))
+            raise QueryError(
+                f"--job is needed: the collector has {len(jobs)} jobs" + (f" ({', '.join(jobs[:10])})" if jobs else "")
+            )
         job = jobs[0]
     path = f"/api/v1/jobs/{urllib.parse.quote(job, safe='')}/{args.what}"
     params = {"last": args.last} if args.what == "steps" else {}

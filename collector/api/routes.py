@@ -3,6 +3,7 @@
 Every SQLite read runs in the read thread pool, never on the event loop that also serves
 gRPC ingest. All times in milliseconds; errors are JSON {"error": ...} with 400/401/404.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -35,8 +36,7 @@ class ApiError(Exception):
         self.status = status
 
 
-def int_param(request: web.Request, name: str, default: int | None, lo: int = 0,
-              hi: int | None = None) -> int | None:
+def int_param(request: web.Request, name: str, default: int | None, lo: int = 0, hi: int | None = None) -> int | None:
     raw = request.query.get(name)
     if raw is None:
         return default
@@ -93,8 +93,9 @@ def make_app(deps: ApiDeps) -> web.Application:
             request[ACCESS] = access
             job = request.match_info.get("job")
             # A per-job token opens its jobs' pages and filtered lists, not /metrics.
-            if not access.admin and (job is None and request.path not in JOB_FILTERED_PATHS
-                                     or job is not None and not access.allows(job)):
+            if not access.admin and (
+                job is None and request.path not in JOB_FILTERED_PATHS or job is not None and not access.allows(job)
+            ):
                 return error(403, "this token does not open this resource")
         try:
             return await handler(request)
@@ -116,10 +117,17 @@ def make_app(deps: ApiDeps) -> web.Application:
         out = []
         for row in filter(lambda r: _allowed(request, r["job"]), rows):
             reporting = deps.ranks_reporting(row["job"]) or 0
-            out.append({"job": row["job"], "world_size": row["world_size"],
-                        "ranks_reporting": reporting, "last_step": row["last_step"],
-                        "last_evaluated_step": row["last_evaluated_step"], "attempt": row["attempt"],
-                        "state": "running" if reporting else "stopped"})
+            out.append(
+                {
+                    "job": row["job"],
+                    "world_size": row["world_size"],
+                    "ranks_reporting": reporting,
+                    "last_step": row["last_step"],
+                    "last_evaluated_step": row["last_evaluated_step"],
+                    "attempt": row["attempt"],
+                    "state": "running" if reporting else "stopped",
+                }
+            )
         return web.json_response({"jobs": out})
 
     async def stragglers(request):
@@ -129,13 +137,33 @@ def make_app(deps: ApiDeps) -> web.Application:
             return error(400, "state must be active or resolved")
         attempt = int_param(request, "attempt", None)
         episodes = await read(store.episodes, job, state, attempt)
-        return web.json_response({"job": job, "attempt": await _attempt(job, attempt), "stragglers": [
-            {"rank": e.rank, "host": e.host, "module": e.module, "phase": e.phase,
-             "slowdown": round(e.slowdown, 4), "first_step": e.first_step,
-             "last_step": e.last_step, "state": e.state,
-             "cost_ms_per_step": round(e.cost_ms_per_step, 4), "cost_pct": round(e.cost_pct, 3),
-             "cause": e.cause, "excess_ms": round(e.excess_ms, 4), "modules": e.modules,
-             "attempt": e.attempt, "ranks": e.ranks, "id": e.id} for e in episodes]})
+        return web.json_response(
+            {
+                "job": job,
+                "attempt": await _attempt(job, attempt),
+                "stragglers": [
+                    {
+                        "rank": e.rank,
+                        "host": e.host,
+                        "module": e.module,
+                        "phase": e.phase,
+                        "slowdown": round(e.slowdown, 4),
+                        "first_step": e.first_step,
+                        "last_step": e.last_step,
+                        "state": e.state,
+                        "cost_ms_per_step": round(e.cost_ms_per_step, 4),
+                        "cost_pct": round(e.cost_pct, 3),
+                        "cause": e.cause,
+                        "excess_ms": round(e.excess_ms, 4),
+                        "modules": e.modules,
+                        "attempt": e.attempt,
+                        "ranks": e.ranks,
+                        "id": e.id,
+                    }
+                    for e in episodes
+                ],
+            }
+        )
 
     async def _attempt(job: str, attempt: int | None) -> int:
         """The attempt a query is about: the one asked for, else the job's latest."""
@@ -150,14 +178,22 @@ def make_app(deps: ApiDeps) -> web.Application:
         by_step: dict[int, list] = {}
         for step, rank, *figures in rows:
             f = dict(zip(STEP_FIGURES, figures))
-            by_step.setdefault(step, []).append({
-                "rank": rank, "host": hosts.get(rank, ""),
-                "wall_ms": (f["end_ns"] - f["start_ns"]) / 1e6, "forward_ms": f["forward_ns"] / 1e6,
-                "backward_ms": f["backward_ns"] / 1e6, "sync_wait_ms": f["backward_tail_ns"] / 1e6,
-                "optimizer_ms": f["optimizer_ns"] / 1e6, "data_ms": f["data_ns"] / 1e6,
-                "recompute_ms": f["recompute_ns"] / 1e6})
-        return web.json_response({"job": job, "attempt": attempt, "steps": [
-            {"step": s, "ranks": ranks} for s, ranks in by_step.items()]})
+            by_step.setdefault(step, []).append(
+                {
+                    "rank": rank,
+                    "host": hosts.get(rank, ""),
+                    "wall_ms": (f["end_ns"] - f["start_ns"]) / 1e6,
+                    "forward_ms": f["forward_ns"] / 1e6,
+                    "backward_ms": f["backward_ns"] / 1e6,
+                    "sync_wait_ms": f["backward_tail_ns"] / 1e6,
+                    "optimizer_ms": f["optimizer_ns"] / 1e6,
+                    "data_ms": f["data_ns"] / 1e6,
+                    "recompute_ms": f["recompute_ns"] / 1e6,
+                }
+            )
+        return web.json_response(
+            {"job": job, "attempt": attempt, "steps": [{"step": s, "ranks": ranks} for s, ranks in by_step.items()]}
+        )
 
     async def _hosts(job: str) -> dict[int, str]:
         ranks = await read(store.ranks, job)
@@ -169,26 +205,30 @@ def make_app(deps: ApiDeps) -> web.Application:
         asked = int_param(request, "attempt", None)
         attempt = await _attempt(job, asked)
         if step is None:
-            step = await read(store.last_evaluated_step, job) if asked is None else \
-                await read(store.last_stored_step, job, attempt)
+            step = (
+                await read(store.last_evaluated_step, job)
+                if asked is None
+                else await read(store.last_stored_step, job, attempt)
+            )
             if step is None:
                 return error(404, f"job {job!r} has no evaluated step yet")
         per_rank = await read(store.step_modules, job, step, attempt)
         if not per_rank:
             return error(404, f"job {job!r} has no step {step}")
         names = await read(store.module_names, job)
-        return web.json_response({"job": job, "attempt": attempt, "step": step,
-                                  "modules": module_table(per_rank, names)})
+        return web.json_response(
+            {"job": job, "attempt": attempt, "step": step, "modules": module_table(per_rank, names)}
+        )
 
     async def capture(request):
         job = await known_job(request)
         count = int_param(request, "steps", 1, 1, 1000)
+        assert count is not None  # it has a default
         try:
             capture_id, asked = deps.controls.request_capture(job, count)
         except KeyError:
             return error(409, f"no rank of job {job!r} is connected")
-        return web.json_response({"job": job, "capture_id": capture_id, "steps": count,
-                                  "ranks": asked})
+        return web.json_response({"job": job, "capture_id": capture_id, "steps": count, "ranks": asked})
 
     def control(action: str):
         async def handle(request):
@@ -198,6 +238,7 @@ def make_app(deps: ApiDeps) -> web.Application:
             except KeyError:
                 return error(409, f"no rank of job {job!r} is connected")
             return web.json_response({"job": job, "action": action, "ranks": asked})
+
         return handle
 
     async def alerts(request):
@@ -219,14 +260,12 @@ def make_app(deps: ApiDeps) -> web.Application:
         return resp
 
     async def healthz(request):
-        return web.json_response({"status": "ok", "store_errors": deps.store_errors(),
-                                  "time_ms": time.time_ns() / 1e6})
+        return web.json_response({"status": "ok", "store_errors": deps.store_errors(), "time_ms": time.time_ns() / 1e6})
 
     async def index(request):
         if DASHBOARD.exists():
             return web.FileResponse(DASHBOARD)
-        return web.Response(text="modtrack collector: the dashboard is not installed; "
-                                 "see /api/v1/jobs\n")
+        return web.Response(text="modtrack collector: the dashboard is not installed; see /api/v1/jobs\n")
 
     app = web.Application(middlewares=[token_and_errors])
     app.router.add_get("/api/v1/jobs", jobs)
@@ -243,8 +282,7 @@ def make_app(deps: ApiDeps) -> web.Application:
     except ImportError:
         pass
     else:
-        app.router.add_get("/api/v1/jobs/{job}/trace",
-                           make_trace_handler(store, read))
+        app.router.add_get("/api/v1/jobs/{job}/trace", make_trace_handler(store, read))
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", index)
@@ -277,14 +315,17 @@ def module_table(per_rank: dict[int, dict], names: list[str]) -> list[dict]:
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     bounds = np.r_[starts, len(keys)]
     rank_s = rank_of[order].astype(str).tolist()
-    self_l, incl_l, calls_l = (self_ms[order].tolist(), incl_ms[order].tolist(),
-                               calls[order].tolist())
+    self_l, incl_l, calls_l = (self_ms[order].tolist(), incl_ms[order].tolist(), calls[order].tolist())
     out = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         mid, pid = int(module[order[a]]), int(phase[order[a]])
-        out.append({"module": names[mid] if mid < len(names) else f"#{mid}",
-                    "phase": PHASE_NAMES.get(pid, str(pid)),
-                    "ms_by_rank": dict(zip(rank_s[a:b], self_l[a:b])),
-                    "inclusive_ms_by_rank": dict(zip(rank_s[a:b], incl_l[a:b])),
-                    "calls_by_rank": dict(zip(rank_s[a:b], calls_l[a:b]))})
+        out.append(
+            {
+                "module": names[mid] if mid < len(names) else f"#{mid}",
+                "phase": PHASE_NAMES.get(pid, str(pid)),
+                "ms_by_rank": dict(zip(rank_s[a:b], self_l[a:b])),
+                "inclusive_ms_by_rank": dict(zip(rank_s[a:b], incl_l[a:b])),
+                "calls_by_rank": dict(zip(rank_s[a:b], calls_l[a:b])),
+            }
+        )
     return out

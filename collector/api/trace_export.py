@@ -17,6 +17,7 @@ Timestamps are microseconds on the collector clock counted from `otherData.ts_or
 (the earliest event, floored to a millisecond): absolute nanosecond clocks do not fit a double
 at sub-microsecond precision, and rounding would break the nesting the importer demands.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,9 +57,7 @@ class RankTimeline:
     step_end_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
-def build_trace(
-    job: str, ranks: list[RankTimeline], source: str, from_step: int, to_step: int
-) -> dict:
+def build_trace(job: str, ranks: list[RankTimeline], source: str, from_step: int, to_step: int) -> dict:
     """The Chrome trace JSON object for `ranks` (a dict ready for json.dumps)."""
     origin = _origin_ns(ranks)
     events: list[dict] = []
@@ -77,18 +76,14 @@ def build_trace(
             "ranks": [tl.rank for tl in sorted(ranks, key=lambda r: r.rank)],
             # the steps that have module calls in this document (captured ones, for a capture)
             "captured_steps": sorted({int(s) for tl in ranks for s in np.unique(tl.step).tolist()})
-            if source == "capture" else [],
+            if source == "capture"
+            else [],
         },
     }
 
 
 def _origin_ns(ranks: list[RankTimeline]) -> int:
-    firsts = [
-        int(np.min(a)) + tl.offset_ns
-        for tl in ranks
-        for a in (tl.start_ns, tl.step_start_ns)
-        if len(a)
-    ]
+    firsts = [int(np.min(a)) + tl.offset_ns for tl in ranks for a in (tl.start_ns, tl.step_start_ns) if len(a)]
     if not firsts:
         return 0
     return (min(firsts) // 1_000_000) * 1_000_000
@@ -109,26 +104,50 @@ def _rank_events(tl: RankTimeline, origin: int) -> list[dict]:
     if len(tl.step_number):
         numbers = np.asarray(tl.step_number, np.int64)
         events += _track_events(
-            pid, STEP_TID, "steps", "step", [f"step {n}" for n in numbers.tolist()],
-            np.asarray(tl.step_start_ns, np.int64) + shift, np.asarray(tl.step_end_ns, np.int64) + shift,
-            np.zeros(len(numbers), np.int64), numbers)
+            pid,
+            STEP_TID,
+            "steps",
+            "step",
+            [f"step {n}" for n in numbers.tolist()],
+            np.asarray(tl.step_start_ns, np.int64) + shift,
+            np.asarray(tl.step_end_ns, np.int64) + shift,
+            np.zeros(len(numbers), np.int64),
+            numbers,
+        )
     phase = np.asarray(tl.phase, np.int64)
     names = tl.module_names
     for ph in sorted(set(phase.tolist())):
         sel = np.flatnonzero(phase == ph)
         label = PHASE_NAMES.get(ph, f"phase {ph}")
         depth = np.asarray(tl.depth, np.int64)[sel] if tl.depth is not None else np.zeros(len(sel), np.int64)
-        modules = [names[m] if 0 <= m < len(names) else f"module {m}"
-                   for m in np.asarray(tl.module_id, np.int64)[sel].tolist()]
+        modules = [
+            names[m] if 0 <= m < len(names) else f"module {m}" for m in np.asarray(tl.module_id, np.int64)[sel].tolist()
+        ]
         events += _track_events(
-            pid, PHASE_TID.get(ph, 10 + ph), label, label, modules,
-            np.asarray(tl.start_ns, np.int64)[sel] + shift, np.asarray(tl.end_ns, np.int64)[sel] + shift,
-            depth, np.asarray(tl.step, np.int64)[sel])
+            pid,
+            PHASE_TID.get(ph, 10 + ph),
+            label,
+            label,
+            modules,
+            np.asarray(tl.start_ns, np.int64)[sel] + shift,
+            np.asarray(tl.end_ns, np.int64)[sel] + shift,
+            depth,
+            np.asarray(tl.step, np.int64)[sel],
+        )
     return events
 
 
-def _track_events(pid: int, tid: int, label: str, cat: str, names: list[str], starts: np.ndarray,
-                  ends: np.ndarray, depth: np.ndarray, steps: np.ndarray) -> list[dict]:
+def _track_events(
+    pid: int,
+    tid: int,
+    label: str,
+    cat: str,
+    names: list[str],
+    starts: np.ndarray,
+    ends: np.ndarray,
+    depth: np.ndarray,
+    steps: np.ndarray,
+) -> list[dict]:
     """One track's complete events (nanoseconds from the origin), with overflow tracks for
     what does not nest."""
     ends = np.maximum(ends, starts)
@@ -144,8 +163,18 @@ def _track_events(pid: int, tid: int, label: str, cat: str, names: list[str], st
     for i, lane, ts, dur, step in zip(
         order.tolist(), lanes.tolist(), _us(starts), _us(ends - starts), steps[order].tolist()
     ):
-        events.append({"name": names[i], "cat": cat, "ph": "X", "pid": pid, "tid": tids[lane],
-                       "ts": ts, "dur": dur, "args": {"step": step}})
+        events.append(
+            {
+                "name": names[i],
+                "cat": cat,
+                "ph": "X",
+                "pid": pid,
+                "tid": tids[lane],
+                "ts": ts,
+                "dur": dur,
+                "args": {"step": step},
+            }
+        )
     return events
 
 
@@ -198,27 +227,49 @@ def timelines_from_store(store, job: str, from_step: int, to_step: int) -> tuple
             for c in chunks:
                 n = len(c["start"])
                 columns.setdefault(rank, []).append(
-                    (np.full(n, c["step"], np.int64), c["module"], c["phase"], c["start"], c["end"], c["depth"]))
+                    (np.full(n, c["step"], np.int64), c["module"], c["phase"], c["start"], c["end"], c["depth"])
+                )
     else:
         for step in range(from_step, to_step + 1):
             for rank, m in store.step_modules(job, step).items():
                 keep = (m["calls"] > 0) & (m["last_end"] >= m["first_start"])
                 n = int(keep.sum())
                 columns.setdefault(rank, []).append(
-                    (np.full(n, step, np.int64), m["module"][keep], m["phase"][keep],
-                     m["first_start"][keep], m["last_end"][keep], np.zeros(n, np.int64)))
+                    (
+                        np.full(n, step, np.int64),
+                        m["module"][keep],
+                        m["phase"][keep],
+                        m["first_start"][keep],
+                        m["last_end"][keep],
+                        np.zeros(n, np.int64),
+                    )
+                )
     timelines = []
     for rank in sorted(set(clocks) | set(columns) | set(spans)):
         parts = columns.get(rank, [])
-        cat = [np.concatenate([np.asarray(p[i], np.int64) for p in parts]) if parts
-               else np.zeros(0, np.int64) for i in range(6)]
+        cat = [
+            np.concatenate([np.asarray(p[i], np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
+            for i in range(6)
+        ]
         steps = spans.get(rank, ([], [], []))
         clock = clocks.get(rank, {})
-        timelines.append(RankTimeline(
-            rank=int(rank), host=clock.get("host") or "?", offset_ns=int(clock.get("clock_offset_ns") or 0),
-            module_names=names, step=cat[0], module_id=cat[1], phase=cat[2], start_ns=cat[3],
-            end_ns=cat[4], depth=cat[5], step_number=np.asarray(steps[0], np.int64),
-            step_start_ns=np.asarray(steps[1], np.int64), step_end_ns=np.asarray(steps[2], np.int64)))
+        timelines.append(
+            RankTimeline(
+                rank=int(rank),
+                host=clock.get("host") or "?",
+                offset_ns=int(clock.get("clock_offset_ns") or 0),
+                module_names=names,
+                step=cat[0],
+                module_id=cat[1],
+                phase=cat[2],
+                start_ns=cat[3],
+                end_ns=cat[4],
+                depth=cat[5],
+                step_number=np.asarray(steps[0], np.int64),
+                step_start_ns=np.asarray(steps[1], np.int64),
+                step_end_ns=np.asarray(steps[2], np.int64),
+            )
+        )
     return timelines, source
 
 
@@ -271,7 +322,10 @@ def make_trace_handler(store, read=None):
         # built and serialized off the event loop: a large capture takes a fraction of a second
         body = await read(lambda: json.dumps(build_trace(job, timelines, source, from_step, to_step)))
         name = f"modtrack-{job}-steps-{from_step}-{to_step}.json"
-        return web.Response(text=body, content_type="application/json",
-                            headers={"Content-Disposition": f'attachment; filename="{name}"'})
+        return web.Response(
+            text=body,
+            content_type="application/json",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
 
     return handle

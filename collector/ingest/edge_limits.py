@@ -6,6 +6,7 @@ bounds are far above any real job and low enough that one bad or hostile sender 
 exhaust the collector's memory, overflow SQLite's 64-bit integers, or push a job's step
 watermark so far ahead that the real steps behind it are never evaluated.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -62,8 +63,9 @@ def check_hello(h, access) -> None:
 
 def check_names(names, where: str) -> None:
     if len(names) > MAX_MODULES:
-        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                      f"{where}: {len(names)} module names, over the limit of {MAX_MODULES}")
+        raise Refused(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"{where}: {len(names)} module names, over the limit of {MAX_MODULES}"
+        )
     if names and max(map(len, names)) > MAX_NAME_CHARS:
         raise invalid(f"{where}: a module name is longer than {MAX_NAME_CHARS} characters")
 
@@ -75,8 +77,10 @@ def check_table_growth(job_state, names) -> None:
         return
     new = sum(1 for n in set(names) if n not in job_state.ids)
     if have + new > MAX_MODULES:
-        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                      f"job {job_state.job!r}: module table would grow past {MAX_MODULES} names")
+        raise Refused(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"job {job_state.job!r}: module table would grow past {MAX_MODULES} names",
+        )
 
 
 def check_report(report, newest_step: int, job_last_evaluated: int) -> int:
@@ -92,8 +96,7 @@ def check_report(report, newest_step: int, job_last_evaluated: int) -> int:
             raise invalid(f"{where}: {name} is out of range")
     if report.end_ns - report.start_ns > MAX_DURATION_NS:
         raise invalid(f"{where}: lasts more than a day")
-    for name in ("forward_ns", "backward_ns", "optimizer_ns", "data_ns", "backward_tail_ns",
-                 "recompute_ns"):
+    for name in ("forward_ns", "backward_ns", "optimizer_ns", "data_ns", "backward_tail_ns", "recompute_ns"):
         if getattr(report, name) > MAX_DURATION_NS:
             raise invalid(f"{where}: {name} {getattr(report, name)} is more than a day")
     check_names(report.new_module_names, where)
@@ -132,15 +135,16 @@ async def checked_messages(messages, hello_timeout_s: float):
     """The stream's messages, refused cleanly: DEADLINE_EXCEEDED when the first one (the
     Hello) is late, INVALID_ARGUMENT for bytes that are no AgentMessage."""
     it = messages.__aiter__()
-    timeout = hello_timeout_s
+    timeout: float | None = hello_timeout_s
     while True:
         try:
             message = await asyncio.wait_for(it.__anext__(), timeout)
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:
-            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"no Hello within {hello_timeout_s:g} s of opening the stream") from None
+            raise Refused(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no Hello within {hello_timeout_s:g} s of opening the stream"
+            ) from None
         except DecodeError as exc:
             raise invalid(f"undecodable message: {exc}") from None
         timeout = None

@@ -68,7 +68,13 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
     }
     counters = {name: getattr(report.counters, name) for name in AGENT_COUNTERS}
     return StepRow(
-        stream.job, stream.rank, report.step, figures, modules, _parse_trace(report, stream, where), counters,
+        stream.job,
+        stream.rank,
+        report.step,
+        figures,
+        modules,
+        _parse_trace(report, stream, where),
+        counters,
         stream.attempt,
     )
 

@@ -6,6 +6,7 @@ single writer and queued for the merge. Acks are cumulative and sent only after 
 commit that holds the report. Control messages (trace capture, pause, resume) go out through
 the stream's own queue.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,7 @@ class _End:
 
 
 class IngestServicer(pb_grpc.CollectorServicer):
-    def __init__(self, merger: Merger, store: Store, writer: StoreWriter, token=None, metrics=None,
-                 restore_job=None):
+    def __init__(self, merger: Merger, store: Store, writer: StoreWriter, token=None, metrics=None, restore_job=None):
         self.merger = merger
         self.restore_job = restore_job  # async (job): reads a job not in memory back from SQLite
         self.store = store
@@ -68,8 +68,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
         """Ask every connected rank of `job` to trace its next `steps` steps. Returns
         (capture_id, ranks asked); KeyError for a job with no connected rank."""
         capture_id = uuid.uuid4().hex[:16]
-        asked = self._control(job, pb.Control(capture=pb.CaptureTrace(capture_id=capture_id,
-                                                                       steps=steps)))
+        asked = self._control(job, pb.Control(capture=pb.CaptureTrace(capture_id=capture_id, steps=steps)))
         self.writer.call(self.store.add_capture, capture_id, job, steps, asked)
         return capture_id, asked
 
@@ -116,8 +115,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
                 self.streams.get(holder[0].job, set()).discard(holder[0])
                 self.stall_watch.gone(holder[0].job, holder[0].rank, holder[0])  # hung jobs
 
-    async def _read(self, request_iterator, out: asyncio.Queue, holder: list,
-                    access=None) -> None:
+    async def _read(self, request_iterator, out: asyncio.Queue, holder: list, access=None) -> None:
         acks: asyncio.Queue = asyncio.Queue()
         acker = asyncio.create_task(self._ack(acks, out))
         stream = None
@@ -138,11 +136,15 @@ class IngestServicer(pb_grpc.CollectorServicer):
                     raise invalid(f"the first message must be a Hello, got {kind}")
                 elif kind == "report":
                     newest_step = edge_limits.check_report(
-                        msg.report, newest_step, self.merger.jobs[stream.job].last_evaluated)
+                        msg.report, newest_step, self.merger.jobs[stream.job].last_evaluated
+                    )
                     self._report(msg.report, stream, acks)
                 elif kind == "ping":
-                    out.put_nowait(pb.CollectorMessage(pong=pb.ClockPong(
-                        t1_ns=msg.ping.t1_ns, t2_ns=received_ns, t3_ns=time.time_ns())))
+                    out.put_nowait(
+                        pb.CollectorMessage(
+                            pong=pb.ClockPong(t1_ns=msg.ping.t1_ns, t2_ns=received_ns, t3_ns=time.time_ns())
+                        )
+                    )
                 elif kind == "clock":
                     self._clock(msg.clock, stream)
                 elif kind == "heartbeat":  # hung jobs: where a rank in a long step is
@@ -175,23 +177,45 @@ class IngestServicer(pb_grpc.CollectorServicer):
         stream = RankStream(h.job, h.rank, names, remap, out, attempt)
         self.streams.setdefault(h.job, set()).add(stream)
         self.writer.call(self.store.upsert_job, h.job, h.world_size, job.attempt)
-        self.writer.call(self.store.upsert_rank, h.job, h.rank, {
-            "local_rank": h.local_rank, "group_rank": h.group_rank, "host": h.host, "pid": h.pid,
-            "session": h.session, "torch_version": h.torch_version,
-            "agent_version": h.agent_version, "clock_kind": h.clock_kind,
-            "last_seen_ns": time.time_ns(), "state": "live", "attempt": attempt})
-        log.info("rank %d of job %r (attempt %d) connected from %s (pid %d, %d modules)", h.rank, h.job,
-                 attempt, h.host, h.pid, len(names))
+        self.writer.call(
+            self.store.upsert_rank,
+            h.job,
+            h.rank,
+            {
+                "local_rank": h.local_rank,
+                "group_rank": h.group_rank,
+                "host": h.host,
+                "pid": h.pid,
+                "session": h.session,
+                "torch_version": h.torch_version,
+                "agent_version": h.agent_version,
+                "clock_kind": h.clock_kind,
+                "last_seen_ns": time.time_ns(),
+                "state": "live",
+                "attempt": attempt,
+            },
+        )
+        log.info(
+            "rank %d of job %r (attempt %d) connected from %s (pid %d, %d modules)",
+            h.rank,
+            h.job,
+            attempt,
+            h.host,
+            h.pid,
+            len(names),
+        )
         return stream
 
     def _extend(self, job: str):
         """A function giving job-wide ids for names, persisting names the job had not seen."""
+
         def extend(names: list[str]) -> np.ndarray:
             edge_limits.check_table_growth(self.merger.jobs[job], names)
             ids, first_new, added = self.merger.jobs[job].module_ids(names)
             if added:
                 self.writer.call(self.store.add_modules, job, first_new, list(added))
             return ids
+
         return extend
 
     def _report(self, report, stream: RankStream, acks: asyncio.Queue) -> None:
@@ -202,9 +226,15 @@ class IngestServicer(pb_grpc.CollectorServicer):
                 self.metrics.count_duplicate(stream.job, "late")
             if not stream.duplicates_logged:
                 stream.duplicates_logged = True
-                log.warning("rank %d of job %r (attempt %d): step %d came after the job's step %d was "
-                            "evaluated; stored, not merged (logged once per stream)", stream.rank,
-                            stream.job, stream.attempt, row.step, self.merger.jobs[stream.job].last_evaluated)
+                log.warning(
+                    "rank %d of job %r (attempt %d): step %d came after the job's step %d was "
+                    "evaluated; stored, not merged (logged once per stream)",
+                    stream.rank,
+                    stream.job,
+                    stream.attempt,
+                    row.step,
+                    self.merger.jobs[stream.job].last_evaluated,
+                )
         info = self.merger.jobs[stream.job].ranks[stream.rank]
         info.counters = row.counters
         self._observe_rank(stream, info)
@@ -213,8 +243,12 @@ class IngestServicer(pb_grpc.CollectorServicer):
         edge_limits.check_offset(clock.offset_ns)
         info = self.merger.jobs[stream.job].ranks[stream.rank]
         info.clock_offset_ns = clock.offset_ns
-        self.writer.call(self.store.upsert_rank, stream.job, stream.rank,
-                         {"clock_offset_ns": clock.offset_ns, "rtt_ns": clock.rtt_ns})
+        self.writer.call(
+            self.store.upsert_rank,
+            stream.job,
+            stream.rank,
+            {"clock_offset_ns": clock.offset_ns, "rtt_ns": clock.rtt_ns},
+        )
         self._observe_rank(stream, info)
 
     def _rejected(self, reason: str) -> None:
@@ -226,14 +260,16 @@ class IngestServicer(pb_grpc.CollectorServicer):
         if self.metrics is None:
             return
         try:
-            self.metrics.observe_rank(stream.job, stream.rank, info.host,
-                                      info.clock_offset_ns / 1e6, dict(info.counters))
+            self.metrics.observe_rank(
+                stream.job, stream.rank, info.host, info.clock_offset_ns / 1e6, dict(info.counters)
+            )
         except Exception:
             log.exception("metrics.observe_rank failed")
 
     async def _ack(self, acks: asyncio.Queue, out: asyncio.Queue) -> None:
         """Cumulative acks: after each commit, one Ack for the highest step stored so far."""
-        best, waiting = None, collections.deque()
+        best = None
+        waiting: collections.deque = collections.deque()
         try:
             while True:
                 if not waiting:

@@ -4,6 +4,7 @@ Receivers that already understand Alertmanager (chat bridges, incident tools, Al
 webhook receivers) then take modtrack's built-in alerts with no new code. The fingerprint is the
 one Alertmanager computes for the same labels, so the two paths deduplicate alike.
 """
+
 from __future__ import annotations
 
 import time
@@ -56,17 +57,25 @@ def alert_annotations(episode: Episode) -> dict[str, str]:
     since = f"steps {episode.first_step}-{episode.last_step}"
     if episode.rank < 0:
         ranks = ", ".join(str(r) for r in episode.ranks) or "all"
-        summary = (f"Node suspect: host {episode.host} (ranks {ranks}) is {episode.slowdown:.2f}x slower "
-                   f"in {where}, costing {_cost_text(episode)}")
-        description = (f"In job {episode.job}, the ranks on host {episode.host} straggle together in "
-                       f"{where} over {since}: a node problem (thermal throttling, a bad GPU or NIC, a "
-                       f"noisy neighbour) rather than one rank's data. The job loses {_cost_text(episode)}.")
+        summary = (
+            f"Node suspect: host {episode.host} (ranks {ranks}) is {episode.slowdown:.2f}x slower "
+            f"in {where}, costing {_cost_text(episode)}"
+        )
+        description = (
+            f"In job {episode.job}, the ranks on host {episode.host} straggle together in "
+            f"{where} over {since}: a node problem (thermal throttling, a bad GPU or NIC, a "
+            f"noisy neighbour) rather than one rank's data. The job loses {_cost_text(episode)}."
+        )
     else:
-        summary = (f"Rank {episode.rank} on host {episode.host} is {episode.slowdown:.2f}x slower in "
-                   f"{where}, costing {_cost_text(episode)}")
-        description = (f"In job {episode.job}, rank {episode.rank} on {episode.host} computes {where} "
-                       f"{episode.slowdown:.2f}x slower than the median of its peers over {since}, while "
-                       f"the others wait for it in the next collective. The job loses {_cost_text(episode)}.")
+        summary = (
+            f"Rank {episode.rank} on host {episode.host} is {episode.slowdown:.2f}x slower in "
+            f"{where}, costing {_cost_text(episode)}"
+        )
+        description = (
+            f"In job {episode.job}, rank {episode.rank} on {episode.host} computes {where} "
+            f"{episode.slowdown:.2f}x slower than the median of its peers over {since}, while "
+            f"the others wait for it in the next collective. The job loses {_cost_text(episode)}."
+        )
     annotations = {"summary": summary, "description": description}
     if episode.cause:
         annotations["summary"] = f"{summary}; cause: {episode.cause}"
@@ -83,8 +92,9 @@ def dashboard_link(dashboard_url: str, job: str) -> str:
     return f"{dashboard_url.rstrip('/')}/?job={quote(job, safe='')}"
 
 
-def episode_to_alert(episode: Episode, dashboard_url: str, starts_at: float | None = None,
-                     ends_at: float | None = None) -> dict:
+def episode_to_alert(
+    episode: Episode, dashboard_url: str, starts_at: float | None = None, ends_at: float | None = None
+) -> dict:
     """One alert as Alertmanager shows it. Times are epoch seconds; unknown start means now."""
     labels = alert_labels(episode)
     resolved = episode.state != "active"

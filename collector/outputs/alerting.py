@@ -6,6 +6,7 @@ each webhook URL has its own bounded queue and sender task, so a receiver that i
 only delays its own deliveries. Sends retry with exponential backoff; when a queue is full the
 oldest payload is dropped and counted rather than holding memory or blocking anything.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -54,9 +55,19 @@ class _Webhook:
 class AlertDispatcher:
     """Logs episode transitions and POSTs them to webhooks in Alertmanager's payload shape."""
 
-    def __init__(self, webhook_urls: list[str], dashboard_url: str, *, queue_size: int = 1000,
-                 timeout_s: float = 5.0, max_attempts: int = 6, backoff_s: float = 0.5,
-                 max_backoff_s: float = 30.0, repeat_interval_s: float = 3600.0, metrics=None):
+    def __init__(
+        self,
+        webhook_urls: list[str],
+        dashboard_url: str,
+        *,
+        queue_size: int = 1000,
+        timeout_s: float = 5.0,
+        max_attempts: int = 6,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        repeat_interval_s: float = 3600.0,
+        metrics=None,
+    ):
         self.dashboard_url = dashboard_url
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
@@ -114,7 +125,8 @@ class AlertDispatcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._session.close()
+        if self._session is not None:
+            await self._session.close()
         self._router = None
 
     async def _drain(self) -> None:
@@ -150,8 +162,12 @@ class AlertDispatcher:
             del self._firing[fp]
             self._active.pop(fp, None)
             alert = episode_to_alert(episode, self.dashboard_url, starts_at=seen.starts_at, ends_at=now)
-            log.warning("alert resolved: %s (steps %d-%d)", alert["annotations"]["summary"],
-                        episode.first_step, episode.last_step)
+            log.warning(
+                "alert resolved: %s (steps %d-%d)",
+                alert["annotations"]["summary"],
+                episode.first_step,
+                episode.last_step,
+            )
         else:
             return  # resolved before we ever saw it open: nothing to take back
         if self.webhooks:
@@ -176,9 +192,11 @@ class AlertDispatcher:
                 hook.stats["retries"] += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
+            assert self._session is not None, "delivering before start()"
             try:
-                async with self._session.post(hook.url, data=body,
-                                              headers={"Content-Type": "application/json"}) as resp:
+                async with self._session.post(
+                    hook.url, data=body, headers={"Content-Type": "application/json"}
+                ) as resp:
                     if resp.status < 300:
                         return "sent"
                     if 400 <= resp.status < 500 and resp.status not in _RETRYABLE_4XX:

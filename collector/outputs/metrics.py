@@ -11,6 +11,7 @@ from that state at collect time), so a step costs O(1) here whatever the world s
 collector's own failure counters (evaluation errors, late reports, dropped alert changes, store
 write errors, ...) are read from the stages at scrape time too.
 """
+
 from __future__ import annotations
 
 import threading
@@ -89,8 +90,11 @@ class CollectorMetrics:
         self._deliveries: dict[str, int] = {}  # webhook outcome -> count
         self.failures: Callable[[], FailureCounts] | None = None  # the collector's counters, read at scrape
         self.verdict_lag = Histogram(
-            "modtrack_verdict_lag_seconds", "From a step's last report arriving to the detector's verdict on it.",
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+            "modtrack_verdict_lag_seconds",
+            "From a step's last report arriving to the detector's verdict on it.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(self))
 
     # -- fed by the collector ---------------------------------------------------------------
@@ -240,48 +244,101 @@ def _job_samples(name: str, job: _Job, f: dict) -> None:
 def _new_rank(job: str, rank: int, host: str, old: _Rank | None = None) -> _Rank:
     r = _Rank(host, (job, str(rank), host), (job, str(rank)))
     if old is not None:  # same rank, new host (a restarted pod): keep its counts
-        r.reports, r.last_report_s, r.clock_offset_ms, r.counters = (old.reports, old.last_report_s,
-                                                                     old.clock_offset_ms, old.counters)
+        r.reports, r.last_report_s, r.clock_offset_ms, r.counters = (
+            old.reports,
+            old.last_report_s,
+            old.clock_offset_ms,
+            old.counters,
+        )
     return r
 
 
 _RANK, _JOB_RANK, _JOB = ("job", "rank", "host"), ("job", "rank"), ("job",)
 _FAMILIES = {  # key: (family type, name, help, labels)
     "step": (GaugeMetricFamily, "modtrack_step_seconds", "Wall time of the rank's latest merged step.", _RANK),
-    "sync": (GaugeMetricFamily, "modtrack_sync_wait_seconds",
-             "Time the rank waited in the gradient all-reduce in its latest merged step.", _RANK),
-    "offset": (GaugeMetricFamily, "modtrack_clock_offset_seconds",
-               "The rank's clock offset to the collector (collector = agent + offset).", _RANK),
-    "last": (GaugeMetricFamily, "modtrack_rank_last_report_timestamp_seconds",
-             "Unix time of the rank's latest report.", _RANK),
+    "sync": (
+        GaugeMetricFamily,
+        "modtrack_sync_wait_seconds",
+        "Time the rank waited in the gradient all-reduce in its latest merged step.",
+        _RANK,
+    ),
+    "offset": (
+        GaugeMetricFamily,
+        "modtrack_clock_offset_seconds",
+        "The rank's clock offset to the collector (collector = agent + offset).",
+        _RANK,
+    ),
+    "last": (
+        GaugeMetricFamily,
+        "modtrack_rank_last_report_timestamp_seconds",
+        "Unix time of the rank's latest report.",
+        _RANK,
+    ),
     "missing": (GaugeMetricFamily, "modtrack_ranks_missing", "Ranks of the job that stopped reporting.", _JOB),
     "last_step": (GaugeMetricFamily, "modtrack_last_step", "Latest step merged for the job.", _JOB),
-    "slowdown": (GaugeMetricFamily, "modtrack_straggler_slowdown_ratio",
-                 "Active straggler: the rank's time over its peers' median.", (*_RANK, "module", "phase")),
-    "cost": (GaugeMetricFamily, "modtrack_straggler_cost_seconds_per_step",
-             "Active straggler: step time the job loses to it.", (*_RANK, "module", "phase")),
-    "excess": (GaugeMetricFamily, "modtrack_straggler_excess_seconds_per_step",
-               "Active straggler: the rank's own excess time per slow step over its peers' median, all places.",
-               (*_RANK, "module", "phase")),
-    "module_excess": (GaugeMetricFamily, "modtrack_straggler_module_excess_seconds",
-                      f"Active straggler: excess per slow step in each listed module x phase (at most "
-                      f"{MODULES_PER_EPISODE} per episode).", (*_RANK, "module", "phase")),
-    "attempt": (GaugeMetricFamily, "modtrack_job_attempt", "The job's latest attempt (torchelastic restarts, 0 first).",
-                _JOB),
-    "duplicates": (CounterMetricFamily, "modtrack_reports_duplicate",
-                   "Reports stored but not merged, by reason (late: step already evaluated; conflict: another "
-                   "report had the same attempt, step and rank).", ("job", "reason")),
-    "n_active": (GaugeMetricFamily, "modtrack_straggler_episodes_active",
-                 "Active rank episodes of the job (the per-episode series keep the costliest top-k).", _JOB),
-    "node": (GaugeMetricFamily, "modtrack_node_suspect", "1 while the host's ranks straggle together.",
-             ("job", "host")),
+    "slowdown": (
+        GaugeMetricFamily,
+        "modtrack_straggler_slowdown_ratio",
+        "Active straggler: the rank's time over its peers' median.",
+        (*_RANK, "module", "phase"),
+    ),
+    "cost": (
+        GaugeMetricFamily,
+        "modtrack_straggler_cost_seconds_per_step",
+        "Active straggler: step time the job loses to it.",
+        (*_RANK, "module", "phase"),
+    ),
+    "excess": (
+        GaugeMetricFamily,
+        "modtrack_straggler_excess_seconds_per_step",
+        "Active straggler: the rank's own excess time per slow step over its peers' median, all places.",
+        (*_RANK, "module", "phase"),
+    ),
+    "module_excess": (
+        GaugeMetricFamily,
+        "modtrack_straggler_module_excess_seconds",
+        f"Active straggler: excess per slow step in each listed module x phase (at most "
+        f"{MODULES_PER_EPISODE} per episode).",
+        (*_RANK, "module", "phase"),
+    ),
+    "attempt": (
+        GaugeMetricFamily,
+        "modtrack_job_attempt",
+        "The job's latest attempt (torchelastic restarts, 0 first).",
+        _JOB,
+    ),
+    "duplicates": (
+        CounterMetricFamily,
+        "modtrack_reports_duplicate",
+        "Reports stored but not merged, by reason (late: step already evaluated; conflict: another "
+        "report had the same attempt, step and rank).",
+        ("job", "reason"),
+    ),
+    "n_active": (
+        GaugeMetricFamily,
+        "modtrack_straggler_episodes_active",
+        "Active rank episodes of the job (the per-episode series keep the costliest top-k).",
+        _JOB,
+    ),
+    "node": (
+        GaugeMetricFamily,
+        "modtrack_node_suspect",
+        "1 while the host's ranks straggle together.",
+        ("job", "host"),
+    ),
     "received": (CounterMetricFamily, "modtrack_reports_received", "Step reports received from the rank.", _JOB_RANK),
-    **{k: (CounterMetricFamily, f"modtrack_agent_{k}", f"The agent's own count of {k.replace('_', ' ')}.", _JOB_RANK)
-       for k in AGENT_COUNTERS},
+    **{
+        k: (CounterMetricFamily, f"modtrack_agent_{k}", f"The agent's own count of {k.replace('_', ' ')}.", _JOB_RANK)
+        for k in AGENT_COUNTERS
+    },
     "ingested": (CounterMetricFamily, "modtrack_ingest_records", "Step reports ingested, all jobs.", ()),
     "rejected": (CounterMetricFamily, "modtrack_ingest_rejected", "Agent messages refused, by reason.", ("reason",)),
-    "deliveries": (CounterMetricFamily, "modtrack_alert_webhook_deliveries",
-                   "Built-in webhook deliveries, by outcome.", ("outcome",)),
+    "deliveries": (
+        CounterMetricFamily,
+        "modtrack_alert_webhook_deliveries",
+        "Built-in webhook deliveries, by outcome.",
+        ("outcome",),
+    ),
 }
 
 

@@ -7,9 +7,11 @@ all columns at once; no Python loop runs per rank or per column. Step-level figu
 modules (data loading, optimizer) are judged as two more columns. The flags then feed the
 episode book (collector/pipeline/episodes.py): one verdict per culprit, hysteresis, host roll-up, cost.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -69,8 +71,9 @@ CPU_CLOCK_FLOOR = {"min_excess_ms": 1.0, "min_excess_frac": 0.01}
 
 def params_for_clock(params: DetectorParams, cpu_clock: bool) -> DetectorParams:
     """A job's params: floors left unset (None) get the CPU floor on a CPU-clocked job, else 0."""
-    floors = {name: (CPU_CLOCK_FLOOR[name] if cpu_clock else 0.0)
-              for name in CPU_CLOCK_FLOOR if getattr(params, name) is None}
+    floors: dict[str, Any] = {
+        name: (CPU_CLOCK_FLOOR[name] if cpu_clock else 0.0) for name in CPU_CLOCK_FLOOR if getattr(params, name) is None
+    }
     return replace(params, **floors)
 
 
@@ -114,6 +117,30 @@ def _peer_wait_median(wait: np.ndarray, x: np.ndarray, count: np.ndarray) -> np.
     return _row_medians(np.sort(waits, axis=0), count)
 
 
+def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) -> np.ndarray:
+    """Per rank, how long its peers waited for it beyond what its slower modules explain: what the
+    median peer waited (in any phase) minus what the rank itself waited and its module excess.
+
+    A rank slow in data loading or in the optimizer keeps every peer waiting in the next
+    collective (the gradient all-reduce of the step, or of the next one, the slowdown going on);
+    a rank preempted while its peers were held up too cost nobody anything, and is no straggler."""
+    idle = np.nan_to_num(np.asarray(m.sync_wait_ms if m.idle_ms is None else m.idle_ms, dtype=np.float64))
+    if len(idle) < 2:
+        return np.zeros(len(idle))
+    order = np.argsort(idle, kind="stable")
+    ordered, place = idle[order], np.empty(len(idle), np.int64)
+    place[order] = np.arange(len(idle))
+    others = len(idle) - 1  # the median of the others: the sorted waits with the rank's own left out
+
+    def other(j: int) -> np.ndarray:
+        return np.where(j < place, ordered[j], ordered[min(j + 1, len(idle) - 1)])
+
+    peer = 0.5 * (other((others - 1) // 2) + other(others // 2))
+    with np.errstate(invalid="ignore"):
+        module_excess = np.nansum(np.clip(x[:, :-steps] - median[:-steps], 0.0, None), axis=1)
+    return peer - idle - module_excess
+
+
 # Step-level figures judged like module columns: (StepMatrix field, name, phase).
 STEP_COLUMNS = (("data_ms", "(data loading)", "data"), ("optimizer_ms", "(optimizer)", "optimizer"))
 
@@ -122,8 +149,11 @@ def judged_columns(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
     """The (R, K') matrix the detector judges: module self times, then the step-level columns the
     matrix carries. Returns it and the step columns' keys (negative: they are no module)."""
     x = np.asarray(m.self_ms, dtype=np.float64)
-    extra = [(-1 - i, getattr(m, field)) for i, (field, _, _) in enumerate(STEP_COLUMNS)
-             if getattr(m, field, None) is not None]
+    extra = [
+        (-1 - i, getattr(m, field))
+        for i, (field, _, _) in enumerate(STEP_COLUMNS)
+        if getattr(m, field, None) is not None
+    ]
     if not extra:
         return x, np.empty(0, np.int64)
     cols = np.column_stack([np.asarray(v, dtype=np.float64) for _, v in extra])
@@ -168,8 +198,13 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
             # Data loading and optimizer are wall time, which a rank preempted on shared cores
             # stretches by a few ms now and then (measured: 1-16 ms, 1.6-10x, on 3 ranks / 2 cores).
             bar = max(p.step_floor_ms, p.step_floor_frac * wall_median)
-            flagged[:, -steps:] &= (x[:, -steps:] - median[-steps:]) > bar
+            # ... and a rank is slow there only if its peers waited for it (most of its excess).
+            step_excess = x[:, -steps:] - median[-steps:]
+            waited = _waited_for(m, x, median, steps)[:, None] >= 0.5 * step_excess
+            flagged[:, -steps:] &= (step_excess > bar) & waited
         held = above(p.hold_ratio, p.hold_z, p.hold_ratio)
+        if steps and np.isfinite(wall_median):
+            held[:, -steps:] &= waited  # an open episode lists them on the same evidence
     return StepFlags(flagged=flagged, held=held, median=median, count=count)
 
 
@@ -182,6 +217,7 @@ class Detector:
 
     def __init__(self, job: str, params: DetectorParams | None = None):
         self.job = job
+        self.attempt = 0  # the attempt it judges: the evaluator starts a fresh detector for each
         self.params = params or DetectorParams()
         self.book = EpisodeBook(job, self.params)
         self.last_step: int | None = None

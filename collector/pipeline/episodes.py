@@ -9,14 +9,20 @@ An episode is a rank (or a host): it lists every column (module x phase, data lo
 where the rank carries significant excess over its peers' median, and what the job loses per step,
 which is the culprit's excess bounded by what its peers really waited, in any phase.
 """
+
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from modtrack.collector.records import N_PHASES, PHASE_NAMES, Episode, StepMatrix, column_key
+
+if TYPE_CHECKING:
+    from modtrack.collector.pipeline.detector import StepFlags
 
 STEP_COLUMN_NAMES = {-1: ("(data loading)", "data"), -2: ("(optimizer)", "optimizer")}
 MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would list every module)
@@ -52,7 +58,7 @@ class _Step:
 
     m: StepMatrix
     x: np.ndarray  # (R, K) judged columns
-    flags: object
+    flags: StepFlags
     rank_wide: np.ndarray  # (R,) bool
     wall: np.ndarray
     wait: np.ndarray
@@ -84,7 +90,7 @@ class _Track:
     sig: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # significant columns
     med_excess: np.ndarray = field(default_factory=lambda: np.zeros(0))
     med_ratio: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    pending: tuple | None = None  # this step's (what-if loss, own excess, walls), before the wall scale
+    pending: Any = None  # this step's (what-if loss, own excess, walls), before the wall scale
 
 
 def _key(rank: int, host: str) -> tuple:
@@ -95,7 +101,7 @@ def _empty_rings(s: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.full((s, k), np.nan), np.full((s, k), np.nan), np.zeros((s, k), bool)
 
 
-def _column_name(key: int, names: list[str]) -> tuple[str, str]:
+def _column_name(key: int, names: Sequence[str]) -> tuple[str, str]:
     if key < 0:
         return STEP_COLUMN_NAMES.get(key, (f"step#{key}", "step"))
     mid, ph = divmod(key, N_PHASES)
@@ -107,14 +113,16 @@ class EpisodeBook:
         self.job = job
         self.p = params
         self.span = max(params.long_n, params.n + 1)  # ring length
-        self.hist: np.ndarray | None = None  # (span, R, K) bool cell flags of the last span steps
-        self.counts: np.ndarray | None = None  # (R, K) flagged steps among the last n
-        self.long_counts: np.ndarray | None = None  # (R, K) ... among the last long_n
+        self.hist: Any = (
+            None  # np.ndarray once the first step is seen  # (span, R, K) bool cell flags of the last span steps
+        )
+        self.counts: Any = None  # np.ndarray once the first step is seen  # (R, K) flagged steps among the last n
+        self.long_counts: Any = None  # np.ndarray once the first step is seen  # (R, K) ... among the last long_n
         # A step in which most of a rank's columns are flagged is one piece of evidence that the
         # rank is slow, not evidence that each of its cells is: it is counted here, not in counts.
-        self.rank_hist: np.ndarray | None = None  # (span, R) bool rank-wide steps
-        self.rank_counts: np.ndarray | None = None  # (R,)
-        self.rank_long_counts: np.ndarray | None = None  # (R,)
+        self.rank_hist: Any = None  # np.ndarray once the first step is seen  # (span, R) bool rank-wide steps
+        self.rank_counts: Any = None  # np.ndarray once the first step is seen  # (R,)
+        self.rank_long_counts: Any = None  # np.ndarray once the first step is seen  # (R,)
         self.pos = 0
         self.rank_ids = np.empty(0, np.int64)
         self.col_keys = np.empty(0, np.int64)
@@ -130,8 +138,9 @@ class EpisodeBook:
     def _align(self, m: StepMatrix, step_keys: np.ndarray) -> None:
         """Keep the flag history indexed like this matrix (ranks leave, modules appear)."""
         ranks = np.asarray(m.ranks, np.int64)
-        keys = np.concatenate([column_key(np.asarray(m.column_module, np.int64),
-                                          np.asarray(m.column_phase, np.int64)), step_keys])
+        keys = np.concatenate(
+            [column_key(np.asarray(m.column_module, np.int64), np.asarray(m.column_phase, np.int64)), step_keys]
+        )
         if self.hist is not None and np.array_equal(ranks, self.rank_ids) and np.array_equal(keys, self.col_keys):
             return
         new = np.zeros((self.span, len(ranks), len(keys)), bool)
@@ -201,8 +210,18 @@ class EpisodeBook:
         idle = wait if m.idle_ms is None else np.nan_to_num(np.asarray(m.idle_ms, dtype=np.float64))
         wall = np.nan_to_num(wall)
         self._floor_ms = max(self._floor(wall), 0.05)
-        step = _Step(m, x, flags, rank_wide, wall, wait, idle, self._floor(wall),
-                     float(np.median(wall)) if len(wall) else 0.0, np.argsort(idle, kind="stable"))
+        step = _Step(
+            m,
+            x,
+            flags,
+            rank_wide,
+            wall,
+            wait,
+            idle,
+            self._floor(wall),
+            float(np.median(wall)) if len(wall) else 0.0,
+            np.argsort(idle, kind="stable"),
+        )
 
         quiet = not self.tracks and not flagged.any()  # a step for the baseline: nothing slow, nothing flagged
         changed: list[Episode] = []
@@ -240,8 +259,10 @@ class EpisodeBook:
         # the most any culprit's excess would give back, bounded by what the non-culprits waited.
         culprits = sorted({r for t in pending for r in t.pending[3]})
         others = np.delete(s.idle, culprits)
-        explained = max(min(t.pending[1], float(others.min()) - float(s.idle[t.pending[3]].min()))
-                        if len(others) else t.pending[0] for t in pending)
+        explained = max(
+            min(t.pending[1], float(others.min()) - float(s.idle[t.pending[3]].min())) if len(others) else t.pending[0]
+            for t in pending
+        )
         scale = 1.0
         if len(self.baseline) >= MIN_BASELINE and explained > self._floor_ms:
             grew = job_wall - float(np.median(self.baseline))
@@ -373,8 +394,12 @@ class EpisodeBook:
         cols = cols[np.argsort(-med_excess[cols], kind="stable")]
         names = [_column_name(int(track.keys[c]), self._module_names) for c in cols.tolist()]
         ep.modules = [
-            {"module": name, "phase": phase, "excess_ms": round(float(med_excess[c]), 3),
-             "slowdown": round(float(med_ratio[c]), 3) if np.isfinite(med_ratio[c]) else None}
+            {
+                "module": name,
+                "phase": phase,
+                "excess_ms": round(float(med_excess[c]), 3),
+                "slowdown": round(float(med_ratio[c]), 3) if np.isfinite(med_ratio[c]) else None,
+            }
             for (name, phase), c in zip(names, cols.tolist())
         ][:MAX_LISTED]
         recorded = min(track.slow_steps, track.excess.shape[0])
@@ -394,7 +419,7 @@ class EpisodeBook:
         else:
             parts = []
             modules = len({name for name, phase in names if phase in ("forward", "backward", "recompute")})
-            for name, phase in names:
+            for _name, phase in names:
                 if phase == "data" and "data loading" not in parts:
                     parts.append("data loading")
                 elif phase == "optimizer" and "optimizer" not in parts:
@@ -414,13 +439,30 @@ class EpisodeBook:
     def _new_track(self, s: _Step, rank: int, host: str, c: int, ranks) -> Episode:
         module, phase = self.col_names[c]
         ep = Episode(
-            job=self.job, rank=rank, host=host, module=module, phase=phase, slowdown=1.0,
-            first_step=s.m.step, last_step=s.m.step, state="active", cost_ms_per_step=0.0,
-            ranks=sorted(ranks), attempt=getattr(s.m, "attempt", 0) or 0,
+            job=self.job,
+            rank=rank,
+            host=host,
+            module=module,
+            phase=phase,
+            slowdown=1.0,
+            first_step=s.m.step,
+            last_step=s.m.step,
+            state="active",
+            cost_ms_per_step=0.0,
+            ranks=sorted(ranks),
+            attempt=getattr(s.m, "attempt", 0) or 0,
         )
         excess, ratio, held = _empty_rings(self.p.smooth_steps, len(self.col_keys))
-        track = _Track(ep, sorted(ranks), self.col_keys, excess, ratio, held,
-                       np.zeros(self.p.smooth_steps, bool), last_slow=s.m.step)
+        track = _Track(
+            ep,
+            sorted(ranks),
+            self.col_keys,
+            excess,
+            ratio,
+            held,
+            np.zeros(self.p.smooth_steps, bool),
+            last_slow=s.m.step,
+        )
         self._advance(track, s, opening=True)
         self.tracks[_key(rank, host)] = track
         self._forget(track.ranks)
@@ -451,8 +493,11 @@ class EpisodeBook:
         rows, cols = np.nonzero((enough | rank_enough[:, None]) & s.flags.flagged)
         # A whole rank slow a little everywhere may have no flagged cell: its costliest column.
         busy_now = self._busy_ranks()
-        bare = [r for r in np.flatnonzero(rank_enough & s.rank_wide).tolist()
-                if r not in set(rows.tolist()) and int(self.rank_ids[r]) not in busy_now]
+        bare = [
+            r
+            for r in np.flatnonzero(rank_enough & s.rank_wide).tolist()
+            if r not in set(rows.tolist()) and int(self.rank_ids[r]) not in busy_now
+        ]
         if bare:
             k = np.asarray(s.m.self_ms).shape[1]
             with _quiet():
@@ -522,8 +567,16 @@ class EpisodeBook:
                 continue
             ranks = list(ep.ranks) if ep.rank == -1 else [ep.rank]
             excess, ratio, held = _empty_rings(self.p.smooth_steps, len(self.col_keys))
-            track = _Track(ep, sorted(ranks), self.col_keys, excess, ratio, held,
-                           np.zeros(self.p.smooth_steps, bool), last_slow=ep.last_step)
+            track = _Track(
+                ep,
+                sorted(ranks),
+                self.col_keys,
+                excess,
+                ratio,
+                held,
+                np.zeros(self.p.smooth_steps, bool),
+                last_slow=ep.last_step,
+            )
             track.losses.append(ep.cost_ms_per_step)
             track.walls.append(100.0 * ep.cost_ms_per_step / ep.cost_pct if ep.cost_pct else 0.0)
             self.tracks[_key(ep.rank, ep.host)] = track

@@ -42,8 +42,9 @@ def read_job(store: Store, row: dict) -> StoredJob:
     """Read thread: a job's module table, ranks (missing until they report) and episodes."""
     job = row["job"]
     last = row["last_evaluated_step"]
-    state = JobState(job, row["world_size"], store.module_names(job), -1 if last is None else last,
-                     row.get("attempt") or 0)
+    state = JobState(
+        job, row["world_size"], store.module_names(job), -1 if last is None else last, row.get("attempt") or 0
+    )
     for r in store.ranks(job):
         state.sessions[r["rank"]] = (r.get("attempt") or 0, r.get("session") or "")
         state.add_rank(

@@ -11,6 +11,7 @@ Merge state lives on the event loop. What evaluating a step needs of its job (ho
 table, the clock) is copied into a JobSnapshot when the step is handed out, so the evaluation
 thread never reads a dict that a Hello may be growing at the same moment.
 """
+
 from __future__ import annotations
 
 import time
@@ -61,8 +62,9 @@ class ReadyStep:
 class JobState:
     """What the merge knows about one job: ranks, the job-wide module table, pending steps."""
 
-    def __init__(self, job: str, world_size: int, names: list[str] | None = None,
-                 last_evaluated: int = -1, attempt: int = 0):
+    def __init__(
+        self, job: str, world_size: int, names: list[str] | None = None, last_evaluated: int = -1, attempt: int = 0
+    ):
         self.job = job
         self.world_size = world_size
         self.names: list[str] = list(names or [])
@@ -129,8 +131,12 @@ class JobState:
 
 
 class Merger:
-    def __init__(self, watermark_s: float = ServeConfig.watermark_s,
-                 missing_after_s: float = ServeConfig.missing_after_s, max_pending_steps: int = 10_000):
+    def __init__(
+        self,
+        watermark_s: float = ServeConfig.watermark_s,
+        missing_after_s: float = ServeConfig.missing_after_s,
+        max_pending_steps: int = 10_000,
+    ):
         self.watermark_s = watermark_s
         self.missing_after_s = missing_after_s
         self.max_pending_steps = max_pending_steps  # bounds memory if a rank races far ahead
@@ -144,8 +150,16 @@ class Merger:
         state.world_size = max(world_size, 1)
         return state
 
-    def hello(self, job: str, rank: int, world_size: int, host: str, clock_kind: int = 0,
-              session: str = "", attempt: int | None = None) -> JobState:
+    def hello(
+        self,
+        job: str,
+        rank: int,
+        world_size: int,
+        host: str,
+        clock_kind: int = 0,
+        session: str = "",
+        attempt: int | None = None,
+    ) -> JobState:
         """Register a rank's stream; `state.sessions[rank][0]` is then the attempt it belongs to."""
         state = self.job(job, world_size)
         state.attempt_of(rank, session, attempt)
@@ -184,13 +198,17 @@ class Merger:
             for step in sorted(state.pending):
                 pending = state.pending[step]
                 complete = everyone_known and live <= pending.rows.keys()
-                if not (complete or now - pending.first_seen >= self.watermark_s
-                        or len(state.pending) > self.max_pending_steps):
+                if not (
+                    complete
+                    or now - pending.first_seen >= self.watermark_s
+                    or len(state.pending) > self.max_pending_steps
+                ):
                     break
                 del state.pending[step]
                 state.last_evaluated = step
-                ready.append(ReadyStep(state.snapshot(pending.rows), step, pending.rows,
-                                       now - pending.first_seen, state.attempt))
+                ready.append(
+                    ReadyStep(state.snapshot(pending.rows), step, pending.rows, now - pending.first_seen, state.attempt)
+                )
         return ready, missing
 
 
@@ -199,8 +217,7 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     state = job.snapshot(rows) if isinstance(job, JobState) else job
     ranks = sorted(rows)
     ordered = [rows[r] for r in ranks]
-    lengths = np.fromiter((len(r.modules["module"]) for r in ordered), dtype=np.int64,
-                          count=len(ordered))
+    lengths = np.fromiter((len(r.modules["module"]) for r in ordered), dtype=np.int64, count=len(ordered))
     modules = np.concatenate([r.modules["module"] for r in ordered]).astype(np.int64)
     phases = np.concatenate([r.modules["phase"] for r in ordered]).astype(np.int64)
     self_ns = np.concatenate([r.modules["self"] for r in ordered])
@@ -214,9 +231,10 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     inverse = (np.cumsum(present) - 1)[keys]
     self_ms = np.full((len(ranks), len(columns)), np.nan)
     self_ms[np.repeat(np.arange(len(ranks)), lengths), inverse] = self_ns / 1e6
-    figures = {name: np.array([r.figures[name] for r in ordered], dtype=np.float64)
-               for name in ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns",
-                            "data_ns", "optimizer_ns")}
+    figures = {
+        name: np.array([r.figures[name] for r in ordered], dtype=np.float64)
+        for name in ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns", "data_ns", "optimizer_ns")
+    }
     tail_ms = figures["backward_tail_ns"] / 1e6
     # On the CPU clock a module's self time is compute only, so forward and backward wall minus all
     # module compute is what the rank waited, in whatever phase (FSDP all-gathers, DDP's tail).
@@ -224,11 +242,20 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     in_modules = (figures["forward_ns"] + figures["backward_ns"]) / 1e6 - np.nansum(self_ms, axis=1)
     idle_ms = np.maximum(in_modules, tail_ms) if state.cpu_clock else tail_ms
     return StepMatrix(
-        job=state.job, step=step, ranks=np.array(ranks, dtype=np.int64),
+        job=state.job,
+        step=step,
+        ranks=np.array(ranks, dtype=np.int64),
         hosts=[state.hosts.get(r, "") for r in ranks],
-        column_module=columns // N_PHASES, column_phase=columns % N_PHASES,
-        self_ms=self_ms, wall_ms=(figures["end_ns"] - figures["start_ns"]) / 1e6,
-        sync_wait_ms=tail_ms, forward_ms=figures["forward_ns"] / 1e6,
-        backward_ms=figures["backward_ns"] / 1e6, module_names=state.names,
-        data_ms=figures["data_ns"] / 1e6, optimizer_ms=figures["optimizer_ns"] / 1e6, idle_ms=idle_ms,
-        attempt=state.attempt)
+        column_module=columns // N_PHASES,
+        column_phase=columns % N_PHASES,
+        self_ms=self_ms,
+        wall_ms=(figures["end_ns"] - figures["start_ns"]) / 1e6,
+        sync_wait_ms=tail_ms,
+        forward_ms=figures["forward_ns"] / 1e6,
+        backward_ms=figures["backward_ns"] / 1e6,
+        module_names=state.names,
+        data_ms=figures["data_ns"] / 1e6,
+        optimizer_ms=figures["optimizer_ns"] / 1e6,
+        idle_ms=idle_ms,
+        attempt=state.attempt,
+    )

@@ -153,7 +153,7 @@ class StallWatch:
         url = alerting.dashboard_url if alerting is not None else ""
         for fp, (labels, answer, r) in now_alerts.items():
             old = self._firing.get(fp)
-            alert = {
+            alert: dict = {
                 "status": "firing",
                 "labels": labels,
                 "annotations": _annotations(answer, r),

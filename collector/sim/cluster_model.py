@@ -7,6 +7,7 @@ cells and whole ranks. DDP-style synchronisation: every rank's step ends when th
 rank's compute does, and the difference shows up as that rank's sync wait. With pipeline
 stages, each module runs only on the ranks of its stage (NaN elsewhere).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -97,8 +98,16 @@ class ClusterModel:
         bw = np.nansum(x[:, self.modules :], axis=1) + wait
         rows = np.arange(R) if present is None else np.asarray(present)
         return StepMatrix(
-            job="sim", step=step, ranks=rows.astype(np.int64), hosts=[self.hosts[r] for r in rows],
-            column_module=self.column_module, column_phase=self.column_phase,
-            self_ms=x[rows], wall_ms=wall[rows], sync_wait_ms=wait[rows],
-            forward_ms=fw[rows], backward_ms=bw[rows], module_names=self.module_names,
+            job="sim",
+            step=step,
+            ranks=rows.astype(np.int64),
+            hosts=[self.hosts[r] for r in rows],
+            column_module=self.column_module,
+            column_phase=self.column_phase,
+            self_ms=x[rows],
+            wall_ms=wall[rows],
+            sync_wait_ms=wait[rows],
+            forward_ms=fw[rows],
+            backward_ms=bw[rows],
+            module_names=self.module_names,
         )

@@ -9,6 +9,7 @@ so all ranks agree on who waited for whom without talking to each other.
     python -m modtrack.collector.sim.simulate --collector 127.0.0.1:50051 --ranks 64 --modules 50 --steps 300 \\
         --straggler rank=5,module=7,phase=backward,slowdown=1.5,onset=50,end=200
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,13 +40,27 @@ def parse_straggler(text: str, model: ClusterModel) -> Straggler:
     else:
         ranks, host = [int(f["rank"])], None
     module = -1 if f.get("module", "all") == "all" else int(f["module"])
-    return Straggler(ranks, module, PHASES[f.get("phase", "forward")], float(f["slowdown"]),
-                     int(f.get("onset", 0)), int(f.get("end", 10**12)), host)
+    return Straggler(
+        ranks,
+        module,
+        PHASES[f.get("phase", "forward")],
+        float(f["slowdown"]),
+        int(f.get("onset", 0)),
+        int(f.get("end", 10**12)),
+        host,
+    )
 
 
 def build_model(a) -> ClusterModel:
-    model = ClusterModel(ranks=a.ranks, ranks_per_host=a.ranks_per_host, modules=a.modules,
-                         stages=a.stages, sigma=a.sigma, seed=a.seed, noise_pool=a.noise_pool)
+    model = ClusterModel(
+        ranks=a.ranks,
+        ranks_per_host=a.ranks_per_host,
+        modules=a.modules,
+        stages=a.stages,
+        sigma=a.sigma,
+        seed=a.seed,
+        noise_pool=a.noise_pool,
+    )
     model.stragglers = [parse_straggler(s, model) for s in a.straggler]
     return model
 
@@ -56,10 +71,16 @@ def report(step: int, rank: int, m, model: ClusterModel, step_ns: int) -> pb.Age
     start = step * step_ns
     wall = int(m.wall_ms[rank] * 1e6)
     wait = int(m.sync_wait_ms[rank] * 1e6)
-    r = pb.StepReport(step=step, start_ns=start, end_ns=start + wall,
-                      forward_ns=int(m.forward_ms[rank] * 1e6), backward_ns=int(m.backward_ms[rank] * 1e6),
-                      backward_tail_ns=wait, data_ns=max(wall - int(np.nansum(row) * 1e6) - wait, 0))
-    for name, phase in PHASES.items():
+    r = pb.StepReport(
+        step=step,
+        start_ns=start,
+        end_ns=start + wall,
+        forward_ns=int(m.forward_ms[rank] * 1e6),
+        backward_ns=int(m.backward_ms[rank] * 1e6),
+        backward_tail_ns=wait,
+        data_ns=max(wall - int(np.nansum(row) * 1e6) - wait, 0),
+    )
+    for phase in PHASES.values():
         cols = np.nonzero(model.column_phase == phase)[0]
         ns = row[cols]
         ran = ~np.isnan(ns)
@@ -67,8 +88,15 @@ def report(step: int, rank: int, m, model: ClusterModel, step_ns: int) -> pb.Age
         ids = model.column_module[cols][ran]
         ends = (start + np.cumsum(ns)).tolist()
         ns_list = ns.tolist()
-        r.phases.add(phase=phase, module_id=ids.tolist(), calls=[1] * len(ns_list), inclusive_ns=ns_list,
-                     self_ns=ns_list, first_start_ns=[e - d for e, d in zip(ends, ns_list)], last_end_ns=ends)
+        r.phases.add(
+            phase=phase,
+            module_id=ids.tolist(),
+            calls=[1] * len(ns_list),
+            inclusive_ns=ns_list,
+            self_ns=ns_list,
+            first_start_ns=[e - d for e, d in zip(ends, ns_list)],
+            last_end_ns=ends,
+        )
     return pb.AgentMessage(report=r)
 
 
@@ -78,7 +106,7 @@ async def _run_ranks(a, ranks: list[int], t0: float) -> dict:
     options = [("grpc.max_send_message_length", 64 << 20)]
     channel = grpc.aio.insecure_channel(a.collector, options=options)
     stub = pb_grpc.CollectorStub(channel)
-    calls, acked = {}, {r: -1 for r in ranks}
+    calls, acked = {}, dict.fromkeys(ranks, -1)
 
     async def drain(rank, call):
         async for msg in call:
@@ -88,11 +116,24 @@ async def _run_ranks(a, ranks: list[int], t0: float) -> dict:
     readers = []
     for rank in ranks:  # simulated GPU ranks: CUDA-event timing, so no CPU-clock floor applies
         call = stub.Stream(metadata=metadata)
-        await call.write(pb.AgentMessage(hello=pb.Hello(
-            protocol_version=1, job=a.job, rank=rank, local_rank=rank % a.ranks_per_host,
-            world_size=a.ranks, group_rank=rank // a.ranks_per_host, host=model.hosts[rank], pid=rank,
-            agent_version="simulate", clock_kind=pb.CLOCK_KIND_CUDA, module_names=model.module_names,
-            session=f"sim-{a.seed}-{rank}")))
+        await call.write(
+            pb.AgentMessage(
+                hello=pb.Hello(
+                    protocol_version=1,
+                    job=a.job,
+                    rank=rank,
+                    local_rank=rank % a.ranks_per_host,
+                    world_size=a.ranks,
+                    group_rank=rank // a.ranks_per_host,
+                    host=model.hosts[rank],
+                    pid=rank,
+                    agent_version="simulate",
+                    clock_kind=pb.CLOCK_KIND_CUDA,
+                    module_names=model.module_names,
+                    session=f"sim-{a.seed}-{rank}",
+                )
+            )
+        )
         calls[rank] = call
         readers.append(asyncio.create_task(drain(rank, call)))
     step_ns = int(a.step_s * 1e9) or 1
@@ -113,8 +154,7 @@ async def _run_ranks(a, ranks: list[int], t0: float) -> dict:
     except asyncio.TimeoutError:
         pass
     await channel.close()
-    return {"ranks": len(ranks), "fully_acked": sum(v == a.steps - 1 for v in acked.values()),
-            "late_steps": late}
+    return {"ranks": len(ranks), "fully_acked": sum(v == a.steps - 1 for v in acked.values()), "late_steps": late}
 
 
 def _process(a, ranks, t0, out) -> None:
@@ -137,8 +177,11 @@ def run(a) -> dict:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
-    return {"ranks": sum(r["ranks"] for r in results), "fully_acked": sum(r["fully_acked"] for r in results),
-            "late_steps": max(r["late_steps"] for r in results)}
+    return {
+        "ranks": sum(r["ranks"] for r in results),
+        "fully_acked": sum(r["fully_acked"] for r in results),
+        "late_steps": max(r["late_steps"] for r in results),
+    }
 
 
 def parser() -> argparse.ArgumentParser:
@@ -155,10 +198,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--step-s", type=float, default=0.1, help="seconds between steps (0: as fast as possible)")
     ap.add_argument("--procs", type=int, default=2, help="client processes sharing the ranks")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--noise-pool", type=int, default=8,
-                    help="reuse this many pre-drawn noise matrices (cheap steps for big jobs; 0: fresh)")
-    ap.add_argument("--straggler", action="append", default=[],
-                    help="rank=R|host=H,module=M|all,phase=forward|backward,slowdown=X,onset=S[,end=S]")
+    ap.add_argument(
+        "--noise-pool",
+        type=int,
+        default=8,
+        help="reuse this many pre-drawn noise matrices (cheap steps for big jobs; 0: fresh)",
+    )
+    ap.add_argument(
+        "--straggler",
+        action="append",
+        default=[],
+        help="rank=R|host=H,module=M|all,phase=forward|backward,slowdown=X,onset=S[,end=S]",
+    )
     ap.add_argument("--start-delay-s", type=float, default=1.0, help="time for every process to connect")
     ap.add_argument("--drain-s", type=float, default=30.0, help="how long to wait for the last acks")
     return ap

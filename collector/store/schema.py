@@ -73,7 +73,9 @@ def migrate_attempts(conn: sqlite3.Connection) -> None:
     step, rank) (SQLite cannot change a UNIQUE key in place: the tables are rebuilt, rows kept as
     attempt 0). jobs and ranks say the newest attempt; episodes gain attempt, cause, excess_ms and
     modules (JSON list of {module, phase, excess_ms, slowdown})."""
-    _run_statements(conn, """
+    _run_statements(
+        conn,
+        """
 ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE ranks ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE episodes ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
@@ -102,7 +104,8 @@ INSERT INTO traces_v1 (job, rank, step, capture_id, t_module, t_phase, t_start, 
   SELECT job, rank, step, capture_id, t_module, t_phase, t_start, t_end, t_depth FROM traces;
 DROP TABLE traces;
 ALTER TABLE traces_v1 RENAME TO traces;
-""")
+""",
+    )
 
 
 def _run_statements(conn: sqlite3.Connection, script: str) -> None:

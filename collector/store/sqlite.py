@@ -7,6 +7,7 @@ batched into one transaction every few tens of milliseconds (collector/store/wri
 open one connection per thread, which WAL lets run beside the writer. The tables and their
 versions are in collector/store/schema.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,14 +27,18 @@ log = logging.getLogger("modtrack.collector.store")
 _INSERT_STEP = (
     f"INSERT OR IGNORE INTO steps (job, attempt, rank, step, {', '.join(STEP_FIGURES)}, "
     f"{', '.join('m_' + name for name, _ in MODULE_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * (4 + len(STEP_FIGURES) + len(MODULE_COLUMNS)))})")
+    f"VALUES ({', '.join('?' * (4 + len(STEP_FIGURES) + len(MODULE_COLUMNS)))})"
+)
 # The ranks table has one column per agent counter, named as the wire names it.
 _UPDATE_RANK_SEEN = (
     "UPDATE ranks SET last_seen_ns = ?, state = 'live', "
-    + ", ".join(f"{name} = ?" for name in AGENT_COUNTERS) + " WHERE job = ? AND rank = ?")
+    + ", ".join(f"{name} = ?" for name in AGENT_COUNTERS)
+    + " WHERE job = ? AND rank = ?"
+)
 _INSERT_TRACE = (
     "INSERT OR IGNORE INTO traces (job, attempt, rank, step, capture_id, t_module, t_phase, t_start, "
-    "t_end, t_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    "t_end, t_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -45,22 +50,57 @@ def _connect(path: str) -> sqlite3.Connection:
 
 
 def _blobs(row, names_types, offset: int) -> dict:
-    return {name: (np.frombuffer(row[offset + i], dtype) if row[offset + i] is not None
-                   else np.zeros(0, dtype))
-            for i, (name, dtype) in enumerate(names_types)}
+    return {
+        name: (np.frombuffer(row[offset + i], dtype) if row[offset + i] is not None else np.zeros(0, dtype))
+        for i, (name, dtype) in enumerate(names_types)
+    }
 
 
-_EPISODE_COLUMNS = ("id, job, rank, host, module, phase, slowdown, first_step, last_step, state, "
-                    "cost_ms_per_step, cost_pct, ranks, attempt, cause, excess_ms, modules")
+_EPISODE_COLUMNS = (
+    "id, job, rank, host, module, phase, slowdown, first_step, last_step, state, "
+    "cost_ms_per_step, cost_pct, ranks, attempt, cause, excess_ms, modules"
+)
 
 
 def _episode(row) -> Episode:
-    (eid, job, rank, host, module, phase, slowdown, first, last, state, cost, pct, ranks, attempt, cause,
-     excess, modules) = row
-    return Episode(job=job, rank=rank, host=host, module=module, phase=phase, slowdown=slowdown,
-                   first_step=first, last_step=last, state=state, cost_ms_per_step=cost,
-                   cost_pct=pct or 0.0, ranks=json.loads(ranks or "[]"), id=eid, attempt=attempt or 0,
-                   cause=cause or "", excess_ms=excess or 0.0, modules=json.loads(modules or "[]"))
+    (
+        eid,
+        job,
+        rank,
+        host,
+        module,
+        phase,
+        slowdown,
+        first,
+        last,
+        state,
+        cost,
+        pct,
+        ranks,
+        attempt,
+        cause,
+        excess,
+        modules,
+    ) = row
+    return Episode(
+        job=job,
+        rank=rank,
+        host=host,
+        module=module,
+        phase=phase,
+        slowdown=slowdown,
+        first_step=first,
+        last_step=last,
+        state=state,
+        cost_ms_per_step=cost,
+        cost_pct=pct or 0.0,
+        ranks=json.loads(ranks or "[]"),
+        id=eid,
+        attempt=attempt or 0,
+        cause=cause or "",
+        excess_ms=excess or 0.0,
+        modules=json.loads(modules or "[]"),
+    )
 
 
 class Store:
@@ -70,7 +110,7 @@ class Store:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, "modtrack.sqlite3")
         self._local = threading.local()
-        self._retained_from: dict[tuple, int] = {}  # (job, attempt) -> steps below this already trimmed
+        self._retained_from: dict[tuple[str, int], int] = {}  # (job, attempt) -> steps below this already trimmed
         self.duplicates: dict[str, int] = {}  # job -> reports refused as already stored (same key)
         self.schema_version = schema.migrate(self.conn())
 
@@ -93,25 +133,29 @@ class Store:
             "ON CONFLICT (job) DO UPDATE SET world_size = excluded.world_size, "
             "last_evaluated_step = CASE WHEN excluded.attempt > attempt THEN NULL ELSE last_evaluated_step END, "
             "attempt = MAX(attempt, excluded.attempt)",
-            (job, world_size, time.time_ns(), attempt))
+            (job, world_size, time.time_ns(), attempt),
+        )
 
     def upsert_rank(self, job: str, rank: int, info: dict) -> None:
         cols = ["job", "rank", *info]
         self.conn().execute(
             f"INSERT INTO ranks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
-            f"ON CONFLICT (job, rank) DO UPDATE SET "
-            + ", ".join(f"{c} = excluded.{c}" for c in info),
-            (job, rank, *info.values()))
+            f"ON CONFLICT (job, rank) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in info),
+            (job, rank, *info.values()),
+        )
 
     def add_modules(self, job: str, first_id: int, names: list[str]) -> None:
         self.conn().executemany(
             "INSERT OR IGNORE INTO modules (job, module_id, name) VALUES (?, ?, ?)",
-            [(job, first_id + i, name) for i, name in enumerate(names)])
+            [(job, first_id + i, name) for i, name in enumerate(names)],
+        )
 
     def set_evaluated(self, job: str, step: int, attempt: int = 0) -> None:
         self.conn().execute(
             "UPDATE jobs SET last_evaluated_step = MAX(COALESCE(last_evaluated_step, -1), ?) "
-            "WHERE job = ? AND attempt = ?", (step, job, attempt))
+            "WHERE job = ? AND attempt = ?",
+            (step, job, attempt),
+        )
 
     def upsert_episode(self, ep: Episode) -> None:
         self.conn().execute(
@@ -122,15 +166,33 @@ class Store:
             "state = excluded.state, cost_ms_per_step = excluded.cost_ms_per_step, "
             "cost_pct = excluded.cost_pct, ranks = excluded.ranks, updated_ns = excluded.updated_ns, "
             "cause = excluded.cause, excess_ms = excluded.excess_ms, modules = excluded.modules",
-            (ep.id, ep.job, ep.rank, ep.host, ep.module, ep.phase, float(ep.slowdown),
-             int(ep.first_step), int(ep.last_step), ep.state, float(ep.cost_ms_per_step),
-             float(ep.cost_pct), json.dumps([int(r) for r in ep.ranks]), time.time_ns(),
-             int(ep.attempt), ep.cause, float(ep.excess_ms), json.dumps(ep.modules)))
+            (
+                ep.id,
+                ep.job,
+                ep.rank,
+                ep.host,
+                ep.module,
+                ep.phase,
+                float(ep.slowdown),
+                int(ep.first_step),
+                int(ep.last_step),
+                ep.state,
+                float(ep.cost_ms_per_step),
+                float(ep.cost_pct),
+                json.dumps([int(r) for r in ep.ranks]),
+                time.time_ns(),
+                int(ep.attempt),
+                ep.cause,
+                float(ep.excess_ms),
+                json.dumps(ep.modules),
+            ),
+        )
 
     def add_capture(self, capture_id: str, job: str, steps: int, ranks: int) -> None:
         self.conn().execute(
-            "INSERT OR IGNORE INTO captures (capture_id, job, steps, requested_ns, ranks) "
-            "VALUES (?, ?, ?, ?, ?)", (capture_id, job, steps, time.time_ns(), ranks))
+            "INSERT OR IGNORE INTO captures (capture_id, job, steps, requested_ns, ranks) VALUES (?, ?, ?, ?, ?)",
+            (capture_id, job, steps, time.time_ns(), ranks),
+        )
 
     def insert_steps(self, rows: list[StepRow]) -> None:
         """INSERT OR IGNORE: a report replayed after a reconnect changes nothing."""
@@ -146,20 +208,29 @@ class Store:
         for r in rows:  # one last-seen update per rank per batch, not per report
             seen[(r.job, r.rank)] = r.counters
         now = time.time_ns()
-        conn.executemany(_UPDATE_RANK_SEEN, [(now, *(c.get(name, 0) for name in AGENT_COUNTERS), job, rank)
-                                             for (job, rank), c in seen.items()])
+        conn.executemany(
+            _UPDATE_RANK_SEEN,
+            [(now, *(c.get(name, 0) for name in AGENT_COUNTERS), job, rank) for (job, rank), c in seen.items()],
+        )
 
     def _count_duplicates(self, rows: list[StepRow]) -> None:
         """Which rows were refused as already stored: a replay after reconnect, or a lost report."""
         conn = self.conn()
         for r in rows:
-            end = conn.execute("SELECT end_ns FROM steps WHERE job = ? AND attempt = ? AND step = ? AND rank = ?",
-                               (r.job, r.attempt, r.step, r.rank)).fetchone()
+            end = conn.execute(
+                "SELECT end_ns FROM steps WHERE job = ? AND attempt = ? AND step = ? AND rank = ?",
+                (r.job, r.attempt, r.step, r.rank),
+            ).fetchone()
             if end is not None and end[0] != int(r.figures["end_ns"]):  # another report with the same key
                 if r.job not in self.duplicates:
-                    log.warning("job %r rank %d attempt %d step %d: a different report with the same attempt, "
-                                "step and rank is stored already; this one is refused (logged once per job)",
-                                r.job, r.rank, r.attempt, r.step)
+                    log.warning(
+                        "job %r rank %d attempt %d step %d: a different report with the same attempt, "
+                        "step and rank is stored already; this one is refused (logged once per job)",
+                        r.job,
+                        r.rank,
+                        r.attempt,
+                        r.step,
+                    )
                 self.duplicates[r.job] = self.duplicates.get(r.job, 0) + 1
 
     def drop_old_module_blobs(self, job: str, keep_steps: int) -> int:
@@ -167,16 +238,17 @@ class Store:
         step-level figures stay forever."""
         conn = self.conn()
         attempt = self.latest_attempt(job)
-        newest = conn.execute("SELECT MAX(step) FROM steps WHERE job = ? AND attempt = ?",
-                              (job, attempt)).fetchone()[0]
+        newest = conn.execute("SELECT MAX(step) FROM steps WHERE job = ? AND attempt = ?", (job, attempt)).fetchone()[0]
         if newest is None:
             return 0
         cutoff = newest - keep_steps + 1
         lo = self._retained_from.get((job, attempt), -1)  # only the steps not trimmed before: no rescans
         cur = conn.execute(
-            "UPDATE steps SET " + ", ".join(f"m_{n} = NULL" for n, _ in MODULE_COLUMNS)
+            "UPDATE steps SET "
+            + ", ".join(f"m_{n} = NULL" for n, _ in MODULE_COLUMNS)
             + " WHERE job = ? AND attempt = ? AND step >= ? AND step < ? AND m_module IS NOT NULL",
-            (job, attempt, lo, cutoff))
+            (job, attempt, lo, cutoff),
+        )
         self._retained_from[(job, attempt)] = max(lo, cutoff)
         return cur.rowcount
 
@@ -185,13 +257,19 @@ class Store:
         rows = self.conn().execute(
             "SELECT j.job, j.world_size, j.last_evaluated_step, j.attempt, "
             "(SELECT MAX(step) FROM steps s WHERE s.job = j.job AND s.attempt = j.attempt) "
-            "FROM jobs j ORDER BY j.job")
-        return [{"job": job, "world_size": ws, "last_evaluated_step": ev, "attempt": attempt, "last_step": last}
-                for job, ws, ev, attempt, last in rows]
+            "FROM jobs j ORDER BY j.job"
+        )
+        return [
+            {"job": job, "world_size": ws, "last_evaluated_step": ev, "attempt": attempt, "last_step": last}
+            for job, ws, ev, attempt, last in rows
+        ]
 
     def last_stored_step(self, job: str, attempt: int) -> int | None:
-        return self.conn().execute("SELECT MAX(step) FROM steps WHERE job = ? AND attempt = ?",
-                                   (job, attempt)).fetchone()[0]
+        return (
+            self.conn()
+            .execute("SELECT MAX(step) FROM steps WHERE job = ? AND attempt = ?", (job, attempt))
+            .fetchone()[0]
+        )
 
     def latest_attempt(self, job: str) -> int:
         row = self.conn().execute("SELECT attempt FROM jobs WHERE job = ?", (job,)).fetchone()
@@ -199,25 +277,36 @@ class Store:
 
     def job(self, job: str) -> dict | None:
         """One row of jobs(), or None."""
-        row = self.conn().execute(
-            "SELECT job, world_size, last_evaluated_step, attempt, "
-            "(SELECT MAX(step) FROM steps s WHERE s.job = j.job AND s.attempt = j.attempt) "
-            "FROM jobs j WHERE job = ?", (job,)).fetchone()
+        row = (
+            self.conn()
+            .execute(
+                "SELECT job, world_size, last_evaluated_step, attempt, "
+                "(SELECT MAX(step) FROM steps s WHERE s.job = j.job AND s.attempt = j.attempt) "
+                "FROM jobs j WHERE job = ?",
+                (job,),
+            )
+            .fetchone()
+        )
         if row is None:
             return None
-        return {"job": row[0], "world_size": row[1], "last_evaluated_step": row[2], "attempt": row[3],
-                "last_step": row[4]}
+        return {
+            "job": row[0],
+            "world_size": row[1],
+            "last_evaluated_step": row[2],
+            "attempt": row[3],
+            "last_step": row[4],
+        }
 
     def forget_job(self, job: str) -> None:
         """Writer thread: drop what is held in memory for a job that left the collector's memory."""
-        self._retained_from.pop(job, None)
+        for key in [key for key in self._retained_from if key[0] == job]:  # every attempt of the job
+            del self._retained_from[key]
 
     def job_exists(self, job: str) -> bool:
         return self.conn().execute("SELECT 1 FROM jobs WHERE job = ?", (job,)).fetchone() is not None
 
     def last_evaluated_step(self, job: str) -> int | None:
-        row = self.conn().execute(
-            "SELECT last_evaluated_step FROM jobs WHERE job = ?", (job,)).fetchone()
+        row = self.conn().execute("SELECT last_evaluated_step FROM jobs WHERE job = ?", (job,)).fetchone()
         return None if row is None else row[0]
 
     def ranks(self, job: str) -> list[dict]:
@@ -227,28 +316,34 @@ class Store:
 
     def module_names(self, job: str) -> list[str]:
         """Job-wide id -> name (ids are dense from 0)."""
-        rows = self.conn().execute(
-            "SELECT module_id, name FROM modules WHERE job = ? ORDER BY module_id", (job,))
+        rows = self.conn().execute("SELECT module_id, name FROM modules WHERE job = ? ORDER BY module_id", (job,))
         return [name for _, name in rows]
 
     def last_steps(self, job: str, last: int, attempt: int | None = None) -> list[tuple]:
         """(step, rank, *STEP_FIGURES) for the newest `last` steps of an attempt (the latest), ascending."""
         attempt = self.latest_attempt(job) if attempt is None else attempt
-        return self.conn().execute(
-            f"SELECT step, rank, {', '.join(STEP_FIGURES)} FROM steps WHERE job = ? AND attempt = ? AND step IN "
-            "(SELECT DISTINCT step FROM steps WHERE job = ? AND attempt = ? ORDER BY step DESC LIMIT ?) "
-            "ORDER BY step, rank", (job, attempt, job, attempt, last)).fetchall()
+        return (
+            self.conn()
+            .execute(
+                f"SELECT step, rank, {', '.join(STEP_FIGURES)} FROM steps WHERE job = ? AND attempt = ? AND step IN "
+                "(SELECT DISTINCT step FROM steps WHERE job = ? AND attempt = ? ORDER BY step DESC LIMIT ?) "
+                "ORDER BY step, rank",
+                (job, attempt, job, attempt, last),
+            )
+            .fetchall()
+        )
 
     def step_modules(self, job: str, step: int, attempt: int | None = None) -> dict[int, dict]:
         """rank -> MODULE_COLUMNS arrays for one step (empty arrays once retention dropped them)."""
         attempt = self.latest_attempt(job) if attempt is None else attempt
         rows = self.conn().execute(
             f"SELECT rank, {', '.join('m_' + n for n, _ in MODULE_COLUMNS)} FROM steps "
-            "WHERE job = ? AND attempt = ? AND step = ? ORDER BY rank", (job, attempt, step))
+            "WHERE job = ? AND attempt = ? AND step = ? ORDER BY rank",
+            (job, attempt, step),
+        )
         return {row[0]: _blobs(row, MODULE_COLUMNS, 1) for row in rows}
 
-    def episodes(self, job: str | None = None, state: str | None = None,
-                 attempt: int | None = None) -> list[Episode]:
+    def episodes(self, job: str | None = None, state: str | None = None, attempt: int | None = None) -> list[Episode]:
         """Episodes, active first; with a job and no attempt, those of the job's latest attempt."""
         sql = f"SELECT {_EPISODE_COLUMNS} FROM episodes WHERE 1 = 1"
         args = []
@@ -264,8 +359,7 @@ class Store:
     def max_episode_id(self) -> int:
         return self.conn().execute("SELECT COALESCE(MAX(id), 0) FROM episodes").fetchone()[0]
 
-    def trace_calls(self, job: str, from_step: int, to_step: int,
-                    attempt: int | None = None) -> dict[int, list[dict]]:
+    def trace_calls(self, job: str, from_step: int, to_step: int, attempt: int | None = None) -> dict[int, list[dict]]:
         """rank -> [{"step", "capture_id", TRACE_COLUMNS arrays...}] for captured steps in
         [from_step, to_step] of an attempt (the latest); module ids are job-wide (see module_names)."""
         attempt = self.latest_attempt(job) if attempt is None else attempt
@@ -273,14 +367,13 @@ class Store:
         rows = self.conn().execute(
             "SELECT rank, step, capture_id, t_module, t_phase, t_start, t_end, t_depth FROM traces "
             "WHERE job = ? AND attempt = ? AND step BETWEEN ? AND ? ORDER BY rank, step",
-            (job, attempt, from_step, to_step))
+            (job, attempt, from_step, to_step),
+        )
         for row in rows:
-            out.setdefault(row[0], []).append(
-                {"step": row[1], "capture_id": row[2], **_blobs(row, TRACE_COLUMNS, 3)})
+            out.setdefault(row[0], []).append({"step": row[1], "capture_id": row[2], **_blobs(row, TRACE_COLUMNS, 3)})
         return out
 
     def rank_clocks(self, job: str) -> dict[int, dict]:
         """rank -> {"host", "clock_offset_ns", "rtt_ns"}: collector_ns = agent_ns + offset."""
-        rows = self.conn().execute(
-            "SELECT rank, host, clock_offset_ns, rtt_ns FROM ranks WHERE job = ?", (job,))
+        rows = self.conn().execute("SELECT rank, host, clock_offset_ns, rtt_ns FROM ranks WHERE job = ?", (job,))
         return {r: {"host": h, "clock_offset_ns": o or 0, "rtt_ns": rtt} for r, h, o, rtt in rows}

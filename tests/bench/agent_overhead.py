@@ -1,16 +1,26 @@
 """What tracking costs a training step: plain vs the seed ModuleTracker vs modtrack.
 
-One thread, one fresh process per (model, mode), several rounds interleaved so that machine noise
-hits every mode alike. Prints median step ms and the overhead per module call, and the ratio
-modtrack / seed on MLP-200 (target <= 0.5) and modtrack's share of the Transformer step (target
-<= 1 %).
+One thread, one fresh process per (model, mode), rounds interleaved so that machine noise hits every mode
+alike. Modes: plain (no tracker), seed (torch.utils.module_tracker), hooks (modtrack's ModuleTracker alone:
+nothing consumes the steps) and agent (`agent.track()` streaming to a healthy collector on this machine, as
+`python -m modtrack.agent` runs it: steps aggregated, encoded and sent by the sender).
 
-    python tests/bench/agent_overhead.py [--rounds 5] [--steps 60] [--baseline-tree DIR]
+Per step it measures the training thread's CPU time (median) and the process's CPU time over all threads
+(total over the timed steps, sender and gRPC threads included, waiting until the collector acked the last
+step), and the collector's own CPU. It prints every ratio the agent is held to:
+- training-thread overhead agent / seed (target <= 0.5 on the transformers models, <= 0.3 on MLP-200);
+- agent CPU over all threads / hooks-only CPU (target <= 1.2): the training thread's overhead plus the CPU of
+  every other thread (sender, gRPC; /proc/self/task/*/schedstat, ns), against the hooks-only overhead; also as
+  process CPU deltas (coarser: the training thread's noise between processes is in it).
+
+    python tests/bench/agent_overhead.py [--rounds 5] [--steps 60] [--models mlp200,llama,gpt2,bert]
+                                         [--baseline-tree DIR]
 
 It also prints what keeping the rank's position (agent/position.py, for hung jobs) costs per module
 call, timed in the same processes; --baseline-tree DIR (an older checkout) adds a mode "baseline":
-modtrack as DIR has it, interleaved with the others.
+modtrack's ModuleTracker as DIR has it, interleaved with the others.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,22 +30,29 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MODES = ("plain", "seed", "modtrack")
+MODES = ("plain", "seed", "hooks", "agent")
 BASELINE_SHIM = os.path.join(tempfile.gettempdir(), f"modtrack-bench-baseline-{os.getuid()}")
-MODELS = ("mlp200", "transformer")
+MODELS = ("mlp200", "llama", "gpt2", "bert", "transformer")
+TARGET_VS_SEED = {"mlp200": 0.3, "llama": 0.5, "gpt2": 0.5, "bert": 0.5}
+TARGET_CPU = 1.2
+VOCAB, SEQ, BATCH = 1000, 64, 4
 
 
 def build(model: str):
+    """(module, loss function) of one benchmark model; random init, nothing downloaded."""
     import torch
     from torch import nn
 
     if model == "mlp200":
         net = nn.Sequential(*[m for _ in range(200) for m in (nn.Linear(64, 64), nn.ReLU())])
         x = torch.randn(32, 64)
-    else:
+        return net, lambda: net(x).sum()
+    if model == "transformer":
+
         class Encoder(nn.Module):
             def __init__(self):
                 super().__init__()
@@ -48,19 +65,67 @@ def build(model: str):
 
         net = Encoder()
         x = torch.randn(8, 128, 256)
-    return net, x
+        return net, lambda: net(x).sum()
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    common = {"vocab_size": VOCAB, "max_position_embeddings": SEQ}
+    if model == "llama":
+        net = tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                hidden_size=64,
+                intermediate_size=256,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                **common,
+            )
+        )
+    elif model == "gpt2":
+        net = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=SEQ, vocab_size=VOCAB))
+    elif model == "bert":
+        net = tf.BertForMaskedLM(
+            tf.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, **common)
+        )
+    else:
+        raise ValueError(model)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    return net, lambda: net(input_ids=ids, labels=ids).loss
 
 
-def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device: str = "cpu") -> dict:
-    """Runs in its own process: time `steps` training steps, return median ms and calls/step."""
+def other_threads_cpu_ns() -> int:
+    """CPU time of every thread of this process but the training (main) thread: the sender's, gRPC's."""
+    main = threading.main_thread().native_id
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != main:
+            try:
+                with open(f"/proc/self/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except OSError:
+                pass  # the thread ended meanwhile
+    return total
+
+
+def wait_until(cond, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device: str, collector: str) -> dict:
+    """Runs in its own process: time `steps` training steps."""
     import contextlib
 
     import torch
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    net, x = build(model)
-    net, x = net.to(device), x.to(device)
+    net, loss_fn = build(model)
+    net = net.to(device)
     cuda = device.startswith("cuda")
     opt = torch.optim.SGD(net.parameters(), lr=1e-4)
     calls = [0]
@@ -69,32 +134,68 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
         calls[0] += 1
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
-    net(x).sum().backward()
+    loss_fn().backward()
     handle.remove()
+    tracking = None
     if mode == "seed":
-        from torch.utils.module_tracker import ModuleTracker as Tracker
-    elif mode == "modtrack":
-        sys.path.insert(0, ROOT)
-        from modtrack.agent import ModuleTracker as Tracker
+        from torch.utils.module_tracker import ModuleTracker
+
+        ctx = ModuleTracker()
+    elif mode == "hooks":
+        from modtrack.agent import ModuleTracker
+
+        ctx = ModuleTracker()
     elif mode == "baseline":
         sys.path.insert(0, BASELINE_SHIM)
-        from modtrack.agent import ModuleTracker as Tracker
-    ctx = contextlib.nullcontext() if mode == "plain" else Tracker()
+        from modtrack.agent import ModuleTracker
+
+        ctx = ModuleTracker()
+    else:
+        ctx = contextlib.nullcontext()
     # CPU time of this (only) thread: other processes on a shared machine do not inflate it.
     clock = time.thread_time if cpu_time and not cuda else time.perf_counter
-    times = []
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()  # the step's GPU work is part of the step
+
     with ctx:
-        for i in range(warmup + steps):
+        if mode == "agent":
+            from modtrack.agent.api import track
+
+            tracking = track(collector, f"bench-{model}-{os.getpid()}", clock="auto")
+        for _ in range(warmup):
+            train_step()
+        transport = tracking.transport if tracking is not None else None
+        if transport is not None and not wait_until(
+            lambda: transport.connected and transport.stats["unacked"] == 0 and transport.stats["queued"] == 0, 30
+        ):
+            raise SystemExit("the collector did not take the warm-up steps")
+        times = []
+        cpu0, others0 = time.process_time(), other_threads_cpu_ns()
+        for _ in range(steps):
             t0 = clock()
-            opt.zero_grad(set_to_none=True)
-            net(x).sum().backward()
-            opt.step()
-            if cuda:
-                torch.cuda.synchronize()  # the step's GPU work is part of the step
-            if i >= warmup:
-                times.append(clock() - t0)
-    out = {"median_ms": statistics.median(times) * 1e3, "calls": calls[0]}
-    if mode == "modtrack":
+            train_step()
+            times.append(clock() - t0)
+        if transport is not None:  # the sender's work for these steps is part of their cost
+            last = warmup + steps - 1
+            if not wait_until(lambda: transport.stats["acked_step"] >= last, 30):
+                raise SystemExit("the collector did not ack the timed steps")
+        cpu, others = time.process_time() - cpu0, other_threads_cpu_ns() - others0
+        stats = transport.stats if transport is not None else {}
+    if tracking is not None:
+        tracking.close()
+    out = {
+        "median_ms": statistics.median(times) * 1e3,
+        "process_cpu_ms": cpu / steps * 1e3,
+        "other_threads_ms": others / steps / 1e6,
+        "calls": calls[0],
+        "agent": stats,
+    }
+    if mode == "hooks":
         out["position_ns_per_call"] = position_cost_ns()
     return out
 
@@ -107,69 +208,156 @@ def position_cost_ns() -> float:
     from modtrack.agent.position import Position
 
     setup = "p = Position(); mid = 7; row = [7, 0]; stack = [(0, [3, 0])]"
-    body = ("position = p; position.module = mid; position.phase = row[1]\n"
-            "position = p\nif stack:\n    caller = stack[-1][1]; position.module = caller[0]; position.phase = caller[1]")
+    body = (
+        "position = p; position.module = mid; position.phase = row[1]\n"
+        "position = p\nif stack:\n    caller = stack[-1][1]; position.module = caller[0]; "
+        "position.phase = caller[1]"
+    )
     empty = timeit.repeat("pass", setup, repeat=5, number=200_000, globals={"Position": Position})
     timed = timeit.repeat(body, setup, repeat=5, number=200_000, globals={"Position": Position})
     return (min(timed) - min(empty)) / 200_000 * 1e9
 
 
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=60, help="timed steps per process (MLP-200)")
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--steps", type=int, default=60, help="timed steps per process (a quarter for 'transformer')")
+    ap.add_argument("--models", default="mlp200,llama,gpt2,bert")
+    ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--wall", action="store_true", help="time steps by wall clock, not thread CPU time")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (then steps are timed by wall clock)")
     ap.add_argument("--baseline-tree", help="a checkout of an older modtrack: adds the mode 'baseline'")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--collector", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.steps, warmup=5, cpu_time=not args.wall, device=args.device)))
+        print(
+            json.dumps(
+                child(
+                    args.child[0],
+                    args.child[1],
+                    args.steps,
+                    warmup=10,
+                    cpu_time=not args.wall,
+                    device=args.device,
+                    collector=args.collector,
+                )
+            )
+        )
         return
-    modes = MODES
+    import tempfile
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from harness.collector_process import CollectorProcess, env
+
+    models, modes = args.models.split(","), args.modes.split(",")
     if args.baseline_tree:
         make_baseline_shim(os.path.abspath(args.baseline_tree))
-        modes = (*MODES, "baseline")
+        modes.append("baseline")
     results: dict = {}
-    for r in range(args.rounds):
-        for model in args.models.split(","):
-            steps = args.steps if model == "mlp200" else max(5, args.steps // 4)
-            for mode in modes:
-                out = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--child", model, mode]
-                                     + (["--wall"] if args.wall else []) + ["--device", args.device],
-                                     check=True, capture_output=True, text=True).stdout
-                res = json.loads(out.strip().splitlines()[-1])
-                results.setdefault((model, mode), []).append(res["median_ms"])
-                results[(model, "calls")] = res["calls"]
-                if "position_ns_per_call" in res:
-                    results.setdefault("position_ns", []).append(res["position_ns_per_call"])
-        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = (
+            CollectorProcess(os.path.join(tmp, "data"), log_path=os.path.join(tmp, "collector.log"))
+            if "agent" in modes
+            else None
+        )
+        try:
+            for r in range(args.rounds):
+                for model in models:
+                    steps = args.steps if model != "transformer" else max(5, args.steps // 4)
+                    for mode in modes:
+                        cmd = [
+                            sys.executable,
+                            __file__,
+                            "--steps",
+                            str(steps),
+                            "--child",
+                            model,
+                            mode,
+                            "--device",
+                            args.device,
+                        ] + (["--wall"] if args.wall else [])
+                        if mode == "agent":
+                            cmd += ["--collector", server.grpc_target]
+                            before = proc_cpu_s(server.proc.pid)
+                        out = subprocess.run(
+                            cmd, check=True, capture_output=True, text=True, env=env(OMP_NUM_THREADS="1")
+                        ).stdout
+                        res = json.loads(out.strip().splitlines()[-1])
+                        if mode == "agent":  # includes the collector's Hello and warm-up steps: an upper bound
+                            res["collector_cpu_ms"] = (proc_cpu_s(server.proc.pid) - before) * 1e3 / steps
+                        results.setdefault((model, mode), []).append(res)
+                print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        finally:
+            if server is not None:
+                server.kill()
+    report(results, models, modes, args)
+
+
+def report(results: dict, models: list[str], modes: list[str], args) -> None:
     timer = "wall" if args.wall or args.device != "cpu" else "thread CPU"
-    print(f"device {args.device}; step time: median {timer} time, median over {args.rounds} rounds")
-    print(f"{'model':<12} {'mode':<9} {'step ms':>9} {'overhead ms':>12} {'us/call':>8}  (calls/step)")
-    for model in args.models.split(","):
-        plain = statistics.median(results[(model, "plain")])
-        calls = results[(model, "calls")]
-        over = {}
+
+    def med(model, mode, key):
+        return statistics.median(x[key] for x in results[(model, mode)])
+
+    print(
+        f"device {args.device}; median over {args.rounds} rounds of: the training thread's median {timer} time "
+        f"per step, the process CPU per step (all threads)"
+    )
+    print(
+        f"{'model':<12} {'mode':<6} {'step ms':>8} {'overhead':>9} {'us/call':>8} {'proc cpu ms':>12} "
+        f"{'overhead':>9} {'other threads ms':>17}  (calls/step)"
+    )
+    for model in models:
+        calls = results[(model, modes[0])][0]["calls"]
+        plain, plain_cpu = med(model, "plain", "median_ms"), med(model, "plain", "process_cpu_ms")
+        over, cpu_over, others = {}, {}, {}
         for mode in modes:
-            med = statistics.median(results[(model, mode)])
-            over[mode] = med - plain
-            print(f"{model:<12} {mode:<9} {med:9.2f} {over[mode]:12.2f} {over[mode] * 1e3 / calls:8.1f}  ({calls})")
-        if over["seed"] > 0:
-            print(f"{model}: modtrack/seed overhead ratio = {over['modtrack'] / over['seed']:.2f}")
-        print(f"{model}: modtrack overhead = {100 * over['modtrack'] / plain:.2f} % of the plain step")
-        runs = results[(model, "modtrack")]
-        spread = (max(runs) - min(runs)) / statistics.median(runs) * 100 if len(runs) > 1 else float("nan")
-        position_ms = statistics.median(results["position_ns"]) * calls / 1e6
-        print(f"{model}: position updates {statistics.median(results['position_ns']):.0f} ns/call = "
-              f"{position_ms:.3f} ms/step = {100 * position_ms / plain:.2f} % of the plain step "
-              f"(modtrack's step varies {spread:.1f} % from round to round)")
-        if "baseline" in modes:
-            base = statistics.median(results[(model, "baseline")])
-            now = statistics.median(results[(model, "modtrack")])
-            print(f"{model}: modtrack - baseline = {now - base:+.3f} ms/step ({100 * (now - base) / plain:+.2f} % "
-                  "of the plain step)")
+            ms, cpu = med(model, mode, "median_ms"), med(model, mode, "process_cpu_ms")
+            others[mode] = med(model, mode, "other_threads_ms")
+            over[mode], cpu_over[mode] = ms - plain, cpu - plain_cpu
+            print(
+                f"{model:<12} {mode:<6} {ms:8.3f} {over[mode]:9.3f} {over[mode] * 1e3 / calls:8.1f} "
+                f"{cpu:12.3f} {cpu_over[mode]:9.3f} {others[mode]:17.3f}  ({calls})"
+            )
+        target = TARGET_VS_SEED.get(model)
+        for mode in ("hooks", "agent"):
+            if mode in over and over.get("seed", 0) > 0:
+                print(
+                    f"{model}: {mode}/seed training-thread overhead ratio = {over[mode] / over['seed']:.2f}"
+                    + (f" (target <= {target})" if target else "")
+                )
+        if "agent" in over:
+            print(f"{model}: agent overhead = {100 * over['agent'] / plain:.2f} % of the plain step")
+        position = [x["position_ns_per_call"] for x in results.get((model, "hooks"), []) if "position_ns_per_call" in x]
+        if position:
+            position_ms = statistics.median(position) * calls / 1e6
+            print(
+                f"{model}: position updates {statistics.median(position):.0f} ns/call = {position_ms:.3f} ms/step = "
+                f"{100 * position_ms / plain:.2f} % of the plain step"
+            )
+        if "baseline" in over:
+            print(
+                f"{model}: hooks - baseline = {over['hooks'] - over['baseline']:+.3f} ms/step "
+                f"({100 * (over['hooks'] - over['baseline']) / plain:+.2f} % of the plain step)"
+            )
+        if "agent" in cpu_over and over.get("hooks", 0) > 0:
+            # the agent's CPU: what it adds to the training thread, plus everything its other threads use
+            agent_cpu = over["agent"] + others["agent"]
+            print(
+                f"{model}: agent CPU over all threads / hooks-only CPU = {agent_cpu / over['hooks']:.2f} "
+                f"(target <= {TARGET_CPU}; training thread +{over['agent']:.3f} ms, sender and gRPC threads "
+                f"{others['agent']:.3f} ms, hooks alone {over['hooks']:.3f} ms per step); by process CPU "
+                f"{cpu_over['agent'] / max(cpu_over['hooks'], 1e-9):.2f}; collector CPU "
+                f"{med(model, 'agent', 'collector_cpu_ms'):.3f} ms/step"
+            )
 
 
 def make_baseline_shim(tree: str) -> None:

@@ -7,6 +7,7 @@ path (decode, validate and remap, merge, build the rank x column matrix, detect)
     python tests/bench/collector_throughput.py --store         # + the SQLite write, on the writer's path
     python tests/bench/collector_throughput.py --loopback      # + a real collector, 2 minutes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,17 +18,21 @@ import sys
 import tempfile
 import time
 import urllib.request
-from types import SimpleNamespace
+from pathlib import Path
 
 import numpy as np
 
-from modtrack.collector.sim.cluster_model import ClusterModel
-from modtrack.collector.pipeline.detector import Detector
 from modtrack.collector.ingest.parse import RankStream, parse_report
+from modtrack.collector.pipeline.detector import Detector
 from modtrack.collector.pipeline.merge import Merger, build_matrix
+from modtrack.collector.sim.cluster_model import ClusterModel
 from modtrack.collector.sim.simulate import parse_straggler, report
 from modtrack.collector.store.sqlite import Store
 from modtrack.protos import modtrack_pb2 as pb
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared harness
+from harness.collector_process import CollectorProcess
+from harness.evaluated import wait_evaluated
 
 
 def in_process(ranks: int, modules: int, steps: int, store_dir: str | None = None) -> dict:
@@ -41,8 +46,7 @@ def in_process(ranks: int, modules: int, steps: int, store_dir: str | None = Non
     streams = [RankStream("bench", r, list(model.module_names), ids, None) for r in range(ranks)]
     detector = Detector("bench")
     matrices = [model.step(s) for s in range(min(steps, 8))]  # cycled: encoding is not measured
-    wire = [[report(s, r, m, model, 10**9).SerializeToString() for r in range(ranks)]
-            for s, m in enumerate(matrices)]
+    wire = [[report(s, r, m, model, 10**9).SerializeToString() for r in range(ranks)] for s, m in enumerate(matrices)]
     t = {"decode+validate": 0.0, "merge+matrix": 0.0, "detect": 0.0}
     store = Store(store_dir) if store_dir else None
     if store:  # what the writer thread does per batch: BLOBs, one executemany, a FULL-sync commit
@@ -78,13 +82,20 @@ def in_process(ranks: int, modules: int, steps: int, store_dir: str | None = Non
         store.close()
     total = sum(t.values())
     found = {(e.rank, e.module, e.phase) for e in episodes}
-    return {"records": records, "cpu_s": t, "records_per_s": records / total,
-            "per_step_s": total / steps, "found": found}
+    return {
+        "records": records,
+        "cpu_s": t,
+        "records_per_s": records / total,
+        "per_step_s": total / steps,
+        "found": found,
+    }
 
 
 def _histogram_quantile(text: str, name: str, q: float) -> float:
-    buckets = [(float("inf") if le == "+Inf" else float(le), float(v))
-               for le, v in re.findall(rf'{name}_bucket{{le="([^"]+)"}} ([0-9.e+]+)', text)]
+    buckets = [
+        (float("inf") if le == "+Inf" else float(le), float(v))
+        for le, v in re.findall(rf'{name}_bucket{{le="([^"]+)"}} ([0-9.e+]+)', text)
+    ]
     if not buckets or buckets[-1][1] == 0:
         return float("nan")
     target = q * buckets[-1][1]
@@ -116,41 +127,54 @@ def _proc(pid: int) -> tuple[float, int, float]:
 
 def loopback(ranks: int, modules: int, seconds: int, step_s: float, procs: int) -> dict:
     steps = int(seconds / step_s)
-    with tempfile.TemporaryDirectory() as data:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", "127.0.0.1:0",
-             "--http-addr", "127.0.0.1:0", "--data-dir", data, "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, text=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = CollectorProcess(Path(tmp) / "data", "--log-level", "WARNING")
         try:
-            line = server.stdout.readline()
-            grpc_addr = re.search(r"grpc=(\S+)", line).group(1)
-            http_addr = re.search(r"http=(\S+)", line).group(1)
-            cpu0, _, _ = _proc(server.pid)
+            grpc_addr, http_addr, pid = server.grpc_target, server.http_addr, server.proc.pid
+            cpu0, _, _ = _proc(pid)
             t0 = time.monotonic()
             sim = subprocess.Popen(
-                [sys.executable, "-m", "modtrack.collector.sim.simulate", "--collector", grpc_addr, "--job", "bench",
-                 "--ranks", str(ranks), "--modules", str(modules), "--steps", str(steps),
-                 "--step-s", str(step_s), "--procs", str(procs), "--start-delay-s", "15",
-                 "--straggler", "rank=7,module=3,phase=backward,slowdown=1.5,onset=20"],
-                stdout=subprocess.PIPE, text=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "modtrack.collector.sim.simulate",
+                    "--collector",
+                    grpc_addr,
+                    "--job",
+                    "bench",
+                    "--ranks",
+                    str(ranks),
+                    "--modules",
+                    str(modules),
+                    "--steps",
+                    str(steps),
+                    "--step-s",
+                    str(step_s),
+                    "--procs",
+                    str(procs),
+                    "--start-delay-s",
+                    "15",
+                    "--straggler",
+                    "rank=7,module=3,phase=backward,slowdown=1.5,onset=20",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             peak_rss, samples = 0, []
             while sim.poll() is None:
                 time.sleep(1.0)
-                cpu, rss, loop_cpu = _proc(server.pid)
+                cpu, rss, loop_cpu = _proc(pid)
                 samples.append((time.monotonic(), cpu, loop_cpu))
                 peak_rss = max(peak_rss, rss)
             sim_out = sim.stdout.read().strip()
-            time.sleep(3)
+            wait_evaluated(server.url, steps - 1, "bench", timeout=60)  # the verdicts on the last steps are in
             metrics = urllib.request.urlopen(f"http://{http_addr}/metrics", timeout=30).read().decode()
-            stragglers = urllib.request.urlopen(
-                f"http://{http_addr}/api/v1/jobs/bench/stragglers", timeout=30).read().decode()
-            cpu1, rss, _ = _proc(server.pid)
+            stragglers = (
+                urllib.request.urlopen(f"http://{http_addr}/api/v1/jobs/bench/stragglers", timeout=30).read().decode()
+            )
+            cpu1, rss, _ = _proc(pid)
         finally:
             server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
     # CPU over the streaming part only (after everyone connected): the middle of the run.
     mid = [s for s in samples if s[0] - t0 > 20]
     span = (mid[-1][0] - mid[0][0]) if len(mid) > 2 else float("nan")
@@ -159,9 +183,12 @@ def loopback(ranks: int, modules: int, seconds: int, step_s: float, procs: int) 
     ingested = re.search(r"^modtrack_ingest_records(?:_total)? ([0-9.e+]+)", metrics, re.M)
     reports = float(ingested.group(1)) if ingested else float("nan")
     return {
-        "steps": steps, "simulator": sim_out, "reports_ingested": reports,
+        "steps": steps,
+        "simulator": sim_out,
+        "reports_ingested": reports,
         "records_per_s": reports * modules * 2 / (steps * step_s),
-        "collector_cpu_cores": busy, "event_loop_thread_cores": loop_busy,
+        "collector_cpu_cores": busy,
+        "event_loop_thread_cores": loop_busy,
         "collector_cpu_s_total": cpu1 - cpu0,
         "rss_peak_mb": peak_rss / 2**20,
         "lag_p50_s": _histogram_quantile(metrics, "modtrack_verdict_lag_seconds", 0.5),
@@ -175,8 +202,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", type=int, default=1024)
     ap.add_argument("--modules", type=int, default=500)
     ap.add_argument("--steps", type=int, default=20, help="in-process steps")
-    ap.add_argument("--store", action="store_true",
-                    help="in-process: also write each step to a SQLite store in a temporary dir")
+    ap.add_argument(
+        "--store", action="store_true", help="in-process: also write each step to a SQLite store in a temporary dir"
+    )
     ap.add_argument("--loopback", action="store_true", help="also run a real collector over loopback")
     ap.add_argument("--seconds", type=int, default=120)
     ap.add_argument("--step-s", type=float, default=1.0)
@@ -193,8 +221,10 @@ def main(argv=None) -> int:
     print(f"injected straggler found: {(7, 'Net.layers.3', 'backward') in r['found']}")
     if a.loopback:
         lb = loopback(a.ranks, a.modules, a.seconds, a.step_s, a.procs)
-        print(f"\nloopback: {a.ranks} ranks x {a.modules} modules x 2 phases, 1 step / {a.step_s} s, "
-              f"{a.seconds} s, {a.procs} simulator processes")
+        print(
+            f"\nloopback: {a.ranks} ranks x {a.modules} modules x 2 phases, 1 step / {a.step_s} s, "
+            f"{a.seconds} s, {a.procs} simulator processes"
+        )
         for k, v in lb.items():
             print(f"  {k:24s} {v:,.3f}" if isinstance(v, float) else f"  {k:24s} {v}")
     return 0

@@ -10,6 +10,7 @@ window, score = fastest rank's median / this rank's median, flagged below 0.75.
     python tests/bench/detector_quality.py --quick    # what CI asserts (tests/test_detection_quality.py)
     python tests/bench/detector_quality.py --runs 100 --verbose   # ... and why each wrong report was made
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modtrack.collector.sim.cluster_model import ClusterModel, Straggler
 from modtrack.collector.pipeline.detector import Z_SCALE, Detector, DetectorParams, column_stats, flag_step
+from modtrack.collector.sim.cluster_model import ClusterModel, Straggler
 
 BASELINE_WINDOW = 20
 BASELINE_THRESHOLD = 0.75
@@ -54,9 +55,12 @@ class Tally:
 def random_run(rng: np.random.Generator, steps: int) -> ClusterModel:
     ranks = int(rng.choice([2, 8, 16, 32, 64]))
     model = ClusterModel(
-        ranks=ranks, ranks_per_host=min(8, ranks), modules=int(rng.integers(10, 60)),
+        ranks=ranks,
+        ranks_per_host=min(8, ranks),
+        modules=int(rng.integers(10, 60)),
         stages=2 if ranks >= 16 and rng.random() < 0.3 else 1,
-        sigma=float(rng.uniform(0.02, 0.05)), seed=int(rng.integers(1 << 31)),
+        sigma=float(rng.uniform(0.02, 0.05)),
+        seed=int(rng.integers(1 << 31)),
     )
     t = int(rng.integers(20, 60))
     while True:
@@ -72,10 +76,17 @@ def random_run(rng: np.random.Generator, steps: int) -> ClusterModel:
             who, host_name = [rank], None
         runs = np.nonzero(~np.isnan(model.mask[rank, : model.modules]))[0]  # its stage's modules
         whole_rank = rng.random() < 0.2  # every module slow: what a rank-level check can see
-        model.stragglers.append(Straggler(
-            who, module=-1 if whole_rank else int(rng.choice(runs)), phase=int(rng.integers(1, 3)),
-            slowdown=float(rng.uniform(1.05, 2.0)), onset=t, end=t + length, host=host_name,
-        ))
+        model.stragglers.append(
+            Straggler(
+                who,
+                module=-1 if whole_rank else int(rng.choice(runs)),
+                phase=int(rng.integers(1, 3)),
+                slowdown=float(rng.uniform(1.05, 2.0)),
+                onset=t,
+                end=t + length,
+                host=host_name,
+            )
+        )
         t += length + int(rng.integers(30, 80))  # a clean stretch
     return model
 
@@ -150,12 +161,16 @@ def score(model: ClusterModel, found: list[Found], steps: int, n: int, t: Tally)
 def explain(run: int, model: ClusterModel, matrices, params: DetectorParams, kind: str, f: Found) -> None:
     """Print a wrong report and, for the n steps up to its opening, the figures behind each flag."""
     ep = f.episode
-    print(f"{kind}: run {run} (model seed {model.seed}, {model.ranks} ranks, {model.modules} modules, "
-          f"{model.stages} stage(s), sigma {model.sigma:.3f}) step {ep.first_step}-{ep.last_step} "
-          f"rank {ep.rank} host {ep.host} ranks {ep.ranks} column {f.column} ({ep.module} {ep.phase}) "
-          f"slowdown {ep.slowdown:.3f} cost {ep.cost_ms_per_step:.3f} ms")
+    print(
+        f"{kind}: run {run} (model seed {model.seed}, {model.ranks} ranks, {model.modules} modules, "
+        f"{model.stages} stage(s), sigma {model.sigma:.3f}) step {ep.first_step}-{ep.last_step} "
+        f"rank {ep.rank} host {ep.host} ranks {ep.ranks} column {f.column} ({ep.module} {ep.phase}) "
+        f"slowdown {ep.slowdown:.3f} cost {ep.cost_ms_per_step:.3f} ms"
+    )
     for s in model.stragglers:
-        print(f"  injected: ranks {s.ranks} module {s.module} phase {s.phase} x{s.slowdown:.2f} steps {s.onset}-{s.end}")
+        print(
+            f"  injected: ranks {s.ranks} module {s.module} phase {s.phase} x{s.slowdown:.2f} steps {s.onset}-{s.end}"
+        )
     col = f.column
     for step in range(max(ep.first_step - params.n + 1, 0), ep.first_step + 1):
         m = matrices[step]
@@ -165,10 +180,12 @@ def explain(run: int, model: ClusterModel, matrices, params: DetectorParams, kin
         wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
         for r in sorted(f.ranks):
             x = float(m.self_ms[r, col])
-            print(f"  step {step} rank {r}: self {x:.4f} ms, median {median[0]:.4f} (ratio {x / median[0]:.3f}), "
-                  f"MAD {mad[0]:.4f} (floored {mad_f:.4f}), z {Z_SCALE * (x - median[0]) / mad_f:.2f}, "
-                  f"n {count[0]}, wait {wait[r]:.3f} vs median {np.median(wait):.3f}, "
-                  f"flagged {bool(flags.flagged[r, col])}")
+            print(
+                f"  step {step} rank {r}: self {x:.4f} ms, median {median[0]:.4f} (ratio {x / median[0]:.3f}), "
+                f"MAD {mad[0]:.4f} (floored {mad_f:.4f}), z {Z_SCALE * (x - median[0]) / mad_f:.2f}, "
+                f"n {count[0]}, wait {wait[r]:.3f} vs median {np.median(wait):.3f}, "
+                f"flagged {bool(flags.flagged[r, col])}"
+            )
 
 
 def evaluate(runs: int, steps: int, seed: int, verbose: bool = False) -> dict[str, dict]:
@@ -225,8 +242,11 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--verbose", action="store_true",
-                    help="print every wrong modtrack report (false alarm, victim) with the figures behind it")
+    ap.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every wrong modtrack report (false alarm, victim) with the figures behind it",
+    )
     a = ap.parse_args(argv)
     runs, steps = (40, 400) if a.quick else (a.runs, a.steps)
     t0 = time.perf_counter()

@@ -6,19 +6,24 @@ while its only webhook receiver is down.
 
     python tests/bench/metrics_alerting_cost.py
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from modtrack.collector.outputs.alerting import AlertDispatcher
 from modtrack.collector.outputs.metrics import CollectorMetrics
 from modtrack.collector.records import Episode, StepMatrix
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared harness
+from harness.ports import free_port
 
 
 def timed(fn, repeat: int) -> float:
@@ -35,10 +40,24 @@ def metrics_costs(n_ranks: int, n_modules: int = 200, n_episodes: int = 50) -> d
     hosts = [f"node{r // 8}" for r in range(n_ranks)]
     for r in range(n_ranks):
         m.observe_rank("job", r, hosts[r], 0.5, {"reports_dropped": 0})
-    matrix = StepMatrix("job", 1, np.arange(n_ranks), hosts, np.arange(n_modules), np.ones(n_modules, np.int64),
-                        np.ones((n_ranks, n_modules)), np.full(n_ranks, 100.0), np.full(n_ranks, 5.0))
-    m.set_episodes("job", [Episode("job", r, hosts[r], f"Net.layer{r}", "forward", 1.5, 1, 9, "active", float(r))
-                           for r in range(min(n_episodes, n_ranks))])
+    matrix = StepMatrix(
+        "job",
+        1,
+        np.arange(n_ranks),
+        hosts,
+        np.arange(n_modules),
+        np.ones(n_modules, np.int64),
+        np.ones((n_ranks, n_modules)),
+        np.full(n_ranks, 100.0),
+        np.full(n_ranks, 5.0),
+    )
+    m.set_episodes(
+        "job",
+        [
+            Episode("job", r, hosts[r], f"Net.layer{r}", "forward", 1.5, 1, 9, "active", float(r))
+            for r in range(min(n_episodes, n_ranks))
+        ],
+    )
     m.observe_step(matrix, 0.1)
     body = m.exposition()[0]
     return {
@@ -51,9 +70,7 @@ def metrics_costs(n_ranks: int, n_modules: int = 200, n_episodes: int = 50) -> d
 
 
 async def dispatcher_cost() -> float:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        down = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    down = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
     d = AlertDispatcher([down], "http://dash", backoff_s=5)
     await d.start()
     eps = [Episode("job", r % 64, "node0", f"Net.layer{r}", "backward", 2.0, 1, 9, "active", 10.0) for r in range(5000)]
@@ -68,8 +85,10 @@ def main() -> None:
     print(f"{'ranks':>6} {'observe_step us':>16} {'observe_rank us':>16} {'scrape ms':>10} {'series':>7} {'KiB':>7}")
     for n in (8, 64, 512, 4096):
         c = metrics_costs(n)
-        print(f"{n:>6} {c['observe_step_us']:>16.1f} {c['observe_rank_us']:>16.1f} {c['scrape_ms']:>10.1f} "
-              f"{c['series']:>7} {c['bytes'] / 1024:>7.0f}")
+        print(
+            f"{n:>6} {c['observe_step_us']:>16.1f} {c['observe_rank_us']:>16.1f} {c['scrape_ms']:>10.1f} "
+            f"{c['series']:>7} {c['bytes'] / 1024:>7.0f}"
+        )
     print(f"episode_changed with the webhook receiver down: {asyncio.run(dispatcher_cost()):.1f} us median")
 
 

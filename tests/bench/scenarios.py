@@ -14,6 +14,7 @@ outside the collector: the culprit's rank and what was injected, and rank 0's ow
 Run it under the shared lock (flock /tmp/modtrack-heavy.lock ...). Per scenario it prints: named right
 (rank, modules, cause), victims blamed, latency in steps, cost against the measured loss; then the totals.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,27 +59,89 @@ class Shape:
     clean: bool = False
 
 
-SHAPES = {s.name: s for s in [
-    Shape("fwd1", ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "30"],
-          ("blocks.1.mlp",), "forward", "compute in 1 module"),
-    Shape("bwd1", ["--slow-module", "blocks.2.attn", "--slow-phase", "backward", "--slow-ms", "30"],
-          ("blocks.2.attn",), "backward", "compute in 1 module"),
-    Shape("four", ["--slow-module", ",".join(FOUR), "--slow-phase", "backward", "--slow-ms", "15"],
-          FOUR, "backward", "compute in 4 modules"),
-    Shape("whole", ["--slow-phase", "whole", "--slow-ms", "40"], cause="whole rank"),
-    Shape("data", ["--slow-phase", "data", "--slow-ms", "40"], ("(data loading)",), "data", "data loading"),
-    Shape("optimizer", ["--slow-phase", "optimizer", "--slow-ms", "30"], ("(optimizer)",), "optimizer",
-          "optimizer"),
-    Shape("every3", ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "40",
-                     "--slow-every", "3"], ("blocks.1.mlp",), "forward", "intermittent", steps=70, max_latency=30),
-    Shape("ramp", ["--slow-module", "blocks.2.mlp", "--slow-phase", "backward", "--slow-ms", "40",
-                   "--slow-ramp-steps", "15"], ("blocks.2.mlp",), "backward", steps=55, max_latency=15),
-    Shape("stop", ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "30",
-                   "--slow-to-step", str(ONSET + 12)], ("blocks.1.mlp",), "forward", stops_at=ONSET + 12),
-    Shape("restart", ["--slow-module", "blocks.1.mlp", "--slow-phase", "backward", "--slow-ms", "30",
-                      "--slow-attempt", "1", "--fail-at-step", "8"], ("blocks.1.mlp",), "backward", restart=True),
-    Shape("clean", [], clean=True),
-]}
+SHAPES = {
+    s.name: s
+    for s in [
+        Shape(
+            "fwd1",
+            ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "30"],
+            ("blocks.1.mlp",),
+            "forward",
+            "compute in 1 module",
+        ),
+        Shape(
+            "bwd1",
+            ["--slow-module", "blocks.2.attn", "--slow-phase", "backward", "--slow-ms", "30"],
+            ("blocks.2.attn",),
+            "backward",
+            "compute in 1 module",
+        ),
+        Shape(
+            "four",
+            ["--slow-module", ",".join(FOUR), "--slow-phase", "backward", "--slow-ms", "15"],
+            FOUR,
+            "backward",
+            "compute in 4 modules",
+        ),
+        Shape("whole", ["--slow-phase", "whole", "--slow-ms", "40"], cause="whole rank"),
+        Shape("data", ["--slow-phase", "data", "--slow-ms", "40"], ("(data loading)",), "data", "data loading"),
+        Shape(
+            "optimizer", ["--slow-phase", "optimizer", "--slow-ms", "30"], ("(optimizer)",), "optimizer", "optimizer"
+        ),
+        Shape(
+            "every3",
+            ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "40", "--slow-every", "3"],
+            ("blocks.1.mlp",),
+            "forward",
+            "intermittent",
+            steps=70,
+            max_latency=30,
+        ),
+        Shape(
+            "ramp",
+            ["--slow-module", "blocks.2.mlp", "--slow-phase", "backward", "--slow-ms", "40", "--slow-ramp-steps", "15"],
+            ("blocks.2.mlp",),
+            "backward",
+            steps=55,
+            max_latency=15,
+        ),
+        Shape(
+            "stop",
+            [
+                "--slow-module",
+                "blocks.1.mlp",
+                "--slow-phase",
+                "forward",
+                "--slow-ms",
+                "30",
+                "--slow-to-step",
+                str(ONSET + 12),
+            ],
+            ("blocks.1.mlp",),
+            "forward",
+            stops_at=ONSET + 12,
+        ),
+        Shape(
+            "restart",
+            [
+                "--slow-module",
+                "blocks.1.mlp",
+                "--slow-phase",
+                "backward",
+                "--slow-ms",
+                "30",
+                "--slow-attempt",
+                "1",
+                "--fail-at-step",
+                "8",
+            ],
+            ("blocks.1.mlp",),
+            "backward",
+            restart=True,
+        ),
+        Shape("clean", [], clean=True),
+    ]
+}
 
 
 @dataclass
@@ -102,8 +165,11 @@ class Result:
 
 
 def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+    }
     env.pop("MODTRACK_COLLECTOR", None)
     return env
 
@@ -117,11 +183,27 @@ class Collector:
     """`python -m modtrack.collector serve` on free ports, ended by stop()."""
 
     def __init__(self, data_dir: str):
-        self.log = open(os.path.join(data_dir, "collector.log"), "w")  # noqa: SIM115 (closed in stop())
+        self.log = open(os.path.join(data_dir, "collector.log"), "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modtrack.collector", "serve", "--grpc-addr", "127.0.0.1:0",
-             "--http-addr", "127.0.0.1:0", "--data-dir", data_dir],
-            env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "modtrack.collector",
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--data-dir",
+                data_dir,
+            ],
+            env=_env(),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            start_new_session=True,
+        )
         lines: list[str] = []
         found = threading.Event()
 
@@ -163,16 +245,48 @@ def culprit_rank(position: str, ranks: int) -> int:
     return {"first": 0, "middle": ranks // 2, "last": ranks - 1}[position]
 
 
-def run_job(collector: Collector, job: str, wrap: str, shape: Shape, culprit: int, ranks: int, workdir: str,
-            timeout_s: float = 240) -> tuple[subprocess.CompletedProcess, str]:
+def run_job(
+    collector: Collector,
+    job: str,
+    wrap: str,
+    shape: Shape,
+    culprit: int,
+    ranks: int,
+    workdir: str,
+    timeout_s: float = 240,
+) -> tuple[subprocess.CompletedProcess, str]:
     times = os.path.join(workdir, f"{job}.times.jsonl")
     restart = ["--max-restarts", "1"] if shape.restart else []
     slow = [] if shape.clean else ["--slow-rank", str(culprit), "--slow-from-step", str(ONSET), *shape.args]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *restart,
-           "-m", "modtrack.agent", "--collector", collector.grpc, "--job", job, TRAIN, "--steps", str(shape.steps),
-           "--log-every", "1000", "--wrap", wrap, "--step-times", times, *MODEL, *slow]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(ranks),
+        *restart,
+        "-m",
+        "modtrack.agent",
+        "--collector",
+        collector.grpc,
+        "--job",
+        job,
+        TRAIN,
+        "--steps",
+        str(shape.steps),
+        "--log-every",
+        "1000",
+        "--wrap",
+        wrap,
+        "--step-times",
+        times,
+        *MODEL,
+        *slow,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=_env(), cwd=REPO, text=True, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -184,16 +298,22 @@ def run_job(collector: Collector, job: str, wrap: str, shape: Shape, culprit: in
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), times
 
 
-def measured_loss(times_path: str, attempt: int, onset: int, end: int) -> float | None:
-    """Mean step time over [end - 30, end) (no earlier than the onset), minus the mean over [5, onset)."""
+def measured_loss(times_path: str, attempt: int, onset: int, end: int, every: int = 1) -> float | None:
+    """Mean step time over [end - 30, end) (no earlier than the onset), minus the mean over [5, onset).
+
+    An intermittent fault (one slow step in `every`) is measured against the steps of the same window that
+    were not slowed: on a shared machine the job's speed drifts more between windows than 1-in-N adds."""
     try:
         with open(times_path) as f:
             rows = [json.loads(line) for line in f]
     except OSError:
         return None
     ms = {r["step"]: r["ms"] for r in rows if r["attempt"] == attempt}
-    before = [ms[s] for s in range(5, onset) if s in ms]
     after = [ms[s] for s in range(max(onset, end - 30), end) if s in ms]
+    if every > 1:
+        before = [ms[s] for s in range(max(onset, end - 30), end) if s in ms and (s - onset) % every]
+    else:
+        before = [ms[s] for s in range(5, onset) if s in ms]
     if len(before) < 5 or len(after) < 5:
         return None
     return statistics.fmean(after) - statistics.fmean(before)
@@ -212,8 +332,7 @@ def noise_sigma(collector: Collector, job: str, steps) -> float:
     return statistics.median(spreads) if spreads else float("nan")
 
 
-def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str, ranks: int,
-          workdir: str) -> Result:
+def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str, ranks: int, workdir: str) -> Result:
     culprit = culprit_rank(position, ranks)
     res = Result(wrap, shape.name, culprit, ranks)
     out, times = run_job(collector, job, wrap, shape, culprit, ranks, workdir)
@@ -237,8 +356,11 @@ def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str
     if shape.restart:
         first = get_json(f"{collector.url}/api/v1/jobs/{job}/steps?last=1000&attempt=0")["steps"]
         second = get_json(f"{collector.url}/api/v1/jobs/{job}/steps?last=1000")["steps"]
-        res.attempt_ok = ([s["step"] for s in first] == list(range(len(first))) and len(first) >= 8
-                          and [s["step"] for s in second] == list(range(shape.steps)))
+        res.attempt_ok = (
+            [s["step"] for s in first] == list(range(len(first)))
+            and len(first) >= 8
+            and [s["step"] for s in second] == list(range(shape.steps))
+        )
     if len(mine) != 1:
         res.detail = f"{len(mine)} verdicts on the culprit"
         return res
@@ -252,7 +374,8 @@ def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str
     res.detail = f"cause {v['cause']!r}, {len(v['modules'])} listed, state {v['state']}"
     if shape.stops_at is None:
         res.cost = v["cost_ms_per_step"]
-        res.measured = measured_loss(times, attempt, ONSET, shape.steps)
+        every = int(shape.args[shape.args.index("--slow-every") + 1]) if "--slow-every" in shape.args else 1
+        res.measured = measured_loss(times, attempt, ONSET, shape.steps, every)
         if res.measured and res.measured > 0:
             res.cost_error = (res.cost - res.measured) / res.measured
     return res
@@ -264,8 +387,11 @@ def print_row(r: Result) -> None:
     error = f"{100 * r.cost_error:+5.0f}%" if r.cost_error is not None else "     -"
     latency = str(r.latency) if r.latency is not None else "-"
     named = "yes" if r.named else ("RUN FAILED" if not r.ok_run else "NO")
-    print(f"{r.wrap:6} {r.shape:9} r{r.culprit}/{r.ranks}  named {named:4} victims {r.victims}  "
-          f"latency {latency:>3}  cost {cost} vs {measured} ms/step {error}  {r.detail}", flush=True)
+    print(
+        f"{r.wrap:6} {r.shape:9} r{r.culprit}/{r.ranks}  named {named:4} victims {r.victims}  "
+        f"latency {latency:>3}  cost {cost} vs {measured} ms/step {error}  {r.detail}",
+        flush=True,
+    )
 
 
 def totals(results: list[Result]) -> dict:
@@ -278,12 +404,14 @@ def totals(results: list[Result]) -> dict:
     latencies = [r.latency for r in faults if r.latency is not None]
     clean_steps = sum(r.clean_steps for r in clean)
     return {
-        "scenarios": len(results), "failed_runs": sum(not r.ok_run for r in results),
+        "scenarios": len(results),
+        "failed_runs": sum(not r.ok_run for r in results),
         "recall": len(found) / len(faults) if faults else float("nan"),
         "precision": right / reports if reports else float("nan"),
         "victims": sum(r.victims for r in faults),
         "false_alarms_per_1000_clean_steps": 1000 * sum(r.false_alarms for r in clean) / clean_steps
-        if clean_steps else float("nan"),
+        if clean_steps
+        else float("nan"),
         "median_abs_cost_error": statistics.median(errors) if errors else float("nan"),
         "worst_abs_cost_error": errors[-1] if errors else float("nan"),
         "max_latency": max(latencies) if latencies else None,
@@ -292,11 +420,14 @@ def totals(results: list[Result]) -> dict:
 
 def print_totals(results: list[Result]) -> None:
     t = totals(results)
-    print(f"\n{t['scenarios']} scenarios ({t['failed_runs']} runs failed): recall {t['recall']:.3f}, precision "
-          f"{t['precision']:.3f}, victims blamed {t['victims']}, false alarms per 1000 clean steps "
-          f"{t['false_alarms_per_1000_clean_steps']:.1f}, |cost error| median "
-          f"{100 * t['median_abs_cost_error']:.0f}% worst {100 * t['worst_abs_cost_error']:.0f}%, "
-          f"latency max {t['max_latency']} steps", flush=True)
+    print(
+        f"\n{t['scenarios']} scenarios ({t['failed_runs']} runs failed): recall {t['recall']:.3f}, precision "
+        f"{t['precision']:.3f}, victims blamed {t['victims']}, false alarms per 1000 clean steps "
+        f"{t['false_alarms_per_1000_clean_steps']:.1f}, |cost error| median "
+        f"{100 * t['median_abs_cost_error']:.0f}% worst {100 * t['worst_abs_cost_error']:.0f}%, "
+        f"latency max {t['max_latency']} steps",
+        flush=True,
+    )
 
 
 def run_matrix(wraps, shapes, culprits, ranks: int, results_path: str | None = None) -> list[Result]:

@@ -1,4 +1,5 @@
 """A webhook receiver for tests: records every JSON POST it gets, can answer slowly or with errors."""
+
 from __future__ import annotations
 
 import json
@@ -51,12 +52,12 @@ class WebhookReceiver:
         self._thread.join(5)
 
     def wait_for(self, predicate, timeout_s: float) -> list[dict]:
-        """Wait until predicate(list of bodies) is true; return the bodies (possibly unmet on timeout)."""
+        """The bodies received once predicate(list of bodies) is true; AssertionError at the deadline."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while not predicate([b for _, b in self.received]):
+            while not predicate(bodies := [b for _, b in self.received]):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    break
+                    raise AssertionError(f"waited {timeout_s:g} s for the webhook bodies; got {bodies}")
                 self._cond.wait(left)
-            return [b for _, b in self.received]
+            return bodies
