@@ -37,6 +37,7 @@ optimizer, data) stay wall time. clock="wall" makes durations wall time too; on 
 
 Every hook is fail-open: any exception is swallowed and counted in counters["hook_errors"].
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,6 +48,7 @@ import weakref
 from functools import partial
 
 import torch
+import torch.utils.checkpoint
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -74,11 +76,11 @@ from modtrack.agent.step_accumulator import (
 )
 from modtrack.agent.step_record import StepRecord
 
-try:
-    from torch.utils.checkpoint import _StopRecomputationError
-except ImportError:  # older torch: non-reentrant checkpoint never stops a recompute early
-    class _StopRecomputationError(Exception):
-        pass
+# What non-reentrant checkpoint raises to stop a recompute early (a torch without it never stops early).
+StopRecomputation: type[BaseException] = getattr(
+    torch.utils.checkpoint, "_StopRecomputationError", type("StopRecomputation", (Exception,), {})
+)
+
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +156,16 @@ class ModuleTracker:
 
     def __init__(self, on_step=None, clock: str = "auto") -> None:
         self.parents: set[str] = {"Global"}
-        self.counters = {"hook_errors": 0, "steps": 0, "on_step_errors": 0, "steps_dropped": 0,
-                         "implicit_steps": 0, "backward_ends_at_pass_end": 0, "overlapping_calls": 0,
-                         "inplace_inputs": 0}
+        self.counters = {
+            "hook_errors": 0,
+            "steps": 0,
+            "on_step_errors": 0,
+            "steps_dropped": 0,
+            "implicit_steps": 0,
+            "backward_ends_at_pass_end": 0,
+            "overlapping_calls": 0,
+            "inplace_inputs": 0,
+        }
         self._on_step = on_step
         self._clock = make_clock(clock)
         self.clock_kind: str = self._clock.kind
@@ -303,8 +312,11 @@ class ModuleTracker:
             parents = self.parents
             recursive = name in parents
             if recursive:
-                logger.info("The module hierarchy tracking seems to be broken as this Module was already "
-                            "entered. %s during forward", name)
+                logger.info(
+                    "The module hierarchy tracking seems to be broken as this Module was already "
+                    "entered. %s during forward",
+                    name,
+                )
             parents.add(name)
             stack = self._stack
             rows = self._log.rows
@@ -312,8 +324,22 @@ class ModuleTracker:
             if not stack and not in_backward and self._optimizer_start:
                 self._pause_optimizer()  # a closure inside optimizer.step(): this is forward, not optimizer
             # the layout of agent.step_accumulator.new_row, inlined: this runs for every call
-            row = [mid, RECOMPUTE if in_backward else FORWARD, 0, 0,
-                   stack[-1].first if stack else -1, len(stack), int(recursive), 0, 0, 0, 0, 0, 0, 0]
+            row = [
+                mid,
+                RECOMPUTE if in_backward else FORWARD,
+                0,
+                0,
+                stack[-1].first if stack else -1,
+                len(stack),
+                int(recursive),
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ]
             call = _Call(row, mod, site, len(rows))
             stack.append(call)
             rows.append(row)
@@ -379,8 +405,10 @@ class ModuleTracker:
 
     def _watch_inplace_inputs(self, call: _Call, args) -> None:
         """No views: the backward ends, as the seed's `parents` entry does, when the inputs' gradients are."""
-        seed = [self._viewed_from.get(n, n) for n in (_leaf_node(a) for a in tree_flatten(args)[0]
-                                                      if isinstance(a, _Tensor) and a.requires_grad)]
+        seed = [
+            self._viewed_from.get(n, n)
+            for n in (_leaf_node(a) for a in tree_flatten(args)[0] if isinstance(a, _Tensor) and a.requires_grad)
+        ]
         if seed:
             self._watch(call, OWN, seed)
             self._watch(call, IN, list(seed))
@@ -438,14 +466,17 @@ class ModuleTracker:
             name = site[1]
             # the seed's post hook does not run when a forward raises: non-reentrant checkpoint stops
             # its recompute that way, and the seed's `parents` keeps the name; other errors drop it
-            stopped = output is None and isinstance(sys.exc_info()[1], _StopRecomputationError)
+            stopped = output is None and isinstance(sys.exc_info()[1], StopRecomputation)
             if stopped:
                 pass
             elif name in self.parents:
                 self.parents.remove(name)
             else:
-                logger.info("The Module hierarchy tracking is confused as we're exiting a Module that was "
-                            "never entered. %s during forward", name)
+                logger.info(
+                    "The Module hierarchy tracking is confused as we're exiting a Module that was "
+                    "never entered. %s during forward",
+                    name,
+                )
             if call.views is not None:
                 self._check_views(call)
             if output is not None and _grad_enabled():
@@ -461,7 +492,7 @@ class ModuleTracker:
         """A module that changed its input in place (ReLU(inplace=True)) moved our view off the graph:
         its backward then ends when the gradient of the tensor it changed is complete."""
         own = call.nodes[OWN]
-        for view, node in call.views:
+        for view, node in call.views or ():
             if view.grad_fn is not node:
                 self.counters["inplace_inputs"] += 1
                 original = self._viewed_from.get(node)
@@ -556,16 +587,22 @@ class ModuleTracker:
             self._seed_callback = True
             _queue_callback(self._seed_reset)
         if name in self.parents:
-            logger.info("The module hierarchy tracking seems to be broken as this Module was already "
-                        "entered. %s during backward", name)
+            logger.info(
+                "The module hierarchy tracking seems to be broken as this Module was already "
+                "entered. %s during backward",
+                name,
+            )
         self.parents.add(name)
 
     def _seed_pop(self, name: str) -> None:
         if name in self.parents:
             self.parents.remove(name)
         else:
-            logger.info("The Module hierarchy tracking is confused as we're exiting a Module that was "
-                        "never entered. %s during backward", name)
+            logger.info(
+                "The Module hierarchy tracking is confused as we're exiting a Module that was "
+                "never entered. %s during backward",
+                name,
+            )
 
     def _seed_reset(self) -> None:
         self.parents = {"Global"}
@@ -618,8 +655,9 @@ class ModuleTracker:
             self._close_backward(row, now, work)
             parent = row[PARENT]  # position: back in the caller's backward, if it is open
             caller = self._log.rows[parent] if 0 <= parent < len(self._log.rows) else None
-            self.position.module = caller[MID] if caller is not None and caller[B_START] and not caller[B_END] \
-                else at.NO_MODULE
+            self.position.module = (
+                caller[MID] if caller is not None and caller[B_START] and not caller[B_END] else at.NO_MODULE
+            )
         except Exception:
             self._hook_failed()
 
@@ -641,7 +679,7 @@ class ModuleTracker:
             self._pause_optimizer()  # loss.backward() inside optimizer.step(closure)
         # A backward whose first module hook fired in a nested graph task (reentrant checkpoint)
         # shows up as two pieces with no forward in between: they are one pass.
-        if log.passes and not any(r[PHASE] == FORWARD for r in log.rows[log.rows_at_pass_end:]):
+        if log.passes and not any(r[PHASE] == FORWARD for r in log.rows[log.rows_at_pass_end :]):
             self._pass = log.passes[-1]
         else:
             self._pass = [self._stamp(), 0, 0]
@@ -763,7 +801,7 @@ class ModuleTracker:
     def _emit(self, record: StepRecord) -> None:
         names = self._names.names
         record.first_new_module_id = self._names_sent
-        record.new_module_names = names[self._names_sent:]
+        record.new_module_names = names[self._names_sent :]
         self._names_sent += len(record.new_module_names)
         self._last = record
         self.counters["steps"] += 1
