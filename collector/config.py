@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from modtrack.collector.pipeline.detector import CPU_CLOCK_FLOOR, DetectorParams
+from modtrack.collector.pipeline.detector import CPU_CLOCK_FLOOR, CPU_CLOCK_WARMUP, DetectorParams
 
 
 def _flag(default, help: str, **argparse_kw) -> Any:
@@ -82,8 +82,11 @@ DETECTOR_FLAGS = {
     f"(default: 0, {CPU_CLOCK_FLOOR['min_excess_ms']} for ranks on the CPU clock)",
     "min_excess_frac": "... nor below this fraction of the median step wall time "
     f"(default: 0, {CPU_CLOCK_FLOOR['min_excess_frac']} for ranks on the CPU clock)",
+    "warmup_steps": "a job's first steps judge nothing (lazy init, first-call hooks) "
+    f"(default: 0, {CPU_CLOCK_WARMUP} for ranks on the CPU clock)",
 }
 _FLOAT_OR_NONE = {"min_excess_ms", "min_excess_frac"}
+_INT_OR_NONE = {"warmup_steps"}
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +106,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     params = DetectorParams()
     for name, help_text in DETECTOR_FLAGS.items():
         default = getattr(params, name)
-        kind = float if name in _FLOAT_OR_NONE else type(default)
+        kind = float if name in _FLOAT_OR_NONE else int if name in _INT_OR_NONE else type(default)
         if default is not None:
             help_text += " (default: %(default)s)"
         group.add_argument(

@@ -68,7 +68,9 @@ def test_defaults_wait_for_k_steps(tmp_path):
 
 @pytest.mark.slow
 def test_detect_k_and_the_excess_floor_reach_the_detector(tmp_path):
-    server = CollectorProcess(tmp_path / "data", "--detect-k", "1", "--detect-min-excess-ms", "3")
+    server = CollectorProcess(
+        tmp_path / "data", "--detect-k", "1", "--detect-min-excess-ms", "3", "--detect-warmup-steps", "0"
+    )
     try:
         stragglers = one_step_with_two_slow_ranks(server.grpc_target, server.url)
         # k = 1: the first flagged step opens an episode; rank 1's 2 ms are under the 3 ms floor
@@ -102,7 +104,7 @@ def test_k_above_n_is_a_clear_error(tmp_path):
 def test_cpu_clocked_jobs_get_a_floor_cuda_jobs_do_not(tmp_path):
     """Rank 1 is 1.3x in a 1 ms module (0.3 ms over): CPU time varies that much between processes,
     GPU events do not."""
-    c = CollectorThread(tmp_path / "data", detector=DetectorParams(k=1))
+    c = CollectorThread(tmp_path / "data", detector=DetectorParams(k=1, warmup_steps=0))
     try:
         small = {1: (0, 0.3)}
         assert one_step_with_two_slow_ranks(c.grpc_target, c.url, "on-cpu", small) == []
@@ -110,5 +112,14 @@ def test_cpu_clocked_jobs_get_a_floor_cuda_jobs_do_not(tmp_path):
         assert [(s["rank"], s["module"]) for s in found] == [(1, "Net")]
         big = one_step_with_two_slow_ranks(c.grpc_target, c.url, "big-on-cpu")  # 2 ms and 8 ms over
         assert sorted((s["rank"], s["module"]) for s in big) == [(1, "Net.embed"), (2, "Net.blocks.1")]
+    finally:
+        c.stop()
+
+
+def test_a_cpu_clocked_jobs_first_steps_judge_nothing(tmp_path):
+    """The same 2 ms and 8 ms excess in a CPU job's first step opens nothing by default (its warm-up)."""
+    c = CollectorThread(tmp_path / "data", detector=DetectorParams(k=1))
+    try:
+        assert one_step_with_two_slow_ranks(c.grpc_target, c.url, "big-on-cpu") == []
     finally:
         c.stop()
