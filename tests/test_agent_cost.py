@@ -67,11 +67,12 @@ def test_steps_aggregated_together_keep_each_steps_own_times():
     net, records = model(), []
     busy = net[1]
     with ModuleTracker(on_step=records.append, clock="cpu") as t:
-        for k in (1, 2, 3, 4):
+        for k in (0, 1, 2, 3, 4):  # step 0 warms up: first calls (kernels, the tracker's hook installs) cost more
             busy.fw_ms, busy.bw_ms = 4.0 * k, 6.0 * k
             net(torch.randn(4, 8)).sum().backward()
             t.step()
         names = t.module_names
+    records = records[1:]
     assert len(records) == 4 and not any(r.built for r in records)  # the step boundary aggregated nothing
     build_step_records(records)
     for k, record in zip((1, 2, 3, 4), records, strict=True):
