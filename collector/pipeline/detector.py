@@ -229,15 +229,13 @@ class Detector:
         self.params = params or DetectorParams()
         self.book = EpisodeBook(job, self.params)
         self.last_step: int | None = None
-        self.steps_seen = 0
 
     def observe(self, matrix: StepMatrix) -> list[Episode]:
         """Evaluate one step; return the episodes it opened, updated or closed."""
         if self.last_step is not None and matrix.step <= self.last_step:
             return []
         self.last_step = matrix.step
-        self.steps_seen += 1
-        if self.steps_seen <= (self.params.warmup_steps or 0):
+        if matrix.step < (self.params.warmup_steps or 0):  # by step number: a restarted collector judges on
             return []
         x, step_keys = judged_columns(matrix)
         return self.book.update(matrix, x, step_keys, flag_step(matrix, self.params, x))

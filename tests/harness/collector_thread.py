@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from modtrack.collector.pipeline.detector import DetectorParams
 from modtrack.collector.serve import Collector, ServeConfig
 
 
@@ -16,6 +17,8 @@ class CollectorThread:
 
     def __init__(self, data_dir, **config):
         config.setdefault("watermark_s", 0.5)
+        # fake ranks are slow (or not) from their first step: no warm-up to skip, unless a test asks
+        config.setdefault("detector", DetectorParams(warmup_steps=0))
         self.config = ServeConfig(grpc_addr="127.0.0.1:0", http_addr="127.0.0.1:0", data_dir=str(data_dir), **config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
