@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from harness.collector_thread import CollectorThread
+from harness.evaluated import wait_stall_with_every_beat
 from harness.fake_rank import FakeRank
 from harness.http import get
 from harness.waiting import wait_for
@@ -323,8 +324,7 @@ def test_stall_api_and_cli_over_grpc(tmp_path):
     try:
         ranks[0].send(pb.AgentMessage(heartbeat=hb(phase="backward", module="", stack=[DDP_WAIT], backward_passes=1)))
         ranks[1].send(pb.AgentMessage(heartbeat=hb(module="Net.blocks.1")))
-        wait_for(lambda: get(c.url, "/api/v1/jobs/hung/stall")[1].get("stalled"), 10)
-        status, answer = get(c.url, "/api/v1/jobs/hung/stall")
+        status, answer = wait_stall_with_every_beat(c.url, "hung")
         assert status == 200 and set(answer) >= {"job", "stalled", "since_s", "step", "ranks"}
         assert [(r["rank"], r["host"], r["state"], r["phase"], r["module"]) for r in answer["ranks"]] == [
             (0, "host0", "waiting", "backward", None),

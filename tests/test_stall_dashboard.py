@@ -7,9 +7,8 @@ import pytest
 from harness.browser import console_errors
 from harness.browser import wait_js as wait_in_page
 from harness.collector_thread import CollectorThread
+from harness.evaluated import wait_stall_with_every_beat
 from harness.fake_rank import FakeRank
-from harness.http import get
-from harness.waiting import wait_for
 from modtrack.protos import modtrack_pb2 as pb
 
 DDP_WAIT = "/site-packages/torch/autograd/graph.py:829 in _engine_run_backward: return Variable._execution_engine"
@@ -28,7 +27,7 @@ def test_banner_names_the_stuck_rank_shows_its_stack_and_goes_when_it_moves(tmp_
         ranks[1].send(
             pb.AgentMessage(heartbeat=pb.Heartbeat(phase="data", stack=["/job/train.py:99 in main", HANG], **base))
         )
-        wait_for(lambda: get(c.url, "/api/v1/jobs/hung/stall")[1].get("stalled"), 10)
+        wait_stall_with_every_beat(c.url, "hung")
         browser.get(c.url + "/")
         title = wait_in_page(
             browser,
