@@ -8,7 +8,9 @@ aggregates every step waiting for it in one pass (build_step_records), a few tim
 Each call carries two kinds of stamps: timestamps (F_START..B_END: the clock's `stamp`, wall time on
 CPU, event tokens on CUDA) say *when*; work stamps (F_WORK_START..B_WORK_END: the clock's
 `work_stamp`, thread CPU time on CPU by default) say *how much*. On CPU, inclusive and self time are
-work-stamp differences; on CUDA (a token table is given) they are event differences.
+work-stamp differences; on CUDA (a token table is given) they are event differences. A CUDA step's
+record carries its EventBatch (agent/clocks.py): the sender aggregates it once the GPU has passed its
+last event (`ready`), and resolves the events there, never on the training thread.
 """
 
 from __future__ import annotations
@@ -99,11 +101,12 @@ class DeferredStepRecord(StepRecord):
         self,
         log: StepLog,
         step: int,
-        table: np.ndarray | None = None,
+        table=None,
         trace_id: str | None = None,
         counters: dict | None = None,
     ):
-        """`counters` (the tracker's) gets the calls that overlapped their children once this is built."""
+        """`table`: None (stamps are ns), a token -> ns array, or the step's EventBatch (CUDA: resolved when
+        built). `counters` (the tracker's) gets the calls that overlapped their children once this is built."""
         self.step = step
         self.start_ns = log.start_host_ns
         self.end_ns = log.end_host_ns
@@ -114,6 +117,15 @@ class DeferredStepRecord(StepRecord):
     @property
     def built(self) -> bool:
         return self._source is None
+
+    @property
+    def ready(self) -> bool:
+        """Can be built without waiting: no events, or the GPU has passed the step's last one."""
+        source = self._source
+        if source is None:
+            return True
+        table = source[1]
+        return table is None or isinstance(table, np.ndarray) or table.ready()
 
     @property
     def raw_calls(self) -> int:
@@ -133,6 +145,23 @@ def build_step_record(
     return DeferredStepRecord(log, step, table, trace_id).build()
 
 
+def _resolve(batch, log: StepLog, counters: dict | None) -> np.ndarray:
+    """A CUDA step's token table (waits for the GPU only if the step was not ready: a reader asking now).
+    Events that cannot be read time nothing (all tokens read 0), counted."""
+    try:
+        if not batch.ready():
+            batch.wait()
+        table = batch.resolve()
+        if table is not None:
+            return table
+    except Exception:
+        batch.release()
+    if counters is not None:
+        counters["unresolved_steps"] = counters.get("unresolved_steps", 0) + 1
+    tokens = max((max(row[F_START], row[F_END], row[B_START], row[B_END]) for row in log.rows), default=0)
+    return np.zeros(max(tokens, *(max(p) for p in log.passes), *(max(o) for o in log.optimizer), 0) + 1, np.int64)
+
+
 def _span_ns(pairs, table) -> int:
     """Sum of (start, end) stamp pairs in ns; pairs never closed count 0 (a few per step: plain Python)."""
     total = 0
@@ -148,11 +177,14 @@ def build_step_records(records: list[StepRecord]) -> None:
     The cost of a pass is mostly numpy's per-call overhead, not the rows: done for N steps at once it is
     paid once, not N times. All arithmetic is vectorized over steps x module calls.
     """
-    todo = []
+    todo: list = []
     for record in records:
         source = getattr(record, "_source", None)  # a plain StepRecord is built already
         if source is not None:
-            todo.append((record, *source))
+            log, table, trace_id, counters = source
+            if table is not None and not isinstance(table, np.ndarray):
+                table = _resolve(table, log, counters)
+            todo.append((record, log, table, trace_id, counters))
     if not todo:
         return
     counts = [len(log.rows) for _, log, _, _, _ in todo]

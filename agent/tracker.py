@@ -92,8 +92,6 @@ _grad_enabled = torch.is_grad_enabled
 _Tensor = torch.Tensor
 _CONTAINERS = (list, tuple, dict)
 
-# CUDA steps whose events the GPU has not passed yet wait here; past this many, the oldest is dropped.
-MAX_PENDING_STEPS = 8
 # A loop that never ends a step (inference: no optimizer, no step()) must not grow memory
 # forever: past this many calls, the next return to the top level ends a step by itself.
 MAX_CALLS_PER_STEP = 100_000
@@ -186,7 +184,6 @@ class ModuleTracker:
         self._recent_nodes: dict = {}  # autograd node -> the actions its one pre-hook runs
         self._multi: list[_Call] = []  # calls that keep nodes (see _Call.nodes)
         self._viewed_from: dict = {}  # node of an input view we made -> node of the tensor it views
-        self._pending: list[tuple] = []  # finished steps waiting for their clock (CUDA)
         self._step_no = 0
         self._last: StepRecord | None = None
         self._trace_lock = threading.Lock()
@@ -241,7 +238,7 @@ class ModuleTracker:
             self._trace_request = (capture_id, int(steps)) if steps > 0 else None
 
     def close(self) -> None:
-        """Remove every hook, finish the step in progress, resolve what the GPU still owes."""
+        """Remove every hook and finish the step in progress (its CUDA events are resolved where it is built)."""
         if self._closed:
             return
         self._closed = True
@@ -251,9 +248,6 @@ class ModuleTracker:
         self._hooked.clear()
         try:
             self._end_step()
-            for _, _, batch, _ in self._pending:
-                batch.wait()  # CUDA only (CPU steps never wait here); once, at exit: never in a hook
-            self._flush()
         except Exception:
             self.counters["hook_errors"] += 1
             logger.debug("modtrack: error while closing", exc_info=True)
@@ -764,10 +758,12 @@ class ModuleTracker:
             self._drop_nodes()
             self._pass = None
             self.parents = {"Global"}
-            self._pending.append((self._step_no, log, self._clock.close_step(), self._take_trace()))
+            # aggregated later, off the training thread (by the sender, or by whoever reads it first); a CUDA
+            # step's events travel with it and are resolved there too
+            record = DeferredStepRecord(log, self._step_no, self._clock.close_step(), self._take_trace(), self.counters)
             self._step_no += 1
             self.position.new_step(self._step_no, log.end_host_ns)  # position: the next step's data
-            self._flush()
+            self._emit(record)
         except Exception:
             self._hook_failed()
 
@@ -778,25 +774,6 @@ class ModuleTracker:
             capture_id, steps = self._trace_request
             self._trace_request = (capture_id, steps - 1) if steps > 1 else None
             return capture_id
-
-    def _flush(self) -> None:
-        """Build and hand over every finished step whose stamps can be resolved now, in order."""
-        pending = self._pending
-        while pending:
-            step_no, log, batch, trace_id = pending[0]
-            table = None
-            if batch is not None:
-                table = batch.resolve()
-                if table is None:
-                    if len(pending) <= MAX_PENDING_STEPS:
-                        return
-                    batch.release()
-                    pending.pop(0)
-                    self.counters["steps_dropped"] += 1
-                    continue
-            pending.pop(0)
-            # aggregated later, off the training thread (by the sender, or by whoever reads it first)
-            self._emit(DeferredStepRecord(log, step_no, table, trace_id, self.counters))
 
     def _emit(self, record: StepRecord) -> None:
         names = self._names.names

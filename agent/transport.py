@@ -290,8 +290,10 @@ class Transport:
                 return
             self._wakes += 1
             batch = []
-            while raw:
+            while raw and getattr(raw[0], "ready", True):  # CUDA: only steps whose GPU work is done, in order
                 batch.append(raw.popleft())
+            if not batch:
+                return
             try:
                 build_step_records(batch)
             except Exception as e:  # counted when encoding each of them fails
