@@ -57,6 +57,7 @@ class StepLog:
         self.passes: list[list] = []  # backward passes: [start, end, last module backward end]
         self.optimizer: list[tuple[int, int]] = []  # optimizer.step() calls: (start, end)
         self.rows_at_pass_end = 0
+        self.detail = True  # sampled mode: False on steps timed at the top level only (no module detail)
 
     def is_empty(self) -> bool:
         return not (self.rows or self.passes or self.optimizer)
@@ -112,6 +113,7 @@ class DeferredStepRecord(StepRecord):
         self.end_ns = log.end_host_ns
         self.first_new_module_id = 0
         self.new_module_names = []
+        self.detail = log.detail
         self._source = (log, table, trace_id, counters)
 
     @property
@@ -255,7 +257,7 @@ def build_step_records(records: list[StepRecord]) -> None:
         record.optimizer_ns = _span_ns(log.optimizer, table)
         busy = record.forward_ns + record.backward_ns + record.optimizer_ns
         record.data_ns = max(0, record.wall_ns - busy)
-        record.phases = phases[i]
+        record.phases = phases[i] if log.detail else {}  # sampled mode: top-level calls only give step figures
         lo, hi = bounds[i], bounds[i + 1]
         record.trace = None if trace_id is None else _trace(rows[lo:hi], f_valid[lo:hi], b_valid[lo:hi], trace_id)
 

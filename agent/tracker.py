@@ -185,6 +185,8 @@ class ModuleTracker:
         self._multi: list[_Call] = []  # calls that keep nodes (see _Call.nodes)
         self._viewed_from: dict = {}  # node of an input view we made -> node of the tensor it views
         self._step_no = 0
+        self._sample_every = 1  # sampled mode: module detail on steps whose number is a multiple of this
+        self._detail = True  # this step times every module (else: top-level calls only, for the step figures)
         self._last: StepRecord | None = None
         self._trace_lock = threading.Lock()
         self._trace_request: tuple[str, int] | None = None
@@ -202,6 +204,7 @@ class ModuleTracker:
         if not self._handles:
             self._closed = False
             self._log = StepLog(time.perf_counter_ns())
+            self._sample_step()
             self.parents = {"Global"}
             self.position.new_step(self._step_no, self._log.start_host_ns)  # position: the thread that trains
             self.position.thread_id = threading.get_ident()
@@ -224,6 +227,16 @@ class ModuleTracker:
     def step(self) -> None:
         """End the current step by hand (loops without an optimizer)."""
         self._end_step()
+
+    def set_sampling(self, every: int) -> None:
+        """Thread-safe: from the next step on, module detail only on steps whose number is a multiple of
+        `every` (the same steps on every rank); the other steps time their top-level calls only, which gives
+        the step figures (forward, backward, tail, optimizer, data). 1: every step. While a step has no
+        detail, `parents` holds the top-level modules only."""
+        self._sample_every = max(1, int(every))
+
+    def _sample_step(self) -> None:
+        self._detail = self._log.detail = self._step_no % self._sample_every == 0
 
     def last_step(self) -> dict:
         """{(module_name, phase): {"calls", "inclusive_ms", "self_ms"}} of the last finished step."""
@@ -299,7 +312,7 @@ class ModuleTracker:
 
     # ---- forward ------------------------------------------------------------------------------
     def _enter(self, site: tuple, mod, args, kwargs):
-        if _is_compiling():
+        if (self._stack and not self._detail) or _is_compiling():  # sampled mode: a nested call, not timed
             return None
         try:
             mid, name = site[0], site[1]
@@ -433,7 +446,7 @@ class ModuleTracker:
         return view
 
     def _exit(self, site: tuple, mod, args, output) -> None:
-        if _is_compiling():
+        if (not self._detail and not (self._stack and self._stack[-1].mod is mod)) or _is_compiling():
             return
         try:
             work = self._work()
@@ -762,6 +775,7 @@ class ModuleTracker:
             # step's events travel with it and are resolved there too
             record = DeferredStepRecord(log, self._step_no, self._clock.close_step(), self._take_trace(), self.counters)
             self._step_no += 1
+            self._sample_step()
             self.position.new_step(self._step_no, log.end_host_ns)  # position: the next step's data
             self._emit(record)
         except Exception:

@@ -81,6 +81,7 @@ class Transport:
         tls_ca: bytes | None = None,
         clock: Callable[[], int] = time.perf_counter_ns,
         on_capture: Callable[[str, int], None] | None = None,
+        on_sampling: Callable[[int], None] | None = None,
         hook_errors: Callable[[], int] = lambda: 0,
         queue_size: int = 256,
         replay_size: int = 1024,
@@ -100,6 +101,7 @@ class Transport:
         self._tls_ca = tls_ca
         self._clock = clock
         self._on_capture = on_capture
+        self._on_sampling = on_sampling
         self._hook_errors = hook_errors
         self._queue_size = queue_size
         self._replay_size = replay_size
@@ -391,6 +393,11 @@ class Transport:
                     self._on_capture(control.capture.capture_id, control.capture.steps)
                 except Exception as e:
                     warn_once("capture", f"trace capture failed: {e}")
+            elif action == "sampling" and self._on_sampling is not None:
+                try:
+                    self._on_sampling(control.sampling.every_n_steps)
+                except Exception as e:
+                    warn_once("sampling", f"sampled mode change failed: {e}")
             elif action == "pause":
                 self._paused = True
             elif action == "resume":

@@ -77,6 +77,7 @@ class StepRow:
     trace: dict | None = None  # TRACE_COLUMNS names -> np.ndarray, plus "capture_id"
     counters: dict = field(default_factory=dict)  # AGENT_COUNTERS -> int
     attempt: int = 0  # the job's attempt (torchelastic restart count) the rank's stream belongs to
+    detail: bool = True  # sampled mode: False when the rank timed no module this step (step figures only)
 
     def sql_row(self) -> tuple:
         """(job, attempt, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs): the store's steps row."""
@@ -129,6 +130,9 @@ class StepMatrix:
     # backward tail (sync_wait_ms) is all that is known.
     idle_ms: np.ndarray | None = None  # (R,)
     attempt: int = 0  # the job's attempt (torchelastic restarts) this step belongs to
+    # Sampled mode: which ranks carry module detail this step (None: all); whether self times are CPU time
+    detail: np.ndarray | None = None  # (R,) bool
+    cpu_clock: bool = False
 
 
 @dataclass

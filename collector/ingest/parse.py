@@ -76,6 +76,7 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         _parse_trace(report, stream, where),
         counters,
         stream.attempt,
+        detail=report.detail or len(report.phases) > 0,  # agents before sampled mode never set it
     )
 
 
