@@ -55,6 +55,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
 from modtrack.agent.clocks import make_clock
+from modtrack.agent.module_hooks import ModuleHooks
 from modtrack.agent.module_names import ModuleNames
 from modtrack.agent.step_accumulator import (
     B_END,
@@ -192,6 +193,8 @@ class ModuleTracker:
         self._trace_request: tuple[str, int] | None = None
         self._handles: list = []
         self._hooked: dict[int, weakref.ref] = {}  # id(module) -> module, for modules with our hooks
+        self._module_hooks = ModuleHooks(self._enter, self._exit)
+        self._quiet = False  # sampled mode: only top-level modules have hooks now (a step without detail)
         self._closed = False
 
     # ---- the seed's surface -------------------------------------------------------------------
@@ -204,7 +207,7 @@ class ModuleTracker:
         if not self._handles:
             self._closed = False
             self._log = StepLog(time.perf_counter_ns())
-            self._sample_step()
+            self._sample_step(switch_hooks=False)  # no module is hooked yet
             self.parents = {"Global"}
             self.position.new_step(self._step_no, self._log.start_host_ns)  # position: the thread that trains
             self.position.thread_id = threading.get_ident()
@@ -235,8 +238,18 @@ class ModuleTracker:
         detail, `parents` holds the top-level modules only."""
         self._sample_every = max(1, int(every))
 
-    def _sample_step(self) -> None:
-        self._detail = self._log.detail = self._step_no % self._sample_every == 0
+    def _sample_step(self, switch_hooks: bool = True) -> None:
+        """At a step's start: does it have module detail? Nested modules' hooks come off or back on to match."""
+        detail = self._detail = self._log.detail = self._step_no % self._sample_every == 0
+        if not switch_hooks or detail != self._quiet or self._closed:
+            return
+        if detail:  # back to full detail: every module hooked again, new ones met again
+            self._module_hooks.put_back(self._site_of)
+            self._handles[0] = register_module_forward_pre_hook(self._forward_pre)
+            self._quiet = False
+        elif self._module_hooks.take_off(self._hooked):
+            self._handles[0].remove()
+            self._quiet = True
 
     def last_step(self) -> dict:
         """{(module_name, phase): {"calls", "inclusive_ms", "self_ms"}} of the last finished step."""
@@ -258,6 +271,8 @@ class ModuleTracker:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._module_hooks.remove_all()
+        self._quiet = False
         self._hooked.clear()
         try:
             self._end_step()
@@ -290,8 +305,11 @@ class ModuleTracker:
         key = id(mod)
         hooked = self._hooked
 
+        module_hooks = self._module_hooks
+
         def forget(_ref, key=key):
             hooked.pop(key, None)
+            module_hooks.forget(key)
 
         hooked[key] = weakref.ref(mod, forget)
         mid = self._names.module_id(mod)
@@ -300,11 +318,8 @@ class ModuleTracker:
         # a module that changes its input in place (ReLU(inplace=True)) gets no view: autograd would
         # copy the gradient of the whole tensor to rebase the view; its input is its output anyway
         site = (mid, self._names.names[mid], [0, 0], getattr(mod, "inplace", False) is True)
-        pre = mod.register_forward_pre_hook(partial(self._enter, site), prepend=True, with_kwargs=True)
-        post = mod.register_forward_hook(partial(self._exit, site), always_call=True)
-        site[2][0], site[2][1] = pre.id, post.id
+        self._module_hooks.add(mod, site)
         mod.__dict__.setdefault("_modtrack_sites", {})[id(self)] = site
-        self._handles += (pre, post)
 
     def _site_of(self, mod):
         sites = mod.__dict__.get("_modtrack_sites")
@@ -327,6 +342,8 @@ class ModuleTracker:
             parents.add(name)
             stack = self._stack
             rows = self._log.rows
+            if not stack:
+                self._module_hooks.roots.add(id(mod))  # sampled mode keeps a top-level module's hooks on
             in_backward = _graph_task_id() != -1
             if not stack and not in_backward and self._optimizer_start:
                 self._pause_optimizer()  # a closure inside optimizer.step(): this is forward, not optimizer

@@ -57,6 +57,34 @@ def test_detail_on_every_nth_step_and_step_figures_on_every_step():
     assert fw_sampled < 1.5 * fw_detail
 
 
+def hook_counts(model: nn.Module) -> list[int]:
+    return [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()]
+
+
+def test_nested_modules_have_no_hooks_between_detailed_steps_and_get_them_back_outermost():
+    model, records = mlp(3), []
+    user_calls = []
+    with ModuleTracker(on_step=records.append) as t:
+        t.set_sampling(3)
+        train(t, model, 4, records)  # steps 0-3; step 4 (no detail) has begun
+        quiet = hook_counts(model)
+        inner = model[1][0]
+        inner.register_forward_pre_hook(lambda mod, args: user_calls.append(len(records)))  # a user's hook, added now
+        train(t, model, 2, records)  # steps 4, 5; step 6 (detail) has begun
+        loud = hook_counts(model)
+        assert next(iter(inner._forward_pre_hooks.values())).func == t._enter  # ours runs first again
+        train(t, model, 7, records)
+        assert len(t._handles) == 3 and len(t._module_hooks.handles) == 10  # nothing grows, switch after switch
+        handles = t._module_hooks.handles
+    assert quiet == [2] + [0] * 9  # the root keeps its two hooks: it gives the step figures
+    assert loud == [2] * 5 + [3] + [2] * 4  # every module hooked again, the user's hook inside our window
+    assert handles == {} and hook_counts(model) == [0] * 5 + [1] + [0] * 4  # closed: only the user's hook is left
+    assert [r.detail for r in records] == [s % 3 == 0 for s in range(13)]
+    assert len(user_calls) == 9 and t.counters["hook_errors"] == 0  # steps 4-12
+    timed = [r for r in records if r.detail]
+    assert all(len(r.phases["backward"].module_id) == 10 for r in timed[1:])  # full detail after every switch
+
+
 def matrix(step: int, self_ms, detail=None) -> StepMatrix:
     x = np.asarray(self_ms, np.float64)
     r = len(x)
