@@ -225,3 +225,25 @@ def test_make_clock():
     assert make_clock("auto").kind == ("cuda" if torch.cuda.is_available() else "cpu")
     custom = CudaEventClock(FakeGpu().event)
     assert make_clock(custom) is custom
+
+
+def test_events_that_cannot_be_read_time_nothing_and_are_counted_not_raised():
+    gpu = FakeGpu()
+
+    class BrokenEvent(FakeEvent):
+        def elapsed_time(self, end):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    clock = CudaEventClock(lambda: BrokenEvent(gpu))
+    records = []
+    with ModuleTracker(on_step=records.append, clock=clock) as t:
+        run_steps(t, Model(gpu), 3)
+        for r in records:
+            r.build()
+    assert t.counters["unresolved_steps"] == 3 and t.counters["hook_errors"] == 0
+    assert all(r.phases == {} and r.forward_ns == 0 and r.end_ns > r.start_ns for r in records)
+    with ModuleTracker(on_step=lambda r: r.build(), clock=clock) as t:
+        run_steps(t, Model(gpu), 2)  # the block opened last above holds one event: it grows once
+        created = clock.created
+        run_steps(t, Model(gpu), 10)
+    assert clock.created == created  # events that could not be read went back to the pool all the same
