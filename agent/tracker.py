@@ -244,12 +244,13 @@ class ModuleTracker:
         if not switch_hooks or detail != self._quiet or self._closed:
             return
         if detail:  # back to full detail: every module hooked again, new ones met again
-            self._module_hooks.put_back(self._site_of)
-            self._handles[0] = register_module_forward_pre_hook(self._forward_pre)
             self._quiet = False
-        elif self._module_hooks.take_off(self._hooked):
+            self._handles[0] = register_module_forward_pre_hook(self._forward_pre)
+            self._module_hooks.put_back(self._site_of)
+        elif self._module_hooks.roots:  # a top-level module is known: it keeps the step figures coming
+            self._quiet = True  # first: whatever comes off below goes back on at the next detailed step
             self._handles[0].remove()
-            self._quiet = True
+            self._module_hooks.take_off(self._hooked)
 
     def last_step(self) -> dict:
         """{(module_name, phase): {"calls", "inclusive_ms", "self_ms"}} of the last finished step."""

@@ -14,6 +14,7 @@ from torch import nn
 from harness import torchrun as launch
 from harness.collector_process import REPO, CollectorProcess, env
 from harness.evaluated import wait_evaluated
+from harness.fake_rank import FakeRank, report
 from harness.http import get
 from harness.torchrun import TRAIN
 from harness.waiting import wait_for
@@ -115,6 +116,26 @@ def test_steps_without_detail_are_judged_on_the_last_two_samples_agreeing():
     assert slow.self_ms[2].tolist() == [8, 2] and slow.column_module.tolist() == [0, 1]
     mixed = matrix(12, [[1, 2], [1, 2], [8, 2]], np.array([True, True, False]))
     assert held.fill(mixed) is mixed  # a rank that switched a step later: judged as it is
+
+
+def test_the_collector_tells_every_rank_and_ranks_that_connect_later(collector):
+    first = FakeRank(collector.grpc_target, "j", 0, 2)
+    try:
+        first.report(report(0, [1.0] * 5))
+        first.wait_ack(0)
+        assert get(collector.url, "/api/v1/jobs/j/sampling?every=0", method="POST")[0] == 400
+        assert get(collector.url, "/api/v1/jobs/nobody/sampling?every=4", method="POST")[0] == 404
+        status, body = get(collector.url, "/api/v1/jobs/j/sampling?every=4", method="POST")
+        assert (status, body) == (200, {"job": "j", "sample_every": 4, "ranks": 1})
+        wait_for(lambda: [c.sampling.every_n_steps for c in first.controls] == [4], what="rank 0 told")
+        late = FakeRank(collector.grpc_target, "j", 1, 2)  # connects after the switch
+        try:
+            wait_for(lambda: [c.sampling.every_n_steps for c in late.controls] == [4], what="the late rank told")
+        finally:
+            late.close()
+        assert get(collector.url, "/api/v1/jobs")[1]["jobs"][0]["sample_every"] == 4
+    finally:
+        first.close()
 
 
 @pytest.mark.slow
