@@ -172,7 +172,10 @@ class CudaEventClock:
             def event_factory():
                 return torch.cuda.Event(enable_timing=True)
 
-            record = current_stream_recorder()
+            try:
+                record = current_stream_recorder()
+            except Exception:  # a torch without these internals: Event.record() it is
+                record = None
         self._new_event = event_factory
         self._record: Callable[[object], None] = record or _record_with_event
         self._free: collections.deque = collections.deque()  # blocks given back (by the sender thread)

@@ -170,7 +170,11 @@ def test_sampling_switched_at_runtime_over_http_and_the_straggler_still_named(tm
         proc = launch.start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             path = f"/api/v1/jobs/{job}/sampling"
-            wait_for(lambda: get(collector.url, "/api/v1/jobs")[1]["jobs"], timeout=120, what="the job reports")
+            wait_for(
+                lambda: [j["ranks_reporting"] for j in get(collector.url, "/api/v1/jobs")[1]["jobs"]] == [2],
+                timeout=120,
+                what="both ranks connected",
+            )
             status, body = get(collector.url, path, method="POST")  # no body, no ?every
             assert status == 400 and "every" in body["error"]
             switch = subprocess.run(
