@@ -103,6 +103,10 @@ def track(
         tracker = ModuleTracker(on_step=transport.submit, clock=clock)
         transport.heartbeat = Heartbeat(tracker.position, lambda: tracker.module_names, HeartbeatSettings.from_env())
         transport.clock_kind = tracker.clock_kind
+        if env.collectives != "off":
+            from modtrack.agent.collectives import Collectives
+
+            transport.collectives = Collectives(flight_recorder=env.collectives == "all")
         tracker.__enter__()
         transport.start()
     except Exception as e:

@@ -24,6 +24,9 @@ class AgentEnv:
     stall_factor: str = "3"  # MODTRACK_STALL_FACTOR: this many times the rank's median step
     stall_min_s: str = "5"  # MODTRACK_STALL_MIN_S: this many seconds
     stall_repeat_s: str = "3"  # MODTRACK_STALL_REPEAT_S: again this often while the step lasts
+    # collective timing (agent/collectives.py): auto (NCCL's completion hook), all (also the Flight
+    # Recorder, for gloo and groups whose hook is taken), off
+    collectives: str = "auto"  # MODTRACK_COLLECTIVES
 
 
 def variable(name: str) -> str:

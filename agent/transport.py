@@ -32,6 +32,7 @@ from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from modtrack.agent.collectives import Collectives
     from modtrack.agent.heartbeat import Heartbeat
 
 
@@ -139,6 +140,7 @@ class Transport:
         self._send_errors = 0
         self._sent = 0
         self._acked_step = -1
+        self.collectives: Collectives | None = None  # agent.collectives.Collectives: stats attached per batch
         self.heartbeat: Heartbeat | None = (
             None  # agent.heartbeat.Heartbeat: polled by the request loop (issue 14: hung jobs)
         )
@@ -296,6 +298,8 @@ class Transport:
                 build_step_records(batch)
             except Exception as e:  # counted when encoding each of them fails
                 warn_once("build", f"could not aggregate steps: {type(e).__name__}: {e}")
+            if self.collectives is not None:
+                self.collectives.attach(batch)  # never raises
             queue = self._queue
             queue.extend(batch)
             while queue and len(queue) + len(raw) > self._queue_size:

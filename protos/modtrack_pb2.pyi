@@ -105,8 +105,40 @@ class AgentCounters(_message.Message):
     send_errors: int
     def __init__(self, reports_dropped: _Optional[int] = ..., reconnects: _Optional[int] = ..., hook_errors: _Optional[int] = ..., send_errors: _Optional[int] = ...) -> None: ...
 
+class CollectiveStats(_message.Message):
+    __slots__ = ("step", "group", "backend", "group_size", "ranks_hash", "count", "total_ns", "wait_ns", "bytes", "active_measured", "seq", "issue_ns", "active_ns", "unlisted")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_HASH_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_NS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_MEASURED_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ISSUE_NS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_NS_FIELD_NUMBER: _ClassVar[int]
+    UNLISTED_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    group: str
+    backend: str
+    group_size: int
+    ranks_hash: int
+    count: int
+    total_ns: int
+    wait_ns: int
+    bytes: int
+    active_measured: bool
+    seq: _containers.RepeatedScalarFieldContainer[int]
+    issue_ns: _containers.RepeatedScalarFieldContainer[int]
+    active_ns: _containers.RepeatedScalarFieldContainer[int]
+    unlisted: int
+    def __init__(self, step: _Optional[int] = ..., group: _Optional[str] = ..., backend: _Optional[str] = ..., group_size: _Optional[int] = ..., ranks_hash: _Optional[int] = ..., count: _Optional[int] = ..., total_ns: _Optional[int] = ..., wait_ns: _Optional[int] = ..., bytes: _Optional[int] = ..., active_measured: _Optional[bool] = ..., seq: _Optional[_Iterable[int]] = ..., issue_ns: _Optional[_Iterable[int]] = ..., active_ns: _Optional[_Iterable[int]] = ..., unlisted: _Optional[int] = ...) -> None: ...
+
 class StepReport(_message.Message):
-    __slots__ = ("step", "start_ns", "end_ns", "forward_ns", "backward_ns", "optimizer_ns", "data_ns", "backward_tail_ns", "recompute_ns", "first_new_module_id", "new_module_names", "phases", "trace", "counters")
+    __slots__ = ("step", "start_ns", "end_ns", "forward_ns", "backward_ns", "optimizer_ns", "data_ns", "backward_tail_ns", "recompute_ns", "first_new_module_id", "new_module_names", "phases", "trace", "counters", "collectives")
     STEP_FIELD_NUMBER: _ClassVar[int]
     START_NS_FIELD_NUMBER: _ClassVar[int]
     END_NS_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +153,7 @@ class StepReport(_message.Message):
     PHASES_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVES_FIELD_NUMBER: _ClassVar[int]
     step: int
     start_ns: int
     end_ns: int
@@ -135,7 +168,8 @@ class StepReport(_message.Message):
     phases: _containers.RepeatedCompositeFieldContainer[PhaseStats]
     trace: Trace
     counters: AgentCounters
-    def __init__(self, step: _Optional[int] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., backward_ns: _Optional[int] = ..., optimizer_ns: _Optional[int] = ..., data_ns: _Optional[int] = ..., backward_tail_ns: _Optional[int] = ..., recompute_ns: _Optional[int] = ..., first_new_module_id: _Optional[int] = ..., new_module_names: _Optional[_Iterable[str]] = ..., phases: _Optional[_Iterable[_Union[PhaseStats, _Mapping]]] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ..., counters: _Optional[_Union[AgentCounters, _Mapping]] = ...) -> None: ...
+    collectives: _containers.RepeatedCompositeFieldContainer[CollectiveStats]
+    def __init__(self, step: _Optional[int] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., backward_ns: _Optional[int] = ..., optimizer_ns: _Optional[int] = ..., data_ns: _Optional[int] = ..., backward_tail_ns: _Optional[int] = ..., recompute_ns: _Optional[int] = ..., first_new_module_id: _Optional[int] = ..., new_module_names: _Optional[_Iterable[str]] = ..., phases: _Optional[_Iterable[_Union[PhaseStats, _Mapping]]] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ..., counters: _Optional[_Union[AgentCounters, _Mapping]] = ..., collectives: _Optional[_Iterable[_Union[CollectiveStats, _Mapping]]] = ...) -> None: ...
 
 class ClockPing(_message.Message):
     __slots__ = ("t1_ns",)
