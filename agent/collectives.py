@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +103,10 @@ def ranks_hash(ranks) -> int:
 
 def _to_ns(value) -> int:
     """A WorkInfo time (datetime: system clock) or duration (timedelta) in ns; plain numbers are ns."""
-    if hasattr(value, "total_seconds"):
-        return round(value.total_seconds() * 1e9)
+    if hasattr(value, "total_seconds"):  # exact: whole microseconds, no float seconds
+        return ((value.days * 86400 + value.seconds) * 1_000_000 + value.microseconds) * 1000
     if hasattr(value, "timestamp"):
-        return round(value.timestamp() * 1e9)
+        return round(value.replace(microsecond=0).timestamp()) * 10**9 + value.microsecond * 1000
     return int(value)
 
 
@@ -119,7 +120,8 @@ def _entry_bytes(entry: dict) -> int:
 def _dump_flight_recorder() -> list[dict]:
     import torch
 
-    raw = torch._C._distributed_c10d._dump_fr_trace(includeCollectives=True, includeStackTraces=False, onlyActive=False)
+    c10d: Any = torch._C._distributed_c10d
+    raw = c10d._dump_fr_trace(includeCollectives=True, includeStackTraces=False, onlyActive=False)
     return pickle.loads(raw).get("entries", [])
 
 
@@ -225,14 +227,14 @@ class Collectives:
 
     def _to_agent_clock(self) -> int:
         """Offset from system-clock ns (torch's stamps) to the agent's clock: the tightest of three pairs."""
-        best = None
+        best_gap, best = None, 0
         for _ in range(3):
             before = self._clock()
             wall = self._wall()
             after = self._clock()
-            if best is None or after - before < best[0]:
-                best = (after - before, (before + after) // 2 - wall)
-        return best[1]
+            if best_gap is None or after - before < best_gap:
+                best_gap, best = after - before, (before + after) // 2 - wall
+        return best
 
     def _read_hook_events(self, now: int) -> None:
         events = self._hook_events

@@ -77,6 +77,7 @@ class StepRow:
     trace: dict | None = None  # TRACE_COLUMNS names -> np.ndarray, plus "capture_id"
     counters: dict = field(default_factory=dict)  # AGENT_COUNTERS -> int
     attempt: int = 0  # the job's attempt (torchelastic restart count) the rank's stream belongs to
+    collectives: list = field(default_factory=list)  # collectives_parse.GroupStep, maybe of earlier steps
 
     def sql_row(self) -> tuple:
         """(job, attempt, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs): the store's steps row."""

@@ -106,6 +106,7 @@ class Collector:
         self._tick_task = asyncio.create_task(self.evaluator.run())
         # hung jobs (issue 14): stall verdicts, ModtrackJobStalled alerts, modtrack_job_stalled_seconds
         self.metrics.registry.register(self.ingest.stall_watch)
+        self.metrics.registry.register(self.ingest.collectives)  # collective timing (issue 15)
         self._stall_task = asyncio.create_task(self.ingest.stall_watch.run(self.merger.jobs, self.alerting))
 
     def api_deps(self) -> ApiDeps:
@@ -123,6 +124,7 @@ class Collector:
             exposition=self.metrics.exposition,
             store_errors=lambda: self.writer.errors,
             stall=lambda job: self.ingest.stall_watch.verdict(job, self.merger.jobs.get(job)),
+            collectives=self.ingest.collectives.summary,
         )  # hung jobs
 
     def _forget_in_store(self, job: str) -> None:

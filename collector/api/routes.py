@@ -74,6 +74,7 @@ class ApiDeps:
     exposition: Callable[[], tuple[bytes, str]]  # /metrics body and content type
     store_errors: Callable[[], int]  # failed store commits so far
     stall: Callable[[str], dict] | None = None  # hung jobs: a job's stall verdict (GET /api/v1/jobs/{job}/stall)
+    collectives: Callable[[str, int], dict] | None = None  # (job, last): collective timing per group (issue 15)
 
 
 def make_app(deps: ApiDeps) -> web.Application:
@@ -253,6 +254,13 @@ def make_app(deps: ApiDeps) -> web.Application:
             return error(404, "this collector has no stall verdicts")
         return web.json_response(deps.stall(job))
 
+    async def collectives(request):  # collector/pipeline/collectives.py: who arrives last, slow links
+        job = await known_job(request)
+        last = int_param(request, "last", 20, lo=1, hi=1000)
+        if deps.collectives is None:
+            return error(404, "this collector has no collective timing")
+        return web.json_response(deps.collectives(job, last or 20))
+
     async def metrics(request):
         body, content_type = await read(deps.exposition)  # off the loop: a scrape of 4096 ranks takes a while
         resp = web.Response(body=body)
@@ -273,6 +281,7 @@ def make_app(deps: ApiDeps) -> web.Application:
     app.router.add_get("/api/v1/jobs/{job}/steps", steps)
     app.router.add_get("/api/v1/jobs/{job}/modules", modules)
     app.router.add_get("/api/v1/jobs/{job}/stall", stall)  # hung jobs
+    app.router.add_get("/api/v1/jobs/{job}/collectives", collectives)
     app.router.add_post("/api/v1/jobs/{job}/capture", capture)
     app.router.add_post("/api/v1/jobs/{job}/pause", control("pause"))
     app.router.add_post("/api/v1/jobs/{job}/resume", control("resume"))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from modtrack.collector.ingest import edge_limits
+from modtrack.collector.ingest.collectives_parse import parse_collectives
 from modtrack.collector.ingest.edge_limits import invalid
 from modtrack.collector.records import AGENT_COUNTERS, PHASE_NAMES, STEP_FIGURES, StepRow
 
@@ -67,6 +68,7 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         "last_end": block[_LAST_END],
     }
     counters = {name: getattr(report.counters, name) for name in AGENT_COUNTERS}
+    collectives = parse_collectives(report, where) if report.collectives else []
     return StepRow(
         stream.job,
         stream.rank,
@@ -76,6 +78,7 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         _parse_trace(report, stream, where),
         counters,
         stream.attempt,
+        collectives,
     )
 
 
