@@ -103,10 +103,10 @@ def track(
         tracker = ModuleTracker(on_step=transport.submit, clock=clock)
         transport.heartbeat = Heartbeat(tracker.position, lambda: tracker.module_names, HeartbeatSettings.from_env())
         transport.clock_kind = tracker.clock_kind
-        if env.collectives != "off":
+        if env.collectives == "on":
             from modtrack.agent.collectives import Collectives
 
-            transport.collectives = Collectives(flight_recorder=env.collectives == "all")
+            transport.collectives = Collectives()
         tracker.__enter__()
         transport.start()
     except Exception as e:

@@ -14,8 +14,9 @@ from C++ or through torch.distributed, so wrapping Python functions would miss m
   number, group, input sizes and dtypes, and time_created_ns (host time of the call), never a start or end.
   So on gloo we send when each rank called each collective, and bytes; the collector lines the ranks up by
   sequence number (arrival skew). Reading it costs: torch dumps the whole ring each time (about 10-40 µs
-  per entry, partly holding the GIL), so dumps are rate limited to keep their cost under 1 % of the time,
-  and the Flight Recorder is read only with MODTRACK_COLLECTIVES=all.
+  per entry, partly holding the GIL), so dumps are rate limited to keep their cost under 1 % of the time.
+All of it runs only with MODTRACK_COLLECTIVES=on: torch asks that every group with a completion hook be
+destroyed before exit (its hook thread takes the GIL), and the NCCL path is not proven on a GPU yet.
 
 A collective belongs to the step whose window [start, end) holds its issue time. A step is final once
 every source has seen past its end (the Flight Recorder: a dump after it; the hook: `hook_grace_s` after

@@ -24,9 +24,9 @@ class AgentEnv:
     stall_factor: str = "3"  # MODTRACK_STALL_FACTOR: this many times the rank's median step
     stall_min_s: str = "5"  # MODTRACK_STALL_MIN_S: this many seconds
     stall_repeat_s: str = "3"  # MODTRACK_STALL_REPEAT_S: again this often while the step lasts
-    # collective timing (agent/collectives.py): auto (NCCL's completion hook), all (also the Flight
-    # Recorder, for gloo and groups whose hook is taken), off
-    collectives: str = "auto"  # MODTRACK_COLLECTIVES
+    # collective timing (agent/collectives.py): on (NCCL's completion hook; the Flight Recorder for gloo and
+    # groups whose hook is taken) or off (until the NCCL path is proven on a GPU)
+    collectives: str = "off"  # MODTRACK_COLLECTIVES
 
 
 def variable(name: str) -> str:

@@ -20,7 +20,7 @@ def test_the_late_rank_arrives_last_and_its_peer_waits_the_injected_time(collect
     job = "collectives-ddp"
     cmd = torchrun_cmd(2, "-m", "modtrack.agent", "--collector", collector.grpc_target, "--job", job, SCRIPT)
     cmd += ["--late-rank", "1", "--late-ms", str(LATE_MS), "--steps", "30"]
-    done = run(cmd, timeout=180, extra_env={"MODTRACK_COLLECTIVES": "all"})
+    done = run(cmd, timeout=180, extra_env={"MODTRACK_COLLECTIVES": "on"})
     assert done.returncode == 0, done.stderr[-3000:]
 
     def world_group():

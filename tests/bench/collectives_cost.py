@@ -2,9 +2,9 @@
 
 torchrun, 2 ranks, tests/collectives_train.py (DDP, plus --extra small all-reduces a step so the Flight
 Recorder's ring fills and every dump reads all of it) under the agent, streaming to a real collector.
-Modes, one fresh job each, rounds interleaved: auto (MODTRACK_COLLECTIVES=auto: on gloo nothing is read)
-and all (the Flight Recorder is dumped and read on the sender thread). Prints rank 0's median step time per
-mode and round, and the ratio all / auto.
+Modes, one fresh job each, rounds interleaved: off (MODTRACK_COLLECTIVES=off)
+and on (the Flight Recorder is dumped and read on the sender thread). Prints rank 0's median step time per
+mode and round, and the ratio on / off.
 
     python tests/bench/collectives_cost.py [--rounds 3] [--steps 300] [--extra 20]
 """
@@ -42,20 +42,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         collector = CollectorThread(tmp)
         try:
-            results: dict[str, list[float]] = {"auto": [], "all": []}
+            results: dict[str, list[float]] = {"off": [], "on": []}
             for r in range(args.rounds):
-                for mode in ("auto", "all") if r % 2 == 0 else ("all", "auto"):
+                for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
                     ms = step_ms(collector.grpc_target, mode, f"cost-{mode}-{r}", args.steps, args.extra)
                     results[mode].append(ms)
                     print(f"round {r} {mode:4s} median step {ms:.3f} ms", flush=True)
-            summary = collector.collector.ingest.collectives.summary(f"cost-all-{args.rounds - 1}")
+            summary = collector.collector.ingest.collectives.summary(f"cost-on-{args.rounds - 1}")
             for g in summary["groups"]:
                 per_step = g["collectives_per_step"]
                 print(f"group {g['group']}: {per_step:.0f} collectives/step lined up over {g['steps']} steps")
         finally:
             collector.stop()
-    auto, every = statistics.median(results["auto"]), statistics.median(results["all"])
-    print(f"median over rounds: auto {auto:.3f} ms, all {every:.3f} ms, all/auto {every / auto:.3f}")
+    auto, every = statistics.median(results["off"]), statistics.median(results["on"])
+    print(f"median over rounds: off {auto:.3f} ms, on {every:.3f} ms, on/off {every / auto:.3f}")
 
 
 if __name__ == "__main__":
