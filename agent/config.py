@@ -24,6 +24,8 @@ class AgentEnv:
     stall_factor: str = "3"  # MODTRACK_STALL_FACTOR: this many times the rank's median step
     stall_min_s: str = "5"  # MODTRACK_STALL_MIN_S: this many seconds
     stall_repeat_s: str = "3"  # MODTRACK_STALL_REPEAT_S: again this often while the step lasts
+    # GPU health (agent/gpu_health.py): the rank's GPU through NVML, once the job uses CUDA
+    gpu_health: str = "on"  # MODTRACK_GPU_HEALTH: on | off
 
 
 def variable(name: str) -> str:
