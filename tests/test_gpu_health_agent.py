@@ -1,14 +1,21 @@
 """The agent's GPU health sampler against a fake pynvml (no GPU here): what it reads, names and counts,
-that it runs only on its own thread, stays bounded, and starts nothing on a job without CUDA."""
+that it runs only on its own thread, stays bounded, and starts nothing on a job without CUDA; and the
+launcher's default path to a real collector."""
 
 from __future__ import annotations
 
+import os
+import sys
+import textwrap
 import threading
 import tracemalloc
 
 import pynvml
+import pytest
 
+from harness import torchrun as launch
 from harness.fake_nvml import FakeGpu, FakeNvml
+from harness.http import get
 from harness.waiting import wait_for
 from modtrack.agent import gpu_health
 from modtrack.agent.gpu_health import INSTALL_HINT, GpuHealthSampler, reason_names
@@ -169,3 +176,47 @@ def test_no_memory_growth_over_many_samples():
 class _Forgetful(list):
     def append(self, item) -> None:
         pass
+
+
+LAUNCHED = textwrap.dedent("""
+    import os, sys, time, types
+    import torch
+    if os.environ.get("FAKE_CUDA"):  # CUDA and NVML faked at their seams: torch.cuda's three calls, pynvml
+        sys.path.insert(0, os.environ["TESTS"])
+        from harness import torchrun as launch
+from harness.fake_nvml import FakeGpu, FakeNvml
+from harness.http import get
+        sys.modules["pynvml"] = FakeNvml([FakeGpu(uuid="GPU-1234", sm_mhz=1234)])
+        torch.cuda.is_initialized = lambda: True
+        torch.cuda.device_count = lambda: 1
+        torch.cuda.get_device_properties = lambda index: types.SimpleNamespace(uuid="1234")
+    torch.set_num_threads(1)
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(25):
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        time.sleep(0.1)
+    threads = sorted(t.name for t in __import__("threading").enumerate())
+    os.write(1, f"nvml {'pynvml' in sys.modules} threads {threads}\\n".encode())
+""")
+
+
+@pytest.mark.parametrize("fake_cuda", [False, True])
+def test_the_launcher_samples_the_gpu_of_a_cuda_job_and_nothing_on_a_cpu_job(collector, tmp_path, fake_cuda):
+    script = tmp_path / "train.py"
+    script.write_text(LAUNCHED)
+    extra = {"TESTS": os.path.dirname(os.path.abspath(__file__))}
+    if fake_cuda:
+        extra["FAKE_CUDA"] = "1"
+    cmd = [sys.executable, "-m", "modtrack.agent", "--collector", collector.grpc_target, "--job", "g", str(script)]
+    out = launch.run(cmd, 120, cwd=tmp_path, extra_env=extra)
+    assert out.returncode == 0, out.stderr
+    assert "'modtrack-gpu-health'" in out.stdout  # the sampler runs in both...
+    status, body = get(collector.url, "/api/v1/jobs/g/gpu")
+    assert status == 200
+    if fake_cuda:
+        assert [(r["rank"], r["sm_clock_mhz"], r["gpu"]) for r in body["ranks"]] == [(0, 1234, "NVIDIA H200")]
+    else:  # ...but on a CPU job it never even imports NVML (the real pynvml is installed here)
+        assert "nvml False" in out.stdout and body["ranks"] == []

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.browser import wait_js
 from harness.fake_nvml import FakeGpu, FakeNvml
 from harness.fake_rank import FakeRank, report
 from harness.http import get
@@ -217,9 +218,12 @@ def _exposition(collector) -> str:
 
 
 # ---- the verdict -------------------------------------------------------------------------------
-def test_the_slow_rank_whose_gpu_throttles_is_explained_in_api_cli_and_alert(collector):
+TRUTH = "SM clock 1.1 GHz vs peers' 1.98 GHz: thermal throttling (91 °C vs peers' 60 °C)"
+
+
+def stream_throttled_job(collector) -> dict:
     """Four fake ranks, rank 2 slow in Net.blocks.1 and its GPU at 1.1 GHz, thermal; the others at 1.98 GHz.
-    A sample rides on a few reports only, as the agent sends them."""
+    A sample rides on a few reports only, as the agent sends them. Returns the explained straggler."""
     ranks = [FakeRank(collector.grpc_target, "train", i, 4) for i in range(4)]
     try:
         for step in range(10):
@@ -236,19 +240,32 @@ def test_the_slow_rank_whose_gpu_throttles_is_explained_in_api_cli_and_alert(col
     finally:
         for r in ranks:
             r.close()
-    truth = "SM clock 1.1 GHz vs peers' 1.98 GHz: thermal throttling (91 °C vs peers' 60 °C)"
 
     def straggler():
         found = get(collector.url, "/api/v1/jobs/train/stragglers")[1]["stragglers"]
         return [s for s in found if s["state"] == "active" and s["explanation"]]
 
     (s,) = wait_for(straggler, 15, "an explained straggler")
-    assert (s["rank"], s["explanation"]) == (2, truth)
+    return s
+
+
+def test_the_slow_rank_whose_gpu_throttles_is_explained_in_api_cli_and_alert(collector):
+    s = stream_throttled_job(collector)
+    assert (s["rank"], s["explanation"]) == (2, TRUTH)
     table = render("stragglers", get(collector.url, "/api/v1/jobs/train/stragglers")[1])
-    assert f"GPU: {truth}" in table
+    assert f"GPU: {TRUTH}" in table
     alerts = get(collector.url, "/api/v1/alerts")[1]["alerts"]
     (alert,) = [a for a in alerts if a["labels"].get("rank") == "2"]
-    assert alert["annotations"]["explanation"] == truth and truth in alert["annotations"]["summary"]
+    assert alert["annotations"]["explanation"] == TRUTH and TRUTH in alert["annotations"]["summary"]
     gpu = render("gpu", get(collector.url, "/api/v1/jobs/train/gpu")[1]).splitlines()
     assert gpu[0].split()[:4] == ["RANK", "HOST", "GPU", "SM_GHZ"]
     assert [line.split()[4] for line in gpu[1:]] == ["1.980", "1.980", "1.100", "1.980"]
+
+
+def test_the_dashboard_banner_says_what_the_gpu_explains(collector, browser):
+    stream_throttled_job(collector)
+    browser.get(collector.url + "/?job=train")
+    detail = wait_js(browser, "document.getElementById('verdict-detail').textContent.includes('GPU:') && "
+                     "document.getElementById('verdict-detail').textContent", 30, "the GPU in the banner")  # fmt: skip
+    assert f"GPU: {TRUTH}" in detail
+    assert "rank 2 @ host2" in browser.execute_script("return document.getElementById('verdict-title').textContent")
