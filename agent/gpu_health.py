@@ -8,7 +8,7 @@ taken before a step ended to that step's report (attach()); samples wait in a de
 nothing grows when the sender is slow.
 
 Nothing happens on a job that does not use CUDA: until torch has initialised CUDA in this process the
-thread only looks (`torch.cuda.is_initialized()`, which starts nothing), and NVML is not even imported.
+thread only looks (`torch.cuda.is_initialized()`, which starts nothing) and never calls NVML.
 `nvidia-ml-py` (module `pynvml`) is an optional dependency (`pip install 'modtrack[gpu]'`); without it,
 or with NVML failing to start, a sample saying why (`unavailable`) goes out once a minute. Every NVML
 call that fails is counted (`errors` in each sample); a figure NVML does not support on this GPU is
