@@ -26,7 +26,7 @@ from modtrack.collector.pipeline.gpu_health import REASON_TEXT, GpuBoard, explan
 from modtrack.collector.records import GPU_FIGURES, GpuSample
 from modtrack.protos import modtrack_pb2 as pb
 
-SW_THERMAL, HW_THERMAL, POWER_CAP, SYNC_BOOST = 32, 64, 4, 16  # GpuClockReason bits (NVML's)
+GPU_IDLE, SW_THERMAL, HW_THERMAL, POWER_CAP, SYNC_BOOST = 1, 32, 64, 4, 16  # GpuClockReason bits (NVML's)
 
 
 def gpu_msg(sm=1980, temp=60, reasons=0, **fields) -> pb.GpuHealth:
@@ -95,6 +95,14 @@ def test_a_reason_every_peer_shares_explains_no_gap_and_a_gap_without_reason_is_
     samples = {r: sample(reasons=SYNC_BOOST) for r in range(3)}
     samples[1] = sample(sm=1200, reasons=SYNC_BOOST)
     assert explain([1], samples) == "SM clock 1.2 GHz vs peers' 1.98 GHz (no throttle reason reported)"
+
+
+def test_an_idle_gpu_clocked_down_explains_nothing_but_its_errors_do():
+    samples = {r: sample() for r in range(3)}
+    samples[1] = sample(sm=600, memory_clock_mhz=810, reasons=GPU_IDLE)  # waiting for its data loader
+    assert explain([1], samples) == ""
+    samples[1] = sample(sm=600, reasons=GPU_IDLE, xid_events=1, last_xid=48)
+    assert explain([1], samples) == "1 Xid error (last Xid 48)"
 
 
 def test_with_no_peer_sampled_the_gpu_is_held_to_its_own_maximum():

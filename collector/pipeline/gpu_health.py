@@ -187,7 +187,8 @@ def explanation(culprits: np.ndarray, table: GpuTable, now: float) -> str:
 
     "SM clock 1.1 GHz vs peers' 1.98 GHz: thermal throttling (91 °C vs peers' 60 °C)"; a memory clock
     gap the same way; "2 Xid errors (last Xid 79)" and "3 uncorrected ECC errors" when the culprit has
-    them and its peers do not."""
+    them and its peers do not. A GPU that NVML calls idle (and nothing else) is clocked down because it
+    waits: its clocks explain nothing."""
     fresh = now - table.received_s <= STALE_S
     mine = np.isin(table.ranks, culprits) & fresh
     if not mine.any():
@@ -198,19 +199,22 @@ def explanation(culprits: np.ndarray, table: GpuTable, now: float) -> str:
     def col(rows: np.ndarray, name: str) -> np.ndarray:
         return rows[:, _F[name]]
 
-    reasons = int(np.bitwise_or.reduce(table.reasons[mine])) & SLOWDOWN_BITS
+    held = int(np.bitwise_or.reduce(table.reasons[mine]))
+    reasons = held & SLOWDOWN_BITS
+    # An idle GPU clocks down by itself: a low clock then says the rank waits elsewhere, not that the GPU is slow.
+    idle = bool(held & _BIT["gpu_idle"]) and not reasons
     if peers.any():  # a reason every peer has too explains no gap between them
         reasons &= ~int(np.bitwise_and.reduce(table.reasons[peers]))
     parts = []
     sm, sm_peers = _median(col(f, "sm_clock_mhz")), _median(col(p, "sm_clock_mhz"))
-    if sm_peers == sm_peers and sm <= (1 - CLOCK_GAP) * sm_peers:
+    if not idle and sm_peers == sm_peers and sm <= (1 - CLOCK_GAP) * sm_peers:
         parts.append(f"SM clock {_ghz(sm)} vs peers' {_ghz(sm_peers)}" + _why(reasons, f, p))
     elif sm_peers != sm_peers and reasons:  # no peer sampled: its own maximum is the yardstick
         top = _median(col(f, "max_sm_clock_mhz"))
         if top == top and sm <= (1 - OWN_MAX_GAP) * top:
             parts.append(f"SM clock {_ghz(sm)} of its maximum {_ghz(top)}" + _why(reasons, f, p))
     mem, mem_peers = _median(col(f, "memory_clock_mhz")), _median(col(p, "memory_clock_mhz"))
-    if mem_peers == mem_peers and mem <= (1 - CLOCK_GAP) * mem_peers:
+    if not idle and mem_peers == mem_peers and mem <= (1 - CLOCK_GAP) * mem_peers:
         parts.append(f"memory clock {_ghz(mem)} vs peers' {_ghz(mem_peers)}")
     parts += _errors(f, p)
     return "; ".join(parts)
