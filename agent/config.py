@@ -27,6 +27,8 @@ class AgentEnv:
     # collective timing (agent/collectives.py): on (NCCL's completion hook; the Flight Recorder for gloo and
     # groups whose hook is taken) or off (until the NCCL path is proven on a GPU)
     collectives: str = "off"  # MODTRACK_COLLECTIVES
+    # GPU health (agent/gpu_health.py): the rank's GPU through NVML, once the job uses CUDA
+    gpu_health: str = "on"  # MODTRACK_GPU_HEALTH: on | off
 
 
 def variable(name: str) -> str:

@@ -33,6 +33,7 @@ from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from modtrack.agent.collectives import Collectives
+    from modtrack.agent.gpu_health import GpuHealthSampler
     from modtrack.agent.heartbeat import Heartbeat
 
 
@@ -144,6 +145,7 @@ class Transport:
         self.heartbeat: Heartbeat | None = (
             None  # agent.heartbeat.Heartbeat: polled by the request loop (issue 14: hung jobs)
         )
+        self.gpu_health: GpuHealthSampler | None = None  # puts GPU samples on reports (issue 15)
         self._thread = threading.Thread(target=self._run, name="modtrack-sender", daemon=True)
 
     # ---- training thread -------------------------------------------------------------
@@ -453,6 +455,8 @@ class Transport:
                     break  # the training thread dropped it meanwhile
                 try:
                     message = encode_report(record, counters)
+                    if self.gpu_health is not None:  # the GPU sample taken during this step, if any
+                        self.gpu_health.attach(message.report, record.end_ns)
                 except Exception as e:
                     self._sending = False
                     self._send_errors += 1

@@ -75,6 +75,7 @@ class ApiDeps:
     store_errors: Callable[[], int]  # failed store commits so far
     stall: Callable[[str], dict] | None = None  # hung jobs: a job's stall verdict (GET /api/v1/jobs/{job}/stall)
     collectives: Callable[[str, int], dict] | None = None  # (job, last): collective timing per group (issue 15)
+    gpu: Callable[[str], list[dict] | None] | None = None  # GPU health: a job's latest GPU sample per rank
 
 
 def make_app(deps: ApiDeps) -> web.Application:
@@ -160,6 +161,7 @@ def make_app(deps: ApiDeps) -> web.Application:
                         "attempt": e.attempt,
                         "ranks": e.ranks,
                         "id": e.id,
+                        "explanation": e.explanation,  # GPU health: "" when the GPU explains nothing
                     }
                     for e in episodes
                 ],
@@ -261,6 +263,11 @@ def make_app(deps: ApiDeps) -> web.Application:
             return error(404, "this collector has no collective timing")
         return web.json_response(deps.collectives(job, last or 20))
 
+    async def gpu(request):  # GPU health: each rank's latest NVML sample (collector/pipeline/gpu_health.py)
+        job = await known_job(request)
+        ranks = deps.gpu(job) if deps.gpu is not None else None
+        return web.json_response({"job": job, "ranks": ranks or []})
+
     async def metrics(request):
         body, content_type = await read(deps.exposition)  # off the loop: a scrape of 4096 ranks takes a while
         resp = web.Response(body=body)
@@ -282,6 +289,7 @@ def make_app(deps: ApiDeps) -> web.Application:
     app.router.add_get("/api/v1/jobs/{job}/modules", modules)
     app.router.add_get("/api/v1/jobs/{job}/stall", stall)  # hung jobs
     app.router.add_get("/api/v1/jobs/{job}/collectives", collectives)
+    app.router.add_get("/api/v1/jobs/{job}/gpu", gpu)  # GPU health
     app.router.add_post("/api/v1/jobs/{job}/capture", capture)
     app.router.add_post("/api/v1/jobs/{job}/pause", control("pause"))
     app.router.add_post("/api/v1/jobs/{job}/resume", control("resume"))

@@ -25,6 +25,7 @@ from modtrack.collector.ingest import edge_limits
 from modtrack.collector.ingest.edge_limits import Refused, invalid
 from modtrack.collector.ingest.parse import RankStream, parse_report
 from modtrack.collector.pipeline.collectives import CollectiveBook
+from modtrack.collector.pipeline.gpu_health import GpuBoard
 from modtrack.collector.pipeline.merge import Merger
 from modtrack.collector.pipeline.stall_watch import BadHeartbeat, StallWatch  # hung jobs (issue 14)
 from modtrack.collector.store.sqlite import Store
@@ -55,6 +56,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
         self.refusals = auth.RefusalLog()
         self.stall_watch = StallWatch()  # hung jobs: the latest heartbeat of every rank
         self.collectives = CollectiveBook()  # collective timing per rank and group (issue 15)
+        self.gpu_health = GpuBoard()  # GPU health: the latest GPU sample of every rank
 
     def connected(self, job: str) -> bool:
         """Some rank of `job` has a stream open."""
@@ -242,6 +244,8 @@ class IngestServicer(pb_grpc.CollectorServicer):
         info.counters = row.counters
         if row.collectives:
             self.collectives.add(stream.job, stream.attempt, stream.rank, info.clock_offset_ns, row.collectives)
+        if row.gpu is not None:  # GPU health: the rank's latest sample
+            self.gpu_health.observe(stream.job, stream.rank, info.host, row.gpu)
         self._observe_rank(stream, info)
 
     def _clock(self, clock, stream: RankStream) -> None:
