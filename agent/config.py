@@ -27,6 +27,11 @@ class AgentEnv:
     # sampled mode: module detail on every Nth step (step numbers multiple of N), step-level figures on every
     # step; the collector can change it while the job runs (POST /api/v1/jobs/{job}/sampling)
     sample_every: str = "1"  # MODTRACK_SAMPLE_EVERY
+    # collective timing (agent/collectives.py): on (NCCL's completion hook; the Flight Recorder for gloo and
+    # groups whose hook is taken) or off (until the NCCL path is proven on a GPU)
+    collectives: str = "off"  # MODTRACK_COLLECTIVES
+    # GPU health (agent/gpu_health.py): the rank's GPU through NVML, once the job uses CUDA
+    gpu_health: str = "on"  # MODTRACK_GPU_HEALTH: on | off
 
 
 def variable(name: str) -> str:

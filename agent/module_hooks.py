@@ -5,8 +5,8 @@ A step without module detail (sampled mode) times only the calls at the top leve
 hook sends torch's `Module.__call__` down its slow path; taking them off (and the global hook that meets new
 modules) lets every nested call run as if nothing tracked it. Putting them back through `register_forward_*_hook`
 took 2-4 ms per switch there (a handle and a partial per hook); they go back into the module's hook dicts under
-their old ids instead (0.49 ms to take off, 0.34 ms to put back, 401 modules), so the handles stay good for close(). Modules called at the top level keep theirs: they
-give the step figures.
+their old ids instead (0.49 ms to take off, 0.34 ms to put back, 401 modules), so the handles stay good for
+close(). Modules called at the top level keep theirs: they give the step figures.
 Hooks are added and removed only at a step boundary, on the training thread; torch iterates a copy of a
 module's hooks, so a hook removed while its module runs is simply not called.
 """

@@ -54,6 +54,7 @@ class StepRecord:
     phases: dict[str, PhaseColumns] = field(default_factory=dict)
     trace: TraceColumns | None = None
     detail: bool = True  # sampled mode: False when this step carries no module detail (phases is empty)
+    collectives: list = field(default_factory=list)  # agent.collectives.GroupStats, maybe of earlier steps
 
     @property
     def wall_ns(self) -> int:

@@ -21,6 +21,8 @@ def test_every_variable_read_from_one_place():
         "MODTRACK_STALL_MIN_S": "2",
         "MODTRACK_STALL_REPEAT_S": "1",
         "MODTRACK_SAMPLE_EVERY": "4",  # sampled mode
+        "MODTRACK_COLLECTIVES": "on",  # collective timing
+        "MODTRACK_GPU_HEALTH": "off",  # GPU health
     }
     assert config.from_env(env) == config.AgentEnv(
         collector="c:1",
@@ -32,6 +34,8 @@ def test_every_variable_read_from_one_place():
         stall_min_s="2",
         stall_repeat_s="1",
         sample_every="4",
+        collectives="on",
+        gpu_health="off",
     )
     assert config.from_env({}) == config.AgentEnv()
     assert config.from_env({"MODTRACK_CLOCK": ""}).clock == "auto"  # empty counts as unset
