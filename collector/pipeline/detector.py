@@ -91,6 +91,9 @@ class StepFlags:
 
     flagged: np.ndarray  # (R, K) bool: above the opening bars
     held: np.ndarray  # (R, K) bool: above the lower bars that keep an open episode open
+    # (R, K) bool: the rank's peers waited for it at least half the cell's excess (a victim's noise: they did not)
+    waited: np.ndarray
+    paid_ms: np.ndarray  # (R,) what the median peer waited beyond what the rank itself waited
     median: np.ndarray  # (K,) median self time among the ranks that ran the column
     count: np.ndarray  # (K,) how many ranks ran the column
 
@@ -125,16 +128,11 @@ def _peer_wait_median(wait: np.ndarray, x: np.ndarray, count: np.ndarray) -> np.
     return _row_medians(np.sort(waits, axis=0), count)
 
 
-def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) -> np.ndarray:
-    """Per rank, how long its peers waited for it beyond what its slower modules explain: what the
-    median peer waited (in any phase) minus what the rank itself waited and its module excess.
-
-    A rank slow in data loading or in the optimizer keeps every peer waiting in the next
-    collective (the gradient all-reduce of the step, or of the next one, the slowdown going on);
-    a rank preempted while its peers were held up too cost nobody anything, and is no straggler."""
+def _peer_idle(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank, what it waited (in any phase) and what the median of the other ranks waited."""
     idle = np.nan_to_num(np.asarray(m.sync_wait_ms if m.idle_ms is None else m.idle_ms, dtype=np.float64))
     if len(idle) < 2:
-        return np.zeros(len(idle))
+        return idle, idle.copy()
     order = np.argsort(idle, kind="stable")
     ordered, place = idle[order], np.empty(len(idle), np.int64)
     place[order] = np.arange(len(idle))
@@ -143,9 +141,21 @@ def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) ->
     def other(j: int) -> np.ndarray:
         return np.where(j < place, ordered[j], ordered[min(j + 1, len(idle) - 1)])
 
-    peer = 0.5 * (other((others - 1) // 2) + other(others // 2))
+    return idle, 0.5 * (other((others - 1) // 2) + other(others // 2))
+
+
+def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) -> np.ndarray:
+    """Per rank, how long its peers waited for it beyond what its slower modules explain: what the
+    median peer waited (in any phase) minus what the rank itself waited and its module excess.
+
+    A rank slow in data loading or in the optimizer keeps every peer waiting in the next
+    collective (the gradient all-reduce of the step, or of the next one, the slowdown going on);
+    a rank preempted while its peers were held up too cost nobody anything, and is no straggler."""
+    idle, peer = _peer_idle(m)
+    if len(idle) < 2:
+        return np.zeros(len(idle))
     with np.errstate(invalid="ignore"):
-        module_excess = np.nansum(np.clip(x[:, :-steps] - median[:-steps], 0.0, None), axis=1)
+        module_excess = np.nansum(np.clip(x[:, :-steps] - median[:-steps], 0.0, None), axis=1) if steps else 0.0
     return peer - idle - module_excess
 
 
@@ -213,7 +223,13 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
         held = above(p.hold_ratio, p.hold_z, p.hold_ratio)
         if steps and np.isfinite(wall_median):
             held[:, -steps:] &= waited  # an open episode lists them on the same evidence
-    return StepFlags(flagged=flagged, held=held, median=median, count=count)
+        # What the rate rule (intermittent stragglers) counts: a flag its peers paid for. On shared
+        # cores a waiting rank's cell spikes now and then; a few such steps in 20 are no straggler.
+        idle, peer = _peer_idle(m)
+        corroborated = (peer - idle)[:, None] >= 0.5 * (x - median)
+        if steps and np.isfinite(wall_median):
+            corroborated[:, -steps:] = waited
+    return StepFlags(flagged=flagged, held=held, median=median, count=count, waited=corroborated, paid_ms=peer - idle)
 
 
 class Detector:

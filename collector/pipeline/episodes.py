@@ -91,6 +91,9 @@ class _Track:
     med_excess: np.ndarray = field(default_factory=lambda: np.zeros(0))
     med_ratio: np.ndarray = field(default_factory=lambda: np.zeros(0))
     pending: Any = None  # this step's (what-if loss, own excess, walls), before the wall scale
+    # Reported: once it lists a significant entry (a module, a step-level cause) or the whole rank. A track
+    # that never does (a waiting rank's spikes, none over the bars in half its slow steps) ends unseen.
+    published: bool = False
 
 
 def _key(rank: int, host: str) -> tuple:
@@ -117,11 +120,14 @@ class EpisodeBook:
             None  # np.ndarray once the first step is seen  # (span, R, K) bool cell flags of the last span steps
         )
         self.counts: Any = None  # np.ndarray once the first step is seen  # (R, K) flagged steps among the last n
+        # The rate rule counts only flags the rank's peers paid for (they waited for it): its own ring.
+        self.long_hist: Any = None  # np.ndarray once the first step is seen  # (span, R, K) bool
         self.long_counts: Any = None  # np.ndarray once the first step is seen  # (R, K) ... among the last long_n
         # A step in which most of a rank's columns are flagged is one piece of evidence that the
         # rank is slow, not evidence that each of its cells is: it is counted here, not in counts.
         self.rank_hist: Any = None  # np.ndarray once the first step is seen  # (span, R) bool rank-wide steps
         self.rank_counts: Any = None  # np.ndarray once the first step is seen  # (R,)
+        self.rank_long_hist: Any = None  # np.ndarray once the first step is seen  # (span, R) ... paid for
         self.rank_long_counts: Any = None  # np.ndarray once the first step is seen  # (R,)
         self.pos = 0
         self.rank_ids = np.empty(0, np.int64)
@@ -144,16 +150,20 @@ class EpisodeBook:
         if self.hist is not None and np.array_equal(ranks, self.rank_ids) and np.array_equal(keys, self.col_keys):
             return
         new = np.zeros((self.span, len(ranks), len(keys)), bool)
+        new_long = np.zeros_like(new)
         new_rank = np.zeros((self.span, len(ranks)), bool)
+        new_rank_long = np.zeros_like(new_rank)
         if self.hist is not None:
             _, nr, orr = np.intersect1d(ranks, self.rank_ids, assume_unique=True, return_indices=True)
             _, nc, oc = np.intersect1d(keys, self.col_keys, assume_unique=True, return_indices=True)
             new[:, nr[:, None], nc] = self.hist[:, orr[:, None], oc]
+            new_long[:, nr[:, None], nc] = self.long_hist[:, orr[:, None], oc]
             new_rank[:, nr] = self.rank_hist[:, orr]
-        self.hist, self.rank_hist = new, new_rank
+            new_rank_long[:, nr] = self.rank_long_hist[:, orr]
+        self.hist, self.long_hist, self.rank_hist, self.rank_long_hist = new, new_long, new_rank, new_rank_long
         self.counts, self.rank_counts = self._window(new, self.p.n), self._window(new_rank, self.p.n)
-        self.long_counts = self._window(new, self.p.long_n)
-        self.rank_long_counts = self._window(new_rank, self.p.long_n)
+        self.long_counts = self._window(new_long, self.p.long_n)
+        self.rank_long_counts = self._window(new_rank_long, self.p.long_n)
         self.rank_ids, self.col_keys = ranks, keys
         self.rank_index = {int(r): i for i, r in enumerate(ranks)}
         names = m.module_names
@@ -178,20 +188,22 @@ class EpisodeBook:
             sig[nc], med_e[nc], med_r[nc] = track.sig[oc], track.med_excess[oc], track.med_ratio[oc]
             track.sig, track.med_excess, track.med_ratio = sig, med_e, med_r
 
-    def _push(self, cell_flags: np.ndarray, rank_wide: np.ndarray) -> None:
+    def _push(self, cell_flags: np.ndarray, paid_for: np.ndarray, rank_wide: np.ndarray, rank_paid: np.ndarray) -> None:
         """Write this step's flags over the oldest slot; the counts drop the slots leaving their windows."""
         out_long = (self.pos - min(self.p.long_n, self.span)) % self.span
         out_short = (self.pos - self.p.n) % self.span
-        self.long_counts -= self.hist[out_long]
+        self.long_counts -= self.long_hist[out_long]
         self.counts -= self.hist[out_short]
-        self.rank_long_counts -= self.rank_hist[out_long]
+        self.rank_long_counts -= self.rank_long_hist[out_long]
         self.rank_counts -= self.rank_hist[out_short]
         self.hist[self.pos] = cell_flags
+        self.long_hist[self.pos] = paid_for
         self.rank_hist[self.pos] = rank_wide
+        self.rank_long_hist[self.pos] = rank_paid
         self.counts += cell_flags
-        self.long_counts += cell_flags
+        self.long_counts += paid_for
         self.rank_counts += rank_wide
-        self.rank_long_counts += rank_wide
+        self.rank_long_counts += rank_paid
         self.pos = (self.pos + 1) % self.span
 
     # ---- per step -------------------------------------------------------------------------
@@ -203,7 +215,11 @@ class EpisodeBook:
         runs = np.count_nonzero(~np.isnan(x), axis=1)
         rank_wide = (runs >= 4) & (2 * flagged.sum(axis=1) > runs)
         rank_wide |= self._slow_everywhere(m, x, flags)
-        self._push(flagged & ~rank_wide[:, None], rank_wide)
+        cell_flags = flagged & ~rank_wide[:, None]
+        with _quiet():
+            total_excess = np.nansum(np.clip(x - flags.median, 0.0, None), axis=1)
+        rank_paid = rank_wide & (flags.paid_ms >= 0.5 * total_excess)
+        self._push(cell_flags, cell_flags & flags.waited, rank_wide, rank_paid)
 
         wall = np.asarray(m.wall_ms, dtype=np.float64)
         wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
@@ -229,13 +245,14 @@ class EpisodeBook:
         for key, track in list(self.tracks.items()):
             self._advance(track, step)
             stepped.append(track)
-            changed.append(track.episode)
+            if track.published:
+                changed.append(track.episode)
             if track.episode.state == "resolved":
                 del self.tracks[key]
                 self._forget(track.ranks)
         opened = self._open(step)
-        changed += opened
         stepped += [t for t in self.tracks.values() if t.episode in opened]
+        changed += [ep for ep in opened if ep.state == "resolved" or self.tracks[_key(ep.rank, ep.host)].published]
         self._losses(stepped, step, quiet)
         return changed
 
@@ -391,6 +408,9 @@ class EpisodeBook:
         if len(med_excess) != len(sig):
             return
         cols = np.flatnonzero(sig)
+        if not len(cols) and not whole:
+            return  # nothing over the bars (now): an unreported track stays so, a reported one keeps its listing
+        track.published = True
         cols = cols[np.argsort(-med_excess[cols], kind="stable")]
         names = [_column_name(int(track.keys[c]), self._module_names) for c in cols.tolist()]
         ep.modules = [
@@ -433,6 +453,12 @@ class EpisodeBook:
 
     # ---- opening ------------------------------------------------------------------------------
 
+    def _track(self, ep: Episode, ranks, last_slow: int) -> _Track:
+        """A track for an episode, its rings empty, indexed by the book's columns now."""
+        excess, ratio, held = _empty_rings(self.p.smooth_steps, len(self.col_keys))
+        wide = np.zeros(self.p.smooth_steps, bool)
+        return _Track(ep, sorted(ranks), self.col_keys, excess, ratio, held, wide, last_slow=last_slow)
+
     def _busy_ranks(self) -> set[int]:
         return {r for t in self.tracks.values() for r in t.ranks}
 
@@ -452,17 +478,7 @@ class EpisodeBook:
             ranks=sorted(ranks),
             attempt=getattr(s.m, "attempt", 0) or 0,
         )
-        excess, ratio, held = _empty_rings(self.p.smooth_steps, len(self.col_keys))
-        track = _Track(
-            ep,
-            sorted(ranks),
-            self.col_keys,
-            excess,
-            ratio,
-            held,
-            np.zeros(self.p.smooth_steps, bool),
-            last_slow=s.m.step,
-        )
+        track = self._track(ep, ranks, s.m.step)
         self._advance(track, s, opening=True)
         self.tracks[_key(rank, host)] = track
         self._forget(track.ranks)
@@ -472,7 +488,9 @@ class EpisodeBook:
         """An opened episode consumes its ranks' flag history: once it closes, a new one needs new evidence."""
         rows = [self.rank_index[r] for r in ranks if r in self.rank_index]
         self.hist[:, rows] = False
+        self.long_hist[:, rows] = False
         self.rank_hist[:, rows] = False
+        self.rank_long_hist[:, rows] = False
         for counts in (self.counts, self.long_counts, self.rank_counts, self.rank_long_counts):
             counts[rows] = 0
 
@@ -550,7 +568,8 @@ class EpisodeBook:
             for rank in members & set(alone):
                 t = self.tracks.pop(_key(rank, ""))
                 t.episode.state = "resolved"
-                opened.append(t.episode)
+                if t.published:
+                    opened.append(t.episode)
             for rank in members:
                 cells.pop(rank, None)
             opened.append(self._new_track(s, -1, host, c, members))
@@ -559,24 +578,15 @@ class EpisodeBook:
     # ---- queries and restart --------------------------------------------------------------
 
     def active(self) -> list[Episode]:
-        return [t.episode for t in self.tracks.values()]
+        return [t.episode for t in self.tracks.values() if t.published]
 
     def restore(self, episodes: list[Episode]) -> None:
         for ep in episodes:
             if ep.state != "active":
                 continue
             ranks = list(ep.ranks) if ep.rank == -1 else [ep.rank]
-            excess, ratio, held = _empty_rings(self.p.smooth_steps, len(self.col_keys))
-            track = _Track(
-                ep,
-                sorted(ranks),
-                self.col_keys,
-                excess,
-                ratio,
-                held,
-                np.zeros(self.p.smooth_steps, bool),
-                last_slow=ep.last_step,
-            )
+            track = self._track(ep, ranks, ep.last_step)
+            track.published = True
             track.losses.append(ep.cost_ms_per_step)
             track.walls.append(100.0 * ep.cost_ms_per_step / ep.cost_pct if ep.cost_pct else 0.0)
             self.tracks[_key(ep.rank, ep.host)] = track

@@ -430,9 +430,13 @@ def print_totals(results: list[Result]) -> None:
     )
 
 
-def run_matrix(wraps, shapes, culprits, ranks: int, results_path: str | None = None) -> list[Result]:
+def run_matrix(
+    wraps, shapes, culprits, ranks: int, results_path: str | None = None, keep: str | None = None
+) -> list[Result]:
     results = []
-    with tempfile.TemporaryDirectory(prefix="modtrack-scenarios-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="modtrack-scenarios-") as tmp:
+        workdir = keep or tmp
+        os.makedirs(workdir, exist_ok=True)
         collector = Collector(workdir)
         try:
             for wrap in wraps:
@@ -461,6 +465,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", type=int, default=3)
     ap.add_argument("--results", help="append each result to this JSON-lines file")
     ap.add_argument("--report", help="print the table and totals of a results file, run nothing")
+    ap.add_argument("--keep", help="keep the collector's data (SQLite) and step times in this folder, for replay")
     a = ap.parse_args(argv)
     if a.report:
         with open(a.report) as f:
@@ -468,7 +473,7 @@ def main(argv=None) -> int:
         for r in results:
             print_row(r)
     else:
-        results = run_matrix(a.wraps.split(","), a.shapes.split(","), a.culprits.split(","), a.ranks, a.results)
+        results = run_matrix(a.wraps.split(","), a.shapes.split(","), a.culprits.split(","), a.ranks, a.results, a.keep)
     print_totals(results)
     return 0
 
