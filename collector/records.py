@@ -129,6 +129,9 @@ class StepMatrix:
     # backward tail (sync_wait_ms) is all that is known.
     idle_ms: np.ndarray | None = None  # (R,)
     attempt: int = 0  # the job's attempt (torchelastic restarts) this step belongs to
+    # (R,) the part of data_ms between the last module forward and the first module backward: the host's own
+    # code there (the loss, a user's code in the training loop), not data loading. None: not known.
+    host_ms: np.ndarray | None = None
 
 
 @dataclass

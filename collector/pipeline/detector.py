@@ -160,7 +160,19 @@ def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) ->
 
 
 # Step-level figures judged like module columns: (StepMatrix field, name, phase).
-STEP_COLUMNS = (("data_ms", "(data loading)", "data"), ("optimizer_ms", "(optimizer)", "optimizer"))
+STEP_COLUMNS = (
+    ("data_ms", "(data loading)", "data"),
+    ("optimizer_ms", "(optimizer)", "optimizer"),
+    ("host_ms", "(host between modules)", "host"),
+)
+
+
+def _step_figure(m: StepMatrix, field: str):
+    """A step-level column: data loading is what is left of the step outside modules, less the host's time."""
+    value = getattr(m, field, None)
+    if field == "data_ms" and value is not None and m.host_ms is not None:
+        return np.asarray(value, dtype=np.float64) - np.asarray(m.host_ms, dtype=np.float64)
+    return value
 
 
 def judged_columns(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +180,7 @@ def judged_columns(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
     matrix carries. Returns it and the step columns' keys (negative: they are no module)."""
     x = np.asarray(m.self_ms, dtype=np.float64)
     extra = [
-        (-1 - i, getattr(m, field))
+        (-1 - i, _step_figure(m, field))
         for i, (field, _, _) in enumerate(STEP_COLUMNS)
         if getattr(m, field, None) is not None
     ]

@@ -24,7 +24,12 @@ from modtrack.collector.records import N_PHASES, PHASE_NAMES, Episode, StepMatri
 if TYPE_CHECKING:
     from modtrack.collector.pipeline.detector import StepFlags
 
-STEP_COLUMN_NAMES = {-1: ("(data loading)", "data"), -2: ("(optimizer)", "optimizer")}
+STEP_COLUMN_NAMES = {
+    -1: ("(data loading)", "data"),
+    -2: ("(optimizer)", "optimizer"),
+    -3: ("(host between modules)", "host"),
+}
+STEP_CAUSES = {"data": "data loading", "optimizer": "optimizer", "host": "host time between modules"}
 MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would list every module)
 BASELINE_STEPS = 20  # the job's step time before an episode: median of this many quiet steps
 MIN_BASELINE = 5
@@ -440,11 +445,10 @@ class EpisodeBook:
             parts = []
             modules = len({name for name, phase in names if phase in ("forward", "backward", "recompute")})
             for _name, phase in names:
-                if phase == "data" and "data loading" not in parts:
-                    parts.append("data loading")
-                elif phase == "optimizer" and "optimizer" not in parts:
-                    parts.append("optimizer")
-                elif phase not in ("data", "optimizer") and not any(p.startswith("compute") for p in parts):
+                step_cause = STEP_CAUSES.get(phase)
+                if step_cause is not None and step_cause not in parts:
+                    parts.append(step_cause)
+                elif step_cause is None and not any(p.startswith("compute") for p in parts):
                     parts.append(f"compute in {modules} module" + ("s" if modules > 1 else ""))
             text = " + ".join(parts) or "compute"
         if track.steps >= 6 and 1.5 * track.slow_steps < track.steps:

@@ -86,6 +86,13 @@ SHAPES = {
         Shape("whole", ["--slow-phase", "whole", "--slow-ms", "40"], cause="whole rank"),
         Shape("data", ["--slow-phase", "data", "--slow-ms", "40"], ("(data loading)",), "data", "data loading"),
         Shape(
+            "host",
+            ["--slow-phase", "host", "--slow-ms", "40"],
+            ("(host between modules)",),
+            "host",
+            "host time between modules",
+        ),
+        Shape(
             "optimizer", ["--slow-phase", "optimizer", "--slow-ms", "30"], ("(optimizer)",), "optimizer", "optimizer"
         ),
         Shape(
