@@ -144,6 +144,18 @@ def _peer_idle(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
     return idle, 0.5 * (other((others - 1) // 2) + other(others // 2))
 
 
+def _paid_for(m: StepMatrix) -> np.ndarray:
+    """Per rank, the least any other rank waited (in any phase) minus what the rank waited itself: how much
+    earlier every peer's wait would end were the rank on time. A victim waits more than the culprit: < 0."""
+    idle = np.nan_to_num(np.asarray(m.sync_wait_ms if m.idle_ms is None else m.idle_ms, dtype=np.float64))
+    if len(idle) < 2:
+        return np.zeros(len(idle))
+    order = np.argsort(idle, kind="stable")
+    least, second = idle[order[0]], idle[order[1]]
+    others_least = np.where(np.arange(len(idle)) == order[0], second, least)
+    return others_least - idle
+
+
 def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) -> np.ndarray:
     """Per rank, how long its peers waited for it beyond what its slower modules explain: what the
     median peer waited (in any phase) minus what the rank itself waited and its module excess.
@@ -235,13 +247,14 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
         held = above(p.hold_ratio, p.hold_z, p.hold_ratio)
         if steps and np.isfinite(wall_median):
             held[:, -steps:] &= waited  # an open episode lists them on the same evidence
-        # What the rate rule (intermittent stragglers) counts: a flag its peers paid for. On shared
-        # cores a waiting rank's cell spikes now and then; a few such steps in 20 are no straggler.
-        idle, peer = _peer_idle(m)
-        corroborated = (peer - idle)[:, None] >= 0.5 * (x - median)
+        # What the rate rule (intermittent stragglers) counts: a flag its peers paid for, by the least any
+        # of them waited beyond the rank's own wait (the step would end that much earlier without it). On
+        # shared cores a waiting rank's cell spikes now and then: it still waited for the culprit.
+        paid = _paid_for(m)
+        corroborated = paid[:, None] >= 0.5 * (x - median)
         if steps and np.isfinite(wall_median):
             corroborated[:, -steps:] = waited
-    return StepFlags(flagged=flagged, held=held, median=median, count=count, waited=corroborated, paid_ms=peer - idle)
+    return StepFlags(flagged=flagged, held=held, median=median, count=count, waited=corroborated, paid_ms=paid)
 
 
 class Detector:
