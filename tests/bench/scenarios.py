@@ -358,8 +358,6 @@ def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str
         sigma = noise_sigma(collector, job, range(shape.steps - 20, shape.steps))
         res.detail = f"module noise sigma {sigma:.3f} (log self time across ranks; calibrates the simulator)"
         return res
-    mine = [v for v in verdicts if v["rank"] == culprit]
-    res.victims = sum(1 for v in verdicts if v["rank"] != culprit)
     if shape.restart:
         first = get_json(f"{collector.url}/api/v1/jobs/{job}/steps?last=1000&attempt=0")["steps"]
         second = get_json(f"{collector.url}/api/v1/jobs/{job}/steps?last=1000")["steps"]
@@ -368,6 +366,15 @@ def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str
             and len(first) >= 8
             and [s["step"] for s in second] == list(range(shape.steps))
         )
+    return score(res, shape, verdicts, times, attempt)
+
+
+def score(res: Result, shape: Shape, verdicts: list[dict], times: str, attempt: int) -> Result:
+    """Named right, victims, latency and cost against the job's own step times, from the verdicts."""
+    culprit = res.culprit
+    res.verdicts = verdicts
+    mine = [v for v in verdicts if v["rank"] == culprit]
+    res.victims = sum(1 for v in verdicts if v["rank"] != culprit)
     if len(mine) != 1:
         res.detail = f"{len(mine)} verdicts on the culprit"
         return res
@@ -464,6 +471,37 @@ def run_matrix(
     return results
 
 
+def rejudge(folders: list[str]) -> list[Result]:
+    """Judge the jobs kept by --keep again with today's detector, offline: their stored steps (replayed as the
+    merge built them) and their own step times. Whatever the agent measured stays what it was."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from harness import replay
+
+    results = []
+    for folder in folders:
+        for times in sorted(f for f in os.listdir(folder) if f.endswith(".times.jsonl")):
+            job = times.removesuffix(".times.jsonl")
+            wrap, name, position = job.split("-")[:3]
+            shape = SHAPES[name]
+            ranks = 3
+            res = Result(wrap, name, culprit_rank(position, ranks), ranks)
+            attempt = 1 if shape.restart else 0
+            episodes = replay.judge(replay.stored_matrices(folder, job, attempt))
+            verdicts = [asdict(ep) for ep in episodes]
+            if shape.clean:
+                res.verdicts, res.false_alarms, res.clean_steps, res.named = (
+                    verdicts,
+                    len(verdicts),
+                    shape.steps,
+                    not verdicts,
+                )
+            else:
+                res = score(res, shape, verdicts, os.path.join(folder, times), attempt)
+            print_row(res)
+            results.append(res)
+    return results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--wraps", default=",".join(WRAPS))
@@ -473,8 +511,11 @@ def main(argv=None) -> int:
     ap.add_argument("--results", help="append each result to this JSON-lines file")
     ap.add_argument("--report", help="print the table and totals of a results file, run nothing")
     ap.add_argument("--keep", help="keep the collector's data (SQLite) and step times in this folder, for replay")
+    ap.add_argument("--rejudge", nargs="+", help="judge the jobs kept in these folders again, offline, run nothing")
     a = ap.parse_args(argv)
-    if a.report:
+    if a.rejudge:
+        results = rejudge(a.rejudge)
+    elif a.report:
         with open(a.report) as f:
             results = [Result(**json.loads(line)) for line in f]
         for r in results:
