@@ -93,7 +93,7 @@ class StepFlags:
     held: np.ndarray  # (R, K) bool: above the lower bars that keep an open episode open
     # (R, K) bool: the rank's peers waited for it at least half the cell's excess (a victim's noise: they did not)
     waited: np.ndarray
-    paid_ms: np.ndarray  # (R,) what the median peer waited beyond what the rank itself waited
+    paid_ms: np.ndarray  # (R,) the rank's module excess ahead of every other rank's (what the step waits for)
     median: np.ndarray  # (K,) median self time among the ranks that ran the column
     count: np.ndarray  # (K,) how many ranks ran the column
 
@@ -144,16 +144,16 @@ def _peer_idle(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
     return idle, 0.5 * (other((others - 1) // 2) + other(others // 2))
 
 
-def _paid_for(m: StepMatrix) -> np.ndarray:
-    """Per rank, the least any other rank waited (in any phase) minus what the rank waited itself: how much
-    earlier every peer's wait would end were the rank on time. A victim waits more than the culprit: < 0."""
-    idle = np.nan_to_num(np.asarray(m.sync_wait_ms if m.idle_ms is None else m.idle_ms, dtype=np.float64))
-    if len(idle) < 2:
-        return np.zeros(len(idle))
-    order = np.argsort(idle, kind="stable")
-    least, second = idle[order[0]], idle[order[1]]
-    others_least = np.where(np.arange(len(idle)) == order[0], second, least)
-    return others_least - idle
+def _compute_lead(x: np.ndarray, median: np.ndarray) -> np.ndarray:
+    """Per rank, its module excess over the columns' medians, less the largest of any other rank: how far
+    its compute is ahead of the next slowest rank's, which a synchronous step waits for. < 0 but for one."""
+    with np.errstate(invalid="ignore"):
+        total = np.nansum(np.clip(x - median, 0.0, None), axis=1)
+    if len(total) < 2:
+        return np.zeros(len(total))
+    order = np.argsort(-total, kind="stable")
+    first, second = total[order[0]], total[order[1]]
+    return total - np.where(np.arange(len(total)) == order[0], second, first)
 
 
 def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) -> np.ndarray:
@@ -247,10 +247,12 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
         held = above(p.hold_ratio, p.hold_z, p.hold_ratio)
         if steps and np.isfinite(wall_median):
             held[:, -steps:] &= waited  # an open episode lists them on the same evidence
-        # What the rate rule (intermittent stragglers) counts: a flag its peers paid for, by the least any
-        # of them waited beyond the rank's own wait (the step would end that much earlier without it). On
-        # shared cores a waiting rank's cell spikes now and then: it still waited for the culprit.
-        paid = _paid_for(m)
+        # What the rate rule (intermittent stragglers) counts: a flag the step waited for, the rank's compute
+        # ahead of every other rank's by half the cell's excess. On shared cores a waiting rank's cell spikes
+        # now and then, in a step that waited for the culprit's far larger excess: no evidence against it.
+        # (Measured waits are no judge of that on a loaded host: a culprit preempted in its slow module shows
+        # as much "idle" as the peers that wait for it, in half its slow steps of a 1-in-3 job.)
+        paid = _compute_lead(x[:, : x.shape[1] - steps], median[: x.shape[1] - steps])
         corroborated = paid[:, None] >= 0.5 * (x - median)
         if steps and np.isfinite(wall_median):
             corroborated[:, -steps:] = waited

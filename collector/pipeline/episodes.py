@@ -222,7 +222,8 @@ class EpisodeBook:
         rank_wide |= self._slow_everywhere(m, x, flags)
         cell_flags = flagged & ~rank_wide[:, None]
         with _quiet():
-            total_excess = np.nansum(np.clip(x - flags.median, 0.0, None), axis=1)
+            k = np.asarray(m.self_ms).shape[1]
+            total_excess = np.nansum(np.clip(x[:, :k] - flags.median[:k], 0.0, None), axis=1)
         rank_paid = rank_wide & (flags.paid_ms >= 0.5 * total_excess)
         self._push(cell_flags, cell_flags & flags.waited, rank_wide, rank_paid)
 
@@ -364,9 +365,11 @@ class EpisodeBook:
                     sig = sig.copy()
                     sig[c] = True
             wide = bool(s.rank_wide[rows].any())
-            # Slow now: across the rank, or in a listed column (lower bars). A spike elsewhere keeps
-            # no episode open; a module that joins a slow rank is recorded with its slow steps.
-            now = opening or wide or bool(s.flags.held[rows][:, sig].any())
+            # Slow now: across the rank, or in a listed column (lower bars, and half the floor: a 0.1 ms
+            # module 2x its median is no slow step). A spike elsewhere keeps no episode open; a module that
+            # joins a slow rank is recorded with its slow steps.
+            held_now = s.flags.held[rows].any(axis=0) & (np.nan_to_num(excess, nan=0.0) > 0.5 * s.floor)
+            now = opening or wide or bool(held_now[sig].any())
             if now:
                 slot = track.pos % track.excess.shape[0]
                 track.excess[slot], track.ratio[slot] = excess, ratio
@@ -483,10 +486,23 @@ class EpisodeBook:
             attempt=getattr(s.m, "attempt", 0) or 0,
         )
         track = self._track(ep, ranks, s.m.step)
+        track.max_gap = self._period(ranks, c)
         self._advance(track, s, opening=True)
         self.tracks[_key(rank, host)] = track
         self._forget(track.ranks)
         return ep
+
+    def _period(self, ranks, c: int) -> int:
+        """The longest gap between the flagged steps (the cell's, or the rank's as a whole) that opened an
+        episode, over the rate rule's window: an intermittent straggler's period from its first evidence, so
+        that it is not resolved between its first slow steps (one spell without a flag is no stop)."""
+        rows = [self.rank_index[r] for r in ranks if r in self.rank_index]
+        if not rows:
+            return 1
+        order = [(self.pos - self.p.long_n + i) % self.span for i in range(min(self.p.long_n, self.span))]
+        seen = self.long_hist[order][:, rows, c].any(axis=1) | self.rank_long_hist[order][:, rows].any(axis=1)
+        steps = np.flatnonzero(seen)
+        return int(min(np.diff(steps).max(), MAX_GAP)) if len(steps) >= 2 else 1
 
     def _forget(self, ranks) -> None:
         """An opened episode consumes its ranks' flag history: once it closes, a new one needs new evidence."""
