@@ -18,8 +18,8 @@ from modtrack.collector.pipeline.merge import JobSnapshot, build_matrix
 from modtrack.collector.records import MODULE_COLUMNS, STEP_FIGURES, Episode, StepMatrix, StepRow
 from modtrack.collector.store.sqlite import Store
 
-ARRAYS = ("ranks", "column_module", "column_phase", "self_ms", "wall_ms", "sync_wait_ms", "forward_ms")
-ARRAYS += ("backward_ms", "data_ms", "optimizer_ms", "idle_ms")
+STACKED = ("self_ms", "wall_ms", "sync_wait_ms", "forward_ms", "backward_ms", "data_ms", "optimizer_ms", "idle_ms")
+STACKED += ("host_ms",)
 
 
 def stored_matrices(data_dir: str, job: str, attempt: int | None = None) -> list[StepMatrix]:
@@ -48,14 +48,23 @@ def stored_matrices(data_dir: str, job: str, attempt: int | None = None) -> list
 
 
 def save(path: str, matrices: list[StepMatrix]) -> None:
-    """One .npz: each step's arrays under "<i>/<name>", and the job, steps, hosts and names as JSON."""
-    arrays = {f"{i}/{name}": getattr(m, name) for i, m in enumerate(matrices) for name in ARRAYS}
+    """One .npz: each figure stacked over the steps (steps x ranks x columns), the rest as JSON. The steps must
+    share their ranks and columns (a job whose modules and ranks stay put, as a fixture's should)."""
+    first = matrices[0]
+    for m in matrices:
+        assert np.array_equal(m.ranks, first.ranks) and np.array_equal(m.column_module, first.column_module)
+    arrays = {
+        name: np.stack([np.asarray(getattr(m, name), np.float32) for m in matrices]) for name in STACKED
+    }  # µs kept
     meta = {
-        "job": matrices[0].job if matrices else "",
+        "job": first.job,
         "steps": [m.step for m in matrices],
-        "hosts": [list(m.hosts) for m in matrices],
-        "names": list(matrices[0].module_names) if matrices else [],
-        "attempt": matrices[0].attempt if matrices else 0,
+        "hosts": list(first.hosts),
+        "names": list(first.module_names),
+        "attempt": first.attempt,
+        "ranks": first.ranks.tolist(),
+        "column_module": first.column_module.tolist(),
+        "column_phase": first.column_phase.tolist(),
     }
     buffer = io.BytesIO()
     np.savez_compressed(buffer, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
@@ -66,17 +75,21 @@ def save(path: str, matrices: list[StepMatrix]) -> None:
 def load(path: str) -> list[StepMatrix]:
     with np.load(path) as z:
         meta = json.loads(z["meta"].tobytes())
-        return [
-            StepMatrix(
-                job=meta["job"],
-                step=step,
-                hosts=meta["hosts"][i],
-                module_names=meta["names"],
-                attempt=meta["attempt"],
-                **{name: z[f"{i}/{name}"] for name in ARRAYS},
-            )
-            for i, step in enumerate(meta["steps"])
-        ]
+        stacked = {name: z[name] for name in STACKED}
+    return [
+        StepMatrix(
+            job=meta["job"],
+            step=step,
+            ranks=np.array(meta["ranks"], np.int64),
+            hosts=list(meta["hosts"]),
+            column_module=np.array(meta["column_module"], np.int64),
+            column_phase=np.array(meta["column_phase"], np.int64),
+            module_names=meta["names"],
+            attempt=meta["attempt"],
+            **{name: stacked[name][i].astype(np.float64) for name in STACKED},
+        )
+        for i, step in enumerate(meta["steps"])
+    ]
 
 
 def judge(matrices: list[StepMatrix], params: DetectorParams | None = None) -> list[Episode]:
