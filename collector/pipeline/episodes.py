@@ -337,7 +337,11 @@ class EpisodeBook:
         peer_idle = float(s.idle[next(i for i in s.idle_order.tolist() if i not in members)])
         peer_wall = s.wall_med if many else float(np.median(np.delete(s.wall, rows)))
         wall_cap = float(s.wall[rows].max()) - peer_wall
-        cap = max(peer_idle - float(s.idle[rows].min()), wall_cap, 0.0)
+        # The backward tail alone, too: on a loaded host a culprit preempted in its slow module shows that wall
+        # as idle (wall minus its compute), which cuts the idle gap; its peers' wait in the tail it does not cut.
+        peer_wait = float(np.delete(s.wait, rows).min())
+        tail_cap = peer_wait - float(s.wait[rows].min())
+        cap = max(peer_idle - float(s.idle[rows].min()), tail_cap, wall_cap, 0.0)
         return rows, excess, ratio, cap
 
     def _summarise(self, track: _Track, floor: float) -> None:
