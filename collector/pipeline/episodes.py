@@ -506,7 +506,9 @@ class EpisodeBook:
         order = [(self.pos - self.p.long_n + i) % self.span for i in range(min(self.p.long_n, self.span))]
         seen = self.long_hist[order][:, rows, c].any(axis=1) | self.rank_long_hist[order][:, rows].any(axis=1)
         steps = np.flatnonzero(seen)
-        return int(min(np.diff(steps).max(), MAX_GAP)) if len(steps) >= 2 else 1
+        # at most the period long_k flags in long_n steps can have: an old stray flag sets no long period
+        most = self.p.long_n // self.p.long_k + 1
+        return int(min(np.diff(steps).max(), most)) if len(steps) >= 2 else 1
 
     def _forget(self, ranks) -> None:
         """An opened episode consumes its ranks' flag history: once it closes, a new one needs new evidence."""
