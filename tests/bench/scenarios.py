@@ -408,6 +408,19 @@ def print_row(r: Result) -> None:
     )
 
 
+def markdown_row(r: Result) -> str:
+    """The README's table row of a result."""
+    named = "yes" if r.named else ("run failed" if not r.ok_run else f"**no** ({r.detail})")
+    latency = str(r.latency) if r.latency is not None else "–"
+    if r.cost is not None and r.measured is not None:
+        cost = f"{r.cost:.1f} / {r.measured:.1f}"
+    else:
+        cost = "–"
+    error = f"{100 * r.cost_error:+.0f} %" if r.cost_error is not None else "–"
+    cells = [r.wrap, r.shape, f"rank {r.culprit} of {r.ranks}", named, str(r.victims), latency, cost, error]
+    return "| " + " | ".join(cells) + " |"
+
+
 def totals(results: list[Result]) -> dict:
     faults = [r for r in results if r.shape != "clean" and r.ok_run]
     clean = [r for r in results if r.shape == "clean" and r.ok_run]
@@ -512,6 +525,7 @@ def main(argv=None) -> int:
     ap.add_argument("--report", help="print the table and totals of a results file, run nothing")
     ap.add_argument("--keep", help="keep the collector's data (SQLite) and step times in this folder, for replay")
     ap.add_argument("--rejudge", nargs="+", help="judge the jobs kept in these folders again, offline, run nothing")
+    ap.add_argument("--markdown", action="store_true", help="with --report or --rejudge: the README's table rows too")
     a = ap.parse_args(argv)
     if a.rejudge:
         results = rejudge(a.rejudge)
@@ -522,6 +536,9 @@ def main(argv=None) -> int:
             print_row(r)
     else:
         results = run_matrix(a.wraps.split(","), a.shapes.split(","), a.culprits.split(","), a.ranks, a.results, a.keep)
+    if a.markdown:
+        for r in results:
+            print(markdown_row(r))
     print_totals(results)
     return 0
 
