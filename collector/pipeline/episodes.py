@@ -142,6 +142,9 @@ class EpisodeBook:
         self.col_names: list[tuple[str, str]] = []
         self.tracks: dict[tuple, _Track] = {}
         self.baseline: deque = deque()  # the job's step time (median rank wall) in recent quiet steps
+        # (growth of the job's step time over the baseline, the compute the culprits explain) in recent slow steps
+        self.growth: deque = deque(maxlen=params.cost_steps)
+        self.scale = 1.0  # wall the job loses per ms of culprit compute (their ratio of sums)
         self._floor_ms = 0.0
 
     # ---- bookkeeping of ranks and columns that come and go -------------------------------
@@ -281,17 +284,25 @@ class EpisodeBook:
         # With every culprit at its peers' pace the step would end at the first non-culprit's finish:
         # the most any culprit's excess would give back, bounded by what the non-culprits waited.
         culprits = sorted({r for t in pending for r in t.pending[3]})
-        others = np.delete(s.idle, culprits)
-        explained = max(
-            min(t.pending[1], float(others.min()) - float(s.idle[t.pending[3]].min())) if len(others) else t.pending[0]
-            for t in pending
-        )
-        scale = 1.0
+        others = np.delete(np.arange(len(s.idle)), culprits)
+
+        def gives_back(t: _Track) -> float:
+            if not len(others):
+                return t.pending[0]
+            rows = t.pending[3]
+            idle_gap = float(s.idle[others].min()) - float(s.idle[rows].min())
+            tail_gap = float(s.wait[others].min()) - float(s.wait[rows].min())
+            return min(t.pending[1], max(idle_gap, tail_gap))
+
+        explained = max(gives_back(t) for t in pending)
         if len(self.baseline) >= MIN_BASELINE and explained > self._floor_ms:
-            grew = job_wall - float(np.median(self.baseline))
-            scale = min(max(grew / explained, 0.0), MAX_WALL_SCALE)
+            self.growth.append((job_wall - float(np.median(self.baseline)), explained))
+        # One scale from the sums over recent slow steps, not a ratio per step: a step's growth moves by tens
+        # of ms on a loaded host, and each ratio clipped to [0, 2] would pull every cost towards the compute.
+        grew, explained_sum = (sum(col) for col in zip(*self.growth)) if self.growth else (0.0, 0.0)
+        self.scale = min(max(grew / explained_sum, 0.0), MAX_WALL_SCALE) if explained_sum > 0 else 1.0
         for t in pending:
-            self._record_loss(t, t.pending[0] * scale, t.pending[2])
+            self._record_loss(t, t.pending[0], t.pending[2])
             t.pending = None
 
     def _slow_everywhere(self, m: StepMatrix, x: np.ndarray, flags) -> np.ndarray:
@@ -409,7 +420,7 @@ class EpisodeBook:
             track.losses.popleft()
             track.walls.popleft()
         ep = track.episode
-        ep.cost_ms_per_step = float(np.mean(track.losses))
+        ep.cost_ms_per_step = float(np.mean(track.losses)) * self.scale
         wall_med = float(np.median(track.walls))
         ep.cost_pct = 100.0 * ep.cost_ms_per_step / wall_med if wall_med > 0 else 0.0
 
@@ -613,6 +624,6 @@ class EpisodeBook:
             ranks = list(ep.ranks) if ep.rank == -1 else [ep.rank]
             track = self._track(ep, ranks, ep.last_step)
             track.published = True
-            track.losses.append(ep.cost_ms_per_step)
+            track.losses.append(ep.cost_ms_per_step)  # as it was scaled: the scale starts at 1 again
             track.walls.append(100.0 * ep.cost_ms_per_step / ep.cost_pct if ep.cost_pct else 0.0)
             self.tracks[_key(ep.rank, ep.host)] = track
