@@ -317,8 +317,8 @@ class EpisodeBook:
         with _quiet():
             diff = x[:, :k] - flags.median[:k]
             runs = np.count_nonzero(~np.isnan(diff), axis=1)
-            # three in five of its modules above the hold ratio: slow everywhere, not in a few. (Not three in four: under
-            # FSDP2 the containers' self time is the wrapper's own work, 1-2 ms of it, which a rank slow in
+            # three in five of its modules above the hold ratio: slow everywhere, not in a few. (Not three in four:
+            # under FSDP2 the containers' self time is the wrapper's own work, 1-2 ms of it, which a rank slow in
             # every leaf does not stretch: 23 of 82 columns.)
             spread = np.nanpercentile(x[:, :k] / flags.median[:k], 40, axis=1) > self.p.hold_ratio
             total = np.nansum(diff, axis=1)
