@@ -417,7 +417,8 @@ def markdown_row(r: Result) -> str:
     else:
         cost = "–"
     error = f"{100 * r.cost_error:+.0f} %" if r.cost_error is not None else "–"
-    cells = [r.wrap, r.shape, f"rank {r.culprit} of {r.ranks}", named, str(r.victims), latency, cost, error]
+    culprit = f"none ({r.ranks} ranks)" if r.shape == "clean" else f"rank {r.culprit} of {r.ranks}"
+    cells = [r.wrap, r.shape, culprit, named, str(r.victims), latency, cost, error]
     return "| " + " | ".join(cells) + " |"
 
 
