@@ -493,7 +493,9 @@ class EpisodeBook:
         return _Track(ep, sorted(ranks), self.col_keys, excess, ratio, held, wide, last_slow=last_slow)
 
     def _busy_ranks(self) -> set[int]:
-        return {r for t in self.tracks.values() for r in t.ranks}
+        """Ranks in a reported episode. One not reported yet (nothing over the bars in its slow steps: noise
+        before an onset, say) does not hold its rank: new evidence opens a new episode in its place."""
+        return {r for t in self.tracks.values() if t.published for r in t.ranks}
 
     def _new_track(self, s: _Step, rank: int, host: str, c: int, ranks) -> Episode:
         module, phase = self.col_names[c]
