@@ -264,7 +264,8 @@ class EpisodeBook:
                 del self.tracks[key]
                 self._forget(track.ranks)
         opened = self._open(step)
-        stepped += [t for t in self.tracks.values() if t.episode in opened]
+        new = {id(ep) for ep in opened}  # by identity: comparing Episode dataclasses field by field is slow
+        stepped += [t for t in self.tracks.values() if id(t.episode) in new]
         changed += [ep for ep in opened if ep.state == "resolved" or self.tracks[_key(ep.rank, ep.host)].published]
         self._losses(stepped, step, quiet)
         return changed
@@ -528,7 +529,7 @@ class EpisodeBook:
         if not rows:
             return 1
         order = [(self.pos - self.p.long_n + i) % self.span for i in range(min(self.p.long_n, self.span))]
-        seen = self.long_hist[order][:, rows, c].any(axis=1) | self.rank_long_hist[order][:, rows].any(axis=1)
+        seen = self.long_hist[:, rows, c][order].any(axis=1) | self.rank_long_hist[:, rows][order].any(axis=1)
         steps = np.flatnonzero(seen)
         # at most the period long_k flags in long_n steps can have: an old stray flag sets no long period
         most = self.p.long_n // self.p.long_k + 1
