@@ -56,11 +56,12 @@ class StepLog:
         self.rows: list[list] = []
         self.passes: list[list] = []  # backward passes: [start, end, last module backward end]
         self.optimizer: list[tuple[int, int]] = []  # optimizer.step() calls: (start, end)
+        self.wrapped: list[list[int]] = []  # outermost wrapper forwards (DDP, FSDP1): [start, end]
         self.rows_at_pass_end = 0
         self.detail = True  # sampled mode: False on steps timed at the top level only (no module detail)
 
     def is_empty(self) -> bool:
-        return not (self.rows or self.passes or self.optimizer)
+        return not (self.rows or self.passes or self.optimizer or self.wrapped)
 
 
 class _Built:
@@ -250,7 +251,8 @@ def build_step_records(records: list[StepRecord]) -> None:
             counters["overlapping_calls"] = counters.get("overlapping_calls", 0) + record.overlapping_calls
         # step phases are wall time, like the step itself: data_ns is what is left of the wall
         passes = [p for p in log.passes if p[0] > 0]
-        record.forward_ns = int(forward[i])
+        # a wrapper's forward (FSDP1's root all-gather, DDP's buffer sync) is forward time too
+        record.forward_ns = max(int(forward[i]), _span_ns(log.wrapped, table))
         record.recompute_ns = int(recompute[i])
         record.backward_ns = _span_ns([(p[0], p[1]) for p in passes], table)
         record.backward_tail_ns = sum(max(0, _span_ns([(p[2], p[1])], table)) for p in passes)

@@ -175,6 +175,7 @@ class ModuleTracker:
         self._log = StepLog(time.perf_counter_ns())
         self.position = at.Position(self._log.start_host_ns)  # where the rank is (issue 14: hung jobs)
         self._stack: list[_Call] = []  # open forward calls, innermost last
+        self._wrapper = None  # the outermost wrapper whose forward runs now (its window is forward time)
         self._open_backward: dict[int, list] = {}  # graph task id -> calls whose backward started there
         self._endless: list[_Call] = []  # open backward calls with no input view to end them
         self._pass: list | None = None  # the backward pass running now, an entry of log.passes
@@ -315,12 +316,36 @@ class ModuleTracker:
         hooked[key] = weakref.ref(mod, forget)
         mid = self._names.module_id(mod)
         if mid < 0:
-            return  # a wrapper (DDP, FSDP1, checkpoint wrapper): not timed, not in `parents`
+            # A wrapper (DDP, FSDP1, checkpoint wrapper): not timed, not in `parents`; but the outermost one's
+            # call is the model's forward as the user calls it. FSDP1's root all-gathers its parameters there,
+            # before the module it wraps runs: a peer's wait for a slow rank is forward time, not data loading.
+            self._handles += (
+                mod.register_forward_pre_hook(self._wrapper_pre, prepend=True),
+                mod.register_forward_hook(self._wrapper_post, always_call=True),
+            )
+            return
         # a module that changes its input in place (ReLU(inplace=True)) gets no view: autograd would
         # copy the gradient of the whole tensor to rebase the view; its input is its output anyway
         site = (mid, self._names.names[mid], [0, 0], getattr(mod, "inplace", False) is True)
         self._module_hooks.add(mod, site)
         mod.__dict__.setdefault("_modtrack_sites", {})[id(self)] = site
+
+    def _wrapper_pre(self, mod, args) -> None:
+        try:
+            if not self._stack and self._wrapper is None and _graph_task_id() == -1:
+                self._wrapper = mod
+                self._log.wrapped.append([self._stamp(), 0])
+        except Exception:
+            self._hook_failed()
+
+    def _wrapper_post(self, mod, args, output) -> None:
+        try:
+            if self._wrapper is mod:
+                self._wrapper = None
+                if self._log.wrapped:
+                    self._log.wrapped[-1][1] = self._stamp()
+        except Exception:
+            self._hook_failed()
 
     def _site_of(self, mod):
         sites = mod.__dict__.get("_modtrack_sites")

@@ -135,6 +135,9 @@ class StepMatrix:
     # Sampled mode: which ranks carry module detail this step (None: all); whether self times are CPU time
     detail: np.ndarray | None = None  # (R,) bool
     cpu_clock: bool = False
+    # (R,) the part of data_ms between the last module forward and the first module backward: the host's own
+    # code there (the loss, a user's code in the training loop), not data loading. None: not known.
+    host_ms: np.ndarray | None = None
 
 
 @dataclass
