@@ -38,6 +38,19 @@ WHOLE_RANK_FRAC = 0.1  # a rank slower in most modules by this fraction of the s
 MAX_GAP = 20  # steps between an intermittent straggler's slow steps that still keep it one episode
 
 
+def _row_percentile(a: np.ndarray, q: float) -> np.ndarray:
+    """np.nanpercentile(a, q, axis=1) (linear), vectorised: numpy's goes row by row once a NaN is present."""
+    ordered = np.sort(a, axis=1)  # NaNs last
+    n = np.count_nonzero(~np.isnan(a), axis=1)
+    pos = np.maximum(n - 1, 0) * (q / 100.0)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
+    rows = np.arange(len(a))
+    below, above = ordered[rows, lo], ordered[rows, hi]
+    out = below + (above - below) * (pos - lo)
+    return np.where(n > 0, out, np.nan)
+
+
 class _quiet(np.errstate):
     """numpy and warnings quiet for the all-NaN slices of absent columns."""
 
@@ -321,7 +334,7 @@ class EpisodeBook:
             # three in five of its modules above the hold ratio: slow everywhere, not in a few. (Not three in four:
             # under FSDP2 the containers' self time is the wrapper's own work, 1-2 ms of it, which a rank slow in
             # every leaf does not stretch: 23 of 82 columns.)
-            spread = np.nanpercentile(x[:, :k] / flags.median[:k], 40, axis=1) > self.p.hold_ratio
+            spread = _row_percentile(x[:, :k] / flags.median[:k], 40) > self.p.hold_ratio
             total = np.nansum(diff, axis=1)
             wall_med = float(np.nanmedian(m.wall_ms)) if len(m.wall_ms) else 0.0
             wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
@@ -346,8 +359,12 @@ class EpisodeBook:
             # serve every track; a few ranks need the median of the others.
             many = len(s.x) - len(rows) >= 8
             peer_med = s.flags.median if many else np.nanmedian(np.delete(s.x, rows, axis=0), axis=0)
-            excess = np.nanmax(s.x[rows], axis=0) - peer_med  # the job waits for the slowest member
-            ratio = np.nanmedian(s.x[rows], axis=0) / peer_med  # a host's typical member
+            if len(rows) == 1:  # a rank: its own row (nanmax/nanmedian of one row is the row, at 10x the cost)
+                excess = s.x[rows[0]] - peer_med
+                ratio = s.x[rows[0]] / peer_med
+            else:
+                excess = np.nanmax(s.x[rows], axis=0) - peer_med  # the job waits for the slowest member
+                ratio = np.nanmedian(s.x[rows], axis=0) / peer_med  # a host's typical member
         # Synchronous training: the step would shorten by the culprit's excess, but only down to
         # the next slowest rank's finish: the least any peer waited (in any phase), minus what the
         # culprit itself waited. Unsynchronised steps: the wall gap. The job cannot lose more.
