@@ -23,6 +23,7 @@ class FakeCollector(pb_grpc.CollectorServicer):
         self.drop_at_once = drop_at_once
         self.hellos: list[tuple[float, pb.Hello]] = []
         self.received: list[int] = []  # report steps, in arrival order, duplicates kept
+        self.messages: list[list[int]] = []  # the steps of each message that carried reports
         self.reports: dict[int, pb.StepReport] = {}
         self.acked: set[int] = set()
         self.offsets: list[pb.ClockOffset] = []
@@ -45,13 +46,15 @@ class FakeCollector(pb_grpc.CollectorServicer):
                         self.hellos.append((time.monotonic(), msg.hello))
                         if self.drop_at_once:
                             break
-                    elif kind == "report":
-                        step = msg.report.step
-                        self.received.append(step)
-                        self.reports[step] = msg.report
+                    elif kind in ("report", "reports"):
+                        reports = [msg.report] if kind == "report" else list(msg.reports.reports)
+                        self.messages.append([r.step for r in reports])
+                        for r in reports:
+                            self.received.append(r.step)
+                            self.reports[r.step] = r
                         if self.ack:
-                            self.acked.add(step)
-                            out.put(pb.CollectorMessage(ack=pb.Ack(step=step)))
+                            self.acked.update(r.step for r in reports)
+                            out.put(pb.CollectorMessage(ack=pb.Ack(step=max(r.step for r in reports))))
                     elif kind == "ping":
                         self.pings += 1
                         t2 = time.time_ns()
