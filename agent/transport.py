@@ -156,6 +156,8 @@ class Transport:
         self._reaching = threading.Event()
         self._started_session = False  # before the sender's first session, close() may wait too
         self._paused = False
+        # False once a collector older than StepReportBatch refused one: then one report per message
+        self._batches = True
         self._clock_sync = ClockSync()
         self._stream: _Stream | None = None
         # Each counter has one writer thread, so plain ints need no lock.
@@ -373,7 +375,10 @@ class Transport:
                 if not self._stop.is_set():
                     self._send_errors += 1
                     code = e.code() if hasattr(e, "code") else None
-                    if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    if code == grpc.StatusCode.INVALID_ARGUMENT and self._batches and _old_collector(e):
+                        self._batches = False
+                        warn_once("old-collector", f"collector {self.target} takes one report per message")
+                    elif code == grpc.StatusCode.INVALID_ARGUMENT:
                         self._drop_poison(_refused_step(e))
                     if code == grpc.StatusCode.UNAUTHENTICATED:
                         warn_once("auth", f"collector {self.target} refused the token: {e.details()}")
@@ -509,7 +514,7 @@ class Transport:
         for message in backlog:
             if stream.done:
                 return
-            yield message
+            yield from self._on_wire(message)
         fast_pings = 4  # a few quick pings at connect for a good first offset
         next_ping = 0.0
         while not stream.done and not self._stop.is_set():
@@ -544,13 +549,21 @@ class Transport:
                 self._remember(_Sent(steps, message, time.monotonic()))
                 self._sending = False
                 self._sent += len(steps)
-                yield message
+                yield from self._on_wire(message)
             if self._stalled():
                 warn_once("stalled", f"collector {self.target} stopped acknowledging; reconnecting")
                 if stream.call is not None:
                     stream.call.cancel()
                 return
             self._wake.wait(max(0.001, min(self._flush_interval_s, next_ping - time.monotonic())))
+
+    def _on_wire(self, message: pb.AgentMessage):
+        """A batch as it goes out: whole, or one report per message to a collector that predates batches."""
+        if self._batches:
+            yield message
+        else:
+            for report in message.reports.reports:
+                yield pb.AgentMessage(report=report)
 
     def _stalled(self) -> bool:
         with self._replay_lock:
@@ -567,3 +580,11 @@ def _refused_step(error) -> int | None:
     except Exception:
         pass
     return None
+
+
+def _old_collector(error) -> bool:
+    """A collector that predates StepReportBatch sees no known field in one, and says so."""
+    try:
+        return "an empty AgentMessage" in (error.details() or "")
+    except Exception:
+        return False

@@ -94,6 +94,20 @@ def test_waiting_steps_go_in_one_message(serve, transports):
     assert fake.messages[1:] == [[20]] and t.stats["reports_sent"] == 21
 
 
+def test_a_collector_that_predates_batches_gets_one_report_per_message(serve, transports):
+    fake = FakeCollector(batches=False)
+    _, port = serve(fake)
+    t = transports(port)
+    for step in range(5):
+        t.submit(make_record(step))
+    t.start()
+    wait_for(lambda: t.stats["acked_step"] == 4)
+    t.submit(make_record(5))
+    wait_for(lambda: t.stats["acked_step"] == 5)
+    assert fake.messages == [[0], [1], [2], [3], [4], [5]]  # the refused batch replayed one by one
+    assert t.counters["reports_dropped"] == 0 and len(fake.hellos) == 2
+
+
 def test_a_message_stays_within_its_byte_bound(serve, transports, monkeypatch):
     monkeypatch.setattr(transport_module, "MAX_BATCH_BYTES", 2 * wire_bytes_bound(make_record(1, n=20)) + 100)
     fake = FakeCollector()
