@@ -66,7 +66,7 @@ def long_module_call() -> pb.StepReport:
         ),
         (
             hello(),
-            batch([report(2, [1.0] * 5), report(2**60, [1.0] * 5)]),
+            batch([report(2, [1.0] * 5), report(2**60, [1.0] * 5, start_ns=0)]),
             "INVALID_ARGUMENT",
             "over the limit of 2^53",
         ),
