@@ -376,9 +376,10 @@ class Transport:
                     self._send_errors += 1
                     code = e.code() if hasattr(e, "code") else None
                     if code == grpc.StatusCode.INVALID_ARGUMENT and self._batches and _old_collector(e):
-                        self._batches = False
+                        self._batches = False  # not poison: the collector predates StepReportBatch
                         warn_once("old-collector", f"collector {self.target} takes one report per message")
-                    elif code == grpc.StatusCode.INVALID_ARGUMENT:
+                        return answered
+                    if code == grpc.StatusCode.INVALID_ARGUMENT:
                         self._drop_poison(_refused_step(e))
                     if code == grpc.StatusCode.UNAUTHENTICATED:
                         warn_once("auth", f"collector {self.target} refused the token: {e.details()}")
