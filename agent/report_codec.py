@@ -61,15 +61,6 @@ def encode_hello(identity: Identity, module_names: list[str], clock_kind: str) -
     return pb.AgentMessage(hello=hello)
 
 
-def encode_batch(records: list[StepRecord], counters: dict[str, int]) -> pb.AgentMessage:
-    """Several steps in one message (StepReportBatch), each report filled in place: no copies."""
-    message = pb.AgentMessage()
-    reports = message.reports.reports
-    for record in records:
-        fill_report(reports.add(), record, counters)
-    return message
-
-
 def encode_report(record: StepRecord, counters: dict[str, int]) -> pb.AgentMessage:
     """One step alone (`report`), as agents before StepReportBatch sent it."""
     message = pb.AgentMessage()
@@ -103,6 +94,23 @@ def fill_report(report: pb.StepReport, record: StepRecord, counters: dict[str, i
         stats.self_ns.extend(cols.self_ns.tolist())
         stats.first_start_ns.extend(cols.first_start_ns.tolist())
         stats.last_end_ns.extend(cols.last_end_ns.tolist())
+    for stats in getattr(record, "collectives", None) or ():  # agent/collectives.py, maybe of earlier steps
+        out = report.collectives.add(
+            step=stats.step,
+            group=stats.group,
+            backend=stats.backend,
+            group_size=stats.group_size,
+            ranks_hash=stats.ranks_hash,
+            count=stats.count,
+            total_ns=stats.total_ns,
+            wait_ns=stats.wait_ns,
+            bytes=stats.bytes,
+            active_measured=stats.active_measured,
+            unlisted=stats.unlisted,
+        )
+        out.seq.extend(stats.seq)
+        out.issue_ns.extend(stats.issue_ns)
+        out.active_ns.extend(stats.active_ns)
     trace = record.trace
     if trace is not None:
         report.trace.capture_id = trace.capture_id
@@ -115,8 +123,12 @@ def fill_report(report: pb.StepReport, record: StepRecord, counters: dict[str, i
 
 def wire_bytes_bound(record: StepRecord) -> int:
     """An upper bound of a record's encoded size, without encoding it: at most 10 bytes per varint,
-    6 per phase entry and 5 per trace entry, plus the names."""
+    6 per phase entry, 5 per trace entry and 3 per collective entry, plus the names and a GPU sample."""
     entries = sum(len(cols.module_id) for cols in record.phases.values())
     traced = 0 if record.trace is None else len(record.trace.module_id)
     names = sum(len(n) + 3 for n in record.new_module_names)
-    return 200 + 62 * entries + 52 * traced + names
+    collectives = sum(
+        200 + len(c.group) + len(c.backend) + 11 * (len(c.seq) + len(c.issue_ns) + len(c.active_ns))
+        for c in getattr(record, "collectives", None) or ()
+    )
+    return 1200 + 62 * entries + 52 * traced + names + collectives

@@ -33,6 +33,8 @@ from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from modtrack.agent.collectives import Collectives
+    from modtrack.agent.gpu_health import GpuHealthSampler
     from modtrack.agent.heartbeat import Heartbeat
 
 
@@ -169,9 +171,11 @@ class Transport:
         self._send_errors = 0
         self._sent = 0
         self._acked_step = -1
+        self.collectives: Collectives | None = None  # agent.collectives.Collectives: stats attached per batch
         self.heartbeat: Heartbeat | None = (
             None  # agent.heartbeat.Heartbeat: polled by the request loop (issue 14: hung jobs)
         )
+        self.gpu_health: GpuHealthSampler | None = None  # puts GPU samples on reports (issue 15)
         self._thread = threading.Thread(target=self._run, name="modtrack-sender", daemon=True)
 
     # ---- training thread -------------------------------------------------------------
@@ -326,6 +330,8 @@ class Transport:
                 build_step_records(batch)
             except Exception as e:  # counted when encoding each of them fails
                 warn_once("build", f"could not aggregate steps: {type(e).__name__}: {e}")
+            if self.collectives is not None:
+                self.collectives.attach(batch)  # never raises
             queue = self._queue
             queue.extend(batch)
             while queue and len(queue) + len(raw) > self._queue_size:
@@ -494,6 +500,8 @@ class Transport:
             report = reports.add()
             try:
                 fill_report(report, record, counters)
+                if self.gpu_health is not None:  # the GPU sample taken during this step, if any
+                    self.gpu_health.attach(report, record.end_ns)
             except Exception as e:
                 del reports[-1]
                 self._send_errors += 1
