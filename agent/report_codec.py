@@ -80,6 +80,7 @@ def fill_report(report: pb.StepReport, record: StepRecord, counters: dict[str, i
     report.backward_tail_ns = record.backward_tail_ns
     report.recompute_ns = record.recompute_ns
     report.first_new_module_id = record.first_new_module_id
+    report.detail = record.detail
     c = report.counters
     c.reports_dropped = counters.get("reports_dropped", 0)
     c.reconnects = counters.get("reconnects", 0)

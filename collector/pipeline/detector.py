@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from modtrack.collector.pipeline.episodes import EpisodeBook
+from modtrack.collector.pipeline.sampled_steps import HeldDetail
 from modtrack.collector.records import Episode, StepMatrix
 
 Z_SCALE = 0.6745  # makes the MAD of a normal sample comparable to its standard deviation
@@ -228,6 +229,7 @@ class Detector:
         self.attempt = 0  # the attempt it judges: the evaluator starts a fresh detector for each
         self.params = params or DetectorParams()
         self.book = EpisodeBook(job, self.params)
+        self.held = HeldDetail()  # sampled mode: module columns between steps with detail
         self.last_step: int | None = None
 
     def observe(self, matrix: StepMatrix) -> list[Episode]:
@@ -237,6 +239,7 @@ class Detector:
         self.last_step = matrix.step
         if matrix.step < (self.params.warmup_steps or 0):  # by step number: a restarted collector judges on
             return []
+        matrix = self.held.fill(matrix)
         x, step_keys = judged_columns(matrix)
         return self.book.update(matrix, x, step_keys, flag_step(matrix, self.params, x))
 

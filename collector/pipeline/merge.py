@@ -240,7 +240,8 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     # module compute is what the rank waited, in whatever phase (FSDP all-gathers, DDP's tail).
     # Other clocks (CUDA events) cannot be subtracted from host walls: the backward tail it is.
     in_modules = (figures["forward_ns"] + figures["backward_ns"]) / 1e6 - np.nansum(self_ms, axis=1)
-    idle_ms = np.maximum(in_modules, tail_ms) if state.cpu_clock else tail_ms
+    detail = np.array([r.detail for r in ordered], dtype=bool)  # sampled mode: no module compute to subtract
+    idle_ms = np.where(detail, np.maximum(in_modules, tail_ms), tail_ms) if state.cpu_clock else tail_ms
     return StepMatrix(
         job=state.job,
         step=step,
@@ -258,4 +259,6 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
         optimizer_ms=figures["optimizer_ns"] / 1e6,
         idle_ms=idle_ms,
         attempt=state.attempt,
+        detail=None if detail.all() else detail,
+        cpu_clock=bool(state.cpu_clock),
     )
