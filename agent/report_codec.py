@@ -62,21 +62,30 @@ def encode_hello(identity: Identity, module_names: list[str], clock_kind: str) -
 
 
 def encode_report(record: StepRecord, counters: dict[str, int]) -> pb.AgentMessage:
-    """One step, columnar. `counters` are the cumulative AgentCounters fields."""
-    report = pb.StepReport(
-        step=record.step,
-        start_ns=record.start_ns,
-        end_ns=record.end_ns,
-        forward_ns=record.forward_ns,
-        backward_ns=record.backward_ns,
-        optimizer_ns=record.optimizer_ns,
-        data_ns=record.data_ns,
-        backward_tail_ns=record.backward_tail_ns,
-        recompute_ns=record.recompute_ns,
-        first_new_module_id=record.first_new_module_id,
-        counters=pb.AgentCounters(**counters),
-        detail=record.detail,
-    )
+    """One step alone (`report`), as agents before StepReportBatch sent it."""
+    message = pb.AgentMessage()
+    fill_report(message.report, record, counters)
+    return message
+
+
+def fill_report(report: pb.StepReport, record: StepRecord, counters: dict[str, int]) -> None:
+    """One step, columnar, into `report`. `counters` are the cumulative AgentCounters fields."""
+    report.step = record.step
+    report.start_ns = record.start_ns
+    report.end_ns = record.end_ns
+    report.forward_ns = record.forward_ns
+    report.backward_ns = record.backward_ns
+    report.optimizer_ns = record.optimizer_ns
+    report.data_ns = record.data_ns
+    report.backward_tail_ns = record.backward_tail_ns
+    report.recompute_ns = record.recompute_ns
+    report.first_new_module_id = record.first_new_module_id
+    report.detail = record.detail
+    c = report.counters
+    c.reports_dropped = counters.get("reports_dropped", 0)
+    c.reconnects = counters.get("reconnects", 0)
+    c.hook_errors = counters.get("hook_errors", 0)
+    c.send_errors = counters.get("send_errors", 0)
     report.new_module_names.extend(record.new_module_names)
     for name, cols in record.phases.items():
         stats = report.phases.add(phase=_PHASE_ENUM.get(name, pb.PHASE_UNSPECIFIED))
@@ -111,4 +120,16 @@ def encode_report(record: StepRecord, counters: dict[str, int]) -> pb.AgentMessa
         report.trace.start_ns.extend(trace.start_ns.tolist())
         report.trace.end_ns.extend(trace.end_ns.tolist())
         report.trace.depth.extend(trace.depth.tolist())
-    return pb.AgentMessage(report=report)
+
+
+def wire_bytes_bound(record: StepRecord) -> int:
+    """An upper bound of a record's encoded size, without encoding it: at most 10 bytes per varint,
+    6 per phase entry, 5 per trace entry and 3 per collective entry, plus the names and a GPU sample."""
+    entries = sum(len(cols.module_id) for cols in record.phases.values())
+    traced = 0 if record.trace is None else len(record.trace.module_id)
+    names = sum(len(n) + 3 for n in record.new_module_names)
+    collectives = sum(
+        200 + len(c.group) + len(c.backend) + 11 * (len(c.seq) + len(c.issue_ns) + len(c.active_ns))
+        for c in getattr(record, "collectives", None) or ()
+    )
+    return 1200 + 62 * entries + 52 * traced + names + collectives

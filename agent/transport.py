@@ -3,8 +3,9 @@
 The training thread only calls submit(), which appends the step, not yet aggregated, to a
 bounded deque (dropping the oldest, counted) and never touches the network nor wakes anyone:
 the sender wakes on its own a few times a second (or early, once many steps wait), aggregates
-every waiting step in one numpy pass (agent.step_accumulator.build_step_records), encodes and
-sends them. So the training thread pays neither the aggregation nor a thread switch per step.
+every waiting step in one numpy pass (agent.step_accumulator.build_step_records), encodes them into
+one StepReportBatch and sends it as one gRPC message. So the training thread pays neither the
+aggregation nor a thread switch per step, and gRPC's per-message cost is paid per flush, not per step.
 One daemon thread owns the gRPC channel: it connects with exponential backoff and jitter, sends
 a Hello with the whole module table, replays what the collector has not acknowledged yet, then
 streams new reports; between connections it keeps aggregating, so raw steps never pile up.
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 from modtrack.agent.clock_sync import ClockSync
 from modtrack.agent.grpc_import import grpc
 from modtrack.agent.identity import Identity
-from modtrack.agent.report_codec import encode_hello, encode_report
+from modtrack.agent.report_codec import encode_hello, fill_report, wire_bytes_bound
 from modtrack.agent.step_accumulator import build_step_records
 from modtrack.agent.step_record import StepRecord
 from modtrack.protos import modtrack_pb2 as pb
@@ -55,12 +56,38 @@ def warn_once(key: str, message: str) -> None:
 # steps (see agent.tracker.MAX_CALLS_PER_STEP) with a stuck sender must not take gigabytes.
 RAW_CALLS = 200_000
 
+# One message holds at most this many steps and (by wire_bytes_bound) bytes: far below the collector's
+# bounds (1024 reports, 16 MiB per message); a single step larger than that still goes, alone.
+MAX_BATCH_REPORTS = 256
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+# A stream the collector refused for one report carries its step in this trailing metadata key.
+REFUSED_STEP_KEY = "modtrack-refused-step"
+
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),  # notice a dead collector host within a minute
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),  # trace captures can be large
 ]
+
+
+class _Sent:
+    """One message sent and not acknowledged yet: a StepReportBatch and its steps, in order."""
+
+    __slots__ = ("steps", "last", "message", "sent_at")
+
+    def __init__(self, steps: list[int], message: pb.AgentMessage, sent_at: float):
+        self.steps = steps
+        self.last = max(steps)
+        self.message = message
+        self.sent_at = sent_at
+
+    def drop(self, index: int) -> None:
+        """Without its report at `index` (refused, or the oldest over the replay bound)."""
+        del self.steps[index]
+        del self.message.reports.reports[index]
+        if self.steps:
+            self.last = max(self.steps)
 
 
 class _Stream:
@@ -88,7 +115,7 @@ class Transport:
         queue_size: int = 256,
         replay_size: int = 1024,
         raw_size: int = 64,
-        flush_interval_s: float = 0.1,
+        flush_interval_s: float = 0.25,  # 4 messages a second: gRPC's per-message cost is paid per flush
         wake_after: int = 32,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 15.0,
@@ -122,7 +149,8 @@ class Transport:
         self._build_lock = threading.Lock()
         self._sending = False  # a report is between the queue and the replay buffer
         self._names: list[str] = []  # module table, learned from submitted records
-        self._replay: collections.deque = collections.deque()  # (step, message, sent_at)
+        self._replay: collections.deque[_Sent] = collections.deque()
+        self._replay_count = 0  # steps held in _replay
         self._replay_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -132,6 +160,8 @@ class Transport:
         self._reaching = threading.Event()
         self._started_session = False  # before the sender's first session, close() may wait too
         self._paused = False
+        # False once a collector older than StepReportBatch refused one: then one report per message
+        self._batches = True
         self._clock_sync = ClockSync()
         self._stream: _Stream | None = None
         # Each counter has one writer thread, so plain ints need no lock.
@@ -248,7 +278,7 @@ class Transport:
             "reports_sent": self._sent,
             "acked_step": self._acked_step,
             "queued": len(self._raw) + len(self._queue),
-            "unacked": len(self._replay),
+            "unacked": self._replay_count,
             "wakes": self._wakes,
         }
 
@@ -355,8 +385,12 @@ class Transport:
                 if not self._stop.is_set():
                     self._send_errors += 1
                     code = e.code() if hasattr(e, "code") else None
+                    if code == grpc.StatusCode.INVALID_ARGUMENT and self._batches and _old_collector(e):
+                        self._batches = False  # not poison: the collector predates StepReportBatch
+                        warn_once("old-collector", f"collector {self.target} takes one report per message")
+                        return answered
                     if code == grpc.StatusCode.INVALID_ARGUMENT:
-                        self._drop_poison()
+                        self._drop_poison(_refused_step(e))
                     if code == grpc.StatusCode.UNAUTHENTICATED:
                         warn_once("auth", f"collector {self.target} refused the token: {e.details()}")
                     elif not answered and code == grpc.StatusCode.UNAVAILABLE:
@@ -382,8 +416,8 @@ class Transport:
             step = message.ack.step
             with self._replay_lock:
                 replay = self._replay
-                while replay and replay[0][0] <= step:
-                    replay.popleft()
+                while replay and replay[0].last <= step:
+                    self._replay_count -= len(replay.popleft().steps)
             self._acked_step = max(self._acked_step, step)
         elif kind == "pong":
             pong = message.pong
@@ -410,19 +444,80 @@ class Transport:
                 self._paused = False
                 self._wake.set()
 
-    def _drop_poison(self) -> None:
-        """The collector refused a report: drop the oldest unacked one so a replay cannot loop on it."""
+    def _drop_poison(self, step: int | None) -> None:
+        """The collector refused a report: drop it (the step it named, else the oldest unacked one) so a
+        replay cannot loop on it; the rest of its batch is replayed."""
         with self._replay_lock:
-            if self._replay:
-                self._replay.popleft()
+            replay = self._replay
+            at = next(((e, e.steps.index(step)) for e in replay if step in e.steps), None) if step is not None else None
+            if at is None and replay:
+                at = (replay[0], 0)
+            if at is not None:
+                entry, index = at
+                entry.drop(index)
+                if not entry.steps:
+                    replay.remove(entry)
+                self._replay_count -= 1
                 self._replay_dropped += 1
 
-    def _remember(self, step: int, message: pb.AgentMessage) -> None:
+    def _remember(self, entry: _Sent) -> None:
+        """Keep a sent batch until it is acked; the oldest steps beyond replay_size are dropped, counted."""
         with self._replay_lock:
-            if len(self._replay) >= self._replay_size:
-                self._replay.popleft()
-                self._replay_dropped += 1
-            self._replay.append((step, message, time.monotonic()))
+            replay = self._replay
+            replay.append(entry)
+            self._replay_count += len(entry.steps)
+            while self._replay_count > self._replay_size:
+                oldest = replay[0]
+                excess = self._replay_count - self._replay_size
+                if len(oldest.steps) <= excess:
+                    replay.popleft()
+                    gone = len(oldest.steps)
+                else:
+                    for _ in range(excess):
+                        oldest.drop(0)
+                    gone = excess
+                self._replay_count -= gone
+                self._replay_dropped += gone
+
+    def _take_batch(self) -> list[StepRecord]:
+        """The waiting steps that go in the next message, bounded in steps and bytes, and never more than the
+        replay buffer holds (so trimming it drops older messages' steps, never this one's module names)."""
+        queue, size = self._queue, 0
+        records: list[StepRecord] = []
+        most = max(1, min(MAX_BATCH_REPORTS, self._replay_size))
+        while queue and len(records) < most:
+            try:
+                record = queue[0]
+            except IndexError:
+                break  # the training thread dropped it meanwhile
+            size += wire_bytes_bound(record)
+            if records and size > MAX_BATCH_BYTES:
+                break
+            try:
+                queue.popleft()
+            except IndexError:
+                break
+            records.append(record)
+        return records
+
+    def _encode(self, records: list[StepRecord], counters: dict[str, int]) -> tuple[pb.AgentMessage, list[int]]:
+        """One StepReportBatch of `records`, each report filled in place; one that fails is left out, counted."""
+        message = pb.AgentMessage()
+        reports = message.reports.reports
+        steps = []
+        for record in records:
+            report = reports.add()
+            try:
+                fill_report(report, record, counters)
+                if self.gpu_health is not None:  # the GPU sample taken during this step, if any
+                    self.gpu_health.attach(report, record.end_ns)
+            except Exception as e:
+                del reports[-1]
+                self._send_errors += 1
+                warn_once("encode", f"could not encode step {record.step}: {e}")
+                continue
+            steps.append(record.step)
+        return message, steps
 
     def _requests(self, stream: _Stream):
         """The outgoing side of one stream (runs on a gRPC thread)."""
@@ -431,12 +526,13 @@ class Transport:
         yield encode_hello(self.identity, names, self.clock_kind)
         with self._replay_lock:  # replayed now, so the ack clock starts now
             now = time.monotonic()
-            self._replay = collections.deque((s, m, now) for s, m, _ in self._replay)
-            backlog = [m for _, m, _ in self._replay]
+            for entry in self._replay:
+                entry.sent_at = now
+            backlog = [entry.message for entry in self._replay]
         for message in backlog:
             if stream.done:
                 return
-            yield message
+            yield from self._on_wire(message)
         fast_pings = 4  # a few quick pings at connect for a good first offset
         next_ping = 0.0
         while not stream.done and not self._stop.is_set():
@@ -457,31 +553,21 @@ class Transport:
             counters = self.counters  # once per batch: the same for every report in it
             while self._queue and not self._paused and not stream.done:
                 self._sending = True
-                try:
-                    record = self._queue.popleft()
-                except IndexError:
+                message, steps = self._encode(self._take_batch(), counters)
+                if not steps:
                     self._sending = False
-                    break  # the training thread dropped it meanwhile
-                try:
-                    message = encode_report(record, counters)
-                    if self.gpu_health is not None:  # the GPU sample taken during this step, if any
-                        self.gpu_health.attach(message.report, record.end_ns)
-                except Exception as e:
-                    self._sending = False
-                    self._send_errors += 1
-                    warn_once("encode", f"could not encode step {record.step}: {e}")
                     continue
                 if len(self._names) > told:  # names whose step was dropped still get told
                     table = self._names[told:]
-                    report = message.report
+                    report = message.reports.reports[0]
                     report.first_new_module_id = told
                     del report.new_module_names[:]
                     report.new_module_names.extend(table)
                     told += len(table)
-                self._remember(record.step, message)
+                self._remember(_Sent(steps, message, time.monotonic()))
                 self._sending = False
-                self._sent += 1
-                yield message
+                self._sent += len(steps)
+                yield from self._on_wire(message)
             if self._stalled():
                 warn_once("stalled", f"collector {self.target} stopped acknowledging; reconnecting")
                 if stream.call is not None:
@@ -489,7 +575,34 @@ class Transport:
                 return
             self._wake.wait(max(0.001, min(self._flush_interval_s, next_ping - time.monotonic())))
 
+    def _on_wire(self, message: pb.AgentMessage):
+        """A batch as it goes out: whole, or one report per message to a collector that predates batches."""
+        if self._batches:
+            yield message
+        else:
+            for report in message.reports.reports:
+                yield pb.AgentMessage(report=report)
+
     def _stalled(self) -> bool:
         with self._replay_lock:
-            oldest = self._replay[0][2] if self._replay else None
+            oldest = self._replay[0].sent_at if self._replay else None
         return oldest is not None and time.monotonic() - oldest > self._ack_timeout_s
+
+
+def _refused_step(error) -> int | None:
+    """The step of the report a collector refused, from the stream's trailing metadata (None: not said)."""
+    try:
+        for key, value in error.trailing_metadata() or ():
+            if key == REFUSED_STEP_KEY:
+                return int(value)
+    except Exception:
+        pass
+    return None
+
+
+def _old_collector(error) -> bool:
+    """A collector that predates StepReportBatch sees no known field in one, and says so."""
+    try:
+        return "an empty AgentMessage" in (error.details() or "")
+    except Exception:
+        return False

@@ -234,6 +234,12 @@ class StepReport(_message.Message):
     gpu: GpuHealth
     def __init__(self, step: _Optional[int] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., backward_ns: _Optional[int] = ..., optimizer_ns: _Optional[int] = ..., data_ns: _Optional[int] = ..., backward_tail_ns: _Optional[int] = ..., recompute_ns: _Optional[int] = ..., first_new_module_id: _Optional[int] = ..., new_module_names: _Optional[_Iterable[str]] = ..., phases: _Optional[_Iterable[_Union[PhaseStats, _Mapping]]] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ..., counters: _Optional[_Union[AgentCounters, _Mapping]] = ..., detail: _Optional[bool] = ..., collectives: _Optional[_Iterable[_Union[CollectiveStats, _Mapping]]] = ..., gpu: _Optional[_Union[GpuHealth, _Mapping]] = ...) -> None: ...
 
+class StepReportBatch(_message.Message):
+    __slots__ = ("reports",)
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    reports: _containers.RepeatedCompositeFieldContainer[StepReport]
+    def __init__(self, reports: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ...) -> None: ...
+
 class ClockPing(_message.Message):
     __slots__ = ("t1_ns",)
     T1_NS_FIELD_NUMBER: _ClassVar[int]
@@ -283,18 +289,20 @@ class Heartbeat(_message.Message):
     def __init__(self, step: _Optional[int] = ..., phase: _Optional[str] = ..., module: _Optional[str] = ..., step_ns: _Optional[int] = ..., position_ns: _Optional[int] = ..., median_step_ns: _Optional[int] = ..., stack: _Optional[_Iterable[str]] = ..., backward_passes: _Optional[int] = ..., repeat_ms: _Optional[int] = ..., running: _Optional[bool] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "report", "ping", "clock", "heartbeat")
+    __slots__ = ("hello", "report", "ping", "clock", "heartbeat", "reports")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     report: StepReport
     ping: ClockPing
     clock: ClockOffset
     heartbeat: Heartbeat
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., ping: _Optional[_Union[ClockPing, _Mapping]] = ..., clock: _Optional[_Union[ClockOffset, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    reports: StepReportBatch
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., ping: _Optional[_Union[ClockPing, _Mapping]] = ..., clock: _Optional[_Union[ClockOffset, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., reports: _Optional[_Union[StepReportBatch, _Mapping]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("step",)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.collector_thread import CollectorThread
-from harness.fake_rank import MODULES, FakeRank, report, stream_steps
+from harness.fake_rank import MODULES, FakeRank, batch, report, stream_steps
 from harness.http import get
 from modtrack.collector.ingest import edge_limits
 from modtrack.protos import modtrack_pb2 as pb
@@ -58,6 +58,18 @@ def long_module_call() -> pb.StepReport:
         (hello(), long_module_call(), "INVALID_ARGUMENT", "ns is more than a day"),
         (hello(), pb.AgentMessage(clock=pb.ClockOffset(offset_ns=2**63 - 1)), "INVALID_ARGUMENT", "clock offset"),
         (hello(), pb.AgentMessage(), "INVALID_ARGUMENT", "an empty AgentMessage"),
+        (
+            hello(),
+            batch([report(2, [1.0] * 5), long_module_call()]),
+            "INVALID_ARGUMENT",
+            "step 3 phase forward: a duration",
+        ),
+        (
+            hello(),
+            batch([report(2, [1.0] * 5), report(2**60, [1.0] * 5, start_ns=0)]),
+            "INVALID_ARGUMENT",
+            "over the limit of 2^53",
+        ),
     ],
 )
 def test_each_bad_message_gets_a_clear_status(collector, first, then, code, words):

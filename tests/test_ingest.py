@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from harness.collector_thread import CollectorThread
-from harness.fake_rank import FakeRank, report, stream_steps
+from harness.fake_rank import FakeRank, batch, report, stream_steps
 from harness.http import get, post
 from harness.waiting import wait_for
 from modtrack.protos import modtrack_pb2 as pb
@@ -133,6 +133,93 @@ def test_acks_are_cumulative_and_follow_the_commit(collector):
         assert len(body["steps"]) == 50
     finally:
         rank.close()
+
+
+def _stored(collector, job="j") -> list[tuple[int, float]]:
+    """(step, wall ms) of every stored step of rank 0, from the API."""
+    _, body = get(collector.url, f"/api/v1/jobs/{job}/steps?last=1000")
+    return [(s["step"], s["ranks"][0]["wall_ms"]) for s in body["steps"]]
+
+
+def test_a_batch_is_stored_in_one_write_and_acked_once(collector):
+    rank = FakeRank(collector.grpc_target, "j", 0, 1)
+    try:
+        rank.reports([report(step, [1.0] * 5, wall_ms=100.0 + step) for step in range(10)])
+        rank.wait_ack(9)
+        assert rank.acks == [9]  # one ack, for the whole batch, after its commit
+        assert _stored(collector) == [(step, 100.0 + step) for step in range(10)]
+        rank.report(report(10, [1.0] * 5))  # the single-report message of older agents still works
+        rank.reports([report(11, [1.0] * 5), report(12, [1.0] * 5)])
+        rank.wait_ack(12)
+        assert [s for s, _ in _stored(collector)] == list(range(13))
+        assert rank.error is None
+    finally:
+        rank.close()
+
+
+def test_a_bad_report_in_a_batch_refuses_the_batch_and_names_its_step(collector):
+    rank = FakeRank(collector.grpc_target, "j", 0, 1)
+    try:
+        stream_steps([rank], [0, 1])
+        broken = report(3, [1.0] * 5)
+        broken.phases[1].self_ns[2] = -7
+        rank.reports([report(2, [1.0] * 5), broken, report(4, [1.0] * 5)])
+        err = rejected(rank)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "step 3" in err.details() and "negative duration" in err.details(), err.details()
+        assert ("modtrack-refused-step", "3") in tuple(err.trailing_metadata())
+        collector.flush_store()
+        assert [s for s, _ in _stored(collector)] == [0, 1]  # nothing of the batch; everything before it
+    finally:
+        rank.kill()
+    again = FakeRank(collector.grpc_target, "j", 0, 1)
+    try:  # the agent replays the batch without the refused step
+        again.reports([report(2, [1.0] * 5), report(4, [1.0] * 5)])
+        again.wait_ack(4)
+        assert [s for s, _ in _stored(collector)] == [0, 1, 2, 4]
+    finally:
+        again.close()
+
+
+def test_duplicates_inside_and_across_batches_are_refused_and_counted(collector):
+    rank = FakeRank(collector.grpc_target, "j", 0, 1)
+    try:
+        rank.reports([report(0, [1.0] * 5), report(1, [1.0] * 5), report(1, [1.0] * 5, wall_ms=555.0)])
+        rank.wait_ack(1)
+        rank.reports([report(1, [1.0] * 5), report(2, [1.0] * 5, wall_ms=666.0)])  # a replayed step 1: ignored
+        rank.wait_ack(2)
+        rank.reports([report(2, [1.0] * 5, wall_ms=777.0), report(3, [1.0] * 5)])
+        rank.wait_ack(3)
+        collector.flush_store()
+        assert _stored(collector) == [(0, 100.0), (1, 100.0), (2, 666.0), (3, 100.0)]  # the first one stored wins
+        # a different report under a stored key is a conflict (a replay of the same one is not)
+        assert collector.collector.store.duplicates == {"j": 2}
+        assert rank.error is None
+    finally:
+        rank.close()
+
+
+@pytest.mark.parametrize(
+    "reports, code, words",
+    [
+        ([], grpc.StatusCode.INVALID_ARGUMENT, "an empty StepReportBatch"),
+        (
+            [report(step, [1.0]) for step in range(1025)],
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "1025 reports, over the limit of 1024",
+        ),
+    ],
+)
+def test_batches_out_of_bounds_are_refused(collector, reports, code, words):
+    rank = FakeRank(collector.grpc_target, "j", 0, 1)
+    try:
+        stream_steps([rank], [0])
+        rank.send(batch(reports))
+        err = rejected(rank)
+        assert err.code() == code and words in err.details(), err.details()
+        assert [s for s, _ in _stored(collector)] == [0]
+    finally:
+        rank.kill()
 
 
 def test_clock_offset_of_a_shifted_rank(collector):

@@ -10,11 +10,14 @@ import time
 import numpy as np
 import pytest
 
+from harness.collector_thread import CollectorThread
 from harness.fake_collector import FakeCollector
+from harness.http import get
 from harness.ports import free_port
 from harness.waiting import wait_for
+from modtrack.agent import transport as transport_module
 from modtrack.agent.identity import Identity
-from modtrack.agent.report_codec import encode_report
+from modtrack.agent.report_codec import encode_report, fill_report, wire_bytes_bound
 from modtrack.agent.step_record import PhaseColumns, StepRecord, TraceColumns
 from modtrack.agent.transport import Transport
 from modtrack.protos import modtrack_pb2 as pb
@@ -74,6 +77,90 @@ def test_hello_reports_and_acks(serve, transports):
     assert [p.phase for p in r.phases] == [pb.PHASE_FORWARD, pb.PHASE_BACKWARD]
     assert list(r.phases[0].inclusive_ns) == [1003] * 3 and list(r.phases[0].self_ns) == [501] * 3
     assert t.stats["unacked"] == 0
+
+
+def test_waiting_steps_go_in_one_message(serve, transports):
+    fake = FakeCollector()
+    _, port = serve(fake)
+    t = transports(port)
+    for step in range(20):  # all waiting when the sender starts
+        t.submit(make_record(step))
+    t.start()
+    wait_for(lambda: t.stats["acked_step"] == 19)
+    assert fake.messages == [list(range(20))]
+    assert list(fake.reports[0].new_module_names) == NAMES or list(fake.hellos[0][1].module_names) == NAMES
+    t.submit(make_record(20))
+    wait_for(lambda: t.stats["acked_step"] == 20)  # a step alone goes at the next flush
+    assert fake.messages[1:] == [[20]] and t.stats["reports_sent"] == 21
+
+
+def test_a_collector_that_predates_batches_gets_one_report_per_message(serve, transports):
+    fake = FakeCollector(batches=False)
+    _, port = serve(fake)
+    t = transports(port)
+    for step in range(5):
+        t.submit(make_record(step))
+    t.start()
+    wait_for(lambda: t.stats["acked_step"] == 4)
+    t.submit(make_record(5))
+    wait_for(lambda: t.stats["acked_step"] == 5)
+    assert fake.messages == [[0], [1], [2], [3], [4], [5]]  # the refused batch replayed one by one
+    assert t.counters["reports_dropped"] == 0 and len(fake.hellos) == 2
+
+
+def test_a_message_stays_within_its_byte_bound(serve, transports, monkeypatch):
+    monkeypatch.setattr(transport_module, "MAX_BATCH_BYTES", 2 * wire_bytes_bound(make_record(1, n=20)) + 100)
+    fake = FakeCollector()
+    _, port = serve(fake)
+    t = transports(port)
+    for step in range(7):
+        t.submit(make_record(step, n=20) if step != 3 else make_record(step, n=200))  # step 3 alone is over it
+    t.start()
+    wait_for(lambda: t.stats["acked_step"] == 6)
+    assert fake.messages == [[0, 1], [2], [3], [4, 5], [6]]
+
+
+def test_wire_bytes_bound_is_an_upper_bound():
+    worst = make_record(5, n=50)
+    for cols in worst.phases.values():
+        cols.inclusive_ns[:] = -(2**62)  # negative varints take 10 bytes
+        cols.first_start_ns[:] = 2**62
+        cols.module_id[:] = 2**32 - 1
+        cols.calls[:] = 2**32 - 1
+    worst.trace = TraceColumns(
+        module_id=np.full(30, 2**32 - 1, np.uint32),
+        phase=np.ones(30, np.uint8),
+        start_ns=np.full(30, -(2**62)),
+        end_ns=np.full(30, 2**62),
+        depth=np.full(30, 2**32 - 1, np.uint32),
+        capture_id="c" * 16,
+    )
+    worst.new_module_names = ["Net.block." * 20] * 10
+    report = pb.StepReport()
+    fill_report(report, worst, {"reports_dropped": 2**63, "reconnects": 2**63, "hook_errors": 2**63})
+    assert report.ByteSize() <= wire_bytes_bound(worst)
+    assert wire_bytes_bound(worst) < 2 * report.ByteSize()  # and not far above it
+
+
+def test_a_report_the_collector_refuses_is_dropped_alone(tmp_path, transports):
+    collector = CollectorThread(tmp_path / "data")
+    try:
+        port = int(collector.grpc_target.rsplit(":", 1)[1])
+        t = transports(port)
+        t.identity = Identity(job="j", rank=0, local_rank=0, world_size=1, group_rank=0, host="h", pid=7)
+        for step in range(10):
+            record = make_record(step)
+            if step == 4:
+                record.phases["backward"].self_ns[1] = -5  # refused at the edge: negative duration
+            t.submit(record)
+        t.start()  # all ten in one batch: refused, then replayed without step 4
+        wait_for(lambda: t.stats["acked_step"] == 9 and t.stats["unacked"] == 0, 20)
+        _, body = get(collector.url, "/api/v1/jobs/j/steps?last=100")
+        assert [s["step"] for s in body["steps"]] == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+        assert t.counters["reports_dropped"] == 1 and t.counters["reconnects"] == 1
+    finally:
+        t.close(timeout_s=0.5)
+        collector.stop()
 
 
 def test_queue_is_bounded_and_drops_are_reported_when_the_link_returns(serve, transports):

@@ -23,15 +23,18 @@ MAX_STEP = 1 << 53
 MAX_STEPS_AHEAD = 100_000  # beyond the job's newest evaluated step and the rank's own newest
 MAX_DURATION_NS = 24 * 3600 * 10**9  # one day, for a step or any phase or module figure
 MAX_ABS_TIME_NS = 1 << 62  # agent clock stamps and clock offsets: room to add them safely
+MAX_BATCH_REPORTS = 1024  # StepReports in one StepReportBatch (the agent sends at most 256; bytes are bounded too)
 
 
 class Refused(Exception):
     """The one refusal: ends the sender's stream with `code` (INVALID_ARGUMENT unless said) and
-    this message; nothing of the refused message is stored."""
+    this message; nothing of the refused message is stored. `step`: the report refused, when it is
+    one (sent back in the trailing metadata, so the agent drops that step and replays the rest)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, step: int | None = None):
         super().__init__(message)
         self.code = code
+        self.step = step
 
 
 def invalid(message: str) -> Refused:
@@ -80,6 +83,17 @@ def check_table_growth(job_state, names) -> None:
         raise Refused(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"job {job_state.job!r}: module table would grow past {MAX_MODULES} names",
+        )
+
+
+def check_batch(reports) -> None:
+    """A StepReportBatch holds 1 to MAX_BATCH_REPORTS reports."""
+    if not len(reports):
+        raise invalid("an empty StepReportBatch")
+    if len(reports) > MAX_BATCH_REPORTS:
+        raise Refused(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"a StepReportBatch of {len(reports)} reports, over the limit of {MAX_BATCH_REPORTS}",
         )
 
 

@@ -1,8 +1,10 @@
 """gRPC ingest: the servicer for modtrack.v1.Collector/Stream, one bidirectional stream per rank.
 
-Each stream opens with a Hello; reports are validated at the edge (a bad one aborts only its
-own stream with INVALID_ARGUMENT), remapped to job-wide module ids, stored through the
-single writer and queued for the merge. Acks are cumulative and sent only after the SQLite
+Each stream opens with a Hello; reports come one per message (`report`, older agents) or several
+(`reports`, a StepReportBatch). Every report of a message is validated at the edge before any of it
+is stored (a bad one aborts only its own stream with INVALID_ARGUMENT and names its step in the
+trailing metadata), remapped to job-wide module ids, stored in one write through the single writer
+and queued for the merge. Acks are cumulative and sent only after the SQLite
 commit that holds the report. Control messages (trace capture, pause, resume) go out through
 the stream's own queue.
 """
@@ -35,11 +37,16 @@ from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 log = logging.getLogger("modtrack.collector.ingest")
 
+# Trailing metadata of a stream refused for one report: that report's step, so the agent drops it
+# (and only it) from what it replays.
+REFUSED_STEP_KEY = "modtrack-refused-step"
+
 
 @dataclass
 class _End:
     code: grpc.StatusCode | None = None
     message: str = ""
+    step: int | None = None  # the refused report's step
 
 
 class IngestServicer(pb_grpc.CollectorServicer):
@@ -123,7 +130,8 @@ class IngestServicer(pb_grpc.CollectorServicer):
                             self.refusals.refused(context.peer(), item.message)
                         else:
                             log.warning("stream aborted: %s", item.message)
-                        await context.abort(item.code, item.message)
+                        trailing = () if item.step is None else ((REFUSED_STEP_KEY, str(item.step)),)
+                        await context.abort(item.code, item.message, trailing_metadata=trailing)
                     return
                 yield item
         finally:
@@ -151,11 +159,11 @@ class IngestServicer(pb_grpc.CollectorServicer):
                     holder.append(stream)
                 elif stream is None:
                     raise invalid(f"the first message must be a Hello, got {kind}")
+                elif kind == "reports":
+                    edge_limits.check_batch(msg.reports.reports)
+                    newest_step = self._reports(msg.reports.reports, stream, acks, newest_step)
                 elif kind == "report":
-                    newest_step = edge_limits.check_report(
-                        msg.report, newest_step, self.merger.jobs[stream.job].last_evaluated
-                    )
-                    self._report(msg.report, stream, acks)
+                    newest_step = self._reports((msg.report,), stream, acks, newest_step)
                 elif kind == "ping":
                     out.put_nowait(
                         pb.CollectorMessage(
@@ -176,7 +184,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
             await acker  # the last reports' acks go out before the stream ends
             out.put_nowait(_End())
         except Refused as exc:
-            out.put_nowait(_End(exc.code, str(exc)))
+            out.put_nowait(_End(exc.code, str(exc), exc.step))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the store failed, or a bug: end this stream, serve the rest
@@ -238,12 +246,25 @@ class IngestServicer(pb_grpc.CollectorServicer):
 
         return extend
 
-    def _report(self, report, stream: RankStream, acks: asyncio.Queue) -> None:
-        row = parse_report(report, stream, self._extend(stream.job))
-        acks.put_nowait((row.step, self.writer.steps([row])))
-        if not self.merger.add(row):  # stored, but too late (or of an older attempt) to be merged
+    def _reports(self, reports, stream: RankStream, acks: asyncio.Queue, newest_step: int) -> int:
+        """Check and parse every report of one message, then store them in one write and queue them
+        for the merge; returns the rank's newest step. A bad report refuses the whole message (its
+        step goes back to the agent): nothing of it is stored, everything stored before stays."""
+        job = self.merger.jobs[stream.job]
+        extend = self._extend(stream.job)
+        rows = []
+        for report in reports:
+            try:
+                newest_step = edge_limits.check_report(report, newest_step, job.last_evaluated)
+                rows.append(parse_report(report, stream, extend))
+            except Refused as exc:
+                exc.step = report.step
+                raise
+        acks.put_nowait((max(row.step for row in rows), self.writer.steps(rows)))
+        late = [row for row in rows if not self.merger.add(row)]  # stored, but too late (or of an older attempt)
+        if late:
             if self.metrics is not None:
-                self.metrics.count_duplicate(stream.job, "late")
+                self.metrics.count_duplicate(stream.job, "late", len(late))
             if not stream.duplicates_logged:
                 stream.duplicates_logged = True
                 log.warning(
@@ -252,16 +273,18 @@ class IngestServicer(pb_grpc.CollectorServicer):
                     stream.rank,
                     stream.job,
                     stream.attempt,
-                    row.step,
-                    self.merger.jobs[stream.job].last_evaluated,
+                    late[0].step,
+                    job.last_evaluated,
                 )
-        info = self.merger.jobs[stream.job].ranks[stream.rank]
-        info.counters = row.counters
-        if row.collectives:
-            self.collectives.add(stream.job, stream.attempt, stream.rank, info.clock_offset_ns, row.collectives)
-        if row.gpu is not None:  # GPU health: the rank's latest sample
-            self.gpu_health.observe(stream.job, stream.rank, info.host, row.gpu)
+        info = job.ranks[stream.rank]
+        info.counters = rows[-1].counters
+        for row in rows:
+            if row.collectives:
+                self.collectives.add(stream.job, stream.attempt, stream.rank, info.clock_offset_ns, row.collectives)
+            if row.gpu is not None:  # GPU health: the rank's latest sample
+                self.gpu_health.observe(stream.job, stream.rank, info.host, row.gpu)
         self._observe_rank(stream, info)
+        return newest_step
 
     def _clock(self, clock, stream: RankStream) -> None:
         edge_limits.check_offset(clock.offset_ns)

@@ -18,11 +18,13 @@ from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 class FakeCollector(pb_grpc.CollectorServicer):
     """Records what arrives; acks, pongs, sends controls, and drops streams on request."""
 
-    def __init__(self, ack=True, drop_at_once=False):
+    def __init__(self, ack=True, drop_at_once=False, batches=True):
         self.ack = ack
         self.drop_at_once = drop_at_once
+        self.batches = batches  # False: refuses a StepReportBatch as a collector that predates it does
         self.hellos: list[tuple[float, pb.Hello]] = []
         self.received: list[int] = []  # report steps, in arrival order, duplicates kept
+        self.messages: list[list[int]] = []  # the steps of each message that carried reports
         self.reports: dict[int, pb.StepReport] = {}
         self.acked: set[int] = set()
         self.offsets: list[pb.ClockOffset] = []
@@ -45,13 +47,18 @@ class FakeCollector(pb_grpc.CollectorServicer):
                         self.hellos.append((time.monotonic(), msg.hello))
                         if self.drop_at_once:
                             break
-                    elif kind == "report":
-                        step = msg.report.step
-                        self.received.append(step)
-                        self.reports[step] = msg.report
+                    elif kind == "reports" and not self.batches:
+                        out.put("an empty AgentMessage")
+                        return
+                    elif kind in ("report", "reports"):
+                        reports = [msg.report] if kind == "report" else list(msg.reports.reports)
+                        self.messages.append([r.step for r in reports])
+                        for r in reports:
+                            self.received.append(r.step)
+                            self.reports[r.step] = r
                         if self.ack:
-                            self.acked.add(step)
-                            out.put(pb.CollectorMessage(ack=pb.Ack(step=step)))
+                            self.acked.update(r.step for r in reports)
+                            out.put(pb.CollectorMessage(ack=pb.Ack(step=max(r.step for r in reports))))
                     elif kind == "ping":
                         self.pings += 1
                         t2 = time.time_ns()
@@ -72,6 +79,8 @@ class FakeCollector(pb_grpc.CollectorServicer):
                     continue
                 if item is None:
                     return
+                if isinstance(item, str):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, item)
                 yield item
         finally:
             with self._lock:

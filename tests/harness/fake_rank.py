@@ -55,6 +55,11 @@ def report(
     return r
 
 
+def batch(reports: list[pb.StepReport]) -> pb.AgentMessage:
+    """Several steps in one message, as the agent sends them."""
+    return pb.AgentMessage(reports=pb.StepReportBatch(reports=reports))
+
+
 class FakeRank:
     """One rank's stream: messages go in through a queue, answers are collected by a thread."""
 
@@ -118,6 +123,9 @@ class FakeRank:
 
     def report(self, rep: pb.StepReport) -> None:
         self.send(pb.AgentMessage(report=rep))
+
+    def reports(self, reps: list[pb.StepReport]) -> None:
+        self.send(batch(reps))
 
     def wait_ack(self, step: int, timeout: float = 10.0) -> None:
         wait_for(
