@@ -89,6 +89,8 @@ _will_execute = torch._C._will_engine_execute_node
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
+# The sequence number the next autograd node made on this thread will get (older torch: none; then views).
+_next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
 _Tensor = torch.Tensor
 _CONTAINERS = (list, tuple, dict)
 
@@ -103,6 +105,8 @@ RECENT_NODES = 64
 # What a node's pre-hook tells a call: its outputs' gradients (backward starts; the seed's "add"),
 # its positional inputs' gradients (the seed's "pop"), its own input views' gradients (backward ends).
 OUT, IN, OWN = 0, 1, 2
+OWN_IN = 3  # OWN and IN at one node: a call whose input's node is where its backward ends
+_SCALARS = (int, float, bool, str, type(None))
 
 
 class _Call:
@@ -351,7 +355,7 @@ class ModuleTracker:
                 if site[3]:
                     self._watch_inplace_inputs(call, args)
                 else:
-                    result = self._view_inputs(call, args, kwargs)
+                    result = self._watch_inputs(call, args, kwargs)
             row[F_START] = self._stamp()
             row[F_WORK_START] = self._work()
             return result
@@ -359,12 +363,74 @@ class ModuleTracker:
             self._hook_failed()
             return None
 
-    def _view_inputs(self, call: _Call, args, kwargs):
-        """Hand the module an identity view of every input that needs a gradient (see the docstring)."""
+    def _watch_inputs(self, call: _Call, args, kwargs):
+        """Hooks where this call's backward ends (see the docstring): at the node made last before the call,
+        when an input is its output; else at identity views of every input that needs a gradient."""
         if len(args) == 1 and not kwargs:  # the common case: one tensor, no walk, no dicts
             x = args[0]
             if isinstance(x, _Tensor):
-                return ((self._view_one(call, x),), kwargs) if x.requires_grad else None
+                if not x.requires_grad:
+                    return None
+                node = x.grad_fn
+                if node is not None and _next_sequence_nr and node._sequence_nr() == _next_sequence_nr() - 1:
+                    call.nodes[OWN] = call.nodes[IN] = 1
+                    seed_node = self._viewed_from.get(node, node)  # the seed sees the tensor we viewed
+                    if seed_node is node:
+                        self._on_node(node, (OWN_IN, call, 1))
+                    else:
+                        self._on_node(node, (OWN, call, 1))
+                        self._on_node(seed_node, (IN, call, 1))
+                    return None
+                return ((self._view_one(call, x),), kwargs)
+        if _next_sequence_nr is not None:
+            last = self._last_made(args, kwargs, _next_sequence_nr() - 1)
+            if last is not None:
+                call.nodes[OWN] = 1
+                self._on_node(last, (OWN, call, 1))
+                seed = self._seed_nodes(args)
+                if seed:
+                    self._watch(call, IN, seed)
+                return None
+        return self._view_inputs(call, args, kwargs)
+
+    @staticmethod
+    def _last_made(args, kwargs, seq: int):
+        """The node numbered `seq` (the last one made before this call) if an input (or an element of a
+        tuple or list input) is its output."""
+        for values in (args, kwargs.values() if kwargs else ()):
+            for v in values:
+                if isinstance(v, _Tensor):
+                    node = v.grad_fn
+                    if node is not None and node._sequence_nr() == seq:
+                        return node
+                elif type(v) in (list, tuple):
+                    for u in v:
+                        if isinstance(u, _Tensor):
+                            node = u.grad_fn
+                            if node is not None and node._sequence_nr() == seq:
+                                return node
+        return None
+
+    def _seed_nodes(self, args) -> list:
+        """The nodes of the positional inputs that need a gradient, as the seed sees them (it flattens)."""
+        nodes = []
+        viewed_from = self._viewed_from
+        for a in args:
+            leaves: list | tuple
+            if isinstance(a, _Tensor):
+                leaves = (a,)
+            elif type(a) in _SCALARS:
+                continue
+            else:
+                leaves = tree_flatten(a)[0]
+            for t in leaves:
+                if isinstance(t, _Tensor) and t.requires_grad:
+                    node = _leaf_node(t)
+                    nodes.append(viewed_from.get(node, node))
+        return nodes
+
+    def _view_inputs(self, call: _Call, args, kwargs):
+        """Hand the module an identity view of every input that needs a gradient (see the docstring)."""
         views: dict = {}  # id(tensor) -> its view: one view per tensor, so `q is k is v` stays true
         own: list = []
         seed: list = []  # the seed watches positional inputs only
@@ -559,25 +625,36 @@ class ModuleTracker:
             actions.append(action)
 
     def _node_fired(self, actions: list, grad_outputs) -> None:
-        """In registration order, as the seed's tensor hooks on these nodes would run. One stamp for
-        all: calls that start (or end) at the same node start (or end) at the same time."""
+        """One stamp for all: calls that end (or start) at the same node end (or start) at the same time.
+        Ends are stamped before starts (an input view would have ended its call just before this node ran);
+        the seed's add and pop run in registration order, as its tensor hooks on this node would."""
         try:
             now = work = 0
+            starting = None
             for kind, call, n in actions:
                 if kind == OUT:
-                    if not call.row[B_START] and not call.row[B_END]:
-                        if not now:
-                            work, now = self._work(), self._stamp()
-                        self._backward_start(call, now, work)
+                    row = call.row
+                    if not row[B_START] and not row[B_END]:
+                        if starting is None:
+                            starting = [call]
+                        else:
+                            starting.append(call)
                     if call.arrived(OUT, n):
                         self._seed_add(call.site[1])
-                elif kind == OWN:
-                    if call.arrived(OWN, n):
-                        if not now:
-                            work, now = self._work(), self._stamp()
-                        self._backward_end(call, now, work)
-                elif call.arrived(IN, n):
+                    continue
+                if kind != IN and call.arrived(OWN, n):
+                    if not now:
+                        work, now = self._work(), self._stamp()
+                    self._backward_end(call, now, work)
+                if kind != OWN and call.arrived(IN, n):
                     self._seed_pop(call.site[1])
+            if starting is not None:
+                if not now:
+                    work, now = self._work(), self._stamp()
+                for call in starting:
+                    row = call.row
+                    if not row[B_START] and not row[B_END]:
+                        self._backward_start(call, now, work)
         except Exception:
             self._hook_failed()
 
@@ -651,6 +728,8 @@ class ModuleTracker:
             if row[B_END]:
                 return  # a second backward through the same graph
             if not row[B_START]:
+                if call.nodes[OUT] is None:
+                    return  # no output needs a gradient: no backward (its input's node ran for another reason)
                 self._backward_start(call, now, work)  # the output was the input (an identity module)
             self._close_backward(row, now, work)
             parent = row[PARENT]  # position: back in the caller's backward, if it is open
