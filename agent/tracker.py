@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from functools import partial
 
 import torch
@@ -112,33 +113,40 @@ _SCALARS = (int, float, bool, str, type(None))
 class _Call:
     """One module call in flight: its row, and the gradients its backward waits for, per kind."""
 
-    __slots__ = ("first", "last", "left", "mod", "nodes", "row", "site", "task", "views")
+    __slots__ = ("first", "last", "mod", "nodes", "row", "site", "views")
 
     def __init__(self, row: list, mod, site: tuple, first: int) -> None:
         self.row = row
         self.mod = mod
-        self.site = site  # (module id, name, [pre hook id, post hook id])
+        self.site = site  # (module id, name, [pre hook id, post hook id], changes its input in place)
         self.first = first  # row index of this call; rows first..last are it and the calls inside it
         self.last = first
-        # per kind: None (no such tensor), how many tensors, or (several) the node of each: nodes are
-        # kept only until the step ends or the pass is done (they hold this call: a cycle through C++)
-        self.nodes: list = [None, None, None]
-        self.left = [0, 0, 0]  # per kind: gradients still to come in the graph task `task`
-        self.task = [-2, -2, -2]
+        # nodes[kind]: None (no such tensor), how many tensors, their node, or (several) the node of each:
+        # nodes are kept only until the step ends or the pass is done (they hold this call: a cycle through
+        # C++; see _keep); nodes[kind + 3]: gradients still to come in the graph task nodes[kind + 6].
+        self.nodes: list = [None, None, None, 0, 0, 0, -2, -2, -2]
         self.views: list | None = None  # (view, its node) until the forward returns
 
-    def arrived(self, kind: int, n: int) -> bool:
-        """n more gradients of `kind` are computed; True once all the engine will compute are (the
-        seed's multi-grad hook, mode "all": tensors the engine will not reach are not waited for)."""
-        task = _graph_task_id()
-        if self.task[kind] != task:
-            nodes = self.nodes[kind]
-            self.task[kind] = task
-            self.left[kind] = nodes if type(nodes) is int else sum(map(_will_execute, nodes))
-        elif self.left[kind] <= 0:
-            return False
-        before = self.left[kind]
-        self.left[kind] = before - n
+    def arrived(self, kind: int, n: int, task: int) -> bool:
+        """n more gradients of `kind` are computed in graph task `task`; True once all the engine will
+        compute are (the seed's multi-grad hook, mode "all": tensors the engine will not reach are not
+        waited for)."""
+        state = self.nodes
+        if state[kind + 6] != task:
+            state[kind + 6] = task
+            nodes = state[kind]
+            kept = type(nodes)
+            if kept is int:
+                before = nodes
+            elif kept is list:
+                before = sum(map(_will_execute, nodes))
+            else:
+                before = int(_will_execute(nodes))
+        else:
+            before = state[kind + 3]
+            if before <= 0:
+                return False
+        state[kind + 3] = before - n
         return before > 0 >= before - n  # a root of backward is not "executed": the seed never fires for it
 
 
@@ -373,8 +381,9 @@ class ModuleTracker:
                     return None
                 node = x.grad_fn
                 if node is not None and _next_sequence_nr and node._sequence_nr() == _next_sequence_nr() - 1:
-                    call.nodes[OWN] = call.nodes[IN] = 1
+                    call.nodes[OWN] = 1
                     seed_node = self._viewed_from.get(node, node)  # the seed sees the tensor we viewed
+                    self._keep(call, IN, seed_node)
                     if seed_node is node:
                         self._on_node(node, (OWN_IN, call, 1))
                     else:
@@ -460,12 +469,9 @@ class ModuleTracker:
         own = view.grad_fn
         self._viewed_from[own] = node
         call.views = [(view, own)]
-        multi = self._multi
-        call.nodes[OWN] = [own]
-        multi.append(call)
+        call.nodes[OWN] = 1
         self._on_node(own, (OWN, call, 1))
-        call.nodes[IN] = [node]
-        multi.append(call)
+        self._keep(call, IN, node)
         self._on_node(node, (IN, call, 1))
         return view
 
@@ -547,7 +553,10 @@ class ModuleTracker:
                 self._check_views(call)
             if output is not None and _grad_enabled():
                 self._watch_outputs(call, output)
-            self._keep_hooks_outermost(mod, site[2])
+            # hooks registered on the module after ours still run inside its window, from its next call
+            pre, post = mod._forward_pre_hooks, mod._forward_hooks
+            if len(pre) > 1 or len(post) > 1:
+                self._keep_hooks_outermost(pre, post, site[2])
             if not stack and len(self._log.rows) >= MAX_CALLS_PER_STEP and self._pass is None:
                 self.counters["implicit_steps"] += 1
                 self._end_step()
@@ -562,15 +571,15 @@ class ModuleTracker:
             if view.grad_fn is not node:
                 self.counters["inplace_inputs"] += 1
                 original = self._viewed_from.get(node)
-                if original is not None and type(own) is list:
-                    own[own.index(node)] = original
+                if original is not None:
+                    if type(own) is list:
+                        own[own.index(node)] = original
                     self._on_node(original, (OWN, call, 1))
         call.views = None
 
     @staticmethod
-    def _keep_hooks_outermost(mod, ids: list) -> None:
-        """Hooks registered on the module after ours still run inside its window, from its next call."""
-        pre, post = mod._forward_pre_hooks, mod._forward_hooks
+    def _keep_hooks_outermost(pre: OrderedDict, post: OrderedDict, ids: list) -> None:
+        """Our pre hook first, our post hook last."""
         if len(pre) > 1 and next(iter(pre)) != ids[0]:
             pre.move_to_end(ids[0], last=False)
         if len(post) > 1 and next(reversed(post)) != ids[1]:
@@ -590,7 +599,19 @@ class ModuleTracker:
         if isinstance(output, _Tensor):
             if not output.requires_grad:
                 return
-            nodes = [_leaf_node(output)]
+            node = output.grad_fn
+            if node is None:
+                node = _leaf_node(output)
+            elif self._viewed_from:
+                node = self._viewed_from.get(node, node)
+            call.nodes[OUT] = node
+            self._multi.append(call)
+            self._on_node(node, (OUT, call, 1))
+            return
+        if type(output) is tuple and all(type(v) in _SCALARS or isinstance(v, _Tensor) for v in output):
+            nodes = [_leaf_node(v) for v in output if isinstance(v, _Tensor) and v.requires_grad]
+            if not nodes:
+                return
         else:
             nodes = [_leaf_node(v) for v in tree_flatten(output)[0] if isinstance(v, _Tensor) and v.requires_grad]
             if not nodes:
@@ -600,12 +621,22 @@ class ModuleTracker:
             nodes = [viewed_from.get(n, n) for n in nodes]
         self._watch(call, OUT, nodes)
 
-    def _watch(self, call: _Call, kind: int, nodes: list) -> None:
+    def _keep(self, call: _Call, kind: int, nodes) -> None:
+        """What call waits for, of kind: one node or a list. OWN needs only a count (a view's node always
+        runs); OUT and IN need the nodes, to ask which of them the engine will run (the seed's rule)."""
+        if kind == OWN:
+            call.nodes[OWN] = len(nodes) if type(nodes) is list else 1
+            return
         call.nodes[kind] = nodes
         self._multi.append(call)
+
+    def _watch(self, call: _Call, kind: int, nodes: list) -> None:
         if len(nodes) == 1:
-            self._on_node(nodes[0], (kind, call, 1))
+            node = nodes[0]
+            self._keep(call, kind, node)
+            self._on_node(node, (kind, call, 1))
             return
+        self._keep(call, kind, nodes)
         counts: dict = {}
         for node in nodes:
             counts[node] = counts.get(node, 0) + 1
@@ -629,6 +660,7 @@ class ModuleTracker:
         Ends are stamped before starts (an input view would have ended its call just before this node ran);
         the seed's add and pop run in registration order, as its tensor hooks on this node would."""
         try:
+            task = _graph_task_id()
             now = work = 0
             starting = None
             for kind, call, n in actions:
@@ -639,14 +671,14 @@ class ModuleTracker:
                             starting = [call]
                         else:
                             starting.append(call)
-                    if call.arrived(OUT, n):
+                    if call.arrived(OUT, n, task):
                         self._seed_add(call.site[1])
                     continue
-                if kind != IN and call.arrived(OWN, n):
+                if kind != IN and call.arrived(OWN, n, task):
                     if not now:
                         work, now = self._work(), self._stamp()
-                    self._backward_end(call, now, work)
-                if kind != OWN and call.arrived(IN, n):
+                    self._backward_end(call, now, work, task)
+                if kind != OWN and call.arrived(IN, n, task):
                     self._seed_pop(call.site[1])
             if starting is not None:
                 if not now:
@@ -654,7 +686,7 @@ class ModuleTracker:
                 for call in starting:
                     row = call.row
                     if not row[B_START] and not row[B_END]:
-                        self._backward_start(call, now, work)
+                        self._backward_start(call, now, work, task)
         except Exception:
             self._hook_failed()
 
@@ -686,9 +718,8 @@ class ModuleTracker:
         self._seed_callback = False
 
     # ---- backward -----------------------------------------------------------------------------
-    def _backward_start(self, call: _Call, now: int, work: int) -> None:
+    def _backward_start(self, call: _Call, now: int, work: int, task: int) -> None:
         try:
-            task = _graph_task_id()
             open_calls = self._open_backward.get(task)
             if open_calls is None:
                 open_calls = self._open_backward[task] = []
@@ -712,6 +743,12 @@ class ModuleTracker:
     def _end_endless(self, starting: _Call, now: int, work: int) -> None:
         """A call with no input view is done once the backward of a module outside it begins."""
         first, last = starting.first, starting.last
+        phase = starting.row[PHASE]
+        for call in self._endless:
+            if not (call.first < first <= call.last or first < call.first <= last or call.row[PHASE] != phase):
+                break
+        else:
+            return  # every one is inside or around the starting call: nothing closes (no list built)
         keep = []
         for call in self._endless:
             inside = call.first < first <= call.last
@@ -722,7 +759,7 @@ class ModuleTracker:
                 self._close_backward(call.row, now, work)
         self._endless = keep
 
-    def _backward_end(self, call: _Call, now: int, work: int) -> None:
+    def _backward_end(self, call: _Call, now: int, work: int, task: int) -> None:
         try:
             row = call.row
             if row[B_END]:
@@ -730,7 +767,7 @@ class ModuleTracker:
             if not row[B_START]:
                 if call.nodes[OUT] is None:
                     return  # no output needs a gradient: no backward (its input's node ran for another reason)
-                self._backward_start(call, now, work)  # the output was the input (an identity module)
+                self._backward_start(call, now, work, task)  # the output was the input (an identity module)
             self._close_backward(row, now, work)
             parent = row[PARENT]  # position: back in the caller's backward, if it is open
             caller = self._log.rows[parent] if 0 <= parent < len(self._log.rows) else None
@@ -749,7 +786,7 @@ class ModuleTracker:
     def _drop_nodes(self) -> None:
         self._viewed_from.clear()
         for call in self._multi:
-            call.nodes = [n if n is None or type(n) is int else len(n) for n in call.nodes]
+            call.nodes = [n if n is None or type(n) is int else len(n) if type(n) is list else 1 for n in call.nodes]
         self._multi = []
 
     def _begin_pass(self) -> None:
