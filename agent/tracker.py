@@ -381,11 +381,18 @@ class ModuleTracker:
                     return None
                 node = x.grad_fn
                 if node is not None and _next_sequence_nr and node._sequence_nr() == _next_sequence_nr() - 1:
-                    call.nodes[OWN] = 1
-                    seed_node = self._viewed_from.get(node, node)  # the seed sees the tensor we viewed
-                    self._keep(call, IN, seed_node)
+                    viewed_from = self._viewed_from
+                    seed_node = viewed_from.get(node, node) if viewed_from else node  # the seed sees what we viewed
+                    nodes = call.nodes
+                    nodes[OWN] = 1
+                    nodes[IN] = seed_node
+                    self._multi.append(call)
                     if seed_node is node:
-                        self._on_node(node, (OWN_IN, call, 1))
+                        actions = self._recent_nodes.get(node)
+                        if actions is None:
+                            self._on_node(node, (OWN_IN, call, 1))
+                        else:
+                            actions.append((OWN_IN, call, 1))
                     else:
                         self._on_node(node, (OWN, call, 1))
                         self._on_node(seed_node, (IN, call, 1))
@@ -552,7 +559,18 @@ class ModuleTracker:
             if call.views is not None:
                 self._check_views(call)
             if output is not None and _grad_enabled():
-                self._watch_outputs(call, output)
+                if isinstance(output, _Tensor):  # _watch_outputs for one tensor, inlined: every call
+                    if output.requires_grad:
+                        node = output.grad_fn
+                        if node is None:
+                            node = _leaf_node(output)
+                        elif self._viewed_from:  # an identity module returns our view: the seed sees the original
+                            node = self._viewed_from.get(node, node)
+                        call.nodes[OUT] = node
+                        self._multi.append(call)
+                        self._on_node(node, (OUT, call, 1))
+                else:
+                    self._watch_outputs(call, output)
             # hooks registered on the module after ours still run inside its window, from its next call
             pre, post = mod._forward_pre_hooks, mod._forward_hooks
             if len(pre) > 1 or len(post) > 1:
@@ -596,18 +614,7 @@ class ModuleTracker:
         return None
 
     def _watch_outputs(self, call: _Call, output) -> None:
-        if isinstance(output, _Tensor):
-            if not output.requires_grad:
-                return
-            node = output.grad_fn
-            if node is None:
-                node = _leaf_node(output)
-            elif self._viewed_from:
-                node = self._viewed_from.get(node, node)
-            call.nodes[OUT] = node
-            self._multi.append(call)
-            self._on_node(node, (OUT, call, 1))
-            return
+        """Hooks where the call's backward starts (a tensor output: inlined in _exit)."""
         if type(output) is tuple and all(type(v) in _SCALARS or isinstance(v, _Tensor) for v in output):
             nodes = [_leaf_node(v) for v in output if isinstance(v, _Tensor) and v.requires_grad]
             if not nodes:
@@ -622,10 +629,12 @@ class ModuleTracker:
         self._watch(call, OUT, nodes)
 
     def _keep(self, call: _Call, kind: int, nodes) -> None:
-        """What call waits for, of kind: one node or a list. OWN needs only a count (a view's node always
-        runs); OUT and IN need the nodes, to ask which of them the engine will run (the seed's rule)."""
-        if kind == OWN:
-            call.nodes[OWN] = len(nodes) if type(nodes) is list else 1
+        """What call waits for, of kind: one node or a list. One OWN node needs only a count (its hook
+        fires when this call's backward ends, or never); otherwise the nodes are kept, to ask which of
+        them the engine will run (the seed's rule; an input view nothing in the call differentiates
+        through never runs)."""
+        if kind == OWN and type(nodes) is not list:
+            call.nodes[OWN] = 1
             return
         call.nodes[kind] = nodes
         self._multi.append(call)
@@ -674,7 +683,16 @@ class ModuleTracker:
                     if call.arrived(OUT, n, task):
                         self._seed_add(call.site[1])
                     continue
-                if kind != IN and call.arrived(OWN, n, task):
+                if kind == IN:
+                    pass
+                elif call.nodes[8] != task and call.nodes[OWN] == n:  # arrived(OWN), the usual case inlined
+                    state = call.nodes
+                    state[8] = task
+                    state[5] = 0
+                    if not now:
+                        work, now = self._work(), self._stamp()
+                    self._backward_end(call, now, work, task)
+                elif call.arrived(OWN, n, task):
                     if not now:
                         work, now = self._work(), self._stamp()
                     self._backward_end(call, now, work, task)
