@@ -86,6 +86,7 @@ StopRecomputation: type[BaseException] = getattr(
 logger = logging.getLogger(__name__)
 
 _graph_task_id = torch._C._current_graph_task_id
+_current_node = torch._C._current_autograd_node
 _will_execute = torch._C._will_engine_execute_node
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
 _is_compiling = torch.compiler.is_compiling
@@ -107,6 +108,9 @@ RECENT_NODES = 64
 # its positional inputs' gradients (the seed's "pop"), its own input views' gradients (backward ends).
 OUT, IN, OWN = 0, 1, 2
 OWN_IN = 3  # OWN and IN at one node: a call whose input's node is where its backward ends
+# What a call waits for, of one kind, when that is one node: the node whose hook fires. It counts when the
+# engine runs it (a root of backward is not "run": the seed never fires for it), asked when it fires.
+ONE_NODE = -1
 _SCALARS = (int, float, bool, str, type(None))
 
 
@@ -121,23 +125,23 @@ class _Call:
         self.site = site  # (module id, name, [pre hook id, post hook id], changes its input in place)
         self.first = first  # row index of this call; rows first..last are it and the calls inside it
         self.last = first
-        # nodes[kind]: None (no such tensor), how many tensors, their node, or (several) the node of each:
-        # nodes are kept only until the step ends or the pass is done (they hold this call: a cycle through
-        # C++; see _keep); nodes[kind + 3]: gradients still to come in the graph task nodes[kind + 6].
+        # nodes[kind]: None (no such tensor), how many tensors (ONE_NODE: one node), or (several) the node
+        # of each: nodes are kept only until the step ends or the pass is done (they hold this call: a cycle
+        # through C++; see _keep); nodes[kind + 3]: gradients still to come in the graph task nodes[kind + 6].
         self.nodes: list = [None, None, None, 0, 0, 0, -2, -2, -2]
         self.views: list | None = None  # (view, its node) until the forward returns
 
-    def arrived(self, kind: int, n: int, task: int) -> bool:
-        """n more gradients of `kind` are computed in graph task `task`; True once all the engine will
-        compute are (the seed's multi-grad hook, mode "all": tensors the engine will not reach are not
-        waited for)."""
+    def arrived(self, kind: int, n: int, task: int, runs: int) -> bool:
+        """n more gradients of `kind` are computed in graph task `task` (at a node the engine `runs`, or
+        not: a root); True once all the engine will compute are (the seed's multi-grad hook, mode "all":
+        tensors the engine will not reach are not waited for)."""
         state = self.nodes
         if state[kind + 6] != task:
             state[kind + 6] = task
             nodes = state[kind]
             kept = type(nodes)
             if kept is int:
-                before = nodes
+                before = nodes if nodes >= 0 else runs
             elif kept is list:
                 before = sum(map(_will_execute, nodes))
             else:
@@ -385,8 +389,7 @@ class ModuleTracker:
                     seed_node = viewed_from.get(node, node) if viewed_from else node  # the seed sees what we viewed
                     nodes = call.nodes
                     nodes[OWN] = 1
-                    nodes[IN] = seed_node
-                    self._multi.append(call)
+                    nodes[IN] = ONE_NODE
                     if seed_node is node:
                         actions = self._recent_nodes.get(node)
                         if actions is None:
@@ -566,8 +569,7 @@ class ModuleTracker:
                             node = _leaf_node(output)
                         elif self._viewed_from:  # an identity module returns our view: the seed sees the original
                             node = self._viewed_from.get(node, node)
-                        call.nodes[OUT] = node
-                        self._multi.append(call)
+                        call.nodes[OUT] = ONE_NODE
                         self._on_node(node, (OUT, call, 1))
                 else:
                     self._watch_outputs(call, output)
@@ -629,12 +631,12 @@ class ModuleTracker:
         self._watch(call, OUT, nodes)
 
     def _keep(self, call: _Call, kind: int, nodes) -> None:
-        """What call waits for, of kind: one node or a list. One OWN node needs only a count (its hook
-        fires when this call's backward ends, or never); otherwise the nodes are kept, to ask which of
-        them the engine will run (the seed's rule; an input view nothing in the call differentiates
-        through never runs)."""
-        if kind == OWN and type(nodes) is not list:
-            call.nodes[OWN] = 1
+        """What call waits for, of kind: one node or a list. One node needs no reference (one view's node:
+        its hook fires when this call's backward ends, or never; one output or input node: its hook asks
+        whether the engine runs it); several are kept, to ask which of them the engine will run (the
+        seed's rule; an input view nothing in the call differentiates through never runs)."""
+        if type(nodes) is not list:
+            call.nodes[kind] = 1 if kind == OWN else ONE_NODE
             return
         call.nodes[kind] = nodes
         self._multi.append(call)
@@ -670,6 +672,7 @@ class ModuleTracker:
         the seed's add and pop run in registration order, as its tensor hooks on this node would."""
         try:
             task = _graph_task_id()
+            runs = _will_execute(_current_node())
             now = work = 0
             starting = None
             for kind, call, n in actions:
@@ -680,7 +683,7 @@ class ModuleTracker:
                             starting = [call]
                         else:
                             starting.append(call)
-                    if call.arrived(OUT, n, task):
+                    if call.arrived(OUT, n, task, runs):
                         self._seed_add(call.site[1])
                     continue
                 if kind == IN:
@@ -692,11 +695,11 @@ class ModuleTracker:
                     if not now:
                         work, now = self._work(), self._stamp()
                     self._backward_end(call, now, work, task)
-                elif call.arrived(OWN, n, task):
+                elif call.arrived(OWN, n, task, runs):
                     if not now:
                         work, now = self._work(), self._stamp()
                     self._backward_end(call, now, work, task)
-                if kind != OWN and call.arrived(IN, n, task):
+                if kind != OWN and call.arrived(IN, n, task, runs):
                     self._seed_pop(call.site[1])
             if starting is not None:
                 if not now:
