@@ -669,13 +669,16 @@ class ModuleTracker:
     def _node_fired(self, actions: list, grad_outputs) -> None:
         """One stamp for all: calls that end (or start) at the same node end (or start) at the same time.
         Ends are stamped before starts (an input view would have ended its call just before this node ran);
-        the seed's add and pop run in registration order, as its tensor hooks on this node would."""
+        the seed's add and pop run in registration order, as its tensor hooks on this node would. The usual
+        case of each step (a call's first arrival of one node in this graph task) is inlined: this runs at
+        every call's backward."""
         try:
             task = _graph_task_id()
             runs = _will_execute(_current_node())
             now = work = 0
             starting = None
             for kind, call, n in actions:
+                state = call.nodes
                 if kind == OUT:
                     row = call.row
                     if not row[B_START] and not row[B_END]:
@@ -683,24 +686,44 @@ class ModuleTracker:
                             starting = [call]
                         else:
                             starting.append(call)
-                    if call.arrived(OUT, n, task, runs):
-                        self._seed_add(call.site[1])
+                    if state[6] != task and state[OUT] == ONE_NODE:  # arrived(OUT), inlined
+                        state[6] = task
+                        state[3] = runs - 1
+                        added = runs
+                    else:
+                        added = call.arrived(OUT, n, task, runs)
+                    if added:
+                        name = call.site[1]
+                        if self._seed_callback and name not in self.parents:
+                            self.parents.add(name)
+                        else:
+                            self._seed_add(name)
                     continue
-                if kind == IN:
-                    pass
-                elif call.nodes[8] != task and call.nodes[OWN] == n:  # arrived(OWN), the usual case inlined
-                    state = call.nodes
-                    state[8] = task
-                    state[5] = 0
-                    if not now:
-                        work, now = self._work(), self._stamp()
-                    self._backward_end(call, now, work, task)
-                elif call.arrived(OWN, n, task, runs):
-                    if not now:
-                        work, now = self._work(), self._stamp()
-                    self._backward_end(call, now, work, task)
-                if kind != OWN and call.arrived(IN, n, task, runs):
-                    self._seed_pop(call.site[1])
+                if kind != IN:
+                    if state[8] != task and state[OWN] == n:  # arrived(OWN), inlined
+                        state[8] = task
+                        state[5] = 0
+                        ended = True
+                    else:
+                        ended = call.arrived(OWN, n, task, runs)
+                    if ended:
+                        if not now:
+                            work, now = self._work(), self._stamp()
+                        self._backward_end(call, now, work, task)
+                    if kind == OWN:
+                        continue
+                if state[7] != task and state[IN] == ONE_NODE:  # arrived(IN), inlined
+                    state[7] = task
+                    state[4] = runs - 1
+                    popped = runs
+                else:
+                    popped = call.arrived(IN, n, task, runs)
+                if popped:
+                    name = call.site[1]
+                    if name in self.parents:
+                        self.parents.remove(name)
+                    else:
+                        self._seed_pop(name)
             if starting is not None:
                 if not now:
                     work, now = self._work(), self._stamp()
