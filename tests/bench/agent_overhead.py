@@ -5,7 +5,8 @@ alike. Modes: plain (no tracker), seed (torch.utils.module_tracker), hooks (modt
 nothing consumes the steps) and agent (`agent.track()` streaming to a healthy collector on this machine, as
 `python -m modtrack.agent` runs it: steps aggregated, encoded and sent by the sender).
 
-Per step it measures the training thread's CPU time (median) and the process's CPU time over all threads
+Per step it measures the training thread's CPU time (median), the garbage collector's young collections (what
+the hooks allocate shows there), and the process's CPU time over all threads
 (total over the timed steps, sender and gRPC threads included, waiting until the collector acked the last
 step), and the collector's own CPU. It prints every ratio the agent is held to:
 - training-thread overhead agent / seed (target <= 0.5 on the transformers models, <= 0.3 on MLP-200);
@@ -119,6 +120,7 @@ def wait_until(cond, timeout: float) -> bool:
 def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device: str, collector: str) -> dict:
     """Runs in its own process: time `steps` training steps."""
     import contextlib
+    import gc
 
     import torch
 
@@ -175,6 +177,7 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
         ):
             raise SystemExit("the collector did not take the warm-up steps")
         times = []
+        young0 = gc.get_stats()[0]["collections"]
         cpu0, others0 = time.process_time(), other_threads_cpu_ns()
         for _ in range(steps):
             t0 = clock()
@@ -185,6 +188,7 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
             if not wait_until(lambda: transport.stats["acked_step"] >= last, 30):
                 raise SystemExit("the collector did not ack the timed steps")
         cpu, others = time.process_time() - cpu0, other_threads_cpu_ns() - others0
+        young = gc.get_stats()[0]["collections"] - young0
         stats = transport.stats if transport is not None else {}
     if tracking is not None:
         tracking.close()
@@ -193,6 +197,7 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
         "process_cpu_ms": cpu / steps * 1e3,
         "other_threads_ms": others / steps / 1e6,
         "calls": calls[0],
+        "young_gcs": young / steps,
         "agent": stats,
     }
     if mode == "hooks":
@@ -313,7 +318,7 @@ def report(results: dict, models: list[str], modes: list[str], args) -> None:
     )
     print(
         f"{'model':<12} {'mode':<6} {'step ms':>8} {'overhead':>9} {'us/call':>8} {'proc cpu ms':>12} "
-        f"{'overhead':>9} {'other threads ms':>17}  (calls/step)"
+        f"{'overhead':>9} {'other threads ms':>17} {'young GCs':>9}  (calls/step)"
     )
     for model in models:
         calls = results[(model, modes[0])][0]["calls"]
@@ -323,9 +328,10 @@ def report(results: dict, models: list[str], modes: list[str], args) -> None:
             ms, cpu = med(model, mode, "median_ms"), med(model, mode, "process_cpu_ms")
             others[mode] = med(model, mode, "other_threads_ms")
             over[mode], cpu_over[mode] = ms - plain, cpu - plain_cpu
+            young = med(model, mode, "young_gcs") if "young_gcs" in results[(model, mode)][0] else float("nan")
             print(
                 f"{model:<12} {mode:<6} {ms:8.3f} {over[mode]:9.3f} {over[mode] * 1e3 / calls:8.1f} "
-                f"{cpu:12.3f} {cpu_over[mode]:9.3f} {others[mode]:17.3f}  ({calls})"
+                f"{cpu:12.3f} {cpu_over[mode]:9.3f} {others[mode]:17.3f} {young:9.1f}  ({calls})"
             )
         target = TARGET_VS_SEED.get(model)
         for mode in ("hooks", "agent"):
