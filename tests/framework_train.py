@@ -13,23 +13,15 @@ import time
 import torch
 import transformers
 
+from harness.tiny_models import tiny_llama as build_tiny_llama
+
 transformers.logging.set_verbosity_error()
 torch.set_num_threads(1)
 
 
 def tiny_llama():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=32,
-        attn_implementation="eager",
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return build_tiny_llama(positions=32)
 
 
 class Tokens(torch.utils.data.Dataset):

@@ -17,6 +17,7 @@ from harness import torchrun
 from harness.collector_process import CollectorProcess
 from harness.evaluated import wait_evaluated
 from harness.http import get_json
+from harness.tiny_models import tiny_llama as build_tiny_llama
 from modtrack.agent import ModuleTracker
 
 transformers = pytest.importorskip("transformers")
@@ -29,17 +30,7 @@ STEPS = 3
 
 def tiny_llama():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=32,
-        attn_implementation="eager",
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return build_tiny_llama(positions=32)
 
 
 class SlowData(torch.utils.data.Dataset):

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 from torch.utils.module_tracker import ModuleTracker as SeedTracker
 
+from harness.tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from modtrack.agent import ModuleTracker
 
 transformers = pytest.importorskip("transformers")
@@ -34,51 +35,19 @@ VOCAB, BATCH, SEQ = 256, 4, 64
 
 # ---- the models ---------------------------------------------------------------------------------
 def llama():
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=SEQ,
-        attn_implementation="eager",
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(SEQ, VOCAB)
 
 
 def gpt2():
-    cfg = transformers.GPT2Config(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=SEQ, attn_implementation="eager"
-    )
-    return transformers.GPT2LMHeadModel(cfg)
+    return tiny_gpt2(SEQ, VOCAB)
 
 
 def bert():
-    cfg = transformers.BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=VOCAB,
-        max_position_embeddings=SEQ,
-        attn_implementation="eager",
-    )
-    return transformers.BertForMaskedLM(cfg)
+    return tiny_bert(SEQ, VOCAB)
 
 
 def t5():
-    cfg = transformers.T5Config(
-        d_model=64,
-        d_ff=128,
-        num_layers=2,
-        num_heads=4,
-        d_kv=16,
-        vocab_size=VOCAB,
-        decoder_start_token_id=0,
-        attn_implementation="eager",
-    )
-    return transformers.T5ForConditionalGeneration(cfg)
+    return tiny_t5(VOCAB)
 
 
 class Encoder(nn.Module):
