@@ -674,7 +674,8 @@ class ModuleTracker:
         every call's backward."""
         try:
             task = _graph_task_id()
-            runs = _will_execute(_current_node())
+            node = _current_node()  # the node whose hook this is
+            runs = True if node is None else _will_execute(node)
             now = work = 0
             starting = None
             for kind, call, n in actions:
