@@ -12,9 +12,13 @@ Where a module call's window opens and closes, and why:
   view of itself (`x.view_as(x)`, as FSDP2 hands inputs through an identity function). Only this
   module's ops consume the view, so the view's node runs once this module's input gradients are
   done, not once every consumer of `x` is (a residual stream, T5's encoder output read by every
-  decoder block, q/k/v projections of one input). A call with no such input (an embedding of token
-  ids) ends when the backward of a module that is neither inside it nor around it starts, or when
-  the pass ends.
+  decoder block, q/k/v projections of one input). Most calls need no view: on one device the engine
+  runs a graph task's nodes in decreasing sequence number (the reverse of the order forward made
+  them), so when an input is the output of the last node made before the call starts, that node runs
+  right after every node the call made, the moment its views would have fired: its pre-hook (often
+  also the previous call's backward start) ends the call. A call with no such input (an embedding of
+  token ids) ends when the backward of a module that is neither inside it nor around it starts, or
+  when the pass ends.
 - the autograd engine's final callback marks the end of the backward pass; a second callback,
   queued from the first, runs after DDP's own (which waits for the gradient all-reduce): the gap is
   the backward tail.
