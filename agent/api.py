@@ -19,9 +19,10 @@ _active: Tracking | None = None
 class Tracking:
     """A running tracker and its sender; close() is idempotent and bounded in time."""
 
-    def __init__(self, tracker=None, transport: Transport | None = None):
+    def __init__(self, tracker=None, transport: Transport | None = None, gpu_health=None):
         self.tracker = tracker
         self.transport = transport
+        self.gpu_health = gpu_health  # agent.gpu_health.GpuHealthSampler, or None
         self._closed = False
 
     def step(self) -> None:
@@ -39,7 +40,7 @@ class Tracking:
         self._closed = True
         if _active is self:
             _active = None
-        for part in (self.tracker, self.transport):
+        for part in (self.tracker, self.transport, self.gpu_health):
             if part is None:
                 continue
             try:
@@ -103,14 +104,34 @@ def track(
         tracker = ModuleTracker(on_step=transport.submit, clock=clock)
         transport.heartbeat = Heartbeat(tracker.position, lambda: tracker.module_names, HeartbeatSettings.from_env())
         transport.clock_kind = tracker.clock_kind
+        if env.collectives == "on":
+            from modtrack.agent.collectives import Collectives
+
+            transport.collectives = Collectives()
+        gpu_health = _gpu_health(env, identity.local_rank)
+        transport.gpu_health = gpu_health
         tracker.__enter__()
         transport.start()
     except Exception as e:
         warn_once("setup", f"tracking is off: {type(e).__name__}: {e}")
         return Tracking()
-    _active = Tracking(tracker, transport)
+    _active = Tracking(tracker, transport, gpu_health)
     atexit.register(_active.close)
     return _active
+
+
+def _gpu_health(env: config.AgentEnv, local_rank: int):
+    """The GPU health sampler (MODTRACK_GPU_HEALTH=on, the default), started; it does nothing until the
+    job uses CUDA. None when it is off or cannot start (said once)."""
+    if env.gpu_health.strip().lower() in ("off", "0", "false", "no"):
+        return None
+    try:
+        from modtrack.agent.gpu_health import GpuHealthSampler
+
+        return GpuHealthSampler(local_rank).start()
+    except Exception as e:
+        warn_once("gpu-health", f"GPU health is off: {type(e).__name__}: {e}")
+        return None
 
 
 def step() -> None:

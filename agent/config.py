@@ -24,6 +24,11 @@ class AgentEnv:
     stall_factor: str = "3"  # MODTRACK_STALL_FACTOR: this many times the rank's median step
     stall_min_s: str = "5"  # MODTRACK_STALL_MIN_S: this many seconds
     stall_repeat_s: str = "3"  # MODTRACK_STALL_REPEAT_S: again this often while the step lasts
+    # collective timing (agent/collectives.py): on (NCCL's completion hook; the Flight Recorder for gloo and
+    # groups whose hook is taken) or off (until the NCCL path is proven on a GPU)
+    collectives: str = "off"  # MODTRACK_COLLECTIVES
+    # GPU health (agent/gpu_health.py): the rank's GPU through NVML, once the job uses CUDA
+    gpu_health: str = "on"  # MODTRACK_GPU_HEALTH: on | off
 
 
 def variable(name: str) -> str:

@@ -85,6 +85,23 @@ def encode_report(record: StepRecord, counters: dict[str, int]) -> pb.AgentMessa
         stats.self_ns.extend(cols.self_ns.tolist())
         stats.first_start_ns.extend(cols.first_start_ns.tolist())
         stats.last_end_ns.extend(cols.last_end_ns.tolist())
+    for stats in getattr(record, "collectives", None) or ():  # agent/collectives.py, maybe of earlier steps
+        out = report.collectives.add(
+            step=stats.step,
+            group=stats.group,
+            backend=stats.backend,
+            group_size=stats.group_size,
+            ranks_hash=stats.ranks_hash,
+            count=stats.count,
+            total_ns=stats.total_ns,
+            wait_ns=stats.wait_ns,
+            bytes=stats.bytes,
+            active_measured=stats.active_measured,
+            unlisted=stats.unlisted,
+        )
+        out.seq.extend(stats.seq)
+        out.issue_ns.extend(stats.issue_ns)
+        out.active_ns.extend(stats.active_ns)
     trace = record.trace
     if trace is not None:
         report.trace.capture_id = trace.capture_id

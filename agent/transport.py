@@ -32,6 +32,8 @@ from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from modtrack.agent.collectives import Collectives
+    from modtrack.agent.gpu_health import GpuHealthSampler
     from modtrack.agent.heartbeat import Heartbeat
 
 
@@ -139,9 +141,11 @@ class Transport:
         self._send_errors = 0
         self._sent = 0
         self._acked_step = -1
+        self.collectives: Collectives | None = None  # agent.collectives.Collectives: stats attached per batch
         self.heartbeat: Heartbeat | None = (
             None  # agent.heartbeat.Heartbeat: polled by the request loop (issue 14: hung jobs)
         )
+        self.gpu_health: GpuHealthSampler | None = None  # puts GPU samples on reports (issue 15)
         self._thread = threading.Thread(target=self._run, name="modtrack-sender", daemon=True)
 
     # ---- training thread -------------------------------------------------------------
@@ -296,6 +300,8 @@ class Transport:
                 build_step_records(batch)
             except Exception as e:  # counted when encoding each of them fails
                 warn_once("build", f"could not aggregate steps: {type(e).__name__}: {e}")
+            if self.collectives is not None:
+                self.collectives.attach(batch)  # never raises
             queue = self._queue
             queue.extend(batch)
             while queue and len(queue) + len(raw) > self._queue_size:
@@ -449,6 +455,8 @@ class Transport:
                     break  # the training thread dropped it meanwhile
                 try:
                     message = encode_report(record, counters)
+                    if self.gpu_health is not None:  # the GPU sample taken during this step, if any
+                        self.gpu_health.attach(message.report, record.end_ns)
                 except Exception as e:
                     self._sending = False
                     self._send_errors += 1

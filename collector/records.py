@@ -77,6 +77,8 @@ class StepRow:
     trace: dict | None = None  # TRACE_COLUMNS names -> np.ndarray, plus "capture_id"
     counters: dict = field(default_factory=dict)  # AGENT_COUNTERS -> int
     attempt: int = 0  # the job's attempt (torchelastic restart count) the rank's stream belongs to
+    collectives: list = field(default_factory=list)  # collectives_parse.GroupStep, maybe of earlier steps
+    gpu: GpuSample | None = None  # GPU health: the sample this report carried, if any (not stored)
 
     def sql_row(self) -> tuple:
         """(job, attempt, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs): the store's steps row."""
@@ -156,3 +158,31 @@ class Episode:
     excess_ms: float = 0.0  # the culprit's own excess time per slow step, over its peers' median
     modules: list[dict] = field(default_factory=list)  # [{module, phase, excess_ms, slowdown}], costliest first
     attempt: int = 0  # torchelastic restart count of the job when the episode opened
+    explanation: str = ""  # GPU health: what the culprit's GPU says, e.g. "SM clock 1.1 GHz vs peers' 1.98 GHz: ..."
+
+
+# GPU health: the numeric figures of a GpuHealth sample, in the order a GpuSample holds them (NaN: not given).
+GPU_FIGURES = (
+    "sm_clock_mhz",
+    "max_sm_clock_mhz",
+    "memory_clock_mhz",
+    "temperature_c",
+    "power_mw",
+    "power_limit_mw",
+    "utilization_pct",
+    "ecc_uncorrected",
+    "xid_events",
+    "last_xid",
+    "errors",
+)
+
+
+@dataclass
+class GpuSample:
+    """A rank's GpuHealth, validated at the edge (collector/ingest/gpu_edge.py)."""
+
+    figures: np.ndarray  # (len(GPU_FIGURES),) float64, NaN where the agent sent nothing
+    clock_event_reasons: int  # GpuClockReason bits; 0 when none or not given
+    nvml_index: int = 0
+    name: str = ""
+    unavailable: str = ""  # why the rank has no figures ("" when it has)

@@ -25,6 +25,7 @@ from modtrack.collector.config import ServeConfig
 from modtrack.collector.ingest.servicer import IngestServicer
 from modtrack.collector.outputs.alert_payload import episode_to_alert
 from modtrack.collector.outputs.alerting import AlertDispatcher
+from modtrack.collector.outputs.gpu_metrics import GpuMetrics
 from modtrack.collector.outputs.metrics import CollectorMetrics, FailureCounts
 from modtrack.collector.pipeline.evaluator import Evaluator
 from modtrack.collector.pipeline.merge import Merger
@@ -78,6 +79,10 @@ class Collector:
         self.ingest.hello_timeout_s = self.config.hello_timeout_s
         self.evaluator.connected = self.ingest.connected
         self.evaluator.on_forget += [self.ingest.forget_job, self.metrics.forget_job, self._forget_in_store]
+        # GPU health: verdicts explained by the culprit's GPU, and its gauges on /metrics
+        self.evaluator.explain = self.ingest.gpu_health.explain
+        self.evaluator.on_forget.append(self.ingest.gpu_health.forget)
+        self.metrics.registry.register(GpuMetrics(self.ingest.gpu_health))
         self.metrics.failures = self.failure_counts
         self.grpc_server = grpc.aio.server(
             maximum_concurrent_rpcs=self.config.max_streams,
@@ -106,6 +111,7 @@ class Collector:
         self._tick_task = asyncio.create_task(self.evaluator.run())
         # hung jobs (issue 14): stall verdicts, ModtrackJobStalled alerts, modtrack_job_stalled_seconds
         self.metrics.registry.register(self.ingest.stall_watch)
+        self.metrics.registry.register(self.ingest.collectives)  # collective timing (issue 15)
         self._stall_task = asyncio.create_task(self.ingest.stall_watch.run(self.merger.jobs, self.alerting))
 
     def api_deps(self) -> ApiDeps:
@@ -122,8 +128,10 @@ class Collector:
             alerts=self.alerts,
             exposition=self.metrics.exposition,
             store_errors=lambda: self.writer.errors,
-            stall=lambda job: self.ingest.stall_watch.verdict(job, self.merger.jobs.get(job)),
-        )  # hung jobs
+            stall=lambda job: self.ingest.stall_watch.verdict(job, self.merger.jobs.get(job)),  # hung jobs
+            gpu=self.ingest.gpu_health.ranks,  # GPU health
+            collectives=self.ingest.collectives.summary,  # collective timing
+        )
 
     def _forget_in_store(self, job: str) -> None:
         self.writer.call(self.store.forget_job, job)

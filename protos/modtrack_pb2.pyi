@@ -19,6 +19,19 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PHASE_FORWARD: _ClassVar[Phase]
     PHASE_BACKWARD: _ClassVar[Phase]
     PHASE_RECOMPUTE: _ClassVar[Phase]
+
+class GpuClockReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GPU_CLOCK_REASON_NONE: _ClassVar[GpuClockReason]
+    GPU_CLOCK_REASON_GPU_IDLE: _ClassVar[GpuClockReason]
+    GPU_CLOCK_REASON_APPLICATIONS_CLOCKS: _ClassVar[GpuClockReason]
+    GPU_CLOCK_REASON_SW_POWER_CAP: _ClassVar[GpuClockReason]
+    GPU_CLOCK_REASON_HW_SLOWDOWN: _ClassVar[GpuClockReason]
+    GPU_CLOCK_REASON_SYNC_BOOST: _ClassVar[GpuClockReason]
+    GPU_CLOCK_REASON_SW_THERMAL: _ClassVar[GpuClockReason]
+    GPU_CLOCK_REASON_HW_THERMAL: _ClassVar[GpuClockReason]
+    GPU_CLOCK_REASON_HW_POWER_BRAKE: _ClassVar[GpuClockReason]
+    GPU_CLOCK_REASON_DISPLAY_CLOCKS: _ClassVar[GpuClockReason]
 CLOCK_KIND_UNSPECIFIED: ClockKind
 CLOCK_KIND_CPU: ClockKind
 CLOCK_KIND_CUDA: ClockKind
@@ -26,6 +39,16 @@ PHASE_UNSPECIFIED: Phase
 PHASE_FORWARD: Phase
 PHASE_BACKWARD: Phase
 PHASE_RECOMPUTE: Phase
+GPU_CLOCK_REASON_NONE: GpuClockReason
+GPU_CLOCK_REASON_GPU_IDLE: GpuClockReason
+GPU_CLOCK_REASON_APPLICATIONS_CLOCKS: GpuClockReason
+GPU_CLOCK_REASON_SW_POWER_CAP: GpuClockReason
+GPU_CLOCK_REASON_HW_SLOWDOWN: GpuClockReason
+GPU_CLOCK_REASON_SYNC_BOOST: GpuClockReason
+GPU_CLOCK_REASON_SW_THERMAL: GpuClockReason
+GPU_CLOCK_REASON_HW_THERMAL: GpuClockReason
+GPU_CLOCK_REASON_HW_POWER_BRAKE: GpuClockReason
+GPU_CLOCK_REASON_DISPLAY_CLOCKS: GpuClockReason
 
 class Hello(_message.Message):
     __slots__ = ("protocol_version", "job", "rank", "local_rank", "world_size", "group_rank", "host", "pid", "torch_version", "agent_version", "clock_kind", "module_names", "session", "attempt")
@@ -105,8 +128,76 @@ class AgentCounters(_message.Message):
     send_errors: int
     def __init__(self, reports_dropped: _Optional[int] = ..., reconnects: _Optional[int] = ..., hook_errors: _Optional[int] = ..., send_errors: _Optional[int] = ...) -> None: ...
 
+class CollectiveStats(_message.Message):
+    __slots__ = ("step", "group", "backend", "group_size", "ranks_hash", "count", "total_ns", "wait_ns", "bytes", "active_measured", "seq", "issue_ns", "active_ns", "unlisted")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_HASH_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_NS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_MEASURED_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ISSUE_NS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_NS_FIELD_NUMBER: _ClassVar[int]
+    UNLISTED_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    group: str
+    backend: str
+    group_size: int
+    ranks_hash: int
+    count: int
+    total_ns: int
+    wait_ns: int
+    bytes: int
+    active_measured: bool
+    seq: _containers.RepeatedScalarFieldContainer[int]
+    issue_ns: _containers.RepeatedScalarFieldContainer[int]
+    active_ns: _containers.RepeatedScalarFieldContainer[int]
+    unlisted: int
+    def __init__(self, step: _Optional[int] = ..., group: _Optional[str] = ..., backend: _Optional[str] = ..., group_size: _Optional[int] = ..., ranks_hash: _Optional[int] = ..., count: _Optional[int] = ..., total_ns: _Optional[int] = ..., wait_ns: _Optional[int] = ..., bytes: _Optional[int] = ..., active_measured: _Optional[bool] = ..., seq: _Optional[_Iterable[int]] = ..., issue_ns: _Optional[_Iterable[int]] = ..., active_ns: _Optional[_Iterable[int]] = ..., unlisted: _Optional[int] = ...) -> None: ...
+
+class GpuHealth(_message.Message):
+    __slots__ = ("sampled_ns", "nvml_index", "name", "sm_clock_mhz", "max_sm_clock_mhz", "memory_clock_mhz", "temperature_c", "power_mw", "power_limit_mw", "utilization_pct", "clock_event_reasons", "ecc_uncorrected", "xid_events", "last_xid", "errors", "unavailable")
+    SAMPLED_NS_FIELD_NUMBER: _ClassVar[int]
+    NVML_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SM_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    MAX_SM_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    POWER_MW_FIELD_NUMBER: _ClassVar[int]
+    POWER_LIMIT_MW_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_PCT_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_EVENT_REASONS_FIELD_NUMBER: _ClassVar[int]
+    ECC_UNCORRECTED_FIELD_NUMBER: _ClassVar[int]
+    XID_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_XID_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    sampled_ns: int
+    nvml_index: int
+    name: str
+    sm_clock_mhz: int
+    max_sm_clock_mhz: int
+    memory_clock_mhz: int
+    temperature_c: int
+    power_mw: int
+    power_limit_mw: int
+    utilization_pct: int
+    clock_event_reasons: int
+    ecc_uncorrected: int
+    xid_events: int
+    last_xid: int
+    errors: int
+    unavailable: str
+    def __init__(self, sampled_ns: _Optional[int] = ..., nvml_index: _Optional[int] = ..., name: _Optional[str] = ..., sm_clock_mhz: _Optional[int] = ..., max_sm_clock_mhz: _Optional[int] = ..., memory_clock_mhz: _Optional[int] = ..., temperature_c: _Optional[int] = ..., power_mw: _Optional[int] = ..., power_limit_mw: _Optional[int] = ..., utilization_pct: _Optional[int] = ..., clock_event_reasons: _Optional[int] = ..., ecc_uncorrected: _Optional[int] = ..., xid_events: _Optional[int] = ..., last_xid: _Optional[int] = ..., errors: _Optional[int] = ..., unavailable: _Optional[str] = ...) -> None: ...
+
 class StepReport(_message.Message):
-    __slots__ = ("step", "start_ns", "end_ns", "forward_ns", "backward_ns", "optimizer_ns", "data_ns", "backward_tail_ns", "recompute_ns", "first_new_module_id", "new_module_names", "phases", "trace", "counters")
+    __slots__ = ("step", "start_ns", "end_ns", "forward_ns", "backward_ns", "optimizer_ns", "data_ns", "backward_tail_ns", "recompute_ns", "first_new_module_id", "new_module_names", "phases", "trace", "counters", "collectives", "gpu")
     STEP_FIELD_NUMBER: _ClassVar[int]
     START_NS_FIELD_NUMBER: _ClassVar[int]
     END_NS_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +212,8 @@ class StepReport(_message.Message):
     PHASES_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVES_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
     step: int
     start_ns: int
     end_ns: int
@@ -135,7 +228,9 @@ class StepReport(_message.Message):
     phases: _containers.RepeatedCompositeFieldContainer[PhaseStats]
     trace: Trace
     counters: AgentCounters
-    def __init__(self, step: _Optional[int] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., backward_ns: _Optional[int] = ..., optimizer_ns: _Optional[int] = ..., data_ns: _Optional[int] = ..., backward_tail_ns: _Optional[int] = ..., recompute_ns: _Optional[int] = ..., first_new_module_id: _Optional[int] = ..., new_module_names: _Optional[_Iterable[str]] = ..., phases: _Optional[_Iterable[_Union[PhaseStats, _Mapping]]] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ..., counters: _Optional[_Union[AgentCounters, _Mapping]] = ...) -> None: ...
+    collectives: _containers.RepeatedCompositeFieldContainer[CollectiveStats]
+    gpu: GpuHealth
+    def __init__(self, step: _Optional[int] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., backward_ns: _Optional[int] = ..., optimizer_ns: _Optional[int] = ..., data_ns: _Optional[int] = ..., backward_tail_ns: _Optional[int] = ..., recompute_ns: _Optional[int] = ..., first_new_module_id: _Optional[int] = ..., new_module_names: _Optional[_Iterable[str]] = ..., phases: _Optional[_Iterable[_Union[PhaseStats, _Mapping]]] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ..., counters: _Optional[_Union[AgentCounters, _Mapping]] = ..., collectives: _Optional[_Iterable[_Union[CollectiveStats, _Mapping]]] = ..., gpu: _Optional[_Union[GpuHealth, _Mapping]] = ...) -> None: ...
 
 class ClockPing(_message.Message):
     __slots__ = ("t1_ns",)

@@ -20,6 +20,8 @@ def test_every_variable_read_from_one_place():
         "MODTRACK_STALL_FACTOR": "4",  # hung jobs
         "MODTRACK_STALL_MIN_S": "2",
         "MODTRACK_STALL_REPEAT_S": "1",
+        "MODTRACK_COLLECTIVES": "on",  # collective timing
+        "MODTRACK_GPU_HEALTH": "off",  # GPU health
     }
     assert config.from_env(env) == config.AgentEnv(
         collector="c:1",
@@ -30,6 +32,8 @@ def test_every_variable_read_from_one_place():
         stall_factor="4",
         stall_min_s="2",
         stall_repeat_s="1",
+        collectives="on",
+        gpu_health="off",
     )
     assert config.from_env({}) == config.AgentEnv()
     assert config.from_env({"MODTRACK_CLOCK": ""}).clock == "auto"  # empty counts as unset

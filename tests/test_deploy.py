@@ -13,7 +13,10 @@ import tomllib
 import yaml
 
 from harness.metrics_samples import episode, matrix
+from modtrack.collector.ingest.gpu_edge import parse_gpu
+from modtrack.collector.outputs.gpu_metrics import GpuMetrics
 from modtrack.collector.outputs.metrics import CollectorMetrics
+from modtrack.collector.pipeline.gpu_health import GpuBoard
 from modtrack.collector.pipeline.merge import Merger
 from modtrack.collector.pipeline.stall_watch import StallWatch
 from modtrack.protos import modtrack_pb2 as pb
@@ -25,6 +28,12 @@ K8S_VERSION = "1.30.0"
 needs_promtool = pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool not installed (make system-deps)"
 )
+
+
+GPU_SAMPLE = pb.GpuHealth(
+    sampled_ns=1, sm_clock_mhz=1100, max_sm_clock_mhz=1980, memory_clock_mhz=2619, temperature_c=91, power_mw=1,
+    power_limit_mw=2, utilization_pct=90, clock_event_reasons=64, ecc_uncorrected=0, xid_events=1, last_xid=79,
+)  # fmt: skip
 
 
 def exposed_metric_names() -> set[str]:
@@ -45,6 +54,9 @@ def exposed_metric_names() -> set[str]:
             "stuck", rank, pb.Heartbeat(step=3, phase="data", step_ns=9, position_ns=9, stack=[stack]), None
         )
     watch.evaluate(merger.jobs, None)
+    board = GpuBoard()  # GPU health: a throttled GPU with an Xid
+    board.observe("train", 0, "node0", parse_gpu(pb.StepReport(gpu=GPU_SAMPLE), "step 0"))
+    m.registry.register(GpuMetrics(board))
     text = m.exposition()[0].decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 

@@ -1,4 +1,4 @@
-"""`collector query {jobs,stragglers,steps,modules,stall}`: the HTTP API as tables, or its JSON.
+"""`collector query {jobs,stragglers,steps,modules,stall,gpu}`: the HTTP API as tables, or its JSON.
 
 Exit 0 on success; 1 with a one-line reason when the API answers an error (unknown job, bad
 query, wrong token); 2 when the collector cannot be reached.
@@ -20,7 +20,7 @@ PER_RANK_COLUMNS = 8  # modules table: one column per rank up to this many ranks
 
 def add_parser(sub) -> None:
     p = sub.add_parser("query", help="ask a running collector (readable table or --json)")
-    p.add_argument("what", choices=("jobs", "stragglers", "steps", "modules", "stall"))
+    p.add_argument("what", choices=("jobs", "stragglers", "steps", "modules", "stall", "gpu"))
     p.add_argument("--url", default=f"http://{ServeConfig.http_addr}", help="the collector's HTTP address")
     p.add_argument("--job", help="job name (all but `jobs`; default: the only job, if one)")
     p.add_argument("--last", type=int, default=10, help="steps: how many recent steps")
@@ -117,7 +117,39 @@ def render(what: str, data: dict) -> str:
         from modtrack.collector.api.stall_text import render_stall
 
         return render_stall(data)
+    if what == "gpu":  # GPU health
+        return _render_gpu(data)
     return _render_modules(data)
+
+
+def _render_gpu(data: dict) -> str:
+    """One row per rank: its GPU's latest NVML sample (clocks in GHz, power in W)."""
+    if not data["ranks"]:
+        return f"job {data['job']}: no GPU sample (no rank uses CUDA, or none reads NVML)"
+
+    def scaled(value, by: float):
+        return None if value is None else value / by
+
+    rows = [
+        [
+            r["rank"],
+            r["host"],
+            r.get("unavailable") or r["gpu"],
+            scaled(r["sm_clock_mhz"], 1000),
+            scaled(r["max_sm_clock_mhz"], 1000),
+            scaled(r["memory_clock_mhz"], 1000),
+            r["temperature_c"],
+            scaled(r["power_mw"], 1000),
+            scaled(r["power_limit_mw"], 1000),
+            r["utilization_pct"],
+            ",".join(r["clock_reasons"]) or "-",
+            r["xid_events"],
+            r["ecc_uncorrected"],
+        ]
+        for r in data["ranks"]
+    ]
+    headers = ["RANK", "HOST", "GPU", "SM_GHZ", "MAX_GHZ", "MEM_GHZ", "TEMP_C", "POWER_W", "LIMIT_W", "UTIL_%"]
+    return table([*headers, "CLOCK_REASONS", "XID", "ECC_UNCORR"], rows)
 
 
 def _render_stragglers(stragglers: list[dict]) -> str:
@@ -138,6 +170,8 @@ def _render_stragglers(stragglers: list[dict]) -> str:
                 s.get("cause") or "-",
             ]
         )
+        if s.get("explanation"):  # GPU health: what the culprit's GPU says
+            rows.append(["", "", "  GPU: " + s["explanation"], "", "", "", "", "", "", ""])
         entries = s.get("modules") or []
         if len(entries) > 1 or entries and (entries[0]["module"], entries[0]["phase"]) != (s["module"], s["phase"]):
             for e in entries:

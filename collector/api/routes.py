@@ -74,6 +74,8 @@ class ApiDeps:
     exposition: Callable[[], tuple[bytes, str]]  # /metrics body and content type
     store_errors: Callable[[], int]  # failed store commits so far
     stall: Callable[[str], dict] | None = None  # hung jobs: a job's stall verdict (GET /api/v1/jobs/{job}/stall)
+    collectives: Callable[[str, int], dict] | None = None  # (job, last): collective timing per group (issue 15)
+    gpu: Callable[[str], list[dict] | None] | None = None  # GPU health: a job's latest GPU sample per rank
 
 
 def make_app(deps: ApiDeps) -> web.Application:
@@ -159,6 +161,7 @@ def make_app(deps: ApiDeps) -> web.Application:
                         "attempt": e.attempt,
                         "ranks": e.ranks,
                         "id": e.id,
+                        "explanation": e.explanation,  # GPU health: "" when the GPU explains nothing
                     }
                     for e in episodes
                 ],
@@ -253,6 +256,18 @@ def make_app(deps: ApiDeps) -> web.Application:
             return error(404, "this collector has no stall verdicts")
         return web.json_response(deps.stall(job))
 
+    async def collectives(request):  # collector/pipeline/collectives.py: who arrives last, slow links
+        job = await known_job(request)
+        last = int_param(request, "last", 20, lo=1, hi=1000)
+        if deps.collectives is None:
+            return error(404, "this collector has no collective timing")
+        return web.json_response(deps.collectives(job, last or 20))
+
+    async def gpu(request):  # GPU health: each rank's latest NVML sample (collector/pipeline/gpu_health.py)
+        job = await known_job(request)
+        ranks = deps.gpu(job) if deps.gpu is not None else None
+        return web.json_response({"job": job, "ranks": ranks or []})
+
     async def metrics(request):
         body, content_type = await read(deps.exposition)  # off the loop: a scrape of 4096 ranks takes a while
         resp = web.Response(body=body)
@@ -273,6 +288,8 @@ def make_app(deps: ApiDeps) -> web.Application:
     app.router.add_get("/api/v1/jobs/{job}/steps", steps)
     app.router.add_get("/api/v1/jobs/{job}/modules", modules)
     app.router.add_get("/api/v1/jobs/{job}/stall", stall)  # hung jobs
+    app.router.add_get("/api/v1/jobs/{job}/collectives", collectives)
+    app.router.add_get("/api/v1/jobs/{job}/gpu", gpu)  # GPU health
     app.router.add_post("/api/v1/jobs/{job}/capture", capture)
     app.router.add_post("/api/v1/jobs/{job}/pause", control("pause"))
     app.router.add_post("/api/v1/jobs/{job}/resume", control("resume"))

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from modtrack.collector.ingest import edge_limits
+from modtrack.collector.ingest.collectives_parse import parse_collectives
 from modtrack.collector.ingest.edge_limits import invalid
+from modtrack.collector.ingest.gpu_edge import parse_gpu
 from modtrack.collector.records import AGENT_COUNTERS, PHASE_NAMES, STEP_FIGURES, StepRow
 
 PHASE_COLUMNS = ("module_id", "calls", "inclusive_ns", "self_ns", "first_start_ns", "last_end_ns")
@@ -47,6 +49,7 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
     All phases are copied into one block and checked in a handful of numpy passes; only a
     report that fails them is walked phase by phase, to say exactly what is wrong."""
     where = f"job {stream.job!r} rank {stream.rank} step {report.step}"
+    gpu = parse_gpu(report, where)  # GPU health (issue 15)
     _add_new_names(report, stream, extend_table, where)
     figures = {name: getattr(report, name) for name in STEP_FIGURES}
     negative = [name for name in STEP_FIGURES[2:] if figures[name] < 0]
@@ -67,6 +70,7 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         "last_end": block[_LAST_END],
     }
     counters = {name: getattr(report.counters, name) for name in AGENT_COUNTERS}
+    collectives = parse_collectives(report, where) if report.collectives else []
     return StepRow(
         stream.job,
         stream.rank,
@@ -76,6 +80,8 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         _parse_trace(report, stream, where),
         counters,
         stream.attempt,
+        collectives,
+        gpu,
     )
 
 

@@ -24,6 +24,8 @@ from modtrack.collector.config import ServeConfig
 from modtrack.collector.ingest import edge_limits
 from modtrack.collector.ingest.edge_limits import Refused, invalid
 from modtrack.collector.ingest.parse import RankStream, parse_report
+from modtrack.collector.pipeline.collectives import CollectiveBook
+from modtrack.collector.pipeline.gpu_health import GpuBoard
 from modtrack.collector.pipeline.merge import Merger
 from modtrack.collector.pipeline.stall_watch import BadHeartbeat, StallWatch  # hung jobs (issue 14)
 from modtrack.collector.store.sqlite import Store
@@ -53,6 +55,8 @@ class IngestServicer(pb_grpc.CollectorServicer):
         self.hello_timeout_s = ServeConfig.hello_timeout_s
         self.refusals = auth.RefusalLog()
         self.stall_watch = StallWatch()  # hung jobs: the latest heartbeat of every rank
+        self.collectives = CollectiveBook()  # collective timing per rank and group (issue 15)
+        self.gpu_health = GpuBoard()  # GPU health: the latest GPU sample of every rank
 
     def connected(self, job: str) -> bool:
         """Some rank of `job` has a stream open."""
@@ -62,6 +66,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
         """The job left memory (finished long ago); a new stream of it starts a new entry."""
         if not self.streams.get(job):
             self.streams.pop(job, None)
+            self.collectives.forget(job)
 
     # --- control, called from the HTTP API on the same loop -------------------------------
     def request_capture(self, job: str, steps: int) -> tuple[str, int]:
@@ -237,6 +242,10 @@ class IngestServicer(pb_grpc.CollectorServicer):
                 )
         info = self.merger.jobs[stream.job].ranks[stream.rank]
         info.counters = row.counters
+        if row.collectives:
+            self.collectives.add(stream.job, stream.attempt, stream.rank, info.clock_offset_ns, row.collectives)
+        if row.gpu is not None:  # GPU health: the rank's latest sample
+            self.gpu_health.observe(stream.job, stream.rank, info.host, row.gpu)
         self._observe_rank(stream, info)
 
     def _clock(self, clock, stream: RankStream) -> None:

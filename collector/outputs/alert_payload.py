@@ -80,6 +80,9 @@ def alert_annotations(episode: Episode) -> dict[str, str]:
     if episode.cause:
         annotations["summary"] = f"{summary}; cause: {episode.cause}"
         annotations["cause"] = episode.cause
+    if episode.explanation:  # GPU health: what the culprit's GPU says
+        annotations["summary"] += f"; GPU: {episode.explanation}"
+        annotations["explanation"] = episode.explanation
     if episode.modules:  # every place the rank is slow, costliest first
         annotations["modules"] = "; ".join(
             f"{e['module']} ({e['phase']}) +{e['excess_ms']:.1f} ms" for e in episode.modules[:10]

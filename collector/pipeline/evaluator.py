@@ -96,6 +96,7 @@ class Evaluator:
         self.jobs_forgotten = 0
         self.connected: Callable[[str], bool] = lambda job: False  # set by the collector
         self.on_forget: list[Callable[[str], None]] = []
+        self.explain: Callable[[Episode], str] = lambda ep: ""  # GPU health: what the culprit's GPU says
         self.pool = concurrent.futures.ThreadPoolExecutor(1, "modtrack-eval")
         self._restoring: dict[str, asyncio.Future] = {}
 
@@ -239,6 +240,8 @@ class Evaluator:
             ep.id = self.next_episode_id
             self.next_episode_id += 1
         self.episode_ids[key] = ep.id
+        if ep.state == "active":  # GPU health; a resolved episode keeps the last explanation it had
+            ep.explanation = self.explain(ep)
         snapshot = dataclasses.replace(ep, ranks=list(ep.ranks))
         self.writer.call_threadsafe(self.store.upsert_episode, snapshot)
         log.info(

@@ -115,7 +115,12 @@ def _run_statements(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(statement)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_tables, migrate_attempts]
+def migrate_gpu_explanation(conn: sqlite3.Connection) -> None:
+    """Version 2 -> 3: GPU health: an episode says what its culprit's GPU explains ("" when nothing)."""
+    conn.execute("ALTER TABLE episodes ADD COLUMN explanation TEXT NOT NULL DEFAULT ''")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_tables, migrate_attempts, migrate_gpu_explanation]
 VERSION = len(MIGRATIONS)
 
 

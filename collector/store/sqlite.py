@@ -58,7 +58,7 @@ def _blobs(row, names_types, offset: int) -> dict:
 
 _EPISODE_COLUMNS = (
     "id, job, rank, host, module, phase, slowdown, first_step, last_step, state, "
-    "cost_ms_per_step, cost_pct, ranks, attempt, cause, excess_ms, modules"
+    "cost_ms_per_step, cost_pct, ranks, attempt, cause, excess_ms, modules, explanation"
 )
 
 
@@ -81,6 +81,7 @@ def _episode(row) -> Episode:
         cause,
         excess,
         modules,
+        explanation,
     ) = row
     return Episode(
         job=job,
@@ -100,6 +101,7 @@ def _episode(row) -> Episode:
         cause=cause or "",
         excess_ms=excess or 0.0,
         modules=json.loads(modules or "[]"),
+        explanation=explanation or "",
     )
 
 
@@ -160,12 +162,14 @@ class Store:
     def upsert_episode(self, ep: Episode) -> None:
         self.conn().execute(
             "INSERT INTO episodes (id, job, rank, host, module, phase, slowdown, first_step, "
-            "last_step, state, cost_ms_per_step, cost_pct, ranks, updated_ns, attempt, cause, excess_ms, modules) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+            "last_step, state, cost_ms_per_step, cost_pct, ranks, updated_ns, attempt, cause, excess_ms, modules, "
+            "explanation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET "
             "host = excluded.host, slowdown = excluded.slowdown, last_step = excluded.last_step, "
             "state = excluded.state, cost_ms_per_step = excluded.cost_ms_per_step, "
             "cost_pct = excluded.cost_pct, ranks = excluded.ranks, updated_ns = excluded.updated_ns, "
-            "cause = excluded.cause, excess_ms = excluded.excess_ms, modules = excluded.modules",
+            "cause = excluded.cause, excess_ms = excluded.excess_ms, modules = excluded.modules, "
+            "explanation = excluded.explanation",
             (
                 ep.id,
                 ep.job,
@@ -185,6 +189,7 @@ class Store:
                 ep.cause,
                 float(ep.excess_ms),
                 json.dumps(ep.modules),
+                ep.explanation,
             ),
         )
 

@@ -262,7 +262,8 @@ function renderVerdict(culprits) {
   title.replaceChildren(el("b", { text: who }), ` is slow — ${cause}${where}`);
   const pct = Number.isFinite(s.cost_pct) ? ` (${s.cost_pct.toFixed(1)}% of the step)` : "";
   const more = culprits.length > 1 ? ` · ${culprits.length - 1} more below` : "";
-  $("verdict-detail").textContent = `since step ${s.first_step} · costs the job ${fmtMs(s.cost_ms_per_step)} per step${pct}${more}`;
+  const gpu = s.explanation ? ` · GPU: ${s.explanation}` : "";  // GPU health: what the culprit's GPU says
+  $("verdict-detail").textContent = `since step ${s.first_step} · costs the job ${fmtMs(s.cost_ms_per_step)} per step${pct}${gpu}${more}`;
 }
 
 function renderPhaseSwitch(phase) {

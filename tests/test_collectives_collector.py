@@ -1,0 +1,137 @@
+"""The collector's collective timing (collector/pipeline/collectives.py) over real gRPC from fake ranks,
+with known truths: injected arrival skews (gloo: issue times), GPU active times (NCCL), a slow link; and
+the edge refusing malformed stats while the collector keeps serving."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from harness.fake_rank import FakeRank, report
+from harness.http import get
+from harness.waiting import wait_for
+from modtrack.collector.ingest.collectives_parse import GroupStep
+from modtrack.collector.pipeline.collectives import line_up
+from modtrack.protos import modtrack_pb2 as pb
+
+MS = 1_000_000
+STEP_NS = 1_000_000_000  # fake_rank.report's steps start at step * 1 s
+
+
+def stats(step, group="0", size=4, seqs=(1, 2), issue=(0, 0), active=None, nbytes=0, backend="gloo"):
+    s = pb.CollectiveStats(
+        step=step, group=group, backend=backend, group_size=size, ranks_hash=hash(group) & 0xFFFF, count=len(seqs)
+    )
+    s.seq.extend(seqs)
+    s.issue_ns.extend(int(step * STEP_NS + i) for i in issue)
+    s.bytes = nbytes
+    if active is not None:
+        s.active_measured = True
+        s.active_ns.extend(active)
+        s.total_ns = sum(active)
+    return s
+
+
+def samples(text: str, name: str) -> dict:
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def group(body, name):
+    return next(g for g in body["groups"] if g["group"] == name)
+
+
+def test_gloo_the_last_to_arrive_is_named_and_every_peer_waits_its_skew(collector):
+    job = "coll-gloo"
+    late = {0: 0, 1: 3 * MS, 2: 1 * MS, 3: 10 * MS}  # rank 3 issues each collective 10 ms after rank 0
+    ranks = [FakeRank(collector.grpc_target, job, r, 4) for r in range(4)]
+    for step in range(6):
+        for r, fr in enumerate(ranks):
+            rep = report(step, [1.0] * 5)
+            rep.collectives.append(stats(step, issue=(5 * MS + late[r], 50 * MS + late[r]), nbytes=4096))
+            fr.report(rep)
+    for fr in ranks:
+        fr.wait_ack(5)
+
+    def summary():
+        status, body = get(collector.url, f"/api/v1/jobs/{job}/collectives")
+        return body if status == 200 and body["groups"] and body["groups"][0]["steps"] == 6 else None
+
+    g = group(wait_for(summary, what="6 complete steps"), "0")
+    assert g["late_rank"] == 3 and g["size"] == 4 and g["transfer_ms"] is None and g["bytes_per_step"] == 4096
+    waits = {r["rank"]: r["wait_ms"] for r in g["ranks"]}
+    # per step: two collectives, each waiting (10 ms - the rank's own lateness)
+    assert waits == {0: 20.0, 1: 14.0, 2: 18.0, 3: 0.0}
+    assert abs(g["peer_wait_ms"] - (20 + 14 + 18) / 3) < 1e-9
+    assert samples(get(collector.url, "/metrics")[1], "modtrack_collective_late_rank") == {
+        (("group", "0"), ("job", job)): 3.0
+    }
+    for fr in ranks:
+        fr.close()
+
+
+def test_nccl_waits_come_from_gpu_active_time_and_a_slow_link_is_its_group(collector):
+    """Two TP groups of 2 (ranks 0,1 and 2,3): group "b" has a slow link, every member spends 30 ms more
+    in its all-reduce; in group "a" rank 0's kernel waits 5 ms for rank 1 (whose host called it first)."""
+    job = "coll-nccl"
+    base = 2 * MS
+    active = {0: base + 5 * MS, 1: base, 2: base + 30 * MS, 3: base + 30 * MS}
+    issue = {0: 9 * MS, 1: 0, 2: 0, 3: 0}  # host issue order disagrees with the GPU: NCCL reads the GPU
+    ranks = [FakeRank(collector.grpc_target, job, r, 4) for r in range(4)]
+    for step in range(3):
+        for r, fr in enumerate(ranks):
+            rep = report(step, [1.0] * 5)
+            name = "a" if r < 2 else "b"
+            rep.collectives.append(stats(step, name, 2, (1,), (issue[r],), [active[r]], backend="nccl"))
+            fr.report(rep)
+    for fr in ranks:
+        fr.wait_ack(2)
+    body = wait_for(
+        lambda: (lambda b: b if len(b["groups"]) == 2 and all(g["steps"] == 3 for g in b["groups"]) else None)(
+            get(collector.url, f"/api/v1/jobs/{job}/collectives")[1]
+        ),
+        what="both groups' 3 steps",
+    )
+    a, b = group(body, "a"), group(body, "b")
+    assert a["active_measured"] and a["transfer_ms"] == 2.0 and b["transfer_ms"] == 32.0
+    assert {r["rank"]: r["wait_ms"] for r in a["ranks"]} == {0: 5.0, 1: 0.0}
+    assert a["late_rank"] == 1  # the GPU arrival: rank 1's kernel started last (its peer spun 5 ms)
+    assert b["slow_link"] and not a["slow_link"] and b["late_rank"] is None
+    for fr in ranks:
+        fr.close()
+
+
+def test_malformed_collective_stats_are_refused_with_the_field_and_the_collector_keeps_serving(collector):
+    fr = FakeRank(collector.grpc_target, "coll-bad", 0, 1)
+    rep = report(0, [1.0] * 5)
+    bad = stats(0, size=1, seqs=(1, 2), issue=(0,))  # two seqs, one issue time
+    rep.collectives.append(bad)
+    fr.report(rep)
+    fr.wait_done()
+    assert fr.error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "one entry per listed collective" in fr.error.details()
+    fr2 = FakeRank(collector.grpc_target, "coll-bad", 0, 1, session="s2")
+    rep = report(1, [1.0] * 5)
+    rep.collectives.append(stats(1, size=1, seqs=(1,), issue=(0,)))
+    fr2.report(rep)
+    fr2.wait_ack(1)
+    fr2.close()
+
+
+def test_only_collectives_every_member_listed_are_lined_up():
+    def step(seq, issue, offset=0):
+        s = GroupStep(
+            0, "0", "gloo", 2, 1, len(seq), 0, 0, 0, False, 0, np.array(seq, np.uint64), np.array(issue, np.int64), None
+        )
+        return (s, offset)
+
+    # rank 1's clock runs 100 ns behind: its offset brings it back; seq 3 is rank 0's alone (rank 1 left it
+    # unlisted past its bound): not lined up
+    lined = line_up({0: step([1, 2, 3], [0, 10, 20]), 1: step([2, 1], [-85, -80], offset=100)})
+    assert lined is not None and lined.collectives == 2
+    assert lined.wait_ns.tolist() == [20 + 5, 0] and lined.last.tolist() == [0, 2]
