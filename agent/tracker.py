@@ -774,7 +774,7 @@ class ModuleTracker:
                 open_calls = self._open_backward[task] = []
                 _queue_callback(partial(self._graph_task_done, task))
                 if self._pass is None:
-                    self._begin_pass()
+                    self._begin_pass(now)
             open_calls.append(call)
             if self._endless:
                 self._end_endless(call, now, work)
@@ -838,7 +838,9 @@ class ModuleTracker:
             call.nodes = [n if n is None or type(n) is int else len(n) if type(n) is list else 1 for n in call.nodes]
         self._multi = []
 
-    def _begin_pass(self) -> None:
+    def _begin_pass(self, now: int) -> None:
+        """The pass begins with its first call's backward, at that call's stamp (a later stamp would leave the
+        call's first microseconds outside the pass: its self time could exceed the pass it is in)."""
         log = self._log
         if self._optimizer_start:
             self._pause_optimizer()  # loss.backward() inside optimizer.step(closure)
@@ -847,7 +849,7 @@ class ModuleTracker:
         if log.passes and not any(r[PHASE] == FORWARD for r in log.rows[log.rows_at_pass_end :]):
             self._pass = log.passes[-1]
         else:
-            self._pass = [self._stamp(), 0, 0]
+            self._pass = [now, 0, 0]
             log.passes.append(self._pass)
         self.position.passes = len(log.passes)  # position: a backward pass began
 
