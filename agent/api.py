@@ -69,12 +69,13 @@ def track(
     tls_ca: str | None = None,
     clock: str = "auto",
     fallback_job: str = "",
+    sample_every: int | None = None,
 ) -> Tracking:
     """Time every module of this process and stream the steps to `collector` (HOST:PORT).
 
     Settings left out come from MODTRACK_COLLECTOR, MODTRACK_JOB, MODTRACK_TOKEN,
-    MODTRACK_TLS_CA (a CA file: the collector serves TLS). With no
-    collector at all this returns a handle that does nothing.
+    MODTRACK_TLS_CA (a CA file: the collector serves TLS), MODTRACK_SAMPLE_EVERY (module detail on every Nth
+    step only; the collector can change it). With no collector at all this returns a handle that does nothing.
     """
     global _active
     if _active is not None:
@@ -99,9 +100,11 @@ def track(
             token=token,
             tls_ca=ca,
             on_capture=lambda capture_id, steps: tracker.request_trace(capture_id, steps),
+            on_sampling=lambda every: tracker.set_sampling(every),
             hook_errors=lambda: tracker.counters.get("hook_errors", 0),
         )
         tracker = ModuleTracker(on_step=transport.submit, clock=clock)
+        tracker.set_sampling(config.sample_every(sample_every if sample_every is not None else env.sample_every))
         transport.heartbeat = Heartbeat(tracker.position, lambda: tracker.module_names, HeartbeatSettings.from_env())
         transport.clock_kind = tracker.clock_kind
         if env.collectives == "on":

@@ -4,8 +4,8 @@ A hook calls `clock.stamp()` and keeps the integer it returns: a *timestamp* (wh
 ended, for timelines and first start / last end). On CPU that integer already is
 `time.perf_counter_ns()`. On CUDA a host timestamp only says when a kernel was *launched*, so the
 CUDA clock records a pooled `torch.cuda.Event` on the current stream and returns its index; the
-events are turned into times later, off the hot path, once the GPU has passed them. No hook ever
-waits for the GPU.
+events travel with the step's record and are turned into times on the sender thread, once the GPU
+has passed them. No hook, and nothing else on the training thread, ever waits for the GPU.
 
 On CPU a module call also takes `clock.work_stamp()`, and its duration (inclusive and self time) is
 the difference of those: by default the calling thread's CPU time (`time.thread_time_ns`). CPU
@@ -26,7 +26,9 @@ a 20 us module would otherwise read 0 or 15 ms.
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -88,74 +90,116 @@ class CpuClock:
 
 
 class EventBatch:
-    """The events of one step, resolvable to nanoseconds once the GPU has passed the last one.
+    """The events of one step, resolved to nanoseconds on the sender thread once the GPU has passed them.
 
-    Times are reported on the host clock: `ref_host_ns` (perf_counter_ns when the reference event
-    was recorded) plus the GPU time elapsed since the reference event.
+    `block[0]` is the reference event, recorded when the step began (host time `ref_host_ns`); token i is
+    `block[i]`, i < `count`. Times are reported on the host clock: `ref_host_ns` plus the GPU time elapsed
+    since the reference event. Once resolved (or dropped unresolved) the block goes back to the clock's pool.
     """
 
-    def __init__(self, ref, ref_host_ns: int, events: list, give_back: Callable[[list], None]):
-        self.ref = ref
+    __slots__ = ("_give_back", "block", "count", "ref_host_ns", "resolved_on")
+
+    def __init__(self, block: list, count: int, ref_host_ns: int, give_back: Callable[[list], None]):
+        self.block: list | None = block
+        self.count = count
         self.ref_host_ns = ref_host_ns
-        self.events = events  # events[0] is None: token 0 means "never stamped"
         self._give_back = give_back
+        self.resolved_on: int | None = None  # the thread that resolved it (tests check it is the sender)
+
+    def ready(self) -> bool:
+        """The GPU has passed the step's last event (a query, never a wait)."""
+        block = self.block
+        return block is None or block[self.count - 1].query()
 
     def wait(self) -> None:
-        """Block until the GPU has passed this step's last event. Only at close, never in a hook."""
-        (self.events[-1] if len(self.events) > 1 else self.ref).synchronize()
+        """Block until the GPU has passed this step's last event: only for a reader that asks for the figures
+        now (last_step()); the sender resolves only batches that are ready()."""
+        if self.block is not None:
+            self.block[self.count - 1].synchronize()
 
     def resolve(self) -> np.ndarray | None:
-        """ns for every token (index), or None while the GPU has not reached the last event."""
-        last = self.events[-1] if len(self.events) > 1 else self.ref
-        if not last.query():
+        """ns for every token (index; token 0 reads 0), waiting for the GPU if it must; None once released."""
+        block = self.block
+        if block is None:
             return None
-        ref = self.ref
+        events = block[1 : self.count]
+        ref = block[0]
         try:
-            ms = [0.0] + [ref.elapsed_time(ev) for ev in self.events[1:]]
-        except RuntimeError:  # an event on another stream is not done yet: try again next step
-            return None
-        table = self.ref_host_ns + np.round(np.asarray(ms) * 1e6).astype(np.int64)
+            ms = [ref.elapsed_time(ev) for ev in events]
+        except RuntimeError:  # an event on another stream is not done yet: wait for each (off the hot path)
+            for ev in events:
+                ev.synchronize()
+            ms = [ref.elapsed_time(ev) for ev in events]
+        table = np.empty(self.count, dtype=np.int64)
         table[0] = 0
+        table[1:] = self.ref_host_ns + np.round(np.asarray(ms, dtype=np.float64) * 1e6).astype(np.int64)
+        self.resolved_on = threading.get_ident()
         self.release()
         return table
 
     def release(self) -> None:
-        self._give_back([self.ref, *self.events[1:]])
-        self.events = [None]
+        block, self.block = self.block, None
+        if block is not None:
+            self._give_back(block)
+
+    def __del__(self) -> None:  # dropped unresolved (a full queue): the events still go back to the pool
+        try:
+            self.release()
+        except Exception:
+            pass
 
 
 class CudaEventClock:
-    """Stamps are indices of events recorded on the current CUDA stream.
+    """Stamps are indices of events recorded on the current CUDA stream, one event per stamp.
 
-    `event_factory` makes a new timing event; tests on CPU pass a fake one.
+    Events are pooled: a step takes a block (a list of events, grown only until it fits the largest step),
+    stamps record `block[1], block[2], ...` by an index counter, and the step's EventBatch gives the block
+    back once the sender has resolved it. After the first steps no stamp allocates anything. The tracker
+    stamps once per boundary (every call that starts or ends there shares the token).
+
+    `event_factory` makes a new timing event; tests on CPU pass a fake one (then events are recorded with
+    their own `record()`).
     """
 
     kind = "cuda"
     durations = "events"
 
     def __init__(self, event_factory: Callable[[], object] | None = None) -> None:
+        record = None
         if event_factory is None:
             import torch
 
             def event_factory():
                 return torch.cuda.Event(enable_timing=True)
 
+            try:
+                record = current_stream_recorder()
+            except Exception:  # a torch without these internals: Event.record() it is
+                record = None
         self._new_event = event_factory
-        self._pool: list = []
+        self._record: Callable[[object], None] = record or _record_with_event
+        self._free: collections.deque = collections.deque()  # blocks given back (by the sender thread)
         self.created = 0
         self._open()
 
-    def _take(self):
-        if self._pool:
-            return self._pool.pop()
+    def _event(self):
         self.created += 1
         return self._new_event()
 
     def _open(self) -> None:
-        self._events: list = [None]
-        self._ref = self._take()
-        self._ref.record()
+        free = self._free
+        block = free.pop() if free else [self._event()]
+        self._block = block
+        self._count = 1
+        self._record_at(block, 0)
         self._ref_host_ns = time.perf_counter_ns()
+
+    def _record_at(self, block: list, i: int) -> None:
+        try:
+            self._record(block[i])
+        except RuntimeError:  # an event first recorded on another device (set_device after tracking began)
+            block[i] = self._event()
+            self._record(block[i])
 
     @staticmethod
     def work_stamp() -> int:
@@ -163,20 +207,50 @@ class CudaEventClock:
         return 0
 
     def stamp(self) -> int:
-        ev = self._take()
-        ev.record()
-        events = self._events
-        events.append(ev)
-        return len(events) - 1
+        n = self._count
+        block = self._block
+        if n == len(block):
+            block.append(self._event())  # only while the pool grows to the largest step
+        try:
+            self._record(block[n])
+        except RuntimeError:
+            self._record_at(block, n)
+        self._count = n + 1
+        return n
 
     def close_step(self) -> EventBatch:
-        """Hand over this step's events and start the next step's."""
-        batch = EventBatch(self._ref, self._ref_host_ns, self._events, self._pool.extend)
+        """Hand over this step's events (resolved later, on the sender thread) and start the next step's."""
+        batch = EventBatch(self._block, self._count, self._ref_host_ns, self._free.append)
         self._open()
         return batch
 
     def pending_events(self) -> int:
-        return len(self._events) - 1
+        return self._count - 1
+
+
+def _record_with_event(event) -> None:
+    event.record()
+
+
+def current_stream_recorder() -> Callable[[object], None]:
+    """Records an event on the current stream without `torch.cuda.Event.record()`'s Python path (which builds
+    a new Stream object each time): one Stream per (stream id, device) is kept."""
+    import torch
+
+    torch.cuda.init()  # what Event.record() would do first
+    base_record = torch._C._CudaEventBase.record
+    get_device = torch._C._cuda_getDevice
+    get_stream = torch._C._cuda_getCurrentStream
+    streams: dict = {}
+
+    def record(event) -> None:
+        key = get_stream(get_device())
+        stream = streams.get(key)
+        if stream is None:
+            stream = streams[key] = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
+        base_record(event, stream)
+
+    return record
 
 
 def make_clock(kind="auto"):

@@ -24,6 +24,9 @@ class AgentEnv:
     stall_factor: str = "3"  # MODTRACK_STALL_FACTOR: this many times the rank's median step
     stall_min_s: str = "5"  # MODTRACK_STALL_MIN_S: this many seconds
     stall_repeat_s: str = "3"  # MODTRACK_STALL_REPEAT_S: again this often while the step lasts
+    # sampled mode: module detail on every Nth step (step numbers multiple of N), step-level figures on every
+    # step; the collector can change it while the job runs (POST /api/v1/jobs/{job}/sampling)
+    sample_every: str = "1"  # MODTRACK_SAMPLE_EVERY
     # collective timing (agent/collectives.py): on (NCCL's completion hook; the Flight Recorder for gloo and
     # groups whose hook is taken) or off (until the NCCL path is proven on a GPU)
     collectives: str = "off"  # MODTRACK_COLLECTIVES
@@ -37,6 +40,14 @@ def variable(name: str) -> str:
 
 
 VARIABLES = tuple(variable(f.name) for f in fields(AgentEnv))
+
+
+def sample_every(value) -> int:
+    """A sampling period from a variable, a flag or the wire: a whole number >= 1 (0, junk: 1, every step)."""
+    try:
+        return max(1, int(value))
+    except (TypeError, ValueError):
+        return 1
 
 
 def from_env(env: Mapping[str, str] = os.environ) -> AgentEnv:

@@ -75,6 +75,7 @@ def encode_report(record: StepRecord, counters: dict[str, int]) -> pb.AgentMessa
         recompute_ns=record.recompute_ns,
         first_new_module_id=record.first_new_module_id,
         counters=pb.AgentCounters(**counters),
+        detail=record.detail,
     )
     report.new_module_names.extend(record.new_module_names)
     for name, cols in record.phases.items():

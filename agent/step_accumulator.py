@@ -8,7 +8,9 @@ aggregates every step waiting for it in one pass (build_step_records), a few tim
 Each call carries two kinds of stamps: timestamps (F_START..B_END: the clock's `stamp`, wall time on
 CPU, event tokens on CUDA) say *when*; work stamps (F_WORK_START..B_WORK_END: the clock's
 `work_stamp`, thread CPU time on CPU by default) say *how much*. On CPU, inclusive and self time are
-work-stamp differences; on CUDA (a token table is given) they are event differences.
+work-stamp differences; on CUDA (a token table is given) they are event differences. A CUDA step's
+record carries its EventBatch (agent/clocks.py): the sender aggregates it once the GPU has passed its
+last event (`ready`), and resolves the events there, never on the training thread.
 """
 
 from __future__ import annotations
@@ -54,10 +56,12 @@ class StepLog:
         self.rows: list[list] = []
         self.passes: list[list] = []  # backward passes: [start, end, last module backward end]
         self.optimizer: list[tuple[int, int]] = []  # optimizer.step() calls: (start, end)
+        self.wrapped: list[list[int]] = []  # outermost wrapper forwards (DDP, FSDP1): [start, end]
         self.rows_at_pass_end = 0
+        self.detail = True  # sampled mode: False on steps timed at the top level only (no module detail)
 
     def is_empty(self) -> bool:
-        return not (self.rows or self.passes or self.optimizer)
+        return not (self.rows or self.passes or self.optimizer or self.wrapped)
 
 
 class _Built:
@@ -99,21 +103,32 @@ class DeferredStepRecord(StepRecord):
         self,
         log: StepLog,
         step: int,
-        table: np.ndarray | None = None,
+        table=None,
         trace_id: str | None = None,
         counters: dict | None = None,
     ):
-        """`counters` (the tracker's) gets the calls that overlapped their children once this is built."""
+        """`table`: None (stamps are ns), a token -> ns array, or the step's EventBatch (CUDA: resolved when
+        built). `counters` (the tracker's) gets the calls that overlapped their children once this is built."""
         self.step = step
         self.start_ns = log.start_host_ns
         self.end_ns = log.end_host_ns
         self.first_new_module_id = 0
         self.new_module_names = []
+        self.detail = log.detail
         self._source = (log, table, trace_id, counters)
 
     @property
     def built(self) -> bool:
         return self._source is None
+
+    @property
+    def ready(self) -> bool:
+        """Can be built without waiting: no events, or the GPU has passed the step's last one."""
+        source = self._source
+        if source is None:
+            return True
+        table = source[1]
+        return table is None or isinstance(table, np.ndarray) or table.ready()
 
     @property
     def raw_calls(self) -> int:
@@ -133,6 +148,23 @@ def build_step_record(
     return DeferredStepRecord(log, step, table, trace_id).build()
 
 
+def _resolve(batch, log: StepLog, counters: dict | None) -> np.ndarray:
+    """A CUDA step's token table (waits for the GPU only if the step was not ready: a reader asking now).
+    Events that cannot be read time nothing (all tokens read 0), counted."""
+    try:
+        if not batch.ready():
+            batch.wait()
+        table = batch.resolve()
+        if table is not None:
+            return table
+    except Exception:
+        batch.release()
+    if counters is not None:
+        counters["unresolved_steps"] = counters.get("unresolved_steps", 0) + 1
+    tokens = max((max(row[F_START], row[F_END], row[B_START], row[B_END]) for row in log.rows), default=0)
+    return np.zeros(max(tokens, *(max(p) for p in log.passes), *(max(o) for o in log.optimizer), 0) + 1, np.int64)
+
+
 def _span_ns(pairs, table) -> int:
     """Sum of (start, end) stamp pairs in ns; pairs never closed count 0 (a few per step: plain Python)."""
     total = 0
@@ -148,11 +180,14 @@ def build_step_records(records: list[StepRecord]) -> None:
     The cost of a pass is mostly numpy's per-call overhead, not the rows: done for N steps at once it is
     paid once, not N times. All arithmetic is vectorized over steps x module calls.
     """
-    todo = []
+    todo: list = []
     for record in records:
         source = getattr(record, "_source", None)  # a plain StepRecord is built already
         if source is not None:
-            todo.append((record, *source))
+            log, table, trace_id, counters = source
+            if table is not None and not isinstance(table, np.ndarray):
+                table = _resolve(table, log, counters)
+            todo.append((record, log, table, trace_id, counters))
     if not todo:
         return
     counts = [len(log.rows) for _, log, _, _, _ in todo]
@@ -216,14 +251,15 @@ def build_step_records(records: list[StepRecord]) -> None:
             counters["overlapping_calls"] = counters.get("overlapping_calls", 0) + record.overlapping_calls
         # step phases are wall time, like the step itself: data_ns is what is left of the wall
         passes = [p for p in log.passes if p[0] > 0]
-        record.forward_ns = int(forward[i])
+        # a wrapper's forward (FSDP1's root all-gather, DDP's buffer sync) is forward time too
+        record.forward_ns = max(int(forward[i]), _span_ns(log.wrapped, table))
         record.recompute_ns = int(recompute[i])
         record.backward_ns = _span_ns([(p[0], p[1]) for p in passes], table)
         record.backward_tail_ns = sum(max(0, _span_ns([(p[2], p[1])], table)) for p in passes)
         record.optimizer_ns = _span_ns(log.optimizer, table)
         busy = record.forward_ns + record.backward_ns + record.optimizer_ns
         record.data_ns = max(0, record.wall_ns - busy)
-        record.phases = phases[i]
+        record.phases = phases[i] if log.detail else {}  # sampled mode: top-level calls only give step figures
         lo, hi = bounds[i], bounds[i + 1]
         record.trace = None if trace_id is None else _trace(rows[lo:hi], f_valid[lo:hi], b_valid[lo:hi], trace_id)
 

@@ -53,6 +53,7 @@ class StepRecord:
     new_module_names: list[str] = field(default_factory=list)
     phases: dict[str, PhaseColumns] = field(default_factory=dict)
     trace: TraceColumns | None = None
+    detail: bool = True  # sampled mode: False when this step carries no module detail (phases is empty)
     collectives: list = field(default_factory=list)  # agent.collectives.GroupStats, maybe of earlier steps
 
     @property

@@ -60,6 +60,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
 from modtrack.agent.clocks import make_clock
+from modtrack.agent.module_hooks import ModuleHooks
 from modtrack.agent.module_names import ModuleNames
 from modtrack.agent.step_accumulator import (
     B_END,
@@ -100,8 +101,6 @@ _next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
 _Tensor = torch.Tensor
 _CONTAINERS = (list, tuple, dict)
 
-# CUDA steps whose events the GPU has not passed yet wait here; past this many, the oldest is dropped.
-MAX_PENDING_STEPS = 8
 # A loop that never ends a step (inference: no optimizer, no step()) must not grow memory
 # forever: past this many calls, the next return to the top level ends a step by itself.
 MAX_CALLS_PER_STEP = 100_000
@@ -196,6 +195,7 @@ class ModuleTracker:
         self._log = StepLog(time.perf_counter_ns())
         self.position = at.Position(self._log.start_host_ns)  # where the rank is (issue 14: hung jobs)
         self._stack: list[_Call] = []  # open forward calls, innermost last
+        self._wrapper = None  # the outermost wrapper whose forward runs now (its window is forward time)
         self._open_backward: dict[int, list] = {}  # graph task id -> calls whose backward started there
         self._endless: list[_Call] = []  # open backward calls with no input view to end them
         self._pass: list | None = None  # the backward pass running now, an entry of log.passes
@@ -206,13 +206,16 @@ class ModuleTracker:
         self._recent_nodes: dict = {}  # autograd node -> the actions its one pre-hook runs
         self._multi: list[_Call] = []  # calls that keep nodes (see _Call.nodes)
         self._viewed_from: dict = {}  # node of an input view we made -> node of the tensor it views
-        self._pending: list[tuple] = []  # finished steps waiting for their clock (CUDA)
         self._step_no = 0
+        self._sample_every = 1  # sampled mode: module detail on steps whose number is a multiple of this
+        self._detail = True  # this step times every module (else: top-level calls only, for the step figures)
         self._last: StepRecord | None = None
         self._trace_lock = threading.Lock()
         self._trace_request: tuple[str, int] | None = None
         self._handles: list = []
         self._hooked: dict[int, weakref.ref] = {}  # id(module) -> module, for modules with our hooks
+        self._module_hooks = ModuleHooks(self._enter, self._exit)
+        self._quiet = False  # sampled mode: only top-level modules have hooks now (a step without detail)
         self._closed = False
 
     # ---- the seed's surface -------------------------------------------------------------------
@@ -225,6 +228,7 @@ class ModuleTracker:
         if not self._handles:
             self._closed = False
             self._log = StepLog(time.perf_counter_ns())
+            self._sample_step(switch_hooks=False)  # no module is hooked yet
             self.parents = {"Global"}
             self.position.new_step(self._step_no, self._log.start_host_ns)  # position: the thread that trains
             self.position.thread_id = threading.get_ident()
@@ -248,6 +252,27 @@ class ModuleTracker:
         """End the current step by hand (loops without an optimizer)."""
         self._end_step()
 
+    def set_sampling(self, every: int) -> None:
+        """Thread-safe: from the next step on, module detail only on steps whose number is a multiple of
+        `every` (the same steps on every rank); the other steps time their top-level calls only, which gives
+        the step figures (forward, backward, tail, optimizer, data). 1: every step. While a step has no
+        detail, `parents` holds the top-level modules only."""
+        self._sample_every = max(1, int(every))
+
+    def _sample_step(self, switch_hooks: bool = True) -> None:
+        """At a step's start: does it have module detail? Nested modules' hooks come off or back on to match."""
+        detail = self._detail = self._log.detail = self._step_no % self._sample_every == 0
+        if not switch_hooks or detail != self._quiet or self._closed:
+            return
+        if detail:  # back to full detail: every module hooked again, new ones met again
+            self._quiet = False
+            self._handles[0] = register_module_forward_pre_hook(self._forward_pre)
+            self._module_hooks.put_back(self._site_of)
+        elif self._module_hooks.roots:  # a top-level module is known: it keeps the step figures coming
+            self._quiet = True  # first: whatever comes off below goes back on at the next detailed step
+            self._handles[0].remove()
+            self._module_hooks.take_off(self._hooked)
+
     def last_step(self) -> dict:
         """{(module_name, phase): {"calls", "inclusive_ms", "self_ms"}} of the last finished step."""
         return {} if self._last is None else step_summary(self._last, self.module_names)
@@ -261,19 +286,18 @@ class ModuleTracker:
             self._trace_request = (capture_id, int(steps)) if steps > 0 else None
 
     def close(self) -> None:
-        """Remove every hook, finish the step in progress, resolve what the GPU still owes."""
+        """Remove every hook and finish the step in progress (its CUDA events are resolved where it is built)."""
         if self._closed:
             return
         self._closed = True
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._module_hooks.remove_all()
+        self._quiet = False
         self._hooked.clear()
         try:
             self._end_step()
-            for _, _, batch, _ in self._pending:
-                batch.wait()  # CUDA only (CPU steps never wait here); once, at exit: never in a hook
-            self._flush()
         except Exception:
             self.counters["hook_errors"] += 1
             logger.debug("modtrack: error while closing", exc_info=True)
@@ -303,21 +327,45 @@ class ModuleTracker:
         key = id(mod)
         hooked = self._hooked
 
+        module_hooks = self._module_hooks
+
         def forget(_ref, key=key):
             hooked.pop(key, None)
+            module_hooks.forget(key)
 
         hooked[key] = weakref.ref(mod, forget)
         mid = self._names.module_id(mod)
         if mid < 0:
-            return  # a wrapper (DDP, FSDP1, checkpoint wrapper): not timed, not in `parents`
+            # A wrapper (DDP, FSDP1, checkpoint wrapper): not timed, not in `parents`; but the outermost one's
+            # call is the model's forward as the user calls it. FSDP1's root all-gathers its parameters there,
+            # before the module it wraps runs: a peer's wait for a slow rank is forward time, not data loading.
+            self._handles += (
+                mod.register_forward_pre_hook(self._wrapper_pre, prepend=True),
+                mod.register_forward_hook(self._wrapper_post, always_call=True),
+            )
+            return
         # a module that changes its input in place (ReLU(inplace=True)) gets no view: autograd would
         # copy the gradient of the whole tensor to rebase the view; its input is its output anyway
         site = (mid, self._names.names[mid], [0, 0], getattr(mod, "inplace", False) is True)
-        pre = mod.register_forward_pre_hook(partial(self._enter, site), prepend=True, with_kwargs=True)
-        post = mod.register_forward_hook(partial(self._exit, site), always_call=True)
-        site[2][0], site[2][1] = pre.id, post.id
+        self._module_hooks.add(mod, site)
         mod.__dict__.setdefault("_modtrack_sites", {})[id(self)] = site
-        self._handles += (pre, post)
+
+    def _wrapper_pre(self, mod, args) -> None:
+        try:
+            if not self._stack and self._wrapper is None and _graph_task_id() == -1:
+                self._wrapper = mod
+                self._log.wrapped.append([self._stamp(), 0])
+        except Exception:
+            self._hook_failed()
+
+    def _wrapper_post(self, mod, args, output) -> None:
+        try:
+            if self._wrapper is mod:
+                self._wrapper = None
+                if self._log.wrapped:
+                    self._log.wrapped[-1][1] = self._stamp()
+        except Exception:
+            self._hook_failed()
 
     def _site_of(self, mod):
         sites = mod.__dict__.get("_modtrack_sites")
@@ -325,7 +373,7 @@ class ModuleTracker:
 
     # ---- forward ------------------------------------------------------------------------------
     def _enter(self, site: tuple, mod, args, kwargs):
-        if _is_compiling():
+        if (self._stack and not self._detail) or _is_compiling():  # sampled mode: a nested call, not timed
             return None
         try:
             mid, name = site[0], site[1]
@@ -340,6 +388,8 @@ class ModuleTracker:
             parents.add(name)
             stack = self._stack
             rows = self._log.rows
+            if not stack:
+                self._module_hooks.roots.add(id(mod))  # sampled mode keeps a top-level module's hooks on
             in_backward = _graph_task_id() != -1
             if not stack and not in_backward and self._optimizer_start:
                 self._pause_optimizer()  # a closure inside optimizer.step(): this is forward, not optimizer
@@ -525,7 +575,7 @@ class ModuleTracker:
         return view
 
     def _exit(self, site: tuple, mod, args, output) -> None:
-        if _is_compiling():
+        if (not self._detail and not (self._stack and self._stack[-1].mod is mod)) or _is_compiling():
             return
         try:
             work = self._work()
@@ -931,10 +981,13 @@ class ModuleTracker:
             self._drop_nodes()
             self._pass = None
             self.parents = {"Global"}
-            self._pending.append((self._step_no, log, self._clock.close_step(), self._take_trace()))
+            # aggregated later, off the training thread (by the sender, or by whoever reads it first); a CUDA
+            # step's events travel with it and are resolved there too
+            record = DeferredStepRecord(log, self._step_no, self._clock.close_step(), self._take_trace(), self.counters)
             self._step_no += 1
+            self._sample_step()
             self.position.new_step(self._step_no, log.end_host_ns)  # position: the next step's data
-            self._flush()
+            self._emit(record)
         except Exception:
             self._hook_failed()
 
@@ -945,25 +998,6 @@ class ModuleTracker:
             capture_id, steps = self._trace_request
             self._trace_request = (capture_id, steps - 1) if steps > 1 else None
             return capture_id
-
-    def _flush(self) -> None:
-        """Build and hand over every finished step whose stamps can be resolved now, in order."""
-        pending = self._pending
-        while pending:
-            step_no, log, batch, trace_id = pending[0]
-            table = None
-            if batch is not None:
-                table = batch.resolve()
-                if table is None:
-                    if len(pending) <= MAX_PENDING_STEPS:
-                        return
-                    batch.release()
-                    pending.pop(0)
-                    self.counters["steps_dropped"] += 1
-                    continue
-            pending.pop(0)
-            # aggregated later, off the training thread (by the sender, or by whoever reads it first)
-            self._emit(DeferredStepRecord(log, step_no, table, trace_id, self.counters))
 
     def _emit(self, record: StepRecord) -> None:
         names = self._names.names

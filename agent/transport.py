@@ -83,6 +83,7 @@ class Transport:
         tls_ca: bytes | None = None,
         clock: Callable[[], int] = time.perf_counter_ns,
         on_capture: Callable[[str, int], None] | None = None,
+        on_sampling: Callable[[int], None] | None = None,
         hook_errors: Callable[[], int] = lambda: 0,
         queue_size: int = 256,
         replay_size: int = 1024,
@@ -102,6 +103,7 @@ class Transport:
         self._tls_ca = tls_ca
         self._clock = clock
         self._on_capture = on_capture
+        self._on_sampling = on_sampling
         self._hook_errors = hook_errors
         self._queue_size = queue_size
         self._replay_size = replay_size
@@ -294,8 +296,10 @@ class Transport:
                 return
             self._wakes += 1
             batch = []
-            while raw:
+            while raw and getattr(raw[0], "ready", True):  # CUDA: only steps whose GPU work is done, in order
                 batch.append(raw.popleft())
+            if not batch:
+                return
             try:
                 build_step_records(batch)
             except Exception as e:  # counted when encoding each of them fails
@@ -395,6 +399,11 @@ class Transport:
                     self._on_capture(control.capture.capture_id, control.capture.steps)
                 except Exception as e:
                     warn_once("capture", f"trace capture failed: {e}")
+            elif action == "sampling" and self._on_sampling is not None:
+                try:
+                    self._on_sampling(control.sampling.every_n_steps)
+                except Exception as e:
+                    warn_once("sampling", f"sampled mode change failed: {e}")
             elif action == "pause":
                 self._paused = True
             elif action == "resume":

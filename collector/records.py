@@ -79,6 +79,7 @@ class StepRow:
     attempt: int = 0  # the job's attempt (torchelastic restart count) the rank's stream belongs to
     collectives: list = field(default_factory=list)  # collectives_parse.GroupStep, maybe of earlier steps
     gpu: GpuSample | None = None  # GPU health: the sample this report carried, if any (not stored)
+    detail: bool = True  # sampled mode: False when the rank timed no module this step (step figures only)
 
     def sql_row(self) -> tuple:
         """(job, attempt, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs): the store's steps row."""
@@ -131,6 +132,12 @@ class StepMatrix:
     # backward tail (sync_wait_ms) is all that is known.
     idle_ms: np.ndarray | None = None  # (R,)
     attempt: int = 0  # the job's attempt (torchelastic restarts) this step belongs to
+    # Sampled mode: which ranks carry module detail this step (None: all); whether self times are CPU time
+    detail: np.ndarray | None = None  # (R,) bool
+    cpu_clock: bool = False
+    # (R,) the part of data_ms between the last module forward and the first module backward: the host's own
+    # code there (the loss, a user's code in the training loop), not data loading. None: not known.
+    host_ms: np.ndarray | None = None
 
 
 @dataclass

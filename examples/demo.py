@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,11 +63,27 @@ def wait_for_verdict(api: str, job: str, timeout_s: float) -> list[dict]:
 
 def describe(s: dict) -> str:
     until = "ongoing" if s["state"] == "active" else f"until step {s['last_step']}"
+    where = ", ".join(f"{m['module']} ({m['phase']}) +{m['excess_ms']:.1f} ms" for m in s.get("modules", [])[:4])
     return (
-        f"rank {s['rank']} on host {s['host']}: {s['module']} ({s['phase']}) runs "
-        f"{s['slowdown']:.2f}x its peers' median since step {s['first_step']} ({until}), "
-        f"costing the job {s['cost_ms_per_step']:.1f} ms per step"
+        f"rank {s['rank']} on host {s['host']}: {s.get('cause') or 'slow'} since step {s['first_step']} ({until}): "
+        f"{where or s['module']}; costing the job {s['cost_ms_per_step']:.1f} ms per step "
+        f"({s.get('cost_pct', 0.0):.0f} % of its step time)"
     )
+
+
+def measured_loss(times_path: str, onset: int, warmup: int = 5) -> tuple[float, float] | None:
+    """Rank 0's own step times (train.py --step-times): median before the onset (after the first, slower
+    steps) and after it. Their difference is what the job lost per step, measured outside the collector."""
+    try:
+        with open(times_path) as f:
+            ms = {r["step"]: r["ms"] for r in map(json.loads, f)}
+    except OSError:
+        return None
+    before = [v for step, v in ms.items() if warmup <= step < onset]
+    after = [v for step, v in ms.items() if step >= onset + 2]  # the first slow steps fill the pipeline
+    if len(before) < 3 or len(after) < 3:
+        return None
+    return statistics.median(before), statistics.median(after)
 
 
 def parse_args(argv=None):
@@ -89,6 +106,7 @@ def main(argv=None) -> int:
     api = f"http://{http_addr}"
     data_dir = tempfile.mkdtemp(prefix="modtrack-demo-")
     job = f"demo-{int(time.time())}"
+    times_path = os.path.join(data_dir, "step-times.jsonl")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     collector = subprocess.Popen(
         [
@@ -131,6 +149,8 @@ def main(argv=None) -> int:
             str(args.slow_ms),
             "--slow-from-step",
             str(args.slow_from_step),
+            "--step-times",
+            times_path,
         ]
         torchrun = ["--standalone", "--nproc-per-node", str(args.ranks), *train]
         print("$ torchrun " + shlex.join(torchrun), flush=True)
@@ -152,6 +172,13 @@ def main(argv=None) -> int:
             print("also flagged:")
             for s in stragglers[1:]:
                 print("  " + describe(s))
+        measured = measured_loss(times_path, args.slow_from_step)
+        if measured is not None:
+            before, after = measured
+            print(
+                f"measured by the job itself (rank 0's step times, medians): {before:.1f} ms per step before "
+                f"step {args.slow_from_step}, {after:.1f} ms after: {after - before:.1f} ms per step lost"
+            )
         print(f"\ndashboard: {api}/   (took {time.monotonic() - started:.0f} s)")
         if args.keep:
             print("collector kept running; Ctrl-C to stop it", flush=True)

@@ -7,7 +7,8 @@
 The fault injection busy-waits (slow compute, not sleep) on one rank: inside modules' forward, or
 inside their backward through an autograd Function placed at each module's output (--slow-module
 takes a comma-separated list), in every leaf module (--slow-phase whole), while loading the batch
-(data) or inside the optimizer step (optimizer). --slow-every N makes it intermittent (one slow
+(data), in the training loop's own code between forward and backward (host), or inside the optimizer
+step (optimizer). --slow-every N makes it intermittent (one slow
 step in N), --slow-ramp-steps a gradual ramp, --slow-to-step a stop. --fail-at-step S makes rank 0
 fail once, in the first attempt, so that `torchrun --max-restarts 1` restarts the job; --slow-attempt
 confines the fault to one attempt. --step-times FILE: rank 0 appends each step's wall time (the
@@ -203,10 +204,10 @@ def parse_args(argv=None):
     p.add_argument("--slow-module", default="blocks.1.mlp", help="e.g. blocks.1.mlp (TinyGPT. prefix optional)")
     p.add_argument(
         "--slow-phase",
-        choices=("forward", "backward", "whole", "data", "optimizer"),
+        choices=("forward", "backward", "whole", "data", "host", "optimizer"),
         default="forward",
         help="where the busy wait goes: modules' forward or backward, every leaf module (whole), "
-        "batch loading (data), the optimizer step",
+        "batch loading (data), the loop's code between forward and backward (host), the optimizer step",
     )
     p.add_argument("--slow-ms", type=float, default=30.0, help="per slow module and step (whole: in all)")
     p.add_argument("--slow-from-step", type=int, default=0)
@@ -267,6 +268,8 @@ def main(argv=None) -> None:
         tokens = torch.randint(args.vocab, (args.batch, args.context + 1), generator=data).to(device)
         logits = wrapped(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
+        if slow_here and args.slow_phase == "host":
+            busy_wait(slow_ms_now(args, progress))  # a user's metrics, logging, ... between forward and backward
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -197,7 +197,7 @@ class GpuHealth(_message.Message):
     def __init__(self, sampled_ns: _Optional[int] = ..., nvml_index: _Optional[int] = ..., name: _Optional[str] = ..., sm_clock_mhz: _Optional[int] = ..., max_sm_clock_mhz: _Optional[int] = ..., memory_clock_mhz: _Optional[int] = ..., temperature_c: _Optional[int] = ..., power_mw: _Optional[int] = ..., power_limit_mw: _Optional[int] = ..., utilization_pct: _Optional[int] = ..., clock_event_reasons: _Optional[int] = ..., ecc_uncorrected: _Optional[int] = ..., xid_events: _Optional[int] = ..., last_xid: _Optional[int] = ..., errors: _Optional[int] = ..., unavailable: _Optional[str] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "start_ns", "end_ns", "forward_ns", "backward_ns", "optimizer_ns", "data_ns", "backward_tail_ns", "recompute_ns", "first_new_module_id", "new_module_names", "phases", "trace", "counters", "collectives", "gpu")
+    __slots__ = ("step", "start_ns", "end_ns", "forward_ns", "backward_ns", "optimizer_ns", "data_ns", "backward_tail_ns", "recompute_ns", "first_new_module_id", "new_module_names", "phases", "trace", "counters", "detail", "collectives", "gpu")
     STEP_FIELD_NUMBER: _ClassVar[int]
     START_NS_FIELD_NUMBER: _ClassVar[int]
     END_NS_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,7 @@ class StepReport(_message.Message):
     PHASES_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     COLLECTIVES_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
     step: int
@@ -228,9 +229,10 @@ class StepReport(_message.Message):
     phases: _containers.RepeatedCompositeFieldContainer[PhaseStats]
     trace: Trace
     counters: AgentCounters
+    detail: bool
     collectives: _containers.RepeatedCompositeFieldContainer[CollectiveStats]
     gpu: GpuHealth
-    def __init__(self, step: _Optional[int] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., backward_ns: _Optional[int] = ..., optimizer_ns: _Optional[int] = ..., data_ns: _Optional[int] = ..., backward_tail_ns: _Optional[int] = ..., recompute_ns: _Optional[int] = ..., first_new_module_id: _Optional[int] = ..., new_module_names: _Optional[_Iterable[str]] = ..., phases: _Optional[_Iterable[_Union[PhaseStats, _Mapping]]] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ..., counters: _Optional[_Union[AgentCounters, _Mapping]] = ..., collectives: _Optional[_Iterable[_Union[CollectiveStats, _Mapping]]] = ..., gpu: _Optional[_Union[GpuHealth, _Mapping]] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., backward_ns: _Optional[int] = ..., optimizer_ns: _Optional[int] = ..., data_ns: _Optional[int] = ..., backward_tail_ns: _Optional[int] = ..., recompute_ns: _Optional[int] = ..., first_new_module_id: _Optional[int] = ..., new_module_names: _Optional[_Iterable[str]] = ..., phases: _Optional[_Iterable[_Union[PhaseStats, _Mapping]]] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ..., counters: _Optional[_Union[AgentCounters, _Mapping]] = ..., detail: _Optional[bool] = ..., collectives: _Optional[_Iterable[_Union[CollectiveStats, _Mapping]]] = ..., gpu: _Optional[_Union[GpuHealth, _Mapping]] = ...) -> None: ...
 
 class ClockPing(_message.Message):
     __slots__ = ("t1_ns",)
@@ -316,15 +318,23 @@ class Resume(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SetSampling(_message.Message):
+    __slots__ = ("every_n_steps",)
+    EVERY_N_STEPS_FIELD_NUMBER: _ClassVar[int]
+    every_n_steps: int
+    def __init__(self, every_n_steps: _Optional[int] = ...) -> None: ...
+
 class Control(_message.Message):
-    __slots__ = ("capture", "pause", "resume")
+    __slots__ = ("capture", "pause", "resume", "sampling")
     CAPTURE_FIELD_NUMBER: _ClassVar[int]
     PAUSE_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
     capture: CaptureTrace
     pause: Pause
     resume: Resume
-    def __init__(self, capture: _Optional[_Union[CaptureTrace, _Mapping]] = ..., pause: _Optional[_Union[Pause, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
+    sampling: SetSampling
+    def __init__(self, capture: _Optional[_Union[CaptureTrace, _Mapping]] = ..., pause: _Optional[_Union[Pause, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., sampling: _Optional[_Union[SetSampling, _Mapping]] = ...) -> None: ...
 
 class CollectorMessage(_message.Message):
     __slots__ = ("ack", "pong", "control")

@@ -20,6 +20,7 @@ def test_every_variable_read_from_one_place():
         "MODTRACK_STALL_FACTOR": "4",  # hung jobs
         "MODTRACK_STALL_MIN_S": "2",
         "MODTRACK_STALL_REPEAT_S": "1",
+        "MODTRACK_SAMPLE_EVERY": "4",  # sampled mode
         "MODTRACK_COLLECTIVES": "on",  # collective timing
         "MODTRACK_GPU_HEALTH": "off",  # GPU health
     }
@@ -32,12 +33,14 @@ def test_every_variable_read_from_one_place():
         stall_factor="4",
         stall_min_s="2",
         stall_repeat_s="1",
+        sample_every="4",
         collectives="on",
         gpu_health="off",
     )
     assert config.from_env({}) == config.AgentEnv()
     assert config.from_env({"MODTRACK_CLOCK": ""}).clock == "auto"  # empty counts as unset
     assert set(config.VARIABLES) == set(env)
+    assert [config.sample_every(v) for v in ("4", "1", "0", "-3", "x", None, 7)] == [4, 1, 1, 1, 1, 1, 7]
     assert default_job({"MODTRACK_JOB": "mine", "TORCHELASTIC_RUN_ID": "run"}) == "mine"
 
 

@@ -1,17 +1,28 @@
-"""The CUDA event clock's logic, on CPU: the one place a fake (a fake CUDA event) is used."""
+"""The CUDA event clock's logic, on CPU: the one place a fake (a fake CUDA event) is used.
+
+The fake GPU is a timeline: work queued by a module moves `now`; an event records `now` and is done
+once the GPU got there (`done_until`). Every call on a fake event notes the thread it came from, so the
+tests can say where events are recorded (the training thread) and where they are read (the sender).
+"""
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
 
+from harness.ports import free_port
+from harness.waiting import wait_for
 from modtrack.agent import ModuleTracker
 from modtrack.agent.clocks import CpuClock, CudaEventClock, make_clock
-from modtrack.agent.tracker import MAX_PENDING_STEPS
+from modtrack.agent.identity import Identity
+from modtrack.agent.transport import Transport
 
 torch.set_num_threads(1)
+
+IDENTITY = Identity(job="j", rank=0, local_rank=0, world_size=1, group_rank=0, host="h", pid=1)
 
 
 class FakeGpu:
@@ -20,9 +31,14 @@ class FakeGpu:
     def __init__(self):
         self.now = 0.0
         self.done_until = math.inf
+        self.records = 0
+        self.threads: dict[str, set[int]] = {"record": set(), "query": set(), "read": set(), "synchronize": set()}
 
     def event(self):
         return FakeEvent(self)
+
+    def note(self, what: str) -> None:
+        self.threads[what].add(threading.get_ident())
 
 
 class FakeEvent:
@@ -30,16 +46,24 @@ class FakeEvent:
         self.gpu, self.t = gpu, None
 
     def record(self):
+        self.gpu.note("record")
+        self.gpu.records += 1
         self.t = self.gpu.now
 
-    def query(self):
+    def _done(self):
         return self.t is not None and self.t <= self.gpu.done_until
 
+    def query(self):
+        self.gpu.note("query")
+        return self._done()
+
     def synchronize(self):
+        self.gpu.note("synchronize")
         self.gpu.done_until = max(self.gpu.done_until, self.t)
 
     def elapsed_time(self, end):
-        if not (self.query() and end.query()):
+        self.gpu.note("read")
+        if not (self._done() and end._done()):
             raise RuntimeError("event not complete")
         return end.t - self.t
 
@@ -84,6 +108,12 @@ def run_steps(tracker, model, n):
         tracker.step()
 
 
+def sender(clock, **kw) -> Transport:
+    """A real transport whose collector is not there: its sender thread aggregates all the same."""
+    kw.setdefault("flush_interval_s", 0.01)
+    return Transport(f"127.0.0.1:{free_port()}", IDENTITY, clock_kind="cuda", backoff_initial_s=5, **kw).start()
+
+
 def test_module_times_are_gpu_times_from_events_not_host_times():
     gpu = FakeGpu()
     model, records = Model(gpu), []
@@ -100,40 +130,93 @@ def test_module_times_are_gpu_times_from_events_not_host_times():
     assert r.end_ns > r.start_ns  # step boundaries stay on the host clock
 
 
-def test_unresolved_steps_are_carried_and_handed_over_in_order_with_events_pooled():
+def test_one_event_per_boundary_and_none_allocated_after_the_first_steps():
     gpu = FakeGpu()
     clock = CudaEventClock(gpu.event)
-    model, records = Model(gpu), []
-    with ModuleTracker(on_step=records.append, clock=clock) as t:
-        gpu.done_until = -1.0  # the GPU lags: nothing is done yet
-        run_steps(t, model, 2)
-        assert records == [] and t.counters["steps"] == 0
-        gpu.done_until = math.inf
-        run_steps(t, model, 1)
-        assert [r.step for r in records] == [0, 1, 2]
-        assert t.last_step()[("Model.kernel", "backward")]["inclusive_ms"] == 7.0
-        created = clock.created
-        run_steps(t, model, 20)
-        assert clock.created == created  # every event came back to the pool
+    records = []
+
+    def aggregate(record):  # what the sender does, a step at a time
+        records.append(record.build())
+
+    with ModuleTracker(on_step=aggregate, clock=clock) as t:
+        run_steps(t, Model(gpu), 3)
+        created, before = clock.created, gpu.records
+        run_steps(t, Model(gpu), 1)
+        per_step = gpu.records - before
+        run_steps(t, Model(gpu), 100)
+    # 3 modules x 4 window ends is 12 timestamps, but calls that start or end at the same place share one:
+    # the step's reference, pass start and end, 6 forward stamps, the backward's 4 distinct nodes
+    assert per_step <= 13, per_step
+    assert clock.created == created  # 100 more steps, not one more event: blocks come back to the pool
+    assert t.counters["hook_errors"] == 0 and records[-1].backward_ns == 7_000_000
 
 
-def test_a_gpu_that_never_catches_up_drops_the_oldest_steps_not_memory():
+def test_events_are_recorded_on_the_training_thread_and_read_only_on_the_sender():
+    gpu = FakeGpu()
+    clock = CudaEventClock(gpu.event)
+    transport = sender(clock)
+    try:
+        with ModuleTracker(on_step=transport.submit, clock=clock) as t:
+            run_steps(t, Model(gpu), 5)
+            wait_for(lambda: transport.stats["queued"] == 5 and not transport._raw, what="5 steps aggregated")
+        trainer, sending = threading.get_ident(), transport._thread.ident
+        assert gpu.threads["record"] == {trainer}
+        assert gpu.threads["read"] == {sending} and gpu.threads["query"] == {sending}
+        assert gpu.threads["synchronize"] == set()  # nobody waited for the GPU
+        built = list(transport._queue)
+        assert [r.step for r in built] == [0, 1, 2, 3, 4]
+        assert all(r.forward_ns == 5_000_000 and r.backward_ns == 7_000_000 for r in built)
+    finally:
+        transport.close(timeout_s=0.1)
+
+
+def test_steps_wait_in_order_for_a_lagging_gpu_and_are_aggregated_once_it_passes_them():
+    gpu = FakeGpu()
+    gpu.done_until = -1.0  # the GPU lags: nothing is done yet
+    clock = CudaEventClock(gpu.event)
+    transport = sender(clock)
+    try:
+        with ModuleTracker(on_step=transport.submit, clock=clock) as t:
+            run_steps(t, Model(gpu), 3)
+            wakes = transport.stats["wakes"]
+            wait_for(lambda: transport.stats["wakes"] >= wakes + 3, what="the sender woke three times")
+            assert len(transport._raw) == 3 and not transport._queue  # not built: the GPU has not passed them
+            assert t.counters["steps"] == 3  # the training thread handed them over all the same
+            gpu.done_until = math.inf
+            wait_for(lambda: len(transport._queue) == 3, what="3 steps aggregated")
+        assert [r.step for r in transport._queue] == [0, 1, 2]
+        assert all(r.backward_ns == 7_000_000 for r in transport._queue)
+        assert gpu.threads["synchronize"] == set()
+    finally:
+        transport.close(timeout_s=0.1)
+
+
+def test_a_gpu_that_never_catches_up_costs_no_memory_step_after_step():
     gpu = FakeGpu()
     gpu.done_until = -1.0
     clock = CudaEventClock(gpu.event)
-    with ModuleTracker(clock=clock) as t:
-        run_steps(t, Model(gpu), MAX_PENDING_STEPS + 5)
-        assert t.counters["steps_dropped"] == 5 and len(t._pending) == MAX_PENDING_STEPS
+    transport = sender(clock, raw_size=4)
+    try:
+        with ModuleTracker(on_step=transport.submit, clock=clock) as t:
+            run_steps(t, Model(gpu), 10)
+            created = clock.created
+            run_steps(t, Model(gpu), 40)
+            assert len(transport._raw) <= 4 and transport.counters["reports_dropped"] >= 40
+            assert clock.created == created  # dropped steps gave their events back
+    finally:
+        transport.close(timeout_s=0.1)
 
 
-def test_close_waits_once_for_the_gpu_and_flushes_every_step():
+def test_close_never_waits_and_a_reader_of_a_step_the_gpu_has_not_passed_waits_for_it():
     gpu = FakeGpu()
     gpu.done_until = -1.0
     t = ModuleTracker(clock=CudaEventClock(gpu.event))
     with t:
         run_steps(t, Model(gpu), 3)
-        assert t.counters["steps"] == 0
-    assert t.counters["steps"] == 3 and t.counters["hook_errors"] == 0
+        assert t.counters["steps"] == 3
+    assert gpu.threads["synchronize"] == set() and t.counters["hook_errors"] == 0
+    assert t.last_step()[("Model.kernel", "backward")]["inclusive_ms"] == 7.0  # the reader waited
+    assert gpu.threads["synchronize"] == {threading.get_ident()}
 
 
 def test_make_clock():
@@ -142,3 +225,25 @@ def test_make_clock():
     assert make_clock("auto").kind == ("cuda" if torch.cuda.is_available() else "cpu")
     custom = CudaEventClock(FakeGpu().event)
     assert make_clock(custom) is custom
+
+
+def test_events_that_cannot_be_read_time_nothing_and_are_counted_not_raised():
+    gpu = FakeGpu()
+
+    class BrokenEvent(FakeEvent):
+        def elapsed_time(self, end):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    clock = CudaEventClock(lambda: BrokenEvent(gpu))
+    records = []
+    with ModuleTracker(on_step=records.append, clock=clock) as t:
+        run_steps(t, Model(gpu), 3)
+        for r in records:
+            r.build()
+    assert t.counters["unresolved_steps"] == 3 and t.counters["hook_errors"] == 0
+    assert all(r.phases == {} and r.forward_ns == 0 and r.end_ns > r.start_ns for r in records)
+    with ModuleTracker(on_step=lambda r: r.build(), clock=clock) as t:
+        run_steps(t, Model(gpu), 2)  # the block opened last above holds one event: it grows once
+        created = clock.created
+        run_steps(t, Model(gpu), 10)
+    assert clock.created == created  # events that could not be read went back to the pool all the same

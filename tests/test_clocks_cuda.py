@@ -76,3 +76,49 @@ def test_gpu_work_is_timed_by_events_while_host_time_would_miss_it():
     # the host clock sees only the launch in forward
     _, host, _ = run("cpu", model)
     assert host[("Model.busy", "forward")]["inclusive_ms"] < 5
+
+
+def test_the_sender_resolves_gpu_times_and_events_are_pooled():
+    """The whole CUDA path as a job runs it: events recorded on the training thread, resolved by the sender."""
+    pytest.importorskip("grpc")
+    from harness.ports import free_port
+    from harness.waiting import wait_for
+    from modtrack.agent.clocks import CudaEventClock
+    from modtrack.agent.identity import Identity
+    from modtrack.agent.transport import Transport
+
+    model = Model(cycles_for(20), cycles_for(30)).cuda()
+    identity = Identity(job="j", rank=0, local_rank=0, world_size=1, group_rank=0, host="h", pid=1)
+    transport = Transport(f"127.0.0.1:{free_port()}", identity, clock_kind="cuda", flush_interval_s=0.01).start()
+    clock = CudaEventClock()
+    try:
+        with ModuleTracker(on_step=transport.submit, clock=clock) as t:
+            for i in range(12):
+                model(torch.randn(8, 64, device="cuda")).sum().backward()
+                t.step()
+                if i == 5:
+                    created = clock.created
+            wait_for(lambda: transport.stats["queued"] == 12 and not transport._raw, timeout=30, what="12 steps built")
+            busy_id = t.module_names.index("Model.busy")
+        assert clock.created == created  # steps 6-11: no event made, every one reused
+        for record in list(transport._queue)[2:]:
+            forward = record.phases["forward"]
+            busy = forward.inclusive_ns[forward.module_id.tolist().index(busy_id)]
+            assert busy / 1e6 == pytest.approx(20, rel=0.2)
+            assert record.backward_ns / 1e6 == pytest.approx(30, rel=0.2)
+    finally:
+        transport.close(timeout_s=0.5)
+
+
+def test_sampled_mode_keeps_step_figures_on_every_step():
+    model = Model(cycles_for(20), cycles_for(30)).cuda()
+    records = []
+    with ModuleTracker(on_step=records.append, clock="cuda") as t:
+        t.set_sampling(4)
+        for _ in range(9):
+            model(torch.randn(8, 64, device="cuda")).sum().backward()
+            t.step()
+    assert [r.detail for r in records] == [s % 4 == 0 for s in range(9)]
+    for r in records[1:]:
+        assert r.forward_ns / 1e6 == pytest.approx(20, rel=0.2) and r.backward_ns / 1e6 == pytest.approx(30, rel=0.2)
+    assert bool(records[8].phases) and not records[7].phases

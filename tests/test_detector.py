@@ -292,5 +292,6 @@ def test_whole_rank_spikes_do_not_count_as_evidence_for_one_cell():
     slow = base.copy()
     slow[3, :] = 1.4
     slow[3, 6] = 1.5
-    episodes = [ep for s in range(3) for ep in det.observe(matrix(slow, step=s))]
+    # opened at step 2 (3 of 5); a whole rank is reported once it stays slow, k = 3 slow steps: at step 4
+    episodes = {id(ep): ep for s in range(5) for ep in det.observe(matrix(slow, step=s))}.values()
     assert [(ep.rank, ep.module, ep.first_step) for ep in episodes] == [(3, "m6", 2)]

@@ -70,6 +70,7 @@ def test_jobs_steps_modules(collector):
                     "last_evaluated_step": 3,
                     "attempt": 0,
                     "state": "running",
+                    "sample_every": None,  # sampled mode never set through the API
                 }
             ]
         }

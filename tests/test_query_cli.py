@@ -33,8 +33,11 @@ def test_tables(busy):
     out = query("jobs", "--url", busy.url)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["JOB", "WORLD", "REPORTING", "LAST_STEP", "ATTEMPT", "STATE"]
-    assert lines[1].split()[:4] == ["train", "4", "4", "9"]
+    assert lines[0].split() == ["JOB", "WORLD", "REPORTING", "LAST_STEP", "ATTEMPT", "STATE", "DETAIL"]
+    assert lines[1].split()[:4] == ["train", "4", "4", "9"] and lines[1].split()[-1] == "-"  # sampling never set
+
+    out = query("sampling", "--url", busy.url, "--job", "train")
+    assert out.returncode == 1 and "sampling needs --every N" in out.stderr
 
     out = query("stragglers", "--url", busy.url, "--job", "train")
     assert out.returncode == 0, out.stderr

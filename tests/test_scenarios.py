@@ -17,13 +17,12 @@ import scenarios
 
 pytestmark = pytest.mark.slow
 
-# The intermittent case (every3) is left to the benchmark: in CI it once blamed a victim (an empty
-# "compute, intermittent" episode on a waiting rank) and its measured truth moves too much in one run.
 CASES = [  # (wrapper, shape, culprit position): every wrapper, the kinds the old detector got wrong
     ("ddp", "four", "middle"),
     ("fsdp2", "bwd1", "last"),
     ("fsdp1", "fwd1", "first"),
-    ("ddp", "data", "last"),
+    ("fsdp1", "data", "last"),  # FSDP1's root all-gather: the peers' wait for the loader is forward time
+    ("ddp", "every3", "middle"),
     ("ddp", "restart", "middle"),
     ("ddp", "clean", "first"),
 ]
@@ -55,5 +54,11 @@ def test_scenario_verdict_and_cost(collector, tmp_path, wrap, shape, position):
     assert r.measured is not None and r.measured > 0
     # One 3-rank run on 2 shared cores: the measured truth itself moves by ±5 ms between windows, so a single
     # run is held to ±50 %; the benchmark's table (tests/bench/scenarios.py) reports the error distribution
-    # against the ≤ 15 % median / ≤ 25 % worst targets.
-    assert abs(r.cost_error) <= 0.5, (r.cost, r.measured)
+    # against the ≤ 15 % median / ≤ 25 % worst targets. A 1-in-3 fault's measured loss moves by more than that
+    # (10-18 ms per step for the same 40 ms in three runs): its cost is held to the injected 40 / 3 ms per step.
+    every = int(spec.args[spec.args.index("--slow-every") + 1]) if "--slow-every" in spec.args else 1
+    if every > 1:
+        injected = float(spec.args[spec.args.index("--slow-ms") + 1]) / every
+        assert abs(r.cost - injected) <= 0.5 * injected, (r.cost, injected, r.measured)
+    else:
+        assert abs(r.cost_error) <= 0.5, (r.cost, r.measured)

@@ -80,3 +80,44 @@ def test_an_optimizer_spike_on_a_rank_slow_in_a_module_is_no_second_cause():
     (ep,) = episodes(make)
     assert ep.rank == 1 and ep.cause == "compute in 1 module"
     assert [e["phase"] for e in ep.modules] == ["backward"]
+
+
+def test_host_code_between_forward_and_backward_is_its_own_cause_not_data_loading():
+    # Rank 1's training loop runs 20 ms of its own code after the forward (a metric, logging): its peers wait.
+    def make(s, rng):
+        m = step_matrix(s, rng, data_extra=20.0 if s >= 10 else 0.0)
+        m.host_ms = np.full(RANKS, 0.3)
+        if s >= 10:
+            m.host_ms[1] += 20.0  # the extra lies between its last module forward and its first module backward
+        return m
+
+    found = episodes(make)
+    assert [(ep.rank, ep.cause) for ep in found] == [(1, "host time between modules")]
+    assert [e["module"] for e in found[0].modules] == ["(host between modules)"]
+
+
+def test_the_gap_between_the_last_module_forward_and_the_first_module_backward_is_measured_from_the_timestamps():
+    from modtrack.collector.pipeline.merge import JobSnapshot, build_matrix
+    from modtrack.collector.records import StepRow
+
+    ms = 1_000_000
+
+    def row(rank, gap_ms):
+        # forward: module 0 from 0 to 10 ms; backward: module 0 from 10 + gap to 18 + gap ms
+        figures = {"start_ns": 0, "end_ns": (40 + gap_ms) * ms, "forward_ns": 10 * ms, "backward_ns": 8 * ms,
+                   "optimizer_ns": 2 * ms, "data_ns": (20 + gap_ms) * ms, "backward_tail_ns": 0,
+                   "recompute_ns": 0}  # fmt: skip
+        modules = {"phase": np.array([1, 2], np.uint8), "module": np.array([0, 0], np.int64),
+                   "calls": np.ones(2, np.uint32), "inclusive": np.array([10, 8]) * ms,
+                   "self": np.array([10, 8]) * ms, "first_start": np.array([0, 10 + gap_ms]) * ms,
+                   "last_end": np.array([10, 18 + gap_ms]) * ms}  # fmt: skip
+        return StepRow("j", rank, 0, figures, modules)
+
+    m = build_matrix(JobSnapshot("j", ["Net"], {0: "h", 1: "h"}, cpu_clock=True), 0, {0: row(0, 1), 1: row(1, 25)})
+    assert m.host_ms.tolist() == [1.0, 25.0]
+    from modtrack.collector.pipeline.detector import judged_columns
+
+    x, keys = judged_columns(m)
+    assert keys.tolist() == [-1, -2, -3]
+    assert x[:, -3].tolist() == [20.0, 20.0]  # data loading: what is left outside modules, less the host's code
+    assert x[:, -1].tolist() == [1.0, 25.0]

@@ -1,4 +1,5 @@
 """`collector query {jobs,stragglers,steps,modules,stall,gpu}`: the HTTP API as tables, or its JSON.
+`collector query sampling --job J --every N` switches a running job's sampled mode (a POST).
 
 Exit 0 on success; 1 with a one-line reason when the API answers an error (unknown job, bad
 query, wrong token); 2 when the collector cannot be reached.
@@ -20,12 +21,13 @@ PER_RANK_COLUMNS = 8  # modules table: one column per rank up to this many ranks
 
 def add_parser(sub) -> None:
     p = sub.add_parser("query", help="ask a running collector (readable table or --json)")
-    p.add_argument("what", choices=("jobs", "stragglers", "steps", "modules", "stall", "gpu"))
+    p.add_argument("what", choices=("jobs", "stragglers", "steps", "modules", "stall", "gpu", "sampling"))
     p.add_argument("--url", default=f"http://{ServeConfig.http_addr}", help="the collector's HTTP address")
     p.add_argument("--job", help="job name (all but `jobs`; default: the only job, if one)")
     p.add_argument("--last", type=int, default=10, help="steps: how many recent steps")
     p.add_argument("--step", type=int, help="modules: which step (default: last evaluated)")
     p.add_argument("--attempt", type=int, help="which attempt of a restarted job (default: the latest)")
+    p.add_argument("--every", type=int, help="sampling: module detail every N steps (1: every step)")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     p.add_argument("--token-file", help="send 'Authorization: Bearer <token in this file>'")
     p.add_argument("--timeout", type=float, default=10.0)
@@ -37,10 +39,14 @@ class QueryError(Exception):
         self.code = code
 
 
-def fetch(url: str, path: str, token: str | None, timeout: float, params: dict | None = None):
+def fetch(url: str, path: str, token: str | None, timeout: float, params: dict | None = None, body=None):
+    """GET (or, with a JSON `body`, POST) one API path."""
     query = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v is not None})
     full = url.rstrip("/") + path + (f"?{query}" if query else "")
-    request = urllib.request.Request(full, headers={"Accept": "application/json"})
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(full, data=data, headers={"Accept": "application/json"})
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -79,9 +85,17 @@ def render(what: str, data: dict) -> str:
     if what == "jobs":
         return (
             table(
-                ["JOB", "WORLD", "REPORTING", "LAST_STEP", "ATTEMPT", "STATE"],
+                ["JOB", "WORLD", "REPORTING", "LAST_STEP", "ATTEMPT", "STATE", "DETAIL"],
                 [
-                    [j["job"], j["world_size"], j["ranks_reporting"], j["last_step"], j.get("attempt", 0), j["state"]]
+                    [
+                        j["job"],
+                        j["world_size"],
+                        j["ranks_reporting"],
+                        j["last_step"],
+                        j.get("attempt", 0),
+                        j["state"],
+                        _detail(j.get("sample_every")),
+                    ]
                     for j in data["jobs"]
                 ],
             )
@@ -113,6 +127,8 @@ def render(what: str, data: dict) -> str:
             if data["steps"]
             else "no steps yet"
         )
+    if what == "sampling":
+        return f"job {data['job']}: module detail {_detail(data['sample_every'])} ({data['ranks']} ranks told)"
     if what == "stall":  # hung jobs (issue 14)
         from modtrack.collector.api.stall_text import render_stall
 
@@ -120,6 +136,13 @@ def render(what: str, data: dict) -> str:
     if what == "gpu":  # GPU health
         return _render_gpu(data)
     return _render_modules(data)
+
+
+def _detail(every) -> str:
+    """Sampled mode as the jobs table shows it."""
+    if every is None:
+        return "-"
+    return "every step" if every == 1 else f"every {every} steps"
 
 
 def _render_gpu(data: dict) -> str:
@@ -230,6 +253,10 @@ def _query(args, token: str | None) -> dict:
             )
         job = jobs[0]
     path = f"/api/v1/jobs/{urllib.parse.quote(job, safe='')}/{args.what}"
+    if args.what == "sampling":
+        if args.every is None or args.every < 1:
+            raise QueryError("sampling needs --every N (N >= 1)")
+        return fetch(args.url, path, token, args.timeout, body={"every": args.every})
     params = {"last": args.last} if args.what == "steps" else {}
     if args.what == "modules":
         params = {"step": args.step}

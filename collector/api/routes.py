@@ -55,6 +55,10 @@ class Controls(Protocol):
 
     def request_capture(self, job: str, steps: int) -> tuple[str, int]: ...
 
+    def set_sampling(self, job: str, every: int) -> int: ...
+
+    def sampling(self, job: str) -> int | None: ...
+
     def pause(self, job: str) -> int: ...
 
     def resume(self, job: str) -> int: ...
@@ -128,6 +132,7 @@ def make_app(deps: ApiDeps) -> web.Application:
                     "last_evaluated_step": row["last_evaluated_step"],
                     "attempt": row["attempt"],
                     "state": "running" if reporting else "stopped",
+                    "sample_every": deps.controls.sampling(row["job"]),  # sampled mode; None: never set here
                 }
             )
         return web.json_response({"jobs": out})
@@ -233,6 +238,25 @@ def make_app(deps: ApiDeps) -> web.Application:
             return error(409, f"no rank of job {job!r} is connected")
         return web.json_response({"job": job, "capture_id": capture_id, "steps": count, "ranks": asked})
 
+    async def sampling(request):
+        """Sampled mode: {"every": N} (JSON body, or ?every=N): module detail every Nth step, 1: every step."""
+        job = await known_job(request)
+        every = int_param(request, "every", None, 1, 1_000_000)
+        if every is None:
+            try:
+                body = await request.json() if request.can_read_body else {}
+            except ValueError:
+                raise ApiError(400, 'the body must be JSON: {"every": N}') from None
+            value = body.get("every") if isinstance(body, dict) else None
+            if type(value) is not int or not 1 <= value <= 1_000_000:
+                raise ApiError(400, "'every' must be a whole number from 1 to 1000000")
+            every = value
+        try:
+            asked = deps.controls.set_sampling(job, every)
+        except KeyError:
+            return error(409, f"no rank of job {job!r} is connected")
+        return web.json_response({"job": job, "sample_every": every, "ranks": asked})
+
     def control(action: str):
         async def handle(request):
             job = await known_job(request)
@@ -291,6 +315,7 @@ def make_app(deps: ApiDeps) -> web.Application:
     app.router.add_get("/api/v1/jobs/{job}/collectives", collectives)
     app.router.add_get("/api/v1/jobs/{job}/gpu", gpu)  # GPU health
     app.router.add_post("/api/v1/jobs/{job}/capture", capture)
+    app.router.add_post("/api/v1/jobs/{job}/sampling", sampling)
     app.router.add_post("/api/v1/jobs/{job}/pause", control("pause"))
     app.router.add_post("/api/v1/jobs/{job}/resume", control("resume"))
     app.router.add_get("/api/v1/alerts", alerts)

@@ -82,6 +82,7 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         stream.attempt,
         collectives,
         gpu,
+        detail=report.detail or len(report.phases) > 0,  # agents before sampled mode never set it
     )
 
 

@@ -55,6 +55,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
         self.hello_timeout_s = ServeConfig.hello_timeout_s
         self.refusals = auth.RefusalLog()
         self.stall_watch = StallWatch()  # hung jobs: the latest heartbeat of every rank
+        self.sample_every: dict[str, int] = {}  # sampled mode set over the API, per job: told to every rank
         self.collectives = CollectiveBook()  # collective timing per rank and group (issue 15)
         self.gpu_health = GpuBoard()  # GPU health: the latest GPU sample of every rank
 
@@ -76,6 +77,17 @@ class IngestServicer(pb_grpc.CollectorServicer):
         asked = self._control(job, pb.Control(capture=pb.CaptureTrace(capture_id=capture_id, steps=steps)))
         self.writer.call(self.store.add_capture, capture_id, job, steps, asked)
         return capture_id, asked
+
+    def set_sampling(self, job: str, every: int) -> int:
+        """Sampled mode: module detail on every `every`-th step of `job` (1: every step), for every rank
+        connected now and any that (re)connects later. Returns the ranks told; KeyError: none connected."""
+        asked = self._control(job, pb.Control(sampling=pb.SetSampling(every_n_steps=every)))
+        self.sample_every[job] = every
+        return asked
+
+    def sampling(self, job: str) -> int | None:
+        """The sampling set over the API for `job`; None: never set (the agents' own MODTRACK_SAMPLE_EVERY)."""
+        return self.sample_every.get(job)
 
     def pause(self, job: str) -> int:
         return self._control(job, pb.Control(pause=pb.Pause()))
@@ -181,6 +193,9 @@ class IngestServicer(pb_grpc.CollectorServicer):
         remap = self._extend(job.job)(names)
         stream = RankStream(h.job, h.rank, names, remap, out, attempt)
         self.streams.setdefault(h.job, set()).add(stream)
+        every = self.sample_every.get(h.job)
+        if every is not None:  # a rank that (re)connects follows the job's sampled mode too
+            out.put_nowait(pb.CollectorMessage(control=pb.Control(sampling=pb.SetSampling(every_n_steps=every))))
         self.writer.call(self.store.upsert_job, h.job, h.world_size, job.attempt)
         self.writer.call(
             self.store.upsert_rank,

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from modtrack.collector.pipeline.episodes import EpisodeBook
+from modtrack.collector.pipeline.sampled_steps import HeldDetail
 from modtrack.collector.records import Episode, StepMatrix
 
 Z_SCALE = 0.6745  # makes the MAD of a normal sample comparable to its standard deviation
@@ -91,6 +92,9 @@ class StepFlags:
 
     flagged: np.ndarray  # (R, K) bool: above the opening bars
     held: np.ndarray  # (R, K) bool: above the lower bars that keep an open episode open
+    # (R, K) bool: the rank's peers waited for it at least half the cell's excess (a victim's noise: they did not)
+    waited: np.ndarray
+    paid_ms: np.ndarray  # (R,) the rank's module excess ahead of every other rank's (what the step waits for)
     median: np.ndarray  # (K,) median self time among the ranks that ran the column
     count: np.ndarray  # (K,) how many ranks ran the column
 
@@ -125,16 +129,11 @@ def _peer_wait_median(wait: np.ndarray, x: np.ndarray, count: np.ndarray) -> np.
     return _row_medians(np.sort(waits, axis=0), count)
 
 
-def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) -> np.ndarray:
-    """Per rank, how long its peers waited for it beyond what its slower modules explain: what the
-    median peer waited (in any phase) minus what the rank itself waited and its module excess.
-
-    A rank slow in data loading or in the optimizer keeps every peer waiting in the next
-    collective (the gradient all-reduce of the step, or of the next one, the slowdown going on);
-    a rank preempted while its peers were held up too cost nobody anything, and is no straggler."""
+def _peer_idle(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank, what it waited (in any phase) and what the median of the other ranks waited."""
     idle = np.nan_to_num(np.asarray(m.sync_wait_ms if m.idle_ms is None else m.idle_ms, dtype=np.float64))
     if len(idle) < 2:
-        return np.zeros(len(idle))
+        return idle, idle.copy()
     order = np.argsort(idle, kind="stable")
     ordered, place = idle[order], np.empty(len(idle), np.int64)
     place[order] = np.arange(len(idle))
@@ -143,14 +142,50 @@ def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) ->
     def other(j: int) -> np.ndarray:
         return np.where(j < place, ordered[j], ordered[min(j + 1, len(idle) - 1)])
 
-    peer = 0.5 * (other((others - 1) // 2) + other(others // 2))
+    return idle, 0.5 * (other((others - 1) // 2) + other(others // 2))
+
+
+def _compute_lead(x: np.ndarray, median: np.ndarray) -> np.ndarray:
+    """Per rank, its module excess over the columns' medians, less the largest of any other rank: how far
+    its compute is ahead of the next slowest rank's, which a synchronous step waits for. < 0 but for one."""
     with np.errstate(invalid="ignore"):
-        module_excess = np.nansum(np.clip(x[:, :-steps] - median[:-steps], 0.0, None), axis=1)
+        total = np.nansum(np.clip(x - median, 0.0, None), axis=1)
+    if len(total) < 2:
+        return np.zeros(len(total))
+    order = np.argsort(-total, kind="stable")
+    first, second = total[order[0]], total[order[1]]
+    return total - np.where(np.arange(len(total)) == order[0], second, first)
+
+
+def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) -> np.ndarray:
+    """Per rank, how long its peers waited for it beyond what its slower modules explain: what the
+    median peer waited (in any phase) minus what the rank itself waited and its module excess.
+
+    A rank slow in data loading or in the optimizer keeps every peer waiting in the next
+    collective (the gradient all-reduce of the step, or of the next one, the slowdown going on);
+    a rank preempted while its peers were held up too cost nobody anything, and is no straggler."""
+    idle, peer = _peer_idle(m)
+    if len(idle) < 2:
+        return np.zeros(len(idle))
+    with np.errstate(invalid="ignore"):
+        module_excess = np.nansum(np.clip(x[:, :-steps] - median[:-steps], 0.0, None), axis=1) if steps else 0.0
     return peer - idle - module_excess
 
 
 # Step-level figures judged like module columns: (StepMatrix field, name, phase).
-STEP_COLUMNS = (("data_ms", "(data loading)", "data"), ("optimizer_ms", "(optimizer)", "optimizer"))
+STEP_COLUMNS = (
+    ("data_ms", "(data loading)", "data"),
+    ("optimizer_ms", "(optimizer)", "optimizer"),
+    ("host_ms", "(host between modules)", "host"),
+)
+
+
+def _step_figure(m: StepMatrix, field: str):
+    """A step-level column: data loading is what is left of the step outside modules, less the host's time."""
+    value = getattr(m, field, None)
+    if field == "data_ms" and value is not None and m.host_ms is not None:
+        return np.asarray(value, dtype=np.float64) - np.asarray(m.host_ms, dtype=np.float64)
+    return value
 
 
 def judged_columns(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +193,7 @@ def judged_columns(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
     matrix carries. Returns it and the step columns' keys (negative: they are no module)."""
     x = np.asarray(m.self_ms, dtype=np.float64)
     extra = [
-        (-1 - i, getattr(m, field))
+        (-1 - i, _step_figure(m, field))
         for i, (field, _, _) in enumerate(STEP_COLUMNS)
         if getattr(m, field, None) is not None
     ]
@@ -213,7 +248,16 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
         held = above(p.hold_ratio, p.hold_z, p.hold_ratio)
         if steps and np.isfinite(wall_median):
             held[:, -steps:] &= waited  # an open episode lists them on the same evidence
-    return StepFlags(flagged=flagged, held=held, median=median, count=count)
+        # What the rate rule (intermittent stragglers) counts: a flag the step waited for, the rank's compute
+        # ahead of every other rank's by half the cell's excess. On shared cores a waiting rank's cell spikes
+        # now and then, in a step that waited for the culprit's far larger excess: no evidence against it.
+        # (Measured waits are no judge of that on a loaded host: a culprit preempted in its slow module shows
+        # as much "idle" as the peers that wait for it, in half its slow steps of a 1-in-3 job.)
+        paid = _compute_lead(x[:, : x.shape[1] - steps], median[: x.shape[1] - steps])
+        corroborated = paid[:, None] >= 0.5 * (x - median)
+        if steps and np.isfinite(wall_median):
+            corroborated[:, -steps:] = waited
+    return StepFlags(flagged=flagged, held=held, median=median, count=count, waited=corroborated, paid_ms=paid)
 
 
 class Detector:
@@ -228,6 +272,7 @@ class Detector:
         self.attempt = 0  # the attempt it judges: the evaluator starts a fresh detector for each
         self.params = params or DetectorParams()
         self.book = EpisodeBook(job, self.params)
+        self.held = HeldDetail()  # sampled mode: module columns between steps with detail
         self.last_step: int | None = None
 
     def observe(self, matrix: StepMatrix) -> list[Episode]:
@@ -237,6 +282,7 @@ class Detector:
         self.last_step = matrix.step
         if matrix.step < (self.params.warmup_steps or 0):  # by step number: a restarted collector judges on
             return []
+        matrix = self.held.fill(matrix)
         x, step_keys = judged_columns(matrix)
         return self.book.update(matrix, x, step_keys, flag_step(matrix, self.params, x))
 

@@ -24,7 +24,12 @@ from modtrack.collector.records import N_PHASES, PHASE_NAMES, Episode, StepMatri
 if TYPE_CHECKING:
     from modtrack.collector.pipeline.detector import StepFlags
 
-STEP_COLUMN_NAMES = {-1: ("(data loading)", "data"), -2: ("(optimizer)", "optimizer")}
+STEP_COLUMN_NAMES = {
+    -1: ("(data loading)", "data"),
+    -2: ("(optimizer)", "optimizer"),
+    -3: ("(host between modules)", "host"),
+}
+STEP_CAUSES = {"data": "data loading", "optimizer": "optimizer", "host": "host time between modules"}
 MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would list every module)
 BASELINE_STEPS = 20  # the job's step time before an episode: median of this many quiet steps
 MIN_BASELINE = 5
@@ -91,6 +96,9 @@ class _Track:
     med_excess: np.ndarray = field(default_factory=lambda: np.zeros(0))
     med_ratio: np.ndarray = field(default_factory=lambda: np.zeros(0))
     pending: Any = None  # this step's (what-if loss, own excess, walls), before the wall scale
+    # Reported: once it lists a significant entry (a module, a step-level cause) or the whole rank. A track
+    # that never does (a waiting rank's spikes, none over the bars in half its slow steps) ends unseen.
+    published: bool = False
 
 
 def _key(rank: int, host: str) -> tuple:
@@ -117,11 +125,14 @@ class EpisodeBook:
             None  # np.ndarray once the first step is seen  # (span, R, K) bool cell flags of the last span steps
         )
         self.counts: Any = None  # np.ndarray once the first step is seen  # (R, K) flagged steps among the last n
+        # The rate rule counts only flags the rank's peers paid for (they waited for it): its own ring.
+        self.long_hist: Any = None  # np.ndarray once the first step is seen  # (span, R, K) bool
         self.long_counts: Any = None  # np.ndarray once the first step is seen  # (R, K) ... among the last long_n
         # A step in which most of a rank's columns are flagged is one piece of evidence that the
         # rank is slow, not evidence that each of its cells is: it is counted here, not in counts.
         self.rank_hist: Any = None  # np.ndarray once the first step is seen  # (span, R) bool rank-wide steps
         self.rank_counts: Any = None  # np.ndarray once the first step is seen  # (R,)
+        self.rank_long_hist: Any = None  # np.ndarray once the first step is seen  # (span, R) ... paid for
         self.rank_long_counts: Any = None  # np.ndarray once the first step is seen  # (R,)
         self.pos = 0
         self.rank_ids = np.empty(0, np.int64)
@@ -131,6 +142,9 @@ class EpisodeBook:
         self.col_names: list[tuple[str, str]] = []
         self.tracks: dict[tuple, _Track] = {}
         self.baseline: deque = deque()  # the job's step time (median rank wall) in recent quiet steps
+        # (growth of the job's step time over the baseline, the compute the culprits explain) in recent slow steps
+        self.growth: deque = deque(maxlen=params.cost_steps)
+        self.scale = 1.0  # wall the job loses per ms of culprit compute (their ratio of sums)
         self._floor_ms = 0.0
 
     # ---- bookkeeping of ranks and columns that come and go -------------------------------
@@ -144,16 +158,20 @@ class EpisodeBook:
         if self.hist is not None and np.array_equal(ranks, self.rank_ids) and np.array_equal(keys, self.col_keys):
             return
         new = np.zeros((self.span, len(ranks), len(keys)), bool)
+        new_long = np.zeros_like(new)
         new_rank = np.zeros((self.span, len(ranks)), bool)
+        new_rank_long = np.zeros_like(new_rank)
         if self.hist is not None:
             _, nr, orr = np.intersect1d(ranks, self.rank_ids, assume_unique=True, return_indices=True)
             _, nc, oc = np.intersect1d(keys, self.col_keys, assume_unique=True, return_indices=True)
             new[:, nr[:, None], nc] = self.hist[:, orr[:, None], oc]
+            new_long[:, nr[:, None], nc] = self.long_hist[:, orr[:, None], oc]
             new_rank[:, nr] = self.rank_hist[:, orr]
-        self.hist, self.rank_hist = new, new_rank
+            new_rank_long[:, nr] = self.rank_long_hist[:, orr]
+        self.hist, self.long_hist, self.rank_hist, self.rank_long_hist = new, new_long, new_rank, new_rank_long
         self.counts, self.rank_counts = self._window(new, self.p.n), self._window(new_rank, self.p.n)
-        self.long_counts = self._window(new, self.p.long_n)
-        self.rank_long_counts = self._window(new_rank, self.p.long_n)
+        self.long_counts = self._window(new_long, self.p.long_n)
+        self.rank_long_counts = self._window(new_rank_long, self.p.long_n)
         self.rank_ids, self.col_keys = ranks, keys
         self.rank_index = {int(r): i for i, r in enumerate(ranks)}
         names = m.module_names
@@ -178,20 +196,22 @@ class EpisodeBook:
             sig[nc], med_e[nc], med_r[nc] = track.sig[oc], track.med_excess[oc], track.med_ratio[oc]
             track.sig, track.med_excess, track.med_ratio = sig, med_e, med_r
 
-    def _push(self, cell_flags: np.ndarray, rank_wide: np.ndarray) -> None:
+    def _push(self, cell_flags: np.ndarray, paid_for: np.ndarray, rank_wide: np.ndarray, rank_paid: np.ndarray) -> None:
         """Write this step's flags over the oldest slot; the counts drop the slots leaving their windows."""
         out_long = (self.pos - min(self.p.long_n, self.span)) % self.span
         out_short = (self.pos - self.p.n) % self.span
-        self.long_counts -= self.hist[out_long]
+        self.long_counts -= self.long_hist[out_long]
         self.counts -= self.hist[out_short]
-        self.rank_long_counts -= self.rank_hist[out_long]
+        self.rank_long_counts -= self.rank_long_hist[out_long]
         self.rank_counts -= self.rank_hist[out_short]
         self.hist[self.pos] = cell_flags
+        self.long_hist[self.pos] = paid_for
         self.rank_hist[self.pos] = rank_wide
+        self.rank_long_hist[self.pos] = rank_paid
         self.counts += cell_flags
-        self.long_counts += cell_flags
+        self.long_counts += paid_for
         self.rank_counts += rank_wide
-        self.rank_long_counts += rank_wide
+        self.rank_long_counts += rank_paid
         self.pos = (self.pos + 1) % self.span
 
     # ---- per step -------------------------------------------------------------------------
@@ -203,7 +223,16 @@ class EpisodeBook:
         runs = np.count_nonzero(~np.isnan(x), axis=1)
         rank_wide = (runs >= 4) & (2 * flagged.sum(axis=1) > runs)
         rank_wide |= self._slow_everywhere(m, x, flags)
-        self._push(flagged & ~rank_wide[:, None], rank_wide)
+        cell_flags = flagged & ~rank_wide[:, None]
+        with _quiet():
+            k = np.asarray(m.self_ms).shape[1]
+            total_excess = np.nansum(np.clip(x[:, :k] - flags.median[:k], 0.0, None), axis=1)
+        # ... and a rank slow everywhere now and then must lose the job what a step-level cause must: on shared
+        # cores a rank's modules all run a few % longer in CPU time for a step or two (4-5 ms in a 35 ms step).
+        wall_med = float(np.nanmedian(m.wall_ms)) if len(m.wall_ms) else 0.0
+        bar = max(self.p.step_floor_ms, self.p.step_floor_frac * (wall_med if np.isfinite(wall_med) else 0.0))
+        rank_paid = rank_wide & (flags.paid_ms >= 0.5 * total_excess) & (total_excess > bar)
+        self._push(cell_flags, cell_flags & flags.waited, rank_wide, rank_paid)
 
         wall = np.asarray(m.wall_ms, dtype=np.float64)
         wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
@@ -229,13 +258,15 @@ class EpisodeBook:
         for key, track in list(self.tracks.items()):
             self._advance(track, step)
             stepped.append(track)
-            changed.append(track.episode)
+            if track.published:
+                changed.append(track.episode)
             if track.episode.state == "resolved":
                 del self.tracks[key]
                 self._forget(track.ranks)
         opened = self._open(step)
-        changed += opened
-        stepped += [t for t in self.tracks.values() if t.episode in opened]
+        new = {id(ep) for ep in opened}  # by identity: comparing Episode dataclasses field by field is slow
+        stepped += [t for t in self.tracks.values() if id(t.episode) in new]
+        changed += [ep for ep in opened if ep.state == "resolved" or self.tracks[_key(ep.rank, ep.host)].published]
         self._losses(stepped, step, quiet)
         return changed
 
@@ -258,17 +289,25 @@ class EpisodeBook:
         # With every culprit at its peers' pace the step would end at the first non-culprit's finish:
         # the most any culprit's excess would give back, bounded by what the non-culprits waited.
         culprits = sorted({r for t in pending for r in t.pending[3]})
-        others = np.delete(s.idle, culprits)
-        explained = max(
-            min(t.pending[1], float(others.min()) - float(s.idle[t.pending[3]].min())) if len(others) else t.pending[0]
-            for t in pending
-        )
-        scale = 1.0
+        others = np.delete(np.arange(len(s.idle)), culprits)
+
+        def gives_back(t: _Track) -> float:
+            if not len(others):
+                return t.pending[0]
+            rows = t.pending[3]
+            idle_gap = float(s.idle[others].min()) - float(s.idle[rows].min())
+            tail_gap = float(s.wait[others].min()) - float(s.wait[rows].min())
+            return min(t.pending[1], max(idle_gap, tail_gap))
+
+        explained = max(gives_back(t) for t in pending)
         if len(self.baseline) >= MIN_BASELINE and explained > self._floor_ms:
-            grew = job_wall - float(np.median(self.baseline))
-            scale = min(max(grew / explained, 0.0), MAX_WALL_SCALE)
+            self.growth.append((job_wall - float(np.median(self.baseline)), explained))
+        # One scale from the sums over recent slow steps, not a ratio per step: a step's growth moves by tens
+        # of ms on a loaded host, and each ratio clipped to [0, 2] would pull every cost towards the compute.
+        grew, explained_sum = (sum(col) for col in zip(*self.growth)) if self.growth else (0.0, 0.0)
+        self.scale = min(max(grew / explained_sum, 0.0), MAX_WALL_SCALE) if explained_sum > 0 else 1.0
         for t in pending:
-            self._record_loss(t, t.pending[0] * scale, t.pending[2])
+            self._record_loss(t, t.pending[0], t.pending[2])
             t.pending = None
 
     def _slow_everywhere(self, m: StepMatrix, x: np.ndarray, flags) -> np.ndarray:
@@ -279,8 +318,10 @@ class EpisodeBook:
         with _quiet():
             diff = x[:, :k] - flags.median[:k]
             runs = np.count_nonzero(~np.isnan(diff), axis=1)
-            # three in four of its modules above the hold ratio: slow everywhere, not in a few
-            spread = np.nanpercentile(x[:, :k] / flags.median[:k], 25, axis=1) > self.p.hold_ratio
+            # three in five of its modules above the hold ratio: slow everywhere, not in a few. (Not three in four:
+            # under FSDP2 the containers' self time is the wrapper's own work, 1-2 ms of it, which a rank slow in
+            # every leaf does not stretch: 23 of 82 columns.)
+            spread = np.nanpercentile(x[:, :k] / flags.median[:k], 40, axis=1) > self.p.hold_ratio
             total = np.nansum(diff, axis=1)
             wall_med = float(np.nanmedian(m.wall_ms)) if len(m.wall_ms) else 0.0
             wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
@@ -314,7 +355,11 @@ class EpisodeBook:
         peer_idle = float(s.idle[next(i for i in s.idle_order.tolist() if i not in members)])
         peer_wall = s.wall_med if many else float(np.median(np.delete(s.wall, rows)))
         wall_cap = float(s.wall[rows].max()) - peer_wall
-        cap = max(peer_idle - float(s.idle[rows].min()), wall_cap, 0.0)
+        # The backward tail alone, too: on a loaded host a culprit preempted in its slow module shows that wall
+        # as idle (wall minus its compute), which cuts the idle gap; its peers' wait in the tail it does not cut.
+        peer_wait = float(np.delete(s.wait, rows).min())
+        tail_cap = peer_wait - float(s.wait[rows].min())
+        cap = max(peer_idle - float(s.idle[rows].min()), tail_cap, wall_cap, 0.0)
         return rows, excess, ratio, cap
 
     def _summarise(self, track: _Track, floor: float) -> None:
@@ -342,9 +387,11 @@ class EpisodeBook:
                     sig = sig.copy()
                     sig[c] = True
             wide = bool(s.rank_wide[rows].any())
-            # Slow now: across the rank, or in a listed column (lower bars). A spike elsewhere keeps
-            # no episode open; a module that joins a slow rank is recorded with its slow steps.
-            now = opening or wide or bool(s.flags.held[rows][:, sig].any())
+            # Slow now: across the rank, or in a listed column (lower bars, and half the floor: a 0.1 ms
+            # module 2x its median is no slow step). A spike elsewhere keeps no episode open; a module that
+            # joins a slow rank is recorded with its slow steps.
+            held_now = s.flags.held[rows].any(axis=0) & (np.nan_to_num(excess, nan=0.0) > 0.5 * s.floor)
+            now = opening or wide or bool(held_now[sig].any())
             if now:
                 slot = track.pos % track.excess.shape[0]
                 track.excess[slot], track.ratio[slot] = excess, ratio
@@ -380,7 +427,7 @@ class EpisodeBook:
             track.losses.popleft()
             track.walls.popleft()
         ep = track.episode
-        ep.cost_ms_per_step = float(np.mean(track.losses))
+        ep.cost_ms_per_step = float(np.mean(track.losses)) * self.scale
         wall_med = float(np.median(track.walls))
         ep.cost_pct = 100.0 * ep.cost_ms_per_step / wall_med if wall_med > 0 else 0.0
 
@@ -391,6 +438,14 @@ class EpisodeBook:
         if len(med_excess) != len(sig):
             return
         cols = np.flatnonzero(sig)
+        if not len(cols) and not whole:
+            return  # nothing over the bars (now): an unreported track stays so, a reported one keeps its listing
+        if whole and not track.published and track.slow_steps < self.p.k:
+            # A whole rank is reported once it stays slow: k slow steps, the opening one included. On shared
+            # cores a rank's every module runs long in CPU time for 2-3 steps when a busy neighbour shares its
+            # core; that cost the job a few ms once, and is over before a user could look.
+            return
+        track.published = True
         cols = cols[np.argsort(-med_excess[cols], kind="stable")]
         names = [_column_name(int(track.keys[c]), self._module_names) for c in cols.tolist()]
         ep.modules = [
@@ -420,11 +475,10 @@ class EpisodeBook:
             parts = []
             modules = len({name for name, phase in names if phase in ("forward", "backward", "recompute")})
             for _name, phase in names:
-                if phase == "data" and "data loading" not in parts:
-                    parts.append("data loading")
-                elif phase == "optimizer" and "optimizer" not in parts:
-                    parts.append("optimizer")
-                elif phase not in ("data", "optimizer") and not any(p.startswith("compute") for p in parts):
+                step_cause = STEP_CAUSES.get(phase)
+                if step_cause is not None and step_cause not in parts:
+                    parts.append(step_cause)
+                elif step_cause is None and not any(p.startswith("compute") for p in parts):
                     parts.append(f"compute in {modules} module" + ("s" if modules > 1 else ""))
             text = " + ".join(parts) or "compute"
         if track.steps >= 6 and 1.5 * track.slow_steps < track.steps:
@@ -433,8 +487,16 @@ class EpisodeBook:
 
     # ---- opening ------------------------------------------------------------------------------
 
+    def _track(self, ep: Episode, ranks, last_slow: int) -> _Track:
+        """A track for an episode, its rings empty, indexed by the book's columns now."""
+        excess, ratio, held = _empty_rings(self.p.smooth_steps, len(self.col_keys))
+        wide = np.zeros(self.p.smooth_steps, bool)
+        return _Track(ep, sorted(ranks), self.col_keys, excess, ratio, held, wide, last_slow=last_slow)
+
     def _busy_ranks(self) -> set[int]:
-        return {r for t in self.tracks.values() for r in t.ranks}
+        """Ranks in a reported episode. One not reported yet (nothing over the bars in its slow steps: noise
+        before an onset, say) does not hold its rank: new evidence opens a new episode in its place."""
+        return {r for t in self.tracks.values() if t.published for r in t.ranks}
 
     def _new_track(self, s: _Step, rank: int, host: str, c: int, ranks) -> Episode:
         module, phase = self.col_names[c]
@@ -452,27 +514,34 @@ class EpisodeBook:
             ranks=sorted(ranks),
             attempt=getattr(s.m, "attempt", 0) or 0,
         )
-        excess, ratio, held = _empty_rings(self.p.smooth_steps, len(self.col_keys))
-        track = _Track(
-            ep,
-            sorted(ranks),
-            self.col_keys,
-            excess,
-            ratio,
-            held,
-            np.zeros(self.p.smooth_steps, bool),
-            last_slow=s.m.step,
-        )
+        track = self._track(ep, ranks, s.m.step)
+        track.max_gap = self._period(ranks, c)
         self._advance(track, s, opening=True)
         self.tracks[_key(rank, host)] = track
         self._forget(track.ranks)
         return ep
 
+    def _period(self, ranks, c: int) -> int:
+        """The longest gap between the flagged steps (the cell's, or the rank's as a whole) that opened an
+        episode, over the rate rule's window: an intermittent straggler's period from its first evidence, so
+        that it is not resolved between its first slow steps (one spell without a flag is no stop)."""
+        rows = [self.rank_index[r] for r in ranks if r in self.rank_index]
+        if not rows:
+            return 1
+        order = [(self.pos - self.p.long_n + i) % self.span for i in range(min(self.p.long_n, self.span))]
+        seen = self.long_hist[:, rows, c][order].any(axis=1) | self.rank_long_hist[:, rows][order].any(axis=1)
+        steps = np.flatnonzero(seen)
+        # at most the period long_k flags in long_n steps can have: an old stray flag sets no long period
+        most = self.p.long_n // self.p.long_k + 1
+        return int(min(np.diff(steps).max(), most)) if len(steps) >= 2 else 1
+
     def _forget(self, ranks) -> None:
         """An opened episode consumes its ranks' flag history: once it closes, a new one needs new evidence."""
         rows = [self.rank_index[r] for r in ranks if r in self.rank_index]
         self.hist[:, rows] = False
+        self.long_hist[:, rows] = False
         self.rank_hist[:, rows] = False
+        self.rank_long_hist[:, rows] = False
         for counts in (self.counts, self.long_counts, self.rank_counts, self.rank_long_counts):
             counts[rows] = 0
 
@@ -550,7 +619,8 @@ class EpisodeBook:
             for rank in members & set(alone):
                 t = self.tracks.pop(_key(rank, ""))
                 t.episode.state = "resolved"
-                opened.append(t.episode)
+                if t.published:
+                    opened.append(t.episode)
             for rank in members:
                 cells.pop(rank, None)
             opened.append(self._new_track(s, -1, host, c, members))
@@ -559,24 +629,15 @@ class EpisodeBook:
     # ---- queries and restart --------------------------------------------------------------
 
     def active(self) -> list[Episode]:
-        return [t.episode for t in self.tracks.values()]
+        return [t.episode for t in self.tracks.values() if t.published]
 
     def restore(self, episodes: list[Episode]) -> None:
         for ep in episodes:
             if ep.state != "active":
                 continue
             ranks = list(ep.ranks) if ep.rank == -1 else [ep.rank]
-            excess, ratio, held = _empty_rings(self.p.smooth_steps, len(self.col_keys))
-            track = _Track(
-                ep,
-                sorted(ranks),
-                self.col_keys,
-                excess,
-                ratio,
-                held,
-                np.zeros(self.p.smooth_steps, bool),
-                last_slow=ep.last_step,
-            )
-            track.losses.append(ep.cost_ms_per_step)
+            track = self._track(ep, ranks, ep.last_step)
+            track.published = True
+            track.losses.append(ep.cost_ms_per_step)  # as it was scaled: the scale starts at 1 again
             track.walls.append(100.0 * ep.cost_ms_per_step / ep.cost_pct if ep.cost_pct else 0.0)
             self.tracks[_key(ep.rank, ep.host)] = track

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from modtrack.collector.config import ServeConfig
-from modtrack.collector.records import CLOCK_KIND_CPU, N_PHASES, StepMatrix, StepRow, column_key
+from modtrack.collector.records import CLOCK_KIND_CPU, N_PHASES, PHASE_IDS, StepMatrix, StepRow, column_key
 
 
 @dataclass
@@ -240,7 +240,10 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     # module compute is what the rank waited, in whatever phase (FSDP all-gathers, DDP's tail).
     # Other clocks (CUDA events) cannot be subtracted from host walls: the backward tail it is.
     in_modules = (figures["forward_ns"] + figures["backward_ns"]) / 1e6 - np.nansum(self_ms, axis=1)
-    idle_ms = np.maximum(in_modules, tail_ms) if state.cpu_clock else tail_ms
+    detail = np.array([r.detail for r in ordered], dtype=bool)  # sampled mode: no module compute to subtract
+    idle_ms = np.where(detail, np.maximum(in_modules, tail_ms), tail_ms) if state.cpu_clock else tail_ms
+    host_ms = _between_forward_and_backward(ordered, lengths, phases) / 1e6
+    host_ms = np.minimum(host_ms, figures["data_ns"] / 1e6)
     return StepMatrix(
         job=state.job,
         step=step,
@@ -258,4 +261,24 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
         optimizer_ms=figures["optimizer_ns"] / 1e6,
         idle_ms=idle_ms,
         attempt=state.attempt,
+        detail=None if detail.all() else detail,
+        cpu_clock=bool(state.cpu_clock),
+        host_ms=host_ms,
     )
+
+
+def _between_forward_and_backward(ordered: list[StepRow], lengths: np.ndarray, phases: np.ndarray) -> np.ndarray:
+    """Per rank (ns): from the end of its last module forward to the start of its first module backward, the
+    host's own code between the two (the loss, a user's code in the training loop), none of it data loading.
+    0 where the step has no such gap (several forwards and backwards, gradient accumulation: they interleave)."""
+    n = len(ordered)
+    rank = np.repeat(np.arange(n), lengths)
+    starts = np.concatenate([r.modules["first_start"] for r in ordered]).astype(np.int64) if n else np.zeros(0)
+    ends = np.concatenate([r.modules["last_end"] for r in ordered]).astype(np.int64) if n else np.zeros(0)
+    forward_end = np.full(n, np.iinfo(np.int64).min)
+    backward_start = np.full(n, np.iinfo(np.int64).max)
+    fwd, bwd = phases == PHASE_IDS["forward"], phases == PHASE_IDS["backward"]
+    np.maximum.at(forward_end, rank[fwd], ends[fwd])
+    np.minimum.at(backward_start, rank[bwd], starts[bwd])
+    both = (forward_end > np.iinfo(np.int64).min) & (backward_start < np.iinfo(np.int64).max)
+    return np.where(both, np.clip(backward_start - forward_end, 0, None), 0).astype(np.float64)

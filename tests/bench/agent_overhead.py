@@ -3,7 +3,11 @@
 One thread, one fresh process per (model, mode), rounds interleaved so that machine noise hits every mode
 alike. Modes: plain (no tracker), seed (torch.utils.module_tracker), hooks (modtrack's ModuleTracker alone:
 nothing consumes the steps) and agent (`agent.track()` streaming to a healthy collector on this machine, as
-`python -m modtrack.agent` runs it: steps aggregated, encoded and sent by the sender).
+`python -m modtrack.agent` runs it: steps aggregated, encoded and sent by the sender). Sampled mode, on request
+(--modes ...,sampled,unsampled): sampled is hooks with module detail every --sample-every steps; unsampled is
+hooks with no step detailed after the warm-up (what a step without detail costs). Mode sender (no collector
+needed): hooks whose steps the agent's sender thread aggregates (and, on CUDA, resolves the events of) as it does
+while no collector answers; nothing is encoded or sent.
 
 Per step it measures the training thread's CPU time (median), the garbage collector's young collections (what
 the hooks allocate shows there), and the process's CPU time over all threads
@@ -36,21 +40,25 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODES = ("plain", "seed", "hooks", "agent")
+SAMPLED_MODES = ("sampled", "unsampled")
+EXTRA_MODES = (*SAMPLED_MODES, "sender")
 BASELINE_SHIM = os.path.join(tempfile.gettempdir(), f"modtrack-bench-baseline-{os.getuid()}")
-MODELS = ("mlp200", "llama", "gpt2", "bert", "transformer")
+MODELS = ("mlp200", "llama", "gpt2", "bert", "transformer", "gpt2small")
 TARGET_VS_SEED = {"mlp200": 0.3, "llama": 0.5, "gpt2": 0.5, "bert": 0.5}
 TARGET_CPU = 1.2
 VOCAB, SEQ, BATCH = 1000, 64, 4
+# GPT-2 small (transformers' default GPT2Config, 124M parameters), for a GPU: a step of ~100 ms there
+GPT2_SMALL_BATCH, GPT2_SMALL_SEQ = 8, 512
 
 
-def build(model: str):
-    """(module, loss function) of one benchmark model; random init, nothing downloaded."""
+def build(model: str, device: str = "cpu"):
+    """(module, loss function) of one benchmark model on `device`, its inputs too; random init, nothing downloaded."""
     import torch
     from torch import nn
 
     if model == "mlp200":
-        net = nn.Sequential(*[m for _ in range(200) for m in (nn.Linear(64, 64), nn.ReLU())])
-        x = torch.randn(32, 64)
+        net = nn.Sequential(*[m for _ in range(200) for m in (nn.Linear(64, 64), nn.ReLU())]).to(device)
+        x = torch.randn(32, 64, device=device)
         return net, lambda: net(x).sum()
     if model == "transformer":
 
@@ -64,8 +72,8 @@ def build(model: str):
             def forward(self, x):
                 return self.head(self.encoder(x))
 
-        net = Encoder()
-        x = torch.randn(8, 128, 256)
+        net = Encoder().to(device)
+        x = torch.randn(8, 128, 256, device=device)
         return net, lambda: net(x).sum()
     import transformers as tf
 
@@ -84,13 +92,18 @@ def build(model: str):
         )
     elif model == "gpt2":
         net = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=SEQ, vocab_size=VOCAB))
+    elif model == "gpt2small":
+        net = tf.GPT2LMHeadModel(tf.GPT2Config()).to(device)
+        ids = torch.randint(0, net.config.vocab_size, (GPT2_SMALL_BATCH, GPT2_SMALL_SEQ), device=device)
+        return net, lambda: net(input_ids=ids, labels=ids).loss
     elif model == "bert":
         net = tf.BertForMaskedLM(
             tf.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, **common)
         )
     else:
         raise ValueError(model)
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    net = net.to(device)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), device=device)
     return net, lambda: net(input_ids=ids, labels=ids).loss
 
 
@@ -117,7 +130,9 @@ def wait_until(cond, timeout: float) -> bool:
     return False
 
 
-def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device: str, collector: str) -> dict:
+def child(
+    model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device: str, collector: str, sample_every: int = 10
+) -> dict:
     """Runs in its own process: time `steps` training steps."""
     import contextlib
     import gc
@@ -126,8 +141,7 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    net, loss_fn = build(model)
-    net = net.to(device)
+    net, loss_fn = build(model, device)
     cuda = device.startswith("cuda")
     opt = torch.optim.SGD(net.parameters(), lr=1e-4)
     calls = [0]
@@ -147,6 +161,21 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
         from modtrack.agent import ModuleTracker
 
         ctx = ModuleTracker()
+    elif mode in SAMPLED_MODES:
+        from modtrack.agent import ModuleTracker
+
+        ctx = ModuleTracker()
+        ctx.set_sampling(sample_every if mode == "sampled" else 10**9)  # unsampled: only step 0, in the warm-up
+    elif mode == "sender":
+        from modtrack.agent import ModuleTracker
+        from modtrack.agent.identity import identity_from_env
+        from modtrack.agent.transport import Transport
+
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        from harness.ports import free_port
+
+        idle_sender = Transport(f"127.0.0.1:{free_port()}", identity_from_env("bench"), backoff_initial_s=60).start()
+        ctx = ModuleTracker(on_step=idle_sender.submit)
     elif mode == "baseline":
         sys.path.insert(0, BASELINE_SHIM)
         from modtrack.agent import ModuleTracker
@@ -194,6 +223,7 @@ def child(model: str, mode: str, steps: int, warmup: int, cpu_time: bool, device
         tracking.close()
     out = {
         "median_ms": statistics.median(times) * 1e3,
+        "mean_ms": statistics.fmean(times) * 1e3,  # sampled mode: 1 step in N costs the full hooks
         "process_cpu_ms": cpu / steps * 1e3,
         "other_threads_ms": others / steps / 1e6,
         "calls": calls[0],
@@ -239,6 +269,7 @@ def main() -> None:
     ap.add_argument("--wall", action="store_true", help="time steps by wall clock, not thread CPU time")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (then steps are timed by wall clock)")
     ap.add_argument("--baseline-tree", help="a checkout of an older modtrack: adds the mode 'baseline'")
+    ap.add_argument("--sample-every", type=int, default=10, help="mode 'sampled': module detail every N steps")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--collector", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -253,6 +284,7 @@ def main() -> None:
                     cpu_time=not args.wall,
                     device=args.device,
                     collector=args.collector,
+                    sample_every=args.sample_every,
                 )
             )
         )
@@ -288,6 +320,8 @@ def main() -> None:
                             mode,
                             "--device",
                             args.device,
+                            "--sample-every",
+                            str(args.sample_every),
                         ] + (["--wall"] if args.wall else [])
                         if mode == "agent":
                             cmd += ["--collector", server.grpc_target]
@@ -342,6 +376,23 @@ def report(results: dict, models: list[str], modes: list[str], args) -> None:
                 )
         if "agent" in over:
             print(f"{model}: agent overhead = {100 * over['agent'] / plain:.2f} % of the plain step")
+        if "sender" in over and over.get("seed", 0) > 0:
+            print(f"{model}: sender/seed training-thread overhead ratio = {over['sender'] / over['seed']:.2f}")
+        for mode in ("seed", "hooks", "sender"):
+            if mode in over:
+                print(f"{model}: {mode} overhead = {100 * over[mode] / plain:.2f} % of the plain step ({plain:.1f} ms)")
+        for mode in SAMPLED_MODES:
+            if mode in over:  # mean step times: the median would hide the 1 step in N that has detail
+                every = f"detail every {args.sample_every} steps" if mode == "sampled" else "no step with detail"
+                plain_mean = med(model, "plain", "mean_ms")
+                mean_over = {m: med(model, m, "mean_ms") - plain_mean for m in (mode, "hooks") if (model, m) in results}
+                versus = mean_over.get("hooks", 0)
+                print(
+                    f"{model}: {mode} ({every}) mean overhead = {mean_over[mode]:.3f} ms/step = "
+                    f"{100 * mean_over[mode] / plain_mean:.2f} % of the plain step (process CPU "
+                    f"{cpu_over[mode]:+.3f} ms/step)"
+                    + (f", {mean_over[mode] / versus:.3f} x the full-detail hooks" if versus > 0 else "")
+                )
         position = [x["position_ns_per_call"] for x in results.get((model, "hooks"), []) if "position_ns_per_call" in x]
         if position:
             position_ms = statistics.median(position) * calls / 1e6

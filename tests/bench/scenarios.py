@@ -86,6 +86,13 @@ SHAPES = {
         Shape("whole", ["--slow-phase", "whole", "--slow-ms", "40"], cause="whole rank"),
         Shape("data", ["--slow-phase", "data", "--slow-ms", "40"], ("(data loading)",), "data", "data loading"),
         Shape(
+            "host",
+            ["--slow-phase", "host", "--slow-ms", "40"],
+            ("(host between modules)",),
+            "host",
+            "host time between modules",
+        ),
+        Shape(
             "optimizer", ["--slow-phase", "optimizer", "--slow-ms", "30"], ("(optimizer)",), "optimizer", "optimizer"
         ),
         Shape(
@@ -351,8 +358,6 @@ def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str
         sigma = noise_sigma(collector, job, range(shape.steps - 20, shape.steps))
         res.detail = f"module noise sigma {sigma:.3f} (log self time across ranks; calibrates the simulator)"
         return res
-    mine = [v for v in verdicts if v["rank"] == culprit]
-    res.victims = sum(1 for v in verdicts if v["rank"] != culprit)
     if shape.restart:
         first = get_json(f"{collector.url}/api/v1/jobs/{job}/steps?last=1000&attempt=0")["steps"]
         second = get_json(f"{collector.url}/api/v1/jobs/{job}/steps?last=1000")["steps"]
@@ -361,6 +366,15 @@ def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str
             and len(first) >= 8
             and [s["step"] for s in second] == list(range(shape.steps))
         )
+    return score(res, shape, verdicts, times, attempt)
+
+
+def score(res: Result, shape: Shape, verdicts: list[dict], times: str, attempt: int) -> Result:
+    """Named right, victims, latency and cost against the job's own step times, from the verdicts."""
+    culprit = res.culprit
+    res.verdicts = verdicts
+    mine = [v for v in verdicts if v["rank"] == culprit]
+    res.victims = sum(1 for v in verdicts if v["rank"] != culprit)
     if len(mine) != 1:
         res.detail = f"{len(mine)} verdicts on the culprit"
         return res
@@ -392,6 +406,20 @@ def print_row(r: Result) -> None:
         f"latency {latency:>3}  cost {cost} vs {measured} ms/step {error}  {r.detail}",
         flush=True,
     )
+
+
+def markdown_row(r: Result) -> str:
+    """The README's table row of a result."""
+    named = "yes" if r.named else ("run failed" if not r.ok_run else f"**no** ({r.detail})")
+    latency = str(r.latency) if r.latency is not None else "–"
+    if r.cost is not None and r.measured is not None:
+        cost = f"{r.cost:.1f} / {r.measured:.1f}"
+    else:
+        cost = "–"
+    error = f"{100 * r.cost_error:+.0f} %" if r.cost_error is not None else "–"
+    culprit = f"none ({r.ranks} ranks)" if r.shape == "clean" else f"rank {r.culprit} of {r.ranks}"
+    cells = [r.wrap, r.shape, culprit, named, str(r.victims), latency, cost, error]
+    return "| " + " | ".join(cells) + " |"
 
 
 def totals(results: list[Result]) -> dict:
@@ -430,9 +458,13 @@ def print_totals(results: list[Result]) -> None:
     )
 
 
-def run_matrix(wraps, shapes, culprits, ranks: int, results_path: str | None = None) -> list[Result]:
+def run_matrix(
+    wraps, shapes, culprits, ranks: int, results_path: str | None = None, keep: str | None = None
+) -> list[Result]:
     results = []
-    with tempfile.TemporaryDirectory(prefix="modtrack-scenarios-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="modtrack-scenarios-") as tmp:
+        workdir = keep or tmp
+        os.makedirs(workdir, exist_ok=True)
         collector = Collector(workdir)
         try:
             for wrap in wraps:
@@ -453,6 +485,37 @@ def run_matrix(wraps, shapes, culprits, ranks: int, results_path: str | None = N
     return results
 
 
+def rejudge(folders: list[str]) -> list[Result]:
+    """Judge the jobs kept by --keep again with today's detector, offline: their stored steps (replayed as the
+    merge built them) and their own step times. Whatever the agent measured stays what it was."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from harness import replay
+
+    results = []
+    for folder in folders:
+        for times in sorted(f for f in os.listdir(folder) if f.endswith(".times.jsonl")):
+            job = times.removesuffix(".times.jsonl")
+            wrap, name, position = job.split("-")[:3]
+            shape = SHAPES[name]
+            ranks = 3
+            res = Result(wrap, name, culprit_rank(position, ranks), ranks)
+            attempt = 1 if shape.restart else 0
+            episodes = replay.judge(replay.stored_matrices(folder, job, attempt))
+            verdicts = [asdict(ep) for ep in episodes]
+            if shape.clean:
+                res.verdicts, res.false_alarms, res.clean_steps, res.named = (
+                    verdicts,
+                    len(verdicts),
+                    shape.steps,
+                    not verdicts,
+                )
+            else:
+                res = score(res, shape, verdicts, os.path.join(folder, times), attempt)
+            print_row(res)
+            results.append(res)
+    return results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--wraps", default=",".join(WRAPS))
@@ -461,14 +524,22 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", type=int, default=3)
     ap.add_argument("--results", help="append each result to this JSON-lines file")
     ap.add_argument("--report", help="print the table and totals of a results file, run nothing")
+    ap.add_argument("--keep", help="keep the collector's data (SQLite) and step times in this folder, for replay")
+    ap.add_argument("--rejudge", nargs="+", help="judge the jobs kept in these folders again, offline, run nothing")
+    ap.add_argument("--markdown", action="store_true", help="with --report or --rejudge: the README's table rows too")
     a = ap.parse_args(argv)
-    if a.report:
+    if a.rejudge:
+        results = rejudge(a.rejudge)
+    elif a.report:
         with open(a.report) as f:
             results = [Result(**json.loads(line)) for line in f]
         for r in results:
             print_row(r)
     else:
-        results = run_matrix(a.wraps.split(","), a.shapes.split(","), a.culprits.split(","), a.ranks, a.results)
+        results = run_matrix(a.wraps.split(","), a.shapes.split(","), a.culprits.split(","), a.ranks, a.results, a.keep)
+    if a.markdown:
+        for r in results:
+            print(markdown_row(r))
     print_totals(results)
     return 0
 

@@ -216,7 +216,8 @@ function renderJobs() {
       state.heat = null; state.steps = []; refresh();
     },
   }, el("span", { class: "dot", "data-bad": j.state && j.state !== "running" && j.state !== "live" ? "true" : "false" }),
-  j.job, el("span", { class: "meta", text: `${j.ranks_reporting ?? "?"}/${j.world_size ?? "?"} ranks · step ${j.last_step ?? "–"}` }))));
+  j.job, el("span", { class: "meta", text: `${j.ranks_reporting ?? "?"}/${j.world_size ?? "?"} ranks · step ${j.last_step ?? "–"}${
+    j.sample_every > 1 ? ` · module detail every ${j.sample_every} steps` : ""}` }))));
 }
 
 function renderEmpty() {
