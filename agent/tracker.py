@@ -12,9 +12,13 @@ Where a module call's window opens and closes, and why:
   view of itself (`x.view_as(x)`, as FSDP2 hands inputs through an identity function). Only this
   module's ops consume the view, so the view's node runs once this module's input gradients are
   done, not once every consumer of `x` is (a residual stream, T5's encoder output read by every
-  decoder block, q/k/v projections of one input). A call with no such input (an embedding of token
-  ids) ends when the backward of a module that is neither inside it nor around it starts, or when
-  the pass ends.
+  decoder block, q/k/v projections of one input). Most calls need no view: on one device the engine
+  runs a graph task's nodes in decreasing sequence number (the reverse of the order forward made
+  them), so when an input is the output of the last node made before the call starts, that node runs
+  right after every node the call made, the moment its views would have fired: its pre-hook (often
+  also the previous call's backward start) ends the call. A call with no such input (an embedding of
+  token ids) ends when the backward of a module that is neither inside it nor around it starts, or
+  when the pass ends.
 - the autograd engine's final callback marks the end of the backward pass; a second callback,
   queued from the first, runs after DDP's own (which waits for the gradient all-reduce): the gap is
   the backward tail.
@@ -45,6 +49,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from functools import partial
 
 import torch
@@ -86,10 +91,13 @@ StopRecomputation: type[BaseException] = getattr(
 logger = logging.getLogger(__name__)
 
 _graph_task_id = torch._C._current_graph_task_id
+_current_node = torch._C._current_autograd_node
 _will_execute = torch._C._will_engine_execute_node
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
+# The sequence number the next autograd node made on this thread will get (older torch: none; then views).
+_next_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
 _Tensor = torch.Tensor
 _CONTAINERS = (list, tuple, dict)
 
@@ -102,38 +110,50 @@ RECENT_NODES = 64
 # What a node's pre-hook tells a call: its outputs' gradients (backward starts; the seed's "add"),
 # its positional inputs' gradients (the seed's "pop"), its own input views' gradients (backward ends).
 OUT, IN, OWN = 0, 1, 2
+OWN_IN = 3  # OWN and IN at one node: a call whose input's node is where its backward ends
+# What a call waits for, of one kind, when that is one node: the node whose hook fires. It counts when the
+# engine runs it (a root of backward is not "run": the seed never fires for it), asked when it fires.
+ONE_NODE = -1
+_SCALARS = (int, float, bool, str, type(None))
 
 
 class _Call:
     """One module call in flight: its row, and the gradients its backward waits for, per kind."""
 
-    __slots__ = ("first", "last", "left", "mod", "nodes", "row", "site", "task", "views")
+    __slots__ = ("first", "last", "mod", "nodes", "row", "site", "views")
 
     def __init__(self, row: list, mod, site: tuple, first: int) -> None:
         self.row = row
         self.mod = mod
-        self.site = site  # (module id, name, [pre hook id, post hook id])
+        self.site = site  # (module id, name, [pre hook id, post hook id], changes its input in place)
         self.first = first  # row index of this call; rows first..last are it and the calls inside it
         self.last = first
-        # per kind: None (no such tensor), how many tensors, or (several) the node of each: nodes are
-        # kept only until the step ends or the pass is done (they hold this call: a cycle through C++)
-        self.nodes: list = [None, None, None]
-        self.left = [0, 0, 0]  # per kind: gradients still to come in the graph task `task`
-        self.task = [-2, -2, -2]
+        # nodes[kind]: None (no such tensor), how many tensors (ONE_NODE: one node), or (several) the node
+        # of each: nodes are kept only until the step ends or the pass is done (they hold this call: a cycle
+        # through C++; see _keep); nodes[kind + 3]: gradients still to come in the graph task nodes[kind + 6].
+        self.nodes: list = [None, None, None, 0, 0, 0, -2, -2, -2]
         self.views: list | None = None  # (view, its node) until the forward returns
 
-    def arrived(self, kind: int, n: int) -> bool:
-        """n more gradients of `kind` are computed; True once all the engine will compute are (the
-        seed's multi-grad hook, mode "all": tensors the engine will not reach are not waited for)."""
-        task = _graph_task_id()
-        if self.task[kind] != task:
-            nodes = self.nodes[kind]
-            self.task[kind] = task
-            self.left[kind] = nodes if type(nodes) is int else sum(map(_will_execute, nodes))
-        elif self.left[kind] <= 0:
-            return False
-        before = self.left[kind]
-        self.left[kind] = before - n
+    def arrived(self, kind: int, n: int, task: int, runs: int) -> bool:
+        """n more gradients of `kind` are computed in graph task `task` (at a node the engine `runs`, or
+        not: a root); True once all the engine will compute are (the seed's multi-grad hook, mode "all":
+        tensors the engine will not reach are not waited for)."""
+        state = self.nodes
+        if state[kind + 6] != task:
+            state[kind + 6] = task
+            nodes = state[kind]
+            kept = type(nodes)
+            if kept is int:
+                before = nodes if nodes >= 0 else runs
+            elif kept is list:
+                before = sum(map(_will_execute, nodes))
+            else:
+                before = int(_will_execute(nodes))
+        else:
+            before = state[kind + 3]
+            if before <= 0:
+                return False
+        state[kind + 3] = before - n
         return before > 0 >= before - n  # a root of backward is not "executed": the seed never fires for it
 
 
@@ -401,7 +421,7 @@ class ModuleTracker:
                 if site[3]:
                     self._watch_inplace_inputs(call, args)
                 else:
-                    result = self._view_inputs(call, args, kwargs)
+                    result = self._watch_inputs(call, args, kwargs)
             row[F_START] = self._stamp()
             row[F_WORK_START] = self._work()
             return result
@@ -409,12 +429,81 @@ class ModuleTracker:
             self._hook_failed()
             return None
 
-    def _view_inputs(self, call: _Call, args, kwargs):
-        """Hand the module an identity view of every input that needs a gradient (see the docstring)."""
+    def _watch_inputs(self, call: _Call, args, kwargs):
+        """Hooks where this call's backward ends (see the docstring): at the node made last before the call,
+        when an input is its output; else at identity views of every input that needs a gradient."""
         if len(args) == 1 and not kwargs:  # the common case: one tensor, no walk, no dicts
             x = args[0]
             if isinstance(x, _Tensor):
-                return ((self._view_one(call, x),), kwargs) if x.requires_grad else None
+                if not x.requires_grad:
+                    return None
+                node = x.grad_fn
+                if node is not None and _next_sequence_nr and node._sequence_nr() == _next_sequence_nr() - 1:
+                    viewed_from = self._viewed_from
+                    seed_node = viewed_from.get(node, node) if viewed_from else node  # the seed sees what we viewed
+                    nodes = call.nodes
+                    nodes[OWN] = 1
+                    nodes[IN] = ONE_NODE
+                    if seed_node is node:
+                        actions = self._recent_nodes.get(node)
+                        if actions is None:
+                            self._on_node(node, (OWN_IN, call, 1))
+                        else:
+                            actions.append((OWN_IN, call, 1))
+                    else:
+                        self._on_node(node, (OWN, call, 1))
+                        self._on_node(seed_node, (IN, call, 1))
+                    return None
+                return ((self._view_one(call, x),), kwargs)
+        if _next_sequence_nr is not None:
+            last = self._last_made(args, kwargs, _next_sequence_nr() - 1)
+            if last is not None:
+                call.nodes[OWN] = 1
+                self._on_node(last, (OWN, call, 1))
+                seed = self._seed_nodes(args)
+                if seed:
+                    self._watch(call, IN, seed)
+                return None
+        return self._view_inputs(call, args, kwargs)
+
+    @staticmethod
+    def _last_made(args, kwargs, seq: int):
+        """The node numbered `seq` (the last one made before this call) if an input (or an element of a
+        tuple or list input) is its output."""
+        for values in (args, kwargs.values() if kwargs else ()):
+            for v in values:
+                if isinstance(v, _Tensor):
+                    node = v.grad_fn
+                    if node is not None and node._sequence_nr() == seq:
+                        return node
+                elif type(v) in (list, tuple):
+                    for u in v:
+                        if isinstance(u, _Tensor):
+                            node = u.grad_fn
+                            if node is not None and node._sequence_nr() == seq:
+                                return node
+        return None
+
+    def _seed_nodes(self, args) -> list:
+        """The nodes of the positional inputs that need a gradient, as the seed sees them (it flattens)."""
+        nodes = []
+        viewed_from = self._viewed_from
+        for a in args:
+            leaves: list | tuple
+            if isinstance(a, _Tensor):
+                leaves = (a,)
+            elif type(a) in _SCALARS:
+                continue
+            else:
+                leaves = tree_flatten(a)[0]
+            for t in leaves:
+                if isinstance(t, _Tensor) and t.requires_grad:
+                    node = _leaf_node(t)
+                    nodes.append(viewed_from.get(node, node))
+        return nodes
+
+    def _view_inputs(self, call: _Call, args, kwargs):
+        """Hand the module an identity view of every input that needs a gradient (see the docstring)."""
         views: dict = {}  # id(tensor) -> its view: one view per tensor, so `q is k is v` stays true
         own: list = []
         seed: list = []  # the seed watches positional inputs only
@@ -444,12 +533,9 @@ class ModuleTracker:
         own = view.grad_fn
         self._viewed_from[own] = node
         call.views = [(view, own)]
-        multi = self._multi
-        call.nodes[OWN] = [own]
-        multi.append(call)
+        call.nodes[OWN] = 1
         self._on_node(own, (OWN, call, 1))
-        call.nodes[IN] = [node]
-        multi.append(call)
+        self._keep(call, IN, node)
         self._on_node(node, (IN, call, 1))
         return view
 
@@ -530,8 +616,21 @@ class ModuleTracker:
             if call.views is not None:
                 self._check_views(call)
             if output is not None and _grad_enabled():
-                self._watch_outputs(call, output)
-            self._keep_hooks_outermost(mod, site[2])
+                if isinstance(output, _Tensor):  # _watch_outputs for one tensor, inlined: every call
+                    if output.requires_grad:
+                        node = output.grad_fn
+                        if node is None:
+                            node = _leaf_node(output)
+                        elif self._viewed_from:  # an identity module returns our view: the seed sees the original
+                            node = self._viewed_from.get(node, node)
+                        call.nodes[OUT] = ONE_NODE
+                        self._on_node(node, (OUT, call, 1))
+                else:
+                    self._watch_outputs(call, output)
+            # hooks registered on the module after ours still run inside its window, from its next call
+            pre, post = mod._forward_pre_hooks, mod._forward_hooks
+            if len(pre) > 1 or len(post) > 1:
+                self._keep_hooks_outermost(pre, post, site[2])
             if not stack and len(self._log.rows) >= MAX_CALLS_PER_STEP and self._pass is None:
                 self.counters["implicit_steps"] += 1
                 self._end_step()
@@ -546,15 +645,15 @@ class ModuleTracker:
             if view.grad_fn is not node:
                 self.counters["inplace_inputs"] += 1
                 original = self._viewed_from.get(node)
-                if original is not None and type(own) is list:
-                    own[own.index(node)] = original
+                if original is not None:
+                    if type(own) is list:
+                        own[own.index(node)] = original
                     self._on_node(original, (OWN, call, 1))
         call.views = None
 
     @staticmethod
-    def _keep_hooks_outermost(mod, ids: list) -> None:
-        """Hooks registered on the module after ours still run inside its window, from its next call."""
-        pre, post = mod._forward_pre_hooks, mod._forward_hooks
+    def _keep_hooks_outermost(pre: OrderedDict, post: OrderedDict, ids: list) -> None:
+        """Our pre hook first, our post hook last."""
         if len(pre) > 1 and next(iter(pre)) != ids[0]:
             pre.move_to_end(ids[0], last=False)
         if len(post) > 1 and next(reversed(post)) != ids[1]:
@@ -571,10 +670,11 @@ class ModuleTracker:
         return None
 
     def _watch_outputs(self, call: _Call, output) -> None:
-        if isinstance(output, _Tensor):
-            if not output.requires_grad:
+        """Hooks where the call's backward starts (a tensor output: inlined in _exit)."""
+        if type(output) is tuple and all(type(v) in _SCALARS or isinstance(v, _Tensor) for v in output):
+            nodes = [_leaf_node(v) for v in output if isinstance(v, _Tensor) and v.requires_grad]
+            if not nodes:
                 return
-            nodes = [_leaf_node(output)]
         else:
             nodes = [_leaf_node(v) for v in tree_flatten(output)[0] if isinstance(v, _Tensor) and v.requires_grad]
             if not nodes:
@@ -584,12 +684,24 @@ class ModuleTracker:
             nodes = [viewed_from.get(n, n) for n in nodes]
         self._watch(call, OUT, nodes)
 
-    def _watch(self, call: _Call, kind: int, nodes: list) -> None:
+    def _keep(self, call: _Call, kind: int, nodes) -> None:
+        """What call waits for, of kind: one node or a list. One node needs no reference (one view's node:
+        its hook fires when this call's backward ends, or never; one output or input node: its hook asks
+        whether the engine runs it); several are kept, to ask which of them the engine will run (the
+        seed's rule; an input view nothing in the call differentiates through never runs)."""
+        if type(nodes) is not list:
+            call.nodes[kind] = 1 if kind == OWN else ONE_NODE
+            return
         call.nodes[kind] = nodes
         self._multi.append(call)
+
+    def _watch(self, call: _Call, kind: int, nodes: list) -> None:
         if len(nodes) == 1:
-            self._on_node(nodes[0], (kind, call, 1))
+            node = nodes[0]
+            self._keep(call, kind, node)
+            self._on_node(node, (kind, call, 1))
             return
+        self._keep(call, kind, nodes)
         counts: dict = {}
         for node in nodes:
             counts[node] = counts.get(node, 0) + 1
@@ -609,25 +721,71 @@ class ModuleTracker:
             actions.append(action)
 
     def _node_fired(self, actions: list, grad_outputs) -> None:
-        """In registration order, as the seed's tensor hooks on these nodes would run. One stamp for
-        all: calls that start (or end) at the same node start (or end) at the same time."""
+        """One stamp for all: calls that end (or start) at the same node end (or start) at the same time.
+        Ends are stamped before starts (an input view would have ended its call just before this node ran);
+        the seed's add and pop run in registration order, as its tensor hooks on this node would. The usual
+        case of each step (a call's first arrival of one node in this graph task) is inlined: this runs at
+        every call's backward."""
         try:
+            task = _graph_task_id()
+            node = _current_node()  # the node whose hook this is
+            runs = True if node is None else _will_execute(node)
             now = work = 0
+            starting = None
             for kind, call, n in actions:
+                state = call.nodes
                 if kind == OUT:
-                    if not call.row[B_START] and not call.row[B_END]:
+                    row = call.row
+                    if not row[B_START] and not row[B_END]:
+                        if starting is None:
+                            starting = [call]
+                        else:
+                            starting.append(call)
+                    if state[6] != task and state[OUT] == ONE_NODE:  # arrived(OUT), inlined
+                        state[6] = task
+                        state[3] = runs - 1
+                        added = runs
+                    else:
+                        added = call.arrived(OUT, n, task, runs)
+                    if added:
+                        name = call.site[1]
+                        if self._seed_callback and name not in self.parents:
+                            self.parents.add(name)
+                        else:
+                            self._seed_add(name)
+                    continue
+                if kind != IN:
+                    if state[8] != task and state[OWN] == n:  # arrived(OWN), inlined
+                        state[8] = task
+                        state[5] = 0
+                        ended = True
+                    else:
+                        ended = call.arrived(OWN, n, task, runs)
+                    if ended:
                         if not now:
                             work, now = self._work(), self._stamp()
-                        self._backward_start(call, now, work)
-                    if call.arrived(OUT, n):
-                        self._seed_add(call.site[1])
-                elif kind == OWN:
-                    if call.arrived(OWN, n):
-                        if not now:
-                            work, now = self._work(), self._stamp()
-                        self._backward_end(call, now, work)
-                elif call.arrived(IN, n):
-                    self._seed_pop(call.site[1])
+                        self._backward_end(call, now, work, task)
+                    if kind == OWN:
+                        continue
+                if state[7] != task and state[IN] == ONE_NODE:  # arrived(IN), inlined
+                    state[7] = task
+                    state[4] = runs - 1
+                    popped = runs
+                else:
+                    popped = call.arrived(IN, n, task, runs)
+                if popped:
+                    name = call.site[1]
+                    if name in self.parents:
+                        self.parents.remove(name)
+                    else:
+                        self._seed_pop(name)
+            if starting is not None:
+                if not now:
+                    work, now = self._work(), self._stamp()
+                for call in starting:
+                    row = call.row
+                    if not row[B_START] and not row[B_END]:
+                        self._backward_start(call, now, work, task)
         except Exception:
             self._hook_failed()
 
@@ -659,15 +817,14 @@ class ModuleTracker:
         self._seed_callback = False
 
     # ---- backward -----------------------------------------------------------------------------
-    def _backward_start(self, call: _Call, now: int, work: int) -> None:
+    def _backward_start(self, call: _Call, now: int, work: int, task: int) -> None:
         try:
-            task = _graph_task_id()
             open_calls = self._open_backward.get(task)
             if open_calls is None:
                 open_calls = self._open_backward[task] = []
                 _queue_callback(partial(self._graph_task_done, task))
                 if self._pass is None:
-                    self._begin_pass()
+                    self._begin_pass(now)
             open_calls.append(call)
             if self._endless:
                 self._end_endless(call, now, work)
@@ -685,6 +842,12 @@ class ModuleTracker:
     def _end_endless(self, starting: _Call, now: int, work: int) -> None:
         """A call with no input view is done once the backward of a module outside it begins."""
         first, last = starting.first, starting.last
+        phase = starting.row[PHASE]
+        for call in self._endless:
+            if not (call.first < first <= call.last or first < call.first <= last or call.row[PHASE] != phase):
+                break
+        else:
+            return  # every one is inside or around the starting call: nothing closes (no list built)
         keep = []
         for call in self._endless:
             inside = call.first < first <= call.last
@@ -695,13 +858,15 @@ class ModuleTracker:
                 self._close_backward(call.row, now, work)
         self._endless = keep
 
-    def _backward_end(self, call: _Call, now: int, work: int) -> None:
+    def _backward_end(self, call: _Call, now: int, work: int, task: int) -> None:
         try:
             row = call.row
             if row[B_END]:
                 return  # a second backward through the same graph
             if not row[B_START]:
-                self._backward_start(call, now, work)  # the output was the input (an identity module)
+                if call.nodes[OUT] is None:
+                    return  # no output needs a gradient: no backward (its input's node ran for another reason)
+                self._backward_start(call, now, work, task)  # the output was the input (an identity module)
             self._close_backward(row, now, work)
             parent = row[PARENT]  # position: back in the caller's backward, if it is open
             caller = self._log.rows[parent] if 0 <= parent < len(self._log.rows) else None
@@ -720,10 +885,12 @@ class ModuleTracker:
     def _drop_nodes(self) -> None:
         self._viewed_from.clear()
         for call in self._multi:
-            call.nodes = [n if n is None or type(n) is int else len(n) for n in call.nodes]
+            call.nodes = [n if n is None or type(n) is int else len(n) if type(n) is list else 1 for n in call.nodes]
         self._multi = []
 
-    def _begin_pass(self) -> None:
+    def _begin_pass(self, now: int) -> None:
+        """The pass begins with its first call's backward, at that call's stamp (a later stamp would leave the
+        call's first microseconds outside the pass: its self time could exceed the pass it is in)."""
         log = self._log
         if self._optimizer_start:
             self._pause_optimizer()  # loss.backward() inside optimizer.step(closure)
@@ -732,7 +899,7 @@ class ModuleTracker:
         if log.passes and not any(r[PHASE] == FORWARD for r in log.rows[log.rows_at_pass_end :]):
             self._pass = log.passes[-1]
         else:
-            self._pass = [self._stamp(), 0, 0]
+            self._pass = [now, 0, 0]
             log.passes.append(self._pass)
         self.position.passes = len(log.passes)  # position: a backward pass began
 

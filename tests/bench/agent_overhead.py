@@ -9,7 +9,8 @@ hooks with no step detailed after the warm-up (what a step without detail costs)
 needed): hooks whose steps the agent's sender thread aggregates (and, on CUDA, resolves the events of) as it does
 while no collector answers; nothing is encoded or sent.
 
-Per step it measures the training thread's CPU time (median) and the process's CPU time over all threads
+Per step it measures the training thread's CPU time (median), the garbage collector's young collections (what
+the hooks allocate shows there), and the process's CPU time over all threads
 (total over the timed steps, sender and gRPC threads included, waiting until the collector acked the last
 step), and the collector's own CPU. It prints every ratio the agent is held to:
 - training-thread overhead agent / seed (target <= 0.5 on the transformers models, <= 0.3 on MLP-200);
@@ -134,6 +135,7 @@ def child(
 ) -> dict:
     """Runs in its own process: time `steps` training steps."""
     import contextlib
+    import gc
 
     import torch
 
@@ -204,6 +206,7 @@ def child(
         ):
             raise SystemExit("the collector did not take the warm-up steps")
         times = []
+        young0 = gc.get_stats()[0]["collections"]
         cpu0, others0 = time.process_time(), other_threads_cpu_ns()
         for _ in range(steps):
             t0 = clock()
@@ -214,6 +217,7 @@ def child(
             if not wait_until(lambda: transport.stats["acked_step"] >= last, 30):
                 raise SystemExit("the collector did not ack the timed steps")
         cpu, others = time.process_time() - cpu0, other_threads_cpu_ns() - others0
+        young = gc.get_stats()[0]["collections"] - young0
         stats = transport.stats if transport is not None else {}
     if tracking is not None:
         tracking.close()
@@ -223,6 +227,7 @@ def child(
         "process_cpu_ms": cpu / steps * 1e3,
         "other_threads_ms": others / steps / 1e6,
         "calls": calls[0],
+        "young_gcs": young / steps,
         "agent": stats,
     }
     if mode == "hooks":
@@ -347,7 +352,7 @@ def report(results: dict, models: list[str], modes: list[str], args) -> None:
     )
     print(
         f"{'model':<12} {'mode':<6} {'step ms':>8} {'overhead':>9} {'us/call':>8} {'proc cpu ms':>12} "
-        f"{'overhead':>9} {'other threads ms':>17}  (calls/step)"
+        f"{'overhead':>9} {'other threads ms':>17} {'young GCs':>9}  (calls/step)"
     )
     for model in models:
         calls = results[(model, modes[0])][0]["calls"]
@@ -357,9 +362,10 @@ def report(results: dict, models: list[str], modes: list[str], args) -> None:
             ms, cpu = med(model, mode, "median_ms"), med(model, mode, "process_cpu_ms")
             others[mode] = med(model, mode, "other_threads_ms")
             over[mode], cpu_over[mode] = ms - plain, cpu - plain_cpu
+            young = med(model, mode, "young_gcs") if "young_gcs" in results[(model, mode)][0] else float("nan")
             print(
                 f"{model:<12} {mode:<6} {ms:8.3f} {over[mode]:9.3f} {over[mode] * 1e3 / calls:8.1f} "
-                f"{cpu:12.3f} {cpu_over[mode]:9.3f} {others[mode]:17.3f}  ({calls})"
+                f"{cpu:12.3f} {cpu_over[mode]:9.3f} {others[mode]:17.3f} {young:9.1f}  ({calls})"
             )
         target = TARGET_VS_SEED.get(model)
         for mode in ("hooks", "agent"):
