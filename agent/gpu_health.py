@@ -26,6 +26,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from modtrack.protos import modtrack_pb2 as pb
+from modtrack.protos.gpu_limits import GPU_FIGURE_MAX
 
 # GpuClockReason bit -> short name ("sw_thermal", "hw_slowdown", ...): the proto's table.
 REASON_NAMES: dict[int, str] = {
@@ -33,16 +34,6 @@ REASON_NAMES: dict[int, str] = {
 }
 INSTALL_HINT = "nvidia-ml-py is not installed (pip install 'modtrack[gpu]')"
 MAX_XID_EVENTS_PER_SAMPLE = 16  # drained per sample: a storm of Xids cannot keep the thread busy
-# A figure above these is no reading (a driver's "unknown" sentinel): left out, counted as an error.
-PLAUSIBLE_MAX = {
-    "sm_clock_mhz": 100_000,
-    "max_sm_clock_mhz": 100_000,
-    "memory_clock_mhz": 100_000,
-    "temperature_c": 1_000,
-    "power_mw": 100_000_000,
-    "power_limit_mw": 100_000_000,
-    "utilization_pct": 100,
-}
 
 
 def reason_names(mask: int) -> list[str]:
@@ -216,7 +207,7 @@ class GpuHealthSampler:
     def _plausible(self, field: str, value):
         if value is None:
             return None
-        if not 0 <= value <= PLAUSIBLE_MAX.get(field, 1 << 63):
+        if not 0 <= value <= GPU_FIGURE_MAX.get(field, 1 << 63):
             self.errors += 1
             return None
         return int(value)

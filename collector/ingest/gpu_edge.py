@@ -11,21 +11,8 @@ import numpy as np
 
 from modtrack.collector.ingest.edge_limits import MAX_ABS_TIME_NS, MAX_LABEL_CHARS, invalid
 from modtrack.collector.records import GPU_FIGURES, GpuSample
+from modtrack.protos.gpu_limits import GPU_FIGURE_MAX
 
-MAX_COUNT = 1 << 53  # counters stay exact in float64
-LIMITS = {
-    "sm_clock_mhz": 100_000,
-    "max_sm_clock_mhz": 100_000,
-    "memory_clock_mhz": 100_000,
-    "temperature_c": 1_000,
-    "power_mw": 100_000_000,
-    "power_limit_mw": 100_000_000,
-    "utilization_pct": 100,
-    "ecc_uncorrected": MAX_COUNT,
-    "xid_events": MAX_COUNT,
-    "last_xid": (1 << 32) - 1,
-    "errors": MAX_COUNT,
-}
 MAX_NVML_INDEX = 1 << 16
 
 
@@ -39,8 +26,8 @@ def parse_gpu(report, where: str) -> GpuSample | None:
     for i, name in enumerate(GPU_FIGURES):
         if name == "errors" or g.HasField(name):
             value = getattr(g, name)
-            if value > LIMITS[name]:
-                raise invalid(f"{where}: {name} {value} is over the limit of {LIMITS[name]}")
+            if value > GPU_FIGURE_MAX[name]:
+                raise invalid(f"{where}: {name} {value} is over the limit of {GPU_FIGURE_MAX[name]}")
             figures[i] = value
     if abs(g.sampled_ns) > MAX_ABS_TIME_NS:
         raise invalid(f"{where}: sampled_ns is out of range")
