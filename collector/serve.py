@@ -80,7 +80,10 @@ class Collector:
         self.evaluator.connected = self.ingest.connected
         self.evaluator.on_forget += [self.ingest.forget_job, self.metrics.forget_job, self._forget_in_store]
         # GPU health: verdicts explained by the culprit's GPU, and its gauges on /metrics
-        self.evaluator.explain = self.ingest.gpu_health.explain
+        # ... and by the collectives: the group where it arrives last (collective timing, opt-in on the agent)
+        self.evaluator.explain = lambda ep: "; ".join(
+            text for text in (self.ingest.gpu_health.explain(ep), self.ingest.collectives.explain(ep)) if text
+        )
         self.evaluator.on_forget.append(self.ingest.gpu_health.forget)
         self.metrics.registry.register(GpuMetrics(self.ingest.gpu_health))
         self.metrics.failures = self.failure_counts

@@ -4,6 +4,8 @@ the edge refusing malformed stats while the collector keeps serving."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,6 +15,7 @@ from harness.http import get
 from harness.waiting import wait_for
 from modtrack.collector.ingest.collectives_parse import GroupStep
 from modtrack.collector.pipeline.collectives import line_up
+from modtrack.collector.records import Episode
 from modtrack.protos import modtrack_pb2 as pb
 
 MS = 1_000_000
@@ -71,6 +74,11 @@ def test_gloo_the_last_to_arrive_is_named_and_every_peer_waits_its_skew(collecto
     assert samples(get(collector.url, "/metrics")[1], "modtrack_collective_late_rank") == {
         (("group", "0"), ("job", job)): 3.0
     }
+    # a verdict on rank 3 is explained by its lateness (the peers' injected wait); one on rank 0 is not
+    book = collector.collector.ingest.collectives
+    blamed = Episode(job, 3, "host3", "(data loading)", "data", 2.0, 1, 5, "active", 17.3)
+    assert book.explain(blamed) == "last into 100% of group 0's collectives; its peers wait 17.3 ms per step there"
+    assert book.explain(dataclasses.replace(blamed, rank=0)) == ""
     for fr in ranks:
         fr.close()
 

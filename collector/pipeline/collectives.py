@@ -159,6 +159,23 @@ class CollectiveBook:
         _mark_slow_links(out)
         return {"job": job, "groups": sorted(out, key=lambda g: g["group"])}
 
+    def explain(self, episode) -> str:
+        """What the collectives say about an episode's culprit, or "": the group where it is the late rank (its
+        peers wait for it there), or a slow link among the groups it belongs to."""
+        culprits = set(episode.ranks if episode.rank < 0 else [episode.rank])
+        parts = []
+        for g in self.summary(episode.job)["groups"]:
+            members = {r["rank"] for r in g["ranks"]}
+            if g["late_rank"] in culprits:
+                share = next(r["last_share"] for r in g["ranks"] if r["rank"] == g["late_rank"])
+                parts.append(
+                    f"last into {share:.0%} of group {g['group']}'s collectives; "
+                    f"its peers wait {g['peer_wait_ms']:.1f} ms per step there"
+                )
+            elif g["slow_link"] and culprits & members:
+                parts.append(f"group {g['group']}'s link is slow ({g['transfer_ms']:.1f} ms per step in transfers)")
+        return "; ".join(parts)
+
     def wait_by_rank(self, job: str, step: int) -> dict[int, int]:
         """Per rank, the ns it waited in the step's collectives (all groups): what CUDA module compute
         holds that is not the rank's own work. Empty when no group of the step is complete."""

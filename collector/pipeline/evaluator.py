@@ -240,7 +240,7 @@ class Evaluator:
             ep.id = self.next_episode_id
             self.next_episode_id += 1
         self.episode_ids[key] = ep.id
-        if ep.state == "active":  # GPU health; a resolved episode keeps the last explanation it had
+        if ep.state == "active":  # GPU health, collectives; a resolved episode keeps the last explanation it had
             ep.explanation = self.explain(ep)
         snapshot = dataclasses.replace(ep, ranks=list(ep.ranks))
         self.writer.call_threadsafe(self.store.upsert_episode, snapshot)
