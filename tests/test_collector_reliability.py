@@ -341,6 +341,7 @@ def test_a_data_directory_of_the_previous_schema_opens_and_reads_back(tmp_path):
             "last_evaluated_step": 1,
             "attempt": 0,  # the migration keeps every older row as attempt 0
             "state": "stopped",
+            "sample_every": None,  # sampled mode never set through the API
         }
         steps = get_json(f"{url}/api/v1/jobs/old/steps?last=10")["steps"]
         assert [(s["step"], [r["host"] for r in s["ranks"]]) for s in steps] == [
