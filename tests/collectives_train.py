@@ -8,6 +8,7 @@ gradient all-reduce that much after its peers, who wait for it there (tests/test
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import torch
@@ -47,6 +48,12 @@ def main() -> None:
     if args.print_step_ms and rank == 0:
         times.sort()
         print(f"STEP_MS {1e3 * times[len(times) // 2]:.4f}", flush=True)
+    # Torn down in the order examples/train.py explains (under the agent, a DDP reducer freed implicitly as main()
+    # returns can deadlock gloo's worker threads against the GIL: seen 1 run in 3 here, never without the agent)
+    dist.barrier()
+    time.sleep(0.05)
+    del model, opt
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -32,9 +32,37 @@ def end(proc: subprocess.Popen, grace_s: float = 0.0) -> None:
             proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             pass
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    for pid in [proc.pid, *descendants(proc.pid)]:  # a rank that left the group (its own session) too
+        try:
+            os.killpg(pid, signal.SIGKILL) if pid == proc.pid else os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # something outside the tree still holds its pipes: stop reading them
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
