@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import pytest
@@ -199,13 +198,8 @@ def collector_process(tmp_path):
 def test_a_user_hook_that_slows_one_rank_is_named_at_its_module(collector_process, framework, tmp_path):
     grpc_addr, api = collector_process.grpc_target, collector_process.url
     steps, onset = 30, 6
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
+    cmd = torchrun.torchrun_cmd(
+        2,
         "-m",
         "modtrack.agent",
         "--collector",
@@ -223,7 +217,7 @@ def test_a_user_hook_that_slows_one_rank_is_named_at_its_module(collector_proces
         "40",
         "--slow-from-step",
         str(onset),
-    ]
+    )
     done = torchrun.run(cmd, timeout=240, extra_env={"TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done rank") == 2, done.stdout

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ import urllib.request
 import pytest
 
 from harness.collector_process import CollectorProcess, env
+from harness.torchrun import torchrun_cmd
 from harness.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.slow
@@ -67,13 +67,8 @@ class Job:
     def __init__(self, collector, job: str, *args: str, agent_env: dict | None = None):
         self.job = job
         self.url = f"{collector.api}/api/v1/jobs/{job}/stall"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(RANKS),
+        cmd = torchrun_cmd(
+            RANKS,
             "-m",
             "modtrack.agent",
             "--collector",
@@ -82,7 +77,7 @@ class Job:
             job,
             SCRIPT,
             *args,
-        ]
+        )
         self.proc = subprocess.Popen(
             cmd,
             env=env(**(AGENT_ENV if agent_env is None else agent_env)),

@@ -101,6 +101,7 @@ def run_case(case: str, steps: int, tmp: str, train_args: list[str] = TRAIN_ARGS
     from harness.collector_process import CollectorProcess, env
     from harness.ports import free_port
     from harness.stalled_server import StalledServer
+    from harness.torchrun import torchrun_cmd
 
     os.makedirs(tmp, exist_ok=True)
 
@@ -114,20 +115,15 @@ def run_case(case: str, steps: int, tmp: str, train_args: list[str] = TRAIN_ARGS
         target = f"127.0.0.1:{stalled.port}"
     collector_cpu0 = proc_cpu_s(server.proc.pid) if server is not None else 0.0
     agent = [] if case == "no agent" else ["-m", "modtrack.agent", "--collector", target, "--job", case]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
+    cmd = torchrun_cmd(
+        2,
         *agent,
         os.path.abspath(__file__),
         "--worker",
         "--steps",
         str(steps),
         *train_args,
-    ]
+    )
     started = time.monotonic()
     out_dir = os.path.join(tmp, f"{case}-ranks")
     os.makedirs(out_dir)

@@ -33,6 +33,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "tests"))  # the shared harness (tests/harness/)
 TRAIN = os.path.join(REPO, "examples", "train.py")
 READY = re.compile(r"ready grpc=(\S+) http=(\S+)")
 MODEL = ["--dim", "64", "--batch", "8", "--context", "32", "--layers", "4", "--heads", "4", "--vocab", "256"]
@@ -265,13 +266,10 @@ def run_job(
     times = os.path.join(workdir, f"{job}.times.jsonl")
     restart = ["--max-restarts", "1"] if shape.restart else []
     slow = [] if shape.clean else ["--slow-rank", str(culprit), "--slow-from-step", str(ONSET), *shape.args]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(ranks),
+    from harness.torchrun import torchrun_cmd
+
+    cmd = torchrun_cmd(
+        ranks,
         *restart,
         "-m",
         "modtrack.agent",
@@ -290,7 +288,7 @@ def run_job(
         times,
         *MODEL,
         *slow,
-    ]
+    )
     proc = subprocess.Popen(
         cmd, env=_env(), cwd=REPO, text=True, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -488,7 +486,6 @@ def run_matrix(
 def rejudge(folders: list[str]) -> list[Result]:
     """Judge the jobs kept by --keep again with today's detector, offline: their stored steps (replayed as the
     merge built them) and their own step times. Whatever the agent measured stays what it was."""
-    sys.path.insert(0, os.path.join(REPO, "tests"))
     from harness import replay
 
     results = []
