@@ -81,6 +81,7 @@ from modtrack.agent.step_accumulator import (
     step_summary,
 )
 from modtrack.agent.step_record import StepRecord
+from modtrack.agent.teardown import ExitDrain
 
 # What non-reentrant checkpoint raises to stop a recompute early (a torch without it never stops early).
 StopRecomputation: type[BaseException] = getattr(
@@ -217,6 +218,7 @@ class ModuleTracker:
         self._module_hooks = ModuleHooks(self._enter, self._exit)
         self._quiet = False  # sampled mode: only top-level modules have hooks now (a step without detail)
         self._closed = False
+        self.exit_drain = ExitDrain()  # destroy_process_group() waits for gloo's workers (agent/teardown.py)
 
     # ---- the seed's surface -------------------------------------------------------------------
     @property
@@ -237,6 +239,7 @@ class ModuleTracker:
                 register_optimizer_step_pre_hook(self._optimizer_pre),
                 register_optimizer_step_post_hook(self._optimizer_post),
             ]
+            self.exit_drain.install()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -293,6 +296,7 @@ class ModuleTracker:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.exit_drain.remove()
         self._module_hooks.remove_all()
         self._quiet = False
         self._hooked.clear()
@@ -929,6 +933,7 @@ class ModuleTracker:
             self._endless = []
             self._recent_nodes.clear()
             self._drop_nodes()
+            self.exit_drain.note_pass()  # this pass's gloo works hold its Context (agent/teardown.py)
             self.position.module = at.NO_MODULE  # position: between backward and the optimizer
             self.position.phase = at.OUTSIDE
             if self._in_optimizer and not self._optimizer_start:
