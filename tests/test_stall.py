@@ -373,3 +373,49 @@ def test_a_rank_that_sends_heartbeats_is_not_marked_missing(tmp_path):
         for r in ranks:
             r.kill()
         c.stop()
+
+
+def test_a_rank_calling_the_same_module_again_and_again_moves():
+    """A recurrent loop: every look finds the rank in the same module and phase, but each time after a new
+    call of its cell, so the heartbeat's time at the position stays short (the verdict: moving, not stuck)."""
+    tracker = ModuleTracker(clock="cpu")
+    done = threading.Event()
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.Linear(8, 8)
+
+        def forward(self, x, long=False):
+            x = self.cell(x)
+            while long and not done.is_set():  # time spent in Loop itself, between calls of its cell
+                time.sleep(0.02)
+                x = self.cell(x)
+            return x
+
+    loop = Loop()
+
+    def train():
+        with tracker, torch.no_grad():
+            for _ in range(3):  # short steps: a median
+                loop(torch.randn(2, 8))
+                tracker.step()
+            loop(torch.randn(2, 8), long=True)  # one long step
+
+    beat = Heartbeat(tracker.position, lambda: tracker.module_names, HeartbeatSettings(min_s=0.3, repeat_s=0.1))
+    worker = threading.Thread(target=train, daemon=True)
+    worker.start()
+    beats = []
+    deadline = time.monotonic() + 20
+    while len(beats) < 5 and time.monotonic() < deadline:
+        hb = beat.poll()
+        if hb is not None:
+            beats.append(hb)
+        time.sleep(0.05)
+    done.set()
+    worker.join(10)
+    assert len(beats) == 5 and beat.errors == 0, beats
+    assert {(hb.step, hb.phase, hb.module) for hb in beats} == {(3, "forward", "Loop")}, beats
+    assert all(hb.position_ns < 0.2e9 < 0.3e9 <= hb.step_ns for hb in beats), [
+        (b.position_ns, b.step_ns) for b in beats
+    ]
