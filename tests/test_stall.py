@@ -23,6 +23,7 @@ from modtrack.agent import ModuleTracker
 from modtrack.agent import position as at
 from modtrack.agent.heartbeat import Heartbeat, HeartbeatSettings, thread_stack
 from modtrack.agent.step_record import PHASES
+from modtrack.collector.api.stall_text import render_stall
 from modtrack.collector.pipeline.stall import Beat, RankView, verdict, waits_in_collective
 from modtrack.collector.pipeline.stall_watch import StallWatch
 from modtrack.protos import modtrack_pb2 as pb
@@ -227,8 +228,11 @@ def test_every_rank_still_in_the_same_place_is_a_pause():
     ranks = [RankView(r, "h", beat=beat(phase="data", module=None, seconds=6.0 + r)) for r in range(3)]
     answer = verdict("j", ranks)
     assert not answer["stalled"] and answer["paused"]["phase"] == "data" and answer["since_s"] == 6.0
-    assert {r["state"] for r in answer["ranks"]} == {"paused"}
+    assert {r["state"] for r in answer["ranks"]} == {"running"}  # CONTRACT.md's states: nobody stuck or waiting
     assert "paused at data, step 10" in answer["summary"]
+    text = render_stall(answer)  # `collector query stall`
+    assert text.startswith("job j: paused for 6 s: the whole job is paused at data, step 10"), text
+    assert text.endswith(f"stack where the job is paused, innermost last:\n  {USER}"), text
 
 
 def test_a_slow_but_moving_job_is_not_stalled():
