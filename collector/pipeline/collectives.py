@@ -99,6 +99,8 @@ class _Job:
     groups: dict[tuple[str, int], _Group] = field(default_factory=dict)
     newest: int = -1
     groups_refused: int = 0  # groups past max_groups: not kept
+    version: int = 0  # bumped by every add: a summary is computed once per version
+    summary: tuple[int, int, dict] | None = None  # (version, last, answer)
 
 
 class CollectiveBook:
@@ -126,6 +128,7 @@ class CollectiveBook:
                     group = state.groups[key] = _Group(s.group, s.backend, s.group_size, s.ranks_hash)
                 group.steps.setdefault(s.step, {})[rank] = (s, offset_ns)
                 state.newest = max(state.newest, s.step)
+            state.version += 1
             oldest = state.newest - self.keep_steps
             for group in state.groups.values():
                 for step in [st for st in group.steps if st <= oldest]:
@@ -154,10 +157,17 @@ class CollectiveBook:
             state = self._jobs.get(job)
             if state is None:
                 return {"job": job, "groups": []}
+            cached, version = state.summary, state.version
+            if cached is not None and cached[:2] == (version, last):
+                return cached[2]  # explain() asks once per active episode per evaluated step
             groups = [(g, self._complete(g, last)) for g in state.groups.values()]
         out = [_group_summary(g, steps) for g, steps in groups if steps]
         _mark_slow_links(out)
-        return {"job": job, "groups": sorted(out, key=lambda g: g["group"])}
+        answer = {"job": job, "groups": sorted(out, key=lambda g: g["group"])}
+        with self._lock:
+            if self._jobs.get(job) is state:
+                state.summary = (version, last, answer)
+        return answer
 
     def explain(self, episode) -> str:
         """What the collectives say about an episode's culprit, or "": the group where it is the late rank (its
