@@ -420,6 +420,7 @@ class ModuleTracker:
             position = self.position  # position: this call is the innermost open module
             position.module = mid
             position.phase = row[PHASE]
+            position.entered = row
             result = None
             if _grad_enabled():
                 if site[3]:
@@ -838,6 +839,7 @@ class ModuleTracker:
             position = self.position  # position: in this module's backward
             position.module = row[MID]
             position.phase = at.BACKWARD
+            position.entered = row
             if call.nodes[OWN] is None:
                 self._endless.append(call)
         except Exception:

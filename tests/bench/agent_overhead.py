@@ -244,7 +244,7 @@ def position_cost_ns() -> float:
 
     setup = "p = Position(); mid = 7; row = [7, 0]; stack = [(0, [3, 0])]"
     body = (
-        "position = p; position.module = mid; position.phase = row[1]\n"
+        "position = p; position.module = mid; position.phase = row[1]; position.entered = row\n"
         "position = p\nif stack:\n    caller = stack[-1][1]; position.module = caller[0]; "
         "position.phase = caller[1]"
     )
