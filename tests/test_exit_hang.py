@@ -1,8 +1,8 @@
 """A DDP script with no teardown of its own exits under the agent (real torchrun, gloo, 2 ranks, a real
 collector): destroy_process_group(), then the function returns with the DDP model a local, 20 times in one
-job (tests/exit_train.py --cycles 20). Before agent/teardown.py each return hung about 1 time in 10 to 3 (a
+job (tests/exit_train.py --cycles 20). Before agent/teardown.py a run hung 1 time in 10 to 1 in 3 (a
 gloo worker waiting for the GIL while the freed process group joined it holding the GIL): this job hung in
-4 runs of 4 with the agent of that time, and in 0 of 4 (80 returns) since; `python tests/bench/exit_hang.py`
+6 runs of 6 with the agent of that time (4 in the bench, 2 as this test), and in 0 of 6 since; `python tests/bench/exit_hang.py`
 counts more runs. A hang is a job still running at the deadline."""
 
 from __future__ import annotations
