@@ -2,8 +2,8 @@
 collector): destroy_process_group(), then the function returns with the DDP model a local, 20 times in one
 job (tests/exit_train.py --cycles 20). Before agent/teardown.py a run hung 1 time in 10 to 1 in 3 (a
 gloo worker waiting for the GIL while the freed process group joined it holding the GIL): this job hung in
-6 runs of 6 with the agent of that time (4 in the bench, 2 as this test), and in 0 of 6 since; `python tests/bench/exit_hang.py`
-counts more runs. A hang is a job still running at the deadline."""
+6 runs of 6 with the agent of that time (4 in the bench, 2 as this test), and in 0 of 6 since;
+`python tests/bench/exit_hang.py` counts more runs. A hang is a job still running at the deadline."""
 
 from __future__ import annotations
 
