@@ -56,9 +56,9 @@ class Rank:
         except grpc.RpcError:
             pass
 
-    def report(self, step: int, self_ms=(1.0, 2.0, 3.0)) -> None:
+    def report(self, step: int, self_ms=(1.0, 2.0, 3.0), wall_ms: int = 100) -> None:
         ns = [int(ms * 1e6) for ms in self_ms]
-        rep = pb.StepReport(step=step, start_ns=step * 10**9, end_ns=step * 10**9 + 100_000_000)
+        rep = pb.StepReport(step=step, start_ns=step * 10**9, end_ns=step * 10**9 + wall_ms * 1_000_000)
         for phase in (pb.PHASE_FORWARD, pb.PHASE_BACKWARD):
             rep.phases.append(
                 pb.PhaseStats(
@@ -206,8 +206,9 @@ def test_every_failure_counter_is_in_metrics(served, monkeypatch):
 
 
 def test_a_finished_job_leaves_memory_and_stays_queryable(tmp_path):
-    """A job ends; after the retention its in-memory state is gone, the API answers from SQLite,
-    and the same job coming back carries on with the same module ids and steps."""
+    """A job ends; after the retention its in-memory state is gone (its /metrics series too, and
+    they do not come back on a later tick), the API answers from SQLite, and the same job coming
+    back carries on with the same module ids and steps."""
     served = CollectorThread(tmp_path / "data", watermark_s=0.3, job_retention_s=0.5, retention_every_s=0.1)
     c = served.collector
     try:
@@ -215,6 +216,11 @@ def test_a_finished_job_leaves_memory_and_stays_queryable(tmp_path):
         for step in range(3):
             rank.report(step)
         wait_for(lambda: job_row(served.url, "done").get("last_evaluated_step") == 2, what="steps evaluated")
+        rank.report(1, wall_ms=150)  # another report of step 1: late, and refused by the store (a conflict)
+        wait_for(
+            lambda: metric(get_text(f"{served.url}/metrics"), "modtrack_reports_duplicate_total", reason="conflict"),
+            what="the conflicting report counted",
+        )
         assert (
             "done" in c.evaluator.detectors
             and metric(get_text(f"{served.url}/metrics"), "modtrack_last_step", job="done") == 2
@@ -222,10 +228,16 @@ def test_a_finished_job_leaves_memory_and_stays_queryable(tmp_path):
         rank.close()
         wait_for(lambda: "done" not in c.merger.jobs, timeout=10, what="the job to be forgotten")
         wait_for(lambda: "done" not in c.evaluator.detectors, what="the detector to be forgotten")
+        wait_for(lambda: "done" not in c.store.duplicates, what="the store's count of the job's duplicates dropped")
         assert "done" not in c.ingest.streams
         assert not [key for key in c.evaluator.episode_ids if key[0] == "done"]
-        assert metric(get_text(f"{served.url}/metrics"), "modtrack_last_step", job="done") is None
-        assert metric(get_text(f"{served.url}/metrics"), "modtrack_jobs_forgotten_total") == 1
+        other = Rank(served.grpc_target, "other", 0, 1)  # evaluated on a tick after the forgetting
+        other.report(0)
+        wait_for(lambda: job_row(served.url, "other").get("last_evaluated_step") == 0, what="another job's step")
+        other.close()
+        text = get_text(f"{served.url}/metrics")
+        assert [line for line in text.splitlines() if 'job="done"' in line] == []
+        assert metric(text, "modtrack_jobs_forgotten_total") >= 1
 
         row = job_row(served.url, "done")
         assert (row["state"], row["last_step"], row["last_evaluated_step"]) == ("stopped", 2, 2)
