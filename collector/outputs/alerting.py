@@ -20,6 +20,7 @@ import aiohttp
 
 from modtrack.collector.outputs.alert_payload import alert_labels, episode_to_alert, fingerprint, webhook_payload
 from modtrack.collector.records import Episode
+from modtrack.protos.backoff import backoff_delays
 
 log = logging.getLogger("modtrack.alerts")
 
@@ -190,14 +191,13 @@ class AlertDispatcher:
                 hook.queue.task_done()
 
     async def _post_with_retries(self, hook: _Webhook, body: bytes) -> str:
-        delay = self.backoff_s
+        delays = backoff_delays(self.backoff_s, self.max_backoff_s)
         for attempt in range(self.max_attempts):
             if attempt:
                 hook.stats["retries"] += 1
                 if self.metrics is not None:
                     self.metrics.count_alert_retry()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_backoff_s)
+                await asyncio.sleep(next(delays))
             assert self._session is not None, "delivering before start()"
             try:
                 async with self._session.post(
