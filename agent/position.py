@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import threading
 
-# Phase codes. FORWARD, BACKWARD and RECOMPUTE are agent.step_record.PHASES' indices.
-FORWARD, BACKWARD, RECOMPUTE, OPTIMIZER, DATA, OUTSIDE = range(6)
-PHASE_NAMES = ("forward", "backward", "recompute", "optimizer", "data", "outside")
+from modtrack.protos.phases import POSITION_PHASES
+
+# Phase codes: indices in the heartbeat's names; FORWARD, BACKWARD and RECOMPUTE are agent.step_record.PHASES' too.
+PHASE_NAMES = POSITION_PHASES
+FORWARD, BACKWARD, RECOMPUTE, OPTIMIZER, DATA, OUTSIDE = (
+    PHASE_NAMES.index(p) for p in ("forward", "backward", "recompute", "optimizer", "data", "outside")
+)
 NO_MODULE = -1
 
 

@@ -15,8 +15,9 @@ from modtrack.protos import modtrack_pb2 as pb
 PROTOCOL_VERSION = 1
 SESSION = uuid.uuid4().hex  # one per agent process: a restarted rank gets a new one
 
-_PHASE_ENUM = {name: i + 1 for i, name in enumerate(PHASES)}  # forward=1, backward=2, recompute=3
+_PHASE_ENUM = {name: pb.Phase.Value(f"PHASE_{name.upper()}") for name in PHASES}  # forward=1, backward=2, ...
 _CLOCK_ENUM = {"cpu": pb.CLOCK_KIND_CPU, "cuda": pb.CLOCK_KIND_CUDA}
+_COUNTERS = tuple(f.name for f in pb.AgentCounters.DESCRIPTOR.fields)  # the transport counters, by wire name
 
 
 def _agent_version() -> str:
@@ -81,11 +82,8 @@ def fill_report(report: pb.StepReport, record: StepRecord, counters: dict[str, i
     report.recompute_ns = record.recompute_ns
     report.first_new_module_id = record.first_new_module_id
     report.detail = record.detail
-    c = report.counters
-    c.reports_dropped = counters.get("reports_dropped", 0)
-    c.reconnects = counters.get("reconnects", 0)
-    c.hook_errors = counters.get("hook_errors", 0)
-    c.send_errors = counters.get("send_errors", 0)
+    for name in _COUNTERS:
+        setattr(report.counters, name, counters.get(name, 0))
     report.new_module_names.extend(record.new_module_names)
     for name, cols in record.phases.items():
         stats = report.phases.add(phase=_PHASE_ENUM.get(name, pb.PHASE_UNSPECIFIED))
@@ -116,7 +114,7 @@ def fill_report(report: pb.StepReport, record: StepRecord, counters: dict[str, i
     if trace is not None:
         report.trace.capture_id = trace.capture_id
         report.trace.module_id.extend(trace.module_id.tolist())
-        report.trace.phase.extend((trace.phase.astype("int64") + 1).tolist())
+        report.trace.phase.extend((trace.phase.astype("int64") + 1).tolist())  # index in PHASES -> enum number
         report.trace.start_ns.extend(trace.start_ns.tolist())
         report.trace.end_ns.extend(trace.end_ns.tolist())
         report.trace.depth.extend(trace.depth.tolist())

@@ -1,7 +1,7 @@
 """One training step of one rank, columnar: what the tracker hands to the transport.
 
-Kept free of protobuf so the training thread never builds wire messages; the transport
-thread turns a StepRecord into a StepReport (agent/report_codec.py).
+Kept free of protobuf messages so the training thread never builds one; the transport thread
+turns a StepRecord into a StepReport (agent/report_codec.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PHASES = ("forward", "backward", "recompute")
+from modtrack.protos.phases import MODULE_PHASES
+
+PHASES = MODULE_PHASES  # forward, backward, recompute: a phase's index + 1 is its wire enum number
 
 
 @dataclass

@@ -16,7 +16,6 @@ at most a couple of seconds, and only while a collector is connected or still be
 from __future__ import annotations
 
 import collections
-import random
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ from modtrack.agent.step_accumulator import build_step_records
 from modtrack.agent.step_record import StepRecord
 from modtrack.protos import modtrack_pb2 as pb
 from modtrack.protos import modtrack_pb2_grpc as pb_grpc
+from modtrack.protos.backoff import backoff_delays
 
 if TYPE_CHECKING:
     from modtrack.agent.collectives import Collectives
@@ -290,8 +290,7 @@ class Transport:
 
     # ---- sender thread -------------------------------------------------------------------
     def _run(self) -> None:
-        initial, most = self._backoff
-        backoff = initial
+        delays = backoff_delays(*self._backoff, jitter=0.5)
         ever_connected = False
         while not self._stop.is_set():
             try:
@@ -302,11 +301,10 @@ class Transport:
                 got_through = False
             if got_through:
                 ever_connected = True
-                backoff = initial
+                delays = backoff_delays(*self._backoff, jitter=0.5)  # from the first delay again
             if self._stop.is_set():
                 break
-            self._idle(backoff * random.uniform(0.5, 1.0))
-            backoff = min(most, backoff * 2)
+            self._idle(next(delays))
 
     def _idle(self, seconds: float) -> None:
         """Wait between connections, aggregating what arrives (raw steps are large: never let them pile up)."""

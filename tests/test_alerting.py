@@ -159,6 +159,7 @@ def test_receiver_errors_are_retried_with_backoff():
         assert len(rx.received) == 1 and rx.requests == 3
     assert stats["retries"] == 2 and stats["sent"] == 1
     assert b'modtrack_alert_webhook_deliveries_total{outcome="sent"} 1.0' in metrics.exposition()[0]
+    assert b"modtrack_alert_webhook_retries_total 2.0" in metrics.exposition()[0]
 
 
 def test_a_refusing_receiver_is_not_retried():
@@ -188,9 +189,12 @@ def test_queue_is_bounded_when_the_receiver_is_down():
         )
         return hook
 
-    hook = asyncio.run(run_dispatcher([closed_port_url()], body, queue_size=5, backoff_s=10))
+    metrics = CollectorMetrics()
+    hook = asyncio.run(run_dispatcher([closed_port_url()], body, queue_size=5, backoff_s=10, metrics=metrics))
     assert hook.queue.maxsize == 5
     assert hook.stats["dropped"] >= 50 - 5 - 1  # one in flight, five queued, the rest dropped
+    dropped = f'modtrack_alert_webhook_deliveries_total{{outcome="dropped"}} {float(hook.stats["dropped"])}'
+    assert dropped.encode() in metrics.exposition()[0]  # every payload the full queue let go
 
 
 def test_episode_changed_from_another_thread():

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_real_models import MODELS, build, loss_of
 from torch import nn
 
+from harness.real_models import MODELS, build, loss_of
 from modtrack.agent import tracker as tracker_module
 from modtrack.agent.step_accumulator import B_END, B_START
 from modtrack.agent.tracker import ModuleTracker
+
+torch.set_num_threads(1)
 
 
 def backward_instants(log) -> list[set]:

@@ -16,7 +16,7 @@ from harness.fake_rank import FakeRank, report
 from harness.http import get
 from harness.waiting import wait_for
 from modtrack.collector.ingest.collectives_parse import GroupStep
-from modtrack.collector.pipeline.collectives import line_up
+from modtrack.collector.pipeline.collectives import CollectiveBook, line_up
 from modtrack.collector.records import Episode
 from modtrack.protos import modtrack_pb2 as pb
 
@@ -145,6 +145,26 @@ def test_only_collectives_every_member_listed_are_lined_up():
     lined = line_up({0: step([1, 2, 3], [0, 10, 20]), 1: step([2, 1], [-85, -80], offset=100)})
     assert lined is not None and lined.collectives == 2
     assert lined.wait_ns.tolist() == [20 + 5, 0] and lined.last.tolist() == [0, 2]
+
+
+def test_groups_past_the_limit_are_counted_in_metrics():
+    """A job with more process groups than the book keeps: the ones past the limit are counted per job."""
+    book = CollectiveBook(max_groups=2)
+
+    def group_step(name):
+        return GroupStep(
+            0, name, "gloo", 1, 1, 1, 0, 0, 0, False, 0, np.array([1], np.uint64), np.array([0], np.int64), None
+        )
+
+    book.add("many", 0, 0, 0, [group_step(str(g)) for g in range(5)])
+    book.add("few", 0, 0, 0, [group_step("0")])
+    refused = {
+        s.labels["job"]: s.value
+        for family in book.collect()
+        for s in family.samples
+        if s.name == "modtrack_collective_groups_refused_total"
+    }
+    assert refused == {"many": 3}
 
 
 @pytest.mark.parametrize("cause", ["module", "data"])

@@ -56,9 +56,9 @@ class Rank:
         except grpc.RpcError:
             pass
 
-    def report(self, step: int, self_ms=(1.0, 2.0, 3.0)) -> None:
+    def report(self, step: int, self_ms=(1.0, 2.0, 3.0), wall_ms: int = 100) -> None:
         ns = [int(ms * 1e6) for ms in self_ms]
-        rep = pb.StepReport(step=step, start_ns=step * 10**9, end_ns=step * 10**9 + 100_000_000)
+        rep = pb.StepReport(step=step, start_ns=step * 10**9, end_ns=step * 10**9 + wall_ms * 1_000_000)
         for phase in (pb.PHASE_FORWARD, pb.PHASE_BACKWARD):
             rep.phases.append(
                 pb.PhaseStats(
@@ -206,8 +206,9 @@ def test_every_failure_counter_is_in_metrics(served, monkeypatch):
 
 
 def test_a_finished_job_leaves_memory_and_stays_queryable(tmp_path):
-    """A job ends; after the retention its in-memory state is gone, the API answers from SQLite,
-    and the same job coming back carries on with the same module ids and steps."""
+    """A job ends; after the retention its in-memory state is gone (its /metrics series too, and
+    they do not come back on a later tick), the API answers from SQLite, and the same job coming
+    back carries on with the same module ids and steps."""
     served = CollectorThread(tmp_path / "data", watermark_s=0.3, job_retention_s=0.5, retention_every_s=0.1)
     c = served.collector
     try:
@@ -215,6 +216,11 @@ def test_a_finished_job_leaves_memory_and_stays_queryable(tmp_path):
         for step in range(3):
             rank.report(step)
         wait_for(lambda: job_row(served.url, "done").get("last_evaluated_step") == 2, what="steps evaluated")
+        rank.report(1, wall_ms=150)  # another report of step 1: late, and refused by the store (a conflict)
+        wait_for(
+            lambda: metric(get_text(f"{served.url}/metrics"), "modtrack_reports_duplicate_total", reason="conflict"),
+            what="the conflicting report counted",
+        )
         assert (
             "done" in c.evaluator.detectors
             and metric(get_text(f"{served.url}/metrics"), "modtrack_last_step", job="done") == 2
@@ -222,10 +228,16 @@ def test_a_finished_job_leaves_memory_and_stays_queryable(tmp_path):
         rank.close()
         wait_for(lambda: "done" not in c.merger.jobs, timeout=10, what="the job to be forgotten")
         wait_for(lambda: "done" not in c.evaluator.detectors, what="the detector to be forgotten")
+        wait_for(lambda: "done" not in c.store.duplicates, what="the store's count of the job's duplicates dropped")
         assert "done" not in c.ingest.streams
         assert not [key for key in c.evaluator.episode_ids if key[0] == "done"]
-        assert metric(get_text(f"{served.url}/metrics"), "modtrack_last_step", job="done") is None
-        assert metric(get_text(f"{served.url}/metrics"), "modtrack_jobs_forgotten_total") == 1
+        other = Rank(served.grpc_target, "other", 0, 1)  # evaluated on a tick after the forgetting
+        other.report(0)
+        wait_for(lambda: job_row(served.url, "other").get("last_evaluated_step") == 0, what="another job's step")
+        other.close()
+        text = get_text(f"{served.url}/metrics")
+        assert [line for line in text.splitlines() if 'job="done"' in line] == []
+        assert metric(text, "modtrack_jobs_forgotten_total") >= 1
 
         row = job_row(served.url, "done")
         assert (row["state"], row["last_step"], row["last_evaluated_step"]) == ("stopped", 2, 2)
@@ -373,3 +385,79 @@ def test_a_data_directory_of_a_newer_schema_is_refused(tmp_path):
     conn.close()
     with pytest.raises(schema.SchemaError, match="newer than this collector"):
         Store(str(tmp_path / "data"))
+
+
+def write_v2_data_dir(data_dir) -> None:
+    """A data directory as the collector of schema version 2 left it (attempts, verdict causes; no GPU
+    explanations yet): its tables made by its own migrations, which are never edited, then its rows."""
+    from modtrack.collector.store import schema
+
+    data_dir.mkdir(parents=True)
+    conn = sqlite3.connect(data_dir / "modtrack.sqlite3")
+    for migration in schema.MIGRATIONS[:2]:
+        migration(conn)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute(
+        "INSERT INTO jobs (job, world_size, created_ns, last_evaluated_step, attempt) VALUES ('v2', 2, 1, 0, 1)"
+    )
+    for rank in range(2):
+        conn.execute(
+            "INSERT INTO ranks (job, rank, host, state, clock_kind, attempt) VALUES ('v2', ?, ?, 'live', 2, 1)",
+            (rank, f"host{rank}"),
+        )
+    conn.executemany("INSERT INTO modules VALUES ('v2', ?, ?)", list(enumerate(MODULES)))
+    for rank in range(2):
+        self_ns = np.array([1, 2, 3 + rank * 3], np.int64) * 1_000_000
+        conn.execute(
+            "INSERT INTO steps (job, attempt, rank, step, start_ns, end_ns, m_phase, m_module, m_calls, m_inclusive, "
+            "m_self, m_first_start, m_last_end) VALUES ('v2', 1, ?, 0, 0, 100000000, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                rank,
+                np.full(3, 1, np.uint8).tobytes(),
+                np.arange(3, dtype=np.uint32).tobytes(),
+                np.ones(3, np.uint32).tobytes(),
+                self_ns.tobytes(),
+                self_ns.tobytes(),
+                np.zeros(3, np.int64).tobytes(),
+                self_ns.tobytes(),
+            ),
+        )
+    conn.execute(
+        "INSERT INTO episodes (id, job, rank, host, module, phase, slowdown, first_step, last_step, state, "
+        "cost_ms_per_step, cost_pct, ranks, updated_ns, attempt, cause, excess_ms, modules) VALUES (4, 'v2', 1, "
+        "'host1', 'Net.b', 'forward', 2.0, 0, 0, 'resolved', 3.0, 3.0, '[]', 1, 1, 'compute in 1 module', 3.0, "
+        """'[{"module": "Net.b", "phase": "forward", "excess_ms": 3.0, "slowdown": 2.0}]')"""
+    )
+    conn.commit()
+    conn.close()
+
+
+def test_a_data_directory_of_schema_version_2_opens_and_reads_back(tmp_path):
+    """The schema before this one: every row served as it was, and the new column empty."""
+    from modtrack.collector.store import schema
+
+    write_v2_data_dir(tmp_path / "data")
+    served = CollectorThread(tmp_path / "data")
+    try:
+        url = served.url
+        row = job_row(url, "v2")
+        assert (row["attempt"], row["last_step"], row["last_evaluated_step"], row["state"]) == (1, 0, 0, "stopped")
+        modules = get_json(f"{url}/api/v1/jobs/v2/modules?step=0")["modules"]
+        assert {m["module"]: m["ms_by_rank"] for m in modules} == {
+            "Net": {"0": 1.0, "1": 1.0},
+            "Net.a": {"0": 2.0, "1": 2.0},
+            "Net.b": {"0": 3.0, "1": 6.0},
+        }
+        (episode,) = get_json(f"{url}/api/v1/jobs/v2/stragglers")["stragglers"]
+        assert (episode["id"], episode["attempt"], episode["cause"], episode["explanation"]) == (
+            4,
+            1,
+            "compute in 1 module",
+            "",
+        )
+        assert [(m["module"], m["excess_ms"]) for m in episode["modules"]] == [("Net.b", 3.0)]
+    finally:
+        served.stop()
+    conn = sqlite3.connect(tmp_path / "data" / "modtrack.sqlite3")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION
+    conn.close()

@@ -77,6 +77,19 @@ def test_no_module_breaks_the_import_rules():
     assert violations(Path(REPO)) == []
 
 
+def test_no_test_module_imports_another():
+    """What tests share lives in tests/harness/ (or tests/conftest.py): a test module is never imported."""
+    tests = Path(REPO) / "tests"
+    test_modules = {p.stem for p in tests.glob("test_*.py")}
+    found = [
+        f"{path.relative_to(tests)}:{line}: imports {imported}"
+        for path in sorted(tests.rglob("*.py"))
+        for line, imported in imports_of(path, path.stem)
+        if imported.split(".")[0] in test_modules or imported.startswith("tests.")
+    ]
+    assert found == []
+
+
 def test_the_scan_finds_each_kind_of_violation(tmp_path):
     files = {
         "collector/__init__.py": "",

@@ -302,3 +302,15 @@ def test_process_with_no_collector_exits_promptly():
     assert out.returncode == 0 and out.stdout == "done\n", out
     assert elapsed < 8, elapsed  # interpreter start + torch-free imports; no connect wait
     assert out.stderr.count("modtrack:") <= 1, out.stderr
+
+
+def test_backoff_delays_double_up_to_the_cap_and_jitter_only_shortens():
+    from itertools import islice
+
+    from modtrack.protos.backoff import backoff_delays
+
+    assert list(islice(backoff_delays(0.5, 3.0), 6)) == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+    jittered = list(islice(backoff_delays(0.5, 3.0, jitter=0.5), 2000))
+    plain = [0.5, 1.0, 2.0] + [3.0] * 1997
+    assert all(p / 2 <= j <= p for j, p in zip(jittered, plain))
+    assert len({round(j, 6) for j in jittered[3:]}) > 100  # random, not one fixed share

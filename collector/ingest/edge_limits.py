@@ -15,6 +15,8 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from modtrack.collector.records import STEP_FIGURES
+
 MAX_WORLD_SIZE = 1 << 17  # 131,072 ranks
 MAX_MODULES = 200_000  # names in one job's module table
 MAX_NAME_CHARS = 1_000  # one module name
@@ -110,7 +112,7 @@ def check_report(report, newest_step: int, job_last_evaluated: int) -> int:
             raise invalid(f"{where}: {name} is out of range")
     if report.end_ns - report.start_ns > MAX_DURATION_NS:
         raise invalid(f"{where}: lasts more than a day")
-    for name in ("forward_ns", "backward_ns", "optimizer_ns", "data_ns", "backward_tail_ns", "recompute_ns"):
+    for name in STEP_FIGURES[2:]:  # the durations (after start_ns and end_ns)
         if getattr(report, name) > MAX_DURATION_NS:
             raise invalid(f"{where}: {name} {getattr(report, name)} is more than a day")
     check_names(report.new_module_names, where)

@@ -20,6 +20,7 @@ import aiohttp
 
 from modtrack.collector.outputs.alert_payload import alert_labels, episode_to_alert, fingerprint, webhook_payload
 from modtrack.collector.records import Episode
+from modtrack.protos.backoff import backoff_delays
 
 log = logging.getLogger("modtrack.alerts")
 
@@ -44,12 +45,15 @@ class _Webhook:
         self.task: asyncio.Task | None = None
         self.stats = {"sent": 0, "failed": 0, "retries": 0, "dropped": 0}
 
-    def offer(self, body: bytes) -> None:
-        if self.queue.full():
+    def offer(self, body: bytes) -> bool:
+        """Queue a payload; True when the oldest queued one was dropped for it."""
+        dropped = self.queue.full()
+        if dropped:
             self.queue.get_nowait()
             self.queue.task_done()
             self.stats["dropped"] += 1
         self.queue.put_nowait(body)
+        return dropped
 
 
 class AlertDispatcher:
@@ -173,7 +177,8 @@ class AlertDispatcher:
         if self.webhooks:
             body = json.dumps(webhook_payload([alert], RECEIVER, self.dashboard_url)).encode()
             for hook in self.webhooks:
-                hook.offer(body)
+                if hook.offer(body):
+                    self._count("dropped")
 
     async def _deliver(self, hook: _Webhook) -> None:
         while True:
@@ -186,12 +191,13 @@ class AlertDispatcher:
                 hook.queue.task_done()
 
     async def _post_with_retries(self, hook: _Webhook, body: bytes) -> str:
-        delay = self.backoff_s
+        delays = backoff_delays(self.backoff_s, self.max_backoff_s)
         for attempt in range(self.max_attempts):
             if attempt:
                 hook.stats["retries"] += 1
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_backoff_s)
+                if self.metrics is not None:
+                    self.metrics.count_alert_retry()
+                await asyncio.sleep(next(delays))
             assert self._session is not None, "delivering before start()"
             try:
                 async with self._session.post(

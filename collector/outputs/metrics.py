@@ -88,6 +88,7 @@ class CollectorMetrics:
         self._ingested = 0
         self._rejected: dict[str, int] = {}  # reason -> count
         self._deliveries: dict[str, int] = {}  # webhook outcome -> count
+        self._retries = 0  # webhook POSTs tried again after a failed attempt
         self.failures: Callable[[], FailureCounts] | None = None  # the collector's counters, read at scrape
         self.verdict_lag = Histogram(
             "modtrack_verdict_lag_seconds",
@@ -164,6 +165,10 @@ class CollectorMetrics:
         with self._lock:
             self._deliveries[outcome] = self._deliveries.get(outcome, 0) + 1
 
+    def count_alert_retry(self) -> None:
+        with self._lock:
+            self._retries += 1
+
     def exposition(self) -> tuple[bytes, str]:
         """The text for /metrics: the lag histogram, every job's series, the collector's counters."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -195,6 +200,7 @@ class _StateCollector(Collector):
                 f["rejected"].add_metric([reason], n)
             for outcome, n in sorted(m._deliveries.items()):
                 f["deliveries"].add_metric([outcome], n)
+            f["retries"].add_metric([], m._retries)
         yield from f.values()
         counts = m.failures() if m.failures is not None else FailureCounts()
         for name, help_text in _FAILURE_HELP.items():
@@ -336,8 +342,14 @@ _FAMILIES = {  # key: (family type, name, help, labels)
     "deliveries": (
         CounterMetricFamily,
         "modtrack_alert_webhook_deliveries",
-        "Built-in webhook deliveries, by outcome.",
+        "Built-in webhook deliveries, by outcome (dropped: a full queue let the oldest go).",
         ("outcome",),
+    ),
+    "retries": (
+        CounterMetricFamily,
+        "modtrack_alert_webhook_retries",
+        "Built-in webhook POSTs tried again after a failed attempt.",
+        (),
     ),
 }
 

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from modtrack.collector.ingest.collectives_parse import GroupStep
 
@@ -220,7 +220,7 @@ class CollectiveBook:
                 state.waits = (version, last, answer)
         return answer
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         """prometheus_client custom collector: a few series per job and group (never per rank)."""
         late = GaugeMetricFamily(
             "modtrack_collective_late_rank",
@@ -237,9 +237,16 @@ class CollectiveBook:
             "Per step, the group's collective time once every rank is in (NCCL only).",
             labels=["job", "group"],
         )
+        refused = CounterMetricFamily(
+            "modtrack_collective_groups_refused",
+            f"Process groups past the limit of {self.max_groups} per job: their collectives are not kept.",
+            labels=["job"],
+        )
         with self._lock:
-            jobs = list(self._jobs)
-        for job in jobs:
+            jobs = {job: state.groups_refused for job, state in self._jobs.items()}
+        for job, n in jobs.items():
+            if n:
+                refused.add_metric([job], n)
             for g in self.summary(job)["groups"]:
                 labels = [job, g["group"]]
                 late.add_metric(labels, -1 if g["late_rank"] is None else g["late_rank"])
@@ -249,6 +256,7 @@ class CollectiveBook:
         yield late
         yield wait
         yield transfer
+        yield refused
 
 
 def _group_summary(group: _Group, steps: list[tuple[int, LinedUp]]) -> dict:

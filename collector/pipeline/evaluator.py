@@ -159,7 +159,8 @@ class Evaluator:
                 if ready:
                     await loop.run_in_executor(self.pool, self.evaluate, ready)
                 for job, n in list(self.store.duplicates.items()):
-                    self.metrics.set_duplicates(job, "conflict", n)
+                    if job in self.merger.jobs:  # a forgotten job's series stay gone
+                        self.metrics.set_duplicates(job, "conflict", n)
                 if time.monotonic() >= next_retention:
                     next_retention = time.monotonic() + self.config.retention_every_s
                     for job in list(self.merger.jobs):

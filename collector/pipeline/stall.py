@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PHASES = ("forward", "backward", "recompute", "optimizer", "data", "outside")
+from modtrack.protos.phases import POSITION_PHASES
+
+PHASES = POSITION_PHASES  # Heartbeat.phase: a module phase, or optimizer, data, outside
 WAITING_FRAMES = 3  # innermost frames kept for a waiting rank: where it waits
 MOVING_FRACTION = 0.5  # at its position for less than this share of its long step: it moves
 # Where a collective blocks the training thread: torch.distributed's Python API, DDP's module, and

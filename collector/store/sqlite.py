@@ -306,6 +306,7 @@ class Store:
         """Writer thread: drop what is held in memory for a job that left the collector's memory."""
         for key in [key for key in self._retained_from if key[0] == job]:  # every attempt of the job
             del self._retained_from[key]
+        self.duplicates.pop(job, None)
 
     def job_exists(self, job: str) -> bool:
         return self.conn().execute("SELECT 1 FROM jobs WHERE job = ?", (job,)).fetchone() is not None

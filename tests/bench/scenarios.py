@@ -21,21 +21,19 @@ import argparse
 import json
 import math
 import os
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tests"))  # the shared harness (tests/harness/)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared harness
+from harness.collector_process import REPO, CollectorProcess, env
+
 TRAIN = os.path.join(REPO, "examples", "train.py")
-READY = re.compile(r"ready grpc=(\S+) http=(\S+)")
 MODEL = ["--dim", "64", "--batch", "8", "--context", "32", "--layers", "4", "--heads", "4", "--vocab", "256"]
 ONSET = 15
 STEPS = 45
@@ -173,13 +171,8 @@ class Result:
 
 
 def _env() -> dict:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-    }
-    env.pop("MODTRACK_COLLECTOR", None)
-    return env
+    """The harness's environment for subprocesses (this checkout importable, no MODTRACK_ settings), one thread."""
+    return env(OMP_NUM_THREADS="1")
 
 
 def get_json(url: str):
@@ -187,56 +180,16 @@ def get_json(url: str):
         return json.load(response)
 
 
-class Collector:
-    """`python -m modtrack.collector serve` on free ports, ended by stop()."""
+class Collector(CollectorProcess):
+    """`python -m modtrack.collector serve` on free ports (harness.collector_process), its log in the work
+    folder, ended by stop()."""
 
     def __init__(self, data_dir: str):
-        self.log = open(os.path.join(data_dir, "collector.log"), "w")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "modtrack.collector",
-                "serve",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--http-addr",
-                "127.0.0.1:0",
-                "--data-dir",
-                data_dir,
-            ],
-            env=_env(),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            start_new_session=True,
-        )
-        lines: list[str] = []
-        found = threading.Event()
-
-        def read():
-            for line in self.proc.stdout:
-                lines.append(line)
-                if READY.search(line):
-                    found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not found.wait(60):
-            self.stop()
-            raise RuntimeError(f"collector not ready: {lines}")
-        self.grpc, http = READY.search("".join(lines)).groups()
-        self.url = f"http://{http}"
+        super().__init__(data_dir, log_path=os.path.join(data_dir, "collector.log"), timeout=60)
+        self.grpc = self.grpc_target
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        self.terminate()
 
     def wait_evaluated(self, job: str, last_step: int, attempt: int, timeout_s: float = 60) -> bool:
         deadline = time.monotonic() + timeout_s
