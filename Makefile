@@ -14,14 +14,16 @@ $(PYTHON):
 	python3 -m venv $(VENV) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && python3 -m venv $(VENV); }
 	$(PIP) install --quiet --upgrade pip
 
-# torch is pinned and comes from PyTorch's CPU index (PyPI's torch for Linux is the multi-GB CUDA build;
-# TORCH_INDEX=... for another); its dependencies from the usual index. A venv that has it asks nothing.
+# torch is pinned: an unpinned torch would pull a multi-GB CUDA build. Where pip's own indexes have only PyPI's
+# torch for Linux (the CUDA build), TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU wheel from
+# PyTorch's index and its dependencies from the usual one. Off by default: an index this machine cannot reach
+# costs retries on every fresh install. A venv that has it asks nothing.
 TORCH := 2.13.0
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 install: $(PYTHON)
 	$(PYTHON) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH)')" 2>/dev/null \
-	  || { $(PIP) install --quiet --no-deps torch==$(TORCH) --extra-index-url $(TORCH_INDEX) \
-	       && $(PIP) install --quiet torch==$(TORCH); }  # then its dependencies, from the usual index
+	  || { $(if $(TORCH_INDEX),$(PIP) install --quiet --no-deps torch==$(TORCH) --extra-index-url $(TORCH_INDEX) &&) \
+	       $(PIP) install --quiet torch==$(TORCH); }
 	$(PIP) install --quiet -e '.[dev]'
 
 system-deps:
