@@ -197,6 +197,7 @@ def test_replay_after_forced_reconnect_resends_only_unacked(serve, transports):
     fake.ack = True
     fake.drop_streams()
     wait_for(lambda: len(fake.hellos) == 2)
+    wait_for(lambda: t.counters["reconnects"] == 1)  # counted at the collector's first answer, after its hello
     for step in range(15, 20):
         t.submit(make_record(step))
     wait_for(lambda: t.stats["acked_step"] == 19)
