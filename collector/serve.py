@@ -81,6 +81,7 @@ class Collector:
         self.evaluator.on_forget += [self.ingest.forget_job, self.metrics.forget_job, self._forget_in_store]
         # GPU health: verdicts explained by the culprit's GPU, and its gauges on /metrics
         # ... and by the collectives: the group where it arrives last (collective timing, opt-in on the agent)
+        self.evaluator.collective_waits = self.ingest.collectives.recent_waits  # waits inside module windows
         self.evaluator.explain = lambda ep: "; ".join(
             text for text in (self.ingest.gpu_health.explain(ep), self.ingest.collectives.explain(ep)) if text
         )

@@ -8,8 +8,10 @@ import dataclasses
 
 import grpc
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.evaluated import wait_evaluated
 from harness.fake_rank import FakeRank, report
 from harness.http import get
 from harness.waiting import wait_for
@@ -143,3 +145,38 @@ def test_only_collectives_every_member_listed_are_lined_up():
     lined = line_up({0: step([1, 2, 3], [0, 10, 20]), 1: step([2, 1], [-85, -80], offset=100)})
     assert lined is not None and lined.collectives == 2
     assert lined.wait_ns.tolist() == [20 + 5, 0] and lined.last.tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("cause", ["module", "data"])
+def test_waits_inside_module_windows_are_seen_through_the_collectives_and_cost_what_the_job_lost(collector, cause):
+    """Durations that hold the waits (CUDA events, host wall time) under FSDP: from step 10 rank 1 computes
+    30 ms more in module 1 (or loads its batch 30 ms longer) and issues its all-gather 30 ms late; ranks 0 and
+    2 wait for it inside module 2's window. Nothing outside a module shows the wait, so only the collectives
+    tell that the job's step grew by what rank 1's peers waited for it. Truth: every step goes 100 -> 130 ms."""
+    job = f"coll-in-window-{cause}"
+    ranks = [FakeRank(collector.grpc_target, job, r, 3) for r in range(3)]
+    for step in range(30):
+        slow = step >= 10
+        for r, fr in enumerate(ranks):
+            fwd, data_ms = [1.0, 2.0, 3.0, 4.0, 5.0], 2.0
+            if slow and r != 1:
+                fwd[2] += 30.0
+            elif slow and cause == "module":
+                fwd[1] += 30.0
+            elif slow:
+                data_ms += 30.0
+            wall = 130.0 if slow else 100.0
+            rep = report(step, fwd, bwd_ms=[1.0, 2.0, 3.0, 4.0, 5.0], wall_ms=wall, data_ns=int(data_ms * MS))
+            late = 30 * MS if slow and r == 1 else 0
+            rep.collectives.append(stats(step, size=3, issue=(5 * MS, 40 * MS + late)))
+            fr.report(rep)
+    for fr in ranks:
+        fr.wait_ack(29)
+    wait_evaluated(collector.url, 29, job)
+    _, body = get(collector.url, f"/api/v1/jobs/{job}/stragglers")
+    (verdict,) = body["stragglers"]
+    named = ("Net.embed", "forward") if cause == "module" else ("(data loading)", "data")
+    assert (verdict["rank"], verdict["module"], verdict["phase"]) == (1, *named)
+    assert abs(verdict["cost_ms_per_step"] - 30.0) <= 0.15 * 30.0, verdict
+    for fr in ranks:
+        fr.close()

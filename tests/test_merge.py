@@ -70,3 +70,13 @@ def test_steps_of_a_job_are_evaluated_in_order():
         m.add(row("j", 0, step, [0], [1], [1.0]))
     ready, _ = m.due(m.jobs["j"].pending[3].first_seen)
     assert [r.step for r in ready] == [1, 2, 3]
+
+
+def test_a_second_report_of_a_pending_step_is_ignored_as_the_store_ignores_it():
+    m = Merger()
+    m.hello("j", 0, 1, "h0")
+    assert m.add(row("j", 0, 3, [0], [1], [1.0], wall_ms=20))
+    assert m.add(row("j", 0, 3, [0], [1], [9.0], wall_ms=90))  # same key, other figures: the store keeps the first
+    ready, _ = m.due(m.jobs["j"].pending[3].first_seen)
+    assert [r.step for r in ready] == [3]
+    assert ready[0].rows[0].figures["end_ns"] == 20_000_000

@@ -15,9 +15,11 @@ arrived, so for collective k of a group:
 Waits inside module windows: on CPU a module's durations are the thread's CPU time, so a rank blocked in a
 gloo collective inside a module does not accrue time there: nothing to take out. On CUDA a module's window
 holds the collectives it issues (FSDP's all-gathers, TP's all-reduces): per rank and step, the wait
-computed here (not the transfer) is what a detector takes out of that rank's compute before comparing
-ranks (wait_by_rank). Attributing it to the module that issued it needs the module open at issue time,
-which the agent does not send yet; until then it is a per-step figure.
+computed here (not the transfer) is what that rank waited for its peers, inside its module windows: the
+evaluator raises each rank's idle time to it (with_collective_waits), so that a victim blocked in an
+all-gather is seen waiting, the culprit is not, and the cost counts the wait. Taking it out of the very
+module that waited needs the module open when the wait ended, which the agent does not send; FSDP's
+prefetching issues an all-gather in one module and waits for it in the next.
 
 Memory: the newest `keep_steps` steps per job, at most `max_groups` groups per job; all in memory.
 """
@@ -36,6 +38,7 @@ from modtrack.collector.ingest.collectives_parse import GroupStep
 LATE_SHARE = 0.6  # a rank arriving last in at least this share of a group's collectives is "the late rank"
 MIN_WAIT_NS = 1_000_000  # ...when its peers wait at least this much per step on average
 SLOW_LINK_RATIO = 1.5  # a group's transfer per byte over the median of its peer groups'
+_NO_WAITS = (np.zeros(0, np.int64), np.zeros(0))
 
 
 @dataclass
@@ -99,6 +102,9 @@ class _Job:
     groups: dict[tuple[str, int], _Group] = field(default_factory=dict)
     newest: int = -1
     groups_refused: int = 0  # groups past max_groups: not kept
+    version: int = 0  # bumped by every add: a summary is computed once per version
+    summary: tuple[int, int, dict] | None = None  # (version, last, answer)
+    waits: tuple[int, int, tuple] | None = None  # (version, last, recent_waits' answer)
 
 
 class CollectiveBook:
@@ -126,6 +132,7 @@ class CollectiveBook:
                     group = state.groups[key] = _Group(s.group, s.backend, s.group_size, s.ranks_hash)
                 group.steps.setdefault(s.step, {})[rank] = (s, offset_ns)
                 state.newest = max(state.newest, s.step)
+            state.version += 1
             oldest = state.newest - self.keep_steps
             for group in state.groups.values():
                 for step in [st for st in group.steps if st <= oldest]:
@@ -154,10 +161,17 @@ class CollectiveBook:
             state = self._jobs.get(job)
             if state is None:
                 return {"job": job, "groups": []}
+            cached, version = state.summary, state.version
+            if cached is not None and cached[:2] == (version, last):
+                return cached[2]  # explain() asks once per active episode per evaluated step
             groups = [(g, self._complete(g, last)) for g in state.groups.values()]
         out = [_group_summary(g, steps) for g, steps in groups if steps]
         _mark_slow_links(out)
-        return {"job": job, "groups": sorted(out, key=lambda g: g["group"])}
+        answer = {"job": job, "groups": sorted(out, key=lambda g: g["group"])}
+        with self._lock:
+            if self._jobs.get(job) is state:
+                state.summary = (version, last, answer)
+        return answer
 
     def explain(self, episode) -> str:
         """What the collectives say about an episode's culprit, or "": the group where it is the late rank (its
@@ -176,23 +190,35 @@ class CollectiveBook:
                 parts.append(f"group {g['group']}'s link is slow ({g['transfer_ms']:.1f} ms per step in transfers)")
         return "; ".join(parts)
 
-    def wait_by_rank(self, job: str, step: int) -> dict[int, int]:
-        """Per rank, the ns it waited in the step's collectives (all groups): what CUDA module compute
-        holds that is not the rank's own work. Empty when no group of the step is complete."""
-        waits: dict[int, int] = {}
+    def recent_waits(self, job: str, last: int = 3) -> tuple[np.ndarray, np.ndarray]:
+        """Per rank, the ms per step it waited in collectives lately: in each group the median over its newest
+        `last` complete steps, summed over groups. (ranks, ms), both empty when no group has a complete step.
+
+        Stats of a step arrive a report or a Flight Recorder dump (about a second) after the step itself, so
+        an evaluated step is judged with its predecessors' waits."""
         with self._lock:
             state = self._jobs.get(job)
-            groups = list(state.groups.values()) if state is not None else []
-            for group in groups:
-                members = group.steps.get(step)
-                if members is None or len(members) < group.size:
-                    continue
-                lined = line_up(members)
-                if lined is None:
-                    continue
-                for r, w in zip(lined.ranks.tolist(), lined.wait_ns.tolist()):
-                    waits[r] = waits.get(r, 0) + w
-        return waits
+            if state is None:
+                return _NO_WAITS
+            cached = state.waits
+            if cached is not None and cached[:2] == (state.version, last):
+                return cached[2]
+            version = state.version
+            lined = [[w for _, w in self._complete(g, last)] for g in state.groups.values()]
+        ranks_parts, waits_parts = [], []
+        answer: tuple[np.ndarray, np.ndarray] = _NO_WAITS
+        for steps in lined:
+            if steps:
+                ranks_parts.append(steps[0].ranks)
+                waits_parts.append(np.median(np.stack([w.wait_ns for w in steps]), axis=0) / 1e6)
+        if ranks_parts:
+            ranks, at = np.unique(np.concatenate(ranks_parts), return_inverse=True)
+            waits = np.bincount(at, weights=np.concatenate(waits_parts), minlength=len(ranks))
+            answer = (ranks, waits)
+        with self._lock:
+            if self._jobs.get(job) is state:
+                state.waits = (version, last, answer)
+        return answer
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """prometheus_client custom collector: a few series per job and group (never per rank)."""
@@ -281,3 +307,14 @@ def _mark_slow_links(groups: list[dict]) -> None:
 
         median = float(np.median([cost(p) for p in peers]))
         g["slow_link"] = median > 0 and cost(g) >= SLOW_LINK_RATIO * median
+
+
+def with_collective_waits(idle_ms: np.ndarray, step_ranks: np.ndarray, ranks: np.ndarray, waits_ms: np.ndarray):
+    """A step's per-rank wait (`idle_ms`, in step_ranks' order) raised to what the ranks lately waited in
+    collectives. Where module durations hold the waits (CUDA events; host wall time), a rank blocked in an
+    FSDP all-gather inside a module window shows no idle time at all, and only the collectives tell how long
+    its peers waited for the culprit: the cost of a verdict, and whether a rank slow in data loading or the
+    optimizer kept anyone waiting. On the thread CPU clock idle time already holds it (never less)."""
+    at = np.minimum(np.searchsorted(ranks, step_ranks), len(ranks) - 1)  # `ranks`: sorted, not empty
+    recent = np.where(ranks[at] == step_ranks, waits_ms[at], 0.0)
+    return np.maximum(np.nan_to_num(np.asarray(idle_ms, dtype=np.float64)), recent)

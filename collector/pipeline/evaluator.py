@@ -17,9 +17,12 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 from modtrack.collector.config import ServeConfig
 from modtrack.collector.outputs.alerting import AlertDispatcher
 from modtrack.collector.outputs.metrics import CollectorMetrics
+from modtrack.collector.pipeline.collectives import with_collective_waits
 from modtrack.collector.pipeline.detector import Detector, params_for_clock
 from modtrack.collector.pipeline.merge import JobSnapshot, JobState, Merger, RankState, ReadyStep, build_matrix
 from modtrack.collector.records import Episode
@@ -97,6 +100,8 @@ class Evaluator:
         self.connected: Callable[[str], bool] = lambda job: False  # set by the collector
         self.on_forget: list[Callable[[str], None]] = []
         self.explain: Callable[[Episode], str] = lambda ep: ""  # GPU health: what the culprit's GPU says
+        # collective timing: (ranks, ms per step) each rank waited in collectives lately
+        self.collective_waits: Callable[[str], tuple[np.ndarray, np.ndarray]] = lambda job: (np.zeros(0), np.zeros(0))
         self.pool = concurrent.futures.ThreadPoolExecutor(1, "modtrack-eval")
         self._restoring: dict[str, asyncio.Future] = {}
 
@@ -219,6 +224,10 @@ class Evaluator:
             job = item.job.job
             try:
                 matrix = build_matrix(item.job, item.step, item.rows)
+                ranks, waits = self.collective_waits(job)
+                if len(ranks):
+                    idle = matrix.sync_wait_ms if matrix.idle_ms is None else matrix.idle_ms
+                    matrix.idle_ms = with_collective_waits(idle, matrix.ranks, ranks, waits)
                 detector = self._detector(item.job)
                 changed = detector.observe(matrix)
                 for ep in changed:

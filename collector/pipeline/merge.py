@@ -180,7 +180,7 @@ class Merger:
         pending = state.pending.get(row.step)
         if pending is None:
             pending = state.pending[row.step] = PendingStep(first_seen=now)
-        pending.rows[row.rank] = row
+        pending.rows.setdefault(row.rank, row)  # a second report of the step: the store keeps the first, so do we
         return True
 
     def due(self, now: float) -> tuple[list[ReadyStep], list[tuple[str, int]]]:
