@@ -142,7 +142,7 @@ class Heartbeat:
         self._long = True
         self._next_ns = now + int(s.repeat_s * 1e9)
         self.sent += 1
-        step, phase, module, passes = seen
+        step, phase, module, passes, _ = seen
         names = self._names()
         return pb.Heartbeat(
             step=step,

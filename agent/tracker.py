@@ -85,6 +85,7 @@ from modtrack.agent.step_accumulator import (
     step_summary,
 )
 from modtrack.agent.step_record import StepRecord
+from modtrack.agent.teardown import ExitDrain
 
 # What non-reentrant checkpoint raises to stop a recompute early (a torch without it never stops early).
 StopRecomputation: type[BaseException] = getattr(
@@ -222,6 +223,7 @@ class ModuleTracker:
         self._module_hooks = ModuleHooks(self._enter, self._exit)
         self._quiet = False  # sampled mode: only top-level modules have hooks now (a step without detail)
         self._closed = False
+        self.exit_drain = ExitDrain()  # destroy_process_group() waits for gloo's workers (agent/teardown.py)
 
     # ---- the seed's surface -------------------------------------------------------------------
     @property
@@ -243,6 +245,7 @@ class ModuleTracker:
                 register_optimizer_step_post_hook(self._optimizer_post),
             ]
             backward_call.add(self)
+            self.exit_drain.install()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -300,6 +303,7 @@ class ModuleTracker:
             handle.remove()
         self._handles = []
         backward_call.remove(self)
+        self.exit_drain.remove()
         self._module_hooks.remove_all()
         self._quiet = False
         self._hooked.clear()
@@ -423,6 +427,7 @@ class ModuleTracker:
             position = self.position  # position: this call is the innermost open module
             position.module = mid
             position.phase = row[PHASE]
+            position.entered = row
             result = None
             if _grad_enabled():
                 if site[3]:
@@ -841,6 +846,7 @@ class ModuleTracker:
             position = self.position  # position: in this module's backward
             position.module = row[MID]
             position.phase = at.BACKWARD
+            position.entered = row
             if call.nodes[OWN] is None:
                 self._endless.append(call)
         except Exception:
@@ -956,6 +962,7 @@ class ModuleTracker:
             self._endless = []
             self._recent_nodes.clear()
             self._drop_nodes()
+            self.exit_drain.note_pass()  # this pass's gloo works hold its Context (agent/teardown.py)
             self.position.module = at.NO_MODULE  # position: between backward and the optimizer
             self.position.phase = at.OUTSIDE
             if self._in_optimizer and not self._optimizer_start:

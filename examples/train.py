@@ -284,6 +284,8 @@ def main(argv=None) -> None:
         # destroyed implicitly (the DDP reducer dying as main() returns), the main thread would join
         # those workers while holding the GIL. So: let every rank finish, give the workers the GIL
         # for a moment, drop the reducer while the group is still registered, then destroy the group.
+        # (Under the agent destroy_process_group() waits for those workers itself, agent/teardown.py;
+        # this order keeps the script safe without it too.)
         dist.barrier()
         time.sleep(0.05)
         del wrapped, opt

@@ -48,8 +48,8 @@ def main() -> None:
     if args.print_step_ms and rank == 0:
         times.sort()
         print(f"STEP_MS {1e3 * times[len(times) // 2]:.4f}", flush=True)
-    # Torn down in the order examples/train.py explains (under the agent, a DDP reducer freed implicitly as main()
-    # returns can deadlock gloo's worker threads against the GIL: seen 1 run in 3 here, never without the agent)
+    # Torn down in the order examples/train.py explains (a DDP reducer freed implicitly as main() returns could
+    # deadlock gloo's worker threads against the GIL: 1 run in 3 here under the agent before agent/teardown.py)
     dist.barrier()
     time.sleep(0.05)
     del model, opt

@@ -6,7 +6,10 @@
 --hang-in forward|backward: the rank sleeps forever inside that module's forward, or inside its
 backward (an autograd Function at the module's output); data: in its data loading, before the
 step's first module; pause: every rank sleeps --pause-s after the optimizer step (a checkpoint),
-then training goes on. A sleep blocks in C code, as a collective or a device wait would.
+then training goes on; slow: the rank runs that module's forward over and over for --pause-s (a
+recurrent loop: slow, but moving), then training goes on. A sleep blocks in C code, as a collective
+or a device wait would. --mark PATH: the hung rank writes the wall time its hang began there (the
+tests' truth for how soon the verdict came); --step-s S: every step's data loading takes S seconds.
 """
 
 from __future__ import annotations
@@ -25,10 +28,24 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from train import TinyGPT
 
 FOREVER_S = 3600.0
+MARK = {"path": ""}  # --mark
 
 
 def hang_forever() -> None:
+    if MARK["path"]:
+        with open(MARK["path"], "w") as f:
+            f.write(repr(time.time()))
     time.sleep(FOREVER_S)
+
+
+def run_for(seconds: float, forward, *a, **kw):
+    """A module's forward called again and again for `seconds` (a recurrent loop): slow, but moving."""
+    end = time.monotonic() + seconds
+    with torch.no_grad():  # the loop's outputs are not trained on: no graph for them
+        while time.monotonic() < end:
+            forward(*a, **kw)
+            time.sleep(0.05)
+    return forward(*a, **kw)
 
 
 class _HangInBackward(torch.autograd.Function):
@@ -46,15 +63,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--hang-rank", type=int, default=None)
-    p.add_argument("--hang-in", choices=("forward", "backward", "data", "pause"), default=None)
+    p.add_argument("--hang-in", choices=("forward", "backward", "data", "pause", "slow"), default=None)
     p.add_argument("--hang-module", default="blocks.1.mlp")
     p.add_argument("--hang-step", type=int, default=10)
     p.add_argument("--pause-s", type=float, default=8.0)
+    p.add_argument("--step-s", type=float, default=0.0)
+    p.add_argument("--mark", default="")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    MARK["path"] = args.mark
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -62,7 +82,7 @@ def main(argv=None) -> None:
     model = TinyGPT(vocab=256, dim=64, heads=4, layers=2, context=32)
     progress = {"step": 0}
     hangs_here = args.hang_rank == rank
-    if hangs_here and args.hang_in in ("forward", "backward"):
+    if hangs_here and args.hang_in in ("forward", "backward", "slow"):
         module = model.get_submodule(args.hang_module)
         original = module.forward
 
@@ -70,6 +90,8 @@ def main(argv=None) -> None:
             now = progress["step"] == args.hang_step
             if now and args.hang_in == "forward":
                 hang_forever()
+            if now and args.hang_in == "slow":
+                return run_for(args.pause_s, original, *a, **kw)
             out = original(*a, **kw)
             return _HangInBackward.apply(out) if now and args.hang_in == "backward" else out
 
@@ -81,6 +103,8 @@ def main(argv=None) -> None:
     def next_batch(step: int) -> torch.Tensor:
         if hangs_here and args.hang_in == "data" and step == args.hang_step:
             hang_forever()
+        if args.step_s:
+            time.sleep(args.step_s)  # a slow data loader
         return torch.randint(256, (8, 33), generator=data)
 
     def save_checkpoint() -> None:

@@ -23,6 +23,7 @@ from modtrack.agent import ModuleTracker
 from modtrack.agent import position as at
 from modtrack.agent.heartbeat import Heartbeat, HeartbeatSettings, thread_stack
 from modtrack.agent.step_record import PHASES
+from modtrack.collector.api.stall_text import render_stall
 from modtrack.collector.pipeline.stall import Beat, RankView, verdict, waits_in_collective
 from modtrack.collector.pipeline.stall_watch import StallWatch
 from modtrack.protos import modtrack_pb2 as pb
@@ -227,8 +228,11 @@ def test_every_rank_still_in_the_same_place_is_a_pause():
     ranks = [RankView(r, "h", beat=beat(phase="data", module=None, seconds=6.0 + r)) for r in range(3)]
     answer = verdict("j", ranks)
     assert not answer["stalled"] and answer["paused"]["phase"] == "data" and answer["since_s"] == 6.0
-    assert {r["state"] for r in answer["ranks"]} == {"paused"}
+    assert {r["state"] for r in answer["ranks"]} == {"running"}  # CONTRACT.md's states: nobody stuck or waiting
     assert "paused at data, step 10" in answer["summary"]
+    text = render_stall(answer)  # `collector query stall`
+    assert text.startswith("job j: paused for 6 s: the whole job is paused at data, step 10"), text
+    assert text.endswith(f"stack where the job is paused, innermost last:\n  {USER}"), text
 
 
 def test_a_slow_but_moving_job_is_not_stalled():
@@ -373,3 +377,49 @@ def test_a_rank_that_sends_heartbeats_is_not_marked_missing(tmp_path):
         for r in ranks:
             r.kill()
         c.stop()
+
+
+def test_a_rank_calling_the_same_module_again_and_again_moves():
+    """A recurrent loop: every look finds the rank in the same module and phase, but each time after a new
+    call of its cell, so the heartbeat's time at the position stays short (the verdict: moving, not stuck)."""
+    tracker = ModuleTracker(clock="cpu")
+    done = threading.Event()
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.Linear(8, 8)
+
+        def forward(self, x, long=False):
+            x = self.cell(x)
+            while long and not done.is_set():  # time spent in Loop itself, between calls of its cell
+                time.sleep(0.02)
+                x = self.cell(x)
+            return x
+
+    loop = Loop()
+
+    def train():
+        with tracker, torch.no_grad():
+            for _ in range(3):  # short steps: a median
+                loop(torch.randn(2, 8))
+                tracker.step()
+            loop(torch.randn(2, 8), long=True)  # one long step
+
+    beat = Heartbeat(tracker.position, lambda: tracker.module_names, HeartbeatSettings(min_s=0.3, repeat_s=0.1))
+    worker = threading.Thread(target=train, daemon=True)
+    worker.start()
+    beats = []
+    deadline = time.monotonic() + 20
+    while len(beats) < 5 and time.monotonic() < deadline:
+        hb = beat.poll()
+        if hb is not None:
+            beats.append(hb)
+        time.sleep(0.05)
+    done.set()
+    worker.join(10)
+    assert len(beats) == 5 and beat.errors == 0, beats
+    assert {(hb.step, hb.phase, hb.module) for hb in beats} == {(3, "forward", "Loop")}, beats
+    assert all(hb.position_ns < 0.2e9 < 0.3e9 <= hb.step_ns for hb in beats), [
+        (b.position_ns, b.step_ns) for b in beats
+    ]

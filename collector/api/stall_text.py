@@ -17,9 +17,11 @@ def render_stall(data: dict) -> str:
     ]
     lines = [head, table(["RANK", "HOST", "STATE", "STEP", "PHASE", "MODULE", "SECONDS"], rows)]
     for r in data["ranks"]:
-        if r["state"] in ("stuck", "paused") and r["stack"]:
-            lines.append(f"stack of rank {r['rank']} ({r['state']}), innermost last:")
+        if r["state"] == "stuck" and r["stack"]:
+            lines.append(f"stack of rank {r['rank']} (stuck), innermost last:")
             lines += [f"  {frame}" for frame in r["stack"]]
-            if r["state"] == "paused":
-                break  # every paused rank is in the same place: one stack says it
+    paused = data.get("paused")
+    if not data["stalled"] and paused and paused.get("stack"):  # every rank is in the same place: one stack
+        lines.append("stack where the job is paused, innermost last:")
+        lines += [f"  {frame}" for frame in paused["stack"]]
     return "\n".join(lines)

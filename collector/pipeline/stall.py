@@ -8,7 +8,9 @@ its step runs long (agent/heartbeat.py), so:
 - when every rank that is not missing is long and still, the job is stalled. The rank that holds
   it is the one not waiting in a collective while others are; failing that, the one behind (an
   earlier step, or an earlier stage of the same step). Every rank still in one and the same place,
-  none in a collective, is the whole job paused there (a checkpoint, an evaluation), not a stall.
+  none in a collective, is the whole job paused there (a checkpoint, an evaluation), not a stall:
+  "paused" says where, and every rank's state stays "running" (CONTRACT.md's states: nobody is stuck,
+  nobody waits for anyone).
 """
 
 from __future__ import annotations
@@ -93,8 +95,6 @@ def verdict(job: str, ranks: list[RankView]) -> dict:
     keys = np.array([b.step * 8 + stage(b) for b in beats], dtype=np.int64)
     places = {(b.step, b.phase, b.module) for b in beats}
     if not waiting.any() and len(places) == 1:
-        for r in long:
-            state[r.rank] = "paused"
         b = beats[0]
         answer.update(
             since_s=round(float(seconds.min()), 3),
@@ -108,7 +108,7 @@ def verdict(job: str, ranks: list[RankView]) -> dict:
             },
             summary=f"the whole job is paused at {_where(b)} (every rank in the same place)",
         )
-        return _with_ranks(answer, ranks, state, {r.rank for r in long})
+        return _with_ranks(answer, ranks, state, set())
     if waiting.all() and len(places) == 1:
         stuck = np.zeros(len(long), dtype=bool)  # all wait in one collective: the collective hangs
     elif waiting.any() and not waiting.all():

@@ -21,6 +21,17 @@ step), and the collector's own CPU. It prints every ratio the agent is held to:
     python tests/bench/agent_overhead.py [--rounds 5] [--steps 60] [--models mlp200,llama,gpt2,bert]
                                          [--baseline-tree DIR]
 
+--paired measures instead in ONE process per model, so that what differs between processes (memory layout,
+which core, the allocator's state, a neighbour's load in that second) cannot differ between modes: short
+blocks of steps with the seed tracker entered, modtrack's entered, modtrack's feeding a sender that streams to
+a healthy collector (mode agent), and nothing entered (plain), interleaved in a new random order every round.
+Each block starts with one untimed step (the first step after entering installs the hooks). Per mode: the
+median training-thread CPU time per step over all rounds; the ratios with a bootstrap over rounds (5th-95th
+percentile). The agent's other threads (sender, gRPC) are charged all their CPU over the whole run, also while
+other modes run (an upper bound), divided by the steps the agent tracked:
+
+    python tests/bench/agent_overhead.py --paired [--rounds 40] [--block 4] [--models ...] [--modes ...]
+
 It also prints what keeping the rank's position (agent/position.py, for hung jobs) costs per module
 call, timed in the same processes; --baseline-tree DIR (an older checkout) adds a mode "baseline":
 modtrack's ModuleTracker as DIR has it, interleaved with the others.
@@ -235,6 +246,240 @@ def child(
     return out
 
 
+PAIRED_MODES = ("plain", "seed", "hooks", "agent")
+
+
+def paired_child(model: str, modes: list[str], rounds: int, block: int, collector: str) -> dict:
+    """Runs in its own process: every mode of `modes` in the same process, in blocks of `block` timed steps,
+    the blocks of each round in a random order. Returns each mode's step times (ns), grouped by round."""
+    import contextlib
+    import gc
+    import random
+
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net, loss_fn = build(model)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+    transport = None
+    contexts: dict = {}
+    for mode in modes:
+        if mode == "plain":
+            contexts[mode] = contextlib.nullcontext()
+        elif mode == "seed":
+            from torch.utils.module_tracker import ModuleTracker as SeedTracker
+
+            contexts[mode] = SeedTracker()
+        elif mode == "hooks":
+            from modtrack.agent import ModuleTracker
+
+            contexts[mode] = ModuleTracker()
+        elif mode == "agent":  # what agent.track() wires: a tracker whose steps a sender streams to a collector
+            from modtrack.agent import ModuleTracker
+            from modtrack.agent.identity import identity_from_env
+            from modtrack.agent.transport import Transport
+
+            transport = Transport(collector, identity_from_env(f"bench-paired-{model}-{os.getpid()}")).start()
+            contexts[mode] = ModuleTracker(on_step=transport.submit)
+        else:
+            raise SystemExit(f"--paired has no mode {mode!r} (it has {', '.join(PAIRED_MODES)})")
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+
+    for _ in range(3):
+        train_step()
+    if transport is not None:
+        with contexts["agent"]:
+            train_step()
+        if not wait_until(lambda: transport.connected and transport.stats["acked_step"] >= 0, 30):
+            raise SystemExit("the collector did not take the first step")
+    clock = time.thread_time_ns
+    times: dict = {mode: [] for mode in modes}
+    agent_steps = 0
+    young = dict.fromkeys(modes, 0)
+    order = list(modes)
+    rng = random.Random(1)
+    others0 = other_threads_cpu_ns()
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for mode in order:
+            block_times = []
+            with contexts[mode]:
+                train_step()  # untimed: the first step after entering installs the hooks
+                gc0 = gc.get_stats()[0]["collections"]
+                for _ in range(block):
+                    t0 = clock()
+                    train_step()
+                    block_times.append(clock() - t0)
+                young[mode] += gc.get_stats()[0]["collections"] - gc0
+            times[mode].append(block_times)
+            if mode == "agent":
+                agent_steps += block + 1
+    others = 0
+    runs: dict = {}
+    if transport is not None:
+        tracker = contexts["agent"]
+
+        def acked() -> bool:
+            return transport.stats["acked_step"] >= tracker.counters["steps"] - 1
+
+        if not wait_until(acked, 30):
+            raise SystemExit("the collector did not ack the timed steps")
+        others = other_threads_cpu_ns() - others0
+        runs = continuous_runs(contexts, transport, train_step, acked, rng)
+        transport.close()
+    return {
+        "times": times,
+        "other_threads_ns_per_agent_step": others / agent_steps if agent_steps else 0.0,
+        "young_gcs": {m: young[m] / (rounds * block) for m in modes},
+        "runs": runs,
+    }
+
+
+def continuous_runs(contexts: dict, transport, train_step, acked, rng, runs: int = 3, steps: int = 40) -> dict:
+    """The agent's CPU over all its threads as a job sees it: runs of `steps` steps in a row (the sender flushes
+    every 0.25 s, so several steps share a message, as in a real job), hooks and agent alternating. An agent
+    run is charged every other thread's CPU from its first step until the collector acked its last (the
+    sender's and gRPC's idle wake-ups in that time included). Returns per mode the step times and, for agent,
+    the other threads' CPU per step of each run."""
+    out: dict = {"hooks": [], "agent": [], "agent_others_ns": []}
+    order = ["hooks", "agent"]
+    clock = time.thread_time_ns
+    for _ in range(runs):
+        rng.shuffle(order)
+        for mode in order:
+            with contexts[mode]:
+                train_step()  # untimed: installs the hooks
+                if mode == "agent" and not wait_until(acked, 30):
+                    raise SystemExit("the collector did not ack the warm-up step")
+                others0 = other_threads_cpu_ns()
+                for _ in range(steps):
+                    t0 = clock()
+                    train_step()
+                    out[mode].append(clock() - t0)
+                if mode == "agent":
+                    if not wait_until(acked, 30):
+                        raise SystemExit("the collector did not ack the run's steps")
+                    out["agent_others_ns"].append((other_threads_cpu_ns() - others0) / steps)
+    return out
+
+
+def paired_report(model: str, out: dict, modes: list[str], boot: int = 2000) -> None:
+    """Median per mode over every timed step; ratios of overheads, with their bootstrap spread over rounds."""
+    import random
+
+    import numpy as np
+
+    times = {m: np.asarray(out["times"][m], dtype=np.float64) / 1e6 for m in modes}  # rounds x block, ms
+    med = {m: float(np.median(t)) for m, t in times.items()}
+    plain = med["plain"]
+    n_rounds = len(times["plain"])
+    rng = random.Random(2)
+    picks = [[rng.randrange(n_rounds) for _ in range(n_rounds)] for _ in range(boot)]
+
+    def spread(num: str, den: str | None) -> tuple[float, float, float]:
+        """(ratio, 5th, 95th percentile) of overhead(num) / overhead(den) (den None: / plain step)."""
+
+        def ratio(rows) -> float:
+            p = float(np.median(times["plain"][rows]))
+            top = float(np.median(times[num][rows])) - p
+            bottom = p if den is None else float(np.median(times[den][rows])) - p
+            return top / bottom if bottom > 0 else float("nan")
+
+        samples = np.asarray([ratio(rows) for rows in picks])
+        return ratio(list(range(n_rounds))), float(np.nanpercentile(samples, 5)), float(np.nanpercentile(samples, 95))
+
+    print(f"{model}: {n_rounds} rounds x {times['plain'].shape[1]} steps per mode, one process")
+    for m in modes:
+        print(
+            f"  {m:<6} median {med[m]:8.3f} ms/step  overhead {med[m] - plain:+7.3f} ms  "
+            f"young GCs/step {out['young_gcs'][m]:.1f}"
+        )
+    target = TARGET_VS_SEED.get(model)
+    for m in ("hooks", "agent"):
+        if m in modes and "seed" in modes:
+            r, lo, hi = spread(m, "seed")
+            print(
+                f"  {model}: {m}/seed training-thread overhead ratio = {r:.2f} [{lo:.2f}, {hi:.2f}]"
+                + (f" (target <= {target})" if target else "")
+            )
+    for m in ("seed", "hooks", "agent"):
+        if m in modes:
+            r, lo, hi = spread(m, None)
+            print(f"  {model}: {m} overhead = {100 * r:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] of the plain step")
+    if "agent" in modes and "hooks" in modes:
+        others = out["other_threads_ns_per_agent_step"] / 1e6
+        r, lo, hi = spread("agent", "hooks")
+        hooks_over = med["hooks"] - plain
+        total = (med["agent"] - plain + others) / hooks_over if hooks_over > 0 else float("nan")
+        print(
+            f"  {model}: blocks: agent training thread / hooks = {r:.2f} [{lo:.2f}, {hi:.2f}]; sender and gRPC "
+            f"threads {others:.3f} ms per agent step (all their CPU over the whole process, the other modes' "
+            f"blocks included); agent CPU over all threads / hooks-only CPU = {total:.2f} (an upper bound)"
+        )
+    runs = out.get("runs") or {}
+    if runs.get("agent"):
+        hooks_ms = float(np.median(runs["hooks"])) / 1e6 - plain
+        agent_ms = float(np.median(runs["agent"])) / 1e6 - plain
+        others_ms = float(np.median(runs["agent_others_ns"])) / 1e6
+        spread_others = ", ".join(f"{x / 1e6:.3f}" for x in runs["agent_others_ns"])
+        print(
+            f"  {model}: runs of {len(runs['agent']) // len(runs['agent_others_ns'])} steps in a row: training "
+            f"thread hooks +{hooks_ms:.3f} ms, agent +{agent_ms:.3f} ms; sender and gRPC threads {others_ms:.3f} ms "
+            f"per step (runs: {spread_others}); agent CPU over all threads / hooks-only CPU = "
+            f"{(agent_ms + others_ms) / hooks_ms if hooks_ms > 0 else float('nan'):.2f} (the training thread's noise "
+            "between runs is in it)"
+        )
+        # the training thread from the paired blocks (robust), the other threads from the runs in a row
+        block_hooks, block_agent = med["hooks"] - plain, med["agent"] - plain
+        if block_hooks > 0:
+            print(
+                f"  {model}: agent CPU over all threads / hooks-only CPU = {1 + others_ms / block_hooks:.2f} "
+                f"(target <= {TARGET_CPU}): the hooks' overhead (blocks) plus the sender and gRPC threads (runs in a "
+                f"row), over the hooks' overhead; with the agent's own training-thread overhead (blocks) instead: "
+                f"{(block_agent + others_ms) / block_hooks:.2f}"
+            )
+
+
+def paired_main(args) -> None:
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from harness.collector_process import CollectorProcess, env
+
+    models, modes = args.models.split(","), args.modes.split(",")
+    if "plain" not in modes:
+        modes.insert(0, "plain")
+    with tempfile.TemporaryDirectory() as tmp:
+        server = (
+            CollectorProcess(os.path.join(tmp, "data"), log_path=os.path.join(tmp, "collector.log"))
+            if "agent" in modes
+            else None
+        )
+        try:
+            for model in models:
+                cmd = [sys.executable, __file__, "--paired-child", model, "--modes", ",".join(modes)]
+                cmd += ["--rounds", str(args.rounds), "--block", str(args.block)]
+                if server is not None:
+                    cmd += ["--collector", server.grpc_target]
+                    before = proc_cpu_s(server.proc.pid)
+                done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env(OMP_NUM_THREADS="1"))
+                out = json.loads(done.stdout.strip().splitlines()[-1])
+                paired_report(model, out, modes)
+                if server is not None:
+                    agent_steps = args.rounds * (args.block + 1) + 1
+                    print(
+                        f"  {model}: collector CPU {(proc_cpu_s(server.proc.pid) - before) * 1e3 / agent_steps:.3f}"
+                        " ms per agent step (its idle wake-ups during the other modes included)",
+                        flush=True,
+                    )
+        finally:
+            if server is not None:
+                server.kill()
+
+
 def position_cost_ns() -> float:
     """The position writes the tracker's hooks add to one module call (pre + post hook, as in
     agent/tracker.py), timed alone: best of 5 runs of 200,000."""
@@ -244,7 +489,7 @@ def position_cost_ns() -> float:
 
     setup = "p = Position(); mid = 7; row = [7, 0]; stack = [(0, [3, 0])]"
     body = (
-        "position = p; position.module = mid; position.phase = row[1]\n"
+        "position = p; position.module = mid; position.phase = row[1]; position.entered = row\n"
         "position = p\nif stack:\n    caller = stack[-1][1]; position.module = caller[0]; "
         "position.phase = caller[1]"
     )
@@ -270,9 +515,19 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (then steps are timed by wall clock)")
     ap.add_argument("--baseline-tree", help="a checkout of an older modtrack: adds the mode 'baseline'")
     ap.add_argument("--sample-every", type=int, default=10, help="mode 'sampled': module detail every N steps")
+    ap.add_argument("--paired", action="store_true", help="every mode in one process per model (see above)")
+    ap.add_argument("--block", type=int, default=4, help="--paired: timed steps per block")
+    ap.add_argument("--paired-child", metavar="MODEL", help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--collector", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.paired_child:
+        out = paired_child(args.paired_child, args.modes.split(","), args.rounds, args.block, args.collector)
+        print(json.dumps(out))
+        return
+    if args.paired:
+        paired_main(args)
+        return
     if args.child:
         print(
             json.dumps(
