@@ -19,6 +19,9 @@ Where a module call's window opens and closes, and why:
   also the previous call's backward start) ends the call. A call with no such input (an embedding of
   token ids) ends when the backward of a module that is neither inside it nor around it starts, or
   when the pass ends.
+- a backward pass starts when the training loop calls backward (agent/backward_call.py), before the
+  engine runs FSDP's pre-backward all-gathers and the loss's backward; when that call is not seen, at its
+  first module's backward start.
 - the autograd engine's final callback marks the end of the backward pass; a second callback,
   queued from the first, runs after DDP's own (which waits for the gradient all-reduce): the gap is
   the backward tail.
@@ -58,6 +61,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from modtrack.agent import backward_call
 from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
 from modtrack.agent.clocks import make_clock
 from modtrack.agent.module_hooks import ModuleHooks
@@ -200,6 +204,7 @@ class ModuleTracker:
         self._open_backward: dict[int, list] = {}  # graph task id -> calls whose backward started there
         self._endless: list[_Call] = []  # open backward calls with no input view to end them
         self._pass: list | None = None  # the backward pass running now, an entry of log.passes
+        self._backward_called_at = 0  # the training loop called backward (stamp) and no pass began yet
         self._step_due = False  # an optimizer stepped inside backward: end the step when it ends
         self._optimizer_start = 0  # 0: no optimizer step open, or one paused for its closure's work
         self._in_optimizer = False
@@ -239,6 +244,7 @@ class ModuleTracker:
                 register_optimizer_step_pre_hook(self._optimizer_pre),
                 register_optimizer_step_post_hook(self._optimizer_post),
             ]
+            backward_call.add(self)
             self.exit_drain.install()
         return self
 
@@ -296,6 +302,7 @@ class ModuleTracker:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        backward_call.remove(self)
         self.exit_drain.remove()
         self._module_hooks.remove_all()
         self._quiet = False
@@ -894,10 +901,30 @@ class ModuleTracker:
             call.nodes = [n if n is None or type(n) is int else len(n) if type(n) is list else 1 for n in call.nodes]
         self._multi = []
 
+    def _backward_called(self) -> bool:
+        """The training thread calls torch.autograd.backward, outside any backward: the pass starts here if a
+        module's backward follows (see agent/backward_call.py). True: tell me when the call returns."""
+        try:
+            if self._closed or _graph_task_id() != -1 or threading.get_ident() != self.position.thread_id:
+                return False
+            if self._optimizer_start:
+                self._pause_optimizer()  # loss.backward() inside optimizer.step(closure)
+            self._backward_called_at = self._stamp()
+            return True
+        except Exception:
+            self._hook_failed()
+            return False
+
+    def _backward_returned(self) -> None:
+        self._backward_called_at = 0
+
     def _begin_pass(self, now: int) -> None:
-        """The pass begins with its first call's backward, at that call's stamp (a later stamp would leave the
-        call's first microseconds outside the pass: its self time could exceed the pass it is in)."""
+        """The pass begins when the training loop called backward, or else with its first call's backward, at
+        that call's stamp (a later stamp would leave the call's first microseconds outside the pass: its self
+        time could exceed the pass it is in)."""
         log = self._log
+        start = self._backward_called_at or now
+        self._backward_called_at = 0
         if self._optimizer_start:
             self._pause_optimizer()  # loss.backward() inside optimizer.step(closure)
         # A backward whose first module hook fired in a nested graph task (reentrant checkpoint)
@@ -905,7 +932,7 @@ class ModuleTracker:
         if log.passes and not any(r[PHASE] == FORWARD for r in log.rows[log.rows_at_pass_end :]):
             self._pass = log.passes[-1]
         else:
-            self._pass = [now, 0, 0]
+            self._pass = [start, 0, 0]
             log.passes.append(self._pass)
         self.position.passes = len(log.passes)  # position: a backward pass began
 

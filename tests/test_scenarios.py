@@ -22,6 +22,7 @@ CASES = [  # (wrapper, shape, culprit position): every wrapper, the kinds the ol
     ("fsdp2", "bwd1", "last"),
     ("fsdp1", "fwd1", "first"),
     ("fsdp1", "data", "last"),  # FSDP1's root all-gather: the peers' wait for the loader is forward time
+    ("fsdp2", "host", "last"),  # FSDP2's pre-backward all-gather: the peers' wait is backward, not host time
     ("ddp", "every3", "middle"),
     ("ddp", "restart", "middle"),
     ("ddp", "clean", "first"),

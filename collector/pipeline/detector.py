@@ -57,7 +57,7 @@ class DetectorParams:
     cost_steps: int = 30  # the cost is the mean loss over this many steps (slow or not)
     # Step-level columns (data loading, optimizer) are wall time: they open nothing below this excess.
     step_floor_ms: float = 5.0
-    step_floor_frac: float = 0.2  # ... x the median step wall time
+    step_floor_frac: float = 0.1  # ... x the median step wall time
     host_rollup: bool = True  # > half of a host's ranks (at least 2) slow together: one host episode
     # A job's first steps judge nothing: lazy initialisation, the tracker's first-call hook installs and
     # allocator growth make them unlike the rest. None: CPU_CLOCK_WARMUP steps on CPU-clocked jobs, else 0.
@@ -240,14 +240,27 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
         if steps and np.isfinite(wall_median):
             # Data loading and optimizer are wall time, which a rank preempted on shared cores
             # stretches by a few ms now and then (measured: 1-16 ms, 1.6-10x, on 3 ranks / 2 cores).
+            # The bar is 10 % of the step, not 20: under FSDP on a loaded host a step took 150-220 ms
+            # and a 30 ms optimizer straggler (31-42 ms of excess) cleared 20 % in 1 step in 4 (found
+            # 26 steps late, its cost lost); spikes its peers waited for reach 10-60 % of a step, but
+            # in no 3 of 5 steps of 42 real jobs.
             bar = max(p.step_floor_ms, p.step_floor_frac * wall_median)
-            # ... and a rank is slow there only if its peers waited for it (most of its excess).
-            step_excess = x[:, -steps:] - median[-steps:]
-            waited = _waited_for(m, x, median, steps)[:, None] >= 0.5 * step_excess
-            flagged[:, -steps:] &= (step_excess > bar) & waited
+            # ... and a rank is slow there only if its peers waited for it (most of its excess). These bars
+            # stand in for the MAD's: among 3 ranks one peer's noise is the MAD, and under FSDP2 on a loaded host
+            # (steps of 150-250 ms) peers' optimizer steps ran 5-22 ms long now and then, which hid a 30 ms
+            # optimizer straggler for 11 steps, and broke its episode in two (the hold's MAD, below).
+            sx, smed = x[:, -steps:], median[-steps:]
+            step_excess = sx - smed
+            peers_waited = _waited_for(m, x, median, steps)[:, None]
+            waited = peers_waited >= 0.5 * step_excess
+            ranks_ok = (count[-steps:] >= 2) & not_victim[:, -steps:]
+            flagged[:, -steps:] = (sx > p.ratio * smed) & (step_excess > bar) & waited & ranks_ok
         held = above(p.hold_ratio, p.hold_z, p.hold_ratio)
         if steps and np.isfinite(wall_median):
-            held[:, -steps:] &= waited  # an open episode lists them on the same evidence
+            # An open episode holds on lower bars, and while its peers still wait for it by any amount: what they
+            # wait is noisy too (+-50 ms there, in the next forward's all-gathers), and a victim's cell does not
+            # stay above its peers' for steps on end.
+            held[:, -steps:] = (sx > p.hold_ratio * smed) & (step_excess > 0.5 * bar) & (peers_waited >= 0) & ranks_ok
         # What the rate rule (intermittent stragglers) counts: a flag the step waited for, the rank's compute
         # ahead of every other rank's by half the cell's excess. On shared cores a waiting rank's cell spikes
         # now and then, in a step that waited for the culprit's far larger excess: no evidence against it.

@@ -242,7 +242,7 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     in_modules = (figures["forward_ns"] + figures["backward_ns"]) / 1e6 - np.nansum(self_ms, axis=1)
     detail = np.array([r.detail for r in ordered], dtype=bool)  # sampled mode: no module compute to subtract
     idle_ms = np.where(detail, np.maximum(in_modules, tail_ms), tail_ms) if state.cpu_clock else tail_ms
-    host_ms = _between_forward_and_backward(ordered, lengths, phases) / 1e6
+    host_ms = _between_forward_and_backward(ordered, lengths, phases, figures) / 1e6
     host_ms = np.minimum(host_ms, figures["data_ns"] / 1e6)
     return StepMatrix(
         job=state.job,
@@ -267,9 +267,15 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     )
 
 
-def _between_forward_and_backward(ordered: list[StepRow], lengths: np.ndarray, phases: np.ndarray) -> np.ndarray:
-    """Per rank (ns): from the end of its last module forward to the start of its first module backward, the
-    host's own code between the two (the loss, a user's code in the training loop), none of it data loading.
+def _between_forward_and_backward(
+    ordered: list[StepRow], lengths: np.ndarray, phases: np.ndarray, figures: dict[str, np.ndarray]
+) -> np.ndarray:
+    """Per rank (ns): from the end of its last module forward to the start of its backward pass, the host's own
+    code between the two (the loss, a user's code in the training loop), none of it data loading.
+
+    The pass starts where the training loop called backward (agents since FSDP's pre-backward all-gathers were
+    seen in that gap), which the report gives only as a difference: the pass ends its tail after the last module
+    backward, and lasts backward_ns. Older agents start the pass at its first module backward: the same figure.
     0 where the step has no such gap (several forwards and backwards, gradient accumulation: they interleave)."""
     n = len(ordered)
     rank = np.repeat(np.arange(n), lengths)
@@ -277,8 +283,15 @@ def _between_forward_and_backward(ordered: list[StepRow], lengths: np.ndarray, p
     ends = np.concatenate([r.modules["last_end"] for r in ordered]).astype(np.int64) if n else np.zeros(0)
     forward_end = np.full(n, np.iinfo(np.int64).min)
     backward_start = np.full(n, np.iinfo(np.int64).max)
+    backward_end = np.full(n, np.iinfo(np.int64).min)
     fwd, bwd = phases == PHASE_IDS["forward"], phases == PHASE_IDS["backward"]
     np.maximum.at(forward_end, rank[fwd], ends[fwd])
     np.minimum.at(backward_start, rank[bwd], starts[bwd])
+    np.maximum.at(backward_end, rank[bwd], ends[bwd])
     both = (forward_end > np.iinfo(np.int64).min) & (backward_start < np.iinfo(np.int64).max)
-    return np.where(both, np.clip(backward_start - forward_end, 0, None), 0).astype(np.float64)
+    pass_start = np.where(
+        both & (figures["backward_ns"] > 0),
+        backward_end + figures["backward_tail_ns"].astype(np.int64) - figures["backward_ns"].astype(np.int64),
+        backward_start,
+    )
+    return np.where(both, np.clip(np.minimum(backward_start, pass_start) - forward_end, 0, None), 0).astype(np.float64)

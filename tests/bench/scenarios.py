@@ -164,6 +164,7 @@ class Result:
     latency: int | None = None
     cost: float | None = None  # the collector's cost_ms_per_step
     measured: float | None = None  # the job's step time after the onset minus before (rank 0's clock)
+    measured_se: float | None = None  # its standard error, from the spread of the steps it averages
     cost_error: float | None = None  # (cost - measured) / measured
     attempt_ok: bool | None = None  # restart: both attempts' steps kept and queryable
     detail: str = ""
@@ -256,11 +257,14 @@ def run_job(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), times
 
 
-def measured_loss(times_path: str, attempt: int, onset: int, end: int, every: int = 1) -> float | None:
+def measured_loss(
+    times_path: str, attempt: int, onset: int, end: int, every: int = 1, se: bool = False
+) -> float | tuple[float, float] | None:
     """Mean step time over [end - 30, end) (no earlier than the onset), minus the mean over [5, onset).
 
     An intermittent fault (one slow step in `every`) is measured against the steps of the same window that
-    were not slowed: on a shared machine the job's speed drifts more between windows than 1-in-N adds."""
+    were not slowed: on a shared machine the job's speed drifts more between windows than 1-in-N adds.
+    se: also its standard error (the two means' spreads; drift between the windows is not in it)."""
     try:
         with open(times_path) as f:
             rows = [json.loads(line) for line in f]
@@ -274,7 +278,10 @@ def measured_loss(times_path: str, attempt: int, onset: int, end: int, every: in
         before = [ms[s] for s in range(5, onset) if s in ms]
     if len(before) < 5 or len(after) < 5:
         return None
-    return statistics.fmean(after) - statistics.fmean(before)
+    loss = statistics.fmean(after) - statistics.fmean(before)
+    if not se:
+        return loss
+    return loss, math.sqrt(statistics.variance(after) / len(after) + statistics.variance(before) / len(before))
 
 
 def noise_sigma(collector: Collector, job: str, steps) -> float:
@@ -340,7 +347,9 @@ def score(res: Result, shape: Shape, verdicts: list[dict], times: str, attempt: 
     if shape.stops_at is None:
         res.cost = v["cost_ms_per_step"]
         every = int(shape.args[shape.args.index("--slow-every") + 1]) if "--slow-every" in shape.args else 1
-        res.measured = measured_loss(times, attempt, ONSET, shape.steps, every)
+        measured = measured_loss(times, attempt, ONSET, shape.steps, every, se=True)
+        if isinstance(measured, tuple):
+            res.measured, res.measured_se = measured
         if res.measured and res.measured > 0:
             res.cost_error = (res.cost - res.measured) / res.measured
     return res
@@ -349,6 +358,7 @@ def score(res: Result, shape: Shape, verdicts: list[dict], times: str, attempt: 
 def print_row(r: Result) -> None:
     cost = f"{r.cost:6.1f}" if r.cost is not None else "     -"
     measured = f"{r.measured:6.1f}" if r.measured is not None else "     -"
+    measured += f" ±{r.measured_se:4.1f}" if r.measured_se is not None else "      "
     error = f"{100 * r.cost_error:+5.0f}%" if r.cost_error is not None else "     -"
     latency = str(r.latency) if r.latency is not None else "-"
     named = "yes" if r.named else ("RUN FAILED" if not r.ok_run else "NO")
@@ -364,7 +374,7 @@ def markdown_row(r: Result) -> str:
     named = "yes" if r.named else ("run failed" if not r.ok_run else f"**no** ({r.detail})")
     latency = str(r.latency) if r.latency is not None else "–"
     if r.cost is not None and r.measured is not None:
-        cost = f"{r.cost:.1f} / {r.measured:.1f}"
+        cost = f"{r.cost:.1f} / {r.measured:.1f}" + (f" ± {r.measured_se:.1f}" if r.measured_se is not None else "")
     else:
         cost = "–"
     error = f"{100 * r.cost_error:+.0f} %" if r.cost_error is not None else "–"
@@ -381,6 +391,9 @@ def totals(results: list[Result]) -> dict:
     right = sum(1 for r in faults for v in r.verdicts if v["rank"] == r.culprit)
     errors = sorted(abs(r.cost_error) for r in faults if r.cost_error is not None)
     latencies = [r.latency for r in faults if r.latency is not None]
+    # costs further from the measured loss than twice its own standard error (the truth's noise, not drift)
+    beyond = [r for r in faults if r.cost_error is not None and r.measured_se is not None]
+    outside = sum(abs(r.cost - r.measured) > 2 * r.measured_se for r in beyond)
     clean_steps = sum(r.clean_steps for r in clean)
     return {
         "scenarios": len(results),
@@ -394,6 +407,7 @@ def totals(results: list[Result]) -> dict:
         "median_abs_cost_error": statistics.median(errors) if errors else float("nan"),
         "worst_abs_cost_error": errors[-1] if errors else float("nan"),
         "max_latency": max(latencies) if latencies else None,
+        "costs_beyond_2se": f"{outside} of {len(beyond)}",
     }
 
 
@@ -404,7 +418,7 @@ def print_totals(results: list[Result]) -> None:
         f"{t['precision']:.3f}, victims blamed {t['victims']}, false alarms per 1000 clean steps "
         f"{t['false_alarms_per_1000_clean_steps']:.1f}, |cost error| median "
         f"{100 * t['median_abs_cost_error']:.0f}% worst {100 * t['worst_abs_cost_error']:.0f}%, "
-        f"latency max {t['max_latency']} steps",
+        f"latency max {t['max_latency']} steps, costs beyond 2 SE of the measured loss {t['costs_beyond_2se']}",
         flush=True,
     )
 
