@@ -79,6 +79,7 @@ class Collector:
         self.ingest.hello_timeout_s = self.config.hello_timeout_s
         self.evaluator.connected = self.ingest.connected
         self.evaluator.on_forget += [self.ingest.forget_job, self.metrics.forget_job, self._forget_in_store]
+        self.evaluator.on_forget.append(self.alerting.forget_job)  # its alerts stop firing
         # GPU health: verdicts explained by the culprit's GPU, and its gauges on /metrics
         # ... and by the collectives: the group where it arrives last (collective timing, opt-in on the agent)
         self.evaluator.collective_waits = self.ingest.collectives.recent_waits  # waits inside module windows

@@ -213,3 +213,22 @@ def test_alert_for_the_api_keeps_given_times():
     assert alert["startsAt"] == "1970-01-01T00:00:00.000Z"
     assert alert["endsAt"] == "1970-01-01T00:01:00.500Z"
     assert alert["status"] == "resolved"
+
+
+def test_a_forgotten_job_stops_firing():
+    """A job that leaves the collector's memory (finished, past its retention) resolves its alerts."""
+
+    async def body(d):
+        d.episode_changed(episode())
+        d.episode_changed(episode(job="other"))
+        await wait(rx, 2)
+        d.forget_job("train")
+        resolved = await wait(rx, 3)
+        assert [a["labels"]["job"] for a in d.active_alerts()] == ["other"]
+        return resolved
+
+    with WebhookReceiver() as rx:
+        resolved = asyncio.run(run_dispatcher([rx.url], body))[2]
+    (alert,) = resolved["alerts"]
+    assert (alert["status"], alert["labels"]["job"], alert["labels"]["rank"]) == ("resolved", "train", "3")
+    assert alert["endsAt"] > alert["startsAt"]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from harness.collector_thread import CollectorThread
-from harness.http import get_json
+from harness.http import get_json, post
 from harness.waiting import wait_for
 from modtrack.collector.pipeline.merge import RankState
 from modtrack.protos import modtrack_pb2 as pb
@@ -225,11 +225,14 @@ def test_a_finished_job_leaves_memory_and_stays_queryable(tmp_path):
             "done" in c.evaluator.detectors
             and metric(get_text(f"{served.url}/metrics"), "modtrack_last_step", job="done") == 2
         )
+        assert post(served.url, "/api/v1/jobs/done/sampling?every=5")[0] == 200  # sampled mode, in memory
+        assert job_row(served.url, "done")["sample_every"] == 5
         rank.close()
         wait_for(lambda: "done" not in c.merger.jobs, timeout=10, what="the job to be forgotten")
         wait_for(lambda: "done" not in c.evaluator.detectors, what="the detector to be forgotten")
         wait_for(lambda: "done" not in c.store.duplicates, what="the store's count of the job's duplicates dropped")
         assert "done" not in c.ingest.streams
+        assert job_row(served.url, "done")["sample_every"] is None  # the sampling set over the API went with it
         assert not [key for key in c.evaluator.episode_ids if key[0] == "done"]
         other = Rank(served.grpc_target, "other", 0, 1)  # evaluated on a tick after the forgetting
         other.report(0)

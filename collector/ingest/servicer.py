@@ -75,6 +75,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
         if not self.streams.get(job):
             self.streams.pop(job, None)
             self.collectives.forget(job)
+            self.sample_every.pop(job, None)  # a job of that name coming back samples as its agents say
 
     # --- control, called from the HTTP API on the same loop -------------------------------
     def request_capture(self, job: str, steps: int) -> tuple[str, int]:

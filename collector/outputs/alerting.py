@@ -18,7 +18,13 @@ import time
 
 import aiohttp
 
-from modtrack.collector.outputs.alert_payload import alert_labels, episode_to_alert, fingerprint, webhook_payload
+from modtrack.collector.outputs.alert_payload import (
+    alert_labels,
+    episode_to_alert,
+    fingerprint,
+    rfc3339,
+    webhook_payload,
+)
 from modtrack.collector.records import Episode
 from modtrack.protos.backoff import backoff_delays
 
@@ -113,6 +119,17 @@ class AlertDispatcher:
             self.dropped_changes += 1
             self._count("dropped")
 
+    def forget_job(self, job: str) -> None:
+        """A job that left memory (finished, past its retention) stops firing: its alerts are resolved, sent as
+        resolved to the webhooks and leave /api/v1/alerts. Runs on the event loop, as the router does."""
+        now = time.time()
+        for fp in [fp for fp, alert in self._active.items() if alert["labels"].get("job") == job]:
+            alert = self._active.pop(fp)
+            self._firing.pop(fp, None)
+            resolved = dict(alert, status="resolved", endsAt=rfc3339(now))
+            log.warning("alert resolved: %s (the job was forgotten)", alert["annotations"]["summary"])
+            self._send(resolved)
+
     def active_alerts(self) -> list[dict]:
         """The alerts firing now, as Alertmanager lists them."""
         return list(self._active.values())
@@ -174,6 +191,9 @@ class AlertDispatcher:
             )
         else:
             return  # resolved before we ever saw it open: nothing to take back
+        self._send(alert)
+
+    def _send(self, alert: dict) -> None:
         if self.webhooks:
             body = json.dumps(webhook_payload([alert], RECEIVER, self.dashboard_url)).encode()
             for hook in self.webhooks:
