@@ -401,8 +401,9 @@ def test_a_rank_calling_the_same_module_again_and_again_moves():
 
     def train():
         with tracker, torch.no_grad():
-            for _ in range(3):  # short steps: a median
+            for _ in range(3):  # short steps, long enough for the heartbeat's looks (every 50 ms) to see: a median
                 loop(torch.randn(2, 8))
+                time.sleep(0.1)
                 tracker.step()
             loop(torch.randn(2, 8), long=True)  # one long step
 
