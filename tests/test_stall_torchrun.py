@@ -107,6 +107,16 @@ class Job:
                 return {"stalled": False, "paused": None, "ranks": []}
             raise
 
+    def watch_to_the_end(self) -> list[dict]:
+        """Every stall answer, every 0.3 s, until the job ends by itself; it must end well."""
+        seen = []
+        while self.proc.poll() is None:
+            seen.append(self.stall())
+            time.sleep(0.3)
+        out = self.proc.communicate()[0]
+        assert self.proc.returncode == 0 and "done" in out, out[-3000:]
+        return seen
+
     def wait_for(self, condition, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -244,12 +254,7 @@ def test_all_ranks_pausing_together_is_a_pause_not_a_stall(collector, webhook):
 def test_clean_run_is_never_stalled(collector, webhook):
     j = Job(collector, "clean", "--steps", "40")
     try:
-        seen = []
-        while j.proc.poll() is None:
-            seen.append(j.stall())
-            time.sleep(0.3)
-        out = j.proc.communicate()[0]
-        assert j.proc.returncode == 0 and "done" in out, out[-3000:]
+        seen = j.watch_to_the_end()
     finally:
         j.end()
     assert seen and not any(a["stalled"] or a["paused"] for a in seen)
@@ -283,12 +288,7 @@ def test_a_slow_but_moving_rank_is_never_stalled(collector, webhook):
     in the gradient all-reduce: every rank is in a long step, none is stuck, and the job ends normally."""
     j = Job(collector, "slow-moving", "--hang-rank", "1", "--hang-in", "slow", "--pause-s", "10", "--steps", "20")
     try:
-        seen = []
-        while j.proc.poll() is None:
-            seen.append(j.stall())
-            time.sleep(0.3)
-        out = j.proc.communicate()[0]
-        assert j.proc.returncode == 0 and "done" in out, out[-3000:]
+        seen = j.watch_to_the_end()
     finally:
         j.end()
     every_rank_long = [a for a in seen if len(a["ranks"]) == RANKS and all(r["phase"] for r in a["ranks"])]
