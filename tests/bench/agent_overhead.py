@@ -447,17 +447,13 @@ def paired_report(model: str, out: dict, modes: list[str], boot: int = 2000) -> 
 
 def paired_main(args) -> None:
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from harness.collector_process import CollectorProcess, env
+    from harness.collector_process import env
 
     models, modes = args.models.split(","), args.modes.split(",")
     if "plain" not in modes:
         modes.insert(0, "plain")
     with tempfile.TemporaryDirectory() as tmp:
-        server = (
-            CollectorProcess(os.path.join(tmp, "data"), log_path=os.path.join(tmp, "collector.log"))
-            if "agent" in modes
-            else None
-        )
+        server = collector_for(modes, tmp)
         try:
             for model in models:
                 cmd = [sys.executable, __file__, "--paired-child", model, "--modes", ",".join(modes)]
@@ -547,7 +543,7 @@ def main() -> None:
     import tempfile
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from harness.collector_process import CollectorProcess, env
+    from harness.collector_process import env
 
     models, modes = args.models.split(","), args.modes.split(",")
     if args.baseline_tree:
@@ -555,11 +551,7 @@ def main() -> None:
         modes.append("baseline")
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        server = (
-            CollectorProcess(os.path.join(tmp, "data"), log_path=os.path.join(tmp, "collector.log"))
-            if "agent" in modes
-            else None
-        )
+        server = collector_for(modes, tmp)
         try:
             for r in range(args.rounds):
                 for model in models:
@@ -670,6 +662,15 @@ def report(results: dict, models: list[str], modes: list[str], args) -> None:
                 f"{cpu_over['agent'] / max(cpu_over['hooks'], 1e-9):.2f}; collector CPU "
                 f"{med(model, 'agent', 'collector_cpu_ms'):.3f} ms/step"
             )
+
+
+def collector_for(modes: list[str], tmp: str):
+    """A healthy collector on this machine for mode 'agent' (None without it), its data and log in tmp."""
+    from harness.collector_process import CollectorProcess
+
+    if "agent" not in modes:
+        return None
+    return CollectorProcess(os.path.join(tmp, "data"), log_path=os.path.join(tmp, "collector.log"))
 
 
 def make_baseline_shim(tree: str) -> None:
