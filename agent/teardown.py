@@ -8,9 +8,9 @@ after the training thread has been told it is done; now and then (5-20 % of step
 is after the pass returned, and the worker, now the Context's last holder, waits for the GIL. If in that
 moment the process group is freed from Python (`destroy_process_group()`, then main() returns with the DDP
 model a local: the reducer frees the group with the GIL held), ~ProcessGroupGloo joins that worker while
-holding the GIL, and neither moves again. Any Python thread in the process (the agent's sender) competes for
-the GIL and widens the window: 1 exit in 8 to 3 hung under the agent, none in 16 without (one of those 16
-aborted).
+holding the GIL, and neither moves again. The tracker's hooks widen the window (why is not known): 4 exits in
+12 hung with the tracker alone, no transport; none in 28 without the agent (one of those aborted), none with
+only a busy Python thread added.
 
 What this does: the tracker hands over each pass's Context (`note_pass`, at the end of the pass, outside
 every timed window); while tracking is on, `torch.distributed.destroy_process_group` first waits, with the
