@@ -47,7 +47,10 @@ def warn_once(key: str, message: str) -> None:
         return
     _warned.add(key)
     try:
-        print(f"modtrack: {message}", file=sys.stderr, flush=True)
+        # One write, not print's two (text, then newline): a traceback the job prints from another
+        # thread at the same moment can then never end up between this line and its newline.
+        sys.stderr.write(f"modtrack: {message}\n")
+        sys.stderr.flush()
     except Exception:
         pass
 
