@@ -40,17 +40,34 @@ def test_every_package_is_listed_under_its_modtrack_name():
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> zipfile.ZipFile:
-    """A wheel built by setuptools from a copy of the sources (the checkout stays clean)."""
+def build(tmp_path_factory) -> tuple[zipfile.ZipFile, str]:
+    """A wheel built by setuptools from a copy of the sources (the checkout stays clean), and what the build
+    wrote to stderr."""
     src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     for folder in FOLDERS:
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     build = "from setuptools import build_meta; print(build_meta.build_wheel('dist'))"
     out = subprocess.run([sys.executable, "-c", build], cwd=src, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    return zipfile.ZipFile(src / "dist" / out.stdout.strip().splitlines()[-1])
+    return zipfile.ZipFile(src / "dist" / out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(build) -> zipfile.ZipFile:
+    return build[0]
+
+
+def test_the_license_is_an_spdx_expression_shipped_with_its_text_and_no_build_warning(build):
+    """PEP 639: `License-Expression` and the LICENSE file in the wheel; the table form setuptools deprecates
+    would warn on every install."""
+    wheel, stderr = build
+    metadata = wheel.read(next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    assert {"License-Expression: Apache-2.0", "License-File: LICENSE"} <= set(metadata.splitlines()), metadata[:800]
+    license_text = next(n for n in wheel.namelist() if n.endswith(".dist-info/licenses/LICENSE"))
+    assert wheel.read(license_text) == (ROOT / "LICENSE").read_bytes()
+    assert "deprecat" not in stderr.lower(), stderr[-3000:]
 
 
 def test_the_wheel_holds_every_file_of_every_package(wheel):
