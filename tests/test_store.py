@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 
 import numpy as np
 import pytest
 
 from harness.step_row import row
+from harness.waiting import wait_for
 from modtrack.collector.records import Episode
 from modtrack.collector.store.sqlite import Store
 from modtrack.collector.store.writer import StoreWriter
@@ -129,3 +131,34 @@ def test_rows_are_compact():
     r = row("j", 0, 1, list(range(500)) * 2, [1] * 500 + [2] * 500, np.ones(1000))
     blob_bytes = sum(len(v) for v in r.sql_row()[12:])  # after job, attempt, rank, step, 8 figures
     assert blob_bytes == 1000 * (1 + 4 + 4 + 8 * 4)  # 41 bytes per module and phase
+
+
+def test_close_closes_every_threads_connection_and_leaves_no_wal(tmp_path):
+    """The writer closes the store on its own thread; the readers' connections (the API's pool) must close too,
+    or the data directory keeps an open, uncheckpointed WAL after the collector stopped."""
+    store = Store(str(tmp_path))
+    write(store, (store.upsert_job, "j", 2))
+    readers: list[sqlite3.Connection] = []
+    done = threading.Event()
+
+    def read() -> None:
+        readers.append(store.conn())
+        assert store.conn().execute("SELECT count(*) FROM jobs").fetchone() == (1,)
+        done.wait(30)
+
+    threads = [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(readers) == 2, 10, "both readers connected")
+        store.close()
+        for conn in readers:
+            with pytest.raises(sqlite3.ProgrammingError):
+                conn.execute("SELECT 1")
+        assert not (tmp_path / "modtrack.sqlite3-wal").exists()  # the last close checkpointed it
+        assert store.conn().execute("SELECT job FROM jobs").fetchall() == [("j",)]  # and it opens again
+    finally:
+        done.set()
+        for t in threads:
+            t.join(10)
+        store.close()

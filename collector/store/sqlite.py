@@ -112,21 +112,32 @@ class Store:
         os.makedirs(data_dir, exist_ok=True)
         self.path = os.path.join(data_dir, "modtrack.sqlite3")
         self._local = threading.local()
+        self._opened: list[tuple[threading.Thread, sqlite3.Connection]] = []  # every thread's, for close()
+        self._opened_lock = threading.Lock()
         self._retained_from: dict[tuple[str, int], int] = {}  # (job, attempt) -> steps below this already trimmed
         self.duplicates: dict[str, int] = {}  # job -> reports refused as already stored (same key)
         self.schema_version = schema.migrate(self.conn())
 
     def conn(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = _connect(self.path)
+            with self._opened_lock:
+                ended = [c for thread, c in self._opened if not thread.is_alive()]  # a thread gone: its one too
+                self._opened = [(t, c) for t, c in self._opened if t.is_alive()] + [(threading.current_thread(), conn)]
+            for old in ended:
+                old.close()
         return conn
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        """Close the connection of every thread (the writer's, the readers'), which checkpoints the WAL into
+        the database file; a later conn() opens a new one."""
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+            self._local = threading.local()
+        for _, conn in opened:
             conn.close()
-            self._local.conn = None
 
     # --- writes (StoreWriter's thread, inside its transaction) ---------------------------
     def upsert_job(self, job: str, world_size: int, attempt: int = 0) -> None:
