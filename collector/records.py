@@ -139,6 +139,12 @@ class StepMatrix:
     # code there (the loss, a user's code in the training loop), not data loading. None: not known.
     host_ms: np.ndarray | None = None
 
+    @property
+    def idle_or_tail_ms(self) -> np.ndarray:
+        """(R,) float64 what each rank waited, in any phase: idle_ms where known, else the backward tail; NaN as 0.
+        The one reading of a step's waits that the detector, the episodes and the evaluator share."""
+        return np.nan_to_num(np.asarray(self.sync_wait_ms if self.idle_ms is None else self.idle_ms, np.float64))
+
 
 @dataclass
 class Episode:

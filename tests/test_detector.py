@@ -295,3 +295,11 @@ def test_whole_rank_spikes_do_not_count_as_evidence_for_one_cell():
     # opened at step 2 (3 of 5); a whole rank is reported once it stays slow, k = 3 slow steps: at step 4
     episodes = {id(ep): ep for s in range(5) for ep in det.observe(matrix(slow, step=s))}.values()
     assert [(ep.rank, ep.module, ep.first_step) for ep in episodes] == [(3, "m6", 2)]
+
+
+def test_a_steps_waits_are_its_idle_time_where_known_else_its_backward_tail():
+    """The one idle reading the detector, the episodes and the evaluator's collective waits start from."""
+    m = matrix(np.ones((3, 2)), wait=[1.0, np.nan, 3.0])
+    assert m.idle_or_tail_ms.tolist() == [1.0, 0.0, 3.0]  # no idle time known: the tail, a missing one as 0
+    m.idle_ms = np.array([5.0, np.nan, 2.0])
+    assert m.idle_or_tail_ms.tolist() == [5.0, 0.0, 2.0]  # idle time in any phase, even below the tail

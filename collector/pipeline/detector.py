@@ -131,7 +131,7 @@ def _peer_wait_median(wait: np.ndarray, x: np.ndarray, count: np.ndarray) -> np.
 
 def _peer_idle(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
     """Per rank, what it waited (in any phase) and what the median of the other ranks waited."""
-    idle = np.nan_to_num(np.asarray(m.sync_wait_ms if m.idle_ms is None else m.idle_ms, dtype=np.float64))
+    idle = m.idle_or_tail_ms
     if len(idle) < 2:
         return idle, idle.copy()
     order = np.argsort(idle, kind="stable")

@@ -249,7 +249,7 @@ class EpisodeBook:
 
         wall = np.asarray(m.wall_ms, dtype=np.float64)
         wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
-        idle = wait if m.idle_ms is None else np.nan_to_num(np.asarray(m.idle_ms, dtype=np.float64))
+        idle = m.idle_or_tail_ms
         wall = np.nan_to_num(wall)
         self._floor_ms = max(self._floor(wall), 0.05)
         step = _Step(

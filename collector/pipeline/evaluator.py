@@ -227,8 +227,7 @@ class Evaluator:
                 matrix = build_matrix(item.job, item.step, item.rows)
                 ranks, waits = self.collective_waits(job)
                 if len(ranks):
-                    idle = matrix.sync_wait_ms if matrix.idle_ms is None else matrix.idle_ms
-                    matrix.idle_ms = with_collective_waits(idle, matrix.ranks, ranks, waits)
+                    matrix.idle_ms = with_collective_waits(matrix.idle_or_tail_ms, matrix.ranks, ranks, waits)
                 detector = self._detector(item.job)
                 changed = detector.observe(matrix)
                 for ep in changed:
