@@ -272,6 +272,7 @@ class Transport:
             "reconnects": self._reconnects,
             "hook_errors": int(self._safe_hook_errors()),
             "send_errors": self._send_errors,
+            "heartbeat_errors": self.heartbeat.errors if self.heartbeat is not None else 0,
         }
 
     @property

@@ -117,16 +117,18 @@ class Trace(_message.Message):
     def __init__(self, module_id: _Optional[_Iterable[int]] = ..., phase: _Optional[_Iterable[_Union[Phase, str]]] = ..., start_ns: _Optional[_Iterable[int]] = ..., end_ns: _Optional[_Iterable[int]] = ..., depth: _Optional[_Iterable[int]] = ..., capture_id: _Optional[str] = ...) -> None: ...
 
 class AgentCounters(_message.Message):
-    __slots__ = ("reports_dropped", "reconnects", "hook_errors", "send_errors")
+    __slots__ = ("reports_dropped", "reconnects", "hook_errors", "send_errors", "heartbeat_errors")
     REPORTS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     RECONNECTS_FIELD_NUMBER: _ClassVar[int]
     HOOK_ERRORS_FIELD_NUMBER: _ClassVar[int]
     SEND_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_ERRORS_FIELD_NUMBER: _ClassVar[int]
     reports_dropped: int
     reconnects: int
     hook_errors: int
     send_errors: int
-    def __init__(self, reports_dropped: _Optional[int] = ..., reconnects: _Optional[int] = ..., hook_errors: _Optional[int] = ..., send_errors: _Optional[int] = ...) -> None: ...
+    heartbeat_errors: int
+    def __init__(self, reports_dropped: _Optional[int] = ..., reconnects: _Optional[int] = ..., hook_errors: _Optional[int] = ..., send_errors: _Optional[int] = ..., heartbeat_errors: _Optional[int] = ...) -> None: ...
 
 class CollectiveStats(_message.Message):
     __slots__ = ("step", "group", "backend", "group_size", "ranks_hash", "count", "total_ns", "wait_ns", "bytes", "active_measured", "seq", "issue_ns", "active_ns", "unlisted")

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness.collector_thread import CollectorThread
 from harness.fake_collector import FakeCollector
@@ -16,6 +17,7 @@ from harness.http import get
 from harness.ports import free_port
 from harness.waiting import wait_for
 from modtrack.agent import transport as transport_module
+from modtrack.agent.heartbeat import Heartbeat
 from modtrack.agent.identity import Identity
 from modtrack.agent.report_codec import encode_report, fill_report, wire_bytes_bound
 from modtrack.agent.step_record import PhaseColumns, StepRecord, TraceColumns
@@ -158,6 +160,45 @@ def test_a_report_the_collector_refuses_is_dropped_alone(tmp_path, transports):
         _, body = get(collector.url, "/api/v1/jobs/j/steps?last=100")
         assert [s["step"] for s in body["steps"]] == [0, 1, 2, 3, 5, 6, 7, 8, 9]
         assert t.counters["reports_dropped"] == 1 and t.counters["reconnects"] == 1
+    finally:
+        t.close(timeout_s=0.5)
+        collector.stop()
+
+
+class UnreadablePosition:
+    """A training thread's position whose every look fails: the heartbeat swallows it and counts."""
+
+    thread_id = 0
+    step_start_ns = 0
+
+    def snapshot(self):
+        raise RuntimeError("cannot read the position")
+
+
+def test_heartbeat_errors_travel_with_the_agent_counters_to_metrics_and_the_store(tmp_path, transports):
+    collector = CollectorThread(tmp_path / "data")
+    try:
+        t = transports(int(collector.grpc_target.rsplit(":", 1)[1]))
+        t.identity = Identity(job="j", rank=0, local_rank=0, world_size=1, group_rank=0, host="h", pid=7)
+        t.heartbeat = Heartbeat(UnreadablePosition(), list)
+        t.start()
+        sent = iter(range(1000))
+
+        def on_metrics() -> float:
+            t.submit(make_record(next(sent)))  # a report at each look: the counters ride on reports
+            _, text = get(collector.url, "/metrics")
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+            return samples.get(("modtrack_agent_heartbeat_errors_total", (("job", "j"), ("rank", "0"))), 0)
+
+        errors = wait_for(on_metrics, 20, "heartbeat errors on /metrics", interval=0.2)
+        assert 0 < errors <= t.heartbeat.errors  # cumulative, as the agent counted them when it sent
+        collector.flush_store()
+        (rank,) = collector.collector.store.ranks("j")
+        assert 0 < rank["heartbeat_errors"] <= t.heartbeat.errors
     finally:
         t.close(timeout_s=0.5)
         collector.stop()

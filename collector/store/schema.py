@@ -120,7 +120,18 @@ def migrate_gpu_explanation(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE episodes ADD COLUMN explanation TEXT NOT NULL DEFAULT ''")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_tables, migrate_attempts, migrate_gpu_explanation]
+def migrate_heartbeat_errors(conn: sqlite3.Connection) -> None:
+    """Version 3 -> 4: the agent counts its heartbeat's errors (AgentCounters.heartbeat_errors); a rank's row
+    keeps it beside the other agent counters."""
+    conn.execute("ALTER TABLE ranks ADD COLUMN heartbeat_errors INTEGER DEFAULT 0")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _v1_tables,
+    migrate_attempts,
+    migrate_gpu_explanation,
+    migrate_heartbeat_errors,
+]
 VERSION = len(MIGRATIONS)
 
 
