@@ -8,8 +8,9 @@ backward (an autograd Function at the module's output); data: in its data loadin
 step's first module; pause: every rank sleeps --pause-s after the optimizer step (a checkpoint),
 then training goes on; slow: the rank runs that module's forward over and over for --pause-s (a
 recurrent loop: slow, but moving), then training goes on. A sleep blocks in C code, as a collective
-or a device wait would. --mark PATH: the hung rank writes the wall time its hang began there (the
-tests' truth for how soon the verdict came); --step-s S: every step's data loading takes S seconds.
+or a device wait would. --hang-in slow,pause does both: the slow rank at --hang-step, the pause after
+--pause-step. --mark PATH: the hung rank writes the wall time its hang began there (the tests' truth
+for how soon the verdict came); --step-s S: every step's data loading takes S seconds.
 """
 
 from __future__ import annotations
@@ -59,13 +60,21 @@ class _HangInBackward(torch.autograd.Function):
         return grad
 
 
+def hang_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(text.split(","))
+    if not kinds or not set(kinds) <= {"forward", "backward", "data", "pause", "slow"}:
+        raise argparse.ArgumentTypeError(f"not a hang: {text!r}")
+    return kinds
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--hang-rank", type=int, default=None)
-    p.add_argument("--hang-in", choices=("forward", "backward", "data", "pause", "slow"), default=None)
+    p.add_argument("--hang-in", type=hang_kinds, default=(), help="forward|backward|data|pause|slow, or slow,pause")
     p.add_argument("--hang-module", default="blocks.1.mlp")
     p.add_argument("--hang-step", type=int, default=10)
+    p.add_argument("--pause-step", type=int, default=None, help="the pause's step (default: --hang-step)")
     p.add_argument("--pause-s", type=float, default=8.0)
     p.add_argument("--step-s", type=float, default=0.0)
     p.add_argument("--mark", default="")
@@ -82,18 +91,20 @@ def main(argv=None) -> None:
     model = TinyGPT(vocab=256, dim=64, heads=4, layers=2, context=32)
     progress = {"step": 0}
     hangs_here = args.hang_rank == rank
-    if hangs_here and args.hang_in in ("forward", "backward", "slow"):
+    hang_in = set(args.hang_in)
+    pause_step = args.hang_step if args.pause_step is None else args.pause_step
+    if hangs_here and hang_in & {"forward", "backward", "slow"}:
         module = model.get_submodule(args.hang_module)
         original = module.forward
 
         def forward(*a, **kw):
             now = progress["step"] == args.hang_step
-            if now and args.hang_in == "forward":
+            if now and "forward" in hang_in:
                 hang_forever()
-            if now and args.hang_in == "slow":
+            if now and "slow" in hang_in:
                 return run_for(args.pause_s, original, *a, **kw)
             out = original(*a, **kw)
-            return _HangInBackward.apply(out) if now and args.hang_in == "backward" else out
+            return _HangInBackward.apply(out) if now and "backward" in hang_in else out
 
         module.forward = forward
     wrapped = DistributedDataParallel(model)
@@ -101,7 +112,7 @@ def main(argv=None) -> None:
     data = torch.Generator().manual_seed(rank)
 
     def next_batch(step: int) -> torch.Tensor:
-        if hangs_here and args.hang_in == "data" and step == args.hang_step:
+        if hangs_here and "data" in hang_in and step == args.hang_step:
             hang_forever()
         if args.step_s:
             time.sleep(args.step_s)  # a slow data loader
@@ -118,7 +129,7 @@ def main(argv=None) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if args.hang_in == "pause" and step == args.hang_step:
+        if "pause" in hang_in and step == pause_step:
             save_checkpoint()
         if rank == 0 and step % 10 == 0:
             print(f"step {step} loss {loss.item():.4f}", flush=True)
