@@ -369,11 +369,12 @@ TORCHRUN_MODULE = "TinyGPT.blocks.1.mlp"
 
 @pytest.fixture
 def torchrun_job(collector, tmp_path):
-    """examples/train.py on 4 CPU ranks (gloo) under the agent; rank 2 slow in blocks.1.mlp's
-    backward from step 4. Long enough to still be running while the page is inspected."""
+    """examples/train.py (the scenario benchmark's model) on 4 CPU ranks (gloo) under the agent; rank 2 slow in
+    blocks.1.mlp's backward from step 4. Long enough to still be running while the page is inspected."""
     cmd = launch.torchrun_cmd(
         TORCHRUN_RANKS, "-m", "modtrack.agent", "--collector", collector.grpc_target, "--job", "ddp-demo",
         launch.TRAIN, "--steps", "400", "--threads", "1", "--log-every", "1000",
+        "--dim", "64", "--batch", "8", "--context", "32", "--vocab", "256",  # a ~50 ms step on 4 ranks, 2 cores
         "--slow-rank", str(TORCHRUN_SLOW_RANK), "--slow-module", "blocks.1.mlp", "--slow-phase", "backward",
         "--slow-ms", "50", "--slow-from-step", "4")  # fmt: skip
     log = open(tmp_path / "torchrun.log", "w")

@@ -51,18 +51,28 @@ def without_agent_lines(stderr: str) -> str:
     return re.sub(r"modtrack: [^\n]*\n", "", stderr)
 
 
-@pytest.mark.parametrize("args", [["a", "--flag", "-x"], ["raise"], ["exit3"]])
+ARGS = [["a", "--flag", "-x"], ["raise"], ["exit3"]]
+
+
 @pytest.mark.parametrize("collector", [None, "dead"])
-def test_same_behaviour_as_plain_python(script, tmp_path, args, collector):
-    plain, _ = run([sys.executable, str(script), *args], cwd=tmp_path)
+def test_same_behaviour_as_plain_python(script, tmp_path, collector):
+    """Each of ARGS plain and under the agent: all six runs side by side (a torch import each under the agent)."""
     agent_opts = [] if collector is None else ["--collector", f"127.0.0.1:{free_port()}", "--job", "t"]
-    tracked, elapsed = run([sys.executable, "-m", "modtrack.agent", *agent_opts, str(script), *args], cwd=tmp_path)
-    assert tracked.returncode == plain.returncode
-    assert plain.returncode == {"raise": 1, "exit3": 3}.get(args[0], 0)
-    assert tracked.stdout == plain.stdout
-    assert without_agent_lines(tracked.stderr) == plain.stderr  # same traceback, no launcher frames
-    assert len(tracked.stderr.splitlines()) - len(plain.stderr.splitlines()) <= 2
-    assert elapsed < 30
+    started = time.monotonic()
+    runs = launch.run_all(
+        [[sys.executable, str(script), *args] for args in ARGS]
+        + [[sys.executable, "-m", "modtrack.agent", *agent_opts, str(script), *args] for args in ARGS],
+        timeout=120,
+        cwd=tmp_path,
+    )
+    elapsed = time.monotonic() - started
+    for args, plain, tracked in zip(ARGS, runs[: len(ARGS)], runs[len(ARGS) :]):
+        assert tracked.returncode == plain.returncode, args
+        assert plain.returncode == {"raise": 1, "exit3": 3}.get(args[0], 0), args
+        assert tracked.stdout == plain.stdout, args
+        assert without_agent_lines(tracked.stderr) == plain.stderr, args  # same traceback, no launcher frames
+        assert len(tracked.stderr.splitlines()) - len(plain.stderr.splitlines()) <= 2, args
+    assert elapsed < 30  # all of them together
 
 
 def test_environment_variable_names_the_collector(script, tmp_path):
@@ -76,10 +86,13 @@ def test_environment_variable_names_the_collector(script, tmp_path):
 
 
 def test_console_script_and_missing_script(script, tmp_path):
-    out, _ = run(["modtrack-agent", str(script), "y"], cwd=tmp_path)
+    out, missing = launch.run_all(
+        [["modtrack-agent", str(script), "y"], [sys.executable, "-m", "modtrack.agent", str(tmp_path / "nope.py")]],
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0 and out.stdout.startswith("argv ['y'] name __main__")
-    out, _ = run([sys.executable, "-m", "modtrack.agent", str(tmp_path / "nope.py")], cwd=tmp_path)
-    assert out.returncode == 2 and "can't open file" in out.stderr
+    assert missing.returncode == 2 and "can't open file" in missing.stderr
 
 
 def torchrun(*args):
@@ -94,9 +107,15 @@ def stdout_lines(text: str) -> list[str]:
 @pytest.mark.parametrize("args", [["a"], ["exit3"]])
 def test_under_torchrun(script, tmp_path, args):
     dead = f"127.0.0.1:{free_port()}"
-    plain, _ = run(torchrun(str(script), *args), cwd=tmp_path)
-    tracked, _ = run(torchrun("-m", "modtrack.agent", "--collector", dead, str(script), *args), cwd=tmp_path)
-    no_python, _ = run(torchrun("--no-python", "modtrack-agent", "--collector", dead, str(script), *args), cwd=tmp_path)
+    plain, tracked, no_python = launch.run_all(
+        [
+            torchrun(str(script), *args),
+            torchrun("-m", "modtrack.agent", "--collector", dead, str(script), *args),
+            torchrun("--no-python", "modtrack-agent", "--collector", dead, str(script), *args),
+        ],
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert plain.returncode == (0 if args == ["a"] else 1)
     expected = set(stdout_lines(plain.stdout))
     assert len(expected) == 1  # both ranks print the same line
@@ -170,9 +189,12 @@ def test_forked_data_loader_workers_print_nothing_extra(tmp_path, serve):
     _, port = serve(fake)
     path = tmp_path / "forking.py"
     path.write_text(FORKING)
-    plain, _ = run([sys.executable, str(path)], cwd=tmp_path)
-    tracked, _ = run(
-        [sys.executable, "-m", "modtrack.agent", "--collector", f"127.0.0.1:{port}", "--job", "fork", str(path)],
+    plain, tracked = launch.run_all(
+        [
+            [sys.executable, str(path)],
+            [sys.executable, "-m", "modtrack.agent", "--collector", f"127.0.0.1:{port}", "--job", "fork", str(path)],
+        ],
+        timeout=120,
         cwd=tmp_path,
     )
     assert plain.returncode == tracked.returncode == 0, tracked.stderr
@@ -192,17 +214,14 @@ def test_clock_choice_reaches_the_tracker(tmp_path, how):
     path = tmp_path / "clock.py"
     path.write_text(CLOCK)
     dead = f"127.0.0.1:{free_port()}"
-    if how == "flag":
-        out, _ = run(
-            [sys.executable, "-m", "modtrack.agent", "--collector", dead, "--clock", "wall", str(path)], cwd=tmp_path
-        )
-    else:
-        out, _ = run(
-            [sys.executable, "-m", "modtrack.agent", "--collector", dead, str(path)],
-            cwd=tmp_path,
-            env={"MODTRACK_CLOCK": "wall"},
-        )
+    agent = [sys.executable, "-m", "modtrack.agent"]
+    chosen = [*agent, "--collector", dead, *(["--clock", "wall"] if how == "flag" else []), str(path)]
+    out, bad = launch.run_all(
+        [chosen, [*agent, "--clock", "sundial", str(path)]],  # the bad flag's run sees the variable too
+        timeout=120,
+        cwd=tmp_path,
+        extra_env={} if how == "flag" else {"MODTRACK_CLOCK": "wall"},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "clock wall"
-    out, _ = run([sys.executable, "-m", "modtrack.agent", "--clock", "sundial", str(path)], cwd=tmp_path)
-    assert out.returncode == 2 and "invalid choice" in out.stderr
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
