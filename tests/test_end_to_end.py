@@ -20,7 +20,10 @@ from harness.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
-STEPS = 30
+# The scenario benchmark's model and length (tests/bench/scenarios.py MODEL, STEPS): a step of ~40 ms, not
+# the example's default ~170 ms, on 3 ranks sharing 2 cores. The clean run is the benchmark's clean case.
+MODEL = ["--dim", "64", "--batch", "8", "--context", "32", "--layers", "4", "--heads", "4", "--vocab", "256"]
+STEPS = 45
 
 
 def verdict(collector: CollectorProcess, job: str, last_step: int, timeout_s: float = 30) -> list[dict]:
@@ -40,13 +43,20 @@ def collector(tmp_path):
         yield c
 
 
-def torchrun_cmd(ranks: int, agent_args: list[str], train_args: list[str], steps: int = STEPS) -> list[str]:
+def torchrun_cmd(
+    ranks: int, agent_args: list[str], train_args: list[str], steps: int = STEPS, model: list[str] = MODEL
+) -> list[str]:
     agent = ["-m", "modtrack.agent", *agent_args] if agent_args else []
-    return launch.torchrun_cmd(ranks, *agent, TRAIN, "--steps", str(steps), "--log-every", "5", *train_args)
+    return launch.torchrun_cmd(ranks, *agent, TRAIN, "--steps", str(steps), "--log-every", "5", *model, *train_args)
 
 
-def torchrun(ranks: int, agent_args: list[str], train_args: list[str], timeout=300) -> subprocess.CompletedProcess:
-    return launch.run(torchrun_cmd(ranks, agent_args, train_args), timeout)
+def torchrun(
+    ranks: int, agent_args: list[str], train_args: list[str], steps: int = STEPS, timeout=300
+) -> subprocess.CompletedProcess:
+    return launch.run(torchrun_cmd(ranks, agent_args, train_args, steps), timeout)
+
+
+SLOWED_STEPS = 30  # a straggler from step 8: named within 5 steps, its last 10 steps slow
 
 
 def training_lines(out: subprocess.CompletedProcess) -> list[str]:
@@ -54,14 +64,23 @@ def training_lines(out: subprocess.CompletedProcess) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def plain_run():
-    """The same training without the agent: what every tracked run must print too."""
-    out = torchrun(3, [], [])
-    assert out.returncode == 0, out.stderr[-3000:]
-    return training_lines(out)
+def plain_and_unreachable() -> tuple[list[str], subprocess.CompletedProcess]:
+    """The same training without the agent (what every tracked run must print too), and under the agent with a
+    collector that never started: side by side, as neither is timed."""
+    plain, unreachable = launch.run_all(
+        [torchrun_cmd(3, [], []), torchrun_cmd(3, ["--collector", f"127.0.0.1:{free_port()}", "--job", "nobody"], [])]
+    )
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    return training_lines(plain), unreachable
+
+
+@pytest.fixture(scope="module")
+def plain_run(plain_and_unreachable) -> list[str]:
+    return plain_and_unreachable[0]
 
 
 def test_clean_run_has_no_straggler_and_no_alert(collector, plain_run):
+    """Also the scenario benchmark's clean case (ddp, 3 ranks, its model and length): no false alarm."""
     out = torchrun(3, ["--collector", collector.grpc_target, "--job", "clean"], [])
     assert out.returncode == 0, out.stderr[-3000:]
     assert training_lines(out) == plain_run
@@ -90,9 +109,10 @@ def test_rank_slowed_in_forward_is_named_with_module_and_phase(collector):
             "--slow-from-step",
             str(onset),
         ],
+        SLOWED_STEPS,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    stragglers = verdict(collector, "fwd", STEPS - 1)
+    stragglers = verdict(collector, "fwd", SLOWED_STEPS - 1)
     culprit = [s for s in stragglers if (s["rank"], s["module"], s["phase"]) == (1, "TinyGPT.blocks.2.attn", "forward")]
     assert culprit, json.dumps(stragglers, indent=1)
     first = min(culprit, key=lambda s: s["first_step"])
@@ -119,9 +139,10 @@ def test_rank_slowed_in_backward_under_ddp_is_the_only_one_named(collector):
             "--slow-from-step",
             str(onset),
         ],
+        SLOWED_STEPS,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    stragglers = verdict(collector, "bwd", STEPS - 1)
+    stragglers = verdict(collector, "bwd", SLOWED_STEPS - 1)
     culprit = [s for s in stragglers if (s["rank"], s["module"], s["phase"]) == (2, "TinyGPT.blocks.1.mlp", "backward")]
     assert culprit, json.dumps(stragglers, indent=1)
     first = min(culprit, key=lambda s: s["first_step"])
@@ -135,17 +156,19 @@ def test_rank_slowed_in_backward_under_ddp_is_the_only_one_named(collector):
     assert waits[2] < min(waits[0], waits[1]), waits  # the others wait for rank 2
 
 
-def test_collector_never_started(tmp_path, plain_run):
-    out = torchrun(3, ["--collector", f"127.0.0.1:{free_port()}", "--job", "nobody"], [])
+def test_collector_never_started(plain_and_unreachable):
+    plain, out = plain_and_unreachable
     assert out.returncode == 0, out.stderr[-3000:]
-    assert training_lines(out) == plain_run
+    assert training_lines(out) == plain
     assert out.stderr.count("modtrack:") <= 3  # at most one line per rank
 
 
 def test_collector_killed_mid_run(tmp_path, plain_run):
     c = CollectorProcess(tmp_path / "data")
     try:
-        cmd = torchrun_cmd(3, ["--collector", c.grpc_target, "--job", "killed"], [])
+        # a slow data loader on rank 1 (same losses printed): 40 steps of ~0.1 s left once step 5 is in
+        slow_loader = ["--slow-rank", "1", "--slow-phase", "data", "--slow-ms", "60"]
+        cmd = torchrun_cmd(3, ["--collector", c.grpc_target, "--job", "killed"], slow_loader)
         proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             wait_for(
@@ -168,7 +191,7 @@ def test_collector_killed_mid_run(tmp_path, plain_run):
 def test_capture_pause_and_resume_reach_the_ranks(collector):
     """Controls travel back up the stream: a trace capture, and a pause that loses no step."""
     steps = 80
-    cmd = torchrun_cmd(2, ["--collector", collector.grpc_target, "--job", "ctl"], ["--batch", "4"], steps=steps)
+    cmd = torchrun_cmd(2, ["--collector", collector.grpc_target, "--job", "ctl"], ["--batch", "4"], steps, model=[])
     proc = start(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
 

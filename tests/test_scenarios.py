@@ -25,8 +25,7 @@ CASES = [  # (wrapper, shape, culprit position): every wrapper, the kinds the ol
     ("fsdp2", "host", "last"),  # FSDP2's pre-backward all-gather: the peers' wait is backward, not host time
     ("ddp", "every3", "middle"),
     ("ddp", "restart", "middle"),
-    ("ddp", "clean", "first"),
-]
+]  # the clean case (ddp, no fault) is tests/test_end_to_end.py's clean run: the same job, asserted further
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +44,6 @@ def test_scenario_verdict_and_cost(collector, tmp_path, wrap, shape, position):
     scenarios.print_row(r)
     assert r.ok_run, r.detail
     assert r.named, (r.detail, r.verdicts)
-    if spec.clean:
-        assert r.false_alarms == 0, r.verdicts
-        return
     assert r.victims == 0, r.verdicts
     assert r.latency is not None and 0 <= r.latency <= spec.max_latency, r.verdicts
     if spec.restart:
