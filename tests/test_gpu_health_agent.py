@@ -11,7 +11,6 @@ import threading
 import tracemalloc
 
 import pynvml
-import pytest
 
 from harness import torchrun as launch
 from harness.fake_nvml import FakeGpu, FakeNvml
@@ -184,7 +183,7 @@ LAUNCHED = textwrap.dedent("""
     sys.path.insert(0, os.environ["TESTS"])
     from harness.fake_nvml import FakeGpu, FakeNvml
     nvml = sys.modules["pynvml"] = FakeNvml([FakeGpu(uuid="GPU-1234", sm_mhz=1234)])  # NVML faked at its seam
-    if os.environ.get("FAKE_CUDA"):  # and CUDA: torch.cuda's three calls
+    if "--fake-cuda" in sys.argv:  # and CUDA: torch.cuda's three calls
         torch.cuda.is_initialized = lambda: True
         torch.cuda.device_count = lambda: 1
         torch.cuda.get_device_properties = lambda index: types.SimpleNamespace(uuid="1234")
@@ -201,20 +200,23 @@ LAUNCHED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("fake_cuda", [False, True])
-def test_the_launcher_samples_the_gpu_of_a_cuda_job_and_never_calls_nvml_on_a_cpu_job(collector, tmp_path, fake_cuda):
+def test_the_launcher_samples_the_gpu_of_a_cuda_job_and_never_calls_nvml_on_a_cpu_job(collector, tmp_path):
+    """A job with CUDA faked and one on the CPU, side by side (neither is timed)."""
     script = tmp_path / "train.py"
     script.write_text(LAUNCHED)
-    extra = {"TESTS": os.path.dirname(os.path.abspath(__file__))}
-    if fake_cuda:
-        extra["FAKE_CUDA"] = "1"
-    cmd = [sys.executable, "-m", "modtrack.agent", "--collector", collector.grpc_target, "--job", "g", str(script)]
-    out = launch.run(cmd, 120, cwd=tmp_path, extra_env=extra)
-    assert out.returncode == 0, out.stderr
-    assert "'modtrack-gpu-health'" in out.stdout  # the sampler runs in both...
-    status, body = get(collector.url, "/api/v1/jobs/g/gpu")
+    agent = [sys.executable, "-m", "modtrack.agent", "--collector", collector.grpc_target]
+    cpu, cuda = launch.run_all(
+        [[*agent, "--job", "cpu", str(script)], [*agent, "--job", "cuda", str(script), "--fake-cuda"]],
+        120,
+        cwd=tmp_path,
+        extra_env={"TESTS": os.path.dirname(os.path.abspath(__file__))},
+    )
+    for out in (cpu, cuda):
+        assert out.returncode == 0, out.stderr
+        assert "'modtrack-gpu-health'" in out.stdout  # the sampler runs in both...
+    status, body = get(collector.url, "/api/v1/jobs/cuda/gpu")
     assert status == 200
-    if fake_cuda:
-        assert [(r["rank"], r["sm_clock_mhz"], r["gpu"]) for r in body["ranks"]] == [(0, 1234, "NVIDIA H200")]
-    else:  # ...but on a CPU job it never calls NVML
-        assert "nvml calls 0 " in out.stdout and body["ranks"] == []
+    assert [(r["rank"], r["sm_clock_mhz"], r["gpu"]) for r in body["ranks"]] == [(0, 1234, "NVIDIA H200")]
+    status, body = get(collector.url, "/api/v1/jobs/cpu/gpu")
+    assert status == 200
+    assert "nvml calls 0 " in cpu.stdout and body["ranks"] == []  # ...but on a CPU job it never calls NVML
