@@ -339,9 +339,10 @@ class CollectiveBook:
 
     def module_waits(self, job: str, step: int, last: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per (rank, module x phase), the ms the rank waited in collectives inside that window in `step`; where
-        that step's stats are not all in (the evaluator holds a step for them a while), the median over the newest
-        `last` earlier steps that are (a step without a wait there counts 0). (ranks, column keys, ms); empty where
-        no rank's durations hold its waits (thread CPU time) or nothing is known yet."""
+        that step's stats are not all in (the evaluator holds a step for them a while; a rank's last steps' stats
+        may never come), the least over the newest `last` earlier steps that are (a step without a wait there
+        counts 0): a persistent wait, not the noise of one step. (ranks, column keys, ms); empty where no rank's
+        durations hold its waits (thread CPU time) or nothing is known yet."""
         with self._lock:
             state = self._jobs.get(job)
             if state is None or not state.windows:
@@ -362,7 +363,7 @@ class CollectiveBook:
                 if len(steps) >= last:
                     break
             own = state.in_windows.get(step)
-        answer = _median_over_steps([own] if own is not None else steps)
+        answer = _least_over_steps([own] if own is not None else steps)
         with self._lock:
             if self._jobs.get(job) is state:
                 state.module_waits = (key, answer)
@@ -440,8 +441,8 @@ def _step_in_windows(state: _Job, step: int) -> tuple | None:
     return np.concatenate(ranks), np.concatenate(columns), np.concatenate(ns)
 
 
-def _median_over_steps(steps: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per (rank, column), the median over the steps of its ns (0 in a step that does not list it), in ms."""
+def _least_over_steps(steps: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (rank, column), the least over the steps of its ns (0 in a step that does not list it), in ms."""
     if not steps or not sum(len(s[0]) for s in steps):
         return _NO_MODULE_WAITS
     ranks = np.concatenate([s[0] for s in steps])
@@ -450,7 +451,7 @@ def _median_over_steps(steps: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.n
     pairs, at = np.unique(np.stack([ranks, columns], axis=1), axis=0, return_inverse=True)
     dense = np.zeros((len(pairs), len(steps)))
     dense[at.ravel(), which] = np.concatenate([s[2] for s in steps])
-    return pairs[:, 0], pairs[:, 1], np.median(dense, axis=1) / 1e6
+    return pairs[:, 0], pairs[:, 1], dense.min(axis=1) / 1e6
 
 
 def without_module_waits(matrix, ranks: np.ndarray, columns: np.ndarray, waits_ms: np.ndarray) -> None:
