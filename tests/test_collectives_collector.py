@@ -246,8 +246,8 @@ def test_waits_inside_module_windows_are_taken_out_of_that_module_so_no_victim_i
     Net.blocks.0's forward and so all-gathers Net.blocks.1's shard 30 ms late; its peers wait for it inside
     Net.blocks.1's window, which shows 30 ms more there on them. Truth: the job loses 30 ms a step to rank 1's
     Net.blocks.0, and no other rank is slow anywhere: the verdict names rank 1 in Net.blocks.0 alone, with that
-    cost. Module times alone blame a victim's Net.blocks.1 (two ranks), and with rank 1 in a minority its
-    peers' wait lands in one module of theirs only."""
+    cost. With module times as they come, the 2-rank job also blamed rank 0 in Net.blocks.1 (its wait); with 4
+    ranks the waiting peers are the majority there."""
     job = f"coll-fsdp-wall-{world}"
     ranks = [FakeRank(collector.grpc_target, job, r, world, modules=FSDP_MODULES, hello=False) for r in range(world)]
     for r, fr in enumerate(ranks):

@@ -248,12 +248,14 @@ class CollectiveBook:
         return job in self._jobs
 
     def step_in(self, job: str, step: int) -> bool:
-        """Every rank whose module windows of `step` are known has sent its collective stats of that step (stats
-        of a later step say so too: a step's stats come whole, in step order). True when no window is known."""
+        """Every rank whose module windows of `step` are known and that sends collective stats has sent those of
+        that step (stats of a later step say so too: a step's stats come whole, in step order). True when no
+        window is known; a rank that never sent stats (collective timing off there) is not waited for."""
         with self._lock:
             state = self._jobs.get(job)
-            ranks = state.windows.get(step) if state is not None else None
-            return not ranks or all(state.stats_newest.get(r, -1) >= step for r in ranks)  # type: ignore[union-attr]
+            if state is None or not state.windows.get(step):
+                return True
+            return all(state.stats_newest.get(r, step) >= step for r in state.windows[step])
 
     def forget(self, job: str) -> None:
         with self._lock:
