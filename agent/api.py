@@ -103,7 +103,7 @@ def track(
             on_sampling=lambda every: tracker.set_sampling(every),
             hook_errors=lambda: tracker.counters.get("hook_errors", 0),
         )
-        tracker = ModuleTracker(on_step=transport.submit, clock=clock)
+        tracker = ModuleTracker(on_step=transport.submit, clock=clock, seed_parents=False)
         tracker.set_sampling(config.sample_every(sample_every if sample_every is not None else env.sample_every))
         transport.heartbeat = Heartbeat(tracker.position, lambda: tracker.module_names, HeartbeatSettings.from_env())
         transport.clock_kind = "wall" if tracker.wall_durations else tracker.clock_kind

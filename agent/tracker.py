@@ -59,7 +59,7 @@ import torch
 import torch.utils.checkpoint
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
 
 from modtrack.agent import backward_call
 from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
@@ -162,6 +162,39 @@ class _Call:
         return before > 0 >= before - n  # a root of backward is not "executed": the seed never fires for it
 
 
+def _holds_grad(value) -> bool:
+    """Whether a tuple, list or dict holds a tensor that needs a gradient, at any depth; True too when it holds an
+    object this walk does not know (the caller then flattens it as pytree does). tree_flatten costs ~5 us even on
+    a pair; HF passes pairs of constants (rotary cos, sin) to every attention call."""
+    for v in value.values() if type(value) is dict else value:
+        if isinstance(v, _Tensor):
+            if v.requires_grad:
+                return True
+        elif type(v) in _SCALARS:
+            continue
+        elif type(v) not in _CONTAINERS or _holds_grad(v):
+            return True
+    return False
+
+
+def _grad_tensors(value, found: list) -> list:
+    """The tensors of an output that need a gradient: in tuples, lists, dicts and their subclasses (HF's
+    ModelOutput is an OrderedDict), other pytree nodes flattened. Not the seed's walk (it flattens registered
+    types only), so only where `parents` is not kept: there it just says where backward starts."""
+    if isinstance(value, _Tensor):
+        if value.requires_grad:
+            found.append(value)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _grad_tensors(v, found)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _grad_tensors(v, found)
+    elif type(value) in SUPPORTED_NODES:
+        found += [v for v in tree_flatten(value)[0] if isinstance(v, _Tensor) and v.requires_grad]
+    return found
+
+
 def _leaf_node(t: _Tensor):
     """The node that receives a tensor's gradient: its grad_fn, or a leaf's gradient accumulator."""
     node = t.grad_fn
@@ -176,10 +209,17 @@ class ModuleTracker:
     on its own thread, many steps at once). clock: "cpu" (durations in thread CPU time), "wall" (CPU,
     durations in wall time: for ranks with several intra-op threads), "cuda" or "auto" (cuda when
     available, else cpu). A tracker can be entered again after it exited (FlopCounterMode does).
+
+    seed_parents=False (what `agent.track()` uses: nothing in the agent reads `parents`) skips the seed's
+    bookkeeping in backward, where it costs most: the hooks on positional inputs' nodes that only pop `parents`
+    (a call handed an input view needs one more node hook for that), the arrival counts behind the seed's adds,
+    and the engine look-ups that tell a root from a node it runs. `parents` is then the seed's in forward and
+    holds no backward entries. Timing is the same either way.
     """
 
-    def __init__(self, on_step=None, clock: str = "auto") -> None:
+    def __init__(self, on_step=None, clock: str = "auto", seed_parents: bool = True) -> None:
         self.parents: set[str] = {"Global"}
+        self._seed = seed_parents
         self.counters = {
             "hook_errors": 0,
             "steps": 0,
@@ -453,6 +493,14 @@ class ModuleTracker:
                     return None
                 node = x.grad_fn
                 if node is not None and _next_sequence_nr and node._sequence_nr() == _next_sequence_nr() - 1:
+                    if not self._seed:
+                        call.nodes[OWN] = 1
+                        actions = self._recent_nodes.get(node)
+                        if actions is None:
+                            self._on_node(node, (OWN, call, 1))
+                        else:
+                            actions.append((OWN, call, 1))
+                        return None
                     viewed_from = self._viewed_from
                     seed_node = viewed_from.get(node, node) if viewed_from else node  # the seed sees what we viewed
                     nodes = call.nodes
@@ -474,7 +522,7 @@ class ModuleTracker:
             if last is not None:
                 call.nodes[OWN] = 1
                 self._on_node(last, (OWN, call, 1))
-                seed = self._seed_nodes(args)
+                seed = self._seed_nodes(args) if self._seed else None
                 if seed:
                     self._watch(call, IN, seed)
                 return None
@@ -520,7 +568,7 @@ class ModuleTracker:
         """Hand the module an identity view of every input that needs a gradient (see the docstring)."""
         views: dict = {}  # id(tensor) -> its view: one view per tensor, so `q is k is v` stays true
         own: list = []
-        seed: list = []  # the seed watches positional inputs only
+        seed: list | None = [] if self._seed else None  # the seed watches positional inputs only
         if len(args) == 1 and isinstance(args[0], _Tensor):
             new_args = args if not args[0].requires_grad else (self._view(args[0], views, own, seed),)
         else:
@@ -549,8 +597,9 @@ class ModuleTracker:
         call.views = [(view, own)]
         call.nodes[OWN] = 1
         self._on_node(own, (OWN, call, 1))
-        self._keep(call, IN, node)
-        self._on_node(node, (IN, call, 1))
+        if self._seed:
+            self._keep(call, IN, node)
+            self._on_node(node, (IN, call, 1))
         return view
 
     def _watch_inplace_inputs(self, call: _Call, args) -> None:
@@ -561,12 +610,13 @@ class ModuleTracker:
         ]
         if seed:
             self._watch(call, OWN, seed)
-            self._watch(call, IN, list(seed))
+            if self._seed:
+                self._watch(call, IN, list(seed))
 
     def _viewed(self, value, views: dict, own: list, seed: list | None):
         if isinstance(value, _Tensor):
             return self._view(value, views, own, seed) if value.requires_grad else value
-        if type(value) in _CONTAINERS and value:
+        if type(value) in _CONTAINERS and value and _holds_grad(value):
             leaves, spec = tree_flatten(value)
             if any(isinstance(v, _Tensor) and v.requires_grad for v in leaves):
                 return tree_unflatten([self._viewed(v, views, own, seed) for v in leaves], spec)
@@ -689,6 +739,10 @@ class ModuleTracker:
             nodes = [_leaf_node(v) for v in output if isinstance(v, _Tensor) and v.requires_grad]
             if not nodes:
                 return
+        elif not self._seed:
+            nodes = [_leaf_node(v) for v in _grad_tensors(output, [])]
+            if not nodes:
+                return
         else:
             nodes = [_leaf_node(v) for v in tree_flatten(output)[0] if isinstance(v, _Tensor) and v.requires_grad]
             if not nodes:
@@ -710,6 +764,11 @@ class ModuleTracker:
         self._multi.append(call)
 
     def _watch(self, call: _Call, kind: int, nodes: list) -> None:
+        if kind == OUT and not self._seed:  # only where backward starts: no arrivals counted, no node kept
+            call.nodes[OUT] = ONE_NODE
+            for node in dict.fromkeys(nodes):
+                self._on_node(node, (OUT, call, 1))
+            return
         if len(nodes) == 1:
             node = nodes[0]
             self._keep(call, kind, node)
@@ -742,8 +801,12 @@ class ModuleTracker:
         every call's backward."""
         try:
             task = _graph_task_id()
-            node = _current_node()  # the node whose hook this is
-            runs = True if node is None else _will_execute(node)
+            seed = self._seed
+            if seed:
+                node = _current_node()  # the node whose hook this is
+                runs = True if node is None else _will_execute(node)
+            else:
+                runs = True  # asked only for the seed's `parents`
             now = work = 0
             starting = None
             for kind, call, n in actions:
@@ -755,6 +818,8 @@ class ModuleTracker:
                             starting = [call]
                         else:
                             starting.append(call)
+                    if not seed:
+                        continue
                     if state[6] != task and state[OUT] == ONE_NODE:  # arrived(OUT), inlined
                         state[6] = task
                         state[3] = runs - 1

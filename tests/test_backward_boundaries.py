@@ -47,7 +47,7 @@ def merged_into(coarse: list[set], fine: list[set]) -> bool:
     return next(it, None) is None
 
 
-def run(model_fn, monkeypatch, views_everywhere: bool, steps: int = 3):
+def run(model_fn, monkeypatch, views_everywhere: bool, steps: int = 3, seed_parents: bool = True):
     """The event order of the last of `steps` steps, and how many identity views the tracker made."""
     made = [0]
     view_inputs, view_one = ModuleTracker._view_inputs, ModuleTracker._view_one
@@ -68,7 +68,11 @@ def run(model_fn, monkeypatch, views_everywhere: bool, steps: int = 3):
             m.setattr(tracker_module, "_next_sequence_nr", None)
         model, step = model_fn()
         logs = []
-        with ModuleTracker(on_step=lambda record: logs.append(record._source[0]), clock="cpu") as t:
+
+        def keep(record):
+            logs.append(record._source[0])
+
+        with ModuleTracker(on_step=keep, clock="cpu", seed_parents=seed_parents) as t:
             for _ in range(steps):
                 made[0] = 0
                 step()
@@ -103,3 +107,13 @@ def test_skipping_a_view_never_moves_a_backward_boundary(case, monkeypatch):
     assert sum(map(len, with_views)) > 20
     assert merged_into(shortcut, with_views), (shortcut, with_views)
     assert views_left < 0.6 * views_made, (views_left, views_made)
+
+
+@pytest.mark.parametrize("case", ["mlp", "llama", "bert", "t5", "llama-reentrant-True"])
+def test_the_agents_tracker_without_the_seeds_bookkeeping_keeps_every_boundary(case, monkeypatch):
+    """agent.track() runs ModuleTracker(seed_parents=False): fewer node hooks, HF outputs walked without pytree.
+    Every backward start and end must fall at the same instant, in the same order, as with the seed's bookkeeping."""
+    with_seed, _ = run(CASES[case], monkeypatch, views_everywhere=False)
+    without, _ = run(CASES[case], monkeypatch, views_everywhere=False, seed_parents=False)
+    assert sum(map(len, with_seed)) > 20
+    assert without == with_seed

@@ -1,10 +1,11 @@
 """What tracking costs a training step: plain vs the seed ModuleTracker vs modtrack.
 
 One thread, one fresh process per (model, mode), rounds interleaved so that machine noise hits every mode
-alike. Modes: plain (no tracker), seed (torch.utils.module_tracker), hooks (modtrack's ModuleTracker alone:
-nothing consumes the steps) and agent (`agent.track()` streaming to a healthy collector on this machine, as
-`python -m modtrack.agent` runs it: steps aggregated, encoded and sent by the sender). Sampled mode, on request
-(--modes ...,sampled,unsampled): sampled is hooks with module detail every --sample-every steps; unsampled is
+alike. Modes: plain (no tracker), seed (torch.utils.module_tracker), hooks (modtrack's ModuleTracker alone, as
+`agent.track()` builds it: seed_parents=False; nothing consumes the steps), parity (ModuleTracker() as a drop-in
+for the seed: `parents` kept in backward too) and agent (`agent.track()` streaming to a healthy collector on this
+machine, as `python -m modtrack.agent` runs it: steps aggregated, encoded and sent by the sender). Sampled mode,
+on request (--modes ...,sampled,unsampled): sampled is hooks with module detail every --sample-every steps; unsampled is
 hooks with no step detailed after the warm-up (what a step without detail costs). Mode sender (no collector
 needed): hooks whose steps the agent's sender thread aggregates (and, on CUDA, resolves the events of) as it does
 while no collector answers; nothing is encoded or sent.
@@ -168,14 +169,14 @@ def child(
         from torch.utils.module_tracker import ModuleTracker
 
         ctx = ModuleTracker()
-    elif mode == "hooks":
+    elif mode in ("hooks", "parity"):
         from modtrack.agent import ModuleTracker
 
-        ctx = ModuleTracker()
+        ctx = ModuleTracker(seed_parents=mode == "parity")
     elif mode in SAMPLED_MODES:
         from modtrack.agent import ModuleTracker
 
-        ctx = ModuleTracker()
+        ctx = ModuleTracker(seed_parents=False)
         ctx.set_sampling(sample_every if mode == "sampled" else 10**9)  # unsampled: only step 0, in the warm-up
     elif mode == "sender":
         from modtrack.agent import ModuleTracker
@@ -186,7 +187,7 @@ def child(
         from harness.ports import free_port
 
         idle_sender = Transport(f"127.0.0.1:{free_port()}", identity_from_env("bench"), backoff_initial_s=60).start()
-        ctx = ModuleTracker(on_step=idle_sender.submit)
+        ctx = ModuleTracker(on_step=idle_sender.submit, seed_parents=False)
     elif mode == "baseline":
         sys.path.insert(0, BASELINE_SHIM)
         from modtrack.agent import ModuleTracker
@@ -246,7 +247,7 @@ def child(
     return out
 
 
-PAIRED_MODES = ("plain", "seed", "hooks", "agent")
+PAIRED_MODES = ("plain", "seed", "hooks", "parity", "agent")
 
 
 def paired_child(model: str, modes: list[str], rounds: int, block: int, collector: str) -> dict:
@@ -271,17 +272,17 @@ def paired_child(model: str, modes: list[str], rounds: int, block: int, collecto
             from torch.utils.module_tracker import ModuleTracker as SeedTracker
 
             contexts[mode] = SeedTracker()
-        elif mode == "hooks":
+        elif mode in ("hooks", "parity"):
             from modtrack.agent import ModuleTracker
 
-            contexts[mode] = ModuleTracker()
+            contexts[mode] = ModuleTracker(seed_parents=mode == "parity")
         elif mode == "agent":  # what agent.track() wires: a tracker whose steps a sender streams to a collector
             from modtrack.agent import ModuleTracker
             from modtrack.agent.identity import identity_from_env
             from modtrack.agent.transport import Transport
 
             transport = Transport(collector, identity_from_env(f"bench-paired-{model}-{os.getpid()}")).start()
-            contexts[mode] = ModuleTracker(on_step=transport.submit)
+            contexts[mode] = ModuleTracker(on_step=transport.submit, seed_parents=False)
         else:
             raise SystemExit(f"--paired has no mode {mode!r} (it has {', '.join(PAIRED_MODES)})")
 
@@ -400,14 +401,14 @@ def paired_report(model: str, out: dict, modes: list[str], boot: int = 2000) -> 
             f"young GCs/step {out['young_gcs'][m]:.1f}"
         )
     target = TARGET_VS_SEED.get(model)
-    for m in ("hooks", "agent"):
+    for m in ("hooks", "parity", "agent"):
         if m in modes and "seed" in modes:
             r, lo, hi = spread(m, "seed")
             print(
                 f"  {model}: {m}/seed training-thread overhead ratio = {r:.2f} [{lo:.2f}, {hi:.2f}]"
                 + (f" (target <= {target})" if target else "")
             )
-    for m in ("seed", "hooks", "agent"):
+    for m in ("seed", "hooks", "parity", "agent"):
         if m in modes:
             r, lo, hi = spread(m, None)
             print(f"  {model}: {m} overhead = {100 * r:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] of the plain step")
