@@ -300,3 +300,32 @@ def test_nccl_waits_are_placed_where_the_kernel_that_waited_ended():
     start = lined.ends[0] - lined.waits[0]
     columns, ns = waits_in_windows(windows, start, lined.ends[0])
     assert columns.tolist() == [7] and ns.tolist() == [4 * MS]  # 103 -> 107 ms: after the child, in 7's own code
+
+
+def test_a_due_step_waits_for_its_collective_stats_in_order_and_at_most_the_hold():
+    """The evaluator holds a due step until its stats are in (collectives_in) or collective_hold_s passed, and
+    a job's later steps wait behind it; another job's steps go on."""
+    from modtrack.collector.pipeline.evaluator import Evaluator
+    from modtrack.collector.pipeline.merge import JobSnapshot, ReadyStep
+
+    evaluator = Evaluator.__new__(Evaluator)  # only the hold's state: no store, pool or outputs
+    evaluator._held, evaluator.collective_hold_s = [], 15.0
+    stats_in = {("a", 1)}
+    evaluator.collectives_in = lambda job, step: job == "b" or (job, step) in stats_in
+
+    def due(job, step):
+        return ReadyStep(JobSnapshot(job, [], {}, True), step, {}, 0.0)
+
+    def steps(items):
+        return [(i.job.job, i.step) for i in items]
+
+    assert steps(evaluator._release([due("a", 1), due("a", 2), due("a", 3), due("b", 1)], now=0.0)) == [
+        ("a", 1),
+        ("b", 1),
+    ]
+    stats_in.add(("a", 3))  # step 3's stats are in, step 2's are not: 3 waits behind 2
+    assert steps(evaluator._release([], now=1.0)) == []
+    stats_in.add(("a", 2))
+    assert steps(evaluator._release([due("a", 4)], now=2.0)) == [("a", 2), ("a", 3)]
+    assert steps(evaluator._release([], now=16.9)) == [] and steps(evaluator._release([], now=17.0)) == [("a", 4)]
+    assert evaluator._held == []

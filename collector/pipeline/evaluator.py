@@ -203,10 +203,14 @@ class Evaluator:
     async def forget_finished(self, now: float) -> list[str]:
         """Jobs with no connected rank, nothing pending and no activity for job_retention_s leave
         memory: merge state, detector, episode ids, metrics series. SQLite keeps their history."""
+        held = {item.job.job for item, _ in self._held}  # steps waiting for their collective stats
         gone = [
             job
             for job, state in self.merger.jobs.items()
-            if not state.pending and not self.connected(job) and now - state.last_activity > self.config.job_retention_s
+            if not state.pending
+            and job not in held
+            and not self.connected(job)
+            and now - state.last_activity > self.config.job_retention_s
         ]
         if not gone:
             return gone
