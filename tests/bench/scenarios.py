@@ -171,9 +171,13 @@ class Result:
     verdicts: list = field(default_factory=list)
 
 
+AGENT_ENV: dict[str, str] = {}  # --agent-env: agent settings for every job (MODTRACK_CLOCK=wall, ...)
+
+
 def _env() -> dict:
-    """The harness's environment for subprocesses (this checkout importable, no MODTRACK_ settings), one thread."""
-    return env(OMP_NUM_THREADS="1")
+    """The harness's environment for subprocesses (this checkout importable, no MODTRACK_ settings but
+    --agent-env's), one thread."""
+    return env(OMP_NUM_THREADS="1", **AGENT_ENV)
 
 
 def get_json(url: str):
@@ -518,7 +522,13 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", help="keep the collector's data (SQLite) and step times in this folder, for replay")
     ap.add_argument("--rejudge", nargs="+", help="judge the jobs kept in these folders again, offline, run nothing")
     ap.add_argument("--markdown", action="store_true", help="with --report or --rejudge: the README's table rows too")
+    ap.add_argument(
+        "--agent-env",
+        default="",
+        help="agent settings for every job, e.g. MODTRACK_CLOCK=wall,MODTRACK_COLLECTIVES=on",
+    )
     a = ap.parse_args(argv)
+    AGENT_ENV.update(kv.split("=", 1) for kv in a.agent_env.split(",") if kv)
     if a.rejudge:
         results = rejudge(a.rejudge)
     elif a.report:
