@@ -106,7 +106,7 @@ def track(
         tracker = ModuleTracker(on_step=transport.submit, clock=clock, seed_parents=False)
         tracker.set_sampling(config.sample_every(sample_every if sample_every is not None else env.sample_every))
         transport.heartbeat = Heartbeat(tracker.position, lambda: tracker.module_names, HeartbeatSettings.from_env())
-        transport.clock_kind = tracker.clock_kind
+        transport.clock_kind = "wall" if tracker.wall_durations else tracker.clock_kind
         if env.collectives == "on":
             from modtrack.agent.collectives import Collectives
 

@@ -21,7 +21,8 @@ destroyed before exit (its hook thread takes the GIL), and the NCCL path is not 
 A collective belongs to the step whose window [start, end) holds its issue time. A step is final once
 every source has seen past its end (the Flight Recorder: a dump after it; the hook: `hook_grace_s` after
 it, for the watchdog to notice the last ones); a final step's stats ride the next report sent, with their
-own step number. Everything is bounded and fail-open: errors and drops are counted in `counters`.
+own step number; at exit, `final` sends what is left (the transport resends its last report with it).
+Everything is bounded and fail-open: errors and drops are counted in `counters`.
 """
 
 from __future__ import annotations
@@ -193,6 +194,25 @@ class Collectives:
         except Exception:
             self.counters["collective_errors"] += 1
             logger.debug("modtrack: collective stats failed", exc_info=True)
+
+    def final(self) -> list[GroupStats]:
+        """At exit, on the thread that closes the transport: what is still gathered, read now (one last Flight
+        Recorder dump whatever the rate limit, no grace for the hook), for the stats of the last steps to go out
+        with a copy of the last report. Without it a rank's last second of stats never comes, and the collector
+        could not take its peers' waits out of their module compute in those steps. Never raises."""
+        try:
+            self._discover()
+            now = self._clock()
+            self._next_dump_ns = 0
+            self._grace_ns = 0
+            self._read_hook_events(now)
+            self._read_flight_recorder(now)
+            self._place()
+            return self._final(now)
+        except Exception:
+            self.counters["collective_errors"] += 1
+            logger.debug("modtrack: final collective stats failed", exc_info=True)
+            return []
 
     def _discover(self) -> None:
         """Learn process groups created since the last call; hook NCCL ones."""

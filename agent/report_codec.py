@@ -16,7 +16,7 @@ PROTOCOL_VERSION = 1
 SESSION = uuid.uuid4().hex  # one per agent process: a restarted rank gets a new one
 
 _PHASE_ENUM = {name: pb.Phase.Value(f"PHASE_{name.upper()}") for name in PHASES}  # forward=1, backward=2, ...
-_CLOCK_ENUM = {"cpu": pb.CLOCK_KIND_CPU, "cuda": pb.CLOCK_KIND_CUDA}
+_CLOCK_ENUM = {"cpu": pb.CLOCK_KIND_CPU, "wall": pb.CLOCK_KIND_CPU, "cuda": pb.CLOCK_KIND_CUDA}
 _COUNTERS = tuple(f.name for f in pb.AgentCounters.DESCRIPTOR.fields)  # the transport counters, by wire name
 
 
@@ -54,6 +54,7 @@ def encode_hello(identity: Identity, module_names: list[str], clock_kind: str) -
         torch_version=_torch_version(),
         agent_version=AGENT_VERSION,
         clock_kind=_CLOCK_ENUM.get(clock_kind, pb.CLOCK_KIND_UNSPECIFIED),
+        wall_durations=clock_kind == "wall",  # host clock, durations in wall time: they hold collective waits
         session=SESSION,
     )
     if identity.attempt is not None:

@@ -233,6 +233,8 @@ class ModuleTracker:
         self._on_step = on_step
         self._clock = make_clock(clock)
         self.clock_kind: str = self._clock.kind
+        # durations in wall time (clock="wall"): a module's time holds its waits in collectives (the Hello says so)
+        self.wall_durations: bool = getattr(self._clock, "durations", "") == "wall"
         self._stamp = self._clock.stamp
         self._work = self._clock.work_stamp
         self._names = ModuleNames()

@@ -16,6 +16,7 @@ at most a couple of seconds, and only while a collector is connected or still be
 from __future__ import annotations
 
 import collections
+import copy
 import sys
 import threading
 import time
@@ -177,6 +178,7 @@ class Transport:
         self._sent = 0
         self._acked_step = -1
         self.collectives: Collectives | None = None  # agent.collectives.Collectives: stats attached per batch
+        self._last_built: StepRecord | None = None  # the newest record built: resent at close with the last stats
         self.heartbeat: Heartbeat | None = (
             None  # agent.heartbeat.Heartbeat: polled by the request loop (issue 14: hung jobs)
         )
@@ -228,6 +230,8 @@ class Transport:
         (a job shorter than the connect): a refused or failing link ends the wait at once.
         """
         deadline = time.monotonic() + timeout_s
+        if self.collectives is not None:
+            self._final_collectives()
         while self._thread.is_alive() and time.monotonic() < deadline and self._has_unsent():
             if not (self._connected.is_set() or self._reaching.is_set() or not self._started_session):
                 break
@@ -243,6 +247,23 @@ class Transport:
             pass
         if self._thread.is_alive():
             self._thread.join(max(0.0, min(0.5, deadline - time.monotonic())))
+
+    def _final_collectives(self) -> None:
+        """The last steps' collective stats (agent/collectives.py `final`) ride the last report still queued, or
+        a copy of the last one built: a report sent twice stores nothing new, and its stats are read."""
+        try:
+            self._build_waiting()
+            stats = self.collectives.final() if self.collectives is not None else []
+            with self._build_lock:
+                carrier = self._queue[-1] if self._queue else copy.copy(self._last_built)
+                if not stats or carrier is None:
+                    return
+                carrier.collectives = [*(getattr(carrier, "collectives", None) or []), *stats]
+                if not self._queue:
+                    self._queue.append(carrier)
+            self._wake.set()
+        except Exception as e:
+            warn_once("final-collectives", f"could not send the last collective stats: {type(e).__name__}: {e}")
 
     def _has_unsent(self) -> bool:
         with self._build_lock:  # not while a batch is between the raw and the built queue
@@ -340,6 +361,7 @@ class Transport:
                 self.collectives.attach(batch)  # never raises
             queue = self._queue
             queue.extend(batch)
+            self._last_built = batch[-1]
             while queue and len(queue) + len(raw) > self._queue_size:
                 queue.popleft()
                 self._built_dropped += 1

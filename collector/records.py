@@ -24,6 +24,7 @@ PHASE_NAMES: dict[int, str] = {
 PHASE_IDS: dict[str, int] = {name: number for number, name in PHASE_NAMES.items()}
 N_PHASES = max(pb.Phase.values()) + 1  # slots per module in a column key, the unused 0 included
 CLOCK_KIND_CPU = pb.CLOCK_KIND_CPU  # a rank timing its modules in host CPU time
+CLOCK_KIND_CUDA = pb.CLOCK_KIND_CUDA  # ... with CUDA events (durations hold waits in collectives)
 
 # The agent's own cumulative counters, as the wire names them.
 AGENT_COUNTERS: tuple[str, ...] = tuple(f.name for f in pb.AgentCounters.DESCRIPTOR.fields)

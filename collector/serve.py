@@ -83,6 +83,8 @@ class Collector:
         # GPU health: verdicts explained by the culprit's GPU, and its gauges on /metrics
         # ... and by the collectives: the group where it arrives last (collective timing, opt-in on the agent)
         self.evaluator.collective_waits = self.ingest.collectives.recent_waits  # waits inside module windows
+        self.evaluator.collective_module_waits = self.ingest.collectives.module_waits  # ... and where
+        self.evaluator.collectives_in = self.ingest.collectives.step_in
         self.evaluator.explain = lambda ep: "; ".join(
             text for text in (self.ingest.gpu_health.explain(ep), self.ingest.collectives.explain(ep)) if text
         )

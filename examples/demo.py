@@ -76,7 +76,7 @@ def measured_loss(times_path: str, onset: int, warmup: int = 5) -> tuple[float, 
     steps) and after it. Their difference is what the job lost per step, measured outside the collector."""
     try:
         with open(times_path) as f:
-            ms = {r["step"]: r["ms"] for r in map(json.loads, f)}
+            ms = {r["step"]: r["ms"] for r in map(json.loads, f) if r.get("rank", 0) == 0}
     except OSError:
         return None
     before = [v for step, v in ms.items() if warmup <= step < onset]

@@ -11,8 +11,8 @@ takes a comma-separated list), in every leaf module (--slow-phase whole), while 
 step (optimizer). --slow-every N makes it intermittent (one slow
 step in N), --slow-ramp-steps a gradual ramp, --slow-to-step a stop. --fail-at-step S makes rank 0
 fail once, in the first attempt, so that `torchrun --max-restarts 1` restarts the job; --slow-attempt
-confines the fault to one attempt. --step-times FILE: rank 0 appends each step's wall time (the
-job's own measure of what a straggler costs, independent of the agent) as JSON lines.
+confines the fault to one attempt. --step-times FILE: every rank appends each step's wall time (the
+job's own measure of what a straggler costs, independent of the agent) as JSON lines, with its rank.
 It prints the same lines with or without the agent: loss is deterministic for a given seed.
 """
 
@@ -173,17 +173,24 @@ def wrap_model(model: nn.Module, args, distributed: bool, cuda: bool) -> nn.Modu
 
 
 class StepTimes:
-    """Rank 0's own record of each step's wall time, appended as JSON lines: the ground truth of cost."""
+    """Each rank's own record of each step's wall time, appended as JSON lines: the ground truth of cost.
+
+    Every rank's, not rank 0's alone: on shared cores a rank's step boundary moves by tens of ms against its
+    peers' (rank 0's step before a peer's slow step can run long and the slow one short), while the ranks'
+    sums over a few steps agree; the median over ranks of a step is the job's step. One short line per
+    write, the file opened for appending: the ranks' lines do not mix."""
 
     def __init__(self, path: str | None, rank: int, attempt: int):
-        self.file = open(path, "a") if path and rank == 0 else None
+        self.file = open(path, "a") if path else None
+        self.rank = rank
         self.attempt = attempt
         self.last = time.perf_counter()
 
     def step(self, step: int) -> None:
         now = time.perf_counter()
         if self.file is not None:
-            self.file.write(json.dumps({"attempt": self.attempt, "step": step, "ms": (now - self.last) * 1e3}) + "\n")
+            row = {"attempt": self.attempt, "step": step, "rank": self.rank, "ms": (now - self.last) * 1e3}
+            self.file.write(json.dumps(row) + "\n")
             self.file.flush()
         self.last = now
 
@@ -217,7 +224,7 @@ def parse_args(argv=None):
     p.add_argument("--slow-attempt", type=int, default=None, help="only in this attempt (TORCHELASTIC_RESTART_COUNT)")
     p.add_argument("--fail-at-step", type=int, default=None, help="rank 0 fails at this step of the first attempt")
     p.add_argument("--wrap", choices=("ddp", "fsdp2", "fsdp1", "none"), default="ddp")
-    p.add_argument("--step-times", default=None, help="rank 0 appends each step's wall time here (JSON lines)")
+    p.add_argument("--step-times", default=None, help="every rank appends each step's wall time here (JSON lines)")
     return p.parse_args(argv)
 
 

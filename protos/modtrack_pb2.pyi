@@ -51,7 +51,7 @@ GPU_CLOCK_REASON_HW_POWER_BRAKE: GpuClockReason
 GPU_CLOCK_REASON_DISPLAY_CLOCKS: GpuClockReason
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "job", "rank", "local_rank", "world_size", "group_rank", "host", "pid", "torch_version", "agent_version", "clock_kind", "module_names", "session", "attempt")
+    __slots__ = ("protocol_version", "job", "rank", "local_rank", "world_size", "group_rank", "host", "pid", "torch_version", "agent_version", "clock_kind", "module_names", "session", "attempt", "wall_durations")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class Hello(_message.Message):
     MODULE_NAMES_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    WALL_DURATIONS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     job: str
     rank: int
@@ -80,7 +81,8 @@ class Hello(_message.Message):
     module_names: _containers.RepeatedScalarFieldContainer[str]
     session: str
     attempt: int
-    def __init__(self, protocol_version: _Optional[int] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., group_rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., torch_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., clock_kind: _Optional[_Union[ClockKind, str]] = ..., module_names: _Optional[_Iterable[str]] = ..., session: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+    wall_durations: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., group_rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., torch_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., clock_kind: _Optional[_Union[ClockKind, str]] = ..., module_names: _Optional[_Iterable[str]] = ..., session: _Optional[str] = ..., attempt: _Optional[int] = ..., wall_durations: _Optional[bool] = ...) -> None: ...
 
 class PhaseStats(_message.Message):
     __slots__ = ("phase", "module_id", "calls", "inclusive_ns", "self_ns", "first_start_ns", "last_end_ns")

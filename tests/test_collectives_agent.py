@@ -198,3 +198,32 @@ def test_stats_ride_the_report_on_the_wire():
         [1, 2],
         [10, 15],
     )
+
+
+def test_at_exit_the_last_steps_stats_are_read_at_once_whatever_the_rate_limit():
+    """A rank exits before its next Flight Recorder dump is due: final() dumps anyway and hands out the last
+    steps' stats (the transport resends its last report with them), else the collector never sees them."""
+    clock = FakeClock()
+    created: list[int] = []
+
+    def dump():
+        return [
+            {"record_id": i, "process_group": ("0", ""), "collective_seq_id": i + 1, "time_created_ns": WALL0 + t}
+            for i, t in enumerate(created)
+        ]
+
+    c = Collectives(
+        c10d=fake_c10d({"0": object()}, "gloo"), dump=dump, clock=clock.agent, wall=clock.wall, fr_interval_s=10.0
+    )
+    created.append(50 * MS)
+    clock.now = 100 * MS
+    first = record(0, 0, 100)
+    c.attach([first])
+    assert [s.seq for s in first.collectives] == [[1]]
+    created.append(150 * MS)
+    clock.now = 200 * MS
+    last = record(1, 100, 200)
+    c.attach([last])  # the next dump is 10 s away: step 1 is not final
+    assert not getattr(last, "collectives", [])
+    (s,) = c.final()
+    assert (s.step, s.seq) == (1, [2]) and c.counters["fr_dumps"] == 2

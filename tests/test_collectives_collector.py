@@ -16,7 +16,7 @@ from harness.fake_rank import FakeRank, report
 from harness.http import get
 from harness.waiting import wait_for
 from modtrack.collector.ingest.collectives_parse import GroupStep
-from modtrack.collector.pipeline.collectives import CollectiveBook, line_up
+from modtrack.collector.pipeline.collectives import CollectiveBook, Windows, line_up, waits_in_windows
 from modtrack.collector.records import Episode
 from modtrack.protos import modtrack_pb2 as pb
 
@@ -200,3 +200,132 @@ def test_waits_inside_module_windows_are_seen_through_the_collectives_and_cost_w
     assert abs(verdict["cost_ms_per_step"] - 30.0) <= 0.15 * 30.0, verdict
     for fr in ranks:
         fr.close()
+
+
+FSDP_MODULES = ["Net", "Net.embed", "Net.blocks.0", "Net.blocks.1", "Net.head"]
+
+
+def fsdp_step(step: int, fwd_ms: list[float], bwd_ms: list[float], issue: list[int], waits: dict) -> pb.StepReport:
+    """One FSDP rank's step on wall-clock durations: the root's window holds its children's, one after the other
+    (forward, then backward in reverse), each child but the first all-gathers its shard as it begins (seq = its
+    id). `waits`: child -> ms its all-gather held it in its own window (its peers came in that much later)."""
+    t = step * STEP_NS
+    rep = pb.StepReport(step=step, start_ns=t, backward_tail_ns=MS)
+    for phase, children in ((pb.PHASE_FORWARD, [1, 2, 3, 4]), (pb.PHASE_BACKWARD, [4, 3, 2, 1])):
+        stats = pb.PhaseStats(phase=phase)
+        begin = t = t + MS
+        for m in children:
+            self_ms = fwd_ms[m] + waits.get(m, 0.0) if phase == pb.PHASE_FORWARD else bwd_ms[m]
+            if phase == pb.PHASE_FORWARD and m > 1:
+                issue.append(t)
+            stats.module_id.append(m)
+            stats.first_start_ns.append(t)
+            t += int(self_ms * MS)
+            stats.last_end_ns.append(t)
+            stats.self_ns.append(int(self_ms * MS))
+        stats.module_id.append(0)
+        stats.first_start_ns.append(begin - MS // 2)
+        stats.last_end_ns.append(t + MS // 2)
+        stats.self_ns.append(MS)
+        stats.inclusive_ns.extend(list(stats.self_ns[:-1]) + [t - begin + MS])
+        stats.calls.extend([1] * 5)
+        if phase == pb.PHASE_FORWARD:
+            rep.forward_ns = t + MS // 2 - begin + MS // 2
+        else:
+            rep.backward_ns = t + MS // 2 - begin + MS // 2 + MS
+        rep.phases.append(stats)
+        t += MS
+    rep.end_ns = t + 10 * MS  # the optimizer and the next batch
+    rep.data_ns = 10 * MS
+    return rep
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_waits_inside_module_windows_are_taken_out_of_that_module_so_no_victim_is_named(collector, world):
+    """Wall-clock durations under FSDP (the Hello says so): from step 10 rank 1 computes 30 ms more in
+    Net.blocks.0's forward and so all-gathers Net.blocks.1's shard 30 ms late; its peers wait for it inside
+    Net.blocks.1's window, which shows 30 ms more there on them. Truth: the job loses 30 ms a step to rank 1's
+    Net.blocks.0, and no other rank is slow anywhere: the verdict names rank 1 in Net.blocks.0 alone, with that
+    cost. With module times as they come, the 2-rank job also blamed rank 0 in Net.blocks.1 (its wait); with 4
+    ranks the waiting peers are the majority there."""
+    job = f"coll-fsdp-wall-{world}"
+    ranks = [FakeRank(collector.grpc_target, job, r, world, modules=FSDP_MODULES, hello=False) for r in range(world)]
+    for r, fr in enumerate(ranks):
+        hello = pb.Hello(protocol_version=1, job=job, rank=r, world_size=world, host=f"host{r}", pid=1000 + r)
+        hello.module_names.extend(FSDP_MODULES)
+        hello.clock_kind, hello.wall_durations, hello.session = pb.CLOCK_KIND_CPU, True, "s"
+        fr.send(pb.AgentMessage(hello=hello))
+    base = [1.0, 4.0, 6.0, 6.0, 3.0]
+    for step in range(30):
+        slow = step >= 10
+        for r, fr in enumerate(ranks):
+            fwd = list(base)
+            waits = {}
+            if slow and r == 1:
+                fwd[2] += 30.0
+            elif slow:
+                waits[3] = 30.0
+            issue: list[int] = []
+            rep = fsdp_step(step, fwd, base, issue, waits)
+            rep.collectives.append(stats(step, size=world, seqs=(2, 3, 4), issue=[i - step * STEP_NS for i in issue]))
+            fr.report(rep)
+    for fr in ranks:
+        fr.wait_ack(29)
+    wait_evaluated(collector.url, 29, job)
+    _, body = get(collector.url, f"/api/v1/jobs/{job}/stragglers")
+    assert [v["rank"] for v in body["stragglers"]] == [1], body["stragglers"]
+    (verdict,) = body["stragglers"]
+    assert [(e["module"], e["phase"]) for e in verdict["modules"]] == [("Net.blocks.0", "forward")], verdict
+    assert abs(verdict["cost_ms_per_step"] - 30.0) <= 0.15 * 30.0, verdict
+    for fr in ranks:
+        fr.close()
+
+
+def test_nccl_waits_are_placed_where_the_kernel_that_waited_ended():
+    """NCCL (the GPU's arrival): rank 0's all-reduce kernel spins 5 ms for rank 1's; a kernel starts when issued
+    and ends `active` later, so rank 0's wait ends 2 + 5 ms after its issue, inside module 7's window (rank 0's
+    compute stream waits there), and only the part since module 7's child ended counts."""
+
+    def nccl(issue, active):
+        s = GroupStep(
+            0, "tp", "nccl", 2, 1, 1, active, 0, 0, True, 0, np.array([1], np.uint64), np.array([issue]), None
+        )
+        s.active_ns = np.array([active], np.int64)
+        return (s, 0)
+
+    lined = line_up({0: nccl(100 * MS, 7 * MS), 1: nccl(104 * MS, 2 * MS)})
+    assert lined is not None and lined.waits.tolist() == [[5 * MS], [0]] and lined.ends[0].tolist() == [107 * MS]
+    # rank 0: module 7 (key 7) from 90 ms to 120 ms, its child (key 9) from 95 to 103 ms
+    windows = Windows(np.array([7, 9]), np.array([90, 95]) * MS, np.array([120, 103]) * MS)
+    start = lined.ends[0] - lined.waits[0]
+    columns, ns = waits_in_windows(windows, start, lined.ends[0])
+    assert columns.tolist() == [7] and ns.tolist() == [4 * MS]  # 103 -> 107 ms: after the child, in 7's own code
+
+
+def test_a_due_step_waits_for_its_collective_stats_in_order_and_at_most_the_hold():
+    """The evaluator holds a due step until its stats are in (collectives_in) or collective_hold_s passed, and
+    a job's later steps wait behind it; another job's steps go on."""
+    from modtrack.collector.pipeline.evaluator import Evaluator
+    from modtrack.collector.pipeline.merge import JobSnapshot, ReadyStep
+
+    evaluator = Evaluator.__new__(Evaluator)  # only the hold's state: no store, pool or outputs
+    evaluator._held, evaluator.collective_hold_s = [], 15.0
+    stats_in = {("a", 1)}
+    evaluator.collectives_in = lambda job, step: job == "b" or (job, step) in stats_in
+
+    def due(job, step):
+        return ReadyStep(JobSnapshot(job, [], {}, True), step, {}, 0.0)
+
+    def steps(items):
+        return [(i.job.job, i.step) for i in items]
+
+    assert steps(evaluator._release([due("a", 1), due("a", 2), due("a", 3), due("b", 1)], now=0.0)) == [
+        ("a", 1),
+        ("b", 1),
+    ]
+    stats_in.add(("a", 3))  # step 3's stats are in, step 2's are not: 3 waits behind 2
+    assert steps(evaluator._release([], now=1.0)) == []
+    stats_in.add(("a", 2))
+    assert steps(evaluator._release([due("a", 4)], now=2.0)) == [("a", 2), ("a", 3)]
+    assert steps(evaluator._release([], now=16.9)) == [] and steps(evaluator._release([], now=17.0)) == [("a", 4)]
+    assert evaluator._held == []

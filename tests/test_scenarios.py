@@ -51,11 +51,6 @@ def test_scenario_verdict_and_cost(collector, tmp_path, wrap, shape, position):
     assert r.measured is not None and r.measured > 0
     # One 3-rank run on 2 shared cores: the measured truth itself moves by ±5 ms between windows, so a single
     # run is held to ±50 %; the benchmark's table (tests/bench/scenarios.py) reports the error distribution
-    # against the ≤ 15 % median / ≤ 25 % worst targets. A 1-in-3 fault's measured loss moves by more than that
-    # (10-18 ms per step for the same 40 ms in three runs): its cost is held to the injected 40 / 3 ms per step.
-    every = int(spec.args[spec.args.index("--slow-every") + 1]) if "--slow-every" in spec.args else 1
-    if every > 1:
-        injected = float(spec.args[spec.args.index("--slow-ms") + 1]) / every
-        assert abs(r.cost - injected) <= 0.5 * injected, (r.cost, injected, r.measured)
-    else:
-        assert abs(r.cost_error) <= 0.5, (r.cost, r.measured)
+    # against the ≤ 15 % median / ≤ 25 % worst targets. A 1-in-3 fault's truth pairs each slow step with its
+    # neighbours (±1-2 ms over a run), the same bar.
+    assert abs(r.cost_error) <= 0.5, (r.cost, r.measured, r.measured_se)

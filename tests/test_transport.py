@@ -356,3 +356,29 @@ def test_backoff_delays_double_up_to_the_cap_and_jitter_only_shortens():
     plain = [0.5, 1.0, 2.0] + [3.0] * 1997
     assert all(p / 2 <= j <= p for j, p in zip(jittered, plain))
     assert len({round(j, 6) for j in jittered[3:]}) > 100  # random, not one fixed share
+
+
+def test_at_close_the_last_collective_stats_ride_a_copy_of_the_last_report(serve, transports):
+    """Collective stats of a rank's last steps are final only at exit (agent/collectives.py `final`): close()
+    resends the last report, unchanged but for them, so the collector reads them (and stores nothing new)."""
+    from modtrack.agent.collectives import GroupStats
+
+    class Final:
+        def attach(self, records):
+            pass
+
+        def final(self):
+            return [GroupStats(4, "0", "gloo", 2, 42, 1, 0, 0, 8, False, [9], [123], [], 0)]
+
+    fake = FakeCollector()
+    _, port = serve(fake)
+    t = transports(port).start()
+    t.collectives = Final()
+    for step in range(5):
+        t.submit(make_record(step))
+    wait_for(lambda: t.stats["acked_step"] == 4)
+    t.close(timeout_s=5)
+    assert fake.received == [0, 1, 2, 3, 4, 4]
+    last = fake.reports[4]
+    assert [(c.step, list(c.seq), list(c.issue_ns)) for c in last.collectives] == [(4, [9], [123])]
+    assert last.end_ns == make_record(4).end_ns

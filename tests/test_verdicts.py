@@ -138,6 +138,26 @@ def test_intermittent_is_found_within_30_steps_and_held_as_one_verdict(period):
     assert ep.state == "resolved"
 
 
+def test_an_intermittent_stragglers_cost_is_not_the_hosts_drift():
+    """On a shared host the job's pace drifts over a run (other jobs come and go: +0.4 ms per step here, every
+    rank preempted alike) by more than a 1-in-3 straggler costs. Its cost is each slow step against the job's
+    pace between its slow steps, not against the pace before the onset (that counted the drift: 18.8 ms per
+    step for 13.3)."""
+
+    def make(s, rng, fault=True):
+        slow = {(1, 4): 40.0} if fault and s >= 10 and s % 3 == 0 else None
+        m, step_ms = job_step(s, rng, slow=slow, tail_only=True)
+        drift = 0.4 * s
+        m.wall_ms, m.idle_ms, m.sync_wait_ms = m.wall_ms + drift, m.idle_ms + drift, m.sync_wait_ms + drift
+        return m, step_ms + drift
+
+    _, episodes = run(range(80), make)
+    (ep,) = episodes
+    assert ep.rank == 1 and "intermittent" in ep.cause
+    lost = [make(s, np.random.default_rng(s))[1] - make(s, np.random.default_rng(s), False)[1] for s in range(50, 80)]
+    assert ep.cost_ms_per_step == pytest.approx(np.mean(lost), rel=0.15)
+
+
 def test_a_waiting_ranks_spikes_in_the_culprits_slow_steps_blame_no_victim():
     """CI once blamed a victim of a 1-in-3 straggler: on shared cores a waiting rank's module spikes now and then,
     here in 5 of the culprit's slow steps (+3 ms, 1.6x), enough for the 4-in-20 rate rule. Its peers never

@@ -196,7 +196,9 @@ class IngestServicer(pb_grpc.CollectorServicer):
 
     def _hello(self, h, out: asyncio.Queue) -> RankStream:
         announced = h.attempt if h.HasField("attempt") else None
-        job = self.merger.hello(h.job, h.rank, h.world_size, h.host, h.clock_kind, h.session, announced)
+        job = self.merger.hello(
+            h.job, h.rank, h.world_size, h.host, h.clock_kind, h.session, announced, h.wall_durations
+        )
         attempt = job.sessions[h.rank][0]
         names = list(h.module_names)
         remap = self._extend(job.job)(names)
@@ -280,6 +282,11 @@ class IngestServicer(pb_grpc.CollectorServicer):
         info = job.ranks[stream.rank]
         info.counters = rows[-1].counters
         for row in rows:
+            if info.waits_in_modules and row.detail and (row.collectives or self.collectives.knows(stream.job)):
+                # where its waits happened: taken out of its module compute before ranks are compared
+                self.collectives.add_windows(
+                    stream.job, stream.attempt, stream.rank, info.clock_offset_ns, row.step, row.modules
+                )
             if row.collectives:
                 self.collectives.add(stream.job, stream.attempt, stream.rank, info.clock_offset_ns, row.collectives)
             if row.gpu is not None:  # GPU health: the rank's latest sample

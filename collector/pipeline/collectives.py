@@ -12,16 +12,33 @@ arrived, so for collective k of a group:
 - a slow link: a group whose transfer time (per byte, where bytes are known) is well above that of the
   other groups of the same size. Needs active time: NCCL only.
 
-Waits inside module windows: on CPU a module's durations are the thread's CPU time, so a rank blocked in a
-gloo collective inside a module does not accrue time there: nothing to take out. On CUDA a module's window
-holds the collectives it issues (FSDP's all-gathers, TP's all-reduces): per rank and step, the wait
-computed here (not the transfer) is what that rank waited for its peers, inside its module windows: the
-evaluator raises each rank's idle time to it (with_collective_waits), so that a victim blocked in an
-all-gather is seen waiting, the culprit is not, and the cost counts the wait. Taking it out of the very
-module that waited needs the module open when the wait ended, which the agent does not send; FSDP's
-prefetching issues an all-gather in one module and waits for it in the next.
+Waits inside module windows. On the thread CPU clock (the CPU default) a rank blocked in a gloo collective
+inside a module accrues no time there: nothing to take out. Where module durations hold the waits (CUDA events;
+wall-clock durations, which the Hello announces), a victim blocked in an FSDP all-gather or a TP all-reduce shows
+the wait as compute of the module it waited in, and module times alone blame it. So, per rank and step, the
+time each module x phase spent waiting is taken out of that module's self time before ranks are compared
+(without_module_waits) and counted as the rank's idle time; per rank, idle time is also raised to its total
+wait (with_collective_waits: waits outside module windows, in data loading or the optimizer).
 
-Memory: the newest `keep_steps` steps per job, at most `max_groups` groups per job; all in memory.
+Where that is computed, and why here: how long a rank waited in a collective is known only across ranks (the
+arrival skew by sequence number), so only the collector has it; which module held the wait needs the rank's
+module windows, which its step report already carries (first start and last end per module and phase, exact for
+a module called once in the phase), so no per-collective wire field is needed (Hello.wall_durations only
+says whether durations hold waits). The agent could not do better from what
+torch gives it: the Flight Recorder (gloo) stamps only the call, never when the rank blocked or unblocked, and
+FSDP's prefetch issues an all-gather in one module and blocks on it in the next. A wait is the span from the
+rank's arrival to the moment it could go on: on gloo, when the last rank arrived (the host blocks); on NCCL,
+when its kernel ended (issued on an idle collective stream, it started at the call and spun `wait` of its
+`active` time). It is held by the innermost window open when it ended, and only since the rank last entered
+that window's own code (since the window began, or since its latest child ended); waits that overlap (several
+collectives in flight) count once (waits_in_windows). A step is evaluated with its own waits: the evaluator
+holds a due step until every rank's stats of it are in (at most COLLECTIVE_HOLD_S). Not covered: a module
+called several times in a phase (its first start and last end are not one window: its waits stay in it), and
+on NCCL a kernel queued behind earlier collectives on its stream (it starts later than issued). The NCCL
+placement is unproven on a GPU.
+
+Memory: the newest `keep_steps` steps per job, at most `max_groups` groups per job, and the module windows of
+the newest `keep_steps` steps of ranks whose durations hold waits (3 int64 per module x phase); all in memory.
 """
 
 from __future__ import annotations
@@ -34,11 +51,13 @@ import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from modtrack.collector.ingest.collectives_parse import GroupStep
+from modtrack.collector.records import column_key
 
 LATE_SHARE = 0.6  # a rank arriving last in at least this share of a group's collectives is "the late rank"
 MIN_WAIT_NS = 1_000_000  # ...when its peers wait at least this much per step on average
 SLOW_LINK_RATIO = 1.5  # a group's transfer per byte over the median of its peer groups'
 _NO_WAITS = (np.zeros(0, np.int64), np.zeros(0))
+_NO_MODULE_WAITS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
 
 
 @dataclass
@@ -52,6 +71,8 @@ class LinedUp:
     active_ns: np.ndarray | None  # per rank: summed active time (NCCL), else None
     transfer_ns: int  # summed over collectives: min active over ranks (NCCL), else 0
     bytes: int  # the group's bytes in the step (max over members)
+    waits: np.ndarray | None = None  # (ranks, collectives): each rank's wait in each collective
+    ends: np.ndarray | None = None  # (ranks, collectives): when that wait ended, collector clock
 
 
 def line_up(members: dict[int, tuple[GroupStep, int]]) -> LinedUp | None:
@@ -76,15 +97,74 @@ def line_up(members: dict[int, tuple[GroupStep, int]]) -> LinedUp | None:
     if active is not None:  # the GPU's arrival: the kernel that waited least started last
         floor = active.min(axis=0)
         last = (active == floor).sum(axis=1)
-        wait = (active - floor).sum(axis=1)
+        waits = active - floor
+        ends = arrival + active  # a kernel starts when issued (its stream idle) and ends `active` later
         transfer = int(floor.sum())
         active_sum = active.sum(axis=1)
     else:
         last = (arrival == latest).sum(axis=1)
-        wait = (latest - arrival).sum(axis=1)
+        waits = latest - arrival
+        ends = np.broadcast_to(latest, arrival.shape)  # the host is blocked until the last rank comes in
         transfer = 0
         active_sum = None
-    return LinedUp(ranks, wait, last, n, active_sum, transfer, max(s.bytes for s in steps))
+    wait = waits.sum(axis=1)
+    return LinedUp(ranks, wait, last, n, active_sum, transfer, max(s.bytes for s in steps), waits, ends)
+
+
+@dataclass
+class Windows:
+    """One rank's module windows of one step, on the collector's clock: each (module, phase) called once."""
+
+    columns: np.ndarray  # int64 column keys (records.column_key)
+    start: np.ndarray  # int64 ns: the call's start
+    end: np.ndarray  # int64 ns: its end
+
+
+def windows_of(modules: dict, offset_ns: int) -> Windows:
+    """A StepRow's module columns as windows. A module called several times in a phase has only its first
+    start and last end, which are not one window: it is left out (its waits stay where they are)."""
+    once = np.asarray(modules["calls"]) == 1
+    return Windows(
+        column_key(np.asarray(modules["module"], np.int64)[once], np.asarray(modules["phase"], np.int64)[once]),
+        np.asarray(modules["first_start"], np.int64)[once] + offset_ns,
+        np.asarray(modules["last_end"], np.int64)[once] + offset_ns,
+    )
+
+
+def waits_in_windows(w: Windows, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The part of each wait [starts[k], ends[k]) that one rank spent in its module windows' own code, per
+    column: (columns, ns), columns unique. A wait is held by the innermost window open when it ended (where the
+    rank was blocked), and only since the rank last entered that window's own code: since it began, or since
+    its latest child ended, whichever came last (an all-gather FSDP prefetched in one module and waited for in
+    the next is counted in the next, from its start). Waits overlapping in one window count once."""
+    if not len(w.columns) or not len(ends):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    e = ends[:, None]
+    inside = (w.start <= e) & (e < w.end)
+    held = inside.any(axis=1)
+    if not held.any():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    none = np.iinfo(np.int64).min
+    inner = np.argmax(np.where(inside, w.start, none), axis=1)  # nested windows: the innermost began last
+    begun = w.start[inner]
+    child_ended = np.where((w.end <= e) & (w.start >= begun[:, None]), w.end, none).max(axis=1)
+    since = np.maximum(np.maximum(starts, begun), child_ended)
+    keep = held & (ends > since)
+    col, since, until = inner[keep], since[keep], ends[keep]
+    if not len(col):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    # one window's waits may overlap (collectives in flight together): the length of their union
+    order = np.lexsort((since, col))
+    col, since, until = col[order], since[order], until[order]
+    base = since.min()
+    group = np.cumsum(np.r_[True, col[1:] != col[:-1]]) - 1
+    span = int(until.max() - base) + 1
+    running = np.maximum.accumulate(until - base + group * span)  # a running max that restarts per window
+    before = np.r_[np.iinfo(np.int64).min, running[:-1]]
+    before = np.where(np.r_[True, col[1:] != col[:-1]], np.iinfo(np.int64).min, before - group * span + base)
+    counted = np.maximum(until - np.maximum(since, before), 0)
+    columns, at = np.unique(w.columns[col], return_inverse=True)
+    return columns, np.bincount(at, weights=counted, minlength=len(columns)).astype(np.int64)
 
 
 @dataclass
@@ -105,6 +185,12 @@ class _Job:
     version: int = 0  # bumped by every add: a summary is computed once per version
     summary: tuple[int, int, dict] | None = None  # (version, last, answer)
     waits: tuple[int, int, tuple] | None = None  # (version, last, recent_waits' answer)
+    # ranks whose module durations hold their waits (CUDA events, wall clock): step -> rank -> module windows
+    windows: dict[int, dict[int, Windows]] = field(default_factory=dict)
+    newest_windows: int = -1
+    in_windows: dict[int, tuple | None] = field(default_factory=dict)  # step -> its waits in windows (or None)
+    module_waits: tuple[tuple, tuple] | None = None  # ((version, step, last), recent_module_waits' answer)
+    stats_newest: dict[int, int] = field(default_factory=dict)  # rank -> the newest step it sent stats of
 
 
 class CollectiveBook:
@@ -132,11 +218,44 @@ class CollectiveBook:
                     group = state.groups[key] = _Group(s.group, s.backend, s.group_size, s.ranks_hash)
                 group.steps.setdefault(s.step, {})[rank] = (s, offset_ns)
                 state.newest = max(state.newest, s.step)
+                state.in_windows.pop(s.step, None)
+                state.stats_newest[rank] = max(state.stats_newest.get(rank, -1), s.step)
             state.version += 1
             oldest = state.newest - self.keep_steps
             for group in state.groups.values():
                 for step in [st for st in group.steps if st <= oldest]:
                     del group.steps[step]
+            for step in [st for st in state.in_windows if st <= oldest]:
+                del state.in_windows[step]
+
+    def add_windows(self, job: str, attempt: int, rank: int, offset_ns: int, step: int, modules: dict) -> None:
+        """One rank's module windows of a step, from a rank whose module durations hold its waits: where each of
+        its collective waits of that step happened. Kept for the newest `keep_steps` steps."""
+        with self._lock:
+            state = self._jobs.get(job)
+            if state is None or state.attempt != attempt:
+                state = self._jobs[job] = _Job(attempt)
+            state.windows.setdefault(step, {})[rank] = windows_of(modules, offset_ns)
+            state.in_windows.pop(step, None)
+            state.newest_windows = max(state.newest_windows, step)
+            oldest = state.newest_windows - self.keep_steps
+            if len(state.windows) > self.keep_steps:
+                for old in [st for st in state.windows if st <= oldest]:
+                    del state.windows[old]
+
+    def knows(self, job: str) -> bool:
+        """Some rank of `job` sent collective stats (of its current attempt or an earlier one)."""
+        return job in self._jobs
+
+    def step_in(self, job: str, step: int) -> bool:
+        """Every rank whose module windows of `step` are known and that sends collective stats has sent those of
+        that step (stats of a later step say so too: a step's stats come whole, in step order). True when no
+        window is known; a rank that never sent stats (collective timing off there) is not waited for."""
+        with self._lock:
+            state = self._jobs.get(job)
+            if state is None or not state.windows.get(step):
+                return True
+            return all(state.stats_newest.get(r, step) >= step for r in state.windows[step])
 
     def forget(self, job: str) -> None:
         with self._lock:
@@ -220,6 +339,38 @@ class CollectiveBook:
                 state.waits = (version, last, answer)
         return answer
 
+    def module_waits(self, job: str, step: int, last: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per (rank, module x phase), the ms the rank waited in collectives inside that window in `step`; where
+        that step's stats are not all in (the evaluator holds a step for them a while; a rank's last steps' stats
+        may never come), the least over the newest `last` earlier steps that are (a step without a wait there
+        counts 0): a persistent wait, not the noise of one step. (ranks, column keys, ms); empty where no rank's
+        durations hold its waits (thread CPU time) or nothing is known yet."""
+        with self._lock:
+            state = self._jobs.get(job)
+            if state is None or not state.windows:
+                return _NO_MODULE_WAITS
+            key = (state.version, step, last)
+            cached = state.module_waits
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            steps: list[tuple] = []
+            for at in sorted((s for s in state.windows if s <= step), reverse=True):
+                if at not in state.in_windows:
+                    state.in_windows[at] = _step_in_windows(state, at)
+                found = state.in_windows[at]
+                if found is not None:
+                    steps.append(found)
+                    if at == step:
+                        break  # the step's own
+                if len(steps) >= last:
+                    break
+            own = state.in_windows.get(step)
+        answer = _least_over_steps([own] if own is not None else steps)
+        with self._lock:
+            if self._jobs.get(job) is state:
+                state.module_waits = (key, answer)
+        return answer
+
     def collect(self) -> Iterator[Metric]:
         """prometheus_client custom collector: a few series per job and group (never per rank)."""
         late = GaugeMetricFamily(
@@ -257,6 +408,71 @@ class CollectiveBook:
         yield wait
         yield transfer
         yield refused
+
+
+def _step_in_windows(state: _Job, step: int) -> tuple | None:
+    """A step's waits inside module windows, (ranks, column keys, ns), from every group complete in it; None when
+    none is (its stats are not all in yet). Runs under the book's lock: one step's few collectives per rank."""
+    windows = state.windows.get(step, {})
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    complete = False
+    for group in state.groups.values():
+        members = group.steps.get(step)
+        if members is None or len(members) < group.size:
+            continue
+        lined = line_up(members)
+        if lined is None or lined.waits is None or lined.ends is None:
+            continue
+        complete = True
+        for i, r in enumerate(lined.ranks.tolist()):
+            if r in windows:
+                waited = lined.waits[i] > 0
+                parts.setdefault(r, []).append((lined.ends[i][waited] - lined.waits[i][waited], lined.ends[i][waited]))
+    if not complete:
+        return None
+    ranks, columns, ns = [], [], []
+    for r, spans in parts.items():
+        cols, waited = waits_in_windows(
+            windows[r], np.concatenate([a for a, _ in spans]), np.concatenate([b for _, b in spans])
+        )
+        ranks.append(np.full(len(cols), r, np.int64))
+        columns.append(cols)
+        ns.append(waited)
+    if not ranks:
+        return _NO_MODULE_WAITS
+    return np.concatenate(ranks), np.concatenate(columns), np.concatenate(ns)
+
+
+def _least_over_steps(steps: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (rank, column), the least over the steps of its ns (0 in a step that does not list it), in ms."""
+    if not steps or not sum(len(s[0]) for s in steps):
+        return _NO_MODULE_WAITS
+    ranks = np.concatenate([s[0] for s in steps])
+    columns = np.concatenate([s[1] for s in steps])
+    which = np.concatenate([np.full(len(s[0]), i) for i, s in enumerate(steps)])
+    pairs, at = np.unique(np.stack([ranks, columns], axis=1), axis=0, return_inverse=True)
+    dense = np.zeros((len(pairs), len(steps)))
+    dense[at.ravel(), which] = np.concatenate([s[2] for s in steps])
+    return pairs[:, 0], pairs[:, 1], dense.min(axis=1) / 1e6
+
+
+def without_module_waits(matrix, ranks: np.ndarray, columns: np.ndarray, waits_ms: np.ndarray) -> None:
+    """Take each rank's recent waits inside module windows (recent_module_waits) out of those windows' self time
+    in a StepMatrix, never below 0, and count what was taken as the rank's idle time: module durations that hold
+    the waits (CUDA events, wall clock) then show compute, and a victim blocked in an all-gather its peer issued
+    late is no longer slow in the module that waited."""
+    keys = column_key(matrix.column_module, matrix.column_phase)
+    order = np.argsort(keys, kind="stable")
+    at_col = np.minimum(np.searchsorted(keys[order], columns), len(keys) - 1)
+    at_rank = np.minimum(np.searchsorted(matrix.ranks, ranks), len(matrix.ranks) - 1)
+    ok = (keys[order][at_col] == columns) & (matrix.ranks[at_rank] == ranks) if len(keys) else np.zeros(0, bool)
+    rows, cols = at_rank[ok], order[at_col[ok]]
+    current = matrix.self_ms[rows, cols]
+    taken = np.where(np.isnan(current), 0.0, np.minimum(np.nan_to_num(current), waits_ms[ok]))
+    matrix.self_ms[rows, cols] = current - taken
+    idle = matrix.idle_or_tail_ms  # a new array: the matrix's own is replaced below, not changed in place
+    np.add.at(idle, rows, taken)
+    matrix.idle_ms = idle
 
 
 def _group_summary(group: _Group, steps: list[tuple[int, LinedUp]]) -> dict:

@@ -32,6 +32,7 @@ STEP_COLUMN_NAMES = {
 STEP_CAUSES = {"data": "data loading", "optimizer": "optimizer", "host": "host time between modules"}
 MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would list every module)
 BASELINE_STEPS = 20  # the job's step time before an episode: median of this many quiet steps
+LOCAL_BASELINE_STEPS = 4  # ... between an intermittent episode's slow steps: of the last this many
 MIN_BASELINE = 5
 MAX_WALL_SCALE = 2.0  # the wall a culprit costs, per ms of its excess compute, at most
 WHOLE_RANK_FRAC = 0.1  # a rank slower in most modules by this fraction of the step in all is slow as a whole
@@ -265,7 +266,6 @@ class EpisodeBook:
             np.argsort(idle, kind="stable"),
         )
 
-        quiet = not self.tracks and not flagged.any()  # a step for the baseline: nothing slow, nothing flagged
         changed: list[Episode] = []
         stepped: list[_Track] = []
         for key, track in list(self.tracks.items()):
@@ -280,6 +280,9 @@ class EpisodeBook:
         new = {id(ep) for ep in opened}  # by identity: comparing Episode dataclasses field by field is slow
         stepped += [t for t in self.tracks.values() if id(t.episode) in new]
         changed += [ep for ep in opened if ep.state == "resolved" or self.tracks[_key(ep.rank, ep.host)].published]
+        # A step for the baseline: nothing flagged, and no episode but intermittent ones not slow now. Between an
+        # intermittent straggler's slow steps the job runs at its own pace, which drifts on a shared host.
+        quiet = not flagged.any() and all(self._intermittent(t) and t.last_slow != m.step for t in self.tracks.values())
         self._losses(stepped, step, quiet)
         return changed
 
@@ -314,7 +317,7 @@ class EpisodeBook:
 
         explained = max(gives_back(t) for t in pending)
         if len(self.baseline) >= MIN_BASELINE and explained > self._floor_ms:
-            self.growth.append((job_wall - float(np.median(self.baseline)), explained))
+            self.growth.append((job_wall - self._baseline_now(), explained))
         # One scale from the sums over recent slow steps, not a ratio per step: a step's growth moves by tens
         # of ms on a loaded host, and each ratio clipped to [0, 2] would pull every cost towards the compute.
         grew, explained_sum = (sum(col) for col in zip(*self.growth)) if self.growth else (0.0, 0.0)
@@ -322,6 +325,14 @@ class EpisodeBook:
         for t in pending:
             self._record_loss(t, t.pending[0], t.pending[2])
             t.pending = None
+
+    def _baseline_now(self) -> float:
+        """The job's step time without the stragglers: the median of the quiet steps before the episodes, or, while
+        only intermittent ones are open, of the last few between their slow steps (the job's pace right before the
+        slow step: on a shared host it drifts by more over a run than a 1-in-3 straggler costs)."""
+        if self.tracks and all(self._intermittent(t) for t in self.tracks.values()):
+            return float(np.median(list(self.baseline)[-LOCAL_BASELINE_STEPS:]))
+        return float(np.median(self.baseline))
 
     def _slow_everywhere(self, m: StepMatrix, x: np.ndarray, flags) -> np.ndarray:
         """Ranks slower than the median in most of their modules, by a total that matters: a whole
@@ -433,6 +444,11 @@ class EpisodeBook:
             if track.clean >= max(self.p.n, 2 * track.max_gap):
                 ep.state = "resolved"
 
+    @staticmethod
+    def _intermittent(track: _Track) -> bool:
+        """Slow in a minority of its steps (1 in 2 at most), once it has run long enough to tell."""
+        return track.steps >= 6 and 1.5 * track.slow_steps < track.steps
+
     def _wide_share(self, track: _Track) -> float:
         recorded = min(track.slow_steps, len(track.wide))
         return float(track.wide[:recorded].mean()) if recorded else 0.0
@@ -498,7 +514,7 @@ class EpisodeBook:
                 elif step_cause is None and not any(p.startswith("compute") for p in parts):
                     parts.append(f"compute in {modules} module" + ("s" if modules > 1 else ""))
             text = " + ".join(parts) or "compute"
-        if track.steps >= 6 and 1.5 * track.slow_steps < track.steps:
+        if self._intermittent(track):
             text += f", intermittent (1 step in {max(2, round(track.steps / track.slow_steps))})"
         return text
 

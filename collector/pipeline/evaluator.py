@@ -22,7 +22,7 @@ import numpy as np
 from modtrack.collector.config import ServeConfig
 from modtrack.collector.outputs.alerting import AlertDispatcher
 from modtrack.collector.outputs.metrics import CollectorMetrics
-from modtrack.collector.pipeline.collectives import with_collective_waits
+from modtrack.collector.pipeline.collectives import with_collective_waits, without_module_waits
 from modtrack.collector.pipeline.detector import Detector, params_for_clock
 from modtrack.collector.pipeline.merge import JobSnapshot, JobState, Merger, RankState, ReadyStep, build_matrix
 from modtrack.collector.records import Episode
@@ -30,6 +30,10 @@ from modtrack.collector.store.sqlite import Store
 from modtrack.collector.store.writer import StoreWriter
 
 log = logging.getLogger("modtrack.collector")
+
+# A due step of a job that sends collective stats waits at most this long for them (agent/collectives.py:
+# Flight Recorder dumps come every second, or less often where a dump is dear)
+COLLECTIVE_HOLD_S = 15.0
 
 
 @dataclasses.dataclass
@@ -102,6 +106,14 @@ class Evaluator:
         self.explain: Callable[[Episode], str] = lambda ep: ""  # GPU health: what the culprit's GPU says
         # collective timing: (ranks, ms per step) each rank waited in collectives lately
         self.collective_waits: Callable[[str], tuple[np.ndarray, np.ndarray]] = lambda job: (np.zeros(0), np.zeros(0))
+        # ... and (ranks, module x phase column keys, ms) of a step's waits inside module windows; a step is held
+        # (at most collective_hold_s) until collectives_in(job, step): its stats arrive after the step itself
+        self.collective_module_waits: Callable[[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = (
+            lambda job, step: (np.zeros(0), np.zeros(0), np.zeros(0))
+        )
+        self.collectives_in: Callable[[str, int], bool] = lambda job, step: True
+        self.collective_hold_s = COLLECTIVE_HOLD_S
+        self._held: list[tuple[ReadyStep, float]] = []  # (step, since): in order per job
         self.pool = concurrent.futures.ThreadPoolExecutor(1, "modtrack-eval")
         self._restoring: dict[str, asyncio.Future] = {}
 
@@ -150,6 +162,7 @@ class Evaluator:
             await asyncio.sleep(self.config.tick_s)
             try:
                 ready, missing = self.merger.due(time.monotonic())
+                ready = self._release(ready, time.monotonic())
                 for job, rank in missing:
                     log.warning(
                         "rank %d of job %r is missing (no report for %.0f s)", rank, job, self.config.missing_after_s
@@ -172,13 +185,32 @@ class Evaluator:
                 self.eval_errors += 1
                 log.exception("merge tick failed")
 
+    def _release(self, ready: list[ReadyStep], now: float) -> list[ReadyStep]:
+        """The due steps whose collective stats are in, or that waited collective_hold_s for them, in order per
+        job; the others are held. Collective stats ride a later report (a Flight Recorder dump comes every second
+        or more), and a step's waits inside module windows are taken out of that very step's module compute."""
+        out, held, blocked = [], [], set()
+        for item, since in self._held + [(item, now) for item in ready]:
+            job = item.job.job
+            if job not in blocked and (now - since >= self.collective_hold_s or self.collectives_in(job, item.step)):
+                out.append(item)
+            else:
+                blocked.add(job)  # its later steps wait behind it
+                held.append((item, since))
+        self._held = held
+        return out
+
     async def forget_finished(self, now: float) -> list[str]:
         """Jobs with no connected rank, nothing pending and no activity for job_retention_s leave
         memory: merge state, detector, episode ids, metrics series. SQLite keeps their history."""
+        held = {item.job.job for item, _ in self._held}  # steps waiting for their collective stats
         gone = [
             job
             for job, state in self.merger.jobs.items()
-            if not state.pending and not self.connected(job) and now - state.last_activity > self.config.job_retention_s
+            if not state.pending
+            and job not in held
+            and not self.connected(job)
+            and now - state.last_activity > self.config.job_retention_s
         ]
         if not gone:
             return gone
@@ -225,6 +257,9 @@ class Evaluator:
             job = item.job.job
             try:
                 matrix = build_matrix(item.job, item.step, item.rows)
+                ranks, columns, in_windows = self.collective_module_waits(job, item.step)
+                if len(ranks):  # waits inside module windows out of module compute, before ranks are compared
+                    without_module_waits(matrix, ranks, columns, in_windows)
                 ranks, waits = self.collective_waits(job)
                 if len(ranks):
                     matrix.idle_ms = with_collective_waits(matrix.idle_or_tail_ms, matrix.ranks, ranks, waits)

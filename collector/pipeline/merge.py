@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from modtrack.collector.config import ServeConfig
-from modtrack.collector.records import CLOCK_KIND_CPU, N_PHASES, PHASE_IDS, StepMatrix, StepRow, column_key
+from modtrack.collector.records import (
+    CLOCK_KIND_CPU,
+    CLOCK_KIND_CUDA,
+    N_PHASES,
+    PHASE_IDS,
+    StepMatrix,
+    StepRow,
+    column_key,
+)
 
 
 @dataclass
@@ -31,6 +39,7 @@ class RankState:
     clock_offset_ns: int = 0
     counters: dict = field(default_factory=dict)
     clock_kind: int = 0  # protos ClockKind: how the rank times its modules (the detector's floor)
+    waits_in_modules: bool = False  # its module durations hold its waits (CUDA events, wall-clock durations)
 
 
 @dataclass
@@ -159,11 +168,16 @@ class Merger:
         clock_kind: int = 0,
         session: str = "",
         attempt: int | None = None,
+        wall_durations: bool = False,
     ) -> JobState:
         """Register a rank's stream; `state.sessions[rank][0]` is then the attempt it belongs to."""
         state = self.job(job, world_size)
         state.attempt_of(rank, session, attempt)
-        state.add_rank(rank, RankState(host=host, last_seen=time.monotonic(), clock_kind=clock_kind))
+        waits_in_modules = wall_durations or clock_kind == CLOCK_KIND_CUDA
+        info = RankState(
+            host=host, last_seen=time.monotonic(), clock_kind=clock_kind, waits_in_modules=waits_in_modules
+        )
+        state.add_rank(rank, info)
         state.last_activity = time.monotonic()
         return state
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything modtrack proves on a CUDA machine, in one unattended run (< 8 minutes), printing every figure:
 #   - the CUDA tests (pytest -m cuda: event timing truth with torch.cuda._sleep in forward and backward, the
-#     sender resolving events, sampled mode on the GPU, and whatever else is marked cuda);
+#     sender resolving events, sampled mode on the GPU, NCCL's completion hook timing a real all-reduce and the
+#     kernel end the collector places an NCCL wait at (tests/test_collectives_cuda.py: one GPU, so no skew), and
+#     whatever else is marked cuda);
 #   - what recording one event costs (torch's Event.record() vs the clock's recorder);
 #   - agent overhead on the GPU: MLP-200 (per module call, against the seed's ModuleTracker) and GPT-2 small
 #     (transformers' GPT2Config, % of a ~100 ms step), full detail, with the sender resolving the events, and

@@ -4,7 +4,7 @@ Each scenario runs examples/train.py under the agent on CPU ranks (gloo), with a
 injected on one rank (a module's forward or backward, four modules, every module, data loading,
 the optimizer; persistent, 1 step in 3, a ramp, stopping, or in the second attempt of a job that
 torchrun restarts), then reads the collector's verdict back over its HTTP API. The truth comes from
-outside the collector: the culprit's rank and what was injected, and rank 0's own step times
+outside the collector: the culprit's rank and what was injected, and the ranks' own step times
 (examples/train.py --step-times), whose growth after the onset is what the job really lost.
 
     python tests/bench/scenarios.py                        # the whole matrix (long: ~100 torchrun jobs)
@@ -163,7 +163,7 @@ class Result:
     clean_steps: int = 0
     latency: int | None = None
     cost: float | None = None  # the collector's cost_ms_per_step
-    measured: float | None = None  # the job's step time after the onset minus before (rank 0's clock)
+    measured: float | None = None  # the job's step time after the onset minus before (the ranks' own clocks, median)
     measured_se: float | None = None  # its standard error, from the spread of the steps it averages
     cost_error: float | None = None  # (cost - measured) / measured
     attempt_ok: bool | None = None  # restart: both attempts' steps kept and queryable
@@ -171,9 +171,13 @@ class Result:
     verdicts: list = field(default_factory=list)
 
 
+AGENT_ENV: dict[str, str] = {}  # --agent-env: agent settings for every job (MODTRACK_CLOCK=wall, ...)
+
+
 def _env() -> dict:
-    """The harness's environment for subprocesses (this checkout importable, no MODTRACK_ settings), one thread."""
-    return env(OMP_NUM_THREADS="1")
+    """The harness's environment for subprocesses (this checkout importable, no MODTRACK_ settings but
+    --agent-env's), one thread."""
+    return env(OMP_NUM_THREADS="1", **AGENT_ENV)
 
 
 def get_json(url: str):
@@ -260,28 +264,55 @@ def run_job(
 def measured_loss(
     times_path: str, attempt: int, onset: int, end: int, every: int = 1, se: bool = False
 ) -> float | tuple[float, float] | None:
-    """Mean step time over [end - 30, end) (no earlier than the onset), minus the mean over [5, onset).
+    """What the job lost per step, from the ranks' own step times; se: with its standard error.
 
-    An intermittent fault (one slow step in `every`) is measured against the steps of the same window that
-    were not slowed: on a shared machine the job's speed drifts more between windows than 1-in-N adds.
-    se: also its standard error (the two means' spreads; drift between the windows is not in it)."""
+    A step's time is the median over the ranks' own clocks (rank 0's alone in files written before every rank
+    wrote its own: on shared cores one rank's step boundary moves by tens of ms against its peers').
+    Persistent: the mean step time over [end - 30, end) (no earlier than the onset) minus the mean over [5, onset);
+    its SE from the two means' spreads (drift of the host's load between the windows is not in it).
+    Intermittent (one slow step in `every`): each slow step since the onset against the median of its unslowed
+    neighbours (within every - 1 steps), the median of these deltas over N: the loss per step averaged over slow
+    and fast steps. Paired with its neighbours, a slow step's delta carries none of the host's drift over the run,
+    which on a shared machine moves the job's pace by more than 1-in-N adds; the median ignores a neighbour's
+    preemption spike. Its SE is the median's (1.25 x the deltas' robust spread / sqrt(count)), over N too."""
     try:
         with open(times_path) as f:
             rows = [json.loads(line) for line in f]
     except OSError:
         return None
-    ms = {r["step"]: r["ms"] for r in rows if r["attempt"] == attempt}
-    after = [ms[s] for s in range(max(onset, end - 30), end) if s in ms]
+    by_step: dict[int, list[float]] = {}
+    for r in rows:
+        if r["attempt"] == attempt:
+            by_step.setdefault(r["step"], []).append(r["ms"])
+    ms = {step: statistics.median(v) for step, v in by_step.items()}
     if every > 1:
-        before = [ms[s] for s in range(max(onset, end - 30), end) if s in ms and (s - onset) % every]
-    else:
-        before = [ms[s] for s in range(5, onset) if s in ms]
+        return _intermittent_loss(ms, onset, end, every, se)
+    after = [ms[s] for s in range(max(onset, end - 30), end) if s in ms]
+    before = [ms[s] for s in range(5, onset) if s in ms]
     if len(before) < 5 or len(after) < 5:
         return None
     loss = statistics.fmean(after) - statistics.fmean(before)
     if not se:
         return loss
     return loss, math.sqrt(statistics.variance(after) / len(after) + statistics.variance(before) / len(before))
+
+
+def _intermittent_loss(ms: dict, onset: int, end: int, every: int, se: bool):
+    def slow(s: int) -> bool:
+        return s >= onset and (s - onset) % every == 0
+
+    deltas = []
+    for s in range(onset, end):
+        near = [ms[t] for t in range(s - every + 1, s + every) if t in ms and t != s and not slow(t)]
+        if slow(s) and s in ms and len(near) >= 2:
+            deltas.append(ms[s] - statistics.median(near))
+    if len(deltas) < 5:
+        return None
+    typical = statistics.median(deltas)
+    if not se:
+        return typical / every
+    spread = 1.4826 * statistics.median(abs(d - typical) for d in deltas)
+    return typical / every, 1.2533 * spread / math.sqrt(len(deltas)) / every
 
 
 def noise_sigma(collector: Collector, job: str, steps) -> float:
@@ -491,7 +522,13 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", help="keep the collector's data (SQLite) and step times in this folder, for replay")
     ap.add_argument("--rejudge", nargs="+", help="judge the jobs kept in these folders again, offline, run nothing")
     ap.add_argument("--markdown", action="store_true", help="with --report or --rejudge: the README's table rows too")
+    ap.add_argument(
+        "--agent-env",
+        default="",
+        help="agent settings for every job, e.g. MODTRACK_CLOCK=wall,MODTRACK_COLLECTIVES=on",
+    )
     a = ap.parse_args(argv)
+    AGENT_ENV.update(kv.split("=", 1) for kv in a.agent_env.split(",") if kv)
     if a.rejudge:
         results = rejudge(a.rejudge)
     elif a.report:
