@@ -303,6 +303,20 @@ CREATE TABLE IF NOT EXISTS traces (
 """
 
 
+def module_blobs(self_ns: np.ndarray) -> tuple[bytes, ...]:
+    """A step row's module columns (phase, module, calls, inclusive, self, first start, last end) for the three
+    modules, forward, called once, inclusive = self."""
+    return (
+        np.full(3, 1, np.uint8).tobytes(),
+        np.arange(3, dtype=np.uint32).tobytes(),
+        np.ones(3, np.uint32).tobytes(),
+        self_ns.tobytes(),
+        self_ns.tobytes(),
+        np.zeros(3, np.int64).tobytes(),
+        self_ns.tobytes(),
+    )
+
+
 def write_old_data_dir(data_dir) -> None:
     """A data directory as the previous collector left it: one job, two ranks, two steps, an episode."""
     data_dir.mkdir(parents=True)
@@ -320,19 +334,7 @@ def write_old_data_dir(data_dir) -> None:
             self_ns = np.array([1, 2, 3 + rank * 3], np.int64) * 1_000_000  # rank 1 slow in Net.b
             conn.execute(
                 "INSERT INTO steps VALUES ('old', ?, ?, ?, ?, 0, 0, 0, 0, 1000000, 0, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    rank,
-                    step,
-                    step * 10**9,
-                    step * 10**9 + 100_000_000,
-                    np.full(3, 1, np.uint8).tobytes(),
-                    np.arange(3, dtype=np.uint32).tobytes(),
-                    np.ones(3, np.uint32).tobytes(),
-                    self_ns.tobytes(),
-                    self_ns.tobytes(),
-                    np.zeros(3, np.int64).tobytes(),
-                    self_ns.tobytes(),
-                ),
+                (rank, step, step * 10**9, step * 10**9 + 100_000_000, *module_blobs(self_ns)),
             )
     conn.execute(
         "INSERT INTO episodes VALUES (7, 'old', 1, 'host1', 'Net.b', 'forward', 2.0, 0, 1, 'active', 3.0, 3.0, '[]', 1)"
@@ -414,16 +416,7 @@ def write_v2_data_dir(data_dir) -> None:
         conn.execute(
             "INSERT INTO steps (job, attempt, rank, step, start_ns, end_ns, m_phase, m_module, m_calls, m_inclusive, "
             "m_self, m_first_start, m_last_end) VALUES ('v2', 1, ?, 0, 0, 100000000, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                rank,
-                np.full(3, 1, np.uint8).tobytes(),
-                np.arange(3, dtype=np.uint32).tobytes(),
-                np.ones(3, np.uint32).tobytes(),
-                self_ns.tobytes(),
-                self_ns.tobytes(),
-                np.zeros(3, np.int64).tobytes(),
-                self_ns.tobytes(),
-            ),
+            (rank, *module_blobs(self_ns)),
         )
     conn.execute(
         "INSERT INTO episodes (id, job, rank, host, module, phase, slowdown, first_step, last_step, state, "

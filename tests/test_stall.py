@@ -71,6 +71,18 @@ class Net(nn.Module):
         return self.head(torch.relu(self.block(x)))
 
 
+def poll_beats(beat, n: int, every_s: float, deadline_s: float = 20) -> list[tuple[float, object]]:
+    """Poll the heartbeat as the sender does until it sent `n` beats or `deadline_s` passed: (when, beat)."""
+    beats = []
+    deadline = time.monotonic() + deadline_s
+    while len(beats) < n and time.monotonic() < deadline:
+        hb = beat.poll()
+        if hb is not None:
+            beats.append((time.monotonic(), hb))
+        time.sleep(every_s)
+    return beats
+
+
 def test_position_follows_module_phase_and_step_on_a_real_model():
     assert PHASES == tuple(at.PHASE_NAMES[:3])  # the tracker's row phases are position codes
     seen: list[tuple] = []
@@ -130,13 +142,7 @@ def test_heartbeat_reports_a_thread_blocked_in_c_code_then_that_it_moves():
     )
     worker = threading.Thread(target=train, daemon=True)
     worker.start()
-    beats = []
-    deadline = time.monotonic() + 20
-    while len(beats) < 2 and time.monotonic() < deadline:
-        hb = beat.poll()
-        if hb is not None:
-            beats.append((time.monotonic(), hb))
-        time.sleep(0.01)
+    beats = poll_beats(beat, 2, every_s=0.01)
     release.set()
     assert len(beats) == 2, beats
     first = beats[0][1]
@@ -410,13 +416,7 @@ def test_a_rank_calling_the_same_module_again_and_again_moves():
     beat = Heartbeat(tracker.position, lambda: tracker.module_names, HeartbeatSettings(min_s=0.3, repeat_s=0.1))
     worker = threading.Thread(target=train, daemon=True)
     worker.start()
-    beats = []
-    deadline = time.monotonic() + 20
-    while len(beats) < 5 and time.monotonic() < deadline:
-        hb = beat.poll()
-        if hb is not None:
-            beats.append(hb)
-        time.sleep(0.05)
+    beats = [hb for _, hb in poll_beats(beat, 5, every_s=0.05)]
     done.set()
     worker.join(10)
     assert len(beats) == 5 and beat.errors == 0, beats
