@@ -495,11 +495,7 @@ class ModuleTracker:
                 if node is not None and _next_sequence_nr and node._sequence_nr() == _next_sequence_nr() - 1:
                     if not self._seed:
                         call.nodes[OWN] = 1
-                        actions = self._recent_nodes.get(node)
-                        if actions is None:
-                            self._on_node(node, (OWN, call, 1))
-                        else:
-                            actions.append((OWN, call, 1))
+                        self._on_node(node, (OWN, call, 1))
                         return None
                     viewed_from = self._viewed_from
                     seed_node = viewed_from.get(node, node) if viewed_from else node  # the seed sees what we viewed
