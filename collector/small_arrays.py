@@ -64,3 +64,10 @@ def nan_to(values, fill: float = 0.0) -> np.ndarray:
     out = np.array(values, dtype=np.float64)
     out[np.isnan(out)] = fill
     return out
+
+
+def excess_sums(x: np.ndarray, median: np.ndarray) -> np.ndarray:
+    """Per row, the sum of x above the column medians: np.nansum(np.clip(x - median, 0, None), axis=1).
+    NaN (a column the rank did not run) counts 0; NaN arithmetic and comparisons raise no floating-point flag."""
+    over = x - median
+    return np.where(over > 0.0, over, 0.0).sum(axis=1)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from modtrack.collector.small_arrays import (
+    excess_sums,
     median,
     nan_column_medians,
     nan_median,
@@ -31,6 +32,8 @@ def test_same_as_numpy_with_and_without_nans(n):
             b = rng.normal(size=(n, 6))
             b[rng.random((n, 6)) < 0.3] = np.nan
             assert np.allclose(nan_column_medians(b), np.nanmedian(b, axis=0), equal_nan=True)
+            med = np.nanmedian(b, axis=0)
+            assert np.array_equal(excess_sums(b, med), np.nansum(np.clip(b - med, 0.0, None), axis=1))
             assert np.allclose(row_percentiles(b.T, 40), np.nanpercentile(b.T, 40, axis=1), equal_nan=True)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from modtrack.collector.pipeline.episodes import EpisodeBook
 from modtrack.collector.pipeline.sampled_steps import HeldDetail
 from modtrack.collector.records import Episode, StepMatrix
-from modtrack.collector.small_arrays import column_medians, median, nan_median, nan_to
+from modtrack.collector.small_arrays import column_medians, excess_sums, median, nan_median, nan_to
 
 Z_SCALE = 0.6745  # makes the MAD of a normal sample comparable to its standard deviation
 
@@ -137,8 +137,7 @@ def _peer_idle(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
 def _compute_lead(x: np.ndarray, median: np.ndarray) -> np.ndarray:
     """Per rank, its module excess over the columns' medians, less the largest of any other rank: how far
     its compute is ahead of the next slowest rank's, which a synchronous step waits for. < 0 but for one."""
-    with np.errstate(invalid="ignore"):
-        total = np.nansum(np.clip(x - median, 0.0, None), axis=1)
+    total = excess_sums(x, median)
     if len(total) < 2:
         return np.zeros(len(total))
     order = np.argsort(-total, kind="stable")
@@ -156,8 +155,7 @@ def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) ->
     idle, peer = _peer_idle(m)
     if len(idle) < 2:
         return np.zeros(len(idle))
-    with np.errstate(invalid="ignore"):
-        module_excess = np.nansum(np.clip(x[:, :-steps] - median[:-steps], 0.0, None), axis=1) if steps else 0.0
+    module_excess = excess_sums(x[:, :-steps], median[:-steps]) if steps else 0.0
     return peer - idle - module_excess
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from modtrack.collector.records import N_PHASES, PHASE_NAMES, Episode, StepMatrix, column_key
-from modtrack.collector.small_arrays import median, nan_column_medians, nan_median, nan_to, row_percentiles
+from modtrack.collector.small_arrays import excess_sums, median, nan_column_medians, nan_median, nan_to, row_percentiles
 
 if TYPE_CHECKING:
     from modtrack.collector.pipeline.detector import StepFlags
@@ -226,9 +226,9 @@ class EpisodeBook:
         rank_wide = (runs >= 4) & (2 * flagged.sum(axis=1) > runs)
         rank_wide |= self._slow_everywhere(m, x, flags)
         cell_flags = flagged & ~rank_wide[:, None]
-        with _quiet():
+        with np.errstate(all="ignore"):  # NaN arithmetic only: no warning to catch
             k = np.asarray(m.self_ms).shape[1]
-            total_excess = np.nansum(np.clip(x[:, :k] - flags.median[:k], 0.0, None), axis=1)
+            total_excess = excess_sums(x[:, :k], flags.median[:k])
         # ... and a rank slow everywhere now and then must lose the job what a step-level cause must: on shared
         # cores a rank's modules all run a few % longer in CPU time for a step or two (4-5 ms in a 35 ms step).
         wall_med = nan_median(m.wall_ms) if len(m.wall_ms) else 0.0
@@ -327,7 +327,7 @@ class EpisodeBook:
         rank slowed a little in each module (a slower core, a throttled clock), where no one cell
         clears the floors. Victims (waiting more than the median rank) are not."""
         k = np.asarray(m.self_ms).shape[1]
-        with _quiet():
+        with np.errstate(all="ignore"):  # NaN arithmetic only: no warning to catch
             diff = x[:, :k] - flags.median[:k]
             runs = np.count_nonzero(~np.isnan(diff), axis=1)
             # three in five of its modules above the hold ratio: slow everywhere, not in a few. (Not three in four:
