@@ -326,6 +326,8 @@ class EpisodeBook:
         """Ranks slower than the median in most of their modules, by a total that matters: a whole
         rank slowed a little in each module (a slower core, a throttled clock), where no one cell
         clears the floors. Victims (waiting more than the median rank) are not."""
+        if len(x) < 3:  # two ranks have no "most": the slower one is judged cell by cell
+            return np.zeros(len(x), dtype=bool)
         k = np.asarray(m.self_ms).shape[1]
         with np.errstate(all="ignore"):  # NaN arithmetic only: no warning to catch
             diff = x[:, :k] - flags.median[:k]
@@ -339,7 +341,7 @@ class EpisodeBook:
             wait = nan_to(m.sync_wait_ms)
         floor = max(3 * (self.p.min_excess_ms or 0.0), WHOLE_RANK_FRAC * (wall_med if np.isfinite(wall_med) else 0.0))
         not_victim = wait <= (median(wait) if len(wait) else 0.0) + max(self.p.sync_tol_ms, 0.02 * wall_med)
-        return (runs >= 8) & (len(x) >= 3) & spread & (total > floor) & not_victim
+        return (runs >= 8) & spread & (total > floor) & not_victim
 
     def _floor(self, wall: np.ndarray) -> float:
         """The least excess a listed entry must carry (the opening floors)."""
