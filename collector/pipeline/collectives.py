@@ -23,8 +23,9 @@ wait (with_collective_waits: waits outside module windows, in data loading or th
 Where that is computed, and why here: how long a rank waited in a collective is known only across ranks (the
 arrival skew by sequence number), so only the collector has it; which module held the wait needs the rank's
 module windows, which its step report already carries (first start and last end per module and phase, exact for
-a module called once in the phase), so no per-collective wire field is needed (Hello.wall_durations only
-says whether durations hold waits). The agent could not do better from what
+a module called once in the phase; each call's window for a module called several times, PhaseStats.call_start_ns,
+sent where collective timing is on and durations hold waits), so no per-collective wire field is needed
+(Hello.wall_durations says whether durations hold waits). The agent could not do better from what
 torch gives it: the Flight Recorder (gloo) stamps only the call, never when the rank blocked or unblocked, and
 FSDP's prefetch issues an all-gather in one module and blocks on it in the next. A wait is the span from the
 rank's arrival to the moment it could go on: on gloo, when the last rank arrived (the host blocks); on NCCL,
@@ -33,12 +34,13 @@ when its kernel ended (issued on an idle collective stream, it started at the ca
 that window's own code (since the window began, or since its latest child ended); waits that overlap (several
 collectives in flight) count once (waits_in_windows). A step is evaluated with its own waits: the evaluator
 holds a due step until every rank's stats of it are in (at most COLLECTIVE_HOLD_S). Not covered: a module
-called several times in a phase (its first start and last end are not one window: its waits stay in it), and
-on NCCL a kernel queued behind earlier collectives on its stream (it starts later than issued). The NCCL
-placement is unproven on a GPU.
+called several times in a phase by an agent that sent no call windows (its first start and last end are not one
+window: its waits stay in it), and on NCCL a kernel queued behind earlier collectives on its stream (it starts
+later than issued). The NCCL placement is unproven on a GPU.
 
 Memory: the newest `keep_steps` steps per job, at most `max_groups` groups per job, and the module windows of
-the newest `keep_steps` steps of ranks whose durations hold waits (3 int64 per module x phase); all in memory.
+the newest `keep_steps` steps of ranks whose durations hold waits (3 int64 per window: per module x phase called
+once, per call of one called several times); all in memory.
 """
 
 from __future__ import annotations
@@ -113,21 +115,32 @@ def line_up(members: dict[int, tuple[GroupStep, int]]) -> LinedUp | None:
 
 @dataclass
 class Windows:
-    """One rank's module windows of one step, on the collector's clock: each (module, phase) called once."""
+    """One rank's module windows of one step, on the collector's clock: one per call (a module called several
+    times in a phase has several windows of one column)."""
 
-    columns: np.ndarray  # int64 column keys (records.column_key)
+    columns: np.ndarray  # int64 column keys (records.column_key), one per window
     start: np.ndarray  # int64 ns: the call's start
     end: np.ndarray  # int64 ns: its end
 
 
 def windows_of(modules: dict, offset_ns: int) -> Windows:
-    """A StepRow's module columns as windows. A module called several times in a phase has only its first
-    start and last end, which are not one window: it is left out (its waits stay where they are)."""
+    """A StepRow's module columns as windows: one per module called once in its phase (its first start and
+    last end), and one per call of a module called several times, from the calls' own windows the report
+    carries (PhaseStats.call_start_ns). Without those, such a module's first start and last end are not one
+    window (they span the code between its calls): it is left out and its waits stay where they are."""
+    keys = column_key(np.asarray(modules["module"], np.int64), np.asarray(modules["phase"], np.int64))
     once = np.asarray(modules["calls"]) == 1
+    owner = modules.get("call_owner")
+    if owner is None or not len(owner):
+        return Windows(
+            keys[once],
+            np.asarray(modules["first_start"], np.int64)[once] + offset_ns,
+            np.asarray(modules["last_end"], np.int64)[once] + offset_ns,
+        )
     return Windows(
-        column_key(np.asarray(modules["module"], np.int64)[once], np.asarray(modules["phase"], np.int64)[once]),
-        np.asarray(modules["first_start"], np.int64)[once] + offset_ns,
-        np.asarray(modules["last_end"], np.int64)[once] + offset_ns,
+        np.concatenate([keys[once], keys[np.asarray(owner, np.int64)]]),
+        np.concatenate([np.asarray(modules["first_start"], np.int64)[once], modules["call_start"]]) + offset_ns,
+        np.concatenate([np.asarray(modules["last_end"], np.int64)[once], modules["call_end"]]) + offset_ns,
     )
 
 
