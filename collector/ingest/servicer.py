@@ -224,6 +224,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
                 "last_seen_ns": time.time_ns(),
                 "state": "live",
                 "attempt": attempt,
+                "wall_durations": int(h.wall_durations),
             },
         )
         log.info(
@@ -254,12 +255,14 @@ class IngestServicer(pb_grpc.CollectorServicer):
         for the merge; returns the rank's newest step. A bad report refuses the whole message (its
         step goes back to the agent): nothing of it is stored, everything stored before stays."""
         job = self.merger.jobs[stream.job]
+        info = job.ranks[stream.rank]
         extend = self._extend(stream.job)
         rows = []
         for report in reports:
             try:
                 newest_step = edge_limits.check_report(report, newest_step, job.last_evaluated)
                 rows.append(parse_report(report, stream, extend))
+                rows[-1].clock_offset_ns = info.clock_offset_ns  # stored: a replay lines the ranks up as here
             except Refused as exc:
                 exc.step = report.step
                 raise
@@ -279,7 +282,6 @@ class IngestServicer(pb_grpc.CollectorServicer):
                     late[0].step,
                     job.last_evaluated,
                 )
-        info = job.ranks[stream.rank]
         info.counters = rows[-1].counters
         for row in rows:
             if info.waits_in_modules and row.detail and (row.collectives or self.collectives.knows(stream.job)):

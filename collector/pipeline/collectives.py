@@ -546,6 +546,18 @@ def _mark_slow_links(groups: list[dict]) -> None:
         g["slow_link"] = median > 0 and cost(g) >= SLOW_LINK_RATIO * median
 
 
+def take_out_waits(matrix, module_waits: tuple, recent_waits: tuple) -> None:
+    """A step's collective waits applied to its StepMatrix before ranks are compared, as the evaluator (and a
+    replay of a stored job) does: the waits inside module windows (CollectiveBook.module_waits) out of module
+    compute, and each rank's idle time raised to what it lately waited (CollectiveBook.recent_waits)."""
+    ranks, columns, in_windows = module_waits
+    if len(ranks):
+        without_module_waits(matrix, ranks, columns, in_windows)
+    ranks, waits = recent_waits
+    if len(ranks):
+        matrix.idle_ms = with_collective_waits(matrix.idle_or_tail_ms, matrix.ranks, ranks, waits)
+
+
 def with_collective_waits(idle_ms: np.ndarray, step_ranks: np.ndarray, ranks: np.ndarray, waits_ms: np.ndarray):
     """A step's per-rank wait (`idle_ms`, in step_ranks' order) raised to what the ranks lately waited in
     collectives. Where module durations hold the waits (CUDA events; host wall time), a rank blocked in an
