@@ -58,6 +58,7 @@ from modtrack.collector.records import column_key
 LATE_SHARE = 0.6  # a rank arriving last in at least this share of a group's collectives is "the late rank"
 MIN_WAIT_NS = 1_000_000  # ...when its peers wait at least this much per step on average
 SLOW_LINK_RATIO = 1.5  # a group's transfer per byte over the median of its peer groups'
+RESUME_SLACK_NS = 2_000_000  # a wait ends when the rank moved on, if that is at most this after its measured end
 _NO_WAITS = (np.zeros(0, np.int64), np.zeros(0))
 _NO_MODULE_WAITS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
 
@@ -144,15 +145,34 @@ def windows_of(modules: dict, offset_ns: int) -> Windows:
     )
 
 
+def resumed_at(w: Windows, starts: np.ndarray, ends: np.ndarray, slack_ns: int = RESUME_SLACK_NS) -> np.ndarray:
+    """When each wait [starts[k], ends[k]) really ended on the rank's own timeline. Its end is another rank's
+    arrival moved onto this rank's clock through both clock offsets, which are off by up to a few ms on a busy
+    host (1.6 ms between two ranks of one host seen here): taken as it is, the end of a wait falls after the
+    rank had already moved on into its next module (the wait is then held by that module, since it began: most
+    of it is lost), or short of the moment it did (its last ms stay in the module it waited in). A rank blocked
+    in a collective starts and ends no module window, so it was blocked in the stretch between two window events
+    (starts, ends) that overlaps the wait most, and it resumed when that stretch ended: the wait ends there when
+    that is before its measured end, or less than `slack_ns` after it."""
+    events = np.unique(np.concatenate([w.start, w.end]))
+    lo = np.r_[np.iinfo(np.int64).min, events]
+    hi = np.r_[events, np.iinfo(np.int64).max]
+    overlap = np.minimum(hi[None, :], ends[:, None]) - np.maximum(lo[None, :], starts[:, None])
+    resumed = hi[np.argmax(overlap, axis=1)]
+    return np.where(resumed <= ends + slack_ns, resumed, ends)
+
+
 def waits_in_windows(w: Windows, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The part of each wait [starts[k], ends[k]) that one rank spent in its module windows' own code, per
-    column: (columns, ns), columns unique. A wait is held by the innermost window open when it ended (where the
-    rank was blocked), and only since the rank last entered that window's own code: since it began, or since
-    its latest child ended, whichever came last (an all-gather FSDP prefetched in one module and waited for in
-    the next is counted in the next, from its start). Waits overlapping in one window count once."""
+    column: (columns, ns), columns unique. A wait is held by the innermost window open when it ended (when the
+    rank resumed, resumed_at: where it was blocked), and only since the rank last entered that window's own
+    code: since it began, or since its latest child ended, whichever came last (an all-gather FSDP prefetched in
+    one module and waited for in the next is counted in the next, from its start). Waits overlapping in one
+    window count once."""
     if not len(w.columns) or not len(ends):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    e = ends[:, None]
+    ends = resumed_at(w, starts, ends)
+    e = ends[:, None] - 1  # the rank was blocked until it resumed: where it was the moment before
     inside = (w.start <= e) & (e < w.end)
     held = inside.any(axis=1)
     if not held.any():
