@@ -88,7 +88,8 @@ class StepRow:
     collectives: list = field(default_factory=list)  # collectives_parse.GroupStep, maybe of earlier steps
     gpu: GpuSample | None = None  # GPU health: the sample this report carried, if any (not stored)
     detail: bool = True  # sampled mode: False when the rank timed no module this step (step figures only)
-    clock_offset_ns: int = 0  # the rank's clock offset when the report came in: collector_ns = agent_ns + this
+    # the clock offset its collectives and module windows were lined up with (its host's best, merge.host_offset)
+    clock_offset_ns: int = 0
 
     def sql_row(self) -> tuple:
         """(job, attempt, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs, *CALL_COLUMNS as BLOBs or None,

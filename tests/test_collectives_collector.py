@@ -250,11 +250,12 @@ def fsdp_step(
     return rep
 
 
-def fsdp_hellos(collector, job: str, world: int) -> list[FakeRank]:
+def fsdp_hellos(collector, job: str, world: int, one_host: bool = False) -> list[FakeRank]:
     """`world` fake ranks whose Hello says their module durations are wall time (they hold collective waits)."""
     ranks = [FakeRank(collector.grpc_target, job, r, world, modules=FSDP_MODULES, hello=False) for r in range(world)]
     for r, fr in enumerate(ranks):
-        hello = pb.Hello(protocol_version=1, job=job, rank=r, world_size=world, host=f"host{r}", pid=1000 + r)
+        host = "host" if one_host else f"host{r}"
+        hello = pb.Hello(protocol_version=1, job=job, rank=r, world_size=world, host=host, pid=1000 + r)
         hello.module_names.extend(FSDP_MODULES)
         hello.clock_kind, hello.wall_durations, hello.session = pb.CLOCK_KIND_CPU, True, "s"
         fr.send(pb.AgentMessage(hello=hello))
@@ -293,6 +294,41 @@ def test_waits_inside_module_windows_are_taken_out_of_that_module_so_no_victim_i
     (verdict,) = body["stragglers"]
     assert [(e["module"], e["phase"]) for e in verdict["modules"]] == [("Net.blocks.0", "forward")], verdict
     assert abs(verdict["cost_ms_per_step"] - 30.0) <= 0.15 * 30.0, verdict
+    for fr in ranks:
+        fr.close()
+
+
+def test_the_ranks_of_one_host_line_their_collectives_up_on_its_best_clock_offset(collector):
+    """Both ranks run on one host (one monotonic clock): rank 1's clock offset came from a sample with a 12 ms
+    round trip and is 5 ms off, rank 0's from a 0.5 ms one and exact. From step 10 rank 1 computes 30 ms more in
+    Net.blocks.0's forward and rank 0 waits 30 ms for it in Net.blocks.1. Truth: 30 ms a step lost to rank 1's
+    Net.blocks.0, nowhere else. Read through rank 1's own offset its arrivals came 5 ms early, rank 0's waits
+    ended 5 ms short of where it resumed and those 5 ms stayed in Net.blocks.1: rank 0 was blamed there too."""
+    job = "coll-fsdp-one-host"
+    ranks = fsdp_hellos(collector, job, 2, one_host=True)
+    for fr, (offset, rtt) in zip(ranks, [(0, MS // 2), (-5 * MS, 12 * MS)]):
+        fr.send(pb.AgentMessage(clock=pb.ClockOffset(offset_ns=offset, rtt_ns=rtt)))
+    base = [1.0, 4.0, 6.0, 6.0, 3.0]
+    for step in range(30):
+        slow = step >= 10
+        for r, fr in enumerate(ranks):
+            fwd = list(base)
+            waits = {}
+            if slow and r == 1:
+                fwd[2] += 30.0
+            elif slow:
+                waits[3] = 30.0
+            issue: list[int] = []
+            rep = fsdp_step(step, fwd, base, issue, waits)
+            rep.collectives.append(stats(step, size=2, seqs=(2, 3, 4), issue=[i - step * STEP_NS for i in issue]))
+            fr.report(rep)
+    for fr in ranks:
+        fr.wait_ack(29)
+    wait_evaluated(collector.url, 29, job)
+    _, body = get(collector.url, f"/api/v1/jobs/{job}/stragglers")
+    assert [v["rank"] for v in body["stragglers"]] == [1], body["stragglers"]
+    (verdict,) = body["stragglers"]
+    assert [(e["module"], e["phase"]) for e in verdict["modules"]] == [("Net.blocks.0", "forward")], verdict
     for fr in ranks:
         fr.close()
 
