@@ -285,7 +285,7 @@ def _phase_columns(out: list[dict], name: str, step, mid, incl, self_ns, start, 
     module_id = (ids % width).astype(np.uint32)
     group_step = ids // width
     edges = np.searchsorted(group_step, np.arange(len(out) + 1)).tolist()
-    multi = windows[step] & (calls[inv] > 1)
+    multi = windows[step] & (calls[inv] > 1) if windows.any() else np.zeros(0, bool)
     if multi.any():  # each call of a module called several times: by entry (so by step), then by start
         order = np.flatnonzero(multi)[np.lexsort((start[multi], inv[multi]))]
         call_step, call_start, call_end = step[order], start[order], end[order]
