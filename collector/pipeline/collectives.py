@@ -59,7 +59,6 @@ from modtrack.collector.small_arrays import nan_to
 LATE_SHARE = 0.6  # a rank arriving last in at least this share of a group's collectives is "the late rank"
 MIN_WAIT_NS = 1_000_000  # ...when its peers wait at least this much per step on average
 SLOW_LINK_RATIO = 1.5  # a group's transfer per byte over the median of its peer groups'
-RESUME_SLACK_NS = 2_000_000  # a wait ends when the rank moved on, if that is at most this after its measured end
 _NO_WAITS = (np.zeros(0, np.int64), np.zeros(0))
 _NO_MODULE_WAITS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
 
@@ -146,21 +145,21 @@ def windows_of(modules: dict, offset_ns: int) -> Windows:
     )
 
 
-def resumed_at(w: Windows, starts: np.ndarray, ends: np.ndarray, slack_ns: int = RESUME_SLACK_NS) -> np.ndarray:
+def resumed_at(w: Windows, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """When each wait [starts[k], ends[k]) really ended on the rank's own timeline. Its end is another rank's
-    arrival moved onto this rank's clock through both clock offsets, which are off by up to a few ms on a busy
-    host (1.6 ms between two ranks of one host seen here): taken as it is, the end of a wait falls after the
-    rank had already moved on into its next module (the wait is then held by that module, since it began: most
-    of it is lost), or short of the moment it did (its last ms stay in the module it waited in). A rank blocked
-    in a collective starts and ends no module window, so it was blocked in the stretch between two window events
+    arrival moved onto this rank's clock through both clock offsets, which may be off by ms (1.6 ms between two
+    ranks of one busy host, before they shared the host's offset): taken as it is, a wait measured late falls
+    into the rank's next module, is held there since that began, and most of it is lost. A rank blocked in a
+    collective starts and ends no module window, so it was blocked in the stretch between two window events
     (starts, ends) that overlaps the wait most, and it resumed when that stretch ended: the wait ends there when
-    that is before its measured end, or less than `slack_ns` after it."""
+    that is before its measured end. A wait measured early keeps its end: what the rank did after it (FSDP's
+    copy-out of the gathered shards) cannot be told from compute, and taking it out of the waiting rank only
+    makes the rank it waited for look slower there."""
     events = np.unique(np.concatenate([w.start, w.end]))
     lo = np.r_[np.iinfo(np.int64).min, events]
     hi = np.r_[events, np.iinfo(np.int64).max]
     overlap = np.minimum(hi[None, :], ends[:, None]) - np.maximum(lo[None, :], starts[:, None])
-    resumed = hi[np.argmax(overlap, axis=1)]
-    return np.where(resumed <= ends + slack_ns, resumed, ends)
+    return np.minimum(hi[np.argmax(overlap, axis=1)], ends)
 
 
 def waits_in_windows(w: Windows, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
