@@ -111,6 +111,7 @@ def track(
             from modtrack.agent.collectives import Collectives
 
             transport.collectives = Collectives()
+            tracker.call_windows = tracker.wall_durations or tracker.clock_kind == "cuda"
         gpu_health = _gpu_health(env, identity.local_rank)
         transport.gpu_health = gpu_health
         tracker.__enter__()

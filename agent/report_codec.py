@@ -94,6 +94,9 @@ def fill_report(report: pb.StepReport, record: StepRecord, counters: dict[str, i
         stats.self_ns.extend(cols.self_ns.tolist())
         stats.first_start_ns.extend(cols.first_start_ns.tolist())
         stats.last_end_ns.extend(cols.last_end_ns.tolist())
+        if len(cols.call_start_ns):
+            stats.call_start_ns.extend(cols.call_start_ns.tolist())
+            stats.call_end_ns.extend(cols.call_end_ns.tolist())
     for stats in getattr(record, "collectives", None) or ():  # agent/collectives.py, maybe of earlier steps
         out = report.collectives.add(
             step=stats.step,
@@ -123,12 +126,14 @@ def fill_report(report: pb.StepReport, record: StepRecord, counters: dict[str, i
 
 def wire_bytes_bound(record: StepRecord) -> int:
     """An upper bound of a record's encoded size, without encoding it: at most 10 bytes per varint,
-    6 per phase entry, 5 per trace entry and 3 per collective entry, plus the names and a GPU sample."""
+    6 per phase entry, 2 per call window, 5 per trace entry and 3 per collective entry, plus the names and a
+    GPU sample."""
     entries = sum(len(cols.module_id) for cols in record.phases.values())
+    windows = sum(len(cols.call_start_ns) for cols in record.phases.values())
     traced = 0 if record.trace is None else len(record.trace.module_id)
     names = sum(len(n) + 3 for n in record.new_module_names)
     collectives = sum(
         200 + len(c.group) + len(c.backend) + 11 * (len(c.seq) + len(c.issue_ns) + len(c.active_ns))
         for c in getattr(record, "collectives", None) or ()
     )
-    return 1200 + 62 * entries + 52 * traced + names + collectives
+    return 1200 + 62 * entries + 22 * windows + 52 * traced + names + collectives

@@ -39,6 +39,7 @@ from modtrack.agent.step_record import PHASES, PhaseColumns, StepRecord, TraceCo
 ROW_WIDTH = 14
 FORWARD, BACKWARD, RECOMPUTE = (PHASES.index(p) for p in ("forward", "backward", "recompute"))
 _TIME_COLUMNS = [F_START, F_END, B_START, B_END]
+MAX_CALL_WINDOWS = 4096  # call windows of one phase of a step (PhaseColumns.call_start_ns): beyond, none are sent
 
 
 def new_row(mid: int, phase: int, parent: int, depth: int, recursive: int) -> list:
@@ -59,6 +60,7 @@ class StepLog:
         self.wrapped: list[list[int]] = []  # outermost wrapper forwards (DDP, FSDP1): [start, end]
         self.rows_at_pass_end = 0
         self.detail = True  # sampled mode: False on steps timed at the top level only (no module detail)
+        self.call_windows = False  # send each call's window of modules called several times (PhaseColumns)
 
     def is_empty(self) -> bool:
         return not (self.rows or self.passes or self.optimizer or self.wrapped)
@@ -223,6 +225,7 @@ def build_step_records(records: list[StepRecord]) -> None:
 
     n_steps = len(todo)
     phases: list[dict] = [{} for _ in range(n_steps)]
+    windows = np.array([getattr(log, "call_windows", False) for _, log, _, _, _ in todo], bool)
     for name, mask, incl, self_ns, start, end in (
         ("forward", f_valid & (phase == FORWARD), f_incl, f_self, F_START, F_END),
         ("recompute", f_valid & (phase == RECOMPUTE), f_incl, f_self, F_START, F_END),
@@ -239,6 +242,7 @@ def build_step_records(records: list[StepRecord]) -> None:
                 rows[mask, start],
                 rows[mask, end],
                 counted[mask],
+                windows,
             )
 
     top = depth == 0
@@ -264,9 +268,10 @@ def build_step_records(records: list[StepRecord]) -> None:
         record.trace = None if trace_id is None else _trace(rows[lo:hi], f_valid[lo:hi], b_valid[lo:hi], trace_id)
 
 
-def _phase_columns(out: list[dict], name: str, step, mid, incl, self_ns, start, end, counted) -> None:
+def _phase_columns(out: list[dict], name: str, step, mid, incl, self_ns, start, end, counted, windows) -> None:
     """Sum per (step, module) and hand each step its slice. `counted` keeps recursive inner calls out of
-    the inclusive sum."""
+    the inclusive sum. Steps whose `windows` entry is set also get each call's window of the modules called
+    more than once (at most MAX_CALL_WINDOWS per phase, else none)."""
     width = int(mid.max()) + 1
     ids, inv = _groups(step * width + mid, len(out) * width)
     n = len(ids)
@@ -280,9 +285,14 @@ def _phase_columns(out: list[dict], name: str, step, mid, incl, self_ns, start, 
     module_id = (ids % width).astype(np.uint32)
     group_step = ids // width
     edges = np.searchsorted(group_step, np.arange(len(out) + 1)).tolist()
+    multi = windows[step] & (calls[inv] > 1) if windows.any() else np.zeros(0, bool)
+    if multi.any():  # each call of a module called several times: by entry (so by step), then by start
+        order = np.flatnonzero(multi)[np.lexsort((start[multi], inv[multi]))]
+        call_step, call_start, call_end = step[order], start[order], end[order]
+        call_edges = np.searchsorted(call_step, np.arange(len(out) + 1)).tolist()
     for i in np.unique(group_step).tolist():
         lo, hi = edges[i], edges[i + 1]
-        out[i][name] = PhaseColumns(
+        cols = out[i][name] = PhaseColumns(
             module_id=module_id[lo:hi],
             calls=calls[lo:hi],
             inclusive_ns=inclusive[lo:hi],
@@ -290,6 +300,9 @@ def _phase_columns(out: list[dict], name: str, step, mid, incl, self_ns, start, 
             first_start_ns=first[lo:hi],
             last_end_ns=last[lo:hi],
         )
+        if multi.any() and 0 < call_edges[i + 1] - call_edges[i] <= MAX_CALL_WINDOWS:
+            cols.call_start_ns = call_start[call_edges[i] : call_edges[i + 1]]
+            cols.call_end_ns = call_end[call_edges[i] : call_edges[i + 1]]
 
 
 def _groups(keys: np.ndarray, key_space: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,10 @@ class PhaseColumns:
     self_ns: np.ndarray  # int64, inclusive minus children
     first_start_ns: np.ndarray  # int64, tracker clock
     last_end_ns: np.ndarray  # int64, tracker clock
+    # each call's window of the modules called more than once (entry order, then call order); empty unless the
+    # step's log asked for them (StepLog.call_windows)
+    call_start_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    call_end_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 @dataclass

@@ -235,6 +235,9 @@ class ModuleTracker:
         self.clock_kind: str = self._clock.kind
         # durations in wall time (clock="wall"): a module's time holds its waits in collectives (the Hello says so)
         self.wall_durations: bool = getattr(self._clock, "durations", "") == "wall"
+        # each call's window of modules called several times goes out with the step (set where collective waits
+        # are taken out of module windows: collective timing on, durations that hold the waits)
+        self.call_windows = False
         self._stamp = self._clock.stamp
         self._work = self._clock.work_stamp
         self._names = ModuleNames()
@@ -1070,6 +1073,7 @@ class ModuleTracker:
             if log.is_empty():
                 return
             log.end_host_ns = time.perf_counter_ns()
+            log.call_windows = self.call_windows
             self._log = StepLog(log.end_host_ns)
             self._stack.clear()
             self._open_backward.clear()

@@ -52,6 +52,13 @@ MODULE_COLUMNS = (
     ("first_start", np.int64),
     ("last_end", np.int64),
 )
+# Each call's window of the modules called several times in a phase (PhaseStats.call_start_ns), where a rank
+# sends them: the entry of the module columns each belongs to, its start and end (agent clock).
+CALL_COLUMNS = (
+    ("call_owner", np.uint32),
+    ("call_start", np.int64),
+    ("call_end", np.int64),
+)
 TRACE_COLUMNS = (
     ("module", np.uint32),
     ("phase", np.uint8),
@@ -82,9 +89,13 @@ class StepRow:
     collectives: list = field(default_factory=list)  # collectives_parse.GroupStep, maybe of earlier steps
     gpu: GpuSample | None = None  # GPU health: the sample this report carried, if any (not stored)
     detail: bool = True  # sampled mode: False when the rank timed no module this step (step figures only)
+    # the clock offset its collectives and module windows were lined up with (its host's best, merge.host_offset)
+    clock_offset_ns: int = 0
 
     def sql_row(self) -> tuple:
-        """(job, attempt, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs): the store's steps row."""
+        """(job, attempt, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs, *CALL_COLUMNS as BLOBs or None,
+        clock_offset_ns): the store's steps row."""
+        calls = "call_owner" in self.modules
         return (
             self.job,
             self.attempt,
@@ -92,7 +103,35 @@ class StepRow:
             self.step,
             *(int(self.figures[f]) for f in STEP_FIGURES),
             *(blob(self.modules[name], dtype) for name, dtype in MODULE_COLUMNS),
+            *(blob(self.modules[name], dtype) if calls else None for name, dtype in CALL_COLUMNS),
+            int(self.clock_offset_ns),
         )
+
+    def collective_rows(self) -> list[tuple]:
+        """The store's collectives rows of the stats this report carried (each about its own step)."""
+        return [
+            (
+                self.job,
+                self.attempt,
+                self.rank,
+                int(s.step),
+                s.group,
+                int(np.uint64(s.ranks_hash).astype(np.int64)),  # SQLite's INTEGER is signed
+                s.backend,
+                int(s.group_size),
+                int(s.count),
+                int(s.total_ns),
+                int(s.wait_ns),
+                int(np.uint64(s.bytes).astype(np.int64)),
+                int(s.active_measured),
+                int(s.unlisted),
+                int(self.clock_offset_ns),
+                blob(s.seq, np.uint64),
+                blob(s.issue_ns, np.int64),
+                None if s.active_ns is None else blob(s.active_ns, np.int64),
+            )
+            for s in self.collectives
+        ]
 
     def trace_row(self) -> tuple:
         t = self.trace

@@ -85,7 +85,7 @@ class Hello(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., world_size: _Optional[int] = ..., group_rank: _Optional[int] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., torch_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., clock_kind: _Optional[_Union[ClockKind, str]] = ..., module_names: _Optional[_Iterable[str]] = ..., session: _Optional[str] = ..., attempt: _Optional[int] = ..., wall_durations: _Optional[bool] = ...) -> None: ...
 
 class PhaseStats(_message.Message):
-    __slots__ = ("phase", "module_id", "calls", "inclusive_ns", "self_ns", "first_start_ns", "last_end_ns")
+    __slots__ = ("phase", "module_id", "calls", "inclusive_ns", "self_ns", "first_start_ns", "last_end_ns", "call_start_ns", "call_end_ns")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     MODULE_ID_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,8 @@ class PhaseStats(_message.Message):
     SELF_NS_FIELD_NUMBER: _ClassVar[int]
     FIRST_START_NS_FIELD_NUMBER: _ClassVar[int]
     LAST_END_NS_FIELD_NUMBER: _ClassVar[int]
+    CALL_START_NS_FIELD_NUMBER: _ClassVar[int]
+    CALL_END_NS_FIELD_NUMBER: _ClassVar[int]
     phase: Phase
     module_id: _containers.RepeatedScalarFieldContainer[int]
     calls: _containers.RepeatedScalarFieldContainer[int]
@@ -100,7 +102,9 @@ class PhaseStats(_message.Message):
     self_ns: _containers.RepeatedScalarFieldContainer[int]
     first_start_ns: _containers.RepeatedScalarFieldContainer[int]
     last_end_ns: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., module_id: _Optional[_Iterable[int]] = ..., calls: _Optional[_Iterable[int]] = ..., inclusive_ns: _Optional[_Iterable[int]] = ..., self_ns: _Optional[_Iterable[int]] = ..., first_start_ns: _Optional[_Iterable[int]] = ..., last_end_ns: _Optional[_Iterable[int]] = ...) -> None: ...
+    call_start_ns: _containers.RepeatedScalarFieldContainer[int]
+    call_end_ns: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., module_id: _Optional[_Iterable[int]] = ..., calls: _Optional[_Iterable[int]] = ..., inclusive_ns: _Optional[_Iterable[int]] = ..., self_ns: _Optional[_Iterable[int]] = ..., first_start_ns: _Optional[_Iterable[int]] = ..., last_end_ns: _Optional[_Iterable[int]] = ..., call_start_ns: _Optional[_Iterable[int]] = ..., call_end_ns: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Trace(_message.Message):
     __slots__ = ("module_id", "phase", "start_ns", "end_ns", "depth", "capture_id")

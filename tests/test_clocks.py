@@ -130,6 +130,35 @@ def test_module_times_are_gpu_times_from_events_not_host_times():
     assert r.end_ns > r.start_ns  # step boundaries stay on the host clock
 
 
+class KernelTwice(nn.Module):
+    def __init__(self, gpu):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.kernel = Kernel(gpu)
+
+    def forward(self, x):
+        return self.kernel(self.kernel(self.lin(x)))
+
+
+def test_each_call_of_a_module_called_twice_has_its_window_on_the_gpus_clock():
+    """Collective timing on CUDA sends each call's window of a module called several times (call_windows): read
+    from the events like every module time, so each call of Kernel spans its own 5 ms of GPU work (forward) and
+    7 ms (backward), one right after the other on the GPU's timeline, whatever the host did."""
+    gpu = FakeGpu()
+    model, records = KernelTwice(gpu), []
+    with ModuleTracker(on_step=records.append, clock=CudaEventClock(gpu.event)) as t:
+        t.call_windows = True
+        run_steps(t, model, 2)
+        kernel = t.module_names.index("KernelTwice.kernel")
+    for phase, ms in (("forward", 5.0), ("backward", 7.0)):
+        cols = records[-1].phases[phase]
+        assert cols.module_id[cols.calls > 1].tolist() == [kernel]
+        start, end = cols.call_start_ns, cols.call_end_ns
+        assert ((end - start) / 1e6).tolist() == [ms, ms] and start[1] == end[0]
+        at = cols.module_id.tolist().index(kernel)
+        assert (start[0], end[1]) == (cols.first_start_ns[at], cols.last_end_ns[at])
+
+
 def test_one_event_per_boundary_and_none_allocated_after_the_first_steps():
     gpu = FakeGpu()
     clock = CudaEventClock(gpu.event)

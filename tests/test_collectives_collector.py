@@ -205,39 +205,61 @@ def test_waits_inside_module_windows_are_seen_through_the_collectives_and_cost_w
 FSDP_MODULES = ["Net", "Net.embed", "Net.blocks.0", "Net.blocks.1", "Net.head"]
 
 
-def fsdp_step(step: int, fwd_ms: list[float], bwd_ms: list[float], issue: list[int], waits: dict) -> pb.StepReport:
+def fsdp_step(
+    step: int, fwd_ms: list[float], bwd_ms: list[float], issue: list[int], waits: dict, micro: int = 1
+) -> pb.StepReport:
     """One FSDP rank's step on wall-clock durations: the root's window holds its children's, one after the other
     (forward, then backward in reverse), each child but the first all-gathers its shard as it begins (seq = its
-    id). `waits`: child -> ms its all-gather held it in its own window (its peers came in that much later)."""
+    order of issue). `waits`: child -> ms its all-gather held it in its own window (its peers came in that much
+    later). `micro` micro-batches (gradient accumulation): forward and backward that many times, so every module
+    is called `micro` times in each phase, and the report carries each call's window, as the agent sends them."""
     t = step * STEP_NS
-    rep = pb.StepReport(step=step, start_ns=t, backward_tail_ns=MS)
-    for phase, children in ((pb.PHASE_FORWARD, [1, 2, 3, 4]), (pb.PHASE_BACKWARD, [4, 3, 2, 1])):
+    rep = pb.StepReport(step=step, start_ns=t, backward_tail_ns=MS * micro)
+    calls: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}  # (phase, module) -> (start, end, self, incl)
+    for _ in range(micro):
+        for phase, children in ((pb.PHASE_FORWARD, [1, 2, 3, 4]), (pb.PHASE_BACKWARD, [4, 3, 2, 1])):
+            begin = t = t + MS
+            for m in children:
+                self_ms = fwd_ms[m] + waits.get(m, 0.0) if phase == pb.PHASE_FORWARD else bwd_ms[m]
+                if phase == pb.PHASE_FORWARD and m > 1:
+                    issue.append(t)
+                calls.setdefault((phase, m), []).append((t, t + int(self_ms * MS), int(self_ms * MS), 0))
+                t += int(self_ms * MS)
+            calls.setdefault((phase, 0), []).append((begin - MS // 2, t + MS // 2, MS, t - begin + MS))
+            if phase == pb.PHASE_FORWARD:
+                rep.forward_ns += t + MS // 2 - begin + MS // 2
+            else:
+                rep.backward_ns += t + MS // 2 - begin + MS // 2 + MS
+            t += MS
+    for phase in (pb.PHASE_FORWARD, pb.PHASE_BACKWARD):
         stats = pb.PhaseStats(phase=phase)
-        begin = t = t + MS
-        for m in children:
-            self_ms = fwd_ms[m] + waits.get(m, 0.0) if phase == pb.PHASE_FORWARD else bwd_ms[m]
-            if phase == pb.PHASE_FORWARD and m > 1:
-                issue.append(t)
+        for m in range(5):
+            spans = calls[(phase, m)]
             stats.module_id.append(m)
-            stats.first_start_ns.append(t)
-            t += int(self_ms * MS)
-            stats.last_end_ns.append(t)
-            stats.self_ns.append(int(self_ms * MS))
-        stats.module_id.append(0)
-        stats.first_start_ns.append(begin - MS // 2)
-        stats.last_end_ns.append(t + MS // 2)
-        stats.self_ns.append(MS)
-        stats.inclusive_ns.extend(list(stats.self_ns[:-1]) + [t - begin + MS])
-        stats.calls.extend([1] * 5)
-        if phase == pb.PHASE_FORWARD:
-            rep.forward_ns = t + MS // 2 - begin + MS // 2
-        else:
-            rep.backward_ns = t + MS // 2 - begin + MS // 2 + MS
+            stats.calls.append(len(spans))
+            stats.first_start_ns.append(min(s for s, _, _, _ in spans))
+            stats.last_end_ns.append(max(e for _, e, _, _ in spans))
+            stats.self_ns.append(sum(own for _, _, own, _ in spans))
+            stats.inclusive_ns.append(sum(incl or own for _, _, own, incl in spans))
+            if len(spans) > 1:
+                stats.call_start_ns.extend(s for s, _, _, _ in spans)
+                stats.call_end_ns.extend(e for _, e, _, _ in spans)
         rep.phases.append(stats)
-        t += MS
     rep.end_ns = t + 10 * MS  # the optimizer and the next batch
     rep.data_ns = 10 * MS
     return rep
+
+
+def fsdp_hellos(collector, job: str, world: int, one_host: bool = False) -> list[FakeRank]:
+    """`world` fake ranks whose Hello says their module durations are wall time (they hold collective waits)."""
+    ranks = [FakeRank(collector.grpc_target, job, r, world, modules=FSDP_MODULES, hello=False) for r in range(world)]
+    for r, fr in enumerate(ranks):
+        host = "host" if one_host else f"host{r}"
+        hello = pb.Hello(protocol_version=1, job=job, rank=r, world_size=world, host=host, pid=1000 + r)
+        hello.module_names.extend(FSDP_MODULES)
+        hello.clock_kind, hello.wall_durations, hello.session = pb.CLOCK_KIND_CPU, True, "s"
+        fr.send(pb.AgentMessage(hello=hello))
+    return ranks
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -249,12 +271,7 @@ def test_waits_inside_module_windows_are_taken_out_of_that_module_so_no_victim_i
     cost. With module times as they come, the 2-rank job also blamed rank 0 in Net.blocks.1 (its wait); with 4
     ranks the waiting peers are the majority there."""
     job = f"coll-fsdp-wall-{world}"
-    ranks = [FakeRank(collector.grpc_target, job, r, world, modules=FSDP_MODULES, hello=False) for r in range(world)]
-    for r, fr in enumerate(ranks):
-        hello = pb.Hello(protocol_version=1, job=job, rank=r, world_size=world, host=f"host{r}", pid=1000 + r)
-        hello.module_names.extend(FSDP_MODULES)
-        hello.clock_kind, hello.wall_durations, hello.session = pb.CLOCK_KIND_CPU, True, "s"
-        fr.send(pb.AgentMessage(hello=hello))
+    ranks = fsdp_hellos(collector, job, world)
     base = [1.0, 4.0, 6.0, 6.0, 3.0]
     for step in range(30):
         slow = step >= 10
@@ -268,6 +285,77 @@ def test_waits_inside_module_windows_are_taken_out_of_that_module_so_no_victim_i
             issue: list[int] = []
             rep = fsdp_step(step, fwd, base, issue, waits)
             rep.collectives.append(stats(step, size=world, seqs=(2, 3, 4), issue=[i - step * STEP_NS for i in issue]))
+            fr.report(rep)
+    for fr in ranks:
+        fr.wait_ack(29)
+    wait_evaluated(collector.url, 29, job)
+    _, body = get(collector.url, f"/api/v1/jobs/{job}/stragglers")
+    assert [v["rank"] for v in body["stragglers"]] == [1], body["stragglers"]
+    (verdict,) = body["stragglers"]
+    assert [(e["module"], e["phase"]) for e in verdict["modules"]] == [("Net.blocks.0", "forward")], verdict
+    assert abs(verdict["cost_ms_per_step"] - 30.0) <= 0.15 * 30.0, verdict
+    for fr in ranks:
+        fr.close()
+
+
+def test_the_ranks_of_one_host_line_their_collectives_up_on_its_best_clock_offset(collector):
+    """Both ranks run on one host (one monotonic clock): rank 1's clock offset came from a sample with a 12 ms
+    round trip and is 5 ms off, rank 0's from a 0.5 ms one and exact. From step 10 rank 1 computes 30 ms more in
+    Net.blocks.0's forward and rank 0 waits 30 ms for it in Net.blocks.1. Truth: 30 ms a step lost to rank 1's
+    Net.blocks.0, nowhere else. Read through rank 1's own offset its arrivals came 5 ms early, rank 0's waits
+    ended 5 ms short of where it resumed and those 5 ms stayed in Net.blocks.1: rank 0 was blamed there too."""
+    job = "coll-fsdp-one-host"
+    ranks = fsdp_hellos(collector, job, 2, one_host=True)
+    for fr, (offset, rtt) in zip(ranks, [(0, MS // 2), (-5 * MS, 12 * MS)]):
+        fr.send(pb.AgentMessage(clock=pb.ClockOffset(offset_ns=offset, rtt_ns=rtt)))
+    base = [1.0, 4.0, 6.0, 6.0, 3.0]
+    for step in range(30):
+        slow = step >= 10
+        for r, fr in enumerate(ranks):
+            fwd = list(base)
+            waits = {}
+            if slow and r == 1:
+                fwd[2] += 30.0
+            elif slow:
+                waits[3] = 30.0
+            issue: list[int] = []
+            rep = fsdp_step(step, fwd, base, issue, waits)
+            rep.collectives.append(stats(step, size=2, seqs=(2, 3, 4), issue=[i - step * STEP_NS for i in issue]))
+            fr.report(rep)
+    for fr in ranks:
+        fr.wait_ack(29)
+    wait_evaluated(collector.url, 29, job)
+    _, body = get(collector.url, f"/api/v1/jobs/{job}/stragglers")
+    assert [v["rank"] for v in body["stragglers"]] == [1], body["stragglers"]
+    (verdict,) = body["stragglers"]
+    assert [(e["module"], e["phase"]) for e in verdict["modules"]] == [("Net.blocks.0", "forward")], verdict
+    for fr in ranks:
+        fr.close()
+
+
+def test_waits_in_a_module_called_several_times_in_a_phase_are_taken_out_of_its_calls(collector):
+    """Gradient accumulation (2 micro-batches a step): every module is called twice in each phase, and a module's
+    first start and last end span the other micro-batch's forward or backward too. From step 10 rank 1 computes
+    15 ms more in Net.blocks.0's forward in each micro-batch, and its peer waits 15 ms inside each of its
+    Net.blocks.1 calls. Truth: 30 ms a step lost to rank 1's Net.blocks.0, nowhere else. From each call's window
+    (PhaseStats.call_start_ns) the waits come out of Net.blocks.1; from first start and last end alone they stayed
+    there and rank 0 was blamed in Net.blocks.1 as well."""
+    job = "coll-fsdp-wall-micro"
+    ranks = fsdp_hellos(collector, job, 2)
+    base = [1.0, 4.0, 6.0, 6.0, 3.0]
+    for step in range(30):
+        slow = step >= 10
+        for r, fr in enumerate(ranks):
+            fwd = list(base)
+            waits = {}
+            if slow and r == 1:
+                fwd[2] += 15.0
+            elif slow:
+                waits[3] = 15.0
+            issue: list[int] = []
+            rep = fsdp_step(step, fwd, base, issue, waits, micro=2)
+            seqs = range(2, 2 + len(issue))
+            rep.collectives.append(stats(step, size=2, seqs=seqs, issue=[i - step * STEP_NS for i in issue]))
             fr.report(rep)
     for fr in ranks:
         fr.wait_ack(29)
@@ -300,6 +388,20 @@ def test_nccl_waits_are_placed_where_the_kernel_that_waited_ended():
     start = lined.ends[0] - lined.waits[0]
     columns, ns = waits_in_windows(windows, start, lined.ends[0])
     assert columns.tolist() == [7] and ns.tolist() == [4 * MS]  # 103 -> 107 ms: after the child, in 7's own code
+
+
+@pytest.mark.parametrize("error_ms, counted_ms", [(0.0, 30.0), (0.1, 30.0), (1.5, 30.0), (-1.5, 28.5)])
+def test_a_wait_ends_where_the_rank_resumed_when_it_is_measured_late(error_ms, counted_ms):
+    """A rank blocks 30 ms in an all-gather in module 7's own code (from 10 ms: module 7 runs 9 to 45 ms, its
+    child 9 from 40 ms, the moment the last rank came in and it could go on). The wait's end is the last rank's
+    arrival read through both ranks' clock offsets, off by `error_ms` (1.6 ms between two ranks of one busy host
+    seen on a real job). Measured late (or right at the child's start) it fell into child 9 and only what lay
+    past 40 ms was counted, in 9: now the full 30 ms, in module 7. Measured early, what was measured: the rank's
+    own code after it cannot be told from compute."""
+    windows = Windows(np.array([7, 9]), np.array([9, 40]) * MS, np.array([45, 44]) * MS)
+    start, end = np.array([10 * MS]), np.array([int((40 + error_ms) * MS)])
+    columns, ns = waits_in_windows(windows, start, end)
+    assert columns.tolist() == [7] and ns.tolist() == [int(counted_ms * MS)]
 
 
 def test_a_due_step_waits_for_its_collective_stats_in_order_and_at_most_the_hold():

@@ -128,7 +128,7 @@ def test_clean_report_keeps_every_entry_in_order():
     assert m["self"].tolist() == [20, 5, 0]
     assert m["first_start"].tolist() == [-4, 7, ABS]
     assert m["last_end"].tolist() == [26, 17, -ABS]
-    assert [len(v) for v in row.sql_row()[12:]] == [3, 12, 12, 24, 24, 24, 24]  # after the key and figures
+    assert [len(v) for v in row.sql_row()[12:19]] == [3, 12, 12, 24, 24, 24, 24]  # after the key and figures
 
 
 def test_report_with_no_phases_is_empty_not_refused():
@@ -157,3 +157,39 @@ def test_refusal_names_the_phase_and_the_problem(bad, message_part):
         **bad,
     }
     assert message_part in refusal(lambda: parse_report(message([ph]), stream(), None))
+
+
+def windowed_message(backward, recompute) -> pb.StepReport:
+    """Backward's second entry (called 3 times) and recompute's only one (twice) carry call windows; forward's
+    module called twice carries none."""
+    phase_list = [
+        {"phase": 2, "module_id": [3, 0], "calls": [1, 3], "inclusive_ns": [5, 6], "self_ns": [5, 6]},
+        {"phase": 1, "module_id": [1], "calls": [2], "inclusive_ns": [1], "self_ns": [1]},
+        {"phase": 3, "module_id": [5], "calls": [2], "inclusive_ns": [2], "self_ns": [2]},
+    ]
+    for ph in phase_list:
+        ph["first_start_ns"], ph["last_end_ns"] = [0] * len(ph["module_id"]), [9] * len(ph["module_id"])
+    for ph, (start, end) in ((phase_list[0], backward), (phase_list[2], recompute)):
+        ph["call_start_ns"], ph["call_end_ns"] = start, end
+    return message(phase_list)
+
+
+def test_call_windows_belong_to_the_entries_called_several_times_in_order():
+    row = parse_report(windowed_message(([0, 3, 6], [2, 5, 9]), ([1, 4], [3, 8])), stream(), None)
+    m = row.modules
+    assert m["call_owner"].tolist() == [1, 1, 1, 3, 3]  # entries: backward 3, 0; forward 1; recompute 5
+    assert m["call_start"].tolist() == [0, 3, 6, 1, 4] and m["call_end"].tolist() == [2, 5, 9, 3, 8]
+    assert "call_owner" not in parse_report(windowed_message(([], []), ([], [])), stream(), None).modules
+
+
+@pytest.mark.parametrize(
+    "backward, message_part",
+    [
+        (([0, 3], [2, 5]), "phase backward: call_start_ns and call_end_ns must have one entry per call"),
+        (([0, 3, 6], [2, 5]), "have 3 and 2"),
+        (([0, 3, 6], [2, 5, 4]), "phase backward call windows: negative duration -2"),
+        (([0, 3, -ABS - 1], [2, 5, 9]), "phase backward call windows: a clock stamp is out of range"),
+    ],
+)
+def test_call_windows_that_do_not_fit_the_calls_are_refused(backward, message_part):
+    assert message_part in refusal(lambda: parse_report(windowed_message(backward, ([1, 4], [3, 8])), stream(), None))

@@ -129,7 +129,7 @@ def test_a_failed_commit_is_reported_and_the_writer_keeps_going(store):
 
 def test_rows_are_compact():
     r = row("j", 0, 1, list(range(500)) * 2, [1] * 500 + [2] * 500, np.ones(1000))
-    blob_bytes = sum(len(v) for v in r.sql_row()[12:])  # after job, attempt, rank, step, 8 figures
+    blob_bytes = sum(len(v) for v in r.sql_row()[12:19])  # after job, attempt, rank, step, 8 figures
     assert blob_bytes == 1000 * (1 + 4 + 4 + 8 * 4)  # 41 bytes per module and phase
 
 
@@ -162,3 +162,50 @@ def test_close_closes_every_threads_connection_and_leaves_no_wal(tmp_path):
         for t in threads:
             t.join(10)
         store.close()
+
+
+def test_collective_stats_and_call_windows_are_stored_and_read_back_as_they_came(store):
+    """What a replay needs to take collective waits out as the collector did: each rank's stats per step and
+    group (a ranks hash over 2**63 too, NCCL's active times or none), the clock offset the rank had, and each
+    call's window of a module called twice. Retention drops the per-collective columns with the module blobs."""
+    from modtrack.collector.ingest.collectives_parse import GroupStep
+
+    def stats(step, active):
+        seq, issue = np.array([3, 4], np.uint64), np.array([10, 20], np.int64) + step
+        group, backend = ("1", "nccl") if active is not None else ("0", "gloo")
+        return GroupStep(
+            step, group, backend, 2, 2**64 - 5, 2, 0, 0, 2**63 + 1, active is not None, 0, seq, issue, active
+        )
+
+    rows = []
+    for step in range(3):
+        r = row("j", 1, step, [0, 1], [1, 1], [1.0, 2.0])
+        r.modules["calls"][1] = 2
+        r.modules.update(
+            call_owner=np.array([1, 1], np.uint32), call_start=np.array([5, 50]), call_end=np.array([7, 52])
+        )
+        r.clock_offset_ns = -123 - step
+        r.collectives = [stats(step, None), stats(step - 1, np.array([5, 6], np.int64))] if step else []
+        rows.append(r)
+    write(store, ("steps", rows))
+    mods = store.step_modules("j", 2)[1]
+    assert mods["call_owner"].tolist() == [1, 1] and mods["call_start"].tolist() == [5, 50]
+    assert mods["call_end"].tolist() == [7, 52]
+    assert store.clock_offsets("j", 0) == {(0, 1): -123, (1, 1): -124, (2, 1): -125}
+    got = store.collective_stats("j", 0)
+    assert [(rank, offset, s.step, s.group) for rank, offset, s in got] == [
+        (1, -124, 0, "1"),
+        (1, -124, 1, "0"),
+        (1, -125, 1, "1"),
+        (1, -125, 2, "0"),
+    ]
+    sent = {(s.step, s.group): s for r in rows for s in r.collectives}
+    for _, _, s in got:
+        expected = sent[(s.step, s.group)]
+        for name in ("group", "backend", "group_size", "ranks_hash", "count", "bytes", "active_measured"):
+            assert getattr(s, name) == getattr(expected, name), name
+        assert s.seq.tolist() == [3, 4] and s.issue_ns.tolist() == expected.issue_ns.tolist()
+        assert (s.active_ns is None) or s.active_ns.tolist() == [5, 6]
+    write(store, (store.drop_old_module_blobs, "j", 1))
+    assert "call_owner" not in store.step_modules("j", 1)[1] and "call_owner" in store.step_modules("j", 2)[1]
+    assert [len(s.seq) for _, _, s in store.collective_stats("j", 0)] == [0, 0, 0, 2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -270,6 +271,57 @@ def test_cpu_clock_counts_compute_not_sleep_and_timestamps_stay_wall():
         assert (fw.last_end_ns - fw.first_start_ns).max() >= 40e6  # the call's span on the wall clock
         assert (bw.last_end_ns - bw.first_start_ns).max() >= 40e6
         assert r.forward_ns >= 40e6 and r.backward_ns >= 40e6 and r.wall_ns >= 80e6
+
+
+class Twice(nn.Module):
+    """Calls its child twice, with 10 ms of its own code between the calls (a wait, or a micro-batch's rest)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 4), Waits())
+
+    def forward(self, x):
+        x = self.inner(x)
+        time.sleep(0.010)
+        return self.inner(x)
+
+
+def test_each_call_of_a_module_called_twice_has_its_window_when_asked():
+    """Where collective waits are taken out of module windows (collective timing on, wall-clock or CUDA
+    durations), a module called several times in a phase sends each call's window: its first start and last end
+    span the parent's code between the calls too. Truth: the calls' windows add up to the module's inclusive wall
+    time, the first starts at first_start_ns and the last ends at last_end_ns, and the parent's 10 ms sleep lies
+    between them. Not asked: nothing more is sent."""
+    from modtrack.agent.report_codec import fill_report
+    from modtrack.protos import modtrack_pb2 as pb
+
+    model, records = Twice(), []
+    with ModuleTracker(on_step=records.append, clock="wall") as t:
+        t.call_windows = True
+        for _ in range(2):
+            model(torch.randn(2, 4)).sum().backward()
+            t.step()
+        t.call_windows = False
+        model(torch.randn(2, 4)).sum().backward()
+        t.step()
+    inner = t.module_names.index("Twice.inner")
+    for r in records[:2]:
+        for phase in ("forward", "backward"):
+            cols = r.phases[phase]
+            multi = cols.calls > 1
+            names = ["Twice.inner", "Twice.inner.0", "Twice.inner.1"]
+            assert sorted(cols.module_id[multi].tolist()) == sorted(t.module_names.index(n) for n in names)
+            at = int(np.flatnonzero(cols.module_id == inner)[0])
+            first = int(np.flatnonzero(multi).tolist().index(at)) * 2  # two windows per module called twice
+            start, end = cols.call_start_ns[first : first + 2], cols.call_end_ns[first : first + 2]
+            assert start[0] == cols.first_start_ns[at] and end[1] == cols.last_end_ns[at]
+            assert int((end - start).sum()) == pytest.approx(cols.inclusive_ns[at], rel=1e-3)  # work stamps: wall too
+            assert (end - start).min() >= 39e6
+            assert start[1] >= end[0] + (9e6 if phase == "forward" else 0)  # the parent's sleep is in no call
+        report = pb.StepReport()
+        fill_report(report, r, {})
+        assert [len(p.call_start_ns) for p in report.phases] == [6, 6]  # Twice.inner and its children, twice each
+    assert all(not len(c.call_start_ns) for c in records[2].phases.values())
 
 
 def test_wall_clock_counts_the_sleep_too():

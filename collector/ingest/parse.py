@@ -68,6 +68,7 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         "self": block[_SELF],
         "first_start": block[_FIRST_START],
         "last_end": block[_LAST_END],
+        **_call_windows(report.phases, calls, where),
     }
     counters = {name: getattr(report.counters, name) for name in AGENT_COUNTERS}
     collectives = parse_collectives(report, where) if report.collectives else []
@@ -112,6 +113,39 @@ def _phase_block(phases):
             at = end
     phase = np.repeat(np.array([ph.phase for ph in phases], np.uint8), lengths)
     return block, calls, phase
+
+
+def _call_windows(phases, calls: np.ndarray, where: str) -> dict:
+    """Each call's window of the modules called several times (PhaseStats.call_start_ns/call_end_ns), where a
+    phase sends them: {"call_owner": the entry of the modules arrays each belongs to, "call_start", "call_end"}
+    (agent clock); {} when no phase does."""
+    owners, starts, ends = [], [], []
+    at = 0
+    for ph in phases:
+        n = len(ph.module_id)
+        if len(ph.call_start_ns) or len(ph.call_end_ns):
+            name = f"{where} phase {PHASE_NAMES[ph.phase]}"
+            multi = np.flatnonzero(calls[at : at + n] > 1)
+            repeats = calls[at : at + n][multi].astype(np.int64)
+            if len(ph.call_start_ns) != len(ph.call_end_ns) or len(ph.call_start_ns) != repeats.sum():
+                raise invalid(
+                    f"{name}: call_start_ns and call_end_ns must have one entry per call of the modules called more "
+                    f"than once ({int(repeats.sum())}), have {len(ph.call_start_ns)} and {len(ph.call_end_ns)}"
+                )
+            start, end = _array(ph.call_start_ns, np.int64), _array(ph.call_end_ns, np.int64)
+            edge_limits.check_columns(f"{name} call windows", (), (start, end))
+            edge_limits.check_columns(f"{name} call windows", (end - start,), ())
+            owners.append(np.repeat(multi + at, repeats))
+            starts.append(start)
+            ends.append(end)
+        at += n
+    if not owners:
+        return {}
+    return {
+        "call_owner": np.concatenate(owners),
+        "call_start": np.concatenate(starts),
+        "call_end": np.concatenate(ends),
+    }
 
 
 def _block_ok(block: np.ndarray, table_size: int) -> bool:

@@ -224,6 +224,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
                 "last_seen_ns": time.time_ns(),
                 "state": "live",
                 "attempt": attempt,
+                "wall_durations": int(h.wall_durations),
             },
         )
         log.info(
@@ -254,12 +255,15 @@ class IngestServicer(pb_grpc.CollectorServicer):
         for the merge; returns the rank's newest step. A bad report refuses the whole message (its
         step goes back to the agent): nothing of it is stored, everything stored before stays."""
         job = self.merger.jobs[stream.job]
+        info = job.ranks[stream.rank]
+        offset = job.host_offset(stream.rank)  # collectives are lined up on the host's best clock offset
         extend = self._extend(stream.job)
         rows = []
         for report in reports:
             try:
                 newest_step = edge_limits.check_report(report, newest_step, job.last_evaluated)
                 rows.append(parse_report(report, stream, extend))
+                rows[-1].clock_offset_ns = offset  # stored: a replay lines the ranks up as here
             except Refused as exc:
                 exc.step = report.step
                 raise
@@ -279,16 +283,13 @@ class IngestServicer(pb_grpc.CollectorServicer):
                     late[0].step,
                     job.last_evaluated,
                 )
-        info = job.ranks[stream.rank]
         info.counters = rows[-1].counters
         for row in rows:
             if info.waits_in_modules and row.detail and (row.collectives or self.collectives.knows(stream.job)):
                 # where its waits happened: taken out of its module compute before ranks are compared
-                self.collectives.add_windows(
-                    stream.job, stream.attempt, stream.rank, info.clock_offset_ns, row.step, row.modules
-                )
+                self.collectives.add_windows(stream.job, stream.attempt, stream.rank, offset, row.step, row.modules)
             if row.collectives:
-                self.collectives.add(stream.job, stream.attempt, stream.rank, info.clock_offset_ns, row.collectives)
+                self.collectives.add(stream.job, stream.attempt, stream.rank, offset, row.collectives)
             if row.gpu is not None:  # GPU health: the rank's latest sample
                 self.gpu_health.observe(stream.job, stream.rank, info.host, row.gpu)
         self._observe_rank(stream, info)
@@ -296,8 +297,10 @@ class IngestServicer(pb_grpc.CollectorServicer):
 
     def _clock(self, clock, stream: RankStream) -> None:
         edge_limits.check_offset(clock.offset_ns)
-        info = self.merger.jobs[stream.job].ranks[stream.rank]
+        job = self.merger.jobs[stream.job]
+        info = job.ranks[stream.rank]
         info.clock_offset_ns = clock.offset_ns
+        job.note_clock(stream.rank, clock.offset_ns, clock.rtt_ns)
         self.writer.call(
             self.store.upsert_rank,
             stream.job,

@@ -23,8 +23,9 @@ wait (with_collective_waits: waits outside module windows, in data loading or th
 Where that is computed, and why here: how long a rank waited in a collective is known only across ranks (the
 arrival skew by sequence number), so only the collector has it; which module held the wait needs the rank's
 module windows, which its step report already carries (first start and last end per module and phase, exact for
-a module called once in the phase), so no per-collective wire field is needed (Hello.wall_durations only
-says whether durations hold waits). The agent could not do better from what
+a module called once in the phase; each call's window for a module called several times, PhaseStats.call_start_ns,
+sent where collective timing is on and durations hold waits), so no per-collective wire field is needed
+(Hello.wall_durations says whether durations hold waits). The agent could not do better from what
 torch gives it: the Flight Recorder (gloo) stamps only the call, never when the rank blocked or unblocked, and
 FSDP's prefetch issues an all-gather in one module and blocks on it in the next. A wait is the span from the
 rank's arrival to the moment it could go on: on gloo, when the last rank arrived (the host blocks); on NCCL,
@@ -33,12 +34,13 @@ when its kernel ended (issued on an idle collective stream, it started at the ca
 that window's own code (since the window began, or since its latest child ended); waits that overlap (several
 collectives in flight) count once (waits_in_windows). A step is evaluated with its own waits: the evaluator
 holds a due step until every rank's stats of it are in (at most COLLECTIVE_HOLD_S). Not covered: a module
-called several times in a phase (its first start and last end are not one window: its waits stay in it), and
-on NCCL a kernel queued behind earlier collectives on its stream (it starts later than issued). The NCCL
-placement is unproven on a GPU.
+called several times in a phase by an agent that sent no call windows (its first start and last end are not one
+window: its waits stay in it), and on NCCL a kernel queued behind earlier collectives on its stream (it starts
+later than issued). The NCCL placement is unproven on a GPU.
 
 Memory: the newest `keep_steps` steps per job, at most `max_groups` groups per job, and the module windows of
-the newest `keep_steps` steps of ranks whose durations hold waits (3 int64 per module x phase); all in memory.
+the newest `keep_steps` steps of ranks whose durations hold waits (3 int64 per window: per module x phase called
+once, per call of one called several times); all in memory.
 """
 
 from __future__ import annotations
@@ -114,33 +116,63 @@ def line_up(members: dict[int, tuple[GroupStep, int]]) -> LinedUp | None:
 
 @dataclass
 class Windows:
-    """One rank's module windows of one step, on the collector's clock: each (module, phase) called once."""
+    """One rank's module windows of one step, on the collector's clock: one per call (a module called several
+    times in a phase has several windows of one column)."""
 
-    columns: np.ndarray  # int64 column keys (records.column_key)
+    columns: np.ndarray  # int64 column keys (records.column_key), one per window
     start: np.ndarray  # int64 ns: the call's start
     end: np.ndarray  # int64 ns: its end
 
 
 def windows_of(modules: dict, offset_ns: int) -> Windows:
-    """A StepRow's module columns as windows. A module called several times in a phase has only its first
-    start and last end, which are not one window: it is left out (its waits stay where they are)."""
+    """A StepRow's module columns as windows: one per module called once in its phase (its first start and
+    last end), and one per call of a module called several times, from the calls' own windows the report
+    carries (PhaseStats.call_start_ns). Without those, such a module's first start and last end are not one
+    window (they span the code between its calls): it is left out and its waits stay where they are."""
+    keys = column_key(np.asarray(modules["module"], np.int64), np.asarray(modules["phase"], np.int64))
     once = np.asarray(modules["calls"]) == 1
+    owner = modules.get("call_owner")
+    if owner is None or not len(owner):
+        return Windows(
+            keys[once],
+            np.asarray(modules["first_start"], np.int64)[once] + offset_ns,
+            np.asarray(modules["last_end"], np.int64)[once] + offset_ns,
+        )
     return Windows(
-        column_key(np.asarray(modules["module"], np.int64)[once], np.asarray(modules["phase"], np.int64)[once]),
-        np.asarray(modules["first_start"], np.int64)[once] + offset_ns,
-        np.asarray(modules["last_end"], np.int64)[once] + offset_ns,
+        np.concatenate([keys[once], keys[np.asarray(owner, np.int64)]]),
+        np.concatenate([np.asarray(modules["first_start"], np.int64)[once], modules["call_start"]]) + offset_ns,
+        np.concatenate([np.asarray(modules["last_end"], np.int64)[once], modules["call_end"]]) + offset_ns,
     )
+
+
+def resumed_at(w: Windows, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """When each wait [starts[k], ends[k]) really ended on the rank's own timeline. Its end is another rank's
+    arrival moved onto this rank's clock through both clock offsets, which may be off by ms (1.6 ms between two
+    ranks of one busy host, before they shared the host's offset): taken as it is, a wait measured late falls
+    into the rank's next module, is held there since that began, and most of it is lost. A rank blocked in a
+    collective starts and ends no module window, so it was blocked in the stretch between two window events
+    (starts, ends) that overlaps the wait most, and it resumed when that stretch ended: the wait ends there when
+    that is before its measured end. A wait measured early keeps its end: what the rank did after it (FSDP's
+    copy-out of the gathered shards) cannot be told from compute, and taking it out of the waiting rank only
+    makes the rank it waited for look slower there."""
+    events = np.unique(np.concatenate([w.start, w.end]))
+    lo = np.r_[np.iinfo(np.int64).min, events]
+    hi = np.r_[events, np.iinfo(np.int64).max]
+    overlap = np.minimum(hi[None, :], ends[:, None]) - np.maximum(lo[None, :], starts[:, None])
+    return np.minimum(hi[np.argmax(overlap, axis=1)], ends)
 
 
 def waits_in_windows(w: Windows, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The part of each wait [starts[k], ends[k]) that one rank spent in its module windows' own code, per
-    column: (columns, ns), columns unique. A wait is held by the innermost window open when it ended (where the
-    rank was blocked), and only since the rank last entered that window's own code: since it began, or since
-    its latest child ended, whichever came last (an all-gather FSDP prefetched in one module and waited for in
-    the next is counted in the next, from its start). Waits overlapping in one window count once."""
+    column: (columns, ns), columns unique. A wait is held by the innermost window open when it ended (when the
+    rank resumed, resumed_at: where it was blocked), and only since the rank last entered that window's own
+    code: since it began, or since its latest child ended, whichever came last (an all-gather FSDP prefetched in
+    one module and waited for in the next is counted in the next, from its start). Waits overlapping in one
+    window count once."""
     if not len(w.columns) or not len(ends):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    e = ends[:, None]
+    ends = resumed_at(w, starts, ends)
+    e = ends[:, None] - 1  # the rank was blocked until it resumed: where it was the moment before
     inside = (w.start <= e) & (e < w.end)
     held = inside.any(axis=1)
     if not held.any():
@@ -532,6 +564,18 @@ def _mark_slow_links(groups: list[dict]) -> None:
 
         median = float(np.median([cost(p) for p in peers]))
         g["slow_link"] = median > 0 and cost(g) >= SLOW_LINK_RATIO * median
+
+
+def take_out_waits(matrix, module_waits: tuple, recent_waits: tuple) -> None:
+    """A step's collective waits applied to its StepMatrix before ranks are compared, as the evaluator (and a
+    replay of a stored job) does: the waits inside module windows (CollectiveBook.module_waits) out of module
+    compute, and each rank's idle time raised to what it lately waited (CollectiveBook.recent_waits)."""
+    ranks, columns, in_windows = module_waits
+    if len(ranks):
+        without_module_waits(matrix, ranks, columns, in_windows)
+    ranks, waits = recent_waits
+    if len(ranks):
+        matrix.idle_ms = with_collective_waits(matrix.idle_or_tail_ms, matrix.ranks, ranks, waits)
 
 
 def with_collective_waits(idle_ms: np.ndarray, step_ranks: np.ndarray, ranks: np.ndarray, waits_ms: np.ndarray):

@@ -22,7 +22,7 @@ import numpy as np
 from modtrack.collector.config import ServeConfig
 from modtrack.collector.outputs.alerting import AlertDispatcher
 from modtrack.collector.outputs.metrics import CollectorMetrics
-from modtrack.collector.pipeline.collectives import with_collective_waits, without_module_waits
+from modtrack.collector.pipeline.collectives import take_out_waits
 from modtrack.collector.pipeline.detector import Detector, params_for_clock
 from modtrack.collector.pipeline.merge import JobSnapshot, JobState, Merger, RankState, ReadyStep, build_matrix
 from modtrack.collector.records import Episode
@@ -257,12 +257,8 @@ class Evaluator:
             job = item.job.job
             try:
                 matrix = build_matrix(item.job, item.step, item.rows)
-                ranks, columns, in_windows = self.collective_module_waits(job, item.step)
-                if len(ranks):  # waits inside module windows out of module compute, before ranks are compared
-                    without_module_waits(matrix, ranks, columns, in_windows)
-                ranks, waits = self.collective_waits(job)
-                if len(ranks):
-                    matrix.idle_ms = with_collective_waits(matrix.idle_or_tail_ms, matrix.ranks, ranks, waits)
+                # waits inside module windows out of module compute, before ranks are compared
+                take_out_waits(matrix, self.collective_module_waits(job, item.step), self.collective_waits(job))
                 detector = self._detector(item.job)
                 changed = detector.observe(matrix)
                 for ep in changed:

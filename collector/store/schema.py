@@ -126,11 +126,36 @@ def migrate_heartbeat_errors(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE ranks ADD COLUMN heartbeat_errors INTEGER DEFAULT 0")
 
 
+def migrate_collectives(conn: sqlite3.Connection) -> None:
+    """Version 4 -> 5: collective timing is kept, so a stored job is judged again as the collector judged it.
+    A `collectives` table (one row per rank, step and process group: the wire's CollectiveStats, with the clock
+    offset the rank had then); steps gain each call's window of the modules called several times (m_call_*,
+    NULL where none came) and the rank's clock offset; ranks say whether module durations hold collective
+    waits (Hello.wall_durations). Rows stored before have no collective stats (NULL offsets: 0)."""
+    _run_statements(
+        conn,
+        """
+CREATE TABLE collectives (
+  job TEXT NOT NULL, attempt INTEGER NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL,
+  grp TEXT NOT NULL, ranks_hash INTEGER NOT NULL, backend TEXT, group_size INTEGER, count INTEGER,
+  total_ns INTEGER, wait_ns INTEGER, bytes INTEGER, active_measured INTEGER, unlisted INTEGER,
+  clock_offset_ns INTEGER, c_seq BLOB, c_issue BLOB, c_active BLOB,
+  PRIMARY KEY (job, attempt, step, rank, grp, ranks_hash));
+ALTER TABLE steps ADD COLUMN m_call_owner BLOB;
+ALTER TABLE steps ADD COLUMN m_call_start BLOB;
+ALTER TABLE steps ADD COLUMN m_call_end BLOB;
+ALTER TABLE steps ADD COLUMN clock_offset_ns INTEGER;
+ALTER TABLE ranks ADD COLUMN wall_durations INTEGER DEFAULT 0
+""",
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v1_tables,
     migrate_attempts,
     migrate_gpu_explanation,
     migrate_heartbeat_errors,
+    migrate_collectives,
 ]
 VERSION = len(MIGRATIONS)
 

@@ -19,15 +19,32 @@ import time
 
 import numpy as np
 
-from modtrack.collector.records import AGENT_COUNTERS, MODULE_COLUMNS, STEP_FIGURES, TRACE_COLUMNS, Episode, StepRow
+from modtrack.collector.ingest.collectives_parse import GroupStep
+from modtrack.collector.records import (
+    AGENT_COUNTERS,
+    CALL_COLUMNS,
+    MODULE_COLUMNS,
+    STEP_FIGURES,
+    TRACE_COLUMNS,
+    Episode,
+    StepRow,
+)
 from modtrack.collector.store import schema
 
 log = logging.getLogger("modtrack.collector.store")
 
+_BLOB_COLUMNS = MODULE_COLUMNS + CALL_COLUMNS  # a step's per-module (and per-call) columns, stored as m_<name>
 _INSERT_STEP = (
     f"INSERT OR IGNORE INTO steps (job, attempt, rank, step, {', '.join(STEP_FIGURES)}, "
-    f"{', '.join('m_' + name for name, _ in MODULE_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * (4 + len(STEP_FIGURES) + len(MODULE_COLUMNS)))})"
+    f"{', '.join('m_' + name for name, _ in _BLOB_COLUMNS)}, clock_offset_ns) "
+    f"VALUES ({', '.join('?' * (5 + len(STEP_FIGURES) + len(_BLOB_COLUMNS)))})"
+)
+_COLLECTIVE_FIELDS = (
+    "grp, ranks_hash, backend, group_size, count, total_ns, wait_ns, bytes, active_measured, unlisted, "
+    "clock_offset_ns, c_seq, c_issue, c_active"
+)
+_INSERT_COLLECTIVE = (
+    f"INSERT OR IGNORE INTO collectives (job, attempt, rank, step, {_COLLECTIVE_FIELDS}) VALUES ({', '.join('?' * 18)})"
 )
 # The ranks table has one column per agent counter, named as the wire names it.
 _UPDATE_RANK_SEEN = (
@@ -217,6 +234,9 @@ class Store:
         conn.executemany(_INSERT_STEP, [r.sql_row() for r in rows])
         if conn.total_changes - before < len(rows):  # some (job, attempt, step, rank) were stored already
             self._count_duplicates(rows)
+        collectives = [c for r in rows if r.collectives for c in r.collective_rows()]
+        if collectives:
+            conn.executemany(_INSERT_COLLECTIVE, collectives)
         traces = [r.trace_row() for r in rows if r.trace is not None]
         if traces:
             conn.executemany(_INSERT_TRACE, traces)
@@ -261,8 +281,13 @@ class Store:
         lo = self._retained_from.get((job, attempt), -1)  # only the steps not trimmed before: no rescans
         cur = conn.execute(
             "UPDATE steps SET "
-            + ", ".join(f"m_{n} = NULL" for n, _ in MODULE_COLUMNS)
+            + ", ".join(f"m_{n} = NULL" for n, _ in _BLOB_COLUMNS)
             + " WHERE job = ? AND attempt = ? AND step >= ? AND step < ? AND m_module IS NOT NULL",
+            (job, attempt, lo, cutoff),
+        )
+        conn.execute(  # each collective's sequence number and times go too; the step's sums stay
+            "UPDATE collectives SET c_seq = NULL, c_issue = NULL, c_active = NULL "
+            "WHERE job = ? AND attempt = ? AND step >= ? AND step < ? AND c_seq IS NOT NULL",
             (job, attempt, lo, cutoff),
         )
         self._retained_from[(job, attempt)] = max(lo, cutoff)
@@ -351,14 +376,75 @@ class Store:
         )
 
     def step_modules(self, job: str, step: int, attempt: int | None = None) -> dict[int, dict]:
-        """rank -> MODULE_COLUMNS arrays for one step (empty arrays once retention dropped them)."""
+        """rank -> MODULE_COLUMNS arrays for one step (empty arrays once retention dropped them), and the
+        CALL_COLUMNS where the rank sent call windows."""
         attempt = self.latest_attempt(job) if attempt is None else attempt
         rows = self.conn().execute(
-            f"SELECT rank, {', '.join('m_' + n for n, _ in MODULE_COLUMNS)} FROM steps "
+            f"SELECT rank, {', '.join('m_' + n for n, _ in _BLOB_COLUMNS)} FROM steps "
             "WHERE job = ? AND attempt = ? AND step = ? ORDER BY rank",
             (job, attempt, step),
         )
-        return {row[0]: _blobs(row, MODULE_COLUMNS, 1) for row in rows}
+        out = {}
+        for row in rows:
+            out[row[0]] = _blobs(row, MODULE_COLUMNS, 1)
+            if row[1 + len(MODULE_COLUMNS)] is not None:
+                out[row[0]].update(_blobs(row, CALL_COLUMNS, 1 + len(MODULE_COLUMNS)))
+        return out
+
+    def clock_offsets(self, job: str, attempt: int) -> dict[tuple[int, int], int]:
+        """(step, rank) -> the rank's clock offset when its report of the step came in (0 where not stored)."""
+        rows = self.conn().execute(
+            "SELECT step, rank, clock_offset_ns FROM steps WHERE job = ? AND attempt = ?", (job, attempt)
+        )
+        return {(step, rank): offset or 0 for step, rank, offset in rows}
+
+    def collective_stats(self, job: str, attempt: int) -> list[tuple[int, int, GroupStep]]:
+        """(rank, clock offset then, stats) of every stored collective stats row of an attempt, in step order;
+        the per-collective columns are empty once retention dropped them."""
+        rows = self.conn().execute(
+            f"SELECT rank, step, {_COLLECTIVE_FIELDS} FROM collectives WHERE job = ? AND attempt = ? "
+            "ORDER BY step, rank, grp",
+            (job, attempt),
+        )
+        out = []
+        for (
+            rank,
+            step,
+            group,
+            ranks_hash,
+            backend,
+            size,
+            count,
+            total,
+            wait,
+            nbytes,
+            measured,
+            unlisted,
+            offset,
+            *cols,
+        ) in rows:
+            seq, issue, active = (
+                np.frombuffer(c, dtype) if c is not None else np.zeros(0, dtype)
+                for c, dtype in zip(cols, (np.uint64, np.int64, np.int64))
+            )
+            stats = GroupStep(
+                step,
+                group,
+                backend,
+                size,
+                int(np.int64(ranks_hash).astype(np.uint64)),
+                count,
+                total,
+                wait,
+                int(np.int64(nbytes).astype(np.uint64)),
+                bool(measured),
+                unlisted,
+                seq,
+                issue,
+                active if cols[2] is not None else None,
+            )
+            out.append((rank, offset or 0, stats))
+        return out
 
     def episodes(self, job: str | None = None, state: str | None = None, attempt: int | None = None) -> list[Episode]:
         """Episodes, active first; with a job and no attempt, those of the job's latest attempt."""

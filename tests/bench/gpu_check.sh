@@ -2,8 +2,9 @@
 # Everything modtrack proves on a CUDA machine, in one unattended run (< 8 minutes), printing every figure:
 #   - the CUDA tests (pytest -m cuda: event timing truth with torch.cuda._sleep in forward and backward, the
 #     sender resolving events, sampled mode on the GPU, NCCL's completion hook timing a real all-reduce and the
-#     kernel end the collector places an NCCL wait at (tests/test_collectives_cuda.py: one GPU, so no skew), and
-#     whatever else is marked cuda);
+#     kernel end the collector places an NCCL wait at, against each call's window of a module called twice
+#     (tests/test_collectives_cuda.py: one GPU, so no skew), NVML's sample of the GPU torch uses and of a busy
+#     GPU (tests/test_gpu_health_cuda.py, skipped without nvidia-ml-py), and whatever else is marked cuda);
 #   - what recording one event costs (torch's Event.record() vs the clock's recorder);
 #   - agent overhead on the GPU: MLP-200 (per module call, against the seed's ModuleTracker) and GPT-2 small
 #     (transformers' GPT2Config, % of a ~100 ms step), full detail, with the sender resolving the events, and
@@ -36,7 +37,7 @@ if ! "$PY" -c 'import modtrack.agent' 2>/dev/null; then  # no pip, no setuptools
   export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PY" -c 'import modtrack.agent; print("modtrack.agent from", modtrack.agent.__file__)'
-for dep in grpc numpy transformers pytest google.protobuf; do
+for dep in grpc numpy transformers pytest google.protobuf pynvml; do
   "$PY" -c "import $dep" 2>/dev/null && echo "have $dep" || echo "MISSING $dep (what needs it is skipped)"
 done
 

@@ -483,7 +483,8 @@ def run_matrix(
 
 def rejudge(folders: list[str]) -> list[Result]:
     """Judge the jobs kept by --keep again with today's detector, offline: their stored steps (replayed as the
-    merge built them) and their own step times. Whatever the agent measured stays what it was."""
+    merge built them, with their stored collective waits taken out as the evaluator does) and their own step
+    times. Whatever the agent measured stays what it was."""
     from harness import replay
 
     results = []
@@ -492,7 +493,7 @@ def rejudge(folders: list[str]) -> list[Result]:
             job = times.removesuffix(".times.jsonl")
             wrap, name, position = job.split("-")[:3]
             shape = SHAPES[name]
-            ranks = 3
+            ranks = replay.world_size(folder, job)
             res = Result(wrap, name, culprit_rank(position, ranks), ranks)
             attempt = 1 if shape.restart else 0
             episodes = replay.judge(replay.stored_matrices(folder, job, attempt))

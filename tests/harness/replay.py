@@ -13,25 +13,36 @@ import json
 
 import numpy as np
 
+from modtrack.collector.pipeline.collectives import CollectiveBook, take_out_waits
 from modtrack.collector.pipeline.detector import Detector, DetectorParams, params_for_clock
 from modtrack.collector.pipeline.merge import JobSnapshot, build_matrix
-from modtrack.collector.records import MODULE_COLUMNS, STEP_FIGURES, Episode, StepMatrix, StepRow
+from modtrack.collector.records import CLOCK_KIND_CUDA, MODULE_COLUMNS, STEP_FIGURES, Episode, StepMatrix, StepRow
 from modtrack.collector.store.sqlite import Store
 
 STACKED = ("self_ms", "wall_ms", "sync_wait_ms", "forward_ms", "backward_ms", "data_ms", "optimizer_ms", "idle_ms")
 STACKED += ("host_ms",)
 
 
-def stored_matrices(data_dir: str, job: str, attempt: int | None = None) -> list[StepMatrix]:
-    """Every stored step of a job's attempt (the latest by default), as the merge would build it."""
+def stored_matrices(data_dir: str, job: str, attempt: int | None = None, collectives: bool = True) -> list[StepMatrix]:
+    """Every stored step of a job's attempt (the latest by default), as the merge would build it and, where the
+    job sent collective stats (and `collectives`), with its collective waits taken out as the evaluator does:
+    each step once its own stats are in (the evaluator holds it for them), the ranks' module windows where
+    their durations hold the waits (wall clock, CUDA)."""
     store = Store(data_dir)
     try:
         attempt = store.latest_attempt(job) if attempt is None else attempt
-        hosts = {r["rank"]: r["host"] or "" for r in store.ranks(job)}
+        ranks = store.ranks(job)
+        hosts = {r["rank"]: r["host"] or "" for r in ranks}
+        waits_in_modules = {r["rank"] for r in ranks if r["wall_durations"] or r["clock_kind"] == CLOCK_KIND_CUDA}
         snapshot = JobSnapshot(job, store.module_names(job), hosts, cpu_clock=True, attempt=attempt)
         by_step: dict[int, dict[int, dict]] = {}
         for step, rank, *figures in store.last_steps(job, 1_000_000, attempt):
             by_step.setdefault(step, {})[rank] = dict(zip(STEP_FIGURES, figures))
+        stats: dict[int, list] = {}
+        for rank, offset, s in store.collective_stats(job, attempt) if collectives else []:
+            stats.setdefault(s.step, []).append((rank, offset, s))
+        offsets = store.clock_offsets(job, attempt)
+        book = CollectiveBook() if stats else None
         matrices = []
         for step in sorted(by_step):
             modules = store.step_modules(job, step, attempt)
@@ -40,9 +51,28 @@ def stored_matrices(data_dir: str, job: str, attempt: int | None = None) -> list
                 for rank, figures in by_step[step].items()
                 if rank in modules and len(modules[rank][MODULE_COLUMNS[0][0]])
             }
+            if book is not None:
+                for rank, offset, s in stats.pop(step, []):
+                    book.add(job, attempt, rank, offset, [s])
+                for rank, row in rows.items():
+                    if rank in waits_in_modules:
+                        book.add_windows(job, attempt, rank, offsets.get((step, rank), 0), step, row.modules)
             if rows:
-                matrices.append(build_matrix(snapshot, step, rows))
+                matrix = build_matrix(snapshot, step, rows)
+                if book is not None:
+                    take_out_waits(matrix, book.module_waits(job, step), book.recent_waits(job))
+                matrices.append(matrix)
         return matrices
+    finally:
+        store.close()
+
+
+def world_size(data_dir: str, job: str) -> int:
+    store = Store(data_dir)
+    try:
+        row = store.job(job)
+        assert row is not None, f"no job {job!r} in {data_dir}"
+        return row["world_size"]
     finally:
         store.close()
 
