@@ -252,7 +252,8 @@ class EpisodeBook:
         wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
         idle = m.idle_or_tail_ms
         wall = np.nan_to_num(wall)
-        self._floor_ms = max(self._floor(wall), 0.05)
+        floor = self._floor(wall)
+        self._floor_ms = max(floor, 0.05)
         step = _Step(
             m,
             x,
@@ -261,7 +262,7 @@ class EpisodeBook:
             wall,
             wait,
             idle,
-            self._floor(wall),
+            floor,
             float(np.median(wall)) if len(wall) else 0.0,
             np.argsort(idle, kind="stable"),
         )
