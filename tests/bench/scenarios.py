@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared harness
 from harness.collector_process import REPO, CollectorProcess, env
@@ -262,9 +262,10 @@ def run_job(
 
 
 def measured_loss(
-    times_path: str, attempt: int, onset: int, end: int, every: int = 1, se: bool = False
+    times_path: str, attempt: int, onset: int, end: int | None = None, every: int = 1, se: bool = False
 ) -> float | tuple[float, float] | None:
-    """What the job lost per step, from the ranks' own step times; se: with its standard error.
+    """What the job lost per step, from the ranks' own step times; se: with its standard error. end: the step
+    after the last one judged (None: the file's last step, as many as the job ran).
 
     A step's time is the median over the ranks' own clocks (rank 0's alone in files written before every rank
     wrote its own: on shared cores one rank's step boundary moves by tens of ms against its peers').
@@ -285,6 +286,8 @@ def measured_loss(
         if r["attempt"] == attempt:
             by_step.setdefault(r["step"], []).append(r["ms"])
     ms = {step: statistics.median(v) for step, v in by_step.items()}
+    if end is None:
+        end = max(ms, default=0) + 1
     if every > 1:
         return _intermittent_loss(ms, onset, end, every, se)
     after = [ms[s] for s in range(max(onset, end - 30), end) if s in ms]
@@ -378,7 +381,7 @@ def score(res: Result, shape: Shape, verdicts: list[dict], times: str, attempt: 
     if shape.stops_at is None:
         res.cost = v["cost_ms_per_step"]
         every = int(shape.args[shape.args.index("--slow-every") + 1]) if "--slow-every" in shape.args else 1
-        measured = measured_loss(times, attempt, ONSET, shape.steps, every, se=True)
+        measured = measured_loss(times, attempt, ONSET, None, every, se=True)
         if isinstance(measured, tuple):
             res.measured, res.measured_se = measured
         if res.measured and res.measured > 0:
@@ -492,16 +495,17 @@ def rejudge(folders: list[str]) -> list[Result]:
             job = times.removesuffix(".times.jsonl")
             wrap, name, position = job.split("-")[:3]
             shape = SHAPES[name]
-            ranks = 3
-            res = Result(wrap, name, culprit_rank(position, ranks), ranks)
             attempt = 1 if shape.restart else 0
-            episodes = replay.judge(replay.stored_matrices(folder, job, attempt))
+            matrices = replay.stored_matrices(folder, job, attempt)
+            ranks = max((len(m.ranks) for m in matrices), default=3)
+            res = Result(wrap, name, culprit_rank(position, ranks), ranks)
+            episodes = replay.judge(matrices)
             verdicts = [asdict(ep) for ep in episodes]
             if shape.clean:
                 res.verdicts, res.false_alarms, res.clean_steps, res.named = (
                     verdicts,
                     len(verdicts),
-                    shape.steps,
+                    len(matrices),
                     not verdicts,
                 )
             else:
@@ -517,6 +521,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--culprits", default=",".join(CULPRITS))
     ap.add_argument("--ranks", type=int, default=3)
+    ap.add_argument("--steps", type=int, help="run this many steps (the onset stays at step 15) instead of the shape's")
     ap.add_argument("--results", help="append each result to this JSON-lines file")
     ap.add_argument("--report", help="print the table and totals of a results file, run nothing")
     ap.add_argument("--keep", help="keep the collector's data (SQLite) and step times in this folder, for replay")
@@ -529,6 +534,9 @@ def main(argv=None) -> int:
     )
     a = ap.parse_args(argv)
     AGENT_ENV.update(kv.split("=", 1) for kv in a.agent_env.split(",") if kv)
+    if a.steps:
+        for name, shape in SHAPES.items():
+            SHAPES[name] = replace(shape, steps=a.steps)
     if a.rejudge:
         results = rejudge(a.rejudge)
     elif a.report:
