@@ -522,6 +522,7 @@ def main(argv=None) -> int:
     ap.add_argument("--culprits", default=",".join(CULPRITS))
     ap.add_argument("--ranks", type=int, default=3)
     ap.add_argument("--steps", type=int, help="run this many steps (the onset stays at step 15) instead of the shape's")
+    ap.add_argument("--stop-at", type=int, help="every fault ends at this step: its verdict must resolve (as `stop`)")
     ap.add_argument("--results", help="append each result to this JSON-lines file")
     ap.add_argument("--report", help="print the table and totals of a results file, run nothing")
     ap.add_argument("--keep", help="keep the collector's data (SQLite) and step times in this folder, for replay")
@@ -534,9 +535,13 @@ def main(argv=None) -> int:
     )
     a = ap.parse_args(argv)
     AGENT_ENV.update(kv.split("=", 1) for kv in a.agent_env.split(",") if kv)
-    if a.steps:
-        for name, shape in SHAPES.items():
-            SHAPES[name] = replace(shape, steps=a.steps)
+    for name, shape in SHAPES.items():
+        SHAPES[name] = replace(
+            shape,
+            steps=a.steps or shape.steps,
+            args=shape.args + (["--slow-to-step", str(a.stop_at)] if a.stop_at and not shape.clean else []),
+            stops_at=a.stop_at if a.stop_at and not shape.clean else shape.stops_at,
+        )
     if a.rejudge:
         results = rejudge(a.rejudge)
     elif a.report:
