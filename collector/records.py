@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from modtrack.collector.small_arrays import nan_to
 from modtrack.protos import modtrack_pb2 as pb
 
 # Phase ids are the proto's Phase enum: 1 forward, 2 backward, 3 recompute (0 is never sent).
@@ -144,7 +145,7 @@ class StepMatrix:
     def idle_or_tail_ms(self) -> np.ndarray:
         """(R,) float64 what each rank waited, in any phase: idle_ms where known, else the backward tail; NaN as 0.
         The one reading of a step's waits that the detector, the episodes and the evaluator share."""
-        return np.nan_to_num(np.asarray(self.sync_wait_ms if self.idle_ms is None else self.idle_ms, np.float64))
+        return nan_to(self.sync_wait_ms if self.idle_ms is None else self.idle_ms)
 
 
 @dataclass

@@ -72,13 +72,18 @@ def describe(s: dict) -> str:
 
 
 def measured_loss(times_path: str, onset: int, warmup: int = 5) -> tuple[float, float] | None:
-    """Rank 0's own step times (train.py --step-times): median before the onset (after the first, slower
-    steps) and after it. Their difference is what the job lost per step, measured outside the collector."""
+    """The ranks' own step times (train.py --step-times): a step's time is the median over the ranks (on shared
+    cores one rank's step boundary moves by tens of ms against its peers', while their sums agree); then the
+    median before the onset (after the first, slower steps) and after it. Their difference is what the job lost
+    per step, measured outside the collector."""
+    by_step: dict[int, list[float]] = {}
     try:
         with open(times_path) as f:
-            ms = {r["step"]: r["ms"] for r in map(json.loads, f) if r.get("rank", 0) == 0}
+            for r in map(json.loads, f):
+                by_step.setdefault(r["step"], []).append(r["ms"])
     except OSError:
         return None
+    ms = {step: statistics.median(values) for step, values in by_step.items()}
     before = [v for step, v in ms.items() if warmup <= step < onset]
     after = [v for step, v in ms.items() if step >= onset + 2]  # the first slow steps fill the pipeline
     if len(before) < 3 or len(after) < 3:
@@ -176,7 +181,7 @@ def main(argv=None) -> int:
         if measured is not None:
             before, after = measured
             print(
-                f"measured by the job itself (rank 0's step times, medians): {before:.1f} ms per step before "
+                f"measured by the job itself (its ranks' step times, medians): {before:.1f} ms per step before "
                 f"step {args.slow_from_step}, {after:.1f} ms after: {after - before:.1f} ms per step lost"
             )
         print(f"\ndashboard: {api}/   (took {time.monotonic() - started:.0f} s)")

@@ -52,6 +52,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from modtrack.collector.ingest.collectives_parse import GroupStep
 from modtrack.collector.records import column_key
+from modtrack.collector.small_arrays import nan_to
 
 LATE_SHARE = 0.6  # a rank arriving last in at least this share of a group's collectives is "the late rank"
 MIN_WAIT_NS = 1_000_000  # ...when its peers wait at least this much per step on average
@@ -468,7 +469,7 @@ def without_module_waits(matrix, ranks: np.ndarray, columns: np.ndarray, waits_m
     ok = (keys[order][at_col] == columns) & (matrix.ranks[at_rank] == ranks) if len(keys) else np.zeros(0, bool)
     rows, cols = at_rank[ok], order[at_col[ok]]
     current = matrix.self_ms[rows, cols]
-    taken = np.where(np.isnan(current), 0.0, np.minimum(np.nan_to_num(current), waits_ms[ok]))
+    taken = np.where(np.isnan(current), 0.0, np.minimum(nan_to(current), waits_ms[ok]))
     matrix.self_ms[rows, cols] = current - taken
     idle = matrix.idle_or_tail_ms  # a new array: the matrix's own is replaced below, not changed in place
     np.add.at(idle, rows, taken)
@@ -541,4 +542,4 @@ def with_collective_waits(idle_ms: np.ndarray, step_ranks: np.ndarray, ranks: np
     optimizer kept anyone waiting. On the thread CPU clock idle time already holds it (never less)."""
     at = np.minimum(np.searchsorted(ranks, step_ranks), len(ranks) - 1)  # `ranks`: sorted, not empty
     recent = np.where(ranks[at] == step_ranks, waits_ms[at], 0.0)
-    return np.maximum(np.nan_to_num(np.asarray(idle_ms, dtype=np.float64)), recent)
+    return np.maximum(nan_to(idle_ms), recent)

@@ -18,6 +18,7 @@ import numpy as np
 from modtrack.collector.pipeline.episodes import EpisodeBook
 from modtrack.collector.pipeline.sampled_steps import HeldDetail
 from modtrack.collector.records import Episode, StepMatrix
+from modtrack.collector.small_arrays import column_medians, excess_sums, median, nan_median, nan_to
 
 Z_SCALE = 0.6745  # makes the MAD of a normal sample comparable to its standard deviation
 
@@ -99,23 +100,11 @@ class StepFlags:
     count: np.ndarray  # (K,) how many ranks ran the column
 
 
-def _row_medians(sorted_cols: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """Median of each column of an axis-0-sorted array whose NaNs sit at the bottom."""
-    k = np.arange(sorted_cols.shape[1])
-    lo = np.maximum((count - 1) // 2, 0)
-    hi = np.maximum(count // 2, 0)
-    if sorted_cols.shape[0] == 0:
-        return np.full(sorted_cols.shape[1], np.nan)
-    med = 0.5 * (sorted_cols[lo, k] + sorted_cols[hi, k])
-    med[count == 0] = np.nan
-    return med
-
-
 def column_stats(self_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per column: count of ranks that ran it, median and MAD of their self times (NaN-aware)."""
     count = np.count_nonzero(~np.isnan(self_ms), axis=0)
-    median = _row_medians(np.sort(self_ms, axis=0), count)  # sort puts NaN last
-    mad = _row_medians(np.sort(np.abs(self_ms - median), axis=0), count)
+    median = column_medians(np.sort(self_ms, axis=0), count)  # sort puts NaN last
+    mad = column_medians(np.sort(np.abs(self_ms - median), axis=0), count)
     return count, median, mad
 
 
@@ -124,9 +113,9 @@ def _peer_wait_median(wait: np.ndarray, x: np.ndarray, count: np.ndarray) -> np.
     if not len(wait):
         return 0.0
     if (count == len(wait)).all():  # every rank ran every column: one median for all
-        return float(np.median(wait))
+        return median(wait)
     waits = np.where(np.isnan(x), np.nan, wait[:, None])
-    return _row_medians(np.sort(waits, axis=0), count)
+    return column_medians(np.sort(waits, axis=0), count)
 
 
 def _peer_idle(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
@@ -148,8 +137,7 @@ def _peer_idle(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
 def _compute_lead(x: np.ndarray, median: np.ndarray) -> np.ndarray:
     """Per rank, its module excess over the columns' medians, less the largest of any other rank: how far
     its compute is ahead of the next slowest rank's, which a synchronous step waits for. < 0 but for one."""
-    with np.errstate(invalid="ignore"):
-        total = np.nansum(np.clip(x - median, 0.0, None), axis=1)
+    total = excess_sums(x, median)
     if len(total) < 2:
         return np.zeros(len(total))
     order = np.argsort(-total, kind="stable")
@@ -167,8 +155,7 @@ def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) ->
     idle, peer = _peer_idle(m)
     if len(idle) < 2:
         return np.zeros(len(idle))
-    with np.errstate(invalid="ignore"):
-        module_excess = np.nansum(np.clip(x[:, :-steps] - median[:-steps], 0.0, None), axis=1) if steps else 0.0
+    module_excess = excess_sums(x[:, :-steps], median[:-steps]) if steps else 0.0
     return peer - idle - module_excess
 
 
@@ -206,9 +193,9 @@ def judged_columns(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
 def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> StepFlags:
     """Flag every rank x column whose compute is in excess, victims excluded."""
     x = judged_columns(m)[0] if x is None else x
-    wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
+    wait = nan_to(m.sync_wait_ms)
     count, median, mad = column_stats(x)
-    wall_median = float(np.nanmedian(m.wall_ms)) if len(m.wall_ms) else 0.0
+    wall_median = nan_median(m.wall_ms) if len(m.wall_ms) else 0.0
     tol = max(p.sync_tol_ms, p.sync_tol_frac * (wall_median if np.isfinite(wall_median) else 0.0))
 
     with np.errstate(invalid="ignore"):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from modtrack.collector.records import N_PHASES, PHASE_NAMES, Episode, StepMatrix, column_key
+from modtrack.collector.small_arrays import excess_sums, median, nan_column_medians, nan_median, nan_to, row_percentiles
 
 if TYPE_CHECKING:
     from modtrack.collector.pipeline.detector import StepFlags
@@ -37,19 +38,6 @@ MIN_BASELINE = 5
 MAX_WALL_SCALE = 2.0  # the wall a culprit costs, per ms of its excess compute, at most
 WHOLE_RANK_FRAC = 0.1  # a rank slower in most modules by this fraction of the step in all is slow as a whole
 MAX_GAP = 20  # steps between an intermittent straggler's slow steps that still keep it one episode
-
-
-def _row_percentile(a: np.ndarray, q: float) -> np.ndarray:
-    """np.nanpercentile(a, q, axis=1) (linear), vectorised: numpy's goes row by row once a NaN is present."""
-    ordered = np.sort(a, axis=1)  # NaNs last
-    n = np.count_nonzero(~np.isnan(a), axis=1)
-    pos = np.maximum(n - 1, 0) * (q / 100.0)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
-    rows = np.arange(len(a))
-    below, above = ordered[rows, lo], ordered[rows, hi]
-    out = below + (above - below) * (pos - lo)
-    return np.where(n > 0, out, np.nan)
 
 
 class _quiet(np.errstate):
@@ -238,20 +226,20 @@ class EpisodeBook:
         rank_wide = (runs >= 4) & (2 * flagged.sum(axis=1) > runs)
         rank_wide |= self._slow_everywhere(m, x, flags)
         cell_flags = flagged & ~rank_wide[:, None]
-        with _quiet():
+        with np.errstate(all="ignore"):  # NaN arithmetic only: no warning to catch
             k = np.asarray(m.self_ms).shape[1]
-            total_excess = np.nansum(np.clip(x[:, :k] - flags.median[:k], 0.0, None), axis=1)
+            total_excess = excess_sums(x[:, :k], flags.median[:k])
         # ... and a rank slow everywhere now and then must lose the job what a step-level cause must: on shared
         # cores a rank's modules all run a few % longer in CPU time for a step or two (4-5 ms in a 35 ms step).
-        wall_med = float(np.nanmedian(m.wall_ms)) if len(m.wall_ms) else 0.0
+        wall_med = nan_median(m.wall_ms) if len(m.wall_ms) else 0.0
         bar = max(self.p.step_floor_ms, self.p.step_floor_frac * (wall_med if np.isfinite(wall_med) else 0.0))
         rank_paid = rank_wide & (flags.paid_ms >= 0.5 * total_excess) & (total_excess > bar)
         self._push(cell_flags, cell_flags & flags.waited, rank_wide, rank_paid)
 
         wall = np.asarray(m.wall_ms, dtype=np.float64)
-        wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
+        wait = nan_to(m.sync_wait_ms)
         idle = m.idle_or_tail_ms
-        wall = np.nan_to_num(wall)
+        wall = nan_to(wall)
         floor = self._floor(wall)
         self._floor_ms = max(floor, 0.05)
         step = _Step(
@@ -263,7 +251,7 @@ class EpisodeBook:
             wait,
             idle,
             floor,
-            float(np.median(wall)) if len(wall) else 0.0,
+            median(wall) if len(wall) else 0.0,
             np.argsort(idle, kind="stable"),
         )
 
@@ -348,31 +336,33 @@ class EpisodeBook:
         pace right before the slow step: on a shared host it drifts by more over a run than a 1-in-3 straggler costs).
         """
         if self.tracks and all(self._intermittent(t) for t in self.tracks.values()):
-            return float(np.median([b[1] for b in list(self.baseline)[-LOCAL_BASELINE_STEPS:]]))
-        return float(np.mean([b[1] for b in self.baseline]))
+            return median([b[1] for b in list(self.baseline)[-LOCAL_BASELINE_STEPS:]])
+        return sum(b[1] for b in self.baseline) / len(self.baseline)
 
     def _slow_everywhere(self, m: StepMatrix, x: np.ndarray, flags) -> np.ndarray:
         """Ranks slower than the median in most of their modules, by a total that matters: a whole
         rank slowed a little in each module (a slower core, a throttled clock), where no one cell
         clears the floors. Victims (waiting more than the median rank) are not."""
+        if len(x) < 3:  # two ranks have no "most": the slower one is judged cell by cell
+            return np.zeros(len(x), dtype=bool)
         k = np.asarray(m.self_ms).shape[1]
-        with _quiet():
+        with np.errstate(all="ignore"):  # NaN arithmetic only: no warning to catch
             diff = x[:, :k] - flags.median[:k]
             runs = np.count_nonzero(~np.isnan(diff), axis=1)
             # three in five of its modules above the hold ratio: slow everywhere, not in a few. (Not three in four:
             # under FSDP2 the containers' self time is the wrapper's own work, 1-2 ms of it, which a rank slow in
             # every leaf does not stretch: 23 of 82 columns.)
-            spread = _row_percentile(x[:, :k] / flags.median[:k], 40) > self.p.hold_ratio
+            spread = row_percentiles(x[:, :k] / flags.median[:k], 40) > self.p.hold_ratio
             total = np.nansum(diff, axis=1)
-            wall_med = float(np.nanmedian(m.wall_ms)) if len(m.wall_ms) else 0.0
-            wait = np.nan_to_num(np.asarray(m.sync_wait_ms, dtype=np.float64))
+            wall_med = nan_median(m.wall_ms) if len(m.wall_ms) else 0.0
+            wait = nan_to(m.sync_wait_ms)
         floor = max(3 * (self.p.min_excess_ms or 0.0), WHOLE_RANK_FRAC * (wall_med if np.isfinite(wall_med) else 0.0))
-        not_victim = wait <= (np.median(wait) if len(wait) else 0.0) + max(self.p.sync_tol_ms, 0.02 * wall_med)
-        return (runs >= 8) & (len(x) >= 3) & spread & (total > floor) & not_victim
+        not_victim = wait <= (median(wait) if len(wait) else 0.0) + max(self.p.sync_tol_ms, 0.02 * wall_med)
+        return (runs >= 8) & spread & (total > floor) & not_victim
 
     def _floor(self, wall: np.ndarray) -> float:
         """The least excess a listed entry must carry (the opening floors)."""
-        wall_med = float(np.nanmedian(wall)) if len(wall) else 0.0
+        wall_med = nan_median(wall) if len(wall) else 0.0
         frac = (self.p.min_excess_frac or 0.0) * (wall_med if np.isfinite(wall_med) else 0.0)
         return max(self.p.min_excess_ms or 0.0, frac)
 
@@ -386,19 +376,19 @@ class EpisodeBook:
             # Among many ranks the culprit barely moves the median: the step's column medians
             # serve every track; a few ranks need the median of the others.
             many = len(s.x) - len(rows) >= 8
-            peer_med = s.flags.median if many else np.nanmedian(np.delete(s.x, rows, axis=0), axis=0)
+            peer_med = s.flags.median if many else nan_column_medians(np.delete(s.x, rows, axis=0))
             if len(rows) == 1:  # a rank: its own row (nanmax/nanmedian of one row is the row, at 10x the cost)
                 excess = s.x[rows[0]] - peer_med
                 ratio = s.x[rows[0]] / peer_med
             else:
                 excess = np.nanmax(s.x[rows], axis=0) - peer_med  # the job waits for the slowest member
-                ratio = np.nanmedian(s.x[rows], axis=0) / peer_med  # a host's typical member
+                ratio = nan_column_medians(s.x[rows]) / peer_med  # a host's typical member
         # Synchronous training: the step would shorten by the culprit's excess, but only down to
         # the next slowest rank's finish: the least any peer waited (in any phase), minus what the
         # culprit itself waited. Unsynchronised steps: the wall gap. The job cannot lose more.
         members = set(rows)
         peer_idle = float(s.idle[next(i for i in s.idle_order.tolist() if i not in members)])
-        peer_wall = s.wall_med if many else float(np.median(np.delete(s.wall, rows)))
+        peer_wall = s.wall_med if many else median(np.delete(s.wall, rows))
         wall_cap = float(s.wall[rows].max()) - peer_wall
         # The backward tail alone, too: on a loaded host a culprit preempted in its slow module shows that wall
         # as idle (wall minus its compute), which cuts the idle gap; its peers' wait in the tail it does not cut.
@@ -416,7 +406,7 @@ class EpisodeBook:
             track.med_ratio = np.median(track.ratio[:recorded], axis=0)
         often = 2 * track.held[:recorded].sum(axis=0) >= recorded
         whole = self._wide_share(track) >= 0.5  # slow everywhere: a little in each module counts
-        track.sig = often & (np.nan_to_num(track.med_excess, nan=-1.0) > (0.0 if whole else floor))
+        track.sig = often & (nan_to(track.med_excess, -1.0) > (0.0 if whole else floor))
 
     def _advance(self, track: _Track, s: _Step, opening: bool = False) -> None:
         ep = track.episode
@@ -435,7 +425,7 @@ class EpisodeBook:
             # Slow now: across the rank, or in a listed column (lower bars, and half the floor: a 0.1 ms
             # module 2x its median is no slow step). A spike elsewhere keeps no episode open; a module that
             # joins a slow rank is recorded with its slow steps.
-            held_now = s.flags.held[rows].any(axis=0) & (np.nan_to_num(excess, nan=0.0) > 0.5 * s.floor)
+            held_now = s.flags.held[rows].any(axis=0) & (nan_to(excess) > 0.5 * s.floor)
             now = opening or wide or bool(held_now[sig].any())
             if now:
                 slot = track.pos % track.excess.shape[0]
@@ -472,13 +462,13 @@ class EpisodeBook:
 
     def _record_loss(self, track: _Track, loss: float, wall: np.ndarray) -> None:
         track.losses.append(loss)
-        track.walls.append(float(np.median(wall)) if len(wall) else 0.0)
+        track.walls.append(median(wall) if len(wall) else 0.0)
         while len(track.losses) > self.p.cost_steps:
             track.losses.popleft()
             track.walls.popleft()
         ep = track.episode
         ep.cost_ms_per_step = float(np.mean(track.losses)) * self.scale
-        wall_med = float(np.median(track.walls))
+        wall_med = median(track.walls)
         ep.cost_pct = 100.0 * ep.cost_ms_per_step / wall_med if wall_med > 0 else 0.0
 
     def _verdict(self, track: _Track, sig: np.ndarray, whole: bool) -> None:
@@ -621,7 +611,7 @@ class EpisodeBook:
         if bare:
             k = np.asarray(s.m.self_ms).shape[1]
             with _quiet():
-                best = np.nanargmax(np.nan_to_num(s.x[bare, :k] - s.flags.median[:k], nan=-np.inf), axis=1)
+                best = np.nanargmax(nan_to(s.x[bare, :k] - s.flags.median[:k], -np.inf), axis=1)
             rows, cols = np.concatenate([rows, bare]).astype(np.int64), np.concatenate([cols, best]).astype(np.int64)
         if not len(rows):
             return []
