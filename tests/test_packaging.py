@@ -26,11 +26,14 @@ def source_files(folder: str) -> list[Path]:
 
 
 def packages_on_disk() -> set[str]:
+    """Every folder Python could import from: with an __init__.py, or with files of its own (the dashboard's)."""
     found = set()
     for folder, package in FOLDERS.items():
-        for init in (ROOT / folder).rglob("__init__.py"):
-            rel = init.parent.relative_to(ROOT / folder).parts
-            found.add(".".join([package, *rel]))
+        for path in [ROOT / folder, *(ROOT / folder).rglob("*")]:
+            if not path.is_dir() or "__pycache__" in path.parts:
+                continue
+            if (path / "__init__.py").exists() or any(p.is_file() for p in path.iterdir()):
+                found.add(".".join([package, *path.relative_to(ROOT / folder).parts]))
     return found
 
 
@@ -68,6 +71,7 @@ def test_the_license_is_an_spdx_expression_shipped_with_its_text_and_no_build_wa
     license_text = next(n for n in wheel.namelist() if n.endswith(".dist-info/licenses/LICENSE"))
     assert wheel.read(license_text) == (ROOT / "LICENSE").read_bytes()
     assert "deprecat" not in stderr.lower(), stderr[-3000:]
+    assert "absent from the `packages` configuration" not in stderr, stderr[-3000:]  # a folder left out
 
 
 def test_the_wheel_holds_every_file_of_every_package(wheel):

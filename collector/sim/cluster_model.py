@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from modtrack.collector.records import StepMatrix
+from modtrack.collector.sim.calibration import MeasuredNoise
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ClusterModel:
     seed: int = 0
     noise_pool: int = 0  # > 0: draw this many noise matrices once and reuse them (big jobs)
     stragglers: list[Straggler] = field(default_factory=list)
+    measured: MeasuredNoise | None = None  # set: noise drawn from a real job's (sigma and spikes unused)
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.seed)
@@ -65,8 +67,10 @@ class ClusterModel:
         return (phase - 1) * self.modules + module
 
     def _noise(self) -> np.ndarray:
-        """Multiplicative noise of one step: log-normal body, rare spikes of cells and ranks."""
+        """Multiplicative noise of one step: log-normal body, rare spikes of cells and ranks; or a real job's."""
         rng, R, K = self.rng, self.ranks, len(self.base)
+        if self.measured is not None and len(self.measured.cell) and len(self.measured.rank):
+            return self.measured.draw(rng, self.base, R)
         x = rng.lognormal(0.0, self.sigma, size=(R, K))
         spikes = rng.random((R, K)) < self.spike_p
         x[spikes] *= rng.uniform(1.5, self.spike_max, size=int(spikes.sum()))

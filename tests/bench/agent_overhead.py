@@ -55,7 +55,7 @@ MODES = ("plain", "seed", "hooks", "agent")
 SAMPLED_MODES = ("sampled", "unsampled")
 EXTRA_MODES = (*SAMPLED_MODES, "sender")
 BASELINE_SHIM = os.path.join(tempfile.gettempdir(), f"modtrack-bench-baseline-{os.getuid()}")
-MODELS = ("mlp200", "llama", "gpt2", "bert", "transformer", "gpt2small")
+MODELS = ("mlp200", "llama", "gpt2", "bert", "transformer", "gpt2small", "tinygpt")
 TARGET_VS_SEED = {"mlp200": 0.3, "llama": 0.5, "gpt2": 0.5, "bert": 0.5}
 TARGET_CPU = 1.2
 VOCAB, SEQ, BATCH = 1000, 64, 4
@@ -72,6 +72,13 @@ def build(model: str, device: str = "cpu"):
         net = nn.Sequential(*[m for _ in range(200) for m in (nn.Linear(64, 64), nn.ReLU())]).to(device)
         x = torch.randn(32, 64, device=device)
         return net, lambda: net(x).sum()
+    if model == "tinygpt":  # the model of examples/train.py, as the 2-rank step benchmark (fail_open.py) runs it
+        sys.path.insert(0, os.path.join(ROOT, "examples"))
+        import train
+
+        net = train.TinyGPT(128, 128, 4, 2, 32).to(device)
+        tokens = torch.randint(0, 128, (8, 32), device=device)
+        return net, lambda: nn.functional.cross_entropy(net(tokens).reshape(-1, 128), tokens.reshape(-1))
     if model == "transformer":
 
         class Encoder(nn.Module):

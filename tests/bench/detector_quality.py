@@ -9,6 +9,13 @@ window, score = fastest rank's median / this rank's median, flagged below 0.75.
     python tests/bench/detector_quality.py            # full: 300 runs
     python tests/bench/detector_quality.py --quick    # what CI asserts (tests/test_detection_quality.py)
     python tests/bench/detector_quality.py --runs 100 --verbose   # ... and why each wrong report was made
+    python tests/bench/detector_quality.py --noise-from DIR...    # ... also with the noise of real jobs
+
+--noise-from takes folders the scenario benchmark kept (`tests/bench/scenarios.py --keep DIR`): the noise of
+their steps with no straggler (a clean job's from step 5, the others' steps 5-14, before the onset at 15) is
+measured (collector/sim/calibration.py) and the same runs are simulated again drawing from it, judged with
+the detector's parameters for jobs timed on the CPU clock, where that noise comes from (its floors: 1 ms and
+1 % of the step), and the simulator's own noise under those parameters too, to tell the floors from the noise.
 """
 
 from __future__ import annotations
@@ -17,13 +24,23 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from modtrack.collector.pipeline.detector import Z_SCALE, Detector, DetectorParams, column_stats, flag_step
+from modtrack.collector.pipeline.detector import (
+    Z_SCALE,
+    Detector,
+    DetectorParams,
+    column_stats,
+    flag_step,
+    params_for_clock,
+)
+from modtrack.collector.sim.calibration import MeasuredNoise, measure_noise
 from modtrack.collector.sim.cluster_model import ClusterModel, Straggler
 
 BASELINE_WINDOW = 20
+ONSET = 15  # the scenario benchmark's stragglers start here (tests/bench/scenarios.py)
 BASELINE_THRESHOLD = 0.75
 
 
@@ -44,6 +61,7 @@ class Tally:
     victims: int = 0  # reports naming a rank that is not slow while a straggler is on
     false_alarms: int = 0  # reports opened while nothing is slow
     clean_steps: int = 0
+    by_ranks: dict = field(default_factory=dict)  # ranks -> [false alarms, clean steps]
     stragglers_13: int = 0  # injected at >= 1.3x
     found_13: int = 0
     found_by_bucket: dict = field(default_factory=dict)  # slowdown bucket -> [found, injected]
@@ -52,7 +70,7 @@ class Tally:
     where_known: int = 0
 
 
-def random_run(rng: np.random.Generator, steps: int) -> ClusterModel:
+def random_run(rng: np.random.Generator, steps: int, measured: MeasuredNoise | None = None) -> ClusterModel:
     ranks = int(rng.choice([2, 8, 16, 32, 64]))
     model = ClusterModel(
         ranks=ranks,
@@ -61,6 +79,7 @@ def random_run(rng: np.random.Generator, steps: int) -> ClusterModel:
         stages=2 if ranks >= 16 and rng.random() < 0.3 else 1,
         sigma=float(rng.uniform(0.02, 0.05)),
         seed=int(rng.integers(1 << 31)),
+        measured=measured,
     )
     t = int(rng.integers(20, 60))
     while True:
@@ -128,11 +147,14 @@ def score(model: ClusterModel, found: list[Found], steps: int, n: int, t: Tally)
     for i, s in enumerate(model.stragglers):
         active_at[s.onset : min(s.end + n, steps)] = i  # episodes may still open just after the end
     t.clean_steps += int((active_at == -1).sum())
+    per = t.by_ranks.setdefault(model.ranks, [0, 0])
+    per[1] += int((active_at == -1).sum())
     for f in found:
         t.reports += 1
         i = active_at[f.first_step]
         if i == -1:
             t.false_alarms += 1
+            per[0] += 1
             wrong.append(("false alarm", f))
         elif f.ranks & set(model.stragglers[i].ranks):
             t.true_reports += 1
@@ -188,12 +210,22 @@ def explain(run: int, model: ClusterModel, matrices, params: DetectorParams, kin
             )
 
 
-def evaluate(runs: int, steps: int, seed: int, verbose: bool = False) -> dict[str, dict]:
+def evaluate(
+    runs: int,
+    steps: int,
+    seed: int,
+    verbose: bool = False,
+    measured: MeasuredNoise | None = None,
+    cpu_clock: bool | None = None,
+) -> dict[str, dict]:
+    """The same runs (by seed) with the simulator's noise, or with `measured` noise; judged with the detector's
+    params for CPU-clocked jobs (their floors) where `cpu_clock`, by default where the noise is measured."""
     rng = np.random.default_rng(seed)
-    params = DetectorParams()
+    cpu_clock = measured is not None if cpu_clock is None else cpu_clock
+    params = params_for_clock(DetectorParams(), cpu_clock=True) if cpu_clock else DetectorParams()
     tallies = {"modtrack": Tally(), "baseline": Tally()}
     for run in range(runs):
-        model = random_run(rng, steps)
+        model = random_run(rng, steps, measured)
         matrices = [model.step(s) for s in range(steps)]
         wrong = score(model, detector_reports(model, matrices, params), steps, params.n, tallies["modtrack"])
         for kind, f in wrong if verbose else []:
@@ -218,22 +250,48 @@ def summarize(t: Tally) -> dict:
         "stragglers_ge_1.3x": t.stragglers_13,
         "reports": t.reports,
         "clean_steps": t.clean_steps,
+        "false_alarms_per_1000_clean_by_ranks": {
+            f"{r} ranks": f"{1000.0 * fa / max(clean, 1):.2f}" for r, (fa, clean) in sorted(t.by_ranks.items())
+        },
     }
+
+
+def real_noise(folders: list[str]) -> MeasuredNoise:
+    """The noise of the kept scenario jobs' steps with no straggler (see the module docstring)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared harness
+    from harness import replay
+    from modtrack.collector.store.sqlite import Store
+
+    clean = []
+    for folder in folders:
+        store = Store(folder)
+        try:
+            jobs = [row["job"] for row in store.jobs()]
+        finally:
+            store.close()
+        for job in jobs:
+            last = None if "clean" in job else ONSET
+            clean += [m for m in replay.stored_matrices(folder, job) if 5 <= m.step and (last is None or m.step < last)]
+    return measure_noise(clean)
 
 
 def print_table(results: dict[str, dict]) -> None:
     names = list(results)
-    rows = [k for k in results[names[0]] if k != "recall_by_slowdown"]
-    print(f"{'metric':30s}" + "".join(f"{n:>14s}" for n in names))
+    nested = ("recall_by_slowdown", "false_alarms_per_1000_clean_by_ranks")
+    rows = [k for k in results[names[0]] if k not in nested]
+    width = max(14, *(len(n) + 1 for n in names))
+    print(f"{'metric':30s}" + "".join(f"{n:>{width}s}" for n in names))
     for k in rows:
         cells = []
         for n in names:
             v = results[n][k]
-            cells.append(f"{v:14.3f}" if isinstance(v, float) else f"{v!s:>14s}")
+            cells.append(f"{v:{width}.3f}" if isinstance(v, float) else f"{v!s:>{width}s}")
         print(f"{k:30s}" + "".join(cells))
-    print("recall by slowdown (found/injected):")
-    for bucket in results[names[0]]["recall_by_slowdown"]:
-        print(f"  {bucket:28s}" + "".join(f"{results[n]['recall_by_slowdown'].get(bucket, '-'):>14s}" for n in names))
+    titles = ("recall by slowdown (found/injected):", "false alarms per 1,000 clean steps, by ranks:")
+    for key, title in zip(nested, titles):
+        print(title)
+        for bucket in results[names[0]][key]:
+            print(f"  {bucket:28s}" + "".join(f"{results[n][key].get(bucket, '-'):>{width}s}" for n in names))
 
 
 def main(argv=None) -> int:
@@ -247,10 +305,28 @@ def main(argv=None) -> int:
         action="store_true",
         help="print every wrong modtrack report (false alarm, victim) with the figures behind it",
     )
+    ap.add_argument("--noise-from", nargs="+", metavar="DIR", help="also simulate with the noise of these kept jobs")
     a = ap.parse_args(argv)
     runs, steps = (40, 400) if a.quick else (a.runs, a.steps)
     t0 = time.perf_counter()
     results = evaluate(runs, steps, a.seed, a.verbose)
+    if a.noise_from:
+        measured = real_noise(a.noise_from)
+        own = ClusterModel(ranks=3, ranks_per_host=3, modules=40, seed=a.seed, sigma=0.035)
+        for name, noise in (
+            ("the real jobs' clean steps", measured),
+            ("the simulator's own (3 ranks, sigma 0.035)", measure_noise([own.step(s) for s in range(300)])),
+        ):
+            print(f"noise of {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in noise.summary().items()))
+        floors = evaluate(runs, steps, a.seed, a.verbose, cpu_clock=True)
+        real = evaluate(runs, steps, a.seed, a.verbose, measured)
+        results = {
+            "modtrack: sim noise": results["modtrack"],
+            "sim noise, CPU floors": floors["modtrack"],
+            "real noise, CPU floors": real["modtrack"],
+            "baseline: sim noise": results["baseline"],
+            "baseline: real noise": real["baseline"],
+        }
     print(f"{runs} simulated runs x {steps} steps, seed {a.seed}, {time.perf_counter() - t0:.1f} s")
     print_table(results)
     return 0
