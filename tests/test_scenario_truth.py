@@ -5,6 +5,10 @@ preemption spike now and then; on rank 0 a slow step's boundary comes early (15 
 before), as on shared cores (kept DDP jobs: 83-86 ms against its peers' 93-104, its sums over three steps the
 same). The job lost 40 / 3 ms per step over its slow and fast steps. Rank 0's clock alone with a window's mean
 against its unslowed steps said 6.1 +- 3.1; rank 0's clock alone, paired, 6.3.
+
+A persistent fault that stops (--stop-at) on a host that speeds up over the run (-0.8 ms per step, as when other
+runs end): its loss bracketed between a window before the onset and one after the stop; against the window
+before alone the drift takes 20 ms off its 30 (it says 10).
 """
 
 from __future__ import annotations
@@ -43,3 +47,19 @@ def test_an_intermittent_faults_truth_is_its_loss_per_step(tmp_path):
     loss, se = scenarios.measured_loss(str(path), 0, ONSET, STEPS, EVERY, se=True)
     assert loss == pytest.approx(SLOW_MS / EVERY, rel=0.1)
     assert 0 < se < 0.1 * loss
+
+
+def test_a_stopped_faults_bracketed_truth_is_its_loss_on_a_drifting_host(tmp_path):
+    rng = np.random.default_rng(5)
+    stop, steps, slow_ms = 50, 80, 30.0
+    path = tmp_path / "times.jsonl"
+    with open(path, "w") as f:
+        for step in range(steps):
+            for rank in range(3):
+                ms = 120.0 - 0.8 * step + rng.normal(0, 3.0) + (slow_ms if ONSET <= step < stop else 0.0)
+                f.write(json.dumps({"attempt": 0, "step": step, "rank": rank, "ms": ms}) + "\n")
+    loss, se = scenarios.bracketed_loss(str(path), 0, ONSET, stop)
+    assert loss == pytest.approx(slow_ms, rel=0.1)
+    assert 0 < se < 0.1 * loss
+    before_only = scenarios.measured_loss(str(path), 0, ONSET, stop)
+    assert before_only < 0.5 * slow_ms  # what the window before alone says

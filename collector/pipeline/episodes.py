@@ -143,7 +143,7 @@ class EpisodeBook:
         self.col_index: dict[tuple[str, str], int] = {}
         self.col_names: list[tuple[str, str]] = []
         self.tracks: dict[tuple, _Track] = {}
-        self.baseline: deque = deque()  # the job's step time (median rank wall) in recent quiet steps
+        self.baseline: deque = deque()  # (step, the job's step time: median rank wall) of recent quiet steps
         # (growth of the job's step time over the baseline, the compute the culprits explain) in recent slow steps
         self.growth: deque = deque(maxlen=params.cost_steps)
         self.scale = 1.0  # wall the job loses per ms of culprit compute (their ratio of sums)
@@ -240,7 +240,8 @@ class EpisodeBook:
         wait = nan_to(m.sync_wait_ms)
         idle = m.idle_or_tail_ms
         wall = nan_to(wall)
-        self._floor_ms = max(self._floor(wall), 0.05)
+        floor = self._floor(wall)
+        self._floor_ms = max(floor, 0.05)
         step = _Step(
             m,
             x,
@@ -249,7 +250,7 @@ class EpisodeBook:
             wall,
             wait,
             idle,
-            self._floor(wall),
+            floor,
             median(wall) if len(wall) else 0.0,
             np.argsort(idle, kind="stable"),
         )
@@ -284,7 +285,7 @@ class EpisodeBook:
         that; with no baseline (yet) the what-if stands."""
         job_wall = s.wall_med
         if quiet and job_wall > 0:
-            self.baseline.append(job_wall)
+            self.baseline.append((s.m.step, job_wall, s.m.ranks, s.idle))
             while len(self.baseline) > BASELINE_STEPS:
                 self.baseline.popleft()
         pending = [t for t in tracks if t.pending is not None]
@@ -314,13 +315,29 @@ class EpisodeBook:
             self._record_loss(t, t.pending[0], t.pending[2])
             t.pending = None
 
+    def _unquiet(self, ranks) -> None:
+        """A new episode's onset leaves the baseline: the last quiet steps in which its peers already waited for its
+        ranks (a whole rank slow a little in each module, which no cell's flag says until k of n steps)."""
+        while self.baseline:
+            step, wall, ids, idle = self.baseline[-1]
+            mine = np.isin(ids, ranks)
+            if mine.all() or not mine.any():
+                return
+            bar = max(self.p.step_floor_ms, self.p.step_floor_frac * wall)
+            if float(idle[~mine].min()) - float(idle[mine].min()) <= bar:
+                return
+            self.baseline.pop()
+
     def _baseline_now(self) -> float:
-        """The job's step time without the stragglers: the median of the quiet steps before the episodes, or, while
-        only intermittent ones are open, of the last few between their slow steps (the job's pace right before the
-        slow step: on a shared host it drifts by more over a run than a 1-in-3 straggler costs)."""
+        """The job's step time without the stragglers: the mean of the quiet steps before the episodes (a loss per step
+        is a difference of means: on a shared host the step time is skewed or bimodal, 90 and 150 ms, and a median of
+        few steps lands on one mode, then a faster spell after the onset reads as negative growth and the scale as 0),
+        or, while only intermittent ones are open, the median of the last few between their slow steps (the job's
+        pace right before the slow step: on a shared host it drifts by more over a run than a 1-in-3 straggler costs).
+        """
         if self.tracks and all(self._intermittent(t) for t in self.tracks.values()):
-            return median(list(self.baseline)[-LOCAL_BASELINE_STEPS:])
-        return median(self.baseline)
+            return median([b[1] for b in list(self.baseline)[-LOCAL_BASELINE_STEPS:]])
+        return sum(b[1] for b in self.baseline) / len(self.baseline)
 
     def _slow_everywhere(self, m: StepMatrix, x: np.ndarray, flags) -> np.ndarray:
         """Ranks slower than the median in most of their modules, by a total that matters: a whole
@@ -541,6 +558,7 @@ class EpisodeBook:
         track.max_gap = self._period(ranks, c)
         self._advance(track, s, opening=True)
         self.tracks[_key(rank, host)] = track
+        self._unquiet(track.ranks)
         self._forget(track.ranks)
         return ep
 

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared harness
 from harness.collector_process import REPO, CollectorProcess, env
@@ -262,9 +262,10 @@ def run_job(
 
 
 def measured_loss(
-    times_path: str, attempt: int, onset: int, end: int, every: int = 1, se: bool = False
+    times_path: str, attempt: int, onset: int, end: int | None = None, every: int = 1, se: bool = False
 ) -> float | tuple[float, float] | None:
-    """What the job lost per step, from the ranks' own step times; se: with its standard error.
+    """What the job lost per step, from the ranks' own step times; se: with its standard error. end: the step
+    after the last one judged (None: the file's last step, as many as the job ran).
 
     A step's time is the median over the ranks' own clocks (rank 0's alone in files written before every rank
     wrote its own: on shared cores one rank's step boundary moves by tens of ms against its peers').
@@ -285,6 +286,8 @@ def measured_loss(
         if r["attempt"] == attempt:
             by_step.setdefault(r["step"], []).append(r["ms"])
     ms = {step: statistics.median(v) for step, v in by_step.items()}
+    if end is None:
+        end = max(ms, default=0) + 1
     if every > 1:
         return _intermittent_loss(ms, onset, end, every, se)
     after = [ms[s] for s in range(max(onset, end - 30), end) if s in ms]
@@ -295,6 +298,34 @@ def measured_loss(
     if not se:
         return loss
     return loss, math.sqrt(statistics.variance(after) / len(after) + statistics.variance(before) / len(before))
+
+
+def bracketed_loss(times_path: str, attempt: int, onset: int, stop: int) -> tuple[float, float] | None:
+    """What a fault that ran [onset, stop) cost per step, with its SE, against the job's pace interpolated between
+    a window before the onset (steps 5 to onset) and one after the stop (stop + 5 to the end): a linear drift of the
+    host's load over the run cancels, which a window before alone cannot tell from the fault. The fault's window is
+    its last 30 steps (at most stop - onset - 5), as the verdict's cost at stop - 1 is."""
+    try:
+        with open(times_path) as f:
+            rows = [json.loads(line) for line in f]
+    except OSError:
+        return None
+    by_step: dict[int, list[float]] = {}
+    for r in rows:
+        if r["attempt"] == attempt:
+            by_step.setdefault(r["step"], []).append(r["ms"])
+    ms = {step: statistics.median(v) for step, v in by_step.items()}
+    end = max(ms, default=0) + 1
+    windows = [range(5, onset), range(max(onset + 5, stop - 30), stop), range(stop + 5, end)]
+    before, during, after = ([ms[s] for s in w if s in ms] for w in windows)
+    if min(len(before), len(during), len(after)) < 5:
+        return None
+    centre = [statistics.fmean(w) for w in windows]
+    weight = (centre[1] - centre[0]) / (centre[2] - centre[0])  # of the window after, at the fault's centre
+    pace = (1 - weight) * statistics.fmean(before) + weight * statistics.fmean(after)
+    var = statistics.variance(during) / len(during) + (1 - weight) ** 2 * statistics.variance(before) / len(before)
+    var += weight**2 * statistics.variance(after) / len(after)
+    return statistics.fmean(during) - pace, math.sqrt(var)
 
 
 def _intermittent_loss(ms: dict, onset: int, end: int, every: int, se: bool):
@@ -358,8 +389,11 @@ def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str
     return score(res, shape, verdicts, times, attempt)
 
 
-def score(res: Result, shape: Shape, verdicts: list[dict], times: str, attempt: int) -> Result:
-    """Named right, victims, latency and cost against the job's own step times, from the verdicts."""
+def score(
+    res: Result, shape: Shape, verdicts: list[dict], times: str, attempt: int, bracket_stop: int | None = None
+) -> Result:
+    """Named right, victims, latency and cost against the job's own step times, from the verdicts; bracket_stop:
+    the fault ended there and the verdicts are as they stood the step before, the truth bracketed (bracketed_loss)."""
     culprit = res.culprit
     res.verdicts = verdicts
     mine = [v for v in verdicts if v["rank"] == culprit]
@@ -378,7 +412,10 @@ def score(res: Result, shape: Shape, verdicts: list[dict], times: str, attempt: 
     if shape.stops_at is None:
         res.cost = v["cost_ms_per_step"]
         every = int(shape.args[shape.args.index("--slow-every") + 1]) if "--slow-every" in shape.args else 1
-        measured = measured_loss(times, attempt, ONSET, shape.steps, every, se=True)
+        if bracket_stop is not None:
+            measured = bracketed_loss(times, attempt, ONSET, bracket_stop)
+        else:
+            measured = measured_loss(times, attempt, ONSET, None, every, se=True)
         if isinstance(measured, tuple):
             res.measured, res.measured_se = measured
         if res.measured and res.measured > 0:
@@ -481,10 +518,11 @@ def run_matrix(
     return results
 
 
-def rejudge(folders: list[str]) -> list[Result]:
+def rejudge(folders: list[str], stop_at: int | None = None) -> list[Result]:
     """Judge the jobs kept by --keep again with today's detector, offline: their stored steps (replayed as the
     merge built them, with their stored collective waits taken out as the evaluator does) and their own step
-    times. Whatever the agent measured stays what it was."""
+    times. Whatever the agent measured stays what it was. stop_at: the jobs ran with --stop-at; each verdict is
+    taken as it stood at stop_at - 1 and its cost against the bracketed truth."""
     from harness import replay
 
     results = []
@@ -496,17 +534,21 @@ def rejudge(folders: list[str]) -> list[Result]:
             ranks = replay.world_size(folder, job)
             res = Result(wrap, name, culprit_rank(position, ranks), ranks)
             attempt = 1 if shape.restart else 0
-            episodes = replay.judge(replay.stored_matrices(folder, job, attempt))
+            matrices = replay.stored_matrices(folder, job, attempt)
+            bracket = stop_at if stop_at is not None and not shape.clean and "--slow-every" not in shape.args else None
+            episodes = replay.judge([m for m in matrices if bracket is None or m.step < bracket])
             verdicts = [asdict(ep) for ep in episodes]
             if shape.clean:
                 res.verdicts, res.false_alarms, res.clean_steps, res.named = (
                     verdicts,
                     len(verdicts),
-                    shape.steps,
+                    len(matrices),
                     not verdicts,
                 )
             else:
-                res = score(res, shape, verdicts, os.path.join(folder, times), attempt)
+                if bracket is not None:
+                    shape = replace(shape, stops_at=None)
+                res = score(res, shape, verdicts, os.path.join(folder, times), attempt, bracket)
             print_row(res)
             results.append(res)
     return results
@@ -518,6 +560,13 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--culprits", default=",".join(CULPRITS))
     ap.add_argument("--ranks", type=int, default=3)
+    ap.add_argument("--steps", type=int, help="run this many steps (the onset stays at step 15) instead of the shape's")
+    ap.add_argument(
+        "--stop-at",
+        type=int,
+        help="every fault ends at this step: its verdict must resolve (as `stop`); with --rejudge: each verdict as it "
+        "stood the step before, its cost against the loss bracketed by windows before the onset and after the stop",
+    )
     ap.add_argument("--results", help="append each result to this JSON-lines file")
     ap.add_argument("--report", help="print the table and totals of a results file, run nothing")
     ap.add_argument("--keep", help="keep the collector's data (SQLite) and step times in this folder, for replay")
@@ -530,8 +579,15 @@ def main(argv=None) -> int:
     )
     a = ap.parse_args(argv)
     AGENT_ENV.update(kv.split("=", 1) for kv in a.agent_env.split(",") if kv)
+    for name, shape in SHAPES.items():
+        SHAPES[name] = replace(
+            shape,
+            steps=a.steps or shape.steps,
+            args=shape.args + (["--slow-to-step", str(a.stop_at)] if a.stop_at and not shape.clean else []),
+            stops_at=a.stop_at if a.stop_at and not shape.clean else shape.stops_at,
+        )
     if a.rejudge:
-        results = rejudge(a.rejudge)
+        results = rejudge(a.rejudge, a.stop_at)
     elif a.report:
         with open(a.report) as f:
             results = [Result(**json.loads(line)) for line in f]

@@ -1,0 +1,46 @@
+"""The wall scale on real jobs' own figures: the job's step time before the onset, against which the cost is measured.
+
+tests/data/*.npz hold every step of a 3-rank torchrun job (examples/train.py under the agent, CPU ranks on a loaded
+2-core host; tests/bench/scenarios.py, kept with --keep, saved by tests/harness/replay.py); the truth is the ranks'
+own step times (examples/train.py --step-times): the mean after the onset (step 15) minus the mean before.
+
+- fsdp1_restart_first: rank 0 30 ms slow in one module's backward in the second attempt. Its steps before the onset
+  ran at 92-111 or 146-165 ms (the host's other load came and went): the median of the quiet steps (146.6 ms) sat on
+  the slow mode, the episode's steps at 120-140 ms read as negative growth, and the wall scale fell to 0.08: a cost
+  of 2.4 ms/step where the job lost 16.9 +- 9.7.
+- ddp_whole_middle: rank 1 40 ms slow across every module. No cell is flagged at the onset (each module is a little
+  slow), so steps 15-16 (72 and 67 ms against 24-42 before) were taken for quiet steps of the baseline.
+"""
+
+from __future__ import annotations
+
+import os
+
+from harness import replay
+from modtrack.collector.pipeline.detector import Detector, DetectorParams, params_for_clock
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+ONSET = 15
+
+
+def judged(name: str) -> Detector:
+    matrices = replay.load(os.path.join(DATA, name))
+    detector = Detector(matrices[0].job, params_for_clock(DetectorParams(), True))
+    for m in matrices:
+        detector.observe(m)
+    return detector
+
+
+def test_a_bimodal_step_time_before_the_onset_does_not_zero_the_cost():
+    detector = judged("fsdp1_restart_first.npz")
+    (ep,) = detector.book.active()
+    assert (ep.rank, ep.cause) == (0, "compute in 1 module")
+    assert abs(ep.cost_ms_per_step - 16.9) <= 0.25 * 16.9, (ep.cost_ms_per_step, detector.book.scale)
+
+
+def test_the_onset_of_a_whole_rank_straggler_stays_out_of_the_baseline():
+    detector = judged("ddp_whole_middle.npz")
+    (ep,) = detector.book.active()
+    assert (ep.rank, ep.cause) == (1, "whole rank")
+    assert max(step for step, *_ in detector.book.baseline) < ONSET
+    assert abs(ep.cost_ms_per_step - 38.5) <= 0.15 * 38.5, ep.cost_ms_per_step
