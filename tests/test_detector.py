@@ -303,3 +303,16 @@ def test_a_steps_waits_are_its_idle_time_where_known_else_its_backward_tail():
     assert m.idle_or_tail_ms.tolist() == [1.0, 0.0, 3.0]  # no idle time known: the tail, a missing one as 0
     m.idle_ms = np.array([5.0, np.nan, 2.0])
     assert m.idle_or_tail_ms.tolist() == [5.0, 0.0, 2.0]  # idle time in any phase, even below the tail
+
+
+@pytest.mark.parametrize("ranks, opens_on", [(8, 3), (64, 4)])
+def test_a_large_job_needs_one_more_slow_step_among_its_many_cells(ranks, opens_on):
+    """8 ranks x 40 columns (320 cells) open on 3 slow steps of 5; 64 x 40 (2,560 cells, over many_cells) on 4 of 6:
+    among thousands of cells, noise puts 3 flags in 5 steps on one somewhere by chance."""
+    for slow_steps in (opens_on - 1, opens_on):
+        model = ClusterModel(ranks=ranks, modules=20, seed=7, sigma=0.02, spike_p=0.0, rank_spike_p=0.0)
+        model.stragglers = [Straggler([3], module=5, phase=2, slowdown=1.6, onset=10, end=10 + slow_steps)]
+        _, episodes = run(model, range(30))
+        assert bool(episodes) == (slow_steps == opens_on), (ranks, slow_steps, episodes)
+        if episodes:
+            assert [ep.rank for ep in episodes] == [3]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -121,8 +121,9 @@ def _column_name(key: int, names: Sequence[str]) -> tuple[str, str]:
 class EpisodeBook:
     def __init__(self, job: str, params):
         self.job = job
-        self.p = params
-        self.span = max(params.long_n, params.n + 1)  # ring length
+        self.p = params  # k and n as the job's size asks (see _align)
+        self.base_p = params
+        self.span = max(params.long_n, params.n + 2)  # ring length (n grows by one on a large job)
         self.hist: Any = (
             None  # np.ndarray once the first step is seen  # (span, R, K) bool cell flags of the last span steps
         )
@@ -171,6 +172,10 @@ class EpisodeBook:
             new_rank[:, nr] = self.rank_hist[:, orr]
             new_rank_long[:, nr] = self.rank_long_hist[:, orr]
         self.hist, self.long_hist, self.rank_hist, self.rank_long_hist = new, new_long, new_rank, new_rank_long
+        # Among many cells some cell is flagged in k of n steps by chance alone (DetectorParams.many_cells)
+        base = self.base_p
+        many = len(ranks) * len(keys) > base.many_cells
+        self.p = replace(base, k=base.k + 1, n=base.n + 1) if many else base
         self.counts, self.rank_counts = self._window(new, self.p.n), self._window(new_rank, self.p.n)
         self.long_counts = self._window(new_long, self.p.long_n)
         self.rank_long_counts = self._window(new_rank_long, self.p.long_n)
