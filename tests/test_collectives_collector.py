@@ -262,16 +262,9 @@ def fsdp_hellos(collector, job: str, world: int, one_host: bool = False) -> list
     return ranks
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_waits_inside_module_windows_are_taken_out_of_that_module_so_no_victim_is_named(collector, world):
-    """Wall-clock durations under FSDP (the Hello says so): from step 10 rank 1 computes 30 ms more in
-    Net.blocks.0's forward and so all-gathers Net.blocks.1's shard 30 ms late; its peers wait for it inside
-    Net.blocks.1's window, which shows 30 ms more there on them. Truth: the job loses 30 ms a step to rank 1's
-    Net.blocks.0, and no other rank is slow anywhere: the verdict names rank 1 in Net.blocks.0 alone, with that
-    cost. With module times as they come, the 2-rank job also blamed rank 0 in Net.blocks.1 (its wait); with 4
-    ranks the waiting peers are the majority there."""
-    job = f"coll-fsdp-wall-{world}"
-    ranks = fsdp_hellos(collector, job, world)
+def run_rank_1_slow_in_blocks_0(collector, job: str, ranks: list[FakeRank]) -> None:
+    """30 steps of the fake FSDP job: from step 10 rank 1 computes 30 ms more in Net.blocks.0's forward and every
+    other rank waits 30 ms for it inside Net.blocks.1; all of it acked and evaluated."""
     base = [1.0, 4.0, 6.0, 6.0, 3.0]
     for step in range(30):
         slow = step >= 10
@@ -284,11 +277,25 @@ def test_waits_inside_module_windows_are_taken_out_of_that_module_so_no_victim_i
                 waits[3] = 30.0
             issue: list[int] = []
             rep = fsdp_step(step, fwd, base, issue, waits)
-            rep.collectives.append(stats(step, size=world, seqs=(2, 3, 4), issue=[i - step * STEP_NS for i in issue]))
+            seqs, issued = (2, 3, 4), [i - step * STEP_NS for i in issue]
+            rep.collectives.append(stats(step, size=len(ranks), seqs=seqs, issue=issued))
             fr.report(rep)
     for fr in ranks:
         fr.wait_ack(29)
     wait_evaluated(collector.url, 29, job)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_waits_inside_module_windows_are_taken_out_of_that_module_so_no_victim_is_named(collector, world):
+    """Wall-clock durations under FSDP (the Hello says so): from step 10 rank 1 computes 30 ms more in
+    Net.blocks.0's forward and so all-gathers Net.blocks.1's shard 30 ms late; its peers wait for it inside
+    Net.blocks.1's window, which shows 30 ms more there on them. Truth: the job loses 30 ms a step to rank 1's
+    Net.blocks.0, and no other rank is slow anywhere: the verdict names rank 1 in Net.blocks.0 alone, with that
+    cost. With module times as they come, the 2-rank job also blamed rank 0 in Net.blocks.1 (its wait); with 4
+    ranks the waiting peers are the majority there."""
+    job = f"coll-fsdp-wall-{world}"
+    ranks = fsdp_hellos(collector, job, world)
+    run_rank_1_slow_in_blocks_0(collector, job, ranks)
     _, body = get(collector.url, f"/api/v1/jobs/{job}/stragglers")
     assert [v["rank"] for v in body["stragglers"]] == [1], body["stragglers"]
     (verdict,) = body["stragglers"]
@@ -308,23 +315,7 @@ def test_the_ranks_of_one_host_line_their_collectives_up_on_its_best_clock_offse
     ranks = fsdp_hellos(collector, job, 2, one_host=True)
     for fr, (offset, rtt) in zip(ranks, [(0, MS // 2), (-5 * MS, 12 * MS)]):
         fr.send(pb.AgentMessage(clock=pb.ClockOffset(offset_ns=offset, rtt_ns=rtt)))
-    base = [1.0, 4.0, 6.0, 6.0, 3.0]
-    for step in range(30):
-        slow = step >= 10
-        for r, fr in enumerate(ranks):
-            fwd = list(base)
-            waits = {}
-            if slow and r == 1:
-                fwd[2] += 30.0
-            elif slow:
-                waits[3] = 30.0
-            issue: list[int] = []
-            rep = fsdp_step(step, fwd, base, issue, waits)
-            rep.collectives.append(stats(step, size=2, seqs=(2, 3, 4), issue=[i - step * STEP_NS for i in issue]))
-            fr.report(rep)
-    for fr in ranks:
-        fr.wait_ack(29)
-    wait_evaluated(collector.url, 29, job)
+    run_rank_1_slow_in_blocks_0(collector, job, ranks)
     _, body = get(collector.url, f"/api/v1/jobs/{job}/stragglers")
     assert [v["rank"] for v in body["stragglers"]] == [1], body["stragglers"]
     (verdict,) = body["stragglers"]

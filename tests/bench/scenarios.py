@@ -261,6 +261,20 @@ def run_job(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), times
 
 
+def step_medians(times_path: str, attempt: int) -> dict[int, float] | None:
+    """Each step's time of one attempt, the median over the ranks' own clocks (train.py --step-times)."""
+    try:
+        with open(times_path) as f:
+            rows = [json.loads(line) for line in f]
+    except OSError:
+        return None
+    by_step: dict[int, list[float]] = {}
+    for r in rows:
+        if r["attempt"] == attempt:
+            by_step.setdefault(r["step"], []).append(r["ms"])
+    return {step: statistics.median(v) for step, v in by_step.items()}
+
+
 def measured_loss(
     times_path: str, attempt: int, onset: int, end: int | None = None, every: int = 1, se: bool = False
 ) -> float | tuple[float, float] | None:
@@ -276,16 +290,9 @@ def measured_loss(
     and fast steps. Paired with its neighbours, a slow step's delta carries none of the host's drift over the run,
     which on a shared machine moves the job's pace by more than 1-in-N adds; the median ignores a neighbour's
     preemption spike. Its SE is the median's (1.25 x the deltas' robust spread / sqrt(count)), over N too."""
-    try:
-        with open(times_path) as f:
-            rows = [json.loads(line) for line in f]
-    except OSError:
+    ms = step_medians(times_path, attempt)
+    if ms is None:
         return None
-    by_step: dict[int, list[float]] = {}
-    for r in rows:
-        if r["attempt"] == attempt:
-            by_step.setdefault(r["step"], []).append(r["ms"])
-    ms = {step: statistics.median(v) for step, v in by_step.items()}
     if end is None:
         end = max(ms, default=0) + 1
     if every > 1:
@@ -305,16 +312,9 @@ def bracketed_loss(times_path: str, attempt: int, onset: int, stop: int) -> tupl
     a window before the onset (steps 5 to onset) and one after the stop (stop + 5 to the end): a linear drift of the
     host's load over the run cancels, which a window before alone cannot tell from the fault. The fault's window is
     its last 30 steps (at most stop - onset - 5), as the verdict's cost at stop - 1 is."""
-    try:
-        with open(times_path) as f:
-            rows = [json.loads(line) for line in f]
-    except OSError:
+    ms = step_medians(times_path, attempt)
+    if ms is None:
         return None
-    by_step: dict[int, list[float]] = {}
-    for r in rows:
-        if r["attempt"] == attempt:
-            by_step.setdefault(r["step"], []).append(r["ms"])
-    ms = {step: statistics.median(v) for step, v in by_step.items()}
     end = max(ms, default=0) + 1
     windows = [range(5, onset), range(max(onset + 5, stop - 30), stop), range(stop + 5, end)]
     before, during, after = ([ms[s] for s in w if s in ms] for w in windows)
