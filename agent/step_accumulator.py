@@ -286,7 +286,8 @@ def _phase_columns(out: list[dict], name: str, step, mid, incl, self_ns, start, 
     group_step = ids // width
     edges = np.searchsorted(group_step, np.arange(len(out) + 1)).tolist()
     multi = windows[step] & (calls[inv] > 1) if windows.any() else np.zeros(0, bool)
-    if multi.any():  # each call of a module called several times: by entry (so by step), then by start
+    some = bool(multi.any())
+    if some:  # each call of a module called several times: by entry (so by step), then by start
         order = np.flatnonzero(multi)[np.lexsort((start[multi], inv[multi]))]
         call_step, call_start, call_end = step[order], start[order], end[order]
         call_edges = np.searchsorted(call_step, np.arange(len(out) + 1)).tolist()
@@ -300,7 +301,7 @@ def _phase_columns(out: list[dict], name: str, step, mid, incl, self_ns, start, 
             first_start_ns=first[lo:hi],
             last_end_ns=last[lo:hi],
         )
-        if multi.any() and 0 < call_edges[i + 1] - call_edges[i] <= MAX_CALL_WINDOWS:
+        if some and 0 < call_edges[i + 1] - call_edges[i] <= MAX_CALL_WINDOWS:
             cols.call_start_ns = call_start[call_edges[i] : call_edges[i + 1]]
             cols.call_end_ns = call_end[call_edges[i] : call_edges[i + 1]]
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from modtrack.collector.records import StepMatrix
+from modtrack.collector.small_arrays import nan_column_medians, row_percentiles
 
 NEAREST = 500  # real cells a simulated column draws from (those whose column medians are nearest its size) ...
 NEAREST_SHARE = 0.05  # ... at most this share of them all, so that a small sample still tells sizes apart
@@ -61,12 +62,12 @@ def measure_noise(matrices: list[StepMatrix], min_ms: float = 0.05, min_ranks: i
         if x.shape[0] < min_ranks:
             continue
         with np.errstate(all="ignore"):
-            median = np.nanmedian(x, axis=0) if x.size else np.zeros(x.shape[1])
+            median = nan_column_medians(x) if x.size else np.zeros(x.shape[1])
             keep = (np.count_nonzero(~np.isnan(x), axis=0) >= min_ranks) & (median >= min_ms)
             dev = np.log(x[:, keep] / median[keep])
         dev[dev == 0.0] = np.nan  # a column's median rank (odd counts): the estimator's zero
         dev[~np.isfinite(dev)] = np.nan
-        whole = np.array([np.median(row[~np.isnan(row)]) if (~np.isnan(row)).any() else np.nan for row in dev])
+        whole = row_percentiles(dev, 50.0)  # each rank's median over its columns
         rest = dev - whole[:, None]
         cells.append(rest[~np.isnan(rest)])
         sizes.append(np.broadcast_to(median[keep], rest.shape)[~np.isnan(rest)])
