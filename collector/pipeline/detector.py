@@ -192,8 +192,11 @@ def judged_columns(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
     ]
     if not extra:
         return x, np.empty(0, np.int64)
-    cols = np.column_stack([np.asarray(v, dtype=np.float64) for _, v in extra])
-    return np.hstack([x, cols]), np.array([k for k, _ in extra], np.int64)
+    out = np.empty((x.shape[0], x.shape[1] + len(extra)))  # one block: column_stack and hstack copied twice
+    out[:, : x.shape[1]] = x
+    for i, (_, v) in enumerate(extra):
+        out[:, x.shape[1] + i] = v
+    return out, np.array([k for k, _ in extra], np.int64)
 
 
 def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> StepFlags:
@@ -209,19 +212,22 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
         z_excess = (x - median) * Z_SCALE
         not_victim = wait[:, None] <= _peer_wait_median(wait, x, count) + tol
         many = (count >= 3) & not_victim
+        # Columns two ranks ran: the other rank's time and wait, once for both bars below (on a 2-rank job, all)
+        two = count == 2
+        every_two = two.size > 0 and bool(two.all())
+        if two.any():
+            sub = x if every_two else x[:, two]
+            ran = ~np.isnan(sub)
+            peer = np.where(ran, sub, 0.0).sum(axis=0) - sub  # the other rank's time (np.nansum's sum)
+            peer_wait_ok = wait[:, None] <= ((wait[:, None] * ran).sum(axis=0) - wait[:, None]) + tol
+            sub_excess = sub - peer
 
         def above(ratio: float, z: float, two_ratio: float) -> np.ndarray:
+            if every_two:  # no column has 3 ranks: the two-rank bars are all
+                return (sub > two_ratio * peer) & (sub_excess > z / Z_SCALE * p.mad_floor_ms) & peer_wait_ok
             out = (x > ratio * median) & (z_excess > z * mad_f) & many
-            two = count == 2
             if two.any():
-                sub = x[:, two]
-                peer = np.nansum(sub, axis=0) - sub  # the other rank's time
-                peer_wait = (wait[:, None] * ~np.isnan(sub)).sum(axis=0) - wait[:, None]
-                out[:, two] = (
-                    (sub > two_ratio * peer)
-                    & (sub - peer > z / Z_SCALE * p.mad_floor_ms)
-                    & (wait[:, None] <= peer_wait + tol)
-                )
+                out[:, two] = (sub > two_ratio * peer) & (sub_excess > z / Z_SCALE * p.mad_floor_ms) & peer_wait_ok
             return out
 
         flagged = above(p.ratio, p.z, p.two_rank_ratio)

@@ -253,6 +253,7 @@ class Evaluator:
 
     def evaluate(self, ready: list[ReadyStep]) -> None:
         """Matrix, detector, episodes to the store, metrics, alerts; reads only the snapshots."""
+        evaluated: dict[tuple[str, int], int] = {}  # (job, attempt) -> its last step evaluated here
         for item in ready:
             job = item.job.job
             try:
@@ -270,7 +271,9 @@ class Evaluator:
                 self.eval_errors += 1
                 log.exception("evaluating step %d of job %r failed; the step has no verdict", item.step, job)
             # Evaluated, with or without a verdict: the step is done and is not merged again.
-            self.writer.call_threadsafe(self.store.set_evaluated, job, item.step, item.job.attempt)
+            evaluated[(job, item.job.attempt)] = max(item.step, evaluated.get((job, item.job.attempt), item.step))
+        for (job, attempt), step in evaluated.items():  # one write per job, after its episodes (store: the max)
+            self.writer.call_threadsafe(self.store.set_evaluated, job, step, attempt)
 
     def _persist_episode(self, ep: Episode) -> None:
         key = episode_key(ep)

@@ -299,6 +299,10 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     )
 
 
+# np.iinfo() builds an object per call (~5 µs): the bounds once
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+
+
 def _between_forward_and_backward(
     ordered: list[StepRow], lengths: np.ndarray, phases: np.ndarray, figures: dict[str, np.ndarray]
 ) -> np.ndarray:
@@ -313,17 +317,17 @@ def _between_forward_and_backward(
     rank = np.repeat(np.arange(n), lengths)
     starts = np.concatenate([r.modules["first_start"] for r in ordered]).astype(np.int64) if n else np.zeros(0)
     ends = np.concatenate([r.modules["last_end"] for r in ordered]).astype(np.int64) if n else np.zeros(0)
-    forward_end = np.full(n, np.iinfo(np.int64).min)
-    backward_start = np.full(n, np.iinfo(np.int64).max)
-    backward_end = np.full(n, np.iinfo(np.int64).min)
+    forward_end = np.full(n, _INT64_MIN)
+    backward_start = np.full(n, _INT64_MAX)
+    backward_end = np.full(n, _INT64_MIN)
     fwd, bwd = phases == PHASE_IDS["forward"], phases == PHASE_IDS["backward"]
     np.maximum.at(forward_end, rank[fwd], ends[fwd])
     np.minimum.at(backward_start, rank[bwd], starts[bwd])
     np.maximum.at(backward_end, rank[bwd], ends[bwd])
-    both = (forward_end > np.iinfo(np.int64).min) & (backward_start < np.iinfo(np.int64).max)
+    both = (forward_end > _INT64_MIN) & (backward_start < _INT64_MAX)
     pass_start = np.where(
         both & (figures["backward_ns"] > 0),
         backward_end + figures["backward_tail_ns"].astype(np.int64) - figures["backward_ns"].astype(np.int64),
         backward_start,
     )
-    return np.where(both, np.clip(np.minimum(backward_start, pass_start) - forward_end, 0, None), 0).astype(np.float64)
+    return np.where(both, np.maximum(np.minimum(backward_start, pass_start) - forward_end, 0), 0).astype(np.float64)

@@ -8,7 +8,7 @@ rolled back and counted; the callers see the error and agents replay what was no
 from __future__ import annotations
 
 import asyncio
-import queue
+import collections
 import threading
 import time
 
@@ -25,7 +25,10 @@ class StoreWriter:
         self.loop = loop
         self.batch_s = batch_s
         self.errors = 0  # failed commits (each rolled back)
-        self._queue: queue.Queue = queue.Queue()
+        # Work goes on a deque and the thread is woken only when it sleeps: a queue.Queue put takes a lock and
+        # notifies a Condition for every report and every evaluated step, on the loop and the evaluation thread.
+        self._queue: collections.deque = collections.deque()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="modtrack-store-writer", daemon=True)
         self._thread.start()
 
@@ -38,38 +41,39 @@ class StoreWriter:
 
     def _put(self, item) -> asyncio.Future:
         fut = self.loop.create_future()
-        self._queue.put((item, fut))
+        self._add((item, fut))
         return fut
 
     def call_threadsafe(self, fn, *args) -> None:
         """From a thread other than the loop's: fire and forget."""
-        self._queue.put((("call", (fn, args)), None))
+        self._add((("call", (fn, args)), None))
+
+    def _add(self, item) -> None:
+        self._queue.append(item)  # deque.append is atomic
+        if not self._wake.is_set():
+            self._wake.set()
 
     def close(self) -> None:
         """Commits what is queued, then ends the thread."""
-        self._queue.put(None)
+        self._add(None)
         self._thread.join()
 
     def _run(self) -> None:
         stop = False
         while not stop:
-            first = self._queue.get()
-            if first is None:
-                break
-            # Sleep out the batch window, then take what came: the loop's puts wake no one,
-            # where a get() per item woke this thread (and took the GIL) once per report.
+            self._wake.wait()
+            # Sleep out the batch window, then take what came: puts in the window wake no one.
             time.sleep(self.batch_s)
-            batch = [first]
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
+            self._wake.clear()  # before taking: what comes after this wakes the next round
+            batch = []
+            while self._queue:
+                item = self._queue.popleft()
                 if item is None:
                     stop = True
                     break
                 batch.append(item)
-            self._commit(batch)
+            if batch:
+                self._commit(batch)
         self.store.close()
 
     def _commit(self, batch) -> None:
