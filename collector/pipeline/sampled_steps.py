@@ -18,30 +18,31 @@ from modtrack.collector.records import N_PHASES, StepMatrix, column_key
 
 
 class HeldDetail:
-    """The module columns of a job's last two steps with detail, to judge the steps between them."""
+    """The module columns of a job's last two steps with detail, to judge the steps between them. A step with
+    detail is only kept (most steps have it); the held columns are worked out when a step without needs them."""
 
     def __init__(self) -> None:
-        self.keys = np.empty(0, np.int64)  # column keys of the held columns
-        self.ranks = np.empty(0, np.int64)
-        self.held: np.ndarray | None = None  # (R, K) elementwise min of the last two detailed steps
-        self.last: np.ndarray | None = None  # (R, K) the last detailed step's self times
+        self._last: StepMatrix | None = None  # the last step with detail from every rank
+        self._before: StepMatrix | None = None  # ... and the one before it
+        self._held: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (ranks, keys, held) of those two
 
     def fill(self, m: StepMatrix) -> StepMatrix:
         """`m` itself when every rank has detail (remembered), else `m` with the held module columns."""
         if m.detail is None:
-            self._remember(m)
+            self._before, self._last, self._held = self._last, m, None
             return m
-        if m.detail.any() or self.held is None:
+        if m.detail.any() or self._last is None:
             return m  # some ranks have detail: they are judged among themselves this step
+        held_ranks, keys, held = self._held_columns()
         ranks = np.asarray(m.ranks, np.int64)
-        rows = np.searchsorted(self.ranks, ranks)
-        found = (rows < len(self.ranks)) & (self.ranks[np.minimum(rows, len(self.ranks) - 1)] == ranks)
-        self_ms = np.full((len(ranks), len(self.keys)), np.nan)
-        self_ms[found] = self.held[rows[found]]
+        rows = np.searchsorted(held_ranks, ranks)
+        found = (rows < len(held_ranks)) & (held_ranks[np.minimum(rows, len(held_ranks) - 1)] == ranks)
+        self_ms = np.full((len(ranks), len(keys)), np.nan)
+        self_ms[found] = held[rows[found]]
         filled = replace(
             m,
-            column_module=self.keys // N_PHASES,
-            column_phase=self.keys % N_PHASES,
+            column_module=keys // N_PHASES,
+            column_phase=keys % N_PHASES,
             self_ms=self_ms,
         )
         if m.cpu_clock and m.forward_ms is not None and m.backward_ms is not None:
@@ -50,23 +51,32 @@ class HeldDetail:
             filled.idle_ms = np.maximum(m.forward_ms + m.backward_ms - computing, m.sync_wait_ms)
         return filled
 
-    def _remember(self, m: StepMatrix) -> None:
-        keys = column_key(np.asarray(m.column_module, np.int64), np.asarray(m.column_phase, np.int64))
-        ranks = np.asarray(m.ranks, np.int64)
-        x = np.asarray(m.self_ms, np.float64)
-        previous = self._aligned(ranks, keys)
-        self.keys, self.ranks, self.last = keys, ranks, x
-        with np.errstate(invalid="ignore"):
-            self.held = x if previous is None else np.fmin(x, previous)  # fmin: a column new now is held as is
+    def _held_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ranks, column keys, (R, K) elementwise min of the last two detailed steps), laid out like the last."""
+        if self._held is None:
+            assert self._last is not None
+            ranks, keys, x = _layout(self._last)
+            if self._before is None:
+                held = x
+            else:
+                with np.errstate(invalid="ignore"):  # fmin: a column new in the last step is held as is
+                    held = np.fmin(x, _aligned(_layout(self._before), ranks, keys))
+            self._held = (ranks, keys, held)
+        return self._held
 
-    def _aligned(self, ranks: np.ndarray, keys: np.ndarray) -> np.ndarray | None:
-        """The last detailed step's self times laid out like (ranks, keys); None before the first."""
-        if self.last is None:
-            return None
-        if np.array_equal(ranks, self.ranks) and np.array_equal(keys, self.keys):
-            return self.last
-        out = np.full((len(ranks), len(keys)), np.nan)
-        _, nr, orr = np.intersect1d(ranks, self.ranks, assume_unique=True, return_indices=True)
-        _, nc, oc = np.intersect1d(keys, self.keys, assume_unique=True, return_indices=True)
-        out[nr[:, None], nc] = self.last[orr[:, None], oc]
-        return out
+
+def _layout(m: StepMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    keys = column_key(np.asarray(m.column_module, np.int64), np.asarray(m.column_phase, np.int64))
+    return np.asarray(m.ranks, np.int64), keys, np.asarray(m.self_ms, np.float64)
+
+
+def _aligned(before: tuple[np.ndarray, np.ndarray, np.ndarray], ranks: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """An earlier detailed step's self times laid out like (ranks, keys)."""
+    old_ranks, old_keys, old = before
+    if np.array_equal(ranks, old_ranks) and np.array_equal(keys, old_keys):
+        return old
+    out = np.full((len(ranks), len(keys)), np.nan)
+    _, nr, orr = np.intersect1d(ranks, old_ranks, assume_unique=True, return_indices=True)
+    _, nc, oc = np.intersect1d(keys, old_keys, assume_unique=True, return_indices=True)
+    out[nr[:, None], nc] = old[orr[:, None], oc]
+    return out
