@@ -25,13 +25,10 @@ class StoreWriter:
         self.loop = loop
         self.batch_s = batch_s
         self.errors = 0  # failed commits (each rolled back)
-        # Work goes on a deque, taken every batch_s while work comes: a put wakes the thread only once it has
-        # gone idle (idle_after_s without work). A queue.Queue put took a lock and notified a Condition for
-        # every report and evaluated step, and each wake-up of this thread cost its caller a context switch.
+        # Work goes on a deque and the thread is woken only when it sleeps: a queue.Queue put takes a lock and
+        # notifies a Condition for every report and every evaluated step, on the loop and the evaluation thread.
         self._queue: collections.deque = collections.deque()
-        self._idle = False
         self._wake = threading.Event()
-        self.idle_after_s = 1.0
         self._thread = threading.Thread(target=self._run, name="modtrack-store-writer", daemon=True)
         self._thread.start()
 
@@ -53,44 +50,31 @@ class StoreWriter:
 
     def _add(self, item) -> None:
         self._queue.append(item)  # deque.append is atomic
-        if self._idle:
+        if not self._wake.is_set():
             self._wake.set()
 
     def close(self) -> None:
         """Commits what is queued, then ends the thread."""
-        self._queue.append(None)
-        self._wake.set()
+        self._add(None)
         self._thread.join()
 
     def _run(self) -> None:
-        empty = 0  # batch windows in a row without work
-        while True:
+        stop = False
+        while not stop:
+            self._wake.wait()
             # Sleep out the batch window, then take what came: puts in the window wake no one.
             time.sleep(self.batch_s)
+            self._wake.clear()  # before taking: what comes after this wakes the next round
             batch: list = []
             while self._queue:
                 item = self._queue.popleft()
                 if item is None:
-                    if batch:
-                        self._commit(batch)
-                    self.store.close()
-                    return
+                    stop = True
+                    break
                 batch.append(item)
             if batch:
-                empty = 0
                 self._commit(batch)
-                continue
-            empty += 1
-            if empty * self.batch_s >= self.idle_after_s:
-                self._wait_for_work()
-                empty = 0
-
-    def _wait_for_work(self) -> None:
-        self._idle = True
-        if not self._queue:  # a put after this line sees _idle and wakes the thread
-            self._wake.wait()
-        self._wake.clear()
-        self._idle = False
+        self.store.close()
 
     def _commit(self, batch) -> None:
         conn = self.store.conn()
