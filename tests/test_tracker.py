@@ -127,7 +127,7 @@ def test_step_per_optimizer_step_with_every_module_timed_forward_and_backward():
 
 
 def test_node_hooks_leave_the_users_tensors_and_their_hooks_alone():
-    """Without the seed's bookkeeping the tracker hooks nodes through a tensor of its own: a module's output
+    """The tracker hooks autograd nodes through a tensor of its own: a module's output
     gets no hooks dict, and a user's tensor hook on it sees the same gradient as without tracking."""
     torch.manual_seed(0)
     model, x = Net(), torch.randn(4, 8)
