@@ -74,8 +74,9 @@ class Collector:
         )
         await self.read(self.evaluator.restore_all)
         self.ingest = IngestServicer(
-            self.merger, self.store, self.writer, self.token, self.metrics, restore_job=self.evaluator.restore_job
+            self.merger, self.store, self.writer, self.token, self.metrics, restore_job=self._restore_job
         )
+        await self.read(self._restore_collectives, list(self.merger.jobs.values()))
         self.ingest.hello_timeout_s = self.config.hello_timeout_s
         self.evaluator.connected = self.ingest.connected
         self.evaluator.on_forget += [self.ingest.forget_job, self.metrics.forget_job, self._forget_in_store]
@@ -120,6 +121,21 @@ class Collector:
         self.metrics.registry.register(self.ingest.stall_watch)
         self.metrics.registry.register(self.ingest.collectives)  # collective timing (issue 15)
         self._stall_task = asyncio.create_task(self.ingest.stall_watch.run(self.merger.jobs, self.alerting))
+
+    async def _restore_job(self, job: str) -> None:
+        """A job not in memory says Hello: its merge state and verdicts, then its recent collective stats."""
+        await self.evaluator.restore_job(job)
+        state = self.merger.jobs.get(job)
+        if state is not None and not self.ingest.collectives.knows(job):
+            await self.read(self._restore_collectives, [state])
+
+    def _restore_collectives(self, jobs: list) -> None:
+        """Read thread: each job's stored collective stats of its newest steps (its latest attempt), so who
+        arrives last and what its peers wait survive a restart of the collector."""
+        book = self.ingest.collectives
+        for state in jobs:
+            stored = self.store.collective_stats(state.job, state.attempt, book.keep_steps)
+            book.restore(state.job, state.attempt, stored)
 
     def api_deps(self) -> ApiDeps:
         def ranks_reporting(job: str) -> int | None:

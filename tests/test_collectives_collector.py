@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.collector_thread import CollectorThread
 from harness.evaluated import wait_evaluated
 from harness.fake_rank import FakeRank, report
 from harness.http import get
@@ -51,23 +52,30 @@ def group(body, name):
     return next(g for g in body["groups"] if g["group"] == name)
 
 
-def test_gloo_the_last_to_arrive_is_named_and_every_peer_waits_its_skew(collector):
-    job = "coll-gloo"
-    late = {0: 0, 1: 3 * MS, 2: 1 * MS, 3: 10 * MS}  # rank 3 issues each collective 10 ms after rank 0
+def send_late_rank_3(collector, job: str, steps: int = 6) -> dict:
+    """Four fake ranks, rank 3 issuing each of its two collectives per step 10 ms after rank 0 (rank 1: 3 ms,
+    rank 2: 1 ms); the collector's summary once every step is lined up."""
+    late = {0: 0, 1: 3 * MS, 2: 1 * MS, 3: 10 * MS}
     ranks = [FakeRank(collector.grpc_target, job, r, 4) for r in range(4)]
-    for step in range(6):
+    for step in range(steps):
         for r, fr in enumerate(ranks):
             rep = report(step, [1.0] * 5)
             rep.collectives.append(stats(step, issue=(5 * MS + late[r], 50 * MS + late[r]), nbytes=4096))
             fr.report(rep)
     for fr in ranks:
-        fr.wait_ack(5)
+        fr.wait_ack(steps - 1)
+        fr.close()
 
     def summary():
         status, body = get(collector.url, f"/api/v1/jobs/{job}/collectives")
-        return body if status == 200 and body["groups"] and body["groups"][0]["steps"] == 6 else None
+        return body if status == 200 and body["groups"] and body["groups"][0]["steps"] == steps else None
 
-    g = group(wait_for(summary, what="6 complete steps"), "0")
+    return wait_for(summary, what=f"{steps} complete steps")
+
+
+def test_gloo_the_last_to_arrive_is_named_and_every_peer_waits_its_skew(collector):
+    job = "coll-gloo"
+    g = group(send_late_rank_3(collector, job), "0")
     assert g["late_rank"] == 3 and g["size"] == 4 and g["transfer_ms"] is None and g["bytes_per_step"] == 4096
     waits = {r["rank"]: r["wait_ms"] for r in g["ranks"]}
     # per step: two collectives, each waiting (10 ms - the rank's own lateness)
@@ -81,8 +89,23 @@ def test_gloo_the_last_to_arrive_is_named_and_every_peer_waits_its_skew(collecto
     blamed = Episode(job, 3, "host3", "(data loading)", "data", 2.0, 1, 5, "active", 17.3)
     assert book.explain(blamed) == "last into 100% of group 0's collectives; its peers wait 17.3 ms per step there"
     assert book.explain(dataclasses.replace(blamed, rank=0)) == ""
-    for fr in ranks:
-        fr.close()
+
+
+def test_who_arrives_last_and_the_peers_waits_survive_a_restart_of_the_collector(tmp_path):
+    first = CollectorThread(tmp_path / "data")
+    try:
+        before = send_late_rank_3(first, "coll-restart")
+        first.flush_store()
+    finally:
+        first.stop()
+    again = CollectorThread(tmp_path / "data")
+    try:
+        status, after = get(again.url, "/api/v1/jobs/coll-restart/collectives")
+        assert status == 200 and after == before and group(after, "0")["late_rank"] == 3
+        blamed = Episode("coll-restart", 3, "host3", "(data loading)", "data", 2.0, 1, 5, "active", 17.3)
+        assert again.collector.ingest.collectives.explain(blamed).startswith("last into 100% of group 0's")
+    finally:
+        again.stop()
 
 
 def test_nccl_waits_come_from_gpu_active_time_and_a_slow_link_is_its_group(collector):

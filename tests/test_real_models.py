@@ -263,6 +263,25 @@ def test_parents_and_is_bw_are_the_seeds_at_every_op(name, reentrant):
     assert ours_bw == seed_bw, (sorted(seed_bw - ours_bw, key=str)[:3], sorted(ours_bw - seed_bw, key=str)[:3])
 
 
+def record_ops_of_gradients_to_a_hidden_state(tracker_cls):
+    """autograd.grad and backward(inputs=...) to the first decoder layer's output: the engine hands that
+    output's node its gradient without running it (the seed's tensor hooks run there)."""
+    model, batch = build("llama")
+    hidden: list = []
+    model.model.layers[0].register_forward_hook(lambda mod, args, out: hidden.append(out))
+    with tracker_cls() as tracker, OpRecorder(tracker) as recorder:
+        torch.autograd.grad(loss_of(model, batch), hidden[-1])
+        loss_of(model, batch).backward(inputs=[hidden[-1]])
+    return recorder.ops
+
+
+def test_parents_are_the_seeds_when_gradients_stop_at_a_hidden_state():
+    seed_fw, seed_bw = comparable(record_ops_of_gradients_to_a_hidden_state(SeedTracker))
+    ours_fw, ours_bw = comparable(record_ops_of_gradients_to_a_hidden_state(ModuleTracker))
+    assert ours_fw == seed_fw and sum(seed_bw.values()) > 20
+    assert ours_bw == seed_bw, (sorted(seed_bw - ours_bw, key=str)[:3], sorted(ours_bw - seed_bw, key=str)[:3])
+
+
 def flop_counts(tracker_cls, name, reentrant, monkeypatch) -> list[dict]:
     monkeypatch.setattr(flop_counter, "ModuleTracker", tracker_cls)
     model, batch = build(name, reentrant)

@@ -7,6 +7,7 @@ Each case is one 3-rank CPU job (gloo) of examples/train.py under the agent, wit
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -25,7 +26,7 @@ CASES = [  # (wrapper, shape, culprit position): every wrapper, the kinds the ol
     ("fsdp2", "host", "last"),  # FSDP2's pre-backward all-gather: the peers' wait is backward, not host time
     ("ddp", "every3", "middle"),
     ("ddp", "restart", "middle"),
-]  # the clean case (ddp, no fault) is tests/test_end_to_end.py's clean run: the same job, asserted further
+]  # a clean job of the default model is tests/test_end_to_end.py's clean run: the same job, asserted further
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +55,15 @@ def test_scenario_verdict_and_cost(collector, tmp_path, wrap, shape, position):
     # against the ≤ 15 % median / ≤ 25 % worst targets. A 1-in-3 fault's truth pairs each slow step with its
     # neighbours (±1-2 ms over a run), the same bar.
     assert abs(r.cost_error) <= 0.5, (r.cost, r.measured, r.measured_se)
+
+
+def test_a_clean_job_whose_modules_clear_the_floors_gets_no_verdict(collector, tmp_path):
+    """The default model's clean DDP job has no module above the CPU clock's floors (1 ms, 1 % of the step), so it
+    can only show false alarms of the step-level causes; a 4x wider model has dozens of cells judged per step."""
+    spec = dataclasses.replace(scenarios.SHAPES["clean"], model=scenarios.WIDE)
+    r = scenarios.judge(collector, "ddp-clean-wide", "ddp", spec, "first", 2, str(tmp_path))
+    scenarios.print_row(r)
+    assert r.ok_run, r.detail
+    assert r.verdicts == [], r.verdicts
+    judged = float(r.detail.split(" cells judged")[0])
+    assert judged >= 20, r.detail

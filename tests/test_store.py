@@ -199,6 +199,7 @@ def test_collective_stats_and_call_windows_are_stored_and_read_back_as_they_came
         (1, -125, 1, "1"),
         (1, -125, 2, "0"),
     ]
+    assert [(s.step, s.group) for _, _, s in store.collective_stats("j", 0, last=2)] == [(1, "0"), (1, "1"), (2, "0")]
     sent = {(s.step, s.group): s for r in rows for s in r.collectives}
     for _, _, s in got:
         expected = sent[(s.step, s.group)]

@@ -126,6 +126,29 @@ def test_step_per_optimizer_step_with_every_module_timed_forward_and_backward():
     assert len(cols.module_id) == len(names) and (cols.last_end_ns >= cols.first_start_ns).all()
 
 
+def test_node_hooks_leave_the_users_tensors_and_their_hooks_alone():
+    """The tracker hooks autograd nodes through a tensor of its own: a module's output
+    gets no hooks dict, and a user's tensor hook on it sees the same gradient as without tracking."""
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(4, 8)
+    seen: list = []
+
+    def hook_output(mod, args, output):
+        seen.append(output._backward_hooks)
+        output.register_hook(lambda g: seen.append(g.clone()))
+
+    model.blocks[0].mlp.register_forward_hook(hook_output)
+    model(x).sum().backward()
+    untracked = seen[-1]
+    seen.clear()
+    with ModuleTracker(seed_parents=False) as t:
+        model(x).sum().backward()
+        t.step()
+        summary = t.last_step()
+    assert seen[0] is None and torch.equal(seen[1], untracked)
+    assert summary[("Net.blocks.0.mlp", "backward")]["calls"] == 1 and t.counters["hook_errors"] == 0
+
+
 def test_parents_and_is_bw_behave_as_the_seed():
     """What code running inside a module sees (forward, and its backward ops), as with the seed."""
     seen = []

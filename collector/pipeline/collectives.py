@@ -261,6 +261,15 @@ class CollectiveBook:
             for step in [st for st in state.in_windows if st <= oldest]:
                 del state.in_windows[step]
 
+    def restore(self, job: str, attempt: int, rows: list[tuple[int, int, GroupStep]]) -> None:
+        """Stored stats ((rank, clock offset, stats) in step order, Store.collective_stats) read back after a restart,
+        as the reports that carried them had added them."""
+        reports: dict[tuple[int, int, int], list[GroupStep]] = {}
+        for rank, offset, s in rows:
+            reports.setdefault((s.step, rank, offset), []).append(s)
+        for (_, rank, offset), stats in reports.items():
+            self.add(job, attempt, rank, offset, stats)
+
     def add_windows(self, job: str, attempt: int, rank: int, offset_ns: int, step: int, modules: dict) -> None:
         """One rank's module windows of a step, from a rank whose module durations hold its waits: where each of
         its collective waits of that step happened. Kept for the newest `keep_steps` steps."""

@@ -64,7 +64,7 @@ class DetectorParams:
     cost_steps: int = 30  # the cost is the mean loss over this many steps (slow or not)
     # Step-level columns (data loading, optimizer) are wall time: they open nothing below this excess.
     step_floor_ms: float = 5.0
-    step_floor_frac: float = 0.1  # ... x the median step wall time
+    step_floor_frac: float = 0.05  # ... x the median step wall time
     host_rollup: bool = True  # > half of a host's ranks (at least 2) slow together: one host episode
     # A job's first steps judge nothing: lazy initialisation, the tracker's first-call hook installs and
     # allocator growth make them unlike the rest. None: CPU_CLOCK_WARMUP steps on CPU-clocked jobs, else 0.
@@ -239,10 +239,11 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
         if steps and np.isfinite(wall_median):
             # Data loading and optimizer are wall time, which a rank preempted on shared cores
             # stretches by a few ms now and then (measured: 1-16 ms, 1.6-10x, on 3 ranks / 2 cores).
-            # The bar is 10 % of the step, not 20: under FSDP on a loaded host a step took 150-220 ms
-            # and a 30 ms optimizer straggler (31-42 ms of excess) cleared 20 % in 1 step in 4 (found
-            # 26 steps late, its cost lost); spikes its peers waited for reach 10-60 % of a step, but
-            # in no 3 of 5 steps of 42 real jobs.
+            # The bar is 5 % of the step: under FSDP on a loaded host a step took 150-220 ms and a 30 ms
+            # optimizer straggler (31-42 ms of excess) cleared 20 % in 1 step in 4 (found 26 steps late, its cost
+            # lost); with a wider model (steps of 350 ms under FSDP2) a 30 ms optimizer and a 40 ms data loading
+            # straggler never cleared 10 %. Spikes its peers waited for reach 10-60 % of a step, but in no 3 of 5
+            # steps of 133 real jobs (their clean steps and those before each onset) at 5 %.
             bar = max(p.step_floor_ms, p.step_floor_frac * wall_median)
             # ... and a rank is slow there only if its peers waited for it (most of its excess). These bars
             # stand in for the MAD's: among 3 ranks one peer's noise is the MAD, and under FSDP2 on a loaded host

@@ -276,7 +276,12 @@ class EpisodeBook:
         changed += [ep for ep in opened if ep.state == "resolved" or self.tracks[_key(ep.rank, ep.host)].published]
         # A step for the baseline: nothing flagged, and no episode but intermittent ones not slow now. Between an
         # intermittent straggler's slow steps the job runs at its own pace, which drifts on a shared host.
-        quiet = not flagged.any() and all(self._intermittent(t) and t.last_slow != m.step for t in self.tracks.values())
+        # A step-level flag within twice its bar (5-10 % of the step) is the bar's own margin over a shared host's
+        # spikes, not a slow step: the baseline keeps it (the mean of the quiet steps is the job's pace).
+        with np.errstate(invalid="ignore"):
+            loud_steps = flagged[:, k:] & ((x[:, k:] - flags.median[k:]) > 2 * bar)
+        quiet = not flagged[:, :k].any() and not loud_steps.any()
+        quiet = quiet and all(self._intermittent(t) and t.last_slow != m.step for t in self.tracks.values())
         self._losses(stepped, step, quiet)
         return changed
 

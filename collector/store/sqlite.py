@@ -398,13 +398,15 @@ class Store:
         )
         return {(step, rank): offset or 0 for step, rank, offset in rows}
 
-    def collective_stats(self, job: str, attempt: int) -> list[tuple[int, int, GroupStep]]:
-        """(rank, clock offset then, stats) of every stored collective stats row of an attempt, in step order;
-        the per-collective columns are empty once retention dropped them."""
+    def collective_stats(self, job: str, attempt: int, last: int | None = None) -> list[tuple[int, int, GroupStep]]:
+        """(rank, clock offset then, stats) of every stored collective stats row of an attempt (or of its `last`
+        steps), in step order; the per-collective columns are empty once retention dropped them."""
+        newest = "(SELECT MAX(step) FROM collectives WHERE job = ? AND attempt = ?)"
         rows = self.conn().execute(
             f"SELECT rank, step, {_COLLECTIVE_FIELDS} FROM collectives WHERE job = ? AND attempt = ? "
-            "ORDER BY step, rank, grp",
-            (job, attempt),
+            + ("" if last is None else f"AND step > {newest} - ? ")
+            + "ORDER BY step, rank, grp",
+            (job, attempt) if last is None else (job, attempt, job, attempt, last),
         )
         out = []
         for (

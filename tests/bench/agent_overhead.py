@@ -35,7 +35,8 @@ other modes run (an upper bound), divided by the steps the agent tracked:
 
 It also prints what keeping the rank's position (agent/position.py, for hung jobs) costs per module
 call, timed in the same processes; --baseline-tree DIR (an older checkout) adds a mode "baseline":
-modtrack's ModuleTracker as DIR has it, interleaved with the others.
+modtrack's ModuleTracker as DIR has it, interleaved with the others (with --paired: built as hooks is, in the
+same process, its agent package copied under another name).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ MODES = ("plain", "seed", "hooks", "agent")
 SAMPLED_MODES = ("sampled", "unsampled")
 EXTRA_MODES = (*SAMPLED_MODES, "sender")
 BASELINE_SHIM = os.path.join(tempfile.gettempdir(), f"modtrack-bench-baseline-{os.getuid()}")
+# --paired --baseline-tree: the older agent as the package `modtrack_baseline.agent`, importable beside ours
+PAIRED_BASELINE = os.path.join(tempfile.gettempdir(), f"modtrack-bench-paired-baseline-{os.getuid()}")
 MODELS = ("mlp200", "llama", "gpt2", "bert", "transformer", "gpt2small", "tinygpt")
 TARGET_VS_SEED = {"mlp200": 0.3, "llama": 0.5, "gpt2": 0.5, "bert": 0.5}
 TARGET_CPU = 1.2
@@ -290,6 +293,11 @@ def paired_child(model: str, modes: list[str], rounds: int, block: int, collecto
 
             transport = Transport(collector, identity_from_env(f"bench-paired-{model}-{os.getpid()}")).start()
             contexts[mode] = ModuleTracker(on_step=transport.submit, seed_parents=False)
+        elif mode == "baseline":  # the older tree's tracker, as hooks builds it
+            sys.path.insert(0, PAIRED_BASELINE)
+            from modtrack_baseline.agent.tracker import ModuleTracker as BaselineTracker
+
+            contexts[mode] = BaselineTracker(seed_parents=False)
         else:
             raise SystemExit(f"--paired has no mode {mode!r} (it has {', '.join(PAIRED_MODES)})")
 
@@ -408,14 +416,17 @@ def paired_report(model: str, out: dict, modes: list[str], boot: int = 2000) -> 
             f"young GCs/step {out['young_gcs'][m]:.1f}"
         )
     target = TARGET_VS_SEED.get(model)
-    for m in ("hooks", "parity", "agent"):
+    for m in ("hooks", "parity", "agent", "baseline"):
         if m in modes and "seed" in modes:
             r, lo, hi = spread(m, "seed")
             print(
                 f"  {model}: {m}/seed training-thread overhead ratio = {r:.2f} [{lo:.2f}, {hi:.2f}]"
                 + (f" (target <= {target})" if target else "")
             )
-    for m in ("seed", "hooks", "parity", "agent"):
+    if "baseline" in modes and "hooks" in modes:
+        r, lo, hi = spread("hooks", "baseline")
+        print(f"  {model}: hooks/baseline training-thread overhead ratio = {r:.2f} [{lo:.2f}, {hi:.2f}]")
+    for m in ("seed", "hooks", "parity", "agent", "baseline"):
         if m in modes:
             r, lo, hi = spread(m, None)
             print(f"  {model}: {m} overhead = {100 * r:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] of the plain step")
@@ -460,6 +471,9 @@ def paired_main(args) -> None:
     models, modes = args.models.split(","), args.modes.split(",")
     if "plain" not in modes:
         modes.insert(0, "plain")
+    if args.baseline_tree:
+        make_paired_baseline(os.path.abspath(args.baseline_tree))
+        modes.append("baseline")
     with tempfile.TemporaryDirectory() as tmp:
         server = collector_for(modes, tmp)
         try:
@@ -679,6 +693,25 @@ def collector_for(modes: list[str], tmp: str):
     if "agent" not in modes:
         return None
     return CollectorProcess(os.path.join(tmp, "data"), log_path=os.path.join(tmp, "collector.log"))
+
+
+def make_paired_baseline(tree: str) -> None:
+    """PAIRED_BASELINE/modtrack_baseline/agent: a copy of the baseline checkout's agent whose imports of
+    `modtrack.agent` name the copy (its protos are ours: the tracker only reads phase names there)."""
+    import shutil
+
+    package = os.path.join(PAIRED_BASELINE, "modtrack_baseline")
+    shutil.rmtree(PAIRED_BASELINE, ignore_errors=True)
+    shutil.copytree(os.path.join(tree, "agent"), os.path.join(package, "agent"), ignore=shutil.ignore_patterns("*.pyc"))
+    open(os.path.join(package, "__init__.py"), "w").close()
+    for folder, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path) as f:
+                    text = f.read()
+                with open(path, "w") as f:
+                    f.write(text.replace("modtrack.agent", "modtrack_baseline.agent"))
 
 
 def make_baseline_shim(tree: str) -> None:

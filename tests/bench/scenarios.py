@@ -32,9 +32,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared harness
 from harness.collector_process import REPO, CollectorProcess, env
+from modtrack.collector.pipeline.detector import DetectorParams, params_for_clock
 
 TRAIN = os.path.join(REPO, "examples", "train.py")
 MODEL = ["--dim", "64", "--batch", "8", "--context", "32", "--layers", "4", "--heads", "4", "--vocab", "256"]
+# A 4x wider model (--model, or a Shape's model): its modules take 1-5 ms, so the CPU clock's floors (1 ms, 1 % of
+# the step) judge 36-56 cells per step of a clean 2-3 rank job; the default's DDP job has no module above them.
+WIDE = ("--dim", "256", "--context", "64")
 ONSET = 15
 STEPS = 45
 WRAPS = ("ddp", "fsdp2", "fsdp1")
@@ -56,6 +60,7 @@ class Shape:
     stops_at: int | None = None  # the fault ends here: the verdict must be resolved
     restart: bool = False  # the job fails once and torchrun restarts it; the fault is in attempt 1
     clean: bool = False
+    model: tuple[str, ...] = ()  # examples/train.py model arguments on top of MODEL (e.g. WIDE)
 
 
 SHAPES = {
@@ -245,6 +250,7 @@ def run_job(
         "--step-times",
         times,
         *MODEL,
+        *shape.model,
         *slow,
     )
     proc = subprocess.Popen(
@@ -359,6 +365,21 @@ def noise_sigma(collector: Collector, job: str, steps) -> float:
     return statistics.median(spreads) if spreads else float("nan")
 
 
+def cells_judged(collector: Collector, job: str, steps) -> float:
+    """Rank x module cells per step whose module's median self time clears the CPU clock's floors: the cells a
+    false alarm could come from (a clean job of tiny modules tests the step-level causes alone)."""
+    floors = params_for_clock(DetectorParams(), cpu_clock=True)
+    stored = get_json(f"{collector.url}/api/v1/jobs/{job}/steps?last=1000")["steps"]
+    walls = {s["step"]: statistics.median(r["wall_ms"] for r in s["ranks"]) for s in stored if s["ranks"]}
+    counts = []
+    for step in steps:
+        floor = max(floors.min_excess_ms or 0.0, (floors.min_excess_frac or 0.0) * walls.get(step, 0.0))
+        modules = get_json(f"{collector.url}/api/v1/jobs/{job}/modules?step={step}")["modules"]
+        clear = [m["ms_by_rank"] for m in modules if statistics.median(m["ms_by_rank"].values()) >= floor]
+        counts.append(sum(map(len, clear)))
+    return statistics.mean(counts) if counts else 0.0
+
+
 def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str, ranks: int, workdir: str) -> Result:
     culprit = culprit_rank(position, ranks)
     res = Result(wrap, shape.name, culprit, ranks)
@@ -376,7 +397,8 @@ def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str
         res.clean_steps = shape.steps
         res.named = not verdicts
         sigma = noise_sigma(collector, job, range(shape.steps - 20, shape.steps))
-        res.detail = f"module noise sigma {sigma:.3f} (log self time across ranks; calibrates the simulator)"
+        judged = cells_judged(collector, job, range(shape.steps - 20, shape.steps))
+        res.detail = f"{judged:.0f} cells judged per step; module noise sigma {sigma:.3f} (log self time across ranks)"
         return res
     if shape.restart:
         first = get_json(f"{collector.url}/api/v1/jobs/{job}/steps?last=1000&attempt=0")["steps"]
@@ -573,12 +595,19 @@ def main(argv=None) -> int:
     ap.add_argument("--rejudge", nargs="+", help="judge the jobs kept in these folders again, offline, run nothing")
     ap.add_argument("--markdown", action="store_true", help="with --report or --rejudge: the README's table rows too")
     ap.add_argument(
+        "--model",
+        help="examples/train.py's model arguments for every job on top of the default tiny GPT's, or 'wide' (WIDE: "
+        "modules of 1-5 ms, which clear the CPU clock's 1 ms floor; the default's mostly do not)",
+    )
+    ap.add_argument(
         "--agent-env",
         default="",
         help="agent settings for every job, e.g. MODTRACK_CLOCK=wall,MODTRACK_COLLECTIVES=on",
     )
     a = ap.parse_args(argv)
     AGENT_ENV.update(kv.split("=", 1) for kv in a.agent_env.split(",") if kv)
+    if a.model:
+        MODEL[:] = MODEL + (list(WIDE) if a.model == "wide" else a.model.split())  # argparse: the last flag wins
     for name, shape in SHAPES.items():
         SHAPES[name] = replace(
             shape,
