@@ -47,7 +47,9 @@ def nan_column_medians(a: np.ndarray) -> np.ndarray:
 
 
 def row_percentiles(a: np.ndarray, q: float) -> np.ndarray:
-    """np.nanpercentile(a, q, axis=1) (linear interpolation), vectorised over the rows."""
+    """np.nanpercentile(a, q, axis=1) (linear interpolation), vectorised over the rows; NaN for a row of nothing."""
+    if a.shape[1] == 0:  # a step with no module columns (sampled mode before its first step with detail)
+        return np.full(len(a), np.nan)
     ordered = np.sort(a, axis=1)
     n = np.count_nonzero(~np.isnan(a), axis=1)
     pos = np.maximum(n - 1, 0) * (q / 100.0)

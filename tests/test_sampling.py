@@ -19,6 +19,7 @@ from harness.http import get
 from harness.torchrun import TRAIN
 from harness.waiting import wait_for
 from modtrack.agent import ModuleTracker
+from modtrack.collector.pipeline.detector import Detector, DetectorParams
 from modtrack.collector.pipeline.sampled_steps import HeldDetail
 from modtrack.collector.records import StepMatrix
 
@@ -116,6 +117,18 @@ def test_steps_without_detail_are_judged_on_the_last_two_samples_agreeing():
     assert slow.self_ms[2].tolist() == [8, 2] and slow.column_module.tolist() == [0, 1]
     mixed = matrix(12, [[1, 2], [1, 2], [8, 2]], np.array([True, True, False]))
     assert held.fill(mixed) is mixed  # a rank that switched a step later: judged as it is
+
+
+def test_steps_without_detail_before_any_step_with_detail_are_judged_without_error():
+    """Sampled mode switched on before the job's first step with detail was judged (a warm-up, a restarted
+    collector): such steps have no module column at all, and raised in the episode book."""
+    detector = Detector("j", DetectorParams(warmup_steps=0))
+    none = np.zeros(3, bool)
+    for step in range(6):
+        assert detector.observe(matrix(step, np.zeros((3, 0)), none)) == []
+    slow = np.array([[1.0, 2.0], [1.0, 2.0], [9.0, 2.0]])
+    opened = [ep for step in range(6, 12) for ep in detector.observe(matrix(step, slow))]
+    assert opened and all(ep.rank == 2 for ep in opened)  # judged once detail comes
 
 
 def test_the_collector_tells_every_rank_and_ranks_that_connect_later(collector):

@@ -37,6 +37,14 @@ def test_same_as_numpy_with_and_without_nans(n):
             assert np.allclose(row_percentiles(b.T, 40), np.nanpercentile(b.T, 40, axis=1), equal_nan=True)
 
 
+def test_percentiles_of_rows_of_nothing_are_nan_as_numpys():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert np.array_equal(
+            row_percentiles(np.zeros((3, 0)), 40), np.nanpercentile(np.zeros((3, 0)), 40, axis=1), equal_nan=True
+        )
+
+
 def test_nan_to_leaves_its_input_alone():
     a = np.array([1.0, np.nan])
     out = nan_to(a)
