@@ -285,9 +285,10 @@ def fsdp_hellos(collector, job: str, world: int, one_host: bool = False) -> list
     return ranks
 
 
-def run_rank_1_slow_in_blocks_0(collector, job: str, ranks: list[FakeRank]) -> None:
-    """30 steps of the fake FSDP job: from step 10 rank 1 computes 30 ms more in Net.blocks.0's forward and every
-    other rank waits 30 ms for it inside Net.blocks.1; all of it acked and evaluated."""
+def run_rank_1_slow_in_blocks_0(collector, job: str, ranks: list[FakeRank], extra_ms: float = 30.0, micro: int = 1):
+    """30 steps of the fake FSDP job (`micro` micro-batches a step): from step 10 rank 1 computes `extra_ms` more in
+    Net.blocks.0's forward in each micro-batch and every other rank waits as long for it inside Net.blocks.1; all of
+    it acked and evaluated."""
     base = [1.0, 4.0, 6.0, 6.0, 3.0]
     for step in range(30):
         slow = step >= 10
@@ -295,12 +296,12 @@ def run_rank_1_slow_in_blocks_0(collector, job: str, ranks: list[FakeRank]) -> N
             fwd = list(base)
             waits = {}
             if slow and r == 1:
-                fwd[2] += 30.0
+                fwd[2] += extra_ms
             elif slow:
-                waits[3] = 30.0
+                waits[3] = extra_ms
             issue: list[int] = []
-            rep = fsdp_step(step, fwd, base, issue, waits)
-            seqs, issued = (2, 3, 4), [i - step * STEP_NS for i in issue]
+            rep = fsdp_step(step, fwd, base, issue, waits, micro=micro)
+            seqs, issued = range(2, 2 + len(issue)), [i - step * STEP_NS for i in issue]
             rep.collectives.append(stats(step, size=len(ranks), seqs=seqs, issue=issued))
             fr.report(rep)
     for fr in ranks:
@@ -356,24 +357,7 @@ def test_waits_in_a_module_called_several_times_in_a_phase_are_taken_out_of_its_
     there and rank 0 was blamed in Net.blocks.1 as well."""
     job = "coll-fsdp-wall-micro"
     ranks = fsdp_hellos(collector, job, 2)
-    base = [1.0, 4.0, 6.0, 6.0, 3.0]
-    for step in range(30):
-        slow = step >= 10
-        for r, fr in enumerate(ranks):
-            fwd = list(base)
-            waits = {}
-            if slow and r == 1:
-                fwd[2] += 15.0
-            elif slow:
-                waits[3] = 15.0
-            issue: list[int] = []
-            rep = fsdp_step(step, fwd, base, issue, waits, micro=2)
-            seqs = range(2, 2 + len(issue))
-            rep.collectives.append(stats(step, size=2, seqs=seqs, issue=[i - step * STEP_NS for i in issue]))
-            fr.report(rep)
-    for fr in ranks:
-        fr.wait_ack(29)
-    wait_evaluated(collector.url, 29, job)
+    run_rank_1_slow_in_blocks_0(collector, job, ranks, extra_ms=15.0, micro=2)
     _, body = get(collector.url, f"/api/v1/jobs/{job}/stragglers")
     assert [v["rank"] for v in body["stragglers"]] == [1], body["stragglers"]
     (verdict,) = body["stragglers"]
