@@ -70,6 +70,10 @@ class DetectorParams:
     # allocator growth make them unlike the rest. None: CPU_CLOCK_WARMUP steps on CPU-clocked jobs, else 0.
     warmup_steps: int | None = None
 
+    def step_bar(self, wall_ms: float) -> float:
+        """The excess a step-level column (data loading, optimizer, host time) needs in a step of this wall time."""
+        return max(self.step_floor_ms, self.step_floor_frac * (wall_ms if np.isfinite(wall_ms) else 0.0))
+
 
 # Host CPU time is a coarser instrument than GPU events: on a clean job, processes differ by a few
 # hundred µs of CPU time in small modules, for steps on end (page faults, caches, allocator, cores
@@ -244,7 +248,7 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
             # lost); with a wider model (steps of 350 ms under FSDP2) a 30 ms optimizer and a 40 ms data loading
             # straggler never cleared 10 %. Spikes its peers waited for reach 10-60 % of a step, but in no 3 of 5
             # steps of 133 real jobs (their clean steps and those before each onset) at 5 %.
-            bar = max(p.step_floor_ms, p.step_floor_frac * wall_median)
+            bar = p.step_bar(wall_median)
             # ... and a rank is slow there only if its peers waited for it (most of its excess). These bars
             # stand in for the MAD's: among 3 ranks one peer's noise is the MAD, and under FSDP2 on a loaded host
             # (steps of 150-250 ms) peers' optimizer steps ran 5-22 ms long now and then, which hid a 30 ms

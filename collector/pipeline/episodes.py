@@ -237,7 +237,7 @@ class EpisodeBook:
         # ... and a rank slow everywhere now and then must lose the job what a step-level cause must: on shared
         # cores a rank's modules all run a few % longer in CPU time for a step or two (4-5 ms in a 35 ms step).
         wall_med = nan_median(m.wall_ms) if len(m.wall_ms) else 0.0
-        bar = max(self.p.step_floor_ms, self.p.step_floor_frac * (wall_med if np.isfinite(wall_med) else 0.0))
+        bar = self.p.step_bar(wall_med)
         rank_paid = rank_wide & (flags.paid_ms >= 0.5 * total_excess) & (total_excess > bar)
         self._push(cell_flags, cell_flags & flags.waited, rank_wide, rank_paid)
 
@@ -333,7 +333,7 @@ class EpisodeBook:
             mine = np.isin(ids, ranks)
             if mine.all() or not mine.any():
                 return
-            bar = max(self.p.step_floor_ms, self.p.step_floor_frac * wall)
+            bar = self.p.step_bar(wall)
             if float(idle[~mine].min()) - float(idle[mine].min()) <= bar:
                 return
             self.baseline.pop()
