@@ -70,6 +70,11 @@ class DetectorParams:
     # allocator growth make them unlike the rest. None: CPU_CLOCK_WARMUP steps on CPU-clocked jobs, else 0.
     warmup_steps: int | None = None
 
+    def excess_floor(self, wall_ms: float) -> float:
+        """The least excess over its column's median a module cell needs in a step of this wall time (0: none)."""
+        frac = (self.min_excess_frac or 0.0) * (wall_ms if np.isfinite(wall_ms) else 0.0)
+        return max(self.min_excess_ms or 0.0, frac)
+
     def step_bar(self, wall_ms: float) -> float:
         """The excess a step-level column (data loading, optimizer, host time) needs in a step of this wall time."""
         return max(self.step_floor_ms, self.step_floor_frac * (wall_ms if np.isfinite(wall_ms) else 0.0))
@@ -235,10 +240,8 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
             return out
 
         flagged = above(p.ratio, p.z, p.two_rank_ratio)
-        floor_ms, floor_frac = p.min_excess_ms or 0.0, p.min_excess_frac or 0.0
-        if floor_ms > 0 or floor_frac > 0:
-            wall_part = floor_frac * wall_median if np.isfinite(wall_median) else 0.0
-            flagged &= (x - median) > max(floor_ms, wall_part)
+        if p.min_excess_ms or p.min_excess_frac:
+            flagged &= (x - median) > p.excess_floor(wall_median)
         steps = x.shape[1] - np.asarray(m.self_ms).shape[1]  # the step-level columns, last
         if steps and np.isfinite(wall_median):
             # Data loading and optimizer are wall time, which a rank preempted on shared cores

@@ -372,9 +372,7 @@ class EpisodeBook:
 
     def _floor(self, wall: np.ndarray) -> float:
         """The least excess a listed entry must carry (the opening floors)."""
-        wall_med = nan_median(wall) if len(wall) else 0.0
-        frac = (self.p.min_excess_frac or 0.0) * (wall_med if np.isfinite(wall_med) else 0.0)
-        return max(self.p.min_excess_ms or 0.0, frac)
+        return self.p.excess_floor(nan_median(wall) if len(wall) else 0.0)
 
     def _figures(self, track: _Track, s: _Step):
         """This step's figures for a track: (rows, its excess and ratio per column, the cap on the

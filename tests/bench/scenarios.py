@@ -373,7 +373,7 @@ def cells_judged(collector: Collector, job: str, steps) -> float:
     walls = {s["step"]: statistics.median(r["wall_ms"] for r in s["ranks"]) for s in stored if s["ranks"]}
     counts = []
     for step in steps:
-        floor = max(floors.min_excess_ms or 0.0, (floors.min_excess_frac or 0.0) * walls.get(step, 0.0))
+        floor = floors.excess_floor(walls.get(step, 0.0))
         modules = get_json(f"{collector.url}/api/v1/jobs/{job}/modules?step={step}")["modules"]
         clear = [m["ms_by_rank"] for m in modules if statistics.median(m["ms_by_rank"].values()) >= floor]
         counts.append(sum(map(len, clear)))
