@@ -172,6 +172,7 @@ class Result:
     measured_se: float | None = None  # its standard error, from the spread of the steps it averages
     cost_error: float | None = None  # (cost - measured) / measured
     attempt_ok: bool | None = None  # restart: both attempts' steps kept and queryable
+    cells_judged: float | None = None  # clean jobs: rank x module cells per step above the CPU floors (cells_judged)
     detail: str = ""
     verdicts: list = field(default_factory=list)
 
@@ -397,8 +398,8 @@ def judge(collector: Collector, job: str, wrap: str, shape: Shape, position: str
         res.clean_steps = shape.steps
         res.named = not verdicts
         sigma = noise_sigma(collector, job, range(shape.steps - 20, shape.steps))
-        judged = cells_judged(collector, job, range(shape.steps - 20, shape.steps))
-        res.detail = f"{judged:.0f} cells judged per step; module noise sigma {sigma:.3f} (log self time across ranks)"
+        res.cells_judged = cells_judged(collector, job, range(shape.steps - 20, shape.steps))
+        res.detail = f"{res.cells_judged:.0f} cells judged per step; module noise sigma {sigma:.3f} (log self time)"
         return res
     if shape.restart:
         first = get_json(f"{collector.url}/api/v1/jobs/{job}/steps?last=1000&attempt=0")["steps"]
