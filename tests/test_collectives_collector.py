@@ -309,6 +309,15 @@ def run_rank_1_slow_in_blocks_0(collector, job: str, ranks: list[FakeRank], extr
     wait_evaluated(collector.url, 29, job)
 
 
+def rank_1_alone_in_blocks_0(collector, job: str) -> dict:
+    """The job's one verdict, which must name rank 1 in Net.blocks.0's forward and nothing else."""
+    _, body = get(collector.url, f"/api/v1/jobs/{job}/stragglers")
+    assert [v["rank"] for v in body["stragglers"]] == [1], body["stragglers"]
+    (verdict,) = body["stragglers"]
+    assert [(e["module"], e["phase"]) for e in verdict["modules"]] == [("Net.blocks.0", "forward")], verdict
+    return verdict
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_waits_inside_module_windows_are_taken_out_of_that_module_so_no_victim_is_named(collector, world):
     """Wall-clock durations under FSDP (the Hello says so): from step 10 rank 1 computes 30 ms more in
@@ -320,10 +329,7 @@ def test_waits_inside_module_windows_are_taken_out_of_that_module_so_no_victim_i
     job = f"coll-fsdp-wall-{world}"
     ranks = fsdp_hellos(collector, job, world)
     run_rank_1_slow_in_blocks_0(collector, job, ranks)
-    _, body = get(collector.url, f"/api/v1/jobs/{job}/stragglers")
-    assert [v["rank"] for v in body["stragglers"]] == [1], body["stragglers"]
-    (verdict,) = body["stragglers"]
-    assert [(e["module"], e["phase"]) for e in verdict["modules"]] == [("Net.blocks.0", "forward")], verdict
+    verdict = rank_1_alone_in_blocks_0(collector, job)
     assert abs(verdict["cost_ms_per_step"] - 30.0) <= 0.15 * 30.0, verdict
     for fr in ranks:
         fr.close()
@@ -340,10 +346,7 @@ def test_the_ranks_of_one_host_line_their_collectives_up_on_its_best_clock_offse
     for fr, (offset, rtt) in zip(ranks, [(0, MS // 2), (-5 * MS, 12 * MS)]):
         fr.send(pb.AgentMessage(clock=pb.ClockOffset(offset_ns=offset, rtt_ns=rtt)))
     run_rank_1_slow_in_blocks_0(collector, job, ranks)
-    _, body = get(collector.url, f"/api/v1/jobs/{job}/stragglers")
-    assert [v["rank"] for v in body["stragglers"]] == [1], body["stragglers"]
-    (verdict,) = body["stragglers"]
-    assert [(e["module"], e["phase"]) for e in verdict["modules"]] == [("Net.blocks.0", "forward")], verdict
+    rank_1_alone_in_blocks_0(collector, job)
     for fr in ranks:
         fr.close()
 
@@ -358,10 +361,7 @@ def test_waits_in_a_module_called_several_times_in_a_phase_are_taken_out_of_its_
     job = "coll-fsdp-wall-micro"
     ranks = fsdp_hellos(collector, job, 2)
     run_rank_1_slow_in_blocks_0(collector, job, ranks, extra_ms=15.0, micro=2)
-    _, body = get(collector.url, f"/api/v1/jobs/{job}/stragglers")
-    assert [v["rank"] for v in body["stragglers"]] == [1], body["stragglers"]
-    (verdict,) = body["stragglers"]
-    assert [(e["module"], e["phase"]) for e in verdict["modules"]] == [("Net.blocks.0", "forward")], verdict
+    verdict = rank_1_alone_in_blocks_0(collector, job)
     assert abs(verdict["cost_ms_per_step"] - 30.0) <= 0.15 * 30.0, verdict
     for fr in ranks:
         fr.close()
