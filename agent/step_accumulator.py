@@ -225,7 +225,7 @@ def build_step_records(records: list[StepRecord]) -> None:
 
     n_steps = len(todo)
     phases: list[dict] = [{} for _ in range(n_steps)]
-    windows = np.array([getattr(log, "call_windows", False) for _, log, _, _, _ in todo], bool)
+    windows = np.array([log.call_windows for _, log, _, _, _ in todo], bool)
     for name, mask, incl, self_ns, start, end in (
         ("forward", f_valid & (phase == FORWARD), f_incl, f_self, F_START, F_END),
         ("recompute", f_valid & (phase == RECOMPUTE), f_incl, f_self, F_START, F_END),
