@@ -68,6 +68,10 @@ TRACE_COLUMNS = (
 )
 
 
+# np.iinfo() builds an object per call (~5 µs): the bounds once
+INT64_MIN, INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+
+
 def column_key(module, phase):
     """One integer per (module, phase) pair, for ints and numpy arrays alike; the inverse is
     `divmod(key, N_PHASES)`."""
@@ -91,6 +95,9 @@ class StepRow:
     detail: bool = True  # sampled mode: False when the rank timed no module this step (step figures only)
     # the clock offset its collectives and module windows were lined up with (its host's best, merge.host_offset)
     clock_offset_ns: int = 0
+    # (end of its last module forward, start of its first module backward, end of its last; INT64_MIN / INT64_MAX
+    # where none), worked out at ingest from the report's lists; None: the merge works them out from the columns
+    pass_marks: tuple[int, int, int] | None = None
 
     def sql_row(self) -> tuple:
         """(job, attempt, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs, *CALL_COLUMNS as BLOBs or None,

@@ -41,6 +41,13 @@ def column_medians(sorted_cols: np.ndarray, count: np.ndarray) -> np.ndarray:
     return med
 
 
+def pair_medians(a: np.ndarray) -> np.ndarray:
+    """column_medians of a 2-row array, bit for bit: per column 0.5 * (smaller + larger) of its numbers (one
+    number: 0.5 * (v + v); none: NaN), as np.fmin and np.fmax skip a NaN. Four ufuncs instead of a sort and
+    the gathers (~5 µs each on a few values)."""
+    return 0.5 * (np.fmin(a[0], a[1]) + np.fmax(a[0], a[1]))
+
+
 def nan_column_medians(a: np.ndarray) -> np.ndarray:
     """np.nanmedian(a, axis=0) of a 2-D array, without numpy's per-column path for columns holding NaN."""
     return column_medians(np.sort(a, axis=0), np.count_nonzero(~np.isnan(a), axis=0))

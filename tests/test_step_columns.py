@@ -113,11 +113,36 @@ def test_the_gap_between_the_last_module_forward_and_the_first_module_backward_i
                    "last_end": np.array([10, 18 + gap_ms]) * ms}  # fmt: skip
         return StepRow("j", rank, 0, figures, modules)
 
-    m = build_matrix(JobSnapshot("j", ["Net"], {0: "h", 1: "h"}, cpu_clock=True), 0, {0: row(0, 1), 1: row(1, 25)})
+    snapshot = JobSnapshot("j", ["Net"], {0: "h", 1: "h"}, cpu_clock=True)
+    m = build_matrix(snapshot, 0, {0: row(0, 1), 1: row(1, 25)})
     assert m.host_ms.tolist() == [1.0, 25.0]
+    # the same steps as reports through ingest, which works the pass's marks out from the report's own lists
+    parsed = {rank: _ingested(row(rank, gap)) for rank, gap in ((0, 1), (1, 25))}
+    assert all(r.pass_marks is not None for r in parsed.values())
+    assert build_matrix(snapshot, 0, parsed).host_ms.tolist() == [1.0, 25.0]
     from modtrack.collector.pipeline.detector import judged_columns
 
     x, keys = judged_columns(m)
     assert keys.tolist() == [-1, -2, -3]
     assert x[:, -3].tolist() == [20.0, 20.0]  # data loading: what is left outside modules, less the host's code
     assert x[:, -1].tolist() == [1.0, 25.0]
+
+
+def _ingested(row):
+    """A StepRow sent as the agent sends it (a StepReport, one PhaseStats per phase) and parsed by ingest."""
+    from modtrack.collector.ingest.parse import RankStream, parse_report
+    from modtrack.protos import modtrack_pb2 as pb
+
+    report = pb.StepReport(step=row.step, **row.figures)
+    m = row.modules
+    for phase in np.unique(m["phase"]):
+        at = m["phase"] == phase
+        report.phases.append(
+            pb.PhaseStats(
+                phase=int(phase), module_id=m["module"][at].tolist(), calls=m["calls"][at].tolist(),
+                inclusive_ns=m["inclusive"][at].tolist(), self_ns=m["self"][at].tolist(),
+                first_start_ns=m["first_start"][at].tolist(), last_end_ns=m["last_end"][at].tolist(),
+            )
+        )  # fmt: skip
+    stream = RankStream("j", row.rank, ["Net"], np.arange(1), None)
+    return parse_report(report, stream, lambda names: np.arange(len(names)))

@@ -15,7 +15,15 @@ from modtrack.collector.ingest import edge_limits
 from modtrack.collector.ingest.collectives_parse import parse_collectives
 from modtrack.collector.ingest.edge_limits import invalid
 from modtrack.collector.ingest.gpu_edge import parse_gpu
-from modtrack.collector.records import AGENT_COUNTERS, PHASE_NAMES, STEP_FIGURES, StepRow
+from modtrack.collector.records import (
+    AGENT_COUNTERS,
+    INT64_MAX,
+    INT64_MIN,
+    PHASE_NAMES,
+    STEP_FIGURES,
+    Phase,
+    StepRow,
+)
 
 PHASE_COLUMNS = ("module_id", "calls", "inclusive_ns", "self_ns", "first_start_ns", "last_end_ns")
 TRACE_FIELDS = ("module_id", "phase", "start_ns", "end_ns", "depth")
@@ -38,7 +46,7 @@ def _array(values, dtype) -> np.ndarray:
     return np.array(values, dtype=dtype) if len(values) else np.zeros(0, dtype)
 
 
-# Rows of the one int64 block a report's phases are copied into (see _phase_block).
+# Rows of the one int64 block a report's phases are gathered into (see _phase_block).
 _ID, _INCLUSIVE, _SELF, _FIRST_START, _LAST_END = range(5)
 
 
@@ -57,8 +65,8 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         raise invalid(f"{where}: negative duration {negative[0]}={figures[negative[0]]}")
     if figures["end_ns"] < figures["start_ns"]:
         raise invalid(f"{where}: end_ns {figures['end_ns']} is before start_ns {figures['start_ns']}")
-    block, calls, phase = _phase_block(report.phases)
-    if block is None or not _block_ok(block, len(stream.remap)):
+    block, calls, phase, marks = _phase_block(report.phases, len(stream.remap))
+    if block is None:
         _explain_phases(report, stream, where)  # raises Refused
     modules = {
         "phase": phase,
@@ -84,35 +92,59 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         collectives,
         gpu,
         detail=report.detail or len(report.phases) > 0,  # agents before sampled mode never set it
+        pass_marks=marks,
     )
 
 
-def _phase_block(phases):
-    """(int64 block of 5 rows x all entries, calls, phase per entry), or (None, None, None)
-    when a phase is unknown or its columns differ in length. np.array on a repeated field
-    is a C copy; building one block keeps it to one copy per field and no concatenation."""
+def _phase_block(phases, table_size: int):
+    """(int64 block of 5 rows x all entries, calls, phase per entry, StepRow.pass_marks), or Nones when a phase
+    is unknown, its columns differ in length, or an id, duration or stamp is out of bounds (then
+    _explain_phases says which). A repeated field read into a list costs ~0.1 µs an entry and numpy's
+    copy of one ~5 µs a field, its min or max ~2.5 µs: so the columns are gathered into lists, checked
+    with Python's min and max, and made one block in one conversion."""
+    ids: list[int] = []
+    inclusive: list[int] = []
+    self_ns: list[int] = []
+    first_start: list[int] = []
+    last_end: list[int] = []
+    calls: list[int] = []
     lengths = []
+    forward_end, backward_start, backward_end = INT64_MIN, INT64_MAX, INT64_MIN  # StepRow.pass_marks
     for ph in phases:
         n = len(ph.module_id)
-        if ph.phase not in PHASE_NAMES or any(len(getattr(ph, c)) != n for c in PHASE_COLUMNS[1:]):
-            return None, None, None
+        if ph.phase not in PHASE_NAMES or not (
+            len(ph.calls) == len(ph.inclusive_ns) == len(ph.self_ns) == len(ph.first_start_ns)
+            == len(ph.last_end_ns) == n
+        ):  # fmt: skip
+            return None, None, None, None
+        ids += ph.module_id
+        calls += ph.calls
+        inclusive += ph.inclusive_ns
+        self_ns += ph.self_ns
+        first_start += ph.first_start_ns
+        last_end += ph.last_end_ns
         lengths.append(n)
-    total = sum(lengths)
-    block = np.empty((5, total), np.int64)
-    calls = np.empty(total, np.uint32)
-    at = 0
-    for ph, n in zip(phases, lengths):
-        if n:
-            end = at + n
-            block[_ID, at:end] = ph.module_id
-            block[_INCLUSIVE, at:end] = ph.inclusive_ns
-            block[_SELF, at:end] = ph.self_ns
-            block[_FIRST_START, at:end] = ph.first_start_ns
-            block[_LAST_END, at:end] = ph.last_end_ns
-            calls[at:end] = ph.calls
-            at = end
+        if n and ph.phase == Phase.PHASE_FORWARD:
+            forward_end = max(forward_end, max(last_end[-n:]))
+        elif n and ph.phase == Phase.PHASE_BACKWARD:
+            backward_start = min(backward_start, min(first_start[-n:]))
+            backward_end = max(backward_end, max(last_end[-n:]))
+    if ids and not _columns_ok(ids, (inclusive, self_ns), (first_start, last_end), table_size):
+        return None, None, None, None
+    block = np.array((ids, inclusive, self_ns, first_start, last_end), np.int64)
     phase = np.repeat(np.array([ph.phase for ph in phases], np.uint8), lengths)
-    return block, calls, phase
+    return block, np.array(calls, np.uint32), phase, (forward_end, backward_start, backward_end)
+
+
+def _columns_ok(ids: list[int], durations: tuple, stamps: tuple, table_size: int) -> bool:
+    """Every id in the rank's table, durations in [0, a day], stamps in range (edge_limits.column_problem's
+    bounds, on lists)."""
+    if max(ids) >= table_size:
+        return False
+    if any(min(d) < 0 or max(d) > edge_limits.MAX_DURATION_NS for d in durations):
+        return False
+    limit = edge_limits.MAX_ABS_TIME_NS
+    return all(min(t) >= -limit and max(t) <= limit for t in stamps)
 
 
 def _call_windows(phases, calls: np.ndarray, where: str) -> dict:
@@ -146,14 +178,6 @@ def _call_windows(phases, calls: np.ndarray, where: str) -> dict:
         "call_start": np.concatenate(starts),
         "call_end": np.concatenate(ends),
     }
-
-
-def _block_ok(block: np.ndarray, table_size: int) -> bool:
-    """Every id in the rank's table, durations in [0, a day], stamps in range: five passes."""
-    if not block.shape[1]:
-        return True
-    durations, stamps = block[_INCLUSIVE : _SELF + 1], block[_FIRST_START : _LAST_END + 1]
-    return bool(block[_ID].max() < table_size) and edge_limits.column_problem(durations, stamps) is None
 
 
 def _explain_phases(report, stream: RankStream, where: str) -> None:

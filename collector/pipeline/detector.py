@@ -18,7 +18,7 @@ import numpy as np
 from modtrack.collector.pipeline.episodes import EpisodeBook
 from modtrack.collector.pipeline.sampled_steps import HeldDetail
 from modtrack.collector.records import Episode, StepMatrix
-from modtrack.collector.small_arrays import column_medians, excess_sums, median, nan_median, nan_to
+from modtrack.collector.small_arrays import column_medians, excess_sums, median, nan_median, nan_to, pair_medians
 
 Z_SCALE = 0.6745  # makes the MAD of a normal sample comparable to its standard deviation
 
@@ -118,6 +118,9 @@ class StepFlags:
 def column_stats(self_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per column: count of ranks that ran it, median and MAD of their self times (NaN-aware)."""
     count = np.count_nonzero(~np.isnan(self_ms), axis=0)
+    if len(self_ms) == 2:  # two ranks: a column's median is the mean of its numbers, without sorting
+        median = pair_medians(self_ms)
+        return count, median, pair_medians(np.abs(self_ms - median))
     median = column_medians(np.sort(self_ms, axis=0), count)  # sort puts NaN last
     mad = column_medians(np.sort(np.abs(self_ms - median), axis=0), count)
     return count, median, mad
@@ -138,6 +141,8 @@ def _peer_idle(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
     idle = m.idle_or_tail_ms
     if len(idle) < 2:
         return idle, idle.copy()
+    if len(idle) == 2:  # the other rank's (the general case's 0.5 * (v + v), exactly)
+        return idle, idle[::-1].copy()
     order = np.argsort(idle, kind="stable")
     ordered, place = idle[order], np.empty(len(idle), np.int64)
     place[order] = np.arange(len(idle))
@@ -155,6 +160,8 @@ def _compute_lead(x: np.ndarray, median: np.ndarray) -> np.ndarray:
     total = excess_sums(x, median)
     if len(total) < 2:
         return np.zeros(len(total))
+    if len(total) == 2:  # the other rank is the largest of any other
+        return total - total[::-1]
     order = np.argsort(-total, kind="stable")
     first, second = total[order[0]], total[order[1]]
     return total - np.where(np.arange(len(total)) == order[0], second, first)

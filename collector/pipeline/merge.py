@@ -14,6 +14,7 @@ thread never reads a dict that a Hello may be growing at the same moment.
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +30,9 @@ from modtrack.collector.records import (
     StepRow,
     column_key,
 )
+from modtrack.collector.records import INT64_MAX as _INT64_MAX
+from modtrack.collector.records import INT64_MIN as _INT64_MIN
+from modtrack.collector.small_arrays import nan_to
 
 
 @dataclass
@@ -263,17 +267,22 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     inverse = (np.cumsum(present) - 1)[keys]
     self_ms = np.full((len(ranks), len(columns)), np.nan)
     self_ms[np.repeat(np.arange(len(ranks)), lengths), inverse] = self_ns / 1e6
-    figures = {
-        name: np.array([r.figures[name] for r in ordered], dtype=np.float64)
-        for name in ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns", "data_ns", "optimizer_ns")
-    }
+    # one conversion for the step figures of every rank (columns: _FIGURES)
+    table = np.array([_step_figures(r.figures) for r in ordered], dtype=np.float64).reshape(len(ordered), len(_FIGURES))
+    figures = {name: table[:, i] for i, name in enumerate(_FIGURES)}
     tail_ms = figures["backward_tail_ns"] / 1e6
     # On the CPU clock a module's self time is compute only, so forward and backward wall minus all
     # module compute is what the rank waited, in whatever phase (FSDP all-gathers, DDP's tail).
     # Other clocks (CUDA events) cannot be subtracted from host walls: the backward tail it is.
-    in_modules = (figures["forward_ns"] + figures["backward_ns"]) / 1e6 - np.nansum(self_ms, axis=1)
-    detail = np.array([r.detail for r in ordered], dtype=bool)  # sampled mode: no module compute to subtract
-    idle_ms = np.where(detail, np.maximum(in_modules, tail_ms), tail_ms) if state.cpu_clock else tail_ms
+    in_modules = (figures["forward_ns"] + figures["backward_ns"]) / 1e6 - nan_to(self_ms).sum(axis=1)  # np.nansum
+    every_detail = all(r.detail for r in ordered)
+    detail = None if every_detail else np.array([r.detail for r in ordered], dtype=bool)  # sampled mode
+    if not state.cpu_clock:
+        idle_ms = tail_ms
+    elif detail is None:
+        idle_ms = np.maximum(in_modules, tail_ms)
+    else:  # a step without detail has no module compute to subtract
+        idle_ms = np.where(detail, np.maximum(in_modules, tail_ms), tail_ms)
     host_ms = _between_forward_and_backward(ordered, lengths, phases, figures) / 1e6
     host_ms = np.minimum(host_ms, figures["data_ns"] / 1e6)
     return StepMatrix(
@@ -293,14 +302,31 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
         optimizer_ms=figures["optimizer_ns"] / 1e6,
         idle_ms=idle_ms,
         attempt=state.attempt,
-        detail=None if detail.all() else detail,
+        detail=detail,
         cpu_clock=bool(state.cpu_clock),
         host_ms=host_ms,
     )
 
 
-# np.iinfo() builds an object per call (~5 µs): the bounds once
-_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+_FIGURES = ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns", "data_ns", "optimizer_ns")
+_step_figures = operator.itemgetter(*_FIGURES)
+
+
+def _pass_marks(ordered: list[StepRow], lengths: np.ndarray, phases: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per rank: the end of its last module forward, the start of its first module backward and the end of its
+    last (INT64_MIN / INT64_MAX where it has none): records.pass_marks, for rows that do not carry them."""
+    n = len(ordered)
+    rank = np.repeat(np.arange(n), lengths)
+    starts = np.concatenate([r.modules["first_start"] for r in ordered]).astype(np.int64) if n else np.zeros(0)
+    ends = np.concatenate([r.modules["last_end"] for r in ordered]).astype(np.int64) if n else np.zeros(0)
+    forward_end = np.full(n, _INT64_MIN)
+    backward_start = np.full(n, _INT64_MAX)
+    backward_end = np.full(n, _INT64_MIN)
+    fwd, bwd = phases == PHASE_IDS["forward"], phases == PHASE_IDS["backward"]
+    np.maximum.at(forward_end, rank[fwd], ends[fwd])
+    np.minimum.at(backward_start, rank[bwd], starts[bwd])
+    np.maximum.at(backward_end, rank[bwd], ends[bwd])
+    return forward_end, backward_start, backward_end
 
 
 def _between_forward_and_backward(
@@ -313,17 +339,11 @@ def _between_forward_and_backward(
     seen in that gap), which the report gives only as a difference: the pass ends its tail after the last module
     backward, and lasts backward_ns. Older agents start the pass at its first module backward: the same figure.
     0 where the step has no such gap (several forwards and backwards, gradient accumulation: they interleave)."""
-    n = len(ordered)
-    rank = np.repeat(np.arange(n), lengths)
-    starts = np.concatenate([r.modules["first_start"] for r in ordered]).astype(np.int64) if n else np.zeros(0)
-    ends = np.concatenate([r.modules["last_end"] for r in ordered]).astype(np.int64) if n else np.zeros(0)
-    forward_end = np.full(n, _INT64_MIN)
-    backward_start = np.full(n, _INT64_MAX)
-    backward_end = np.full(n, _INT64_MIN)
-    fwd, bwd = phases == PHASE_IDS["forward"], phases == PHASE_IDS["backward"]
-    np.maximum.at(forward_end, rank[fwd], ends[fwd])
-    np.minimum.at(backward_start, rank[bwd], starts[bwd])
-    np.maximum.at(backward_end, rank[bwd], ends[bwd])
+    if all(r.pass_marks is not None for r in ordered):  # worked out at ingest, from the report's own lists
+        marks = np.array([r.pass_marks for r in ordered], np.int64).reshape(len(ordered), 3)
+        forward_end, backward_start, backward_end = marks[:, 0], marks[:, 1], marks[:, 2]
+    else:
+        forward_end, backward_start, backward_end = _pass_marks(ordered, lengths, phases)
     both = (forward_end > _INT64_MIN) & (backward_start < _INT64_MAX)
     pass_start = np.where(
         both & (figures["backward_ns"] > 0),
