@@ -20,7 +20,10 @@ class StoreWriter:
     """The single writer thread: gathers work for `batch_s`, runs it in one transaction,
     commits, then resolves each caller's asyncio future (ingest acks only after that)."""
 
-    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, batch_s: float = 0.05):
+    # 0.2 s: the ranks' senders send every 0.25 s, so one commit (one fsync, one ack per stream) mostly holds every
+    # rank's message and the evaluated steps; at 0.05 s each message had a commit of its own (the writer's CPU per
+    # training step of a 2-rank job 0.20-0.28 -> 0.15-0.18 ms, and one context switch less per step).
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, batch_s: float = 0.2):
         self.store = store
         self.loop = loop
         self.batch_s = batch_s
