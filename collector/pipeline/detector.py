@@ -260,7 +260,10 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
             step_excess = sx - smed
             peers_waited = _waited_for(m, x, median, steps)[:, None]
             waited = peers_waited >= 0.5 * step_excess
-            ranks_ok = (count[-steps:] >= 2) & not_victim[:, -steps:]
+            # Culprit or victim is what these waits in any phase say, not the backward tail's alone: under FSDP2 a
+            # slow loader's peers wait in the next forward's all-gathers while its own tail wait can be the step's
+            # longest on shared cores (a kept job: 9-19 ms against 4-9; its verdict came 7 steps late).
+            ranks_ok = count[-steps:] >= 2
             flagged[:, -steps:] = (sx > p.ratio * smed) & (step_excess > bar) & waited & ranks_ok
         held = above(p.hold_ratio, p.hold_z, p.hold_ratio)
         if steps and np.isfinite(wall_median):
