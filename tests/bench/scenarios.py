@@ -61,6 +61,7 @@ class Shape:
     restart: bool = False  # the job fails once and torchrun restarts it; the fault is in attempt 1
     clean: bool = False
     model: tuple[str, ...] = ()  # examples/train.py model arguments on top of MODEL (e.g. WIDE)
+    onset: int = ONSET  # the first slow step (--onset: a longer quiet window before it, for the truth and the baseline)
 
 
 SHAPES = {
@@ -106,6 +107,15 @@ SHAPES = {
             "forward",
             "intermittent",
             steps=70,
+            max_latency=30,
+        ),
+        Shape(
+            "every5",
+            ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "40", "--slow-every", "5"],
+            ("blocks.1.mlp",),
+            "forward",
+            "intermittent",
+            steps=90,
             max_latency=30,
         ),
         Shape(
@@ -229,7 +239,7 @@ def run_job(
 ) -> tuple[subprocess.CompletedProcess, str]:
     times = os.path.join(workdir, f"{job}.times.jsonl")
     restart = ["--max-restarts", "1"] if shape.restart else []
-    slow = [] if shape.clean else ["--slow-rank", str(culprit), "--slow-from-step", str(ONSET), *shape.args]
+    slow = [] if shape.clean else ["--slow-rank", str(culprit), "--slow-from-step", str(shape.onset), *shape.args]
     from harness.torchrun import torchrun_cmd
 
     cmd = torchrun_cmd(
@@ -429,16 +439,16 @@ def score(
     modules_ok = all((m, shape.phase) in listed for m in shape.modules)
     cause_ok = shape.cause is None or shape.cause in v["cause"]
     state_ok = (v["state"] == "resolved") if shape.stops_at is not None else (v["state"] == "active")
-    res.latency = v["first_step"] - ONSET
+    res.latency = v["first_step"] - shape.onset
     res.named = modules_ok and cause_ok and state_ok and res.attempt_ok is not False
     res.detail = f"cause {v['cause']!r}, {len(v['modules'])} listed, state {v['state']}"
     if shape.stops_at is None:
         res.cost = v["cost_ms_per_step"]
         every = int(shape.args[shape.args.index("--slow-every") + 1]) if "--slow-every" in shape.args else 1
         if bracket_stop is not None:
-            measured = bracketed_loss(times, attempt, ONSET, bracket_stop)
+            measured = bracketed_loss(times, attempt, shape.onset, bracket_stop)
         else:
-            measured = measured_loss(times, attempt, ONSET, None, every, se=True)
+            measured = measured_loss(times, attempt, shape.onset, None, every, se=True)
         if isinstance(measured, tuple):
             res.measured, res.measured_se = measured
         if res.measured and res.measured > 0:
@@ -530,6 +540,8 @@ def run_matrix(
                         if shape.clean and position != culprits[0]:
                             continue  # a clean job has no culprit
                         job = f"{wrap}-{name}-{position}-{os.getpid()}"
+                        if shape.onset != ONSET:
+                            job += f"-o{shape.onset}"  # --rejudge reads the onset back from the name
                         r = judge(collector, job, wrap, shape, position, ranks, workdir)
                         print_row(r)
                         results.append(r)
@@ -552,8 +564,11 @@ def rejudge(folders: list[str], stop_at: int | None = None) -> list[Result]:
     for folder in folders:
         for times in sorted(f for f in os.listdir(folder) if f.endswith(".times.jsonl")):
             job = times.removesuffix(".times.jsonl")
-            wrap, name, position = job.split("-")[:3]
+            wrap, name, position, *rest = job.split("-")
             shape = SHAPES[name]
+            onset = [int(part[1:]) for part in rest[1:] if part.startswith("o") and part[1:].isdigit()]
+            if onset:
+                shape = replace(shape, onset=onset[0])
             ranks = replay.world_size(folder, job)
             res = Result(wrap, name, culprit_rank(position, ranks), ranks)
             attempt = 1 if shape.restart else 0
@@ -585,6 +600,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", type=int, default=3)
     ap.add_argument("--steps", type=int, help="run this many steps (the onset stays at step 15) instead of the shape's")
     ap.add_argument(
+        "--onset",
+        type=int,
+        help="the first slow step of the persistent shapes, instead of 15: the truth's window before the onset, and "
+        "the detector's baseline, then hold onset - 5 steps (the job's name carries it, for --rejudge)",
+    )
+    ap.add_argument(
         "--stop-at",
         type=int,
         help="every fault ends at this step: its verdict must resolve (as `stop`); with --rejudge: each verdict as it "
@@ -610,8 +631,10 @@ def main(argv=None) -> int:
     if a.model:
         MODEL[:] = MODEL + (list(WIDE) if a.model == "wide" else a.model.split())  # argparse: the last flag wins
     for name, shape in SHAPES.items():
+        fixed = shape.stops_at is not None or shape.restart or "--slow-every" in shape.args  # their steps are set
         SHAPES[name] = replace(
             shape,
+            onset=a.onset if a.onset and not fixed else shape.onset,
             steps=a.steps or shape.steps,
             args=shape.args + (["--slow-to-step", str(a.stop_at)] if a.stop_at and not shape.clean else []),
             stops_at=a.stop_at if a.stop_at and not shape.clean else shape.stops_at,
