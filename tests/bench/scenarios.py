@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared harness
 from harness.collector_process import REPO, CollectorProcess, env
-from modtrack.collector.pipeline.detector import DetectorParams, params_for_clock
+from modtrack.collector.pipeline.detector import CPU_CLOCK_WARMUP, DetectorParams, params_for_clock
 
 TRAIN = os.path.join(REPO, "examples", "train.py")
 MODEL = ["--dim", "64", "--batch", "8", "--context", "32", "--layers", "4", "--heads", "4", "--vocab", "256"]
@@ -174,8 +174,8 @@ class Result:
     ok_run: bool = True
     named: bool = False  # the culprit's verdict: right rank, modules, cause
     victims: int = 0  # verdicts naming another rank
-    false_alarms: int = 0  # verdicts on a clean job
-    clean_steps: int = 0
+    false_alarms: int = 0  # verdicts on a clean job, or over before a fault's onset
+    clean_steps: int = 0  # a clean job's steps, or a fault's steps before its onset (from the warm-up on)
     latency: int | None = None
     cost: float | None = None  # the collector's cost_ms_per_step
     measured: float | None = None  # the job's step time after the onset minus before (the ranks' own clocks, median)
@@ -428,6 +428,10 @@ def score(
     """Named right, victims, latency and cost against the job's own step times, from the verdicts; bracket_stop:
     the fault ended there and the verdicts are as they stood the step before, the truth bracketed (bracketed_loss)."""
     culprit = res.culprit
+    # A verdict over before the onset is on the job's clean steps: a false alarm there, whatever its rank.
+    early = [v for v in verdicts if v["last_step"] < shape.onset]
+    res.false_alarms, res.clean_steps = len(early), max(shape.onset - CPU_CLOCK_WARMUP, 0)
+    verdicts = [v for v in verdicts if v["last_step"] >= shape.onset]
     res.verdicts = verdicts
     mine = [v for v in verdicts if v["rank"] == culprit]
     res.victims = sum(1 for v in verdicts if v["rank"] != culprit)
@@ -442,6 +446,10 @@ def score(
     res.latency = v["first_step"] - shape.onset
     res.named = modules_ok and cause_ok and state_ok and res.attempt_ok is not False
     res.detail = f"cause {v['cause']!r}, {len(v['modules'])} listed, state {v['state']}"
+    if early:
+        res.detail += f"; {len(early)} verdict(s) before the onset: " + ", ".join(
+            f"rank {e['rank']} {e['cause']!r} steps {e['first_step']}-{e['last_step']}" for e in early
+        )
     if shape.stops_at is None:
         res.cost = v["cost_ms_per_step"]
         every = int(shape.args[shape.args.index("--slow-every") + 1]) if "--slow-every" in shape.args else 1
@@ -488,23 +496,23 @@ def totals(results: list[Result]) -> dict:
     faults = [r for r in results if r.shape != "clean" and r.ok_run]
     clean = [r for r in results if r.shape == "clean" and r.ok_run]
     found = [r for r in faults if r.named]
-    reports = sum(1 for r in faults for v in r.verdicts) + sum(r.false_alarms for r in clean)
+    reports = sum(1 for r in faults for v in r.verdicts) + sum(r.false_alarms for r in results if r.ok_run)
     right = sum(1 for r in faults for v in r.verdicts if v["rank"] == r.culprit)
     errors = sorted(abs(r.cost_error) for r in faults if r.cost_error is not None)
     latencies = [r.latency for r in faults if r.latency is not None]
     # costs further from the measured loss than twice its own standard error (the truth's noise, not drift)
     beyond = [r for r in faults if r.cost_error is not None and r.measured_se is not None]
     outside = sum(abs(r.cost - r.measured) > 2 * r.measured_se for r in beyond)
-    clean_steps = sum(r.clean_steps for r in clean)
+    clean_steps = sum(r.clean_steps for r in clean + faults)
+    false_alarms = sum(r.false_alarms for r in clean + faults)
     return {
         "scenarios": len(results),
         "failed_runs": sum(not r.ok_run for r in results),
         "recall": len(found) / len(faults) if faults else float("nan"),
         "precision": right / reports if reports else float("nan"),
         "victims": sum(r.victims for r in faults),
-        "false_alarms_per_1000_clean_steps": 1000 * sum(r.false_alarms for r in clean) / clean_steps
-        if clean_steps
-        else float("nan"),
+        "false_alarms_per_1000_clean_steps": 1000 * false_alarms / clean_steps if clean_steps else float("nan"),
+        "false_alarms": f"{false_alarms} in {clean_steps} clean steps",
         "median_abs_cost_error": statistics.median(errors) if errors else float("nan"),
         "worst_abs_cost_error": errors[-1] if errors else float("nan"),
         "max_latency": max(latencies) if latencies else None,
@@ -517,7 +525,7 @@ def print_totals(results: list[Result]) -> None:
     print(
         f"\n{t['scenarios']} scenarios ({t['failed_runs']} runs failed): recall {t['recall']:.3f}, precision "
         f"{t['precision']:.3f}, victims blamed {t['victims']}, false alarms per 1000 clean steps "
-        f"{t['false_alarms_per_1000_clean_steps']:.1f}, |cost error| median "
+        f"{t['false_alarms_per_1000_clean_steps']:.1f} ({t['false_alarms']}), |cost error| median "
         f"{100 * t['median_abs_cost_error']:.0f}% worst {100 * t['worst_abs_cost_error']:.0f}%, "
         f"latency max {t['max_latency']} steps, costs beyond 2 SE of the measured loss {t['costs_beyond_2se']}",
         flush=True,
