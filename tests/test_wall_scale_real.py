@@ -13,6 +13,9 @@ own step times (examples/train.py --step-times): the mean after the onset (step 
 - fsdp2_whole_middle: the same fault under FSDP2 (steps of 120-250 ms). 40 ms of busy compute on one of 3 ranks
   sharing 2 cores slowed its peers' compute too: the job lost 101.3 +- 11.4 ms per step, 2.5 x the culprit's excess,
   and the scale's old bound of 2 held the cost at 57.4.
+- fsdp2_whole_middle_onset35: that fault from step 35 of 80 (tests/bench/scenarios.py --onset 35 --steps 80). The
+  host's pace before the onset drifted (steps 5-28 at ~120 ms, 29-34 at ~105): a baseline of the last 20 quiet
+  steps read 112.9 ms where the 30 before the onset say 116.2, and the cost 48.9 where the job lost 38.0 +- 5.1.
 """
 
 from __future__ import annotations
@@ -54,3 +57,11 @@ def test_a_rank_whose_compute_slows_its_peers_costs_what_the_job_lost():
     (ep,) = detector.book.active()
     assert (ep.rank, ep.cause) == (1, "whole rank")
     assert abs(ep.cost_ms_per_step - 101.3) <= 0.25 * 101.3, (ep.cost_ms_per_step, detector.book.scale)
+
+
+def test_the_baseline_is_as_long_as_the_costs_mean():
+    detector = judged("fsdp2_whole_middle_onset35.npz")
+    (ep,) = detector.book.active()
+    assert (ep.rank, ep.cause) == (1, "whole rank")
+    assert 20 < len(detector.book.baseline) <= 30  # 27 of the 30 steps before the onset were quiet
+    assert abs(ep.cost_ms_per_step - 38.0) <= 0.25 * 38.0, (ep.cost_ms_per_step, detector.book.scale)

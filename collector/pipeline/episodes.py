@@ -32,7 +32,9 @@ STEP_COLUMN_NAMES = {
 }
 STEP_CAUSES = {"data": "data loading", "optimizer": "optimizer", "host": "host time between modules"}
 MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would list every module)
-BASELINE_STEPS = 20  # the job's step time before an episode: median of this many quiet steps
+# The job's step time before an episode: the mean of this many quiet steps, as many as the cost's mean has (cost_steps'
+# default), so that the loss per step is a difference of two means of equal length and noise.
+BASELINE_STEPS = 30
 LOCAL_BASELINE_STEPS = 4  # ... between an intermittent episode's slow steps: of the last this many
 MIN_BASELINE = 5
 # The wall a culprit costs, per ms of its excess compute, at most: 3 ranks on 2 shared cores under FSDP2 lost 101 ms
