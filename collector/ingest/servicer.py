@@ -182,6 +182,7 @@ class IngestServicer(pb_grpc.CollectorServicer):
                 else:
                     raise invalid("an empty AgentMessage")
             acks.put_nowait(None)
+            self.writer.hurry()  # the stream ends: its last reports' commit need not wait out the batch window
             await acker  # the last reports' acks go out before the stream ends
             out.put_nowait(_End())
         except Refused as exc:

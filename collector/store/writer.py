@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-import time
 
 from modtrack.collector.records import StepRow
 from modtrack.collector.store.sqlite import Store
@@ -32,6 +31,7 @@ class StoreWriter:
         # notifies a Condition for every report and every evaluated step, on the loop and the evaluation thread.
         self._queue: collections.deque = collections.deque()
         self._wake = threading.Event()
+        self._hurry = threading.Event()  # cuts the batch window short: a stream ending, the writer closing
         self._thread = threading.Thread(target=self._run, name="modtrack-store-writer", daemon=True)
         self._thread.start()
 
@@ -56,17 +56,23 @@ class StoreWriter:
         if not self._wake.is_set():
             self._wake.set()
 
+    def hurry(self) -> None:
+        """Commit what is queued now, without sleeping out the batch window (a stream waits for its last acks)."""
+        self._hurry.set()
+
     def close(self) -> None:
         """Commits what is queued, then ends the thread."""
         self._add(None)
+        self.hurry()
         self._thread.join()
 
     def _run(self) -> None:
         stop = False
         while not stop:
             self._wake.wait()
-            # Sleep out the batch window, then take what came: puts in the window wake no one.
-            time.sleep(self.batch_s)
+            # Sleep out the batch window (unless hurried), then take what came: puts in the window wake no one.
+            self._hurry.wait(self.batch_s)
+            self._hurry.clear()
             self._wake.clear()  # before taking: what comes after this wakes the next round
             batch: list = []
             while self._queue:
