@@ -46,6 +46,7 @@ def test_scenario_verdict_and_cost(collector, tmp_path, wrap, shape, position):
     assert r.ok_run, r.detail
     assert r.named, (r.detail, r.verdicts)
     assert r.victims == 0, r.verdicts
+    assert r.false_alarms == 0, r.detail  # nothing before the onset
     assert r.latency is not None and 0 <= r.latency <= spec.max_latency, r.verdicts
     if spec.restart:
         assert r.attempt_ok, "both attempts' steps are stored and queryable"

@@ -10,6 +10,12 @@ own step times (examples/train.py --step-times): the mean after the onset (step 
   of 2.4 ms/step where the job lost 16.9 +- 9.7.
 - ddp_whole_middle: rank 1 40 ms slow across every module. No cell is flagged at the onset (each module is a little
   slow), so steps 15-16 (72 and 67 ms against 24-42 before) were taken for quiet steps of the baseline.
+- fsdp2_whole_middle: the same fault under FSDP2 (steps of 120-250 ms). 40 ms of busy compute on one of 3 ranks
+  sharing 2 cores slowed its peers' compute too: the job lost 101.3 +- 11.4 ms per step, 2.5 x the culprit's excess,
+  and the scale's old bound of 2 held the cost at 57.4.
+- fsdp2_whole_middle_onset35: that fault from step 35 of 80 (tests/bench/scenarios.py --onset 35 --steps 80). The
+  host's pace before the onset drifted (steps 5-28 at ~120 ms, 29-34 at ~105): a baseline of the last 20 quiet
+  steps read 112.9 ms where the 30 before the onset say 116.2, and the cost 48.9 where the job lost 38.0 +- 5.1.
 """
 
 from __future__ import annotations
@@ -44,3 +50,18 @@ def test_the_onset_of_a_whole_rank_straggler_stays_out_of_the_baseline():
     assert (ep.rank, ep.cause) == (1, "whole rank")
     assert max(step for step, *_ in detector.book.baseline) < ONSET
     assert abs(ep.cost_ms_per_step - 38.5) <= 0.15 * 38.5, ep.cost_ms_per_step
+
+
+def test_a_rank_whose_compute_slows_its_peers_costs_what_the_job_lost():
+    detector = judged("fsdp2_whole_middle.npz")
+    (ep,) = detector.book.active()
+    assert (ep.rank, ep.cause) == (1, "whole rank")
+    assert abs(ep.cost_ms_per_step - 101.3) <= 0.25 * 101.3, (ep.cost_ms_per_step, detector.book.scale)
+
+
+def test_the_baseline_is_as_long_as_the_costs_mean():
+    detector = judged("fsdp2_whole_middle_onset35.npz")
+    (ep,) = detector.book.active()
+    assert (ep.rank, ep.cause) == (1, "whole rank")
+    assert 20 < len(detector.book.baseline) <= 30  # 27 of the 30 steps before the onset were quiet
+    assert abs(ep.cost_ms_per_step - 38.0) <= 0.25 * 38.0, (ep.cost_ms_per_step, detector.book.scale)

@@ -32,10 +32,14 @@ STEP_COLUMN_NAMES = {
 }
 STEP_CAUSES = {"data": "data loading", "optimizer": "optimizer", "host": "host time between modules"}
 MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would list every module)
-BASELINE_STEPS = 20  # the job's step time before an episode: median of this many quiet steps
+# The job's step time before an episode: the mean of this many quiet steps, as many as the cost's mean has (cost_steps'
+# default), so that the loss per step is a difference of two means of equal length and noise.
+BASELINE_STEPS = 30
 LOCAL_BASELINE_STEPS = 4  # ... between an intermittent episode's slow steps: of the last this many
 MIN_BASELINE = 5
-MAX_WALL_SCALE = 2.0  # the wall a culprit costs, per ms of its excess compute, at most
+# The wall a culprit costs, per ms of its excess compute, at most: 3 ranks on 2 shared cores under FSDP2 lost 101 ms
+# per step to a rank 40 ms slow in every module (its busy cores slow its peers' compute too).
+MAX_WALL_SCALE = 3.0
 WHOLE_RANK_FRAC = 0.1  # a rank slower in most modules by this fraction of the step in all is slow as a whole
 MAX_GAP = 20  # steps between an intermittent straggler's slow steps that still keep it one episode
 
@@ -94,6 +98,7 @@ class _Track:
     max_gap: int = 1  # longest run between two slow steps: an intermittent straggler's period
     losses: deque = field(default_factory=deque)  # the job's loss in each of the last cost_steps steps
     walls: deque = field(default_factory=deque)
+    between: deque = field(default_factory=deque)  # its excess in the listed columns in recent steps not slow
     sig: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # significant columns
     med_excess: np.ndarray = field(default_factory=lambda: np.zeros(0))
     med_ratio: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -448,6 +453,10 @@ class EpisodeBook:
             step_excess = float(np.nansum(excess)) if whole else float(np.nansum(excess[sig]))
             step_excess = max(step_excess, 0.0)
             track.pending = (min(step_excess, cap), step_excess, s.wall, rows)  # the loss is set in _losses
+            if not now:
+                track.between.append(step_excess)
+                if len(track.between) > self.p.cost_steps:
+                    track.between.popleft()
             self._verdict(track, sig, whole)
         if now:
             if not opening:
@@ -461,8 +470,14 @@ class EpisodeBook:
 
     @staticmethod
     def _intermittent(track: _Track) -> bool:
-        """Slow in a minority of its steps (1 in 2 at most), once it has run long enough to tell."""
-        return track.steps >= 6 and 1.5 * track.slow_steps < track.steps
+        """Slow in a minority of its steps (1 in 2 at most), once it has run long enough to tell, and at its peers'
+        pace in the others. A rank slow in every step whose excess only clears the bars in some (its peers' own
+        times swing by as much on a shared host) is persistent: between its slow steps it still carries half of
+        what it carries in them."""
+        if track.steps < 6 or 1.5 * track.slow_steps >= track.steps:
+            return False
+        between = sorted(track.between)
+        return len(between) < 4 or between[len(between) // 2] < 0.5 * track.episode.excess_ms
 
     def _wide_share(self, track: _Track) -> float:
         recorded = min(track.slow_steps, len(track.wide))

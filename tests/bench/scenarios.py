@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared harness
 from harness.collector_process import REPO, CollectorProcess, env
-from modtrack.collector.pipeline.detector import DetectorParams, params_for_clock
+from modtrack.collector.pipeline.detector import CPU_CLOCK_WARMUP, DetectorParams, params_for_clock
 
 TRAIN = os.path.join(REPO, "examples", "train.py")
 MODEL = ["--dim", "64", "--batch", "8", "--context", "32", "--layers", "4", "--heads", "4", "--vocab", "256"]
@@ -61,6 +61,7 @@ class Shape:
     restart: bool = False  # the job fails once and torchrun restarts it; the fault is in attempt 1
     clean: bool = False
     model: tuple[str, ...] = ()  # examples/train.py model arguments on top of MODEL (e.g. WIDE)
+    onset: int = ONSET  # the first slow step (--onset: a longer quiet window before it, for the truth and the baseline)
 
 
 SHAPES = {
@@ -106,6 +107,15 @@ SHAPES = {
             "forward",
             "intermittent",
             steps=70,
+            max_latency=30,
+        ),
+        Shape(
+            "every5",
+            ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "40", "--slow-every", "5"],
+            ("blocks.1.mlp",),
+            "forward",
+            "intermittent",
+            steps=90,
             max_latency=30,
         ),
         Shape(
@@ -164,8 +174,8 @@ class Result:
     ok_run: bool = True
     named: bool = False  # the culprit's verdict: right rank, modules, cause
     victims: int = 0  # verdicts naming another rank
-    false_alarms: int = 0  # verdicts on a clean job
-    clean_steps: int = 0
+    false_alarms: int = 0  # verdicts on a clean job, or over before a fault's onset
+    clean_steps: int = 0  # a clean job's steps, or a fault's steps before its onset (from the warm-up on)
     latency: int | None = None
     cost: float | None = None  # the collector's cost_ms_per_step
     measured: float | None = None  # the job's step time after the onset minus before (the ranks' own clocks, median)
@@ -229,7 +239,7 @@ def run_job(
 ) -> tuple[subprocess.CompletedProcess, str]:
     times = os.path.join(workdir, f"{job}.times.jsonl")
     restart = ["--max-restarts", "1"] if shape.restart else []
-    slow = [] if shape.clean else ["--slow-rank", str(culprit), "--slow-from-step", str(ONSET), *shape.args]
+    slow = [] if shape.clean else ["--slow-rank", str(culprit), "--slow-from-step", str(shape.onset), *shape.args]
     from harness.torchrun import torchrun_cmd
 
     cmd = torchrun_cmd(
@@ -418,6 +428,10 @@ def score(
     """Named right, victims, latency and cost against the job's own step times, from the verdicts; bracket_stop:
     the fault ended there and the verdicts are as they stood the step before, the truth bracketed (bracketed_loss)."""
     culprit = res.culprit
+    # A verdict over before the onset is on the job's clean steps: a false alarm there, whatever its rank.
+    early = [v for v in verdicts if v["last_step"] < shape.onset]
+    res.false_alarms, res.clean_steps = len(early), max(shape.onset - CPU_CLOCK_WARMUP, 0)
+    verdicts = [v for v in verdicts if v["last_step"] >= shape.onset]
     res.verdicts = verdicts
     mine = [v for v in verdicts if v["rank"] == culprit]
     res.victims = sum(1 for v in verdicts if v["rank"] != culprit)
@@ -429,16 +443,20 @@ def score(
     modules_ok = all((m, shape.phase) in listed for m in shape.modules)
     cause_ok = shape.cause is None or shape.cause in v["cause"]
     state_ok = (v["state"] == "resolved") if shape.stops_at is not None else (v["state"] == "active")
-    res.latency = v["first_step"] - ONSET
+    res.latency = v["first_step"] - shape.onset
     res.named = modules_ok and cause_ok and state_ok and res.attempt_ok is not False
     res.detail = f"cause {v['cause']!r}, {len(v['modules'])} listed, state {v['state']}"
+    if early:
+        res.detail += f"; {len(early)} verdict(s) before the onset: " + ", ".join(
+            f"rank {e['rank']} {e['cause']!r} steps {e['first_step']}-{e['last_step']}" for e in early
+        )
     if shape.stops_at is None:
         res.cost = v["cost_ms_per_step"]
         every = int(shape.args[shape.args.index("--slow-every") + 1]) if "--slow-every" in shape.args else 1
         if bracket_stop is not None:
-            measured = bracketed_loss(times, attempt, ONSET, bracket_stop)
+            measured = bracketed_loss(times, attempt, shape.onset, bracket_stop)
         else:
-            measured = measured_loss(times, attempt, ONSET, None, every, se=True)
+            measured = measured_loss(times, attempt, shape.onset, None, every, se=True)
         if isinstance(measured, tuple):
             res.measured, res.measured_se = measured
         if res.measured and res.measured > 0:
@@ -478,23 +496,23 @@ def totals(results: list[Result]) -> dict:
     faults = [r for r in results if r.shape != "clean" and r.ok_run]
     clean = [r for r in results if r.shape == "clean" and r.ok_run]
     found = [r for r in faults if r.named]
-    reports = sum(1 for r in faults for v in r.verdicts) + sum(r.false_alarms for r in clean)
+    reports = sum(1 for r in faults for v in r.verdicts) + sum(r.false_alarms for r in results if r.ok_run)
     right = sum(1 for r in faults for v in r.verdicts if v["rank"] == r.culprit)
     errors = sorted(abs(r.cost_error) for r in faults if r.cost_error is not None)
     latencies = [r.latency for r in faults if r.latency is not None]
     # costs further from the measured loss than twice its own standard error (the truth's noise, not drift)
     beyond = [r for r in faults if r.cost_error is not None and r.measured_se is not None]
     outside = sum(abs(r.cost - r.measured) > 2 * r.measured_se for r in beyond)
-    clean_steps = sum(r.clean_steps for r in clean)
+    clean_steps = sum(r.clean_steps for r in clean + faults)
+    false_alarms = sum(r.false_alarms for r in clean + faults)
     return {
         "scenarios": len(results),
         "failed_runs": sum(not r.ok_run for r in results),
         "recall": len(found) / len(faults) if faults else float("nan"),
         "precision": right / reports if reports else float("nan"),
         "victims": sum(r.victims for r in faults),
-        "false_alarms_per_1000_clean_steps": 1000 * sum(r.false_alarms for r in clean) / clean_steps
-        if clean_steps
-        else float("nan"),
+        "false_alarms_per_1000_clean_steps": 1000 * false_alarms / clean_steps if clean_steps else float("nan"),
+        "false_alarms": f"{false_alarms} in {clean_steps} clean steps",
         "median_abs_cost_error": statistics.median(errors) if errors else float("nan"),
         "worst_abs_cost_error": errors[-1] if errors else float("nan"),
         "max_latency": max(latencies) if latencies else None,
@@ -507,7 +525,7 @@ def print_totals(results: list[Result]) -> None:
     print(
         f"\n{t['scenarios']} scenarios ({t['failed_runs']} runs failed): recall {t['recall']:.3f}, precision "
         f"{t['precision']:.3f}, victims blamed {t['victims']}, false alarms per 1000 clean steps "
-        f"{t['false_alarms_per_1000_clean_steps']:.1f}, |cost error| median "
+        f"{t['false_alarms_per_1000_clean_steps']:.1f} ({t['false_alarms']}), |cost error| median "
         f"{100 * t['median_abs_cost_error']:.0f}% worst {100 * t['worst_abs_cost_error']:.0f}%, "
         f"latency max {t['max_latency']} steps, costs beyond 2 SE of the measured loss {t['costs_beyond_2se']}",
         flush=True,
@@ -530,6 +548,8 @@ def run_matrix(
                         if shape.clean and position != culprits[0]:
                             continue  # a clean job has no culprit
                         job = f"{wrap}-{name}-{position}-{os.getpid()}"
+                        if shape.onset != ONSET:
+                            job += f"-o{shape.onset}"  # --rejudge reads the onset back from the name
                         r = judge(collector, job, wrap, shape, position, ranks, workdir)
                         print_row(r)
                         results.append(r)
@@ -552,8 +572,11 @@ def rejudge(folders: list[str], stop_at: int | None = None) -> list[Result]:
     for folder in folders:
         for times in sorted(f for f in os.listdir(folder) if f.endswith(".times.jsonl")):
             job = times.removesuffix(".times.jsonl")
-            wrap, name, position = job.split("-")[:3]
+            wrap, name, position, *rest = job.split("-")
             shape = SHAPES[name]
+            onset = [int(part[1:]) for part in rest[1:] if part.startswith("o") and part[1:].isdigit()]
+            if onset:
+                shape = replace(shape, onset=onset[0])
             ranks = replay.world_size(folder, job)
             res = Result(wrap, name, culprit_rank(position, ranks), ranks)
             attempt = 1 if shape.restart else 0
@@ -585,6 +608,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", type=int, default=3)
     ap.add_argument("--steps", type=int, help="run this many steps (the onset stays at step 15) instead of the shape's")
     ap.add_argument(
+        "--onset",
+        type=int,
+        help="the first slow step of the persistent shapes, instead of 15: the truth's window before the onset, and "
+        "the detector's baseline, then hold onset - 5 steps (the job's name carries it, for --rejudge)",
+    )
+    ap.add_argument(
         "--stop-at",
         type=int,
         help="every fault ends at this step: its verdict must resolve (as `stop`); with --rejudge: each verdict as it "
@@ -610,8 +639,10 @@ def main(argv=None) -> int:
     if a.model:
         MODEL[:] = MODEL + (list(WIDE) if a.model == "wide" else a.model.split())  # argparse: the last flag wins
     for name, shape in SHAPES.items():
+        fixed = shape.stops_at is not None or shape.restart or "--slow-every" in shape.args  # their steps are set
         SHAPES[name] = replace(
             shape,
+            onset=a.onset if a.onset and not fixed else shape.onset,
             steps=a.steps or shape.steps,
             args=shape.args + (["--slow-to-step", str(a.stop_at)] if a.stop_at and not shape.clean else []),
             stops_at=a.stop_at if a.stop_at and not shape.clean else shape.stops_at,
