@@ -64,6 +64,12 @@ class Shape:
     onset: int = ONSET  # the first slow step (--onset: a longer quiet window before it, for the truth and the baseline)
 
 
+def intermittent(every: int, steps: int) -> Shape:
+    """One slow step in `every` (40 ms in one module's forward): found within 30 steps, one verdict."""
+    args = ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "40", "--slow-every", str(every)]
+    return Shape(f"every{every}", args, ("blocks.1.mlp",), "forward", "intermittent", steps=steps, max_latency=30)
+
+
 SHAPES = {
     s.name: s
     for s in [
@@ -100,24 +106,8 @@ SHAPES = {
         Shape(
             "optimizer", ["--slow-phase", "optimizer", "--slow-ms", "30"], ("(optimizer)",), "optimizer", "optimizer"
         ),
-        Shape(
-            "every3",
-            ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "40", "--slow-every", "3"],
-            ("blocks.1.mlp",),
-            "forward",
-            "intermittent",
-            steps=70,
-            max_latency=30,
-        ),
-        Shape(
-            "every5",
-            ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "40", "--slow-every", "5"],
-            ("blocks.1.mlp",),
-            "forward",
-            "intermittent",
-            steps=90,
-            max_latency=30,
-        ),
+        intermittent(3, steps=70),
+        intermittent(5, steps=90),
         Shape(
             "ramp",
             ["--slow-module", "blocks.2.mlp", "--slow-phase", "backward", "--slow-ms", "40", "--slow-ramp-steps", "15"],
