@@ -37,7 +37,7 @@ class ServeConfig:
     tls_key: str | None = _flag(None, "PEM private key")
     watermark_s: float = _flag(2.0, "evaluate a step this long after its first report even if ranks are late")
     missing_after_s: float = _flag(30.0, "a rank silent this long is marked missing and no longer waited for")
-    retain_steps: int = _flag(5000, "per-module figures are kept for this many newest steps per job")
+    retain_steps: int = _flag(5000, "per-module figures are kept for this many newest evaluated steps per job")
     job_retention_s: float = _flag(
         3600.0,
         "a job with no connected rank for this long leaves the collector's memory "

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from harness.collector_thread import CollectorThread
 from harness.fake_rank import MODULES, FakeRank, batch, report, stream_steps
 from harness.http import get
+from harness.waiting import wait_for
 from modtrack.collector.ingest import edge_limits
 from modtrack.protos import modtrack_pb2 as pb
 
@@ -103,6 +104,37 @@ def test_steps_far_ahead_of_the_job_are_refused(collector):
         assert collector.collector.merger.jobs["j"].last_evaluated <= 4
     finally:
         again.close()
+
+
+def module_rows(path, job: str) -> list[int]:
+    """The steps of a job whose rows still hold per-module figures."""
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute(
+            "SELECT DISTINCT step FROM steps WHERE job = ? AND m_module IS NOT NULL ORDER BY step", (job,)
+        )
+        return [r[0] for r in rows]
+    finally:
+        conn.close()
+
+
+def test_one_ranks_report_far_ahead_does_not_age_the_jobs_module_figures(tmp_path):
+    """Retention keeps the newest retain_steps steps' module figures, counted from the job's last evaluated step:
+    a report far ahead (valid at the edge) from one rank is never evaluated, and ages nothing."""
+    c = CollectorThread(tmp_path / "data", retain_steps=5, retention_every_s=0.1)
+    try:
+        ranks = [FakeRank(c.grpc_target, "kept", r, 2) for r in range(2)]
+        stream_steps(ranks, range(12))
+        ranks[1].report(report(11 + edge_limits.MAX_STEPS_AHEAD // 2, [1.0] * 5))
+        ranks[1].wait_ack(11 + edge_limits.MAX_STEPS_AHEAD // 2)
+        # the job evaluated up to step 10 or 11: steps before the newest 5 lose their module figures, no more
+        wait_for(lambda: module_rows(c.collector.store.path, "kept")[:2] in ([6, 7], [7, 8]), what="retention ran")
+        steps = module_rows(c.collector.store.path, "kept")
+        assert steps[-1] == 11 + edge_limits.MAX_STEPS_AHEAD // 2 and 11 in steps, steps
+        for r in ranks:
+            r.close()
+    finally:
+        c.stop()
 
 
 def test_garbage_bytes_and_silent_streams(tmp_path):

@@ -63,16 +63,19 @@ def test_replayed_rows_change_nothing(store):
 
 
 def test_retention_drops_old_module_blobs_and_keeps_step_figures(store):
-    write(store, ("steps", [row("j", 0, s, [0, 1], [1, 1], [1.0, 2.0]) for s in range(10)]))
-    write(store, (store.drop_old_module_blobs, "j", 4))
+    write(store, (store.upsert_job, "j", 1), ("steps", [row("j", 0, s, [0, 1], [1, 1], [1.0, 2.0]) for s in range(10)]))
+    write(store, (store.drop_old_module_blobs, "j", 4))  # nothing evaluated yet: nothing is old
+    assert [len(store.step_modules("j", s)[0]["module"]) for s in range(10)] == [2] * 10
+    write(store, (store.set_evaluated, "j", 9), (store.drop_old_module_blobs, "j", 4))
     assert len(store.last_steps("j", 100)) == 10
     assert [len(store.step_modules("j", s)[0]["module"]) for s in range(10)] == [0] * 6 + [2] * 4
     write(
         store,
-        ("steps", [row("j", 0, s, [0, 1], [1, 1], [1.0, 2.0]) for s in range(10, 12)]),
+        ("steps", [row("j", 0, s, [0, 1], [1, 1], [1.0, 2.0]) for s in range(10, 13)]),
+        (store.set_evaluated, "j", 11),  # step 12 is stored, not evaluated: the newest 4 are counted from 11
         (store.drop_old_module_blobs, "j", 4),
     )
-    assert [len(store.step_modules("j", s)[0]["module"]) for s in range(12)] == [0] * 8 + [2] * 4
+    assert [len(store.step_modules("j", s)[0]["module"]) for s in range(13)] == [0] * 8 + [2] * 5
 
 
 def test_episodes_upsert_by_id_and_read_back(store):
@@ -207,6 +210,6 @@ def test_collective_stats_and_call_windows_are_stored_and_read_back_as_they_came
             assert getattr(s, name) == getattr(expected, name), name
         assert s.seq.tolist() == [3, 4] and s.issue_ns.tolist() == expected.issue_ns.tolist()
         assert (s.active_ns is None) or s.active_ns.tolist() == [5, 6]
-    write(store, (store.drop_old_module_blobs, "j", 1))
+    write(store, (store.upsert_job, "j", 2), (store.set_evaluated, "j", 2), (store.drop_old_module_blobs, "j", 1))
     assert "call_owner" not in store.step_modules("j", 1)[1] and "call_owner" in store.step_modules("j", 2)[1]
     assert [len(s.seq) for _, _, s in store.collective_stats("j", 0)] == [0, 0, 0, 2]

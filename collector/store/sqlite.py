@@ -270,13 +270,15 @@ class Store:
                 self.duplicates[r.job] = self.duplicates.get(r.job, 0) + 1
 
     def drop_old_module_blobs(self, job: str, keep_steps: int) -> int:
-        """Retention: module blobs of steps older than the newest keep_steps become NULL; the
-        step-level figures stay forever."""
+        """Retention: module blobs of steps older than the newest keep_steps evaluated ones become NULL; the
+        step-level figures stay forever. Counted from the job's last evaluated step, not its newest stored row:
+        one rank's report far ahead of its peers' (valid at the edge, up to MAX_STEPS_AHEAD) is never evaluated,
+        and must not age the whole job's history."""
         conn = self.conn()
-        attempt = self.latest_attempt(job)
-        newest = conn.execute("SELECT MAX(step) FROM steps WHERE job = ? AND attempt = ?", (job, attempt)).fetchone()[0]
-        if newest is None:
+        row = conn.execute("SELECT last_evaluated_step, attempt FROM jobs WHERE job = ?", (job,)).fetchone()
+        if row is None or row[0] is None:
             return 0
+        newest, attempt = row
         cutoff = newest - keep_steps + 1
         lo = self._retained_from.get((job, attempt), -1)  # only the steps not trimmed before: no rescans
         cur = conn.execute(
