@@ -53,7 +53,7 @@ import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from modtrack.collector.ingest.collectives_parse import GroupStep
-from modtrack.collector.records import column_key
+from modtrack.collector.records import INT64_MAX, INT64_MIN, column_key
 from modtrack.collector.small_arrays import nan_to
 
 LATE_SHARE = 0.6  # a rank arriving last in at least this share of a group's collectives is "the late rank"
@@ -61,7 +61,6 @@ MIN_WAIT_NS = 1_000_000  # ...when its peers wait at least this much per step on
 SLOW_LINK_RATIO = 1.5  # a group's transfer per byte over the median of its peer groups'
 _NO_WAITS = (np.zeros(0, np.int64), np.zeros(0))
 _NO_MODULE_WAITS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
-_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)  # np.iinfo() builds objects
 
 
 @dataclass
@@ -157,8 +156,8 @@ def resumed_at(w: Windows, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     copy-out of the gathered shards) cannot be told from compute, and taking it out of the waiting rank only
     makes the rank it waited for look slower there."""
     events = np.unique(np.concatenate([w.start, w.end]))
-    lo = np.r_[_INT64_MIN, events]
-    hi = np.r_[events, _INT64_MAX]
+    lo = np.r_[INT64_MIN, events]
+    hi = np.r_[events, INT64_MAX]
     overlap = np.minimum(hi[None, :], ends[:, None]) - np.maximum(lo[None, :], starts[:, None])
     return np.minimum(hi[np.argmax(overlap, axis=1)], ends)
 
@@ -178,7 +177,7 @@ def waits_in_windows(w: Windows, starts: np.ndarray, ends: np.ndarray) -> tuple[
     held = inside.any(axis=1)
     if not held.any():
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    none = _INT64_MIN
+    none = INT64_MIN
     inner = np.argmax(np.where(inside, w.start, none), axis=1)  # nested windows: the innermost began last
     begun = w.start[inner]
     child_ended = np.where((w.end <= e) & (w.start >= begun[:, None]), w.end, none).max(axis=1)
@@ -194,8 +193,8 @@ def waits_in_windows(w: Windows, starts: np.ndarray, ends: np.ndarray) -> tuple[
     group = np.cumsum(np.r_[True, col[1:] != col[:-1]]) - 1
     span = int(until.max() - base) + 1
     running = np.maximum.accumulate(until - base + group * span)  # a running max that restarts per window
-    before = np.r_[_INT64_MIN, running[:-1]]
-    before = np.where(np.r_[True, col[1:] != col[:-1]], _INT64_MIN, before - group * span + base)
+    before = np.r_[INT64_MIN, running[:-1]]
+    before = np.where(np.r_[True, col[1:] != col[:-1]], INT64_MIN, before - group * span + base)
     counted = np.maximum(until - np.maximum(since, before), 0)
     columns, at = np.unique(w.columns[col], return_inverse=True)
     return columns, np.bincount(at, weights=counted, minlength=len(columns)).astype(np.int64)

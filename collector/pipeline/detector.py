@@ -136,13 +136,12 @@ def _peer_wait_median(wait: np.ndarray, x: np.ndarray, count: np.ndarray) -> np.
     return column_medians(np.sort(waits, axis=0), count)
 
 
-def _peer_idle(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
-    """Per rank, what it waited (in any phase) and what the median of the other ranks waited."""
-    idle = m.idle_or_tail_ms
+def _peer_idle(idle: np.ndarray) -> np.ndarray:
+    """Per rank, what the median of the other ranks waited (in any phase: StepMatrix.idle_or_tail_ms)."""
     if len(idle) < 2:
-        return idle, idle.copy()
+        return idle.copy()
     if len(idle) == 2:  # the other rank's (the general case's 0.5 * (v + v), exactly)
-        return idle, idle[::-1].copy()
+        return idle[::-1].copy()
     order = np.argsort(idle, kind="stable")
     ordered, place = idle[order], np.empty(len(idle), np.int64)
     place[order] = np.arange(len(idle))
@@ -151,7 +150,7 @@ def _peer_idle(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
     def other(j: int) -> np.ndarray:
         return np.where(j < place, ordered[j], ordered[min(j + 1, len(idle) - 1)])
 
-    return idle, 0.5 * (other((others - 1) // 2) + other(others // 2))
+    return 0.5 * (other((others - 1) // 2) + other(others // 2))
 
 
 def _compute_lead(x: np.ndarray, median: np.ndarray) -> np.ndarray:
@@ -167,16 +166,16 @@ def _compute_lead(x: np.ndarray, median: np.ndarray) -> np.ndarray:
     return total - np.where(np.arange(len(total)) == order[0], second, first)
 
 
-def _waited_for(m: StepMatrix, x: np.ndarray, median: np.ndarray, steps: int) -> np.ndarray:
+def _waited_for(idle: np.ndarray, x: np.ndarray, median: np.ndarray, steps: int) -> np.ndarray:
     """Per rank, how long its peers waited for it beyond what its slower modules explain: what the
     median peer waited (in any phase) minus what the rank itself waited and its module excess.
 
     A rank slow in data loading or in the optimizer keeps every peer waiting in the next
     collective (the gradient all-reduce of the step, or of the next one, the slowdown going on);
     a rank preempted while its peers were held up too cost nobody anything, and is no straggler."""
-    idle, peer = _peer_idle(m)
     if len(idle) < 2:
         return np.zeros(len(idle))
+    peer = _peer_idle(idle)
     module_excess = excess_sums(x[:, :-steps], median[:-steps]) if steps else 0.0
     return peer - idle - module_excess
 
@@ -273,7 +272,7 @@ def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> 
             # optimizer straggler for 11 steps, and broke its episode in two (the hold's MAD, below).
             sx, smed = x[:, -steps:], median[-steps:]
             step_excess = sx - smed
-            peers_waited = _waited_for(m, x, median, steps)[:, None]
+            peers_waited = _waited_for(idle, x, median, steps)[:, None]
             waited = peers_waited >= 0.5 * step_excess
             # Culprit or victim is what these waits in any phase say, not the backward tail's alone: under FSDP2 a
             # slow loader's peers wait in the next forward's all-gathers while its own tail wait can be the step's

@@ -24,14 +24,14 @@ from modtrack.collector.config import ServeConfig
 from modtrack.collector.records import (
     CLOCK_KIND_CPU,
     CLOCK_KIND_CUDA,
+    INT64_MAX,
+    INT64_MIN,
     N_PHASES,
     PHASE_IDS,
     StepMatrix,
     StepRow,
     column_key,
 )
-from modtrack.collector.records import INT64_MAX as _INT64_MAX
-from modtrack.collector.records import INT64_MIN as _INT64_MIN
 from modtrack.collector.small_arrays import nan_to
 
 
@@ -319,9 +319,9 @@ def _pass_marks(ordered: list[StepRow], lengths: np.ndarray, phases: np.ndarray)
     rank = np.repeat(np.arange(n), lengths)
     starts = np.concatenate([r.modules["first_start"] for r in ordered]).astype(np.int64) if n else np.zeros(0)
     ends = np.concatenate([r.modules["last_end"] for r in ordered]).astype(np.int64) if n else np.zeros(0)
-    forward_end = np.full(n, _INT64_MIN)
-    backward_start = np.full(n, _INT64_MAX)
-    backward_end = np.full(n, _INT64_MIN)
+    forward_end = np.full(n, INT64_MIN)
+    backward_start = np.full(n, INT64_MAX)
+    backward_end = np.full(n, INT64_MIN)
     fwd, bwd = phases == PHASE_IDS["forward"], phases == PHASE_IDS["backward"]
     np.maximum.at(forward_end, rank[fwd], ends[fwd])
     np.minimum.at(backward_start, rank[bwd], starts[bwd])
@@ -344,7 +344,7 @@ def _between_forward_and_backward(
         forward_end, backward_start, backward_end = marks[:, 0], marks[:, 1], marks[:, 2]
     else:
         forward_end, backward_start, backward_end = _pass_marks(ordered, lengths, phases)
-    both = (forward_end > _INT64_MIN) & (backward_start < _INT64_MAX)
+    both = (forward_end > INT64_MIN) & (backward_start < INT64_MAX)
     pass_start = np.where(
         both & (figures["backward_ns"] > 0),
         backward_end + figures["backward_tail_ns"].astype(np.int64) - figures["backward_ns"].astype(np.int64),
