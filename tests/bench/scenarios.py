@@ -596,7 +596,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--culprits", default=",".join(CULPRITS))
     ap.add_argument("--ranks", type=int, default=3)
-    ap.add_argument("--steps", type=int, help="run this many steps (the onset stays at step 15) instead of the shape's")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        help="run this many steps (the onset stays where it is: 15, or --onset) instead of the shape's",
+    )
     ap.add_argument(
         "--onset",
         type=int,
