@@ -321,7 +321,9 @@ class Detector:
             return []
         matrix = self.held.fill(matrix)
         x, step_keys = judged_columns(matrix)
-        return self.book.update(matrix, x, step_keys, flag_step(matrix, self.params, x))
+        flags = flag_step(matrix, self.params, x)
+        self.held.judged(matrix, flags)  # sampled mode: held cells count only where both samples agreed
+        return self.book.update(matrix, x, step_keys, flags)
 
     def active(self) -> list[Episode]:
         return self.book.active()

@@ -11,10 +11,16 @@ some ranks have detail (a rank that got the new sampling a step later) is judged
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from modtrack.collector.records import N_PHASES, StepMatrix, column_key
+
+if TYPE_CHECKING:
+    from modtrack.collector.pipeline.detector import StepFlags
+
+_Layout = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ranks, column keys, (R, K) values)
 
 
 class HeldDetail:
@@ -25,9 +31,14 @@ class HeldDetail:
         self._last: StepMatrix | None = None  # the last step with detail from every rank
         self._before: StepMatrix | None = None  # ... and the one before it
         self._held: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (ranks, keys, held) of those two
+        # the detector's module-cell flags in those two steps: (ranks, keys, bits 1 flagged, 2 held)
+        self._last_flags: _Layout | None = None
+        self._before_flags: _Layout | None = None
+        self._filled = False  # the step fill() returned last has held columns
 
     def fill(self, m: StepMatrix) -> StepMatrix:
         """`m` itself when every rank has detail (remembered), else `m` with the held module columns."""
+        self._filled = False
         if m.detail is None:
             self._before, self._last, self._held = self._last, m, None
             return m
@@ -49,7 +60,32 @@ class HeldDetail:
             with np.errstate(invalid="ignore"):
                 computing = np.nansum(self_ms, axis=1)
             filled.idle_ms = np.maximum(m.forward_ms + m.backward_ms - computing, m.sync_wait_ms)
+        self._filled = True
         return filled
+
+    def judged(self, m: StepMatrix, flags: StepFlags) -> None:
+        """After the detector judged `m` (what fill() returned): a step with detail from every rank has its
+        module-cell flags remembered; on a step with held columns a module cell stays flagged, or held, only
+        where it was in both samples behind it (none while there is only one)."""
+        k = np.asarray(m.self_ms).shape[1]  # module columns first, the step-level columns after
+        if m.detail is None:
+            ranks, keys, _ = _layout(m)
+            marks = flags.flagged[:, :k] * 1.0 + flags.held[:, :k] * 2.0
+            self._before_flags, self._last_flags = self._last_flags, (ranks, keys, marks)
+            return
+        if not self._filled:
+            return
+        if self._last_flags is None or self._before_flags is None:
+            flags.flagged[:, :k] = False
+            flags.held[:, :k] = False
+            return
+        ranks, keys, _ = _layout(m)
+        last, before = (
+            np.nan_to_num(_aligned(f, ranks, keys)).astype(np.int64) for f in (self._last_flags, self._before_flags)
+        )
+        agreed = last & before  # bits: 1 flagged, 2 held (a cell absent from a sample agrees on nothing)
+        flags.flagged[:, :k] &= (agreed & 1).astype(bool)
+        flags.held[:, :k] &= (agreed & 2).astype(bool)
 
     def _held_columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ranks, column keys, (R, K) elementwise min of the last two detailed steps), laid out like the last."""

@@ -23,11 +23,14 @@ STACKED = ("self_ms", "wall_ms", "sync_wait_ms", "forward_ms", "backward_ms", "d
 STACKED += ("host_ms",)
 
 
-def stored_matrices(data_dir: str, job: str, attempt: int | None = None, collectives: bool = True) -> list[StepMatrix]:
+def stored_matrices(
+    data_dir: str, job: str, attempt: int | None = None, collectives: bool = True, sampled: bool = False
+) -> list[StepMatrix]:
     """Every stored step of a job's attempt (the latest by default), as the merge would build it and, where the
     job sent collective stats (and `collectives`), with its collective waits taken out as the evaluator does:
     each step once its own stats are in (the evaluator holds it for them), the ranks' module windows where
-    their durations hold the waits (wall clock, CUDA)."""
+    their durations hold the waits (wall clock, CUDA). `sampled`: a job in sampled mode, whose rows without
+    module figures are steps without detail (step figures only), judged as the collector judged them."""
     store = Store(data_dir)
     try:
         attempt = store.latest_attempt(job) if attempt is None else attempt
@@ -51,6 +54,11 @@ def stored_matrices(data_dir: str, job: str, attempt: int | None = None, collect
                 for rank, figures in by_step[step].items()
                 if rank in modules and len(modules[rank][MODULE_COLUMNS[0][0]])
             }
+            if sampled:
+                none = {name: np.zeros(0, dtype) for name, dtype in MODULE_COLUMNS}
+                for rank, figures in by_step[step].items():
+                    if rank not in rows:
+                        rows[rank] = StepRow(job, rank, step, figures, none, attempt=attempt, detail=False)
             if book is not None:
                 for rank, offset, s in stats.pop(step, []):
                     book.add(job, attempt, rank, offset, [s])
