@@ -16,17 +16,10 @@ from typing import Any
 import numpy as np
 
 from modtrack.collector.pipeline.episodes import EpisodeBook
+from modtrack.collector.pipeline.own_history import OwnHistory
 from modtrack.collector.pipeline.sampled_steps import HeldDetail
 from modtrack.collector.records import Episode, StepMatrix
-from modtrack.collector.small_arrays import (
-    column_medians,
-    excess_sums,
-    median,
-    nan_column_medians,
-    nan_median,
-    nan_to,
-    pair_medians,
-)
+from modtrack.collector.small_arrays import column_medians, excess_sums, median, nan_median, nan_to, pair_medians
 
 Z_SCALE = 0.6745  # makes the MAD of a normal sample comparable to its standard deviation
 
@@ -312,28 +305,6 @@ def flag_step(
         if steps and np.isfinite(wall_median):
             corroborated[:, -steps:] = waited
     return StepFlags(flagged=flagged, held=held, median=median, count=count, waited=corroborated, paid_ms=paid)
-
-
-class OwnHistory:
-    """Each rank's step-level figures (data loading, optimizer, host time) over its last STEPS steps, to say what
-    is typical for it: the median, before this step's figure joins them."""
-
-    STEPS = 8
-
-    def __init__(self) -> None:
-        self.ranks = np.empty(0, np.int64)
-        self.ring: np.ndarray = np.empty((0, 0, 0))
-        self.pos = 0
-
-    def typical(self, ranks: np.ndarray, figures: np.ndarray) -> np.ndarray:
-        ranks = np.asarray(ranks, np.int64)
-        if not np.array_equal(ranks, self.ranks) or self.ring.shape[2] != figures.shape[1]:
-            self.ranks, self.ring, self.pos = ranks, np.full((self.STEPS, len(ranks), figures.shape[1]), np.nan), 0
-        steps, r, c = self.ring.shape
-        out = nan_column_medians(self.ring.reshape(steps, r * c)).reshape(r, c)
-        self.ring[self.pos] = figures
-        self.pos = (self.pos + 1) % self.STEPS
-        return out
 
 
 class Detector:
