@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from modtrack.collector.pipeline.detector import Detector, DetectorParams
-from modtrack.collector.pipeline.own_history import OwnHistory
 from modtrack.collector.records import StepMatrix
 
 RANKS, MODULES = 3, 8
@@ -160,15 +159,3 @@ def _ingested(row):
         )  # fmt: skip
     stream = RankStream("j", row.rank, ["Net"], np.arange(1), None)
     return parse_report(report, stream, lambda names: np.arange(len(names)))
-
-
-def test_a_ranks_own_typical_figure_is_the_median_of_its_steps_before_and_starts_again_when_ranks_change():
-    history = OwnHistory()
-    assert np.isnan(history.typical(np.array([0, 1]), np.array([[10.0], [1.0]]))).all()  # nothing before it
-    history.typical(np.array([0, 1]), np.array([[30.0], [2.0]]))
-    history.typical(np.array([0, 1]), np.array([[20.0], [3.0]]))
-    assert history.typical(np.array([0, 1]), np.array([[90.0], [4.0]])).tolist() == [[20.0], [2.0]]
-    for _ in range(OwnHistory.STEPS):  # the oldest steps leave the window
-        typical = history.typical(np.array([0, 1]), np.array([[50.0], [5.0]]))
-    assert typical.tolist() == [[50.0], [5.0]]
-    assert np.isnan(history.typical(np.array([0, 2]), np.array([[1.0], [1.0]]))).all()  # a rank came and went

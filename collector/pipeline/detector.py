@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from modtrack.collector.pipeline.episodes import EpisodeBook
-from modtrack.collector.pipeline.own_history import OwnHistory
 from modtrack.collector.pipeline.sampled_steps import HeldDetail
 from modtrack.collector.records import Episode, StepMatrix
 from modtrack.collector.small_arrays import column_medians, excess_sums, median, nan_median, nan_to, pair_medians
@@ -215,11 +214,8 @@ def judged_columns(m: StepMatrix) -> tuple[np.ndarray, np.ndarray]:
     return out, np.array([k for k, _ in extra], np.int64)
 
 
-def flag_step(
-    m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None, own: np.ndarray | None = None
-) -> StepFlags:
-    """Flag every rank x column whose compute is in excess, victims excluded. `own`: (R, step columns) each
-    rank's own typical step-level figures of late (OwnHistory), which a step-level flag must exceed too."""
+def flag_step(m: StepMatrix, p: DetectorParams, x: np.ndarray | None = None) -> StepFlags:
+    """Flag every rank x column whose compute is in excess, victims excluded."""
     x = judged_columns(m)[0] if x is None else x
     wait = nan_to(m.sync_wait_ms)
     count, median, mad = column_stats(x)
@@ -283,12 +279,6 @@ def flag_step(
             # longest on shared cores (a kept job: 9-19 ms against 4-9; its verdict came 7 steps late).
             ranks_ok = count[-steps:] >= 2
             flagged[:, -steps:] = (sx > p.ratio * smed) & (step_excess > bar) & waited & ranks_ok
-            if own is not None:
-                # ... and above its own figure of late: under FSDP2 on 3 ranks sharing 2 cores each rank's optimizer
-                # step ran 10-45 ms for the same work, a spike on one rank now and then one on another, and its peers
-                # paid for some (their waits in the next step). A straggler's figure rises over its own past too.
-                with np.errstate(invalid="ignore"):
-                    flagged[:, -steps:] &= ~(sx - own <= bar)
         held = above(p.hold_ratio, p.hold_z, p.hold_ratio)
         if steps and np.isfinite(wall_median):
             # An open episode holds on lower bars, and while its peers still wait for it by any amount: what they
@@ -321,40 +311,19 @@ class Detector:
         self.book = EpisodeBook(job, self.params)
         self.held = HeldDetail()  # sampled mode: module columns between steps with detail
         self.last_step: int | None = None
-        self._optimizer_before: tuple[int, np.ndarray, np.ndarray] | None = None  # (step, ranks, optimizer ms)
-        self.own = OwnHistory()
 
     def observe(self, matrix: StepMatrix) -> list[Episode]:
         """Evaluate one step; return the episodes it opened, updated or closed."""
         if self.last_step is not None and matrix.step <= self.last_step:
             return []
         self.last_step = matrix.step
-        matrix = self._optimizer_of_the_step_before(matrix)
         if matrix.step < (self.params.warmup_steps or 0):  # by step number: a restarted collector judges on
             return []
         matrix = self.held.fill(matrix)
         x, step_keys = judged_columns(matrix)
-        own = self.own.typical(matrix.ranks, x[:, x.shape[1] - len(step_keys) :]) if len(step_keys) else None
-        flags = flag_step(matrix, self.params, x, own)
+        flags = flag_step(matrix, self.params, x)
         self.held.judged(matrix, flags)  # sampled mode: held cells count only where both samples agreed
         return self.book.update(matrix, x, step_keys, flags)
-
-    def _optimizer_of_the_step_before(self, m: StepMatrix) -> StepMatrix:
-        """`m` with each rank's optimizer time of the step before (NaN where that step was not seen). A rank's
-        slow optimizer step ends its step late: its peers wait for it in the next step's collectives (DDP's
-        gradient all-reduce, FSDP's all-gathers), so that is the step whose waits say whether they paid for it.
-        Paired with its own step's waits, a 30 ms optimizer straggler's excess was covered in 71-98 % of its
-        slow steps on 12 kept real jobs (DDP, FSDP1, FSDP2; 3 ranks); with the next step's, 86-100 %."""
-        now = m.optimizer_ms
-        before, ranks = self._optimizer_before, np.asarray(m.ranks, np.int64)
-        self._optimizer_before = None if now is None else (m.step, ranks, np.asarray(now, np.float64))
-        if now is None:
-            return m
-        lagged = np.full(len(ranks), np.nan)
-        if before is not None and before[0] == m.step - 1:
-            _, mine, theirs = np.intersect1d(ranks, before[1], assume_unique=True, return_indices=True)
-            lagged[mine] = before[2][theirs]
-        return replace(m, optimizer_ms=lagged)
 
     def active(self) -> list[Episode]:
         return self.book.active()
