@@ -34,11 +34,9 @@ class HeldDetail:
         # the detector's module-cell flags in those two steps: (ranks, keys, bits 1 flagged, 2 held)
         self._last_flags: _Layout | None = None
         self._before_flags: _Layout | None = None
-        self._filled = False  # the step fill() returned last has held columns
 
     def fill(self, m: StepMatrix) -> StepMatrix:
         """`m` itself when every rank has detail (remembered), else `m` with the held module columns."""
-        self._filled = False
         if m.detail is None:
             self._before, self._last, self._held = self._last, m, None
             return m
@@ -60,7 +58,6 @@ class HeldDetail:
             with np.errstate(invalid="ignore"):
                 computing = np.nansum(self_ms, axis=1)
             filled.idle_ms = np.maximum(m.forward_ms + m.backward_ms - computing, m.sync_wait_ms)
-        self._filled = True
         return filled
 
     def judged(self, m: StepMatrix, flags: StepFlags) -> None:
@@ -73,8 +70,8 @@ class HeldDetail:
             marks = flags.flagged[:, :k] * 1.0 + flags.held[:, :k] * 2.0
             self._before_flags, self._last_flags = self._last_flags, (ranks, keys, marks)
             return
-        if not self._filled:
-            return
+        if m.detail.any() or self._last is None:
+            return  # judged as it came (fill left it alone)
         if self._last_flags is None or self._before_flags is None:
             flags.flagged[:, :k] = False
             flags.held[:, :k] = False
