@@ -356,6 +356,12 @@ class ModuleTracker:
             handle.remove()
         self._handles = []
         backward_call.remove(self)
+        try:
+            # the tracked passes' gloo works must be gone before we stop guarding destroy_process_group(): a job
+            # that frees its group after tracking ends (a `with` block, then destroy) could hang otherwise
+            self.exit_drain.drain()
+        except Exception:
+            self.counters["hook_errors"] += 1
         self.exit_drain.remove()
         self._module_hooks.remove_all()
         self._quiet = False
