@@ -17,7 +17,7 @@ every timed window); while tracking is on, `torch.distributed.destroy_process_gr
 GIL released, until no one but us holds the last few of them: every gloo work of those passes is gone, and
 freeing the group later cannot wait on a worker (about 0.3 ms when a worker still held one, nothing
 otherwise). The wait is bounded (DRAIN_S) and fail-open; a Context is held at most until a few passes later.
-Closing the tracker drains too, before the wrapper goes: a job that tracks in a `with` block and frees its group
+Removing the wrapper (closing the tracker) drains too: a job that tracks in a `with` block and frees its group
 after it (the seed's way of use) hung in 20 cycles of tests/exit_train.py --tracked before, and no longer does.
 """
 
@@ -91,12 +91,16 @@ class ExitDrain:
             self._patched.append((module, original, wrapper))
 
     def remove(self) -> None:
-        """Put the originals back (where nobody wrapped ours since) and let the Contexts go."""
-        for module, original, wrapper in self._patched:
-            if getattr(module, "destroy_process_group", None) is wrapper:
-                module.destroy_process_group = original
-        self._patched = []
-        self._held.clear()
+        """Wait for the kept Contexts (drain: a group freed after this is no longer guarded), then put the
+        originals back (where nobody wrapped ours since) and let the Contexts go."""
+        try:
+            self.drain()
+        finally:
+            for module, original, wrapper in self._patched:
+                if getattr(module, "destroy_process_group", None) is wrapper:
+                    module.destroy_process_group = original
+            self._patched = []
+            self._held.clear()
 
     def _wrap(self, original):
         @functools.wraps(original)

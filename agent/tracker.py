@@ -357,12 +357,9 @@ class ModuleTracker:
         self._handles = []
         backward_call.remove(self)
         try:
-            # the tracked passes' gloo works must be gone before we stop guarding destroy_process_group(): a job
-            # that frees its group after tracking ends (a `with` block, then destroy) could hang otherwise
-            self.exit_drain.drain()
+            self.exit_drain.remove()  # waits for the tracked passes' gloo works first (agent/teardown.py)
         except Exception:
             self.counters["hook_errors"] += 1
-        self.exit_drain.remove()
         self._module_hooks.remove_all()
         self._quiet = False
         self._hooked.clear()
