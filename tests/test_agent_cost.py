@@ -3,6 +3,7 @@ the sender wakes on a timer, not per step; raw steps waiting for it stay bounded
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 
@@ -75,16 +76,25 @@ def test_steps_aggregated_together_keep_each_steps_own_times():
     records = records[1:]
     assert len(records) == 4 and not any(r.built for r in records)  # the step boundary aggregated nothing
     build_step_records(records)
+    neighbours: dict[tuple, list] = {("Sequential", "forward"): [], ("Sequential.0", "forward"): []}
+    neighbours[("Sequential.2", "backward")] = []
     for k, record in zip((1, 2, 3, 4), records, strict=True):
         assert record.built
         s = step_summary(record, names)
         assert s[("Sequential.1", "forward")]["inclusive_ms"] == pytest.approx(4.0 * k, rel=0.15)
         assert s[("Sequential.1", "backward")]["inclusive_ms"] == pytest.approx(6.0 * k, rel=0.15)
         assert s[("Sequential.1", "forward")]["calls"] == 1
-        assert s[("Sequential", "forward")]["self_ms"] < 1.0  # the busy child's time is not the parent's own
-        assert s[("Sequential.0", "forward")]["inclusive_ms"] < 1.0  # nor its neighbours'
-        assert s[("Sequential.2", "backward")]["inclusive_ms"] < 1.0
         assert record.forward_ns >= 4e6 * k * 0.85 and record.backward_ns >= 6e6 * k * 0.85
+        # the busy child's time is not the parent's own, nor its neighbours': a leak would carry all of a step's
+        # injected time (4k ms forward, 6k backward), so no step may show half of it ...
+        for (name, phase), seen in neighbours.items():
+            figure = s[(name, phase)]["self_ms" if name == "Sequential" else "inclusive_ms"]
+            assert figure < (2.0 if phase == "forward" else 3.0) * k, (k, name, phase, figure)
+            seen.append(figure)
+    # ... and, steps taken together, they are as small as they are without it. One step alone may not be: a
+    # fresh-clone CI run read 2.76 ms of thread CPU time in Linear(8, 1)'s backward once (page faults, a loaded VM)
+    for (name, phase), seen in neighbours.items():
+        assert statistics.median(seen) < 1.0, (name, phase, seen)
 
 
 def test_a_record_read_before_the_sender_builds_it_builds_itself():

@@ -10,6 +10,7 @@ between forward and backward (a known sleep too) must not.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import numpy as np
@@ -64,16 +65,22 @@ def train_steps(steps: int, host_ms: float, wait: bool):
 
 
 def test_a_wait_in_a_hook_before_the_first_modules_backward_is_backward_not_host_time():
-    records = train_steps(3, HOST_MS, wait=True)
-    assert [r.step for r in records] == [0, 1, 2]
-    rows = {i: as_row(r.build(), i) for i, r in enumerate(records)}  # three "ranks": three steps alike
+    records = train_steps(5, HOST_MS, wait=True)
+    assert [r.step for r in records] == [0, 1, 2, 3, 4]
+    rows = {i: as_row(r.build(), i) for i, r in enumerate(records)}  # five "ranks": five steps alike
     m = build_matrix(JobSnapshot("j", records[0].new_module_names, dict.fromkeys(rows, "h"), cpu_clock=True), 0, rows)
-    for r, host in zip(records, m.host_ms.tolist()):
+    hosts = m.host_ms.tolist()
+    for r, host in zip(records, hosts, strict=True):
         assert r.backward_ns / 1e6 >= WAIT_MS  # the wait is inside the pass
-        # the host's own code, not the wait after it (the bound leaves room for a loaded machine: the old agent
-        # measured host + wait, 55 ms), nor is the wait left outside every phase (data loading)
-        assert HOST_MS <= host < HOST_MS + WAIT_MS / 2, host
-        assert r.data_ns / 1e6 < HOST_MS + WAIT_MS / 2, r.data_ns
+        assert host >= HOST_MS  # the host's own code is host time
+    # the host's own code, not the wait after it (the bound leaves room for a loaded machine: the old agent
+    # measured host + wait, 55 ms), nor is the wait left outside every phase (data loading). Judged on the median
+    # step: a wait put in the wrong place is there in every step, while a loaded machine can stall one step
+    # anywhere (a fresh-clone CI run once saw 68 ms outside every phase in one step of three)
+    host = statistics.median(hosts)
+    data_ms = statistics.median(r.data_ns / 1e6 for r in records)
+    assert HOST_MS <= host < HOST_MS + WAIT_MS / 2, hosts
+    assert data_ms < HOST_MS + WAIT_MS / 2, [r.data_ns / 1e6 for r in records]
 
 
 def test_without_such_a_hook_the_pass_starts_where_the_loop_called_backward():
