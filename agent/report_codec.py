@@ -81,6 +81,8 @@ def fill_report(report: pb.StepReport, record: StepRecord, counters: dict[str, i
     report.data_ns = record.data_ns
     report.backward_tail_ns = record.backward_tail_ns
     report.recompute_ns = record.recompute_ns
+    report.gc_ns = record.gc_ns
+    report.gc_collections = record.gc_collections
     report.first_new_module_id = record.first_new_module_id
     report.detail = record.detail
     for name in _COUNTERS:

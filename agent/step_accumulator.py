@@ -39,6 +39,7 @@ from modtrack.agent.step_record import PHASES, PhaseColumns, StepRecord, TraceCo
 ROW_WIDTH = 14
 FORWARD, BACKWARD, RECOMPUTE = (PHASES.index(p) for p in ("forward", "backward", "recompute"))
 _TIME_COLUMNS = [F_START, F_END, B_START, B_END]
+_WORK_COLUMNS = [F_WORK_START, F_WORK_END, B_WORK_START, B_WORK_END]
 MAX_CALL_WINDOWS = 4096  # call windows of one phase of a step (PhaseColumns.call_start_ns): beyond, none are sent
 
 
@@ -61,6 +62,9 @@ class StepLog:
         self.rows_at_pass_end = 0
         self.detail = True  # sampled mode: False on steps timed at the top level only (no module detail)
         self.call_windows = False  # send each call's window of modules called several times (PhaseColumns)
+        # full garbage collections on the training thread (agent/gc_pauses.py): [work start, work end, wall start,
+        # wall end, outside every phase]; module windows leave them out, data_ns too
+        self.gc: list[list[int]] = []
 
     def is_empty(self) -> bool:
         return not (self.rows or self.passes or self.optimizer or self.wrapped)
@@ -98,6 +102,8 @@ class DeferredStepRecord(StepRecord):
     data_ns = _Built()
     backward_tail_ns = _Built()
     recompute_ns = _Built()
+    gc_ns = _Built()
+    gc_collections = _Built()
     phases = _Built()
     trace = _Built()
 
@@ -206,6 +212,9 @@ def build_step_records(records: list[StepRecord]) -> None:
             lo, hi = bounds[i], bounds[i + 1]
             rows[lo:hi, _TIME_COLUMNS] = table[rows[lo:hi, _TIME_COLUMNS]]
             timed_by_events[lo:hi] = True
+    for i, (_, log, _, _, _) in enumerate(todo):
+        if log.gc and counts[i] and not timed_by_events[bounds[i]]:  # CUDA events time the GPU, not the pause
+            _leave_out_pauses(rows[bounds[i] : bounds[i + 1]], log.gc)
     step_of_row = np.repeat(np.arange(len(todo)), counts)
     mid, phase, depth = rows[:, MID], rows[:, PHASE], rows[:, DEPTH]
     parent = np.where(rows[:, PARENT] >= 0, rows[:, PARENT] + bounds[step_of_row], -1)
@@ -262,10 +271,27 @@ def build_step_records(records: list[StepRecord]) -> None:
         record.backward_tail_ns = sum(max(0, _span_ns([(p[2], p[1])], table)) for p in passes)
         record.optimizer_ns = _span_ns(log.optimizer, table)
         busy = record.forward_ns + record.backward_ns + record.optimizer_ns
-        record.data_ns = max(0, record.wall_ns - busy)
+        # each pause clipped to the step: one can begin at the step boundary, after its end was stamped
+        start, end = log.start_host_ns, log.end_host_ns or log.start_host_ns
+        spans = [(max(0, min(p[3], end) - max(p[2], start)), p[4]) for p in log.gc]
+        record.gc_ns = sum(span for span, _ in spans)
+        record.gc_collections = len(spans)
+        outside = sum(span for span, in_data in spans if in_data)  # a pause while loading data is no data loading
+        record.data_ns = max(0, record.wall_ns - busy - outside)
         record.phases = phases[i] if log.detail else {}  # sampled mode: top-level calls only give step figures
         lo, hi = bounds[i], bounds[i + 1]
         record.trace = None if trace_id is None else _trace(rows[lo:hi], f_valid[lo:hi], b_valid[lo:hi], trace_id)
+
+
+def _leave_out_pauses(rows: np.ndarray, pauses: list) -> None:
+    """Work stamps as if the step's GC pauses took no time: each stamp less every pause that ended before it (in
+    place). A window that holds a pause is shorter by it, its callers' too; stamps never made (0) stay 0."""
+    p = np.asarray(pauses, dtype=np.int64)
+    ends = p[:, 1]
+    taken = np.zeros(len(p) + 1, dtype=np.int64)
+    np.cumsum(np.maximum(p[:, 1] - p[:, 0], 0), out=taken[1:])
+    stamps = rows[:, _WORK_COLUMNS]
+    rows[:, _WORK_COLUMNS] = np.where(stamps > 0, stamps - taken[np.searchsorted(ends, stamps, side="right")], 0)
 
 
 def _phase_columns(out: list[dict], name: str, step, mid, incl, self_ns, start, end, counted, windows) -> None:

@@ -55,6 +55,8 @@ class StepRecord:
     backward_tail_ns: int = 0  # last module backward end -> backward pass end
     overlapping_calls: int = 0  # calls whose children add up to more than the call (never sent: a tracker counter)
     recompute_ns: int = 0
+    gc_ns: int = 0  # wall time of the step's full garbage collections on the training thread (agent/gc_pauses.py)
+    gc_collections: int = 0
     first_new_module_id: int = 0
     new_module_names: list[str] = field(default_factory=list)
     phases: dict[str, PhaseColumns] = field(default_factory=dict)

@@ -64,6 +64,7 @@ from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
 from modtrack.agent import backward_call
 from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
 from modtrack.agent.clocks import make_clock
+from modtrack.agent.gc_pauses import GcPauses
 from modtrack.agent.module_hooks import ModuleHooks
 from modtrack.agent.module_names import ModuleNames
 from modtrack.agent.step_accumulator import (
@@ -277,6 +278,8 @@ class ModuleTracker:
         self._quiet = False  # sampled mode: only top-level modules have hooks now (a step without detail)
         self._closed = False
         self.exit_drain = ExitDrain()  # destroy_process_group() waits for gloo's workers (agent/teardown.py)
+        self.gc_pauses = GcPauses(self._work, self.position, self.counters)  # agent/gc_pauses.py
+        self.gc_pauses.pauses = self._log.gc
 
     # ---- the seed's surface -------------------------------------------------------------------
     @property
@@ -288,6 +291,7 @@ class ModuleTracker:
         if not self._handles:
             self._closed = False
             self._log = StepLog(time.perf_counter_ns())
+            self.gc_pauses.pauses = self._log.gc
             self._sample_step(switch_hooks=False)  # no module is hooked yet
             self.parents = {"Global"}
             self.position.new_step(self._step_no, self._log.start_host_ns)  # position: the thread that trains
@@ -299,6 +303,7 @@ class ModuleTracker:
             ]
             backward_call.add(self)
             self.exit_drain.install()
+            self.gc_pauses.install()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -356,6 +361,7 @@ class ModuleTracker:
             handle.remove()
         self._handles = []
         backward_call.remove(self)
+        self.gc_pauses.remove()
         try:
             self.exit_drain.remove()  # waits for the tracked passes' gloo works first (agent/teardown.py)
         except Exception:
@@ -1092,6 +1098,7 @@ class ModuleTracker:
             log.end_host_ns = time.perf_counter_ns()
             log.call_windows = self.call_windows
             self._log = StepLog(log.end_host_ns)
+            self.gc_pauses.pauses = self._log.gc
             self._stack.clear()
             self._open_backward.clear()
             self._endless = []

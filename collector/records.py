@@ -30,7 +30,7 @@ CLOCK_KIND_CUDA = pb.CLOCK_KIND_CUDA  # ... with CUDA events (durations hold wai
 # The agent's own cumulative counters, as the wire names them.
 AGENT_COUNTERS: tuple[str, ...] = tuple(f.name for f in pb.AgentCounters.DESCRIPTOR.fields)
 
-# A step's scalar figures, as the wire and the store name them (ns).
+# A step's scalar figures, as the wire and the store name them (ns). New ones go last: users unpack them in order.
 STEP_FIGURES = (
     "start_ns",
     "end_ns",
@@ -40,6 +40,7 @@ STEP_FIGURES = (
     "data_ns",
     "backward_tail_ns",
     "recompute_ns",
+    "gc_ns",  # full GC pauses on the training thread (wall); module times and data_ns leave them out
 )
 # A StepRow's per-module columns (one entry per module and phase) and its trace's columns (one
 # entry per call), with the dtype each is kept in.
@@ -98,10 +99,11 @@ class StepRow:
     # (end of its last module forward, start of its first module backward, end of its last; INT64_MIN / INT64_MAX
     # where none), worked out at ingest from the report's lists; None: the merge works them out from the columns
     pass_marks: tuple[int, int, int] | None = None
+    gc_collections: int = 0  # full GC pauses counted in figures["gc_ns"]
 
     def sql_row(self) -> tuple:
         """(job, attempt, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs, *CALL_COLUMNS as BLOBs or None,
-        clock_offset_ns): the store's steps row."""
+        clock_offset_ns, gc_collections): the store's steps row."""
         calls = "call_owner" in self.modules
         return (
             self.job,
@@ -112,6 +114,7 @@ class StepRow:
             *(blob(self.modules[name], dtype) for name, dtype in MODULE_COLUMNS),
             *(blob(self.modules[name], dtype) if calls else None for name, dtype in CALL_COLUMNS),
             int(self.clock_offset_ns),
+            int(self.gc_collections),
         )
 
     def collective_rows(self) -> list[tuple]:
@@ -175,6 +178,7 @@ class StepMatrix:
     # Step-level figures outside modules (wall time), judged like module columns when present:
     data_ms: np.ndarray | None = None  # (R,) data loading and everything outside fwd/bwd/optimizer
     optimizer_ms: np.ndarray | None = None  # (R,)
+    gc_ms: np.ndarray | None = None  # (R,) full GC pauses on the training thread (out of module and data times)
     # Time in forward and backward not spent computing (wall minus module compute): the waits of
     # every phase (FSDP's forward all-gathers, reduce-scatters, DDP's backward tail). None: the
     # backward tail (sync_wait_ms) is all that is known.
@@ -192,6 +196,15 @@ class StepMatrix:
         """(R,) float64 what each rank waited, in any phase: idle_ms where known, else the backward tail; NaN as 0.
         The one reading of a step's waits that the detector, the episodes and the evaluator share."""
         return nan_to(self.sync_wait_ms if self.idle_ms is None else self.idle_ms)
+
+
+def idle_less_gc(in_modules_ms: np.ndarray, gc_ms: np.ndarray | None) -> np.ndarray:
+    """What a CPU-clocked rank waited in forward and backward: their wall minus its module compute
+    (`in_modules_ms`), less its full GC pauses. Module times leave the pauses out and forward/backward wall keeps
+    them: without this a rank pausing in GC would look like one waiting for its peers (a victim), and its peers'
+    wait for it would not count. Pauses that fell in the optimizer or data loading come off too (the report does
+    not say where each fell): the waits then read low by them, alike on every rank whose pauses are alike."""
+    return in_modules_ms if gc_ms is None else in_modules_ms - nan_to(gc_ms)
 
 
 @dataclass

@@ -7,8 +7,9 @@
 The fault injection busy-waits (slow compute, not sleep) on one rank: inside modules' forward, or
 inside their backward through an autograd Function placed at each module's output (--slow-module
 takes a comma-separated list), in every leaf module (--slow-phase whole), while loading the batch
-(data), in the training loop's own code between forward and backward (host), or inside the optimizer
-step (optimizer). --slow-every N makes it intermittent (one slow
+(data), in the training loop's own code between forward and backward (host), inside the optimizer
+step (optimizer), or as a full garbage collection in --slow-module's forward that takes about --slow-ms
+(gc: the rank keeps a heap of small objects sized for it). --slow-every N makes it intermittent (one slow
 step in N), --slow-ramp-steps a gradual ramp, --slow-to-step a stop. --fail-at-step S makes rank 0
 fail once, in the first attempt, so that `torchrun --max-restarts 1` restarts the job; --slow-attempt
 confines the fault to one attempt. --step-times FILE: every rank appends each step's wall time (the
@@ -109,6 +110,30 @@ class _SlowBackward(torch.autograd.Function):
         return grad, None
 
 
+def gc_heap(ms: float) -> list:
+    """Enough small tracked objects that one full collection walks them for about `ms` of CPU time: a rank whose
+    heap makes every full collection long (caches, a tokenizer's tables, a dataset held as Python objects).
+
+    What is alive now (torch's own objects, and those its first step imported: a full collection over them alone
+    took ~100 ms on the development VM) is frozen first (`gc.freeze()`), so that the pause is the heap's, of the
+    size asked for."""
+    gc.freeze()
+    heap: list = []
+    chunk = 50_000
+    took = 0.0
+    while took < ms and len(heap) < 400 * chunk:  # at most ~20 M objects whatever the machine
+        more = chunk if not took else max(chunk, int((ms - took) / (took / len(heap))))
+        heap.extend([] for _ in range(more))
+        took = max(_full_collection_ms() for _ in range(2))
+    return heap
+
+
+def _full_collection_ms() -> float:
+    start = time.thread_time()
+    gc.collect()
+    return (time.thread_time() - start) * 1000
+
+
 def slow_ms_now(args, progress: dict) -> float:
     """The busy wait this step asks for: 0 outside the slow steps, else --slow-ms (ramped, 1 in N)."""
     step = progress["step"]
@@ -145,6 +170,8 @@ def inject_slowness(model: nn.Module, args, progress: dict) -> None:
             ms = slow_ms_now(args, progress) * share
             if args.slow_phase in ("forward", "whole") and ms and torch.is_grad_enabled():
                 busy_wait(ms)
+            if args.slow_phase == "gc" and ms and torch.is_grad_enabled():
+                gc.collect()  # where a full collection strikes: while a forward allocates
             out = _original(*a, **kw)
             if args.slow_phase in ("backward", "whole") and ms and torch.is_grad_enabled():
                 out = _SlowBackward.apply(out, ms)
@@ -211,10 +238,11 @@ def parse_args(argv=None):
     p.add_argument("--slow-module", default="blocks.1.mlp", help="e.g. blocks.1.mlp (TinyGPT. prefix optional)")
     p.add_argument(
         "--slow-phase",
-        choices=("forward", "backward", "whole", "data", "host", "optimizer"),
+        choices=("forward", "backward", "whole", "data", "host", "optimizer", "gc"),
         default="forward",
         help="where the busy wait goes: modules' forward or backward, every leaf module (whole), "
-        "batch loading (data), the loop's code between forward and backward (host), the optimizer step",
+        "batch loading (data), the loop's code between forward and backward (host), the optimizer step; "
+        "gc: a full garbage collection of about --slow-ms in --slow-module's forward",
     )
     p.add_argument("--slow-ms", type=float, default=30.0, help="per slow module and step (whole: in all)")
     p.add_argument("--slow-from-step", type=int, default=0)
@@ -257,7 +285,7 @@ def main(argv=None) -> None:
     model = TinyGPT(args.vocab, args.dim, args.heads, args.layers, args.context).to(device)
     progress = {"step": 0, "attempt": attempt}
     slow_here = args.slow_rank == rank
-    if slow_here and args.slow_phase in ("forward", "backward", "whole"):
+    if slow_here and args.slow_phase in ("forward", "backward", "whole", "gc"):
         inject_slowness(model, args, progress)
     wrapped = wrap_model(model, args, distributed, cuda)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=3e-4)
@@ -281,6 +309,8 @@ def main(argv=None) -> None:
         loss.backward()
         opt.step()
         times.step(step)
+        if slow_here and args.slow_phase == "gc" and step == 0:  # after the first step's lazy imports (frozen)
+            progress["heap"] = gc_heap(args.slow_ms)  # alive for the whole run
         if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
             print(f"step {step} loss {loss.item():.4f}", flush=True)
 

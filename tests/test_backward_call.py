@@ -34,7 +34,8 @@ def pre_backward_wait(module, args, output):
 
 def as_row(record, rank: int) -> StepRow:
     """The record as the collector stores it (the report's figures and columns)."""
-    figures = {name: int(getattr(record, name)) for name in STEP_FIGURES if name not in ("start_ns", "end_ns")}
+    # getattr's 0: a record of an agent that reports no figure of that name (gc_ns before the agent's GC timing)
+    figures = {name: int(getattr(record, name, 0)) for name in STEP_FIGURES if name not in ("start_ns", "end_ns")}
     figures.update(start_ns=record.start_ns, end_ns=record.end_ns)
     cols = {k: [] for k in ("phase", "module", "calls", "inclusive", "self", "first_start", "last_end")}
     for phase, c in record.phases.items():

@@ -55,6 +55,7 @@ def long_module_call() -> pb.StepReport:
         (hello(job="evil\njob"), None, "INVALID_ARGUMENT", "job must be at most"),
         (hello(), report(2**60, [1.0] * 5, start_ns=0), "INVALID_ARGUMENT", "over the limit of 2^53"),
         (hello(), report(3, [1.0] * 5, optimizer_ns=2**62), "INVALID_ARGUMENT", "more than a day"),
+        (hello(), report(3, [1.0] * 5, gc_ns=2**62), "INVALID_ARGUMENT", f"gc_ns {2**62} is more than a day"),
         (hello(), report(3, [1.0] * 5, start_ns=-(2**63) + 5), "INVALID_ARGUMENT", "out of range"),
         (hello(), long_module_call(), "INVALID_ARGUMENT", "ns is more than a day"),
         (hello(), pb.AgentMessage(clock=pb.ClockOffset(offset_ns=2**63 - 1)), "INVALID_ARGUMENT", "clock offset"),

@@ -457,3 +457,38 @@ def test_a_data_directory_of_schema_version_2_opens_and_reads_back(tmp_path):
     conn = sqlite3.connect(tmp_path / "data" / "modtrack.sqlite3")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION
     conn.close()
+
+
+def test_a_data_directory_of_schema_version_5_serves_its_steps_with_no_gc_pauses(tmp_path):
+    """The schema before GC pauses were reported: its steps are served as they were, with GC pauses of 0."""
+    from modtrack.collector.store import schema
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    conn = sqlite3.connect(data_dir / "modtrack.sqlite3")
+    for migration in schema.MIGRATIONS[:5]:
+        migration(conn)
+    conn.execute("PRAGMA user_version = 5")
+    conn.execute("INSERT INTO jobs (job, world_size, created_ns, last_evaluated_step) VALUES ('v5', 2, 1, 0)")
+    for rank in range(2):
+        conn.execute("INSERT INTO ranks (job, rank, host, state) VALUES ('v5', ?, ?, 'live')", (rank, f"host{rank}"))
+        conn.execute(
+            "INSERT INTO steps (job, attempt, rank, step, start_ns, end_ns, forward_ns, backward_ns, optimizer_ns, "
+            "data_ns, backward_tail_ns, recompute_ns, clock_offset_ns) VALUES ('v5', 0, ?, 0, 0, 100000000, 0, 0, "
+            "3000000, 0, 0, 0, 0)",
+            (rank,),
+        )
+    conn.commit()
+    conn.close()
+    served = CollectorThread(data_dir)
+    try:
+        (step,) = get_json(f"{served.url}/api/v1/jobs/v5/steps?last=10")["steps"]
+        assert [(r["rank"], r["optimizer_ms"], r["gc_ms"], r["gc_collections"]) for r in step["ranks"]] == [
+            (0, 3.0, 0.0, 0),
+            (1, 3.0, 0.0, 0),
+        ]
+    finally:
+        served.stop()
+    conn = sqlite3.connect(data_dir / "modtrack.sqlite3")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 6
+    conn.close()

@@ -53,7 +53,9 @@ def test_slow_rank_is_listed_and_survives_a_restart(tmp_path):
 def test_jobs_steps_modules(collector):
     ranks = [FakeRank(collector.grpc_target, "j", i, 2) for i in range(2)]
     try:
-        stream_steps(ranks, range(4), fwd_ms_of=lambda r, s: [1.0 + r, 2.0, 3.0, 4.0, 5.0 + s])
+        stream_steps(
+            ranks, range(4), fwd_ms_of=lambda r, s: [1.0 + r, 2.0, 3.0, 4.0, 5.0 + s], gc_ns=2_500_000, gc_collections=1
+        )
         wait_for(
             lambda: get(collector.url, "/api/v1/jobs")[1]["jobs"][0]["last_evaluated_step"] == 3,
             10,
@@ -84,6 +86,7 @@ def test_jobs_steps_modules(collector):
             "backward_ms",
             "sync_wait_ms",
         }
+        assert [(r["gc_ms"], r["gc_collections"]) for r in steps["steps"][0]["ranks"]] == [(2.5, 1), (2.5, 1)]
         _, mods = get(collector.url, "/api/v1/jobs/j/modules")  # default: last evaluated step
         assert mods["step"] == 3 and len(mods["modules"]) == 10
         first = mods["modules"][0]

@@ -34,6 +34,8 @@ def rejected(rank: FakeRank) -> grpc.RpcError:
         (lambda r: r.phases[0].inclusive_ns.__setitem__(2, -5), "negative duration"),
         (lambda r: setattr(r, "backward_tail_ns", -1), "negative duration backward_tail_ns"),
         (lambda r: setattr(r, "end_ns", r.start_ns - 1), "is before start_ns"),
+        (lambda r: setattr(r, "gc_ns", -1), "negative duration gc_ns=-1"),
+        (lambda r: setattr(r, "gc_ns", r.end_ns - r.start_ns + 1), "gc_ns 100000001 is longer than the step itself"),
         (
             lambda r: setattr(r, "first_new_module_id", 7) or r.new_module_names.append("X"),
             "new module names start at id 7",

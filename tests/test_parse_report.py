@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from modtrack.collector.ingest import edge_limits
 from modtrack.collector.ingest.parse import RankStream, _explain_phases, parse_report
+from modtrack.collector.records import STEP_FIGURES
 from modtrack.protos import modtrack_pb2 as pb
 
 TABLE = 6
@@ -128,7 +129,28 @@ def test_clean_report_keeps_every_entry_in_order():
     assert m["self"].tolist() == [20, 5, 0]
     assert m["first_start"].tolist() == [-4, 7, ABS]
     assert m["last_end"].tolist() == [26, 17, -ABS]
-    assert [len(v) for v in row.sql_row()[12:19]] == [3, 12, 12, 24, 24, 24, 24]  # after the key and figures
+    after = 4 + len(STEP_FIGURES)  # after the key and the figures
+    assert [len(v) for v in row.sql_row()[after : after + 7]] == [3, 12, 12, 24, 24, 24, 24]
+
+
+def test_a_steps_gc_pauses_are_carried():
+    r = message([])
+    r.gc_ns, r.gc_collections = 7, 2
+    row = parse_report(r, stream(), None)
+    assert (row.figures["gc_ns"], row.gc_collections) == (7, 2)
+
+
+@pytest.mark.parametrize(
+    "gc_ns, message_part",
+    [
+        (-1, "negative duration gc_ns=-1"),
+        (11, "gc_ns 11 is longer than the step itself (10 ns from start_ns to end_ns)"),
+    ],
+)
+def test_gc_pauses_outside_the_step_are_refused(gc_ns, message_part):
+    r = message([])  # a step of 10 ns
+    r.gc_ns = gc_ns
+    assert message_part in refusal(lambda: parse_report(r, stream(), None))
 
 
 def test_report_with_no_phases_is_empty_not_refused():

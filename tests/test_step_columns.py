@@ -1,4 +1,5 @@
-"""Data loading and optimizer are wall time: a rank's figure there is a straggler only when its peers waited for it.
+"""Data loading, optimizer and GC pauses are wall time: a rank's figure there is a straggler only when its peers
+waited for it.
 
 On shared cores a preempted rank shows ms more wall time in its data loading or optimizer now and then, for
 steps on end, while its peers were held up just as long: nobody waited for it, the job lost nothing by it.
@@ -17,16 +18,21 @@ RANKS, MODULES = 3, 8
 CPU = DetectorParams(min_excess_ms=1.0, min_excess_frac=0.01)
 
 
-def step_matrix(step, rng, data_extra=0.0, optimizer_extra=0.0, waited=True, module_extra=0.0):
+def step_matrix(step, rng, data_extra=0.0, optimizer_extra=0.0, waited=True, module_extra=0.0, gc=None, gc_extra=0.0):
     """Rank 1 carries the extras. waited: its peers idle until it is done (a synchronous collective);
-    otherwise every rank's wall stretches alike (its peers were held up too) and nobody idles for it."""
+    otherwise every rank's wall stretches alike (its peers were held up too) and nobody idles for it.
+    gc: every rank's full GC pauses (ms) this step; None: the agent reports none (no GC column)."""
     x = 5.0 + rng.normal(0, 0.05, (RANKS, MODULES))
     x[1, 2] += module_extra
     d = 2.0 + rng.normal(0, 0.05, RANKS)
     o = 3.0 + rng.normal(0, 0.05, RANKS)
+    g = None if gc is None else gc + np.abs(rng.normal(0, 0.05, RANKS))
     d[1] += data_extra
     o[1] += optimizer_extra
     busy = x.sum(axis=1) + d + o
+    if g is not None:
+        g[1] += gc_extra
+        busy += g  # a pause on the training thread: the rank is neither computing nor waiting
     if waited:
         wall = np.full(RANKS, busy.max() + 1.0)
         idle = wall - busy
@@ -46,6 +52,7 @@ def step_matrix(step, rng, data_extra=0.0, optimizer_extra=0.0, waited=True, mod
         module_names=[f"Net.m{k}" for k in range(MODULES)],
         data_ms=d,
         optimizer_ms=o,
+        gc_ms=g,
         idle_ms=idle,
     )
 
@@ -77,9 +84,44 @@ def test_a_slow_loader_whose_own_backward_tail_wait_is_the_longest_is_named():
     assert 10 <= found[0].first_step <= 13
 
 
-@pytest.mark.parametrize("extra", ["data_extra", "optimizer_extra"])
-def test_data_and_optimizer_wall_time_nobody_waited_for_opens_nothing(extra):
-    assert episodes(lambda s, rng: step_matrix(s, rng, waited=False, **{extra: 20.0 if s >= 10 else 0.0})) == []
+@pytest.mark.parametrize("extra", ["data_extra", "optimizer_extra", "gc_extra"])
+def test_data_optimizer_and_gc_wall_time_nobody_waited_for_opens_nothing(extra):
+    assert episodes(lambda s, rng: step_matrix(s, rng, waited=False, gc=0.5, **{extra: 20.0 if s >= 10 else 0.0})) == []
+
+
+def test_a_rank_pausing_in_garbage_collection_that_peers_wait_for_is_named():
+    # Rank 1's full GCs take 40 ms more per step; its module times leave the pauses out, so they are its peers'.
+    found = episodes(lambda s, rng: step_matrix(s, rng, gc=0.5, gc_extra=40.0 if s >= 10 else 0.0))
+    assert [(ep.rank, ep.cause) for ep in found] == [(1, "garbage collection")]
+    (ep,) = found
+    assert 10 <= ep.first_step <= 14
+    assert [(e["module"], e["phase"]) for e in ep.modules] == [("(garbage collection)", "gc")]
+    assert ep.modules[0]["excess_ms"] == pytest.approx(40.0, abs=1.0)
+    assert ep.excess_ms == pytest.approx(40.0, abs=1.0)
+
+
+def test_a_full_collection_every_third_step_is_an_intermittent_gc_straggler():
+    """The rate rule (4 of the last 20) takes the GC column, which reads 0 but while a collection runs; data loading
+    and the optimizer, wall time that preemption stretches now and then on shared cores, stay on k of n."""
+    found = episodes(lambda s, rng: step_matrix(s, rng, gc=0.0, gc_extra=40.0 if s >= 10 and s % 3 == 1 else 0.0))
+    assert [(ep.rank, ep.cause) for ep in found] == [(1, "garbage collection, intermittent (1 step in 3)")]
+    assert found[0].first_step <= 10 + 30
+    wall = episodes(lambda s, rng: step_matrix(s, rng, optimizer_extra=40.0 if s >= 10 and s % 3 == 1 else 0.0))
+    assert wall == []
+
+
+def test_small_equal_gc_pauses_on_every_rank_open_nothing():
+    assert episodes(lambda s, rng: step_matrix(s, rng, gc=3.0)) == []
+
+
+def test_the_gc_column_keeps_its_key_when_an_earlier_step_column_is_missing():
+    from modtrack.collector.pipeline.detector import judged_columns
+
+    m = step_matrix(0, np.random.default_rng(0), gc=1.0)
+    assert m.host_ms is None
+    x, keys = judged_columns(m)
+    assert keys.tolist() == [-1, -2, -4]  # data, optimizer, GC: the key says which, not the position
+    assert x[:, -1].tolist() == m.gc_ms.tolist()
 
 
 def test_an_optimizer_spike_on_a_rank_slow_in_a_module_is_no_second_cause():
@@ -119,7 +161,7 @@ def test_the_gap_between_the_last_module_forward_and_the_first_module_backward_i
         # forward: module 0 from 0 to 10 ms; backward: module 0 from 10 + gap to 18 + gap ms
         figures = {"start_ns": 0, "end_ns": (40 + gap_ms) * ms, "forward_ns": 10 * ms, "backward_ns": 8 * ms,
                    "optimizer_ns": 2 * ms, "data_ns": (20 + gap_ms) * ms, "backward_tail_ns": 0,
-                   "recompute_ns": 0}  # fmt: skip
+                   "recompute_ns": 0, "gc_ns": 0}  # fmt: skip
         modules = {"phase": np.array([1, 2], np.uint8), "module": np.array([0, 0], np.int64),
                    "calls": np.ones(2, np.uint32), "inclusive": np.array([10, 8]) * ms,
                    "self": np.array([10, 8]) * ms, "first_start": np.array([0, 10 + gap_ms]) * ms,
@@ -136,9 +178,36 @@ def test_the_gap_between_the_last_module_forward_and_the_first_module_backward_i
     from modtrack.collector.pipeline.detector import judged_columns
 
     x, keys = judged_columns(m)
-    assert keys.tolist() == [-1, -2, -3]
-    assert x[:, -3].tolist() == [20.0, 20.0]  # data loading: what is left outside modules, less the host's code
-    assert x[:, -1].tolist() == [1.0, 25.0]
+    assert keys.tolist() == [-1, -2, -3, -4]
+    assert x[:, -4].tolist() == [20.0, 20.0]  # data loading: what is left outside modules, less the host's code
+    assert x[:, -2].tolist() == [1.0, 25.0]
+    assert x[:, -1].tolist() == [0.0, 0.0]  # no GC pauses reported
+
+
+def test_a_gc_pause_in_forward_is_the_rank_s_own_time_not_a_wait():
+    """Module times leave a full GC's pause out and forward wall keeps it: the pause is GC, never waiting, so the
+    peers' wait for the pausing rank is what tells it apart (on the CPU clock, waits are wall minus compute)."""
+    from modtrack.collector.pipeline.merge import JobSnapshot, build_matrix
+    from modtrack.collector.records import StepRow
+
+    ms = 1_000_000
+
+    def row(rank, gc_ms, wait_ms):
+        # forward: module 0 computes 10 ms; the forward's wall holds the rank's GC pause and its wait for a peer
+        forward = (10 + gc_ms + wait_ms) * ms
+        figures = {"start_ns": 0, "end_ns": forward + 10 * ms, "forward_ns": forward, "backward_ns": 8 * ms,
+                   "optimizer_ns": 2 * ms, "data_ns": 0, "backward_tail_ns": 0, "recompute_ns": 0,
+                   "gc_ns": gc_ms * ms}  # fmt: skip
+        modules = {"phase": np.array([1, 2], np.uint8), "module": np.array([0, 0], np.int64),
+                   "calls": np.ones(2, np.uint32), "inclusive": np.array([10, 8]) * ms,
+                   "self": np.array([10, 8]) * ms, "first_start": np.array([0, forward]),
+                   "last_end": np.array([forward, forward + 8 * ms])}  # fmt: skip
+        return StepRow("j", rank, 0, figures, modules, gc_collections=1 if gc_ms else 0)
+
+    snapshot = JobSnapshot("j", ["Net"], {0: "h", 1: "h", 2: "h"}, cpu_clock=True)
+    m = build_matrix(snapshot, 0, {0: row(0, 0, 40), 1: row(1, 40, 0), 2: row(2, 0, 40)})
+    assert m.gc_ms.tolist() == [0.0, 40.0, 0.0]
+    assert m.idle_ms.tolist() == [40.0, 0.0, 40.0]  # the pausing rank waited for nobody
 
 
 def _ingested(row):

@@ -11,7 +11,7 @@ import pytest
 
 from harness.step_row import row
 from harness.waiting import wait_for
-from modtrack.collector.records import Episode
+from modtrack.collector.records import STEP_FIGURES, Episode
 from modtrack.collector.store.sqlite import Store
 from modtrack.collector.store.writer import StoreWriter
 
@@ -52,6 +52,14 @@ def test_a_step_is_one_row_with_its_module_columns(store):
     assert mods[1]["self"].tolist() == [1_000_000, 2_000_000, 3_000_000, 5_000_000]
     assert store.module_names("j") == ["a", "b", "c"]
     assert store.last_steps("j", 5)[0][:4] == (7, 0, 0, 10_000_000)
+
+
+def test_a_steps_gc_pauses_are_stored_and_read_back(store):
+    rows = [row("j", r, 7, [0], [1], [1.0]) for r in range(2)]
+    rows[1].figures["gc_ns"], rows[1].gc_collections = 4_500_000, 3
+    write(store, ("steps", rows))
+    read = [dict(zip((*STEP_FIGURES, "gc_collections"), figures)) for _, _, *figures in store.last_steps("j", 5)]
+    assert [(r["gc_ns"], r["gc_collections"]) for r in read] == [(0, 0), (4_500_000, 3)]
 
 
 def test_replayed_rows_change_nothing(store):
@@ -132,7 +140,8 @@ def test_a_failed_commit_is_reported_and_the_writer_keeps_going(store):
 
 def test_rows_are_compact():
     r = row("j", 0, 1, list(range(500)) * 2, [1] * 500 + [2] * 500, np.ones(1000))
-    blob_bytes = sum(len(v) for v in r.sql_row()[12:19])  # after job, attempt, rank, step, 8 figures
+    after = 4 + len(STEP_FIGURES)  # after job, attempt, rank, step and the figures
+    blob_bytes = sum(len(v) for v in r.sql_row()[after : after + 7])
     assert blob_bytes == 1000 * (1 + 4 + 4 + 8 * 4)  # 41 bytes per module and phase
 
 

@@ -65,6 +65,11 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         raise invalid(f"{where}: negative duration {negative[0]}={figures[negative[0]]}")
     if figures["end_ns"] < figures["start_ns"]:
         raise invalid(f"{where}: end_ns {figures['end_ns']} is before start_ns {figures['start_ns']}")
+    if figures["gc_ns"] > figures["end_ns"] - figures["start_ns"]:  # pauses on the training thread, in the step
+        raise invalid(
+            f"{where}: gc_ns {figures['gc_ns']} is longer than the step itself "
+            f"({figures['end_ns'] - figures['start_ns']} ns from start_ns to end_ns)"
+        )
     block, calls, phase, marks = _phase_block(report.phases, len(stream.remap))
     if block is None:
         _explain_phases(report, stream, where)  # raises Refused
@@ -93,6 +98,7 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         gpu,
         detail=report.detail or len(report.phases) > 0,  # agents before sampled mode never set it
         pass_marks=marks,
+        gc_collections=report.gc_collections,
     )
 
 

@@ -4,7 +4,7 @@ For every column, among the ranks that ran it, the detector takes the median and
 and flags a rank whose self time is both `ratio` times the median and a robust outlier
 (modified z = 0.6745 (x - median) / MAD above `z`). One sort per matrix gives the medians of
 all columns at once; no Python loop runs per rank or per column. Step-level figures outside
-modules (data loading, optimizer) are judged as two more columns. The flags then feed the
+modules (data loading, optimizer, host time, garbage collection) are judged as more columns. The flags then feed the
 episode book (collector/pipeline/episodes.py): one verdict per culprit, hysteresis, host roll-up, cost.
 """
 
@@ -76,7 +76,7 @@ class DetectorParams:
         return max(self.min_excess_ms or 0.0, frac)
 
     def step_bar(self, wall_ms: float) -> float:
-        """The excess a step-level column (data loading, optimizer, host time) needs in a step of this wall time."""
+        """The excess a step-level column (data loading, optimizer, host time, GC) needs in a step of this wall time."""
         return max(self.step_floor_ms, self.step_floor_frac * (wall_ms if np.isfinite(wall_ms) else 0.0))
 
 
@@ -185,6 +185,7 @@ STEP_COLUMNS = (
     ("data_ms", "(data loading)", "data"),
     ("optimizer_ms", "(optimizer)", "optimizer"),
     ("host_ms", "(host between modules)", "host"),
+    ("gc_ms", "(garbage collection)", "gc"),  # appended: each column's key is -1 - its index here
 )
 
 

@@ -29,8 +29,15 @@ STEP_COLUMN_NAMES = {
     -1: ("(data loading)", "data"),
     -2: ("(optimizer)", "optimizer"),
     -3: ("(host between modules)", "host"),
+    -4: ("(garbage collection)", "gc"),
 }
-STEP_CAUSES = {"data": "data loading", "optimizer": "optimizer", "host": "host time between modules"}
+GC_COLUMN = -4  # the key of garbage collection's column (above)
+STEP_CAUSES = {
+    "data": "data loading",
+    "optimizer": "optimizer",
+    "host": "host time between modules",
+    "gc": "garbage collection",
+}
 MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would list every module)
 # The job's step time before an episode: the mean of this many quiet steps, as many as the cost's mean has (cost_steps'
 # default), so that the loss per step is a difference of two means of equal length and noise.
@@ -618,9 +625,11 @@ class EpisodeBook:
         """
         p = self.p
         # The rate rule is for modules: wall-time step columns (data, optimizer) see preemption
-        # spikes now and then on shared cores, and open only on k of the last n steps.
+        # spikes now and then on shared cores, and open only on k of the last n steps. Garbage collection is
+        # timed only while a collection runs (0 otherwise), so it has no such spikes: a rank whose full
+        # collections come every few steps is an intermittent straggler like a module's.
         long = self.long_counts >= p.long_k
-        long[:, self.col_keys < 0] = False
+        long[:, (self.col_keys < 0) & (self.col_keys != GC_COLUMN)] = False
         enough = (self.counts >= p.k) | long
         rank_enough = (self.rank_counts >= p.k) | (self.rank_long_counts >= p.long_k)
         rows, cols = np.nonzero((enough | rank_enough[:, None]) & s.flags.flagged)

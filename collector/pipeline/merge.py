@@ -31,6 +31,7 @@ from modtrack.collector.records import (
     StepMatrix,
     StepRow,
     column_key,
+    idle_less_gc,
 )
 from modtrack.collector.small_arrays import nan_to
 
@@ -271,10 +272,12 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     table = np.array([_step_figures(r.figures) for r in ordered], dtype=np.float64).reshape(len(ordered), len(_FIGURES))
     figures = {name: table[:, i] for i, name in enumerate(_FIGURES)}
     tail_ms = figures["backward_tail_ns"] / 1e6
+    gc_ms = figures["gc_ns"] / 1e6
     # On the CPU clock a module's self time is compute only, so forward and backward wall minus all
     # module compute is what the rank waited, in whatever phase (FSDP all-gathers, DDP's tail).
     # Other clocks (CUDA events) cannot be subtracted from host walls: the backward tail it is.
     in_modules = (figures["forward_ns"] + figures["backward_ns"]) / 1e6 - nan_to(self_ms).sum(axis=1)  # np.nansum
+    in_modules = idle_less_gc(in_modules, gc_ms)  # GC pauses are no wait
     every_detail = all(r.detail for r in ordered)
     detail = None if every_detail else np.array([r.detail for r in ordered], dtype=bool)  # sampled mode
     if not state.cpu_clock:
@@ -300,6 +303,7 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
         module_names=state.names,
         data_ms=figures["data_ns"] / 1e6,
         optimizer_ms=figures["optimizer_ns"] / 1e6,
+        gc_ms=gc_ms,
         idle_ms=idle_ms,
         attempt=state.attempt,
         detail=detail,
@@ -308,7 +312,7 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     )
 
 
-_FIGURES = ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns", "data_ns", "optimizer_ns")
+_FIGURES = ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns", "data_ns", "optimizer_ns", "gc_ns")
 _step_figures = operator.itemgetter(*_FIGURES)
 
 

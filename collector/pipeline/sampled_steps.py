@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from modtrack.collector.records import N_PHASES, StepMatrix, column_key
+from modtrack.collector.records import N_PHASES, StepMatrix, column_key, idle_less_gc
 
 if TYPE_CHECKING:
     from modtrack.collector.pipeline.detector import StepFlags
@@ -57,7 +57,7 @@ class HeldDetail:
         if m.cpu_clock and m.forward_ms is not None and m.backward_ms is not None:
             with np.errstate(invalid="ignore"):
                 computing = np.nansum(self_ms, axis=1)
-            filled.idle_ms = np.maximum(m.forward_ms + m.backward_ms - computing, m.sync_wait_ms)
+            filled.idle_ms = np.maximum(idle_less_gc(m.forward_ms + m.backward_ms - computing, m.gc_ms), m.sync_wait_ms)
         return filled
 
     def judged(self, m: StepMatrix, flags: StepFlags) -> None:

@@ -150,12 +150,25 @@ ALTER TABLE ranks ADD COLUMN wall_durations INTEGER DEFAULT 0
     )
 
 
+def migrate_gc(conn: sqlite3.Connection) -> None:
+    """Version 5 -> 6: the agent reports each step's full GC pauses (StepReport.gc_ns, gc_collections), a
+    step-level cause the detector judges like the optimizer. Rows stored before had none reported: 0."""
+    _run_statements(
+        conn,
+        """
+ALTER TABLE steps ADD COLUMN gc_ns INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE steps ADD COLUMN gc_collections INTEGER NOT NULL DEFAULT 0
+""",
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v1_tables,
     migrate_attempts,
     migrate_gpu_explanation,
     migrate_heartbeat_errors,
     migrate_collectives,
+    migrate_gc,
 ]
 VERSION = len(MIGRATIONS)
 

@@ -37,7 +37,7 @@ from harness.evaluated import wait_evaluated
 
 def in_process(ranks: int, modules: int, steps: int, store_dir: str | None = None) -> dict:
     model = ClusterModel(ranks=ranks, modules=modules, seed=0, noise_pool=4)
-    model.stragglers = [parse_straggler("rank=7,module=3,phase=backward,slowdown=1.5,onset=0", model)]
+    model.stragglers = [parse_straggler(f"rank={ranks - 1},module=3,phase=backward,slowdown=1.5,onset=0", model)]
     merger = Merger(watermark_s=1e9)
     state = merger.hello("bench", 0, ranks, model.hosts[0])
     for r in range(1, ranks):

@@ -58,6 +58,7 @@ class Shape:
     steps: int = STEPS
     max_latency: int = 5
     stops_at: int | None = None  # the fault ends here: the verdict must be resolved
+    not_listed: tuple[str, ...] = ()  # modules the verdict must not list, in any phase (where the fault ran)
     restart: bool = False  # the job fails once and torchrun restarts it; the fault is in attempt 1
     clean: bool = False
     model: tuple[str, ...] = ()  # examples/train.py model arguments on top of MODEL (e.g. WIDE)
@@ -105,6 +106,24 @@ SHAPES = {
         ),
         Shape(
             "optimizer", ["--slow-phase", "optimizer", "--slow-ms", "30"], ("(optimizer)",), "optimizer", "optimizer"
+        ),
+        Shape(  # a full collection of ~40 ms in blocks.1.mlp's forward: that module is not to blame
+            "gc",
+            ["--slow-module", "blocks.1.mlp", "--slow-phase", "gc", "--slow-ms", "40"],
+            ("(garbage collection)",),
+            "gc",
+            "garbage collection",
+            not_listed=("blocks.1.mlp",),
+        ),
+        Shape(  # a full collection every third step, as a heap that fills up between them
+            "gc3",
+            ["--slow-module", "blocks.1.mlp", "--slow-phase", "gc", "--slow-ms", "40", "--slow-every", "3"],
+            ("(garbage collection)",),
+            "gc",
+            "garbage collection, intermittent",
+            steps=70,
+            max_latency=30,
+            not_listed=("blocks.1.mlp",),
         ),
         intermittent(3, steps=70),
         intermittent(5, steps=90),
@@ -431,6 +450,7 @@ def score(
     v = mine[0]
     listed = {(e["module"].split(".", 1)[-1], e["phase"]) for e in v["modules"]}
     modules_ok = all((m, shape.phase) in listed for m in shape.modules)
+    modules_ok &= not any(m in shape.not_listed for m, _ in listed)
     cause_ok = shape.cause is None or shape.cause in v["cause"]
     state_ok = (v["state"] == "resolved") if shape.stops_at is not None else (v["state"] == "active")
     res.latency = v["first_step"] - shape.onset
