@@ -99,6 +99,26 @@ def test_firing_then_resolved_payloads_in_alertmanager_shape(caplog):
     assert any(m.startswith("alert resolved: Rank 3 on host node1") for m in messages)
 
 
+def test_a_cause_its_peers_do_not_have_at_all_is_told_by_its_excess_not_a_ratio():
+    """A rank's garbage collection: its peers' median is 0, the entry has no slowdown, and '1.00x slower' (the
+    episode's placeholder) would tell a user nothing is wrong."""
+    gc_entry = {"module": "(garbage collection)", "phase": "gc", "excess_ms": 41.5, "slowdown": None}
+    ep = episode(
+        module="(garbage collection)", phase="gc", slowdown=1.0, modules=[gc_entry], cause="garbage collection"
+    )
+    annotations = episode_to_alert(ep, DASHBOARD)["annotations"]
+    assert annotations["summary"].startswith(
+        "Rank 3 on host node1 spends 41.5 ms more per step than its peers in (garbage collection) (gc), costing 12.3 ms"
+    )
+    assert "x slower" not in annotations["summary"] + annotations["description"]
+    assert "41.5 ms more per step than the median of its peers" in annotations["description"]
+    module_entry = {"module": "Net.blocks.1.mlp", "phase": "backward", "excess_ms": 9.0, "slowdown": 2.5}
+    assert (
+        "is 2.50x slower in Net.blocks.1.mlp"
+        in episode_to_alert(episode(modules=[module_entry]), DASHBOARD)["annotations"]["summary"]
+    )
+
+
 def test_host_rollup_is_one_node_suspect_alert_for_the_host():
     async def body(d):
         d.episode_changed(episode(rank=-1, host="node2", ranks=[4, 5, 6, 7]))

@@ -90,3 +90,16 @@ def test_token_file(tmp_path):
         assert out.returncode == 1 and "401" in out.stderr and "bearer token" in out.stderr
     finally:
         c.stop()
+
+
+def test_a_verdict_without_a_ratio_shows_its_excess_not_a_slowdown():
+    """Garbage collection: its peers' median is 0, so the entry has no slowdown; the table says '-', not 1.00x."""
+    from modtrack.collector.api.query_cli import _render_stragglers
+
+    gc_entry = {"module": "(garbage collection)", "phase": "gc", "excess_ms": 41.5, "slowdown": None}
+    verdict = dict(rank=2, host="vm", module="(garbage collection)", phase="gc", slowdown=1.0, excess_ms=41.5,
+                   first_step=17, last_step=44, state="active", cost_ms_per_step=38.2, cause="garbage collection",
+                   modules=[gc_entry])  # fmt: skip
+    (row,) = [line for line in _render_stragglers([verdict]).splitlines() if line.startswith("2 ")]
+    assert "(garbage collection)" in row and "41.5" in row and "garbage collection" in row
+    assert "1.00x" not in row and " - " in row

@@ -179,13 +179,16 @@ def _render_stragglers(stragglers: list[dict]) -> str:
     """One row per verdict, then its listed modules (every place the rank is slow) indented below it."""
     rows = []
     for s in stragglers:
+        entries = s.get("modules") or []
+        top = next((e for e in entries if (e["module"], e["phase"]) == (s["module"], s["phase"])), None)
+        no_ratio = top is not None and top.get("slowdown") is None  # its peers spend nothing there (GC)
         rows.append(
             [
                 "host" if s["rank"] < 0 else s["rank"],
                 s["host"],
                 s["module"],
                 s["phase"],
-                f"{s['slowdown']:.2f}x",
+                "-" if no_ratio else f"{s['slowdown']:.2f}x",
                 s.get("excess_ms"),
                 f"{s['first_step']}-{s['last_step']}",
                 s["state"],
@@ -195,7 +198,6 @@ def _render_stragglers(stragglers: list[dict]) -> str:
         )
         if s.get("explanation"):  # GPU health: what the culprit's GPU says
             rows.append(["", "", "  GPU: " + s["explanation"], "", "", "", "", "", "", ""])
-        entries = s.get("modules") or []
         if len(entries) > 1 or entries and (entries[0]["module"], entries[0]["phase"]) != (s["module"], s["phase"]):
             for e in entries:
                 slowdown = f"{e['slowdown']:.2f}x" if e.get("slowdown") is not None else "-"

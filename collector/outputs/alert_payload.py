@@ -52,6 +52,17 @@ def _cost_text(episode: Episode) -> str:
     return text + (f" ({episode.cost_pct:.1f}% of step time)" if episode.cost_pct else "")
 
 
+def _how_slow(episode: Episode) -> tuple[str, str]:
+    """(summary words, description words): a ratio to its peers, or where they spend nothing there at all (a
+    rank's garbage collection: its peers' median is 0) its excess, which a ratio cannot give."""
+    top = next((e for e in episode.modules if (e["module"], e["phase"]) == (episode.module, episode.phase)), None)
+    if top is not None and top.get("slowdown") is None:
+        more = f"{top['excess_ms']:.1f} ms more per step than"
+        return f"spends {more} its peers", f"spends {more} the median of its peers"
+    ratio = f"{episode.slowdown:.2f}x slower"
+    return f"is {ratio}", f"computes {ratio} than the median of its peers"
+
+
 def alert_annotations(episode: Episode) -> dict[str, str]:
     where = f"{episode.module} ({episode.phase})"
     since = f"steps {episode.first_step}-{episode.last_step}"
@@ -67,14 +78,11 @@ def alert_annotations(episode: Episode) -> dict[str, str]:
             f"noisy neighbour) rather than one rank's data. The job loses {_cost_text(episode)}."
         )
     else:
-        summary = (
-            f"Rank {episode.rank} on host {episode.host} is {episode.slowdown:.2f}x slower in "
-            f"{where}, costing {_cost_text(episode)}"
-        )
+        short, long = _how_slow(episode)
+        summary = f"Rank {episode.rank} on host {episode.host} {short} in {where}, costing {_cost_text(episode)}"
         description = (
-            f"In job {episode.job}, rank {episode.rank} on {episode.host} computes {where} "
-            f"{episode.slowdown:.2f}x slower than the median of its peers over {since}, while "
-            f"the others wait for it in the next collective. The job loses {_cost_text(episode)}."
+            f"In job {episode.job}, rank {episode.rank} on {episode.host} {long} in {where} over {since}, "
+            f"while the others wait for it in the next collective. The job loses {_cost_text(episode)}."
         )
     annotations = {"summary": summary, "description": description}
     if episode.cause:
