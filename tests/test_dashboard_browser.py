@@ -309,6 +309,11 @@ def test_dashboard_shows_the_simulated_culprit_and_captures_a_trace(collector, s
     assert {"rank": "2", "module": SLOW_MODULE, "state": "active", "ranks": "2"} in state["rows"]
     assert "rank 2 @ node1" in state["verdict"]
     assert state["lines"] == 1  # the culprit's step-time line is the highlighted one
+    # a verdict whose peers spend nothing in its cause (garbage collection: no ratio) shows its excess instead
+    gc_entry = {"module": "(garbage collection)", "phase": "gc", "excess_ms": 41.5, "slowdown": None}
+    gc_verdict = {"module": "(garbage collection)", "phase": "gc", "slowdown": 1.0, "modules": [gc_entry]}
+    assert browser.execute_script("return slowdownText(arguments[0])", gc_verdict) == "+41.5 ms"
+    assert browser.execute_script("return slowdownText(arguments[0])", straggler) == f"{straggler['slowdown']:.2f}×"
 
     # live refresh: the page moves on without a reload
     first = browser.execute_script("return document.getElementById('heat-window').textContent")

@@ -170,6 +170,12 @@ function isCulpritRank(rank, hosts) {
   return activeCulprits().some((s) => episodeHas(s, rank, hosts));
 }
 
+// The episode's slowdown, or where its peers spend nothing in its cause (garbage collection: no ratio) its excess.
+function slowdownText(s) {
+  const top = listed(s).find((e) => e.module === s.module && e.phase === s.phase);
+  return top && top.slowdown == null && s.modules && s.modules.length ? `+${fmtMs(top.excess_ms || 0)}` : fmtX(s.slowdown);
+}
+
 function blamed(s) {
   if (s.rank >= 0) return String(s.rank);
   return s.ranks && s.ranks.length ? `host: ${s.ranks.join(", ")}` : "host: all";
@@ -450,7 +456,7 @@ function renderStragglers() {
   },
   el("td", { text: s.state }), el("td", { text: blamed(s) }), el("td", { text: s.host }),
   el("td", { text: s.cause ? `${s.module} · ${s.cause}` : s.module, title: listed(s).map((e) => `${e.module} (${e.phase}) +${fmtMs(e.excess_ms || 0)}`).join("\n") }),
-  el("td", { text: s.phase }), el("td", { class: "num", text: fmtX(s.slowdown) }),
+  el("td", { text: s.phase }), el("td", { class: "num", text: slowdownText(s) }),
   el("td", { class: "num", text: s.first_step }), el("td", { class: "num", text: s.last_step }),
   el("td", { class: "num", text: fmtMs(s.cost_ms_per_step) })));
   if (older > 0) rows.push(el("tr", { class: "older" }, el("td", { colspan: 9, class: "hint", text: `and ${older} older resolved episode(s)` })));
