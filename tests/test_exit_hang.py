@@ -27,7 +27,8 @@ def test_a_script_without_teardown_never_hangs_at_exit(collector):
 def test_a_job_that_frees_its_group_after_its_tracker_block_never_hangs():
     """`with ModuleTracker(): train`, then destroy_process_group() (no launcher flag): closing the tracker waits
     for the tracked passes' gloo works, so the unguarded destroy cannot meet one (tracker.close drains)."""
-    cmd = torchrun_cmd(2, SCRIPT, "--tracked", "--cycles", str(CYCLES), "--steps", "30")
+    cycles = 10  # the tracker of 8a8a264 hung within 1-6 cycles in 4 jobs of 4
+    cmd = torchrun_cmd(2, SCRIPT, "--tracked", "--cycles", str(cycles), "--steps", "30")
     done = run(cmd, timeout=DEADLINE_S)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("done") == 2 * CYCLES, done.stdout[-2000:]
+    assert done.stdout.count("done") == 2 * cycles, done.stdout[-2000:]

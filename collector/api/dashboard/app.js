@@ -4,6 +4,7 @@
 "use strict";
 
 const POLL_MS = 2000;
+const TRACE_MAX_STEPS = 200; // the trace API's step range per request (collector/api/trace_export.py MAX_STEPS)
 const WINDOW_STEPS = 10;   // heatmap: mean over the last N steps
 const CHART_STEPS = 120;   // step-time chart
 const RESOLVED_SHOWN = 6;  // straggler list: every active episode, then the latest resolved ones
@@ -486,6 +487,11 @@ async function pollCapture() {
   const c = state.capture;
   if (!c || c.trace) return;
   c.polls += 1;
+  // The captured steps are the ranks' next ones after the request reached them, which can be well past the last
+  // step this page had seen (a job of 50 ms steps runs 40 steps between two of its refreshes): the window follows
+  // the job, up to the trace API's 200 steps.
+  const latest = state.steps.length ? state.steps[state.steps.length - 1].step : c.to;
+  c.to = Math.min(c.from + TRACE_MAX_STEPS - 1, Math.max(c.to, latest + c.wanted + 20));
   try {
     const trace = await api(`jobs/${encodeURIComponent(c.job)}/trace?from_step=${c.from}&to_step=${c.to}`);
     const info = trace.otherData || {};
