@@ -29,18 +29,20 @@ MAX_PAUSES_PER_STEP = 4096  # a loop of gc.collect() calls in one step: the rest
 
 class GcPauses:
     """Installs a `gc.callbacks` entry while tracking; each full collection on the training thread appends
-    [work start, work end, wall start, wall end, outside every phase (1/0)] to `pauses`, the step's list."""
+    [work start, work end, wall start, wall end, outside every phase (1/0)] to `pauses`, the step in progress's
+    (the tracker takes them at the step's end)."""
 
     def __init__(self, work: Callable[[], int], position, counters: dict) -> None:
         self._work = work  # the tracker's work clock (thread CPU time, or wall)
         self._position = position  # agent.position.Position: the training thread, and where it is
         self._counters = counters
-        self.pauses: list[list[int]] = []  # the tracker hands each step's StepLog.gc here
+        self.pauses: list[list[int]] = []
         self._start: tuple[int, int] | None = None
         self._installed = False
 
     def install(self) -> None:
         if not self._installed:
+            self.pauses = []  # none left from an earlier tracking block
             gc.callbacks.append(self._on_gc)
             self._installed = True
 
@@ -51,6 +53,11 @@ class GcPauses:
                 gc.callbacks.remove(self._on_gc)
             except ValueError:  # a user cleared gc.callbacks
                 pass
+
+    def take(self) -> list[list[int]]:
+        """The pauses of the step that ends now (for its StepLog.gc); the next step's start empty."""
+        pauses, self.pauses = self.pauses, []
+        return pauses
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if info["generation"] != FULL:

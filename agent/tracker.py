@@ -279,7 +279,6 @@ class ModuleTracker:
         self._closed = False
         self.exit_drain = ExitDrain()  # destroy_process_group() waits for gloo's workers (agent/teardown.py)
         self.gc_pauses = GcPauses(self._work, self.position, self.counters)  # agent/gc_pauses.py
-        self.gc_pauses.pauses = self._log.gc
 
     # ---- the seed's surface -------------------------------------------------------------------
     @property
@@ -291,7 +290,6 @@ class ModuleTracker:
         if not self._handles:
             self._closed = False
             self._log = StepLog(time.perf_counter_ns())
-            self.gc_pauses.pauses = self._log.gc
             self._sample_step(switch_hooks=False)  # no module is hooked yet
             self.parents = {"Global"}
             self.position.new_step(self._step_no, self._log.start_host_ns)  # position: the thread that trains
@@ -1097,8 +1095,8 @@ class ModuleTracker:
                 return
             log.end_host_ns = time.perf_counter_ns()
             log.call_windows = self.call_windows
+            log.gc = self.gc_pauses.take()
             self._log = StepLog(log.end_host_ns)
-            self.gc_pauses.pauses = self._log.gc
             self._stack.clear()
             self._open_backward.clear()
             self._endless = []

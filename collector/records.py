@@ -30,7 +30,8 @@ CLOCK_KIND_CUDA = pb.CLOCK_KIND_CUDA  # ... with CUDA events (durations hold wai
 # The agent's own cumulative counters, as the wire names them.
 AGENT_COUNTERS: tuple[str, ...] = tuple(f.name for f in pb.AgentCounters.DESCRIPTOR.fields)
 
-# A step's scalar figures, as the wire and the store name them (ns). New ones go last: users unpack them in order.
+# A step's scalar figures, as the wire and the store name them (ns, but gc_collections: a count). New ones go
+# last: users unpack them in order.
 STEP_FIGURES = (
     "start_ns",
     "end_ns",
@@ -41,6 +42,7 @@ STEP_FIGURES = (
     "backward_tail_ns",
     "recompute_ns",
     "gc_ns",  # full GC pauses on the training thread (wall); module times and data_ns leave them out
+    "gc_collections",  # how many
 )
 # A StepRow's per-module columns (one entry per module and phase) and its trace's columns (one
 # entry per call), with the dtype each is kept in.
@@ -99,11 +101,10 @@ class StepRow:
     # (end of its last module forward, start of its first module backward, end of its last; INT64_MIN / INT64_MAX
     # where none), worked out at ingest from the report's lists; None: the merge works them out from the columns
     pass_marks: tuple[int, int, int] | None = None
-    gc_collections: int = 0  # full GC pauses counted in figures["gc_ns"]
 
     def sql_row(self) -> tuple:
         """(job, attempt, rank, step, *STEP_FIGURES, *MODULE_COLUMNS as BLOBs, *CALL_COLUMNS as BLOBs or None,
-        clock_offset_ns, gc_collections): the store's steps row."""
+        clock_offset_ns): the store's steps row."""
         calls = "call_owner" in self.modules
         return (
             self.job,
@@ -114,7 +115,6 @@ class StepRow:
             *(blob(self.modules[name], dtype) for name, dtype in MODULE_COLUMNS),
             *(blob(self.modules[name], dtype) if calls else None for name, dtype in CALL_COLUMNS),
             int(self.clock_offset_ns),
-            int(self.gc_collections),
         )
 
     def collective_rows(self) -> list[tuple]:
@@ -205,6 +205,13 @@ def idle_less_gc(in_modules_ms: np.ndarray, gc_ms: np.ndarray | None) -> np.ndar
     wait for it would not count. Pauses that fell in the optimizer or data loading come off too (the report does
     not say where each fell): the waits then read low by them, alike on every rank whose pauses are alike."""
     return in_modules_ms if gc_ms is None else in_modules_ms - nan_to(gc_ms)
+
+
+def entry_without_ratio(module: str, phase: str, entries: list[dict]) -> dict | None:
+    """A verdict's listed entry for its own module and phase when that has no slowdown: its peers spend nothing
+    there (a rank's garbage collection: their median is 0), so its excess tells it, not a ratio. Else None."""
+    top = next((e for e in entries if (e["module"], e["phase"]) == (module, phase)), None)
+    return top if top is not None and top.get("slowdown") is None else None
 
 
 @dataclass

@@ -137,7 +137,7 @@ def test_a_steps_gc_pauses_are_carried():
     r = message([])
     r.gc_ns, r.gc_collections = 7, 2
     row = parse_report(r, stream(), None)
-    assert (row.figures["gc_ns"], row.gc_collections) == (7, 2)
+    assert (row.figures["gc_ns"], row.figures["gc_collections"]) == (7, 2)
 
 
 @pytest.mark.parametrize(

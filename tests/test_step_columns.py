@@ -161,7 +161,7 @@ def test_the_gap_between_the_last_module_forward_and_the_first_module_backward_i
         # forward: module 0 from 0 to 10 ms; backward: module 0 from 10 + gap to 18 + gap ms
         figures = {"start_ns": 0, "end_ns": (40 + gap_ms) * ms, "forward_ns": 10 * ms, "backward_ns": 8 * ms,
                    "optimizer_ns": 2 * ms, "data_ns": (20 + gap_ms) * ms, "backward_tail_ns": 0,
-                   "recompute_ns": 0, "gc_ns": 0}  # fmt: skip
+                   "recompute_ns": 0, "gc_ns": 0, "gc_collections": 0}  # fmt: skip
         modules = {"phase": np.array([1, 2], np.uint8), "module": np.array([0, 0], np.int64),
                    "calls": np.ones(2, np.uint32), "inclusive": np.array([10, 8]) * ms,
                    "self": np.array([10, 8]) * ms, "first_start": np.array([0, 10 + gap_ms]) * ms,
@@ -197,12 +197,12 @@ def test_a_gc_pause_in_forward_is_the_rank_s_own_time_not_a_wait():
         forward = (10 + gc_ms + wait_ms) * ms
         figures = {"start_ns": 0, "end_ns": forward + 10 * ms, "forward_ns": forward, "backward_ns": 8 * ms,
                    "optimizer_ns": 2 * ms, "data_ns": 0, "backward_tail_ns": 0, "recompute_ns": 0,
-                   "gc_ns": gc_ms * ms}  # fmt: skip
+                   "gc_ns": gc_ms * ms, "gc_collections": 1 if gc_ms else 0}  # fmt: skip
         modules = {"phase": np.array([1, 2], np.uint8), "module": np.array([0, 0], np.int64),
                    "calls": np.ones(2, np.uint32), "inclusive": np.array([10, 8]) * ms,
                    "self": np.array([10, 8]) * ms, "first_start": np.array([0, forward]),
                    "last_end": np.array([forward, forward + 8 * ms])}  # fmt: skip
-        return StepRow("j", rank, 0, figures, modules, gc_collections=1 if gc_ms else 0)
+        return StepRow("j", rank, 0, figures, modules)
 
     snapshot = JobSnapshot("j", ["Net"], {0: "h", 1: "h", 2: "h"}, cpu_clock=True)
     m = build_matrix(snapshot, 0, {0: row(0, 0, 40), 1: row(1, 40, 0), 2: row(2, 0, 40)})

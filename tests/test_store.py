@@ -56,9 +56,9 @@ def test_a_step_is_one_row_with_its_module_columns(store):
 
 def test_a_steps_gc_pauses_are_stored_and_read_back(store):
     rows = [row("j", r, 7, [0], [1], [1.0]) for r in range(2)]
-    rows[1].figures["gc_ns"], rows[1].gc_collections = 4_500_000, 3
+    rows[1].figures["gc_ns"], rows[1].figures["gc_collections"] = 4_500_000, 3
     write(store, ("steps", rows))
-    read = [dict(zip((*STEP_FIGURES, "gc_collections"), figures)) for _, _, *figures in store.last_steps("j", 5)]
+    read = [dict(zip(STEP_FIGURES, figures)) for _, _, *figures in store.last_steps("j", 5)]
     assert [(r["gc_ns"], r["gc_collections"]) for r in read] == [(0, 0), (4_500_000, 3)]
 
 

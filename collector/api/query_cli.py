@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 
 from modtrack.collector.config import ServeConfig
+from modtrack.collector.records import entry_without_ratio
 
 PER_RANK_COLUMNS = 8  # modules table: one column per rank up to this many ranks
 
@@ -180,8 +181,7 @@ def _render_stragglers(stragglers: list[dict]) -> str:
     rows = []
     for s in stragglers:
         entries = s.get("modules") or []
-        top = next((e for e in entries if (e["module"], e["phase"]) == (s["module"], s["phase"])), None)
-        no_ratio = top is not None and top.get("slowdown") is None  # its peers spend nothing there (GC)
+        no_ratio = entry_without_ratio(s["module"], s["phase"], entries) is not None  # its peers spend nothing there
         rows.append(
             [
                 "host" if s["rank"] < 0 else s["rank"],

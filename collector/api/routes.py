@@ -184,7 +184,7 @@ def make_app(deps: ApiDeps) -> web.Application:
         rows = await read(store.last_steps, job, last, attempt)
         hosts = await _hosts(job)
         by_step: dict[int, list] = {}
-        for step, rank, *figures, gc_collections in rows:
+        for step, rank, *figures in rows:
             f = dict(zip(STEP_FIGURES, figures))
             by_step.setdefault(step, []).append(
                 {
@@ -198,7 +198,7 @@ def make_app(deps: ApiDeps) -> web.Application:
                     "data_ms": f["data_ns"] / 1e6,
                     "recompute_ms": f["recompute_ns"] / 1e6,
                     "gc_ms": f["gc_ns"] / 1e6,  # full GC pauses (out of the module and data times)
-                    "gc_collections": gc_collections,
+                    "gc_collections": f["gc_collections"],
                 }
             )
         return web.json_response(

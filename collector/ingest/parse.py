@@ -98,7 +98,6 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         gpu,
         detail=report.detail or len(report.phases) > 0,  # agents before sampled mode never set it
         pass_marks=marks,
-        gc_collections=report.gc_collections,
     )
 
 

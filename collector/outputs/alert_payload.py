@@ -11,7 +11,7 @@ import time
 from datetime import datetime, timezone
 from urllib.parse import quote
 
-from modtrack.collector.records import Episode
+from modtrack.collector.records import Episode, entry_without_ratio
 
 STRAGGLER_ALERT = "ModtrackStraggler"
 NODE_SUSPECT_ALERT = "ModtrackNodeSuspect"
@@ -55,8 +55,8 @@ def _cost_text(episode: Episode) -> str:
 def _how_slow(episode: Episode) -> tuple[str, str]:
     """(summary words, description words): a ratio to its peers, or where they spend nothing there at all (a
     rank's garbage collection: its peers' median is 0) its excess, which a ratio cannot give."""
-    top = next((e for e in episode.modules if (e["module"], e["phase"]) == (episode.module, episode.phase)), None)
-    if top is not None and top.get("slowdown") is None:
+    top = entry_without_ratio(episode.module, episode.phase, episode.modules)
+    if top is not None:
         more = f"{top['excess_ms']:.1f} ms more per step than"
         return f"spends {more} its peers", f"spends {more} the median of its peers"
     ratio = f"{episode.slowdown:.2f}x slower"

@@ -36,8 +36,8 @@ log = logging.getLogger("modtrack.collector.store")
 _BLOB_COLUMNS = MODULE_COLUMNS + CALL_COLUMNS  # a step's per-module (and per-call) columns, stored as m_<name>
 _INSERT_STEP = (
     f"INSERT OR IGNORE INTO steps (job, attempt, rank, step, {', '.join(STEP_FIGURES)}, "
-    f"{', '.join('m_' + name for name, _ in _BLOB_COLUMNS)}, clock_offset_ns, gc_collections) "
-    f"VALUES ({', '.join('?' * (6 + len(STEP_FIGURES) + len(_BLOB_COLUMNS)))})"
+    f"{', '.join('m_' + name for name, _ in _BLOB_COLUMNS)}, clock_offset_ns) "
+    f"VALUES ({', '.join('?' * (5 + len(STEP_FIGURES) + len(_BLOB_COLUMNS)))})"
 )
 _COLLECTIVE_FIELDS = (
     "grp, ranks_hash, backend, group_size, count, total_ns, wait_ns, bytes, active_measured, unlisted, "
@@ -364,14 +364,12 @@ class Store:
         return [name for _, name in rows]
 
     def last_steps(self, job: str, last: int, attempt: int | None = None) -> list[tuple]:
-        """(step, rank, *STEP_FIGURES, gc_collections) for the newest `last` steps of an attempt (the latest),
-        ascending."""
+        """(step, rank, *STEP_FIGURES) for the newest `last` steps of an attempt (the latest), ascending."""
         attempt = self.latest_attempt(job) if attempt is None else attempt
         return (
             self.conn()
             .execute(
-                f"SELECT step, rank, {', '.join(STEP_FIGURES)}, gc_collections FROM steps "
-                "WHERE job = ? AND attempt = ? AND step IN "
+                f"SELECT step, rank, {', '.join(STEP_FIGURES)} FROM steps WHERE job = ? AND attempt = ? AND step IN "
                 "(SELECT DISTINCT step FROM steps WHERE job = ? AND attempt = ? ORDER BY step DESC LIMIT ?) "
                 "ORDER BY step, rank",
                 (job, attempt, job, attempt, last),

@@ -173,8 +173,8 @@ function isCulpritRank(rank, hosts) {
 
 // The episode's slowdown, or where its peers spend nothing in its cause (garbage collection: no ratio) its excess.
 function slowdownText(s) {
-  const top = listed(s).find((e) => e.module === s.module && e.phase === s.phase);
-  return top && top.slowdown == null && s.modules && s.modules.length ? `+${fmtMs(top.excess_ms || 0)}` : fmtX(s.slowdown);
+  const top = (s.modules || []).find((e) => e.module === s.module && e.phase === s.phase);
+  return top && top.slowdown == null ? `+${fmtMs(top.excess_ms || 0)}` : fmtX(s.slowdown);
 }
 
 function blamed(s) {
