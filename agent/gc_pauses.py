@@ -54,10 +54,12 @@ class GcPauses:
             except ValueError:  # a user cleared gc.callbacks
                 pass
 
-    def take(self) -> list[list[int]]:
-        """The pauses of the step that ends now (for its StepLog.gc); the next step's start empty."""
-        pauses, self.pauses = self.pauses, []
-        return pauses
+    def take(self, end_ns: int) -> list[list[int]]:
+        """The pauses of the step that ends at `end_ns` (perf_counter_ns; for its StepLog.gc); those begun after
+        it stay, the next step's (a step ends when the next begins, at its last optimizer step's end)."""
+        pauses = self.pauses
+        self.pauses = [p for p in pauses if p[2] >= end_ns]
+        return [p for p in pauses if p[2] < end_ns] if self.pauses else pauses
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if info["generation"] != FULL:

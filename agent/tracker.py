@@ -253,6 +253,11 @@ class ModuleTracker:
         self._pass: list | None = None  # the backward pass running now, an entry of log.passes
         self._backward_called_at = 0  # the training loop called backward (stamp) and no pass began yet
         self._step_due = False  # an optimizer stepped inside backward: end the step when it ends
+        # perf_counter_ns of the last optimizer step's end: the step ends there, once the next thing the loop does
+        # is not another optimizer's step (two optimizers, one per parameter group: Muon and AdamW)
+        self._end_pending = 0
+        self._stepped: list[int] = []  # id() of the optimizers stepped in this step
+        self._next_trace: tuple | None = None  # (trace id,): what the step's first optimizer end decided for it
         self._optimizer_start = 0  # 0: no optimizer step open, or one paused for its closure's work
         self._in_optimizer = False
         self._seed_callback = False  # the seed's "reset parents" engine callback is queued
@@ -290,7 +295,8 @@ class ModuleTracker:
         if not self._handles:
             self._closed = False
             self._log = StepLog(time.perf_counter_ns())
-            self._sample_step(switch_hooks=False)  # no module is hooked yet
+            self._sample_step(self._step_no, switch_hooks=False)  # no module is hooked yet
+            self._log.detail = self._detail
             self.parents = {"Global"}
             self.position.new_step(self._step_no, self._log.start_host_ns)  # position: the thread that trains
             self.position.thread_id = threading.get_ident()
@@ -315,7 +321,7 @@ class ModuleTracker:
 
     def step(self) -> None:
         """End the current step by hand (loops without an optimizer)."""
-        self._end_step()
+        self._end_step(self._end_pending)
 
     def set_sampling(self, every: int) -> None:
         """Thread-safe: from the next step on, module detail only on steps whose number is a multiple of
@@ -324,9 +330,9 @@ class ModuleTracker:
         detail, `parents` holds the top-level modules only."""
         self._sample_every = max(1, int(every))
 
-    def _sample_step(self, switch_hooks: bool = True) -> None:
-        """At a step's start: does it have module detail? Nested modules' hooks come off or back on to match."""
-        detail = self._detail = self._log.detail = self._step_no % self._sample_every == 0
+    def _sample_step(self, step_no: int, switch_hooks: bool = True) -> None:
+        """Before step `step_no`: does it have module detail? Nested modules' hooks come off or back on to match."""
+        detail = self._detail = step_no % self._sample_every == 0
         if not switch_hooks or detail != self._quiet or self._closed:
             return
         if detail:  # back to full detail: every module hooked again, new ones met again
@@ -340,9 +346,12 @@ class ModuleTracker:
 
     def last_step(self) -> dict:
         """{(module_name, phase): {"calls", "inclusive_ms", "self_ms"}} of the last finished step."""
-        return {} if self._last is None else step_summary(self._last, self.module_names)
+        last = self.last_record()
+        return {} if last is None else step_summary(last, self.module_names)
 
     def last_record(self) -> StepRecord | None:
+        if self._end_pending and threading.get_ident() == self.position.thread_id:
+            self._end_step(self._end_pending)  # read right after optimizer.step(): that step has ended
         return self._last
 
     def request_trace(self, capture_id: str, steps: int) -> None:
@@ -368,7 +377,7 @@ class ModuleTracker:
         self._quiet = False
         self._hooked.clear()
         try:
-            self._end_step()
+            self._end_step(self._end_pending)
         except Exception:
             self.counters["hook_errors"] += 1
             logger.debug("modtrack: error while closing", exc_info=True)
@@ -424,6 +433,8 @@ class ModuleTracker:
     def _wrapper_pre(self, mod, args) -> None:
         try:
             if not self._stack and self._wrapper is None and _graph_task_id() == -1:
+                if self._end_pending:
+                    self._end_step(self._end_pending)
                 self._wrapper = mod
                 self._log.wrapped.append([self._stamp(), 0])
         except Exception:
@@ -458,9 +469,11 @@ class ModuleTracker:
                 )
             parents.add(name)
             stack = self._stack
-            rows = self._log.rows
             if not stack:
+                if self._end_pending:
+                    self._end_step(self._end_pending)  # the next step's forward: the last one ended at its optimizer
                 self._module_hooks.roots.add(id(mod))  # sampled mode keeps a top-level module's hooks on
+            rows = self._log.rows
             in_backward = _graph_task_id() != -1
             if not stack and not in_backward and self._optimizer_start:
                 self._pause_optimizer()  # a closure inside optimizer.step(): this is forward, not optimizer
@@ -994,6 +1007,8 @@ class ModuleTracker:
         try:
             if self._closed or _graph_task_id() != -1 or threading.get_ident() != self.position.thread_id:
                 return False
+            if self._end_pending:
+                self._end_step(self._end_pending)
             if self._optimizer_start:
                 self._pause_optimizer()  # loss.backward() inside optimizer.step(closure)
             self._backward_called_at = self._stamp()
@@ -1063,8 +1078,17 @@ class ModuleTracker:
 
     def _optimizer_pre(self, optimizer, args, kwargs) -> None:
         try:
+            start = 0
+            if self._end_pending:
+                if id(optimizer) in self._stepped or not self._log.optimizer:
+                    self._end_step(self._end_pending)  # the same optimizer again: a new step (Lightning, LBFGS)
+                else:  # another optimizer right after the last one: the same step, whose optimizer phase goes on
+                    self._end_pending = 0
+                    self.position.step, self.position.step_start_ns = self._step_no, self._log.start_host_ns
+                    start = self._log.optimizer[-1][1]  # the code between the two steps is optimizer time too
+            self._stepped.append(id(optimizer))
             self._in_optimizer = True
-            self._optimizer_start = self._stamp()
+            self._optimizer_start = start or self._stamp()
             self.position.phase = at.OPTIMIZER  # position
         except Exception:
             self._hook_failed()
@@ -1083,19 +1107,30 @@ class ModuleTracker:
             if _graph_task_id() != -1:
                 self._step_due = True  # optimizer fused into backward: the step ends with the pass
                 self.position.phase = at.BACKWARD  # position
-            else:
-                self._end_step()
+            elif not self._end_pending:  # (an optimizer wrapping another: the inner one's end counts)
+                # The step ends here, but is closed when the loop next does anything but step another optimizer
+                # (the next forward, backward, step(), close(), a read of last_step()): until then it is the
+                # next step's data loading, as far as anyone watching the rank can tell.
+                self._end_pending = time.perf_counter_ns()
+                if self._next_trace is None:  # what a step's end decides is decided at its first optimizer's end
+                    self._next_trace = (self._take_trace(),)
+                    self._sample_step(self._step_no + 1)
+                self.position.new_step(self._step_no + 1, self._end_pending)  # position: the next step's data
         except Exception:
             self._hook_failed()
 
-    def _end_step(self) -> None:
+    def _end_step(self, end_ns: int = 0) -> None:
+        """end_ns: when the step ended (perf_counter_ns), if not now."""
         try:
+            self._end_pending = 0
+            self._stepped = []
+            decided, self._next_trace = self._next_trace, None
             log = self._log
             if log.is_empty():
                 return
-            log.end_host_ns = time.perf_counter_ns()
+            log.end_host_ns = end_ns or time.perf_counter_ns()
             log.call_windows = self.call_windows
-            log.gc = self.gc_pauses.take()
+            log.gc = self.gc_pauses.take(log.end_host_ns)
             self._log = StepLog(log.end_host_ns)
             self._stack.clear()
             self._open_backward.clear()
@@ -1107,9 +1142,12 @@ class ModuleTracker:
             self.parents = {"Global"}
             # aggregated later, off the training thread (by the sender, or by whoever reads it first); a CUDA
             # step's events travel with it and are resolved there too
-            record = DeferredStepRecord(log, self._step_no, self._clock.close_step(), self._take_trace(), self.counters)
+            trace = self._take_trace() if decided is None else decided[0]
+            record = DeferredStepRecord(log, self._step_no, self._clock.close_step(), trace, self.counters)
             self._step_no += 1
-            self._sample_step()
+            if decided is None:
+                self._sample_step(self._step_no)
+            self._log.detail = self._detail
             self.position.new_step(self._step_no, log.end_host_ns)  # position: the next step's data
             self._emit(record)
         except Exception:

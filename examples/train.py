@@ -8,12 +8,13 @@ The fault injection busy-waits (slow compute, not sleep) on one rank: inside mod
 inside their backward through an autograd Function placed at each module's output (--slow-module
 takes a comma-separated list), in every leaf module (--slow-phase whole), while loading the batch
 (data), in the training loop's own code between forward and backward (host), inside the optimizer
-step (optimizer), or as a full garbage collection in --slow-module's forward that takes about --slow-ms
-(gc: the rank keeps a heap of small objects sized for it). --slow-every N makes it intermittent (one slow
-step in N), --slow-ramp-steps a gradual ramp, --slow-to-step a stop. --fail-at-step S makes rank 0
-fail once, in the first attempt, so that `torchrun --max-restarts 1` restarts the job; --slow-attempt
-confines the fault to one attempt. --step-times FILE: every rank appends each step's wall time (the
-job's own measure of what a straggler costs, independent of the agent) as JSON lines, with its rank.
+step (optimizer; with --optimizers 2, the second one's), or as a full garbage collection in --slow-module's
+forward that takes about --slow-ms (gc: the rank keeps a heap of small objects sized for it). --slow-every N
+makes it intermittent (one slow step in N), --slow-ramp-steps a gradual ramp, --slow-to-step a stop.
+--fail-at-step S makes rank 0 fail once, in the first attempt, so that `torchrun --max-restarts 1` restarts
+the job; --slow-attempt confines the fault to one attempt. --step-times FILE: every rank appends each step's
+wall time (the job's own measure of what a straggler costs, independent of the agent) as JSON lines, with its
+rank.
 It prints the same lines with or without the agent: loss is deterministic for a given seed.
 """
 
@@ -252,8 +253,29 @@ def parse_args(argv=None):
     p.add_argument("--slow-attempt", type=int, default=None, help="only in this attempt (TORCHELASTIC_RESTART_COUNT)")
     p.add_argument("--fail-at-step", type=int, default=None, help="rank 0 fails at this step of the first attempt")
     p.add_argument("--wrap", choices=("ddp", "fsdp2", "fsdp1", "none"), default="ddp")
+    p.add_argument(
+        "--optimizers",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: one optimizer for the 2-D weights (SGD with momentum) and AdamW for the rest, stepped one after "
+        "the other in every step (as Muon and AdamW are)",
+    )
     p.add_argument("--step-times", default=None, help="every rank appends each step's wall time here (JSON lines)")
     return p.parse_args(argv)
+
+
+def make_optimizers(model: nn.Module, count: int) -> list[torch.optim.Optimizer]:
+    """One AdamW, or (count 2) SGD with momentum for the 2-D weights and AdamW for the rest."""
+    params = list(model.parameters())
+    if count == 1:
+        return [torch.optim.AdamW(params, lr=3e-4)]
+    matrices = [p for p in params if p.dim() == 2] or params[: len(params) // 2]  # FSDP1: flat 1-D parameters
+    chosen = {id(p) for p in matrices}
+    return [
+        torch.optim.SGD(matrices, lr=1e-2, momentum=0.9),
+        torch.optim.AdamW([p for p in params if id(p) not in chosen], lr=3e-4),
+    ]
 
 
 def main(argv=None) -> None:
@@ -288,9 +310,9 @@ def main(argv=None) -> None:
     if slow_here and args.slow_phase in ("forward", "backward", "whole", "gc"):
         inject_slowness(model, args, progress)
     wrapped = wrap_model(model, args, distributed, cuda)
-    opt = torch.optim.AdamW(wrapped.parameters(), lr=3e-4)
+    optimizers = make_optimizers(wrapped, args.optimizers)
     if slow_here and args.slow_phase == "optimizer":
-        opt.register_step_pre_hook(lambda *_: busy_wait(slow_ms_now(args, progress)))
+        optimizers[-1].register_step_pre_hook(lambda *_: busy_wait(slow_ms_now(args, progress)))
     data = torch.Generator().manual_seed(args.seed + 1000 + rank)  # each rank its own batches
     times = StepTimes(args.step_times, rank, attempt)
 
@@ -305,9 +327,11 @@ def main(argv=None) -> None:
         loss = F.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
         if slow_here and args.slow_phase == "host":
             busy_wait(slow_ms_now(args, progress))  # a user's metrics, logging, ... between forward and backward
-        opt.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        for opt in optimizers:
+            opt.step()
         times.step(step)
         if slow_here and args.slow_phase == "gc" and step == 0:  # after the first step's lazy imports (frozen)
             progress["heap"] = gc_heap(args.slow_ms)  # alive for the whole run
@@ -325,7 +349,7 @@ def main(argv=None) -> None:
         # this order keeps the script safe without it too.)
         dist.barrier()
         time.sleep(0.05)
-        del wrapped, opt
+        del wrapped, opt, optimizers
         gc.collect()
         dist.destroy_process_group()
     if rank == 0:

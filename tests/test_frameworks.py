@@ -17,7 +17,7 @@ from harness.collector_process import CollectorProcess
 from harness.evaluated import wait_evaluated
 from harness.http import get_json
 from harness.tiny_models import tiny_llama as build_tiny_llama
-from modtrack.agent import ModuleTracker
+from modtrack.agent import ModuleTracker, position
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -118,6 +118,70 @@ def test_lbfgs_closure_is_forward_and_backward_and_data_time_is_measured():
     for r, call_ms in zip(records[1:], step_call_ms[1:]):
         check_phases(r, DATA_WAIT, call_ms)
         assert r.phases["forward"].calls.max() == 4  # four closure calls: four forwards in one step
+
+
+BETWEEN = 0.020  # the loop's own code between two optimizers' steps (a scheduler, logging): this long
+
+
+def two_optimizers(model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """SGD with momentum for the 2-D weights, AdamW for the rest (as Muon and AdamW split a model)."""
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    rest = [p for p in model.parameters() if p.dim() != 2]
+    return torch.optim.SGD(matrices, lr=1e-2, momentum=0.9), torch.optim.AdamW(rest, lr=1e-3)
+
+
+def test_two_optimizers_stepped_one_after_the_other_end_one_step():
+    """Each iteration is one step, not one per optimizer: its optimizer phase runs from the first optimizer's step
+    to the last one's end (the loop's code between them too), and the next batch's loading is the next step's."""
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
+    opts = two_optimizers(model)
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+    records: list = []
+    stepped_ms, positions = [], []
+    with ModuleTracker(on_step=records.append, clock="cpu") as t:
+        for _ in range(STEPS + 1):
+            time.sleep(DATA_WAIT)
+            nn.functional.mse_loss(model(x), y).backward()
+            start = time.perf_counter()
+            opts[0].step()
+            time.sleep(BETWEEN)
+            opts[1].step()
+            stepped_ms.append((time.perf_counter() - start) * 1e3)
+            positions.append((t.position.step, t.position.phase))
+            for opt in opts:
+                opt.zero_grad()
+    assert len(records) == STEPS + 1, [r.step for r in records]
+    assert positions == [(i + 1, position.DATA) for i in range(STEPS + 1)]  # after both: the next step's loading
+    for r, ms in zip(records[1:], stepped_ms[1:]):
+        phase_ms = {k: getattr(r, f"{k}_ns") / 1e6 for k in ("forward", "backward", "optimizer", "data")}
+        assert phase_ms["forward"] > 0 and phase_ms["backward"] > 0, phase_ms
+        # the test's own clock around both steps holds the optimizer phase, and little else
+        assert ms * 0.95 - 0.3 <= phase_ms["optimizer"] <= ms, (phase_ms, ms)
+        assert DATA_WAIT * 1e3 * 0.9 <= phase_ms["data"] < (DATA_WAIT + BETWEEN / 2) * 1e3, phase_ms
+        assert sum(phase_ms.values()) == pytest.approx(r.wall_ns / 1e6, rel=0.02), (phase_ms, r.wall_ns / 1e6)
+
+
+def test_each_optimizer_after_its_own_forward_and_backward_ends_a_step():
+    """A GAN's discriminator and generator updates (a forward and a backward before each optimizer's step) are two
+    steps per iteration, each with its own phases; so is one optimizer stepped twice in a row."""
+    disc, gen = nn.Linear(8, 1), nn.Linear(4, 8)
+    opt_d, opt_g = torch.optim.SGD(disc.parameters(), lr=1e-2), torch.optim.SGD(gen.parameters(), lr=1e-2)
+    z = torch.randn(32, 4)
+    records: list = []
+    with ModuleTracker(on_step=records.append, clock="cpu"):
+        for _ in range(STEPS):
+            disc(gen(z).detach()).mean().backward()
+            opt_d.step()
+            (-disc(gen(z)).mean()).backward()
+            opt_g.step()
+            opt_d.zero_grad()
+            opt_g.zero_grad()
+        opt_g.step()
+        opt_g.step()
+    assert len(records) == 2 * STEPS + 2
+    for r in records[: 2 * STEPS]:
+        assert r.forward_ns > 0 and r.backward_ns > 0 and r.optimizer_ns > 0, r.step
+    assert [r.forward_ns for r in records[-2:]] == [0, 0] and all(r.optimizer_ns > 0 for r in records[-2:])
 
 
 def test_lightning_steps_have_the_plain_loops_breakdown():

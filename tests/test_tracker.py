@@ -513,6 +513,7 @@ def test_a_broken_tracker_never_breaks_training():
 
     with ModuleTracker(on_step=bad_consumer) as t:
         train_step(model, opt, torch.randn(2, 8))
+        train_step(model, opt, torch.randn(2, 8))  # the first step ends when the second begins
         assert t.counters["on_step_errors"] == 1
         t._stamp = explode
         for _ in range(2):

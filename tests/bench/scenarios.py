@@ -107,6 +107,13 @@ SHAPES = {
         Shape(
             "optimizer", ["--slow-phase", "optimizer", "--slow-ms", "30"], ("(optimizer)",), "optimizer", "optimizer"
         ),
+        Shape(  # two optimizers stepped one after the other (as Muon and AdamW), the second one slow
+            "optimizer2",
+            ["--optimizers", "2", "--slow-phase", "optimizer", "--slow-ms", "30"],
+            ("(optimizer)",),
+            "optimizer",
+            "optimizer",
+        ),
         Shape(  # a full collection of ~40 ms in blocks.1.mlp's forward: that module is not to blame
             "gc",
             ["--slow-module", "blocks.1.mlp", "--slow-phase", "gc", "--slow-ms", "40"],
