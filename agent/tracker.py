@@ -260,6 +260,7 @@ class ModuleTracker:
         self._next_trace: tuple | None = None  # (trace id,): what the step's first optimizer end decided for it
         self._optimizer_start = 0  # 0: no optimizer step open, or one paused for its closure's work
         self._in_optimizer = False
+        self._outer_optimizer = 0  # id() of the optimizer whose step is open (one stepped inside it is part of it)
         self._seed_callback = False  # the seed's "reset parents" engine callback is queued
         self._recent_nodes: dict = {}  # autograd node -> the actions its one pre-hook runs
         # Carries our node hooks (a leaf's gradient accumulator keeps node.register_prehook):
@@ -1078,6 +1079,9 @@ class ModuleTracker:
 
     def _optimizer_pre(self, optimizer, args, kwargs) -> None:
         try:
+            if self._in_optimizer and self._optimizer_start and id(optimizer) != self._outer_optimizer:
+                return  # stepped inside another's step (ZeroRedundancyOptimizer's local optimizer): part of it
+            self._outer_optimizer = id(optimizer)
             start = 0
             if self._end_pending:
                 if id(optimizer) in self._stepped or not self._log.optimizer:
@@ -1100,6 +1104,8 @@ class ModuleTracker:
 
     def _optimizer_post(self, optimizer, args, kwargs) -> None:
         try:
+            if id(optimizer) != self._outer_optimizer:
+                return  # the inner step of a nested pair: the outer one's goes on
             if self._optimizer_start:
                 self._log.optimizer.append((self._optimizer_start, self._stamp()))
             self._optimizer_start = 0
@@ -1107,7 +1113,7 @@ class ModuleTracker:
             if _graph_task_id() != -1:
                 self._step_due = True  # optimizer fused into backward: the step ends with the pass
                 self.position.phase = at.BACKWARD  # position
-            elif not self._end_pending:  # (an optimizer wrapping another: the inner one's end counts)
+            else:
                 # The step ends here, but is closed when the loop next does anything but step another optimizer
                 # (the next forward, backward, step(), close(), a read of last_step()): until then it is the
                 # next step's data loading, as far as anyone watching the rank can tell.

@@ -161,6 +161,44 @@ def test_two_optimizers_stepped_one_after_the_other_end_one_step():
         assert sum(phase_ms.values()) == pytest.approx(r.wall_ns / 1e6, rel=0.02), (phase_ms, r.wall_ns / 1e6)
 
 
+class Wrapping(torch.optim.Optimizer):
+    """An optimizer that steps another inside its own step, with work before and after it (as
+    ZeroRedundancyOptimizer steps its local optimizer and then broadcasts the parameters it updated)."""
+
+    def __init__(self, inner: torch.optim.Optimizer, before_s: float, after_s: float, seen: list):
+        super().__init__(inner.param_groups, {})
+        self.inner, self.before_s, self.after_s, self.seen = inner, before_s, after_s, seen
+
+    def step(self, closure=None):
+        time.sleep(self.before_s)
+        self.inner.step()
+        self.seen.append(self.tracker.position.phase)  # where a hang in the broadcast would be told
+        time.sleep(self.after_s)
+
+
+def test_an_optimizer_stepped_inside_another_is_the_outer_ones_step():
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
+    phases: list = []
+    opt = Wrapping(torch.optim.SGD(model.parameters(), lr=1e-2), 0.005, BETWEEN, phases)
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+    records: list = []
+    stepped_ms = []
+    with ModuleTracker(on_step=records.append, clock="cpu") as t:
+        opt.tracker = t
+        for _ in range(STEPS + 1):
+            time.sleep(DATA_WAIT)
+            nn.functional.mse_loss(model(x), y).backward()
+            start = time.perf_counter()
+            opt.step()
+            stepped_ms.append((time.perf_counter() - start) * 1e3)
+            opt.zero_grad()
+    assert len(records) == STEPS + 1
+    assert phases == [position.OPTIMIZER] * (STEPS + 1)
+    for r, ms in zip(records[1:], stepped_ms[1:]):
+        assert ms * 0.95 - 0.3 <= r.optimizer_ns / 1e6 <= ms, (r.optimizer_ns / 1e6, ms)
+        assert r.data_ns / 1e6 < (DATA_WAIT + BETWEEN / 2) * 1e3, r.data_ns / 1e6
+
+
 def test_each_optimizer_after_its_own_forward_and_backward_ends_a_step():
     """A GAN's discriminator and generator updates (a forward and a backward before each optimizer's step) are two
     steps per iteration, each with its own phases; so is one optimizer stepped twice in a row."""
