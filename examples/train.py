@@ -7,7 +7,8 @@
 The fault injection busy-waits (slow compute, not sleep) on one rank: inside modules' forward, or
 inside their backward through an autograd Function placed at each module's output (--slow-module
 takes a comma-separated list), in every leaf module (--slow-phase whole), while loading the batch
-(data), in the training loop's own code between forward and backward (host), inside the optimizer
+(data), in the training loop's own code between forward and backward (host) or between backward and the
+optimizer step (post: gradient clipping, `loss.item()`, logging), inside the optimizer
 step (optimizer; with --optimizers 2, the second one's), or as a full garbage collection in --slow-module's
 forward that takes about --slow-ms (gc: the rank keeps a heap of small objects sized for it). --slow-every N
 makes it intermittent (one slow step in N), --slow-ramp-steps a gradual ramp, --slow-to-step a stop.
@@ -239,10 +240,11 @@ def parse_args(argv=None):
     p.add_argument("--slow-module", default="blocks.1.mlp", help="e.g. blocks.1.mlp (TinyGPT. prefix optional)")
     p.add_argument(
         "--slow-phase",
-        choices=("forward", "backward", "whole", "data", "host", "optimizer", "gc"),
+        choices=("forward", "backward", "whole", "data", "host", "post", "optimizer", "gc"),
         default="forward",
         help="where the busy wait goes: modules' forward or backward, every leaf module (whole), "
-        "batch loading (data), the loop's code between forward and backward (host), the optimizer step; "
+        "batch loading (data), the loop's code between forward and backward (host) or between backward and the "
+        "optimizer step (post), the optimizer step; "
         "gc: a full garbage collection of about --slow-ms in --slow-module's forward",
     )
     p.add_argument("--slow-ms", type=float, default=30.0, help="per slow module and step (whole: in all)")
@@ -330,6 +332,8 @@ def main(argv=None) -> None:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
+        if slow_here and args.slow_phase == "post":
+            busy_wait(slow_ms_now(args, progress))  # a user's gradient clipping, loss.item(), logging
         for opt in optimizers:
             opt.step()
         times.step(step)

@@ -27,7 +27,6 @@ CASES = [  # (wrapper, shape, culprit position): every wrapper, the kinds the ol
     ("fsdp2", "host", "last"),  # FSDP2's pre-backward all-gather: the peers' wait is backward, not host time
     ("ddp", "every3", "middle"),
     ("ddp", "restart", "middle"),
-    ("ddp", "optimizer2", "first"),  # two optimizers per step, the second one slow: one step, not two (none found)
     ("ddp", "gc", "last"),  # a full GC in blocks.1.mlp's forward: GC named, not that module (1-in-3: test_step_columns)
 ]  # a clean job of the default model is tests/test_end_to_end.py's clean run: the same job, asserted further
 

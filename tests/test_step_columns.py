@@ -151,37 +151,41 @@ def test_host_code_between_forward_and_backward_is_its_own_cause_not_data_loadin
     assert [e["module"] for e in found[0].modules] == ["(host between modules)"]
 
 
-def test_the_gap_between_the_last_module_forward_and_the_first_module_backward_is_measured_from_the_timestamps():
+def test_the_loops_code_between_forward_backward_and_optimizer_is_measured_from_the_timestamps():
     from modtrack.collector.pipeline.merge import JobSnapshot, build_matrix
     from modtrack.collector.records import StepRow
 
     ms = 1_000_000
 
-    def row(rank, gap_ms):
-        # forward: module 0 from 0 to 10 ms; backward: module 0 from 10 + gap to 18 + gap ms
-        figures = {"start_ns": 0, "end_ns": (40 + gap_ms) * ms, "forward_ns": 10 * ms, "backward_ns": 8 * ms,
-                   "optimizer_ns": 2 * ms, "data_ns": (20 + gap_ms) * ms, "backward_tail_ns": 0,
+    def row(rank, gap_ms, after_ms=0):
+        # data loading 0-20 ms; forward: module 0 from 20 to 30 ms; backward: module 0 from 30 + gap to 38 + gap
+        # ms (the pass ends there); the loop's code after the pass (gradient clipping, logging) for after_ms;
+        # the optimizer for 2 ms, where the step ends
+        end = 40 + gap_ms + after_ms
+        figures = {"start_ns": 0, "end_ns": end * ms, "forward_ns": 10 * ms, "backward_ns": 8 * ms,
+                   "optimizer_ns": 2 * ms, "data_ns": (20 + gap_ms + after_ms) * ms, "backward_tail_ns": 0,
                    "recompute_ns": 0, "gc_ns": 0, "gc_collections": 0}  # fmt: skip
         modules = {"phase": np.array([1, 2], np.uint8), "module": np.array([0, 0], np.int64),
                    "calls": np.ones(2, np.uint32), "inclusive": np.array([10, 8]) * ms,
-                   "self": np.array([10, 8]) * ms, "first_start": np.array([0, 10 + gap_ms]) * ms,
-                   "last_end": np.array([10, 18 + gap_ms]) * ms}  # fmt: skip
+                   "self": np.array([10, 8]) * ms, "first_start": np.array([20, 30 + gap_ms]) * ms,
+                   "last_end": np.array([30, 38 + gap_ms]) * ms}  # fmt: skip
         return StepRow("j", rank, 0, figures, modules)
 
-    snapshot = JobSnapshot("j", ["Net"], {0: "h", 1: "h"}, cpu_clock=True)
-    m = build_matrix(snapshot, 0, {0: row(0, 1), 1: row(1, 25)})
-    assert m.host_ms.tolist() == [1.0, 25.0]
+    snapshot = JobSnapshot("j", ["Net"], {0: "h", 1: "h", 2: "h"}, cpu_clock=True)
+    gaps = ((0, 1, 0), (1, 25, 0), (2, 1, 15))  # rank 2: 15 ms of its own code between the pass and the optimizer
+    m = build_matrix(snapshot, 0, {rank: row(rank, gap, after) for rank, gap, after in gaps})
+    assert m.host_ms.tolist() == [1.0, 25.0, 16.0]
     # the same steps as reports through ingest, which works the pass's marks out from the report's own lists
-    parsed = {rank: _ingested(row(rank, gap)) for rank, gap in ((0, 1), (1, 25))}
+    parsed = {rank: _ingested(row(rank, gap, after)) for rank, gap, after in gaps}
     assert all(r.pass_marks is not None for r in parsed.values())
-    assert build_matrix(snapshot, 0, parsed).host_ms.tolist() == [1.0, 25.0]
+    assert build_matrix(snapshot, 0, parsed).host_ms.tolist() == [1.0, 25.0, 16.0]
     from modtrack.collector.pipeline.detector import judged_columns
 
     x, keys = judged_columns(m)
     assert keys.tolist() == [-1, -2, -3, -4]
-    assert x[:, -4].tolist() == [20.0, 20.0]  # data loading: what is left outside modules, less the host's code
-    assert x[:, -2].tolist() == [1.0, 25.0]
-    assert x[:, -1].tolist() == [0.0, 0.0]  # no GC pauses reported
+    assert x[:, -4].tolist() == [20.0, 20.0, 20.0]  # data loading: what is left outside modules, less the host's code
+    assert x[:, -2].tolist() == [1.0, 25.0, 16.0]
+    assert x[:, -1].tolist() == [0.0, 0.0, 0.0]  # no GC pauses reported
 
 
 def test_a_gc_pause_in_forward_is_the_rank_s_own_time_not_a_wait():

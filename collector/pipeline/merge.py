@@ -286,7 +286,7 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
         idle_ms = np.maximum(in_modules, tail_ms)
     else:  # a step without detail has no module compute to subtract
         idle_ms = np.where(detail, np.maximum(in_modules, tail_ms), tail_ms)
-    host_ms = _between_forward_and_backward(ordered, lengths, phases, figures) / 1e6
+    host_ms = _loop_code_between_phases(ordered, lengths, phases, figures) / 1e6
     host_ms = np.minimum(host_ms, figures["data_ns"] / 1e6)
     return StepMatrix(
         job=state.job,
@@ -333,11 +333,12 @@ def _pass_marks(ordered: list[StepRow], lengths: np.ndarray, phases: np.ndarray)
     return forward_end, backward_start, backward_end
 
 
-def _between_forward_and_backward(
+def _loop_code_between_phases(
     ordered: list[StepRow], lengths: np.ndarray, phases: np.ndarray, figures: dict[str, np.ndarray]
 ) -> np.ndarray:
-    """Per rank (ns): from the end of its last module forward to the start of its backward pass, the host's own
-    code between the two (the loss, a user's code in the training loop), none of it data loading.
+    """Per rank (ns): the host's own code in the training loop between the step's phases, none of it data loading:
+    from the end of its last module forward to the start of its backward pass (the loss, a user's code), and
+    from the end of the pass to the start of the optimizer step (gradient clipping, `loss.item()`, logging).
 
     The pass starts where the training loop called backward (agents since FSDP's pre-backward all-gathers were
     seen in that gap), which the report gives only as a difference: the pass ends its tail after the last module
@@ -354,4 +355,11 @@ def _between_forward_and_backward(
         backward_end + figures["backward_tail_ns"].astype(np.int64) - figures["backward_ns"].astype(np.int64),
         backward_start,
     )
-    return np.where(both, np.maximum(np.minimum(backward_start, pass_start) - forward_end, 0), 0).astype(np.float64)
+    between = np.where(both, np.maximum(np.minimum(backward_start, pass_start) - forward_end, 0), 0)
+    # The step ends where its (last) optimizer step does, so the optimizer began optimizer_ns before its end
+    # (contiguous unless a closure ran inside it: then the pass is inside the optimizer's window and this is < 0).
+    optimizer_start = figures["end_ns"].astype(np.int64) - figures["optimizer_ns"].astype(np.int64)
+    pass_end = backward_end + figures["backward_tail_ns"].astype(np.int64)
+    has_both = (backward_end > INT64_MIN) & (figures["optimizer_ns"] > 0)
+    after = np.where(has_both, np.maximum(optimizer_start - np.where(has_both, pass_end, 0), 0), 0)
+    return (between + after).astype(np.float64)

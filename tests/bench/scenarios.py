@@ -104,6 +104,13 @@ SHAPES = {
             "host",
             "host time between modules",
         ),
+        Shape(  # the loop's code after backward, before the optimizer: gradient clipping, loss.item(), logging
+            "post",
+            ["--slow-phase", "post", "--slow-ms", "40"],
+            ("(host between modules)",),
+            "host",
+            "host time between modules",
+        ),
         Shape(
             "optimizer", ["--slow-phase", "optimizer", "--slow-ms", "30"], ("(optimizer)",), "optimizer", "optimizer"
         ),
