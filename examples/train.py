@@ -256,6 +256,14 @@ def parse_args(argv=None):
     p.add_argument("--fail-at-step", type=int, default=None, help="rank 0 fails at this step of the first attempt")
     p.add_argument("--wrap", choices=("ddp", "fsdp2", "fsdp1", "none"), default="ddp")
     p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="every N steps, every rank evaluates --eval-batches held-out batches (forwards without gradients, the "
+        "loss summed over the ranks), as a trainer's eval_steps do; not in --step-times: that is the training pace",
+    )
+    p.add_argument("--eval-batches", type=int, default=40)
+    p.add_argument(
         "--optimizers",
         type=int,
         choices=(1, 2),
@@ -278,6 +286,22 @@ def make_optimizers(model: nn.Module, count: int) -> list[torch.optim.Optimizer]
         torch.optim.SGD(matrices, lr=1e-2, momentum=0.9),
         torch.optim.AdamW([p for p in params if id(p) not in chosen], lr=3e-4),
     ]
+
+
+def evaluate(model: nn.Module, args, device, distributed: bool) -> float:
+    """--eval-every: the mean loss over held-out batches, summed over the ranks (as an evaluation loop gathers it)."""
+    batches = torch.Generator().manual_seed(args.seed + 2000)
+    total = torch.zeros((), device=device)
+    model.eval()
+    with torch.no_grad():
+        for _ in range(args.eval_batches):
+            tokens = torch.randint(args.vocab, (args.batch, args.context + 1), generator=batches).to(device)
+            logits = model(tokens[:, :-1])
+            total += F.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1)) / args.eval_batches
+    model.train()
+    if distributed:
+        dist.all_reduce(total)
+    return float(total)
 
 
 def main(argv=None) -> None:
@@ -337,6 +361,11 @@ def main(argv=None) -> None:
         for opt in optimizers:
             opt.step()
         times.step(step)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            eval_loss = evaluate(wrapped, args, device, distributed)
+            times.last = time.perf_counter()  # the job's own step times are its training pace: evaluation is not
+            if rank == 0:
+                print(f"step {step} eval loss {eval_loss:.4f}", flush=True)
         if slow_here and args.slow_phase == "gc" and step == 0:  # after the first step's lazy imports (frozen)
             progress["heap"] = gc_heap(args.slow_ms)  # alive for the whole run
         if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):

@@ -44,6 +44,11 @@ MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would
 BASELINE_STEPS = 30
 LOCAL_BASELINE_STEPS = 4  # ... between an intermittent episode's slow steps: of the last this many
 MIN_BASELINE = 5
+# A step this many times the job's pace (the median of its last PACE_STEPS steps), beyond what the culprits explain,
+# is the whole job busy with something else at once: an evaluation, a checkpoint save. It neither sets the pace of
+# the baseline nor scales a cost (what a culprit's peers waited for it in that step still counts).
+PAUSE_FACTOR = 3.0
+PACE_STEPS = 9
 # The wall a culprit costs, per ms of its excess compute, at most: 3 ranks on 2 shared cores under FSDP2 lost 101 ms
 # per step to a rank 40 ms slow in every module (its busy cores slow its peers' compute too).
 MAX_WALL_SCALE = 3.0
@@ -159,6 +164,7 @@ class EpisodeBook:
         self.baseline: deque = deque()  # (step, the job's step time: median rank wall) of recent quiet steps
         # (growth of the job's step time over the baseline, the compute the culprits explain) in recent slow steps
         self.growth: deque = deque(maxlen=params.cost_steps)
+        self.pace: deque = deque(maxlen=PACE_STEPS)  # the job's step time (median rank wall) in its last steps
         self.scale = 1.0  # wall the job loses per ms of culprit compute (their ratio of sums)
         self._floor_ms = 0.0
 
@@ -306,7 +312,9 @@ class EpisodeBook:
         under DDP, FSDP2, FSDP1). The job's step time against its median before any episode measures
         that; with no baseline (yet) the what-if stands."""
         job_wall = s.wall_med
-        if quiet and job_wall > 0:
+        pace = median(list(self.pace)) if len(self.pace) >= 3 else 0.0
+        self.pace.append(job_wall)
+        if quiet and job_wall > 0 and not self._job_paused(job_wall, pace, 0.0):
             self.baseline.append((s.m.step, job_wall, s.m.ranks, s.idle))
             while len(self.baseline) > BASELINE_STEPS:
                 self.baseline.popleft()
@@ -327,7 +335,8 @@ class EpisodeBook:
             return min(t.pending[1], max(idle_gap, tail_gap))
 
         explained = max(gives_back(t) for t in pending)
-        if len(self.baseline) >= MIN_BASELINE and explained > self._floor_ms:
+        counted = len(self.baseline) >= MIN_BASELINE and explained > self._floor_ms
+        if counted and not self._job_paused(job_wall, pace, explained):
             self.growth.append((job_wall - self._baseline_now(), explained))
         # One scale from the sums over recent slow steps, not a ratio per step: a step's growth moves by tens
         # of ms on a loaded host, and each ratio clipped to [0, 2] would pull every cost towards the compute.
@@ -336,6 +345,11 @@ class EpisodeBook:
         for t in pending:
             self._record_loss(t, t.pending[0], t.pending[2])
             t.pending = None
+
+    @staticmethod
+    def _job_paused(job_wall: float, pace: float, explained: float) -> bool:
+        """The job's step took far longer than its pace and than its culprits can explain (see PAUSE_FACTOR)."""
+        return pace > 0 and job_wall > PAUSE_FACTOR * pace + MAX_WALL_SCALE * explained
 
     def _unquiet(self, ranks) -> None:
         """A new episode's onset leaves the baseline: the last quiet steps in which its peers already waited for its

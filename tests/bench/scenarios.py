@@ -104,6 +104,12 @@ SHAPES = {
             "host",
             "host time between modules",
         ),
+        Shape(  # fwd1 in a job that evaluates every 10 steps (40 forwards without gradients, on every rank)
+            "eval",
+            ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "30", "--eval-every", "10"],
+            ("blocks.1.mlp",),
+            "forward",
+        ),
         Shape(  # the loop's code after backward, before the optimizer: gradient clipping, loss.item(), logging
             "post",
             ["--slow-phase", "post", "--slow-ms", "40"],
