@@ -83,6 +83,7 @@ def fill_report(report: pb.StepReport, record: StepRecord, counters: dict[str, i
     report.recompute_ns = record.recompute_ns
     report.gc_ns = record.gc_ns
     report.gc_collections = record.gc_collections
+    report.host_ns = record.host_ns
     report.first_new_module_id = record.first_new_module_id
     report.detail = record.detail
     for name in _COUNTERS:

@@ -15,6 +15,8 @@ last event (`ready`), and resolves the events there, never on the training threa
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from modtrack.agent.step_record import PHASES, PhaseColumns, StepRecord, TraceColumns
@@ -104,6 +106,7 @@ class DeferredStepRecord(StepRecord):
     recompute_ns = _Built()
     gc_ns = _Built()
     gc_collections = _Built()
+    host_ns = _Built()
     phases = _Built()
     trace = _Built()
 
@@ -278,9 +281,37 @@ def build_step_records(records: list[StepRecord]) -> None:
         record.gc_collections = len(spans)
         outside = sum(span for span, in_data in spans if in_data)  # a pause while loading data is no data loading
         record.data_ns = max(0, record.wall_ns - busy - outside)
-        record.phases = phases[i] if log.detail else {}  # sampled mode: top-level calls only give step figures
         lo, hi = bounds[i], bounds[i + 1]
+        top_forward = top[lo:hi] & (phase[lo:hi] == FORWARD) & f_valid[lo:hi]
+        forward_ends = rows[lo:hi, F_END][top_forward].tolist() + [_ns(w[1], table) for w in log.wrapped if w[1] > 0]
+        record.host_ns = min(record.data_ns, _loop_code_ns(forward_ends, passes, log.optimizer, table))
+        record.phases = phases[i] if log.detail else {}  # sampled mode: top-level calls only give step figures
         record.trace = None if trace_id is None else _trace(rows[lo:hi], f_valid[lo:hi], b_valid[lo:hi], trace_id)
+
+
+def _ns(stamp: int, table) -> int:
+    return int(table[stamp]) if table is not None else stamp
+
+
+def _loop_code_ns(forward_ends: list[int], passes: list, optimizer: list, table) -> int:
+    """The training loop's own code between the phases (StepReport.host_ns): from the end of the forward right
+    before each backward pass to the pass's start (the loss, a user's metrics), and from the last pass's end to the
+    optimizer step's start (gradient clipping, logging). None where another pass or forward came between: the time
+    after a micro-batch's backward is the next one's data loading; a closure's forward runs inside the optimizer."""
+    ends = sorted(forward_ends)
+    total = 0
+    last_end = 0
+    for start, end, *_ in sorted(passes):
+        start = _ns(start, table)
+        i = bisect.bisect_right(ends, start) - 1
+        if i >= 0 and ends[i] > last_end:
+            total += start - ends[i]
+        last_end = max(last_end, _ns(end, table) if end > 0 else start)
+    if last_end:
+        after = [_ns(o[0], table) for o in optimizer if o[0] > 0 and _ns(o[0], table) >= last_end]
+        if after and not any(last_end < e <= min(after) for e in ends):
+            total += min(after) - last_end
+    return total
 
 
 def _leave_out_pauses(rows: np.ndarray, pauses: list) -> None:

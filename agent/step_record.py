@@ -57,6 +57,7 @@ class StepRecord:
     recompute_ns: int = 0
     gc_ns: int = 0  # wall time of the step's full garbage collections on the training thread (agent/gc_pauses.py)
     gc_collections: int = 0
+    host_ns: int = 0  # the loop's own code between the phases (part of data_ns): StepReport.host_ns
     first_new_module_id: int = 0
     new_module_names: list[str] = field(default_factory=list)
     phases: dict[str, PhaseColumns] = field(default_factory=dict)

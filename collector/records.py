@@ -43,6 +43,7 @@ STEP_FIGURES = (
     "recompute_ns",
     "gc_ns",  # full GC pauses on the training thread (wall); module times and data_ns leave them out
     "gc_collections",  # how many
+    "host_ns",  # the training loop's own code between the phases, part of data_ns (agents before it: 0)
 )
 # A StepRow's per-module columns (one entry per module and phase) and its trace's columns (one
 # entry per call), with the dtype each is kept in.

@@ -22,6 +22,7 @@ It prints the same lines with or without the agent: loss is deterministic for a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -263,6 +264,7 @@ def parse_args(argv=None):
         "loss summed over the ranks), as a trainer's eval_steps do; not in --step-times: that is the training pace",
     )
     p.add_argument("--eval-batches", type=int, default=40)
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     p.add_argument(
         "--optimizers",
         type=int,
@@ -273,6 +275,19 @@ def parse_args(argv=None):
     )
     p.add_argument("--step-times", default=None, help="every rank appends each step's wall time here (JSON lines)")
     return p.parse_args(argv)
+
+
+def gradient_sync(model: nn.Module, args, last: bool):
+    """--accumulate: gradients are reduced across the ranks in a step's last micro-batch only (DDP's and FSDP1's
+    no_sync(), FSDP2's set_requires_gradient_sync)."""
+    if last or args.wrap == "none" or "WORLD_SIZE" not in os.environ:
+        if args.wrap == "fsdp2" and "WORLD_SIZE" in os.environ:
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if args.wrap == "fsdp2":
+        model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def make_optimizers(model: nn.Module, count: int) -> list[torch.optim.Optimizer]:
@@ -346,16 +361,18 @@ def main(argv=None) -> None:
         progress["step"] = step
         if args.fail_at_step == step and attempt == 0 and rank == 0:
             raise SystemExit(f"failing on purpose at step {step} of attempt 0 (--fail-at-step)")
-        if slow_here and args.slow_phase == "data":
-            busy_wait(slow_ms_now(args, progress))
-        tokens = torch.randint(args.vocab, (args.batch, args.context + 1), generator=data).to(device)
-        logits = wrapped(tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
-        if slow_here and args.slow_phase == "host":
-            busy_wait(slow_ms_now(args, progress))  # a user's metrics, logging, ... between forward and backward
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for micro in range(args.accumulate):  # the faults below: in each micro-batch
+            if slow_here and args.slow_phase == "data":
+                busy_wait(slow_ms_now(args, progress))
+            tokens = torch.randint(args.vocab, (args.batch, args.context + 1), generator=data).to(device)
+            with gradient_sync(wrapped, args, micro == args.accumulate - 1):
+                logits = wrapped(tokens[:, :-1])
+                loss = F.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1)) / args.accumulate
+                if slow_here and args.slow_phase == "host":
+                    busy_wait(slow_ms_now(args, progress))  # a user's metrics, logging: between forward, backward
+                loss.backward()
         if slow_here and args.slow_phase == "post":
             busy_wait(slow_ms_now(args, progress))  # a user's gradient clipping, loss.item(), logging
         for opt in optimizers:

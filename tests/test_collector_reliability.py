@@ -460,7 +460,8 @@ def test_a_data_directory_of_schema_version_2_opens_and_reads_back(tmp_path):
 
 
 def test_a_data_directory_of_schema_version_5_serves_its_steps_with_no_gc_pauses(tmp_path):
-    """The schema before GC pauses were reported: its steps are served as they were, with GC pauses of 0."""
+    """The schema before GC pauses (and the loop's own code) were reported: its steps are served as they were, with
+    GC pauses and host time of 0, and the directory is migrated to the newest schema."""
     from modtrack.collector.store import schema
 
     data_dir = tmp_path / "data"
@@ -483,12 +484,14 @@ def test_a_data_directory_of_schema_version_5_serves_its_steps_with_no_gc_pauses
     served = CollectorThread(data_dir)
     try:
         (step,) = get_json(f"{served.url}/api/v1/jobs/v5/steps?last=10")["steps"]
-        assert [(r["rank"], r["optimizer_ms"], r["gc_ms"], r["gc_collections"]) for r in step["ranks"]] == [
-            (0, 3.0, 0.0, 0),
-            (1, 3.0, 0.0, 0),
+        assert [
+            (r["rank"], r["optimizer_ms"], r["gc_ms"], r["gc_collections"], r["host_ms"]) for r in step["ranks"]
+        ] == [
+            (0, 3.0, 0.0, 0, 0.0),
+            (1, 3.0, 0.0, 0, 0.0),
         ]
     finally:
         served.stop()
     conn = sqlite3.connect(data_dir / "modtrack.sqlite3")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 7
     conn.close()

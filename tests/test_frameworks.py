@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 
 import pytest
@@ -159,6 +160,43 @@ def test_two_optimizers_stepped_one_after_the_other_end_one_step():
         assert ms * 0.95 - 0.3 <= phase_ms["optimizer"] <= ms, (phase_ms, ms)
         assert DATA_WAIT * 1e3 * 0.9 <= phase_ms["data"] < (DATA_WAIT + BETWEEN / 2) * 1e3, phase_ms
         assert sum(phase_ms.values()) == pytest.approx(r.wall_ns / 1e6, rel=0.02), (phase_ms, r.wall_ns / 1e6)
+
+
+def test_under_gradient_accumulation_the_loops_own_code_is_host_time_in_every_micro_batch():
+    """Four micro-batches a step: each one's loading is data time; the loop's code between each forward and its
+    backward, and after the last backward, is host time (StepReport.host_ns). The truth: the test's own clock
+    around each wait it makes."""
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+
+    def timed_sleep(seconds: float) -> float:
+        start = time.perf_counter()
+        time.sleep(seconds)
+        return (time.perf_counter() - start) * 1e3
+
+    records: list = []
+    host_ms, loading_ms = [], []
+    with ModuleTracker(on_step=records.append, clock="cpu"):
+        for _ in range(STEPS + 2):
+            host = loading = 0.0
+            for _ in range(4):
+                loading += timed_sleep(0.004)
+                loss = nn.functional.mse_loss(model(x), y) / 4
+                host += timed_sleep(0.006)  # a user's metrics: between the forward and its backward
+                loss.backward()
+            host += timed_sleep(0.005)  # gradient clipping, logging: after the last backward
+            opt.step()
+            opt.zero_grad()
+            host_ms.append(host)
+            loading_ms.append(loading)
+    assert len(records) == STEPS + 2
+    errors = [r.host_ns / 1e6 - truth for r, truth in zip(records[1:], host_ms[1:])]
+    # beyond the waits: the loss, the loop's own lines, backward's call and return, in 5 gaps (~0.2 ms each here);
+    # a micro-batch missed would read 6 ms short, the loading counted in 16 ms long
+    assert 0 <= statistics.median(errors) < 2.5, errors
+    for r, host, loading in zip(records[1:], host_ms[1:], loading_ms[1:]):
+        assert r.data_ns / 1e6 >= host + loading, (r.data_ns / 1e6, host, loading)  # host time is part of data_ns
 
 
 class Wrapping(torch.optim.Optimizer):

@@ -133,6 +133,14 @@ def test_clean_report_keeps_every_entry_in_order():
     assert [len(v) for v in row.sql_row()[after : after + 7]] == [3, 12, 12, 24, 24, 24, 24]
 
 
+def test_the_loops_own_code_is_carried_and_never_more_than_the_time_outside_the_phases():
+    r = message([])
+    r.data_ns, r.host_ns = 8, 6
+    assert parse_report(r, stream(), None).figures["host_ns"] == 6
+    r.host_ns = 9
+    assert "host_ns 9 is longer than data_ns 8" in refusal(lambda: parse_report(r, stream(), None))
+
+
 def test_a_steps_gc_pauses_are_carried():
     r = message([])
     r.gc_ns, r.gc_collections = 7, 2

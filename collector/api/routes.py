@@ -199,6 +199,7 @@ def make_app(deps: ApiDeps) -> web.Application:
                     "recompute_ms": f["recompute_ns"] / 1e6,
                     "gc_ms": f["gc_ns"] / 1e6,  # full GC pauses (out of the module and data times)
                     "gc_collections": f["gc_collections"],
+                    "host_ms": f["host_ns"] / 1e6,  # the loop's own code between the phases (part of data_ms)
                 }
             )
         return web.json_response(

@@ -70,6 +70,8 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
             f"{where}: gc_ns {figures['gc_ns']} is longer than the step itself "
             f"({figures['end_ns'] - figures['start_ns']} ns from start_ns to end_ns)"
         )
+    if figures["host_ns"] > figures["data_ns"]:  # the loop's own code is part of the time outside the phases
+        raise invalid(f"{where}: host_ns {figures['host_ns']} is longer than data_ns {figures['data_ns']}")
     block, calls, phase, marks = _phase_block(report.phases, len(stream.remap))
     if block is None:
         _explain_phases(report, stream, where)  # raises Refused

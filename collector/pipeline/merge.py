@@ -286,7 +286,9 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
         idle_ms = np.maximum(in_modules, tail_ms)
     else:  # a step without detail has no module compute to subtract
         idle_ms = np.where(detail, np.maximum(in_modules, tail_ms), tail_ms)
-    host_ms = _loop_code_between_phases(ordered, lengths, phases, figures) / 1e6
+    # the agent's own figure (every micro-batch's gap under gradient accumulation); agents before it: what the
+    # module stamps tell, the one gap between the last forward and the first backward
+    host_ms = np.maximum(_loop_code_between_phases(ordered, lengths, phases, figures), figures["host_ns"]) / 1e6
     host_ms = np.minimum(host_ms, figures["data_ns"] / 1e6)
     return StepMatrix(
         job=state.job,
@@ -312,7 +314,17 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     )
 
 
-_FIGURES = ("start_ns", "end_ns", "forward_ns", "backward_ns", "backward_tail_ns", "data_ns", "optimizer_ns", "gc_ns")
+_FIGURES = (
+    "start_ns",
+    "end_ns",
+    "forward_ns",
+    "backward_ns",
+    "backward_tail_ns",
+    "data_ns",
+    "optimizer_ns",
+    "gc_ns",
+    "host_ns",
+)
 _step_figures = operator.itemgetter(*_FIGURES)
 
 

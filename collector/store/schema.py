@@ -162,6 +162,13 @@ ALTER TABLE steps ADD COLUMN gc_collections INTEGER NOT NULL DEFAULT 0
     )
 
 
+def migrate_host(conn: sqlite3.Connection) -> None:
+    """Version 6 -> 7: the agent reports the training loop's own code between each step's phases (StepReport.host_ns),
+    per micro-batch under gradient accumulation. Rows stored before had none reported: 0 (the merge then works the
+    gap between forward and backward out of the module stamps, as it did)."""
+    _run_statements(conn, "ALTER TABLE steps ADD COLUMN host_ns INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v1_tables,
     migrate_attempts,
@@ -169,6 +176,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     migrate_heartbeat_errors,
     migrate_collectives,
     migrate_gc,
+    migrate_host,
 ]
 VERSION = len(MIGRATIONS)
 

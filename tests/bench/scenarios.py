@@ -110,6 +110,19 @@ SHAPES = {
             ("blocks.1.mlp",),
             "forward",
         ),
+        Shape(  # gradient accumulation: 4 micro-batches per step, gradients reduced in the last; 10 ms in each forward
+            "accum",
+            ["--accumulate", "4", "--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "10"],
+            ("blocks.1.mlp",),
+            "forward",
+        ),
+        Shape(  # ... and 10 ms of the loop's own code between each micro-batch's forward and backward
+            "accumhost",
+            ["--accumulate", "4", "--slow-phase", "host", "--slow-ms", "10"],
+            ("(host between modules)",),
+            "host",
+            "host time between modules",
+        ),
         Shape(  # the loop's code after backward, before the optimizer: gradient clipping, loss.item(), logging
             "post",
             ["--slow-phase", "post", "--slow-ms", "40"],
