@@ -64,6 +64,7 @@ from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
 from modtrack.agent import backward_call
 from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
 from modtrack.agent.clocks import make_clock
+from modtrack.agent.compiled_calls import CompiledCalls
 from modtrack.agent.gc_pauses import GcPauses
 from modtrack.agent.module_hooks import ModuleHooks
 from modtrack.agent.module_names import ModuleNames
@@ -281,6 +282,7 @@ class ModuleTracker:
         self._handles: list = []
         self._hooked: dict[int, weakref.ref] = {}  # id(module) -> module, for modules with our hooks
         self._module_hooks = ModuleHooks(self._enter, self._exit)
+        self._compiled_calls = CompiledCalls(self._enter, self._exit)  # agent/compiled_calls.py
         self._quiet = False  # sampled mode: only top-level modules have hooks now (a step without detail)
         self._closed = False
         self.exit_drain = ExitDrain()  # destroy_process_group() waits for gloo's workers (agent/teardown.py)
@@ -375,6 +377,7 @@ class ModuleTracker:
         except Exception:
             self.counters["hook_errors"] += 1
         self._module_hooks.remove_all()
+        self._compiled_calls.unwrap_all()
         self._quiet = False
         self._hooked.clear()
         try:
@@ -408,11 +411,12 @@ class ModuleTracker:
         key = id(mod)
         hooked = self._hooked
 
-        module_hooks = self._module_hooks
+        module_hooks, compiled_calls = self._module_hooks, self._compiled_calls
 
         def forget(_ref, key=key):
             hooked.pop(key, None)
             module_hooks.forget(key)
+            compiled_calls.forget(key)
 
         hooked[key] = weakref.ref(mod, forget)
         mid = self._names.module_id(mod)
@@ -429,6 +433,7 @@ class ModuleTracker:
         # copy the gradient of the whole tensor to rebase the view; its input is its output anyway
         site = (mid, self._names.names[mid], [0, 0], getattr(mod, "inplace", False) is True)
         self._module_hooks.add(mod, site)
+        self._compiled_calls.wrap(mod, site)  # compiled in place: its hooks run inside compiled code
         mod.__dict__.setdefault("_modtrack_sites", {})[id(self)] = site
 
     def _wrapper_pre(self, mod, args) -> None:
@@ -456,7 +461,7 @@ class ModuleTracker:
 
     # ---- forward ------------------------------------------------------------------------------
     def _enter(self, site: tuple, mod, args, kwargs):
-        if (self._stack and not self._detail) or _is_compiling():  # sampled mode: a nested call, not timed
+        if _is_compiling() or (self._stack and not self._detail):  # sampled mode: a nested call, not timed
             return None
         try:
             mid, name = site[0], site[1]
@@ -667,7 +672,7 @@ class ModuleTracker:
         return view
 
     def _exit(self, site: tuple, mod, args, output) -> None:
-        if (not self._detail and not (self._stack and self._stack[-1].mod is mod)) or _is_compiling():
+        if _is_compiling() or (not self._detail and not (self._stack and self._stack[-1].mod is mod)):
             return
         try:
             work = self._work()

@@ -581,6 +581,43 @@ def test_torch_compile_model_does_not_crash_and_is_timed_as_a_whole():
     assert t.counters["hook_errors"] == 0
 
 
+class CompiledBlock(nn.Module):
+    def __init__(self, slow: bool):
+        super().__init__()
+        self.a, self.b, self.slow = nn.Linear(16, 16), nn.Linear(16, 16), slow
+
+    def forward(self, x):
+        if self.slow:
+            busy(0.020)
+            x = SlowBackward.apply(x, 0.030)
+        return x + self.b(torch.relu(self.a(x)))
+
+
+def test_blocks_compiled_in_place_are_each_timed_as_one_module():
+    """Regional compilation (`block.compile()`): each block runs its hooks inside compiled code, where they did
+    nothing, and the blocks' time was the root's. Each block is timed around its compiled call, its busy waits (20
+    ms forward, 30 ms backward: a graph break, run eagerly inside the compiled call) where they ran."""
+    torch.manual_seed(0)
+    model = nn.Sequential(CompiledBlock(False), CompiledBlock(True), CompiledBlock(False), nn.Linear(16, 1))
+    for block in list(model)[:3]:
+        block.compile(backend="eager")  # dynamo traces the call, hooks included; no code generation to wait for
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with ModuleTracker(clock="cpu") as t:
+        for _ in range(3):
+            model(torch.randn(8, 16)).sum().backward()
+            opt.step()
+        s = t.last_step()
+    assert t.counters["hook_errors"] == 0
+    blocks = {(f"Sequential.{i}", phase) for i in range(4) for phase in ("forward", "backward")}
+    assert {k for k in s if k[0].count(".") == 1} == blocks
+    assert not any(k[0].startswith("Sequential.1.") for k in s)  # fused into the compiled block: not apart
+    assert 20.0 <= s[("Sequential.1", "forward")]["self_ms"] < 20.0 * 1.15
+    assert 30.0 <= s[("Sequential.1", "backward")]["self_ms"] < 30.0 * 1.15
+    for name in ("Sequential", "Sequential.0", "Sequential.2"):  # the waits do not leak into the neighbours
+        assert s[(name, "forward")]["self_ms"] < 2.0 and s[(name, "backward")]["self_ms"] < 2.0
+    assert all(getattr(b._compiled_call_impl, "_modtrack_compiled", None) is None for b in list(model)[:3])
+
+
 def test_a_loop_that_never_ends_a_step_stays_bounded(monkeypatch):
     """Inference under the launcher: no optimizer, no step(). Calls must not pile up forever."""
     import modtrack.agent.tracker
