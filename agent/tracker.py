@@ -61,7 +61,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
 
-from modtrack.agent import backward_call
+from modtrack.agent import backward_call, skipped_steps
 from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
 from modtrack.agent.clocks import make_clock
 from modtrack.agent.compiled_calls import CompiledCalls
@@ -262,6 +262,7 @@ class ModuleTracker:
         self._optimizer_start = 0  # 0: no optimizer step open, or one paused for its closure's work
         self._in_optimizer = False
         self._outer_optimizer = 0  # id() of the optimizer whose step is open (one stepped inside it is part of it)
+        self.optimizer_steps = 0  # outer optimizer steps ended (agent/skipped_steps.py tells a skipped one by it)
         self._seed_callback = False  # the seed's "reset parents" engine callback is queued
         self._recent_nodes: dict = {}  # autograd node -> the actions its one pre-hook runs
         # Carries our node hooks (a leaf's gradient accumulator keeps node.register_prehook):
@@ -309,6 +310,7 @@ class ModuleTracker:
                 register_optimizer_step_post_hook(self._optimizer_post),
             ]
             backward_call.add(self)
+            skipped_steps.add(self)
             self.exit_drain.install()
             self.gc_pauses.install()
         return self
@@ -371,6 +373,7 @@ class ModuleTracker:
             handle.remove()
         self._handles = []
         backward_call.remove(self)
+        skipped_steps.remove(self)
         self.gc_pauses.remove()
         try:
             self.exit_drain.remove()  # waits for the tracked passes' gloo works first (agent/teardown.py)
@@ -1111,6 +1114,7 @@ class ModuleTracker:
         try:
             if id(optimizer) != self._outer_optimizer:
                 return  # the inner step of a nested pair: the outer one's goes on
+            self.optimizer_steps += 1
             if self._optimizer_start:
                 self._log.optimizer.append((self._optimizer_start, self._stamp()))
             self._optimizer_start = 0
@@ -1129,6 +1133,12 @@ class ModuleTracker:
                 self.position.new_step(self._step_no + 1, self._end_pending)  # position: the next step's data
         except Exception:
             self._hook_failed()
+
+    def _optimizer_skipped(self, optimizer) -> None:
+        """A GradScaler skipped optimizer.step() (inf or NaN gradients): the step ends as if it had stepped."""
+        if not self._closed and threading.get_ident() == self.position.thread_id and not self._in_optimizer:
+            self._optimizer_pre(optimizer, (), {})
+            self._optimizer_post(optimizer, (), {})
 
     def _end_step(self, end_ns: int = 0) -> None:
         """end_ns: when the step ended (perf_counter_ns), if not now."""

@@ -199,6 +199,33 @@ def test_under_gradient_accumulation_the_loops_own_code_is_host_time_in_every_mi
         assert r.data_ns / 1e6 >= host + loading, (r.data_ns / 1e6, host, loading)  # host time is part of data_ns
 
 
+def test_a_step_whose_optimizer_step_a_grad_scaler_skipped_still_ends():
+    """float16 mixed precision: GradScaler.step() skips optimizer.step() when the gradients hold an inf (2 of 6
+    steps here). Each iteration is still one step, the skipped ones with no optimizer time; before, a skipped
+    step ran on into the next iteration (one step of three forwards)."""
+    model = nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    opt.register_step_pre_hook(lambda *_: time.sleep(0.005))  # an optimizer step takes 5 ms here
+    scaler = torch.amp.GradScaler("cpu")
+    original_step = torch.amp.GradScaler.step
+    records: list = []
+    with ModuleTracker(on_step=records.append, clock="cpu"):
+        for i in range(6):
+            x = torch.randn(4, 8)
+            if i in (1, 2):
+                x[0, 0] = float("inf")  # its gradient overflows: the scaler skips this step
+            scaler.scale(model(x).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    assert [r.phases["forward"].calls.tolist() for r in records] == [[1]] * 6
+    assert all(r.backward_ns > 0 for r in records)
+    stepped = [r.optimizer_ns >= 5_000_000 for r in records]
+    assert stepped == [True, False, False, True, True, True], [r.optimizer_ns for r in records]
+    assert all(r.optimizer_ns < 1_000_000 for r, s in zip(records, stepped) if not s)  # skipped: no optimizer time
+    assert torch.amp.GradScaler.step is original_step  # put back at close
+
+
 class Wrapping(torch.optim.Optimizer):
     """An optimizer that steps another inside its own step, with work before and after it (as
     ZeroRedundancyOptimizer steps its local optimizer and then broadcasts the parameters it updated)."""
