@@ -266,6 +266,14 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, default=40)
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="every N steps rank 0 saves the model's state (torch.save), and the save takes --checkpoint-ms in all "
+        "(a slow shared file system); its peers wait for it in the next step's collectives. Not in --step-times",
+    )
+    p.add_argument("--checkpoint-ms", type=float, default=500.0)
+    p.add_argument(
         "--optimizers",
         type=int,
         choices=(1, 2),
@@ -317,6 +325,17 @@ def evaluate(model: nn.Module, args, device, distributed: bool) -> float:
     if distributed:
         dist.all_reduce(total)
     return float(total)
+
+
+def save_checkpoint(model: nn.Module, total_ms: float) -> None:
+    """--checkpoint-every: torch.save of rank 0's parameters (its own shards under FSDP: no collective) to a scratch
+    file, then a wait until the save has taken total_ms (a slow shared file system)."""
+    import tempfile
+
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as f:
+        torch.save([getattr(p, "_local_tensor", p).detach() for p in model.parameters()], f)
+    time.sleep(max(0.0, total_ms / 1e3 - (time.perf_counter() - start)))
 
 
 def main(argv=None) -> None:
@@ -383,6 +402,9 @@ def main(argv=None) -> None:
             times.last = time.perf_counter()  # the job's own step times are its training pace: evaluation is not
             if rank == 0:
                 print(f"step {step} eval loss {eval_loss:.4f}", flush=True)
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and rank == 0:
+            save_checkpoint(model, args.checkpoint_ms)
+            times.last = time.perf_counter()  # the training pace, as for evaluation
         if slow_here and args.slow_phase == "gc" and step == 0:  # after the first step's lazy imports (frozen)
             progress["heap"] = gc_heap(args.slow_ms)  # alive for the whole run
         if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):

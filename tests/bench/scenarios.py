@@ -110,6 +110,13 @@ SHAPES = {
             ("blocks.1.mlp",),
             "forward",
         ),
+        Shape(  # fwd1 in a job whose rank 0 saves a checkpoint every 10 steps for 500 ms (its peers wait for it)
+            "ckpt",
+            ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "30", "--checkpoint-every", "10"],
+            ("blocks.1.mlp",),
+            "forward",
+        ),
+        Shape("ckptclean", ["--checkpoint-every", "10"], clean=True),  # ... and no straggler: no verdict
         Shape(  # gradient accumulation: 4 micro-batches per step, gradients reduced in the last; 10 ms in each forward
             "accum",
             ["--accumulate", "4", "--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "10"],
