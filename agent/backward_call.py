@@ -21,15 +21,13 @@ import functools
 
 import torch
 
-_listeners: list = []  # trackers: their _backward_called() -> bool (True: call _backward_returned after)
-_wrapper = None  # ours, while it is in; _original: what it wraps
-_original = None
+from modtrack.agent.patch import Patch
 
 
-def _wrap(original):
+def _wrap(original, listeners: list):
     @functools.wraps(original)
     def backward(*args, **kwargs):
-        told = [t for t in tuple(_listeners) if t._backward_called()]
+        told = [t for t in tuple(listeners) if t._backward_called()]
         try:
             return original(*args, **kwargs)
         finally:
@@ -39,22 +37,7 @@ def _wrap(original):
     return backward
 
 
-def add(tracker) -> None:
-    """Tell `tracker` about every backward call from now on (the wrapper goes in with the first)."""
-    global _original, _wrapper
-    if tracker not in _listeners:
-        _listeners.append(tracker)
-    if _wrapper is None:
-        _original = torch.autograd.backward
-        _wrapper = torch.autograd.backward = _wrap(_original)
-
-
-def remove(tracker) -> None:
-    """Stop telling `tracker`; with no tracker left the original goes back, unless someone wrapped ours since
-    (then ours stays in theirs, a pass-through)."""
-    global _original, _wrapper
-    if tracker in _listeners:
-        _listeners.remove(tracker)
-    if not _listeners and _original is not None and torch.autograd.backward is _wrapper:
-        torch.autograd.backward = _original
-        _original = _wrapper = None
+_patch = Patch(torch.autograd, "backward", _wrap)
+_listeners = _patch.listeners  # trackers: their _backward_called() -> bool (True: call _backward_returned after)
+add = _patch.add  # tell a tracker about every backward call from now on (the wrapper goes in with the first)
+remove = _patch.remove  # stop telling it; with no tracker left the original goes back (see agent/patch.py)

@@ -15,20 +15,13 @@ import functools
 
 import torch
 
-_listeners: list = []  # trackers: their optimizer_steps count and _optimizer_skipped(optimizer)
-_wrapper = None  # ours, while it is in; _original: what it wraps
-_original = None
+from modtrack.agent.patch import Patch
 
 
-def _scaler_class():
-    amp = getattr(torch, "amp", None)
-    return getattr(amp, "GradScaler", None)
-
-
-def _wrap(original):
+def _wrap(original, listeners: list):
     @functools.wraps(original)
     def step(self, optimizer, *args, **kwargs):
-        before = [(t, t.optimizer_steps) for t in tuple(_listeners)]
+        before = [(t, t.optimizer_steps) for t in tuple(listeners)]
         result = original(self, optimizer, *args, **kwargs)
         for tracker, steps in before:
             if tracker.optimizer_steps == steps:
@@ -38,23 +31,5 @@ def _wrap(original):
     return step
 
 
-def add(tracker) -> None:
-    global _original, _wrapper
-    scaler = _scaler_class()
-    if scaler is None:
-        return
-    if tracker not in _listeners:
-        _listeners.append(tracker)
-    if _wrapper is None:
-        _original = scaler.step
-        _wrapper = scaler.step = _wrap(_original)
-
-
-def remove(tracker) -> None:
-    global _original, _wrapper
-    if tracker in _listeners:
-        _listeners.remove(tracker)
-    scaler = _scaler_class()
-    if not _listeners and scaler is not None and _original is not None and scaler.step is _wrapper:
-        scaler.step = _original
-        _original = _wrapper = None
+_patch = Patch(getattr(getattr(torch, "amp", None), "GradScaler", None), "step", _wrap)
+add, remove = _patch.add, _patch.remove  # trackers: their optimizer_steps count and _optimizer_skipped(optimizer)

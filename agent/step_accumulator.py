@@ -307,10 +307,10 @@ def _loop_code_ns(forward_ends: list[int], passes: list, optimizer: list, table)
         if i >= 0 and ends[i] > last_end:
             total += start - ends[i]
         last_end = max(last_end, _ns(end, table) if end > 0 else start)
-    if last_end:
-        after = [_ns(o[0], table) for o in optimizer if o[0] > 0 and _ns(o[0], table) >= last_end]
-        if after and not any(last_end < e <= min(after) for e in ends):
-            total += min(after) - last_end
+    starts = [_ns(o[0], table) for o in optimizer if o[0] > 0] if last_end else []
+    first = min((s for s in starts if s >= last_end), default=0)
+    if first and not any(last_end < e <= first for e in ends):
+        total += first - last_end
     return total
 
 

@@ -362,16 +362,15 @@ def _loop_code_between_phases(
     else:
         forward_end, backward_start, backward_end = _pass_marks(ordered, lengths, phases)
     both = (forward_end > INT64_MIN) & (backward_start < INT64_MAX)
+    pass_end = backward_end + figures["backward_tail_ns"].astype(np.int64)
     pass_start = np.where(
-        both & (figures["backward_ns"] > 0),
-        backward_end + figures["backward_tail_ns"].astype(np.int64) - figures["backward_ns"].astype(np.int64),
-        backward_start,
+        both & (figures["backward_ns"] > 0), pass_end - figures["backward_ns"].astype(np.int64), backward_start
     )
     between = np.where(both, np.maximum(np.minimum(backward_start, pass_start) - forward_end, 0), 0)
     # The step ends where its (last) optimizer step does, so the optimizer began optimizer_ns before its end
     # (contiguous unless a closure ran inside it: then the pass is inside the optimizer's window and this is < 0).
     optimizer_start = figures["end_ns"].astype(np.int64) - figures["optimizer_ns"].astype(np.int64)
-    pass_end = backward_end + figures["backward_tail_ns"].astype(np.int64)
     has_both = (backward_end > INT64_MIN) & (figures["optimizer_ns"] > 0)
+    # (pass_end read only where there is a pass: INT64_MIN plus a tail would wrap in the subtraction)
     after = np.where(has_both, np.maximum(optimizer_start - np.where(has_both, pass_end, 0), 0), 0)
     return (between + after).astype(np.float64)
