@@ -423,7 +423,9 @@ def test_a_rank_calling_the_same_module_again_and_again_moves():
     done.set()
     worker.join(10)
     assert len(beats) == 5 and beat.errors == 0, beats
-    assert {(hb.step, hb.phase, hb.module) for hb in beats} == {(3, "forward", "Loop")}, beats
+    # in Loop's own wait between its cell's calls, or (a look that lands during one) in the cell: never elsewhere
+    assert {(hb.step, hb.phase) for hb in beats} == {(3, "forward")}, beats
+    assert {hb.module for hb in beats} <= {"Loop", "Loop.cell"} and any(hb.module == "Loop" for hb in beats), beats
     assert all(hb.position_ns < 0.2e9 < 0.3e9 <= hb.step_ns for hb in beats), [
         (b.position_ns, b.step_ns) for b in beats
     ]
