@@ -231,8 +231,13 @@ def build_step_records(records: list[StepRecord]) -> None:
     b_work = np.maximum(rows[:, B_WORK_END] - rows[:, B_WORK_START], 0)
     f_incl = np.where(f_valid, np.where(timed_by_events, f_wall, f_work), 0)
     b_incl = np.where(b_valid, np.where(timed_by_events, rows[:, B_END] - rows[:, B_START], b_work), 0)
+    b_parent = parent
+    recomputes = np.flatnonzero(f_valid & (phase == RECOMPUTE) & (parent < 0))
+    if len(recomputes) and b_valid.any():
+        taken, b_parent = _recompute_inside(rows, step_of_row, recomputes, f_incl, b_valid, parent)
+        b_incl = b_incl - taken
     f_self, f_overlaps = _self_times(f_incl, parent, f_valid)
-    b_self, b_overlaps = _self_times(b_incl, parent, b_valid)
+    b_self, b_overlaps = _self_times(b_incl, b_parent, b_valid)
     overlaps = np.bincount(step_of_row, weights=f_overlaps.astype(np.int64) + b_overlaps, minlength=len(todo))
 
     n_steps = len(todo)
@@ -372,6 +377,38 @@ def _groups(keys: np.ndarray, key_space: int) -> tuple[np.ndarray, np.ndarray]:
     present[keys] = True
     slot = np.cumsum(present) - 1
     return np.flatnonzero(present), slot[keys]
+
+
+def _recompute_inside(rows, step_of_row, recomputes, f_incl, b_valid, parent):
+    """Activation checkpointing: the recompute inside backward windows, and where a recompute's backward nests.
+
+    A checkpointed block's forward runs again in backward, inside the backward window of whatever module's
+    gradient first needs its activations (non-reentrant checkpointing: the last module of the block that saved a
+    tensor, and its callers), or inside the checkpoint's own node (reentrant). That time is the block's recompute
+    phase: left in the windows it would be counted twice, and the module it landed in would read as slow as the
+    whole block. Reentrant checkpointing also runs the recomputed graph's backward inside that node: the block's
+    modules' backward, which nests in the innermost window around it (as a call's children do).
+    `recomputes`: the rows of the top-level recompute calls, few per step (one per checkpointed block).
+    Returns (per row, the recompute time inside its backward window; the backward PARENT column to use)."""
+    taken = np.zeros(len(rows), np.int64)
+    b_parent = parent.copy()
+    for step in np.unique(step_of_row[recomputes]):
+        windows = np.flatnonzero(b_valid & (step_of_row == step))
+        if not len(windows):
+            continue
+        calls = recomputes[step_of_row[recomputes] == step]
+        start, end = rows[windows, B_START][:, None], rows[windows, B_END][:, None]
+        inside = (start <= rows[calls, F_START]) & (rows[calls, F_END] <= end)
+        taken[windows] = inside @ f_incl[calls]
+        ran_backward = calls[b_valid[calls]]  # reentrant
+        if len(ran_backward):
+            outer = rows[windows, PHASE] != RECOMPUTE  # not the recomputed calls themselves
+            around = (start <= rows[ran_backward, B_START]) & (rows[ran_backward, B_END] <= end) & outer[:, None]
+            length = np.where(around, end - start, np.iinfo(np.int64).max)
+            innermost = np.argmin(length, axis=0)
+            found = around[innermost, np.arange(len(ran_backward))]
+            b_parent[ran_backward[found]] = windows[innermost[found]]
+    return taken, b_parent
 
 
 def _self_times(incl, parent, valid):

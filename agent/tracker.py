@@ -484,6 +484,8 @@ class ModuleTracker:
                 self._module_hooks.roots.add(id(mod))  # sampled mode keeps a top-level module's hooks on
             rows = self._log.rows
             in_backward = _graph_task_id() != -1
+            if recursive and in_backward:  # a recompute while its backward runs (`parents` has it): recursive only
+                recursive = any(c.mod is mod for c in stack)  # if it is open in the recompute itself
             if not stack and not in_backward and self._optimizer_start:
                 self._pause_optimizer()  # a closure inside optimizer.step(): this is forward, not optimizer
             # the layout of agent.step_accumulator.new_row, inlined: this runs for every call

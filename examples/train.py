@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 
 class SelfAttention(nn.Module):
@@ -81,11 +82,16 @@ class TinyGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
+        self.activation_checkpointing = False
 
     def forward(self, tokens):
         x = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
         for block in self.blocks:
-            x = block(x)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # as transformers' gradient_checkpointing does: the block's call again in backward (its recompute)
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.head(self.ln_f(x))
 
 
@@ -266,6 +272,12 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, default=40)
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="each block's activations recomputed in backward (non-reentrant torch.utils.checkpoint, as "
+        "transformers' gradient_checkpointing): a slow module's forward runs twice a step",
+    )
+    p.add_argument(
         "--checkpoint-every",
         type=int,
         default=0,
@@ -365,6 +377,7 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = TinyGPT(args.vocab, args.dim, args.heads, args.layers, args.context).to(device)
+    model.activation_checkpointing = args.activation_checkpointing
     progress = {"step": 0, "attempt": attempt}
     slow_here = args.slow_rank == rank
     if slow_here and args.slow_phase in ("forward", "backward", "whole", "gc"):

@@ -43,6 +43,8 @@ ONSET = 15
 STEPS = 45
 WRAPS = ("ddp", "fsdp2", "fsdp1")
 CULPRITS = ("first", "middle", "last")
+SLOW_MLP_FORWARD = ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "30"]
+SLOW_ATTN_BACKWARD = ["--slow-module", "blocks.2.attn", "--slow-phase", "backward", "--slow-ms", "30"]
 FOUR = ("blocks.0.mlp", "blocks.1.attn", "blocks.2.mlp", "blocks.3.attn")
 
 
@@ -76,14 +78,14 @@ SHAPES = {
     for s in [
         Shape(
             "fwd1",
-            ["--slow-module", "blocks.1.mlp", "--slow-phase", "forward", "--slow-ms", "30"],
+            SLOW_MLP_FORWARD,
             ("blocks.1.mlp",),
             "forward",
             "compute in 1 module",
         ),
         Shape(
             "bwd1",
-            ["--slow-module", "blocks.2.attn", "--slow-phase", "backward", "--slow-ms", "30"],
+            SLOW_ATTN_BACKWARD,
             ("blocks.2.attn",),
             "backward",
             "compute in 1 module",
@@ -137,6 +139,21 @@ SHAPES = {
             "host",
             "host time between modules",
         ),
+        Shape(  # activation checkpointing (transformers' gradient_checkpointing): the slow forward runs again
+            "acfwd1",
+            ["--activation-checkpointing", *SLOW_MLP_FORWARD],
+            ("blocks.1.mlp",),
+            "forward",
+            "compute in 1 module",
+        ),
+        Shape(  # ... and a module slow in its backward, under activation checkpointing
+            "acbwd1",
+            ["--activation-checkpointing", *SLOW_ATTN_BACKWARD],
+            ("blocks.2.attn",),
+            "backward",
+            "compute in 1 module",
+        ),
+        Shape("acclean", ["--activation-checkpointing"], clean=True),
         Shape(
             "optimizer", ["--slow-phase", "optimizer", "--slow-ms", "30"], ("(optimizer)",), "optimizer", "optimizer"
         ),
