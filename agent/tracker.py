@@ -61,7 +61,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_unflatten
 
-from modtrack.agent import backward_call, skipped_steps
+from modtrack.agent import backward_call, data_loading, skipped_steps
 from modtrack.agent import position as at  # where the rank is (issue 14: hung jobs)
 from modtrack.agent.clocks import make_clock
 from modtrack.agent.compiled_calls import CompiledCalls
@@ -288,6 +288,7 @@ class ModuleTracker:
         self._closed = False
         self.exit_drain = ExitDrain()  # destroy_process_group() waits for gloo's workers (agent/teardown.py)
         self.gc_pauses = GcPauses(self._work, self.position, self.counters)  # agent/gc_pauses.py
+        self.fetches = data_loading.Fetches(self.position, self.counters)  # DataLoader fetches (agent/data_loading.py)
 
     # ---- the seed's surface -------------------------------------------------------------------
     @property
@@ -311,6 +312,8 @@ class ModuleTracker:
             ]
             backward_call.add(self)
             skipped_steps.add(self)
+            self.fetches.spans = []  # none left from an earlier tracking block
+            data_loading.add(self)
             self.exit_drain.install()
             self.gc_pauses.install()
         return self
@@ -374,6 +377,7 @@ class ModuleTracker:
         self._handles = []
         backward_call.remove(self)
         skipped_steps.remove(self)
+        data_loading.remove(self)
         self.gc_pauses.remove()
         try:
             self.exit_drain.remove()  # waits for the tracked passes' gloo works first (agent/teardown.py)
@@ -1154,6 +1158,7 @@ class ModuleTracker:
             log.end_host_ns = end_ns or time.perf_counter_ns()
             log.call_windows = self.call_windows
             log.gc = self.gc_pauses.take(log.end_host_ns)
+            log.fetches = self.fetches.take(log.end_host_ns)
             self._log = StepLog(log.end_host_ns)
             self._stack.clear()
             self._open_backward.clear()

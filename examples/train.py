@@ -7,8 +7,9 @@
 The fault injection busy-waits (slow compute, not sleep) on one rank: inside modules' forward, or
 inside their backward through an autograd Function placed at each module's output (--slow-module
 takes a comma-separated list), in every leaf module (--slow-phase whole), while loading the batch
-(data), in the training loop's own code between forward and backward (host) or between backward and the
-optimizer step (post: gradient clipping, `loss.item()`, logging), inside the optimizer
+(data: inside the DataLoader's fetch), in the training loop's own code between forward and backward (host), between
+backward and the optimizer step (post: gradient clipping, `loss.item()`, logging) or after it (after: an EMA
+update, logging), inside the optimizer
 step (optimizer; with --optimizers 2, the second one's), or as a full garbage collection in --slow-module's
 forward that takes about --slow-ms (gc: the rank keeps a heap of small objects sized for it). --slow-every N
 makes it intermittent (one slow step in N), --slow-ramp-steps a gradual ramp, --slow-to-step a stop.
@@ -35,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, IterableDataset
 
 
 class SelfAttention(nn.Module):
@@ -189,6 +191,22 @@ def inject_slowness(model: nn.Module, args, progress: dict) -> None:
         module.forward = slow_forward
 
 
+class RandomTokens(IterableDataset):
+    """Each rank's own batches of random tokens, fetched through a DataLoader as a real job's are; with `slow`
+    (--slow-phase data) the fetch busy-waits, as a slow loader or storage would."""
+
+    def __init__(self, args, rank: int, progress: dict, slow: bool):
+        self.args, self.rank, self.progress, self.slow = args, rank, progress, slow
+
+    def __iter__(self):
+        args = self.args
+        generator = torch.Generator().manual_seed(args.seed + 1000 + self.rank)
+        while True:
+            if self.slow:
+                busy_wait(slow_ms_now(args, self.progress))
+            yield torch.randint(args.vocab, (args.batch, args.context + 1), generator=generator)
+
+
 def wrap_model(model: nn.Module, args, distributed: bool, cuda: bool) -> nn.Module:
     """DDP, FSDP2 (fully_shard per block, then the root) or FSDP1 (FullyShardedDataParallel per block)."""
     if not distributed or args.wrap == "none":
@@ -247,11 +265,12 @@ def parse_args(argv=None):
     p.add_argument("--slow-module", default="blocks.1.mlp", help="e.g. blocks.1.mlp (TinyGPT. prefix optional)")
     p.add_argument(
         "--slow-phase",
-        choices=("forward", "backward", "whole", "data", "host", "post", "optimizer", "gc"),
+        choices=("forward", "backward", "whole", "data", "host", "post", "optimizer", "after", "gc"),
         default="forward",
         help="where the busy wait goes: modules' forward or backward, every leaf module (whole), "
-        "batch loading (data), the loop's code between forward and backward (host) or between backward and the "
-        "optimizer step (post), the optimizer step; "
+        "batch loading (data: inside the DataLoader's fetch), the loop's code between forward and backward (host), "
+        "between backward and the optimizer step (post) or after the optimizer step (after: an EMA update, "
+        "logging), the optimizer step; "
         "gc: a full garbage collection of about --slow-ms in --slow-module's forward",
     )
     p.add_argument("--slow-ms", type=float, default=30.0, help="per slow module and step (whole: in all)")
@@ -386,7 +405,7 @@ def main(argv=None) -> None:
     optimizers = make_optimizers(wrapped, args.optimizers)
     if slow_here and args.slow_phase == "optimizer":
         optimizers[-1].register_step_pre_hook(lambda *_: busy_wait(slow_ms_now(args, progress)))
-    data = torch.Generator().manual_seed(args.seed + 1000 + rank)  # each rank its own batches
+    batches = iter(DataLoader(RandomTokens(args, rank, progress, slow_here and args.slow_phase == "data"), None))
     times = StepTimes(args.step_times, rank, attempt)
 
     for step in range(args.steps):
@@ -396,9 +415,7 @@ def main(argv=None) -> None:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         for micro in range(args.accumulate):  # the faults below: in each micro-batch
-            if slow_here and args.slow_phase == "data":
-                busy_wait(slow_ms_now(args, progress))
-            tokens = torch.randint(args.vocab, (args.batch, args.context + 1), generator=data).to(device)
+            tokens = next(batches).to(device)
             with gradient_sync(wrapped, args, micro == args.accumulate - 1):
                 logits = wrapped(tokens[:, :-1])
                 loss = F.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1)) / args.accumulate
@@ -409,6 +426,8 @@ def main(argv=None) -> None:
             busy_wait(slow_ms_now(args, progress))  # a user's gradient clipping, loss.item(), logging
         for opt in optimizers:
             opt.step()
+        if slow_here and args.slow_phase == "after":
+            busy_wait(slow_ms_now(args, progress))  # a user's EMA update, metrics, logging after the step
         times.step(step)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             eval_loss = evaluate(wrapped, args, device, distributed)

@@ -139,6 +139,13 @@ SHAPES = {
             "host",
             "host time between modules",
         ),
+        Shape(  # the loop's code after the optimizer step (an EMA update, logging): no data loading, though outside
+            "after",  # every phase; examples/train.py fetches its batches from a DataLoader
+            ["--slow-phase", "after", "--slow-ms", "40"],
+            ("(host between modules)",),
+            "host",
+            "host time between modules",
+        ),
         Shape(  # activation checkpointing (transformers' gradient_checkpointing): the slow forward runs again
             "acfwd1",
             ["--activation-checkpointing", *SLOW_MLP_FORWARD],
