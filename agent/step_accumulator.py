@@ -290,11 +290,11 @@ def build_step_records(records: list[StepRecord]) -> None:
         lo, hi = bounds[i], bounds[i + 1]
         top_forward = top[lo:hi] & (phase[lo:hi] == FORWARD) & f_valid[lo:hi]
         forward_ends = rows[lo:hi, F_END][top_forward].tolist() + [_ns(w[1], table) for w in log.wrapped if w[1] > 0]
-        loop_code = _loop_code_ns(forward_ends, passes, log.optimizer, table)
-        if log.fetches:  # the loop fetched its batch from a DataLoader: the rest outside the phases is its own code
-            fetched = sum(max(0, min(e, end) - max(s, start)) for s, e in log.fetches)
-            loop_code = max(loop_code, record.data_ns - fetched)
-        record.host_ns = min(record.data_ns, loop_code)
+        if log.fetches:  # the loop fetched from a DataLoader: the rest outside the phases is its own code, wherever
+            fetched = sum(max(0, min(e, end) - max(s, start)) for s, e in log.fetches)  # (a fetch between forward
+            record.host_ns = max(0, record.data_ns - fetched)  # and backward too: that is data loading)
+        else:
+            record.host_ns = min(record.data_ns, _loop_code_ns(forward_ends, passes, log.optimizer, table))
         record.phases = phases[i] if log.detail else {}  # sampled mode: top-level calls only give step figures
         record.trace = None if trace_id is None else _trace(rows[lo:hi], f_valid[lo:hi], b_valid[lo:hi], trace_id)
 
