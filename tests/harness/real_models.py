@@ -78,7 +78,9 @@ def build(name: str, reentrant: bool | None = None):
     model = MODELS[name]()
     model.train()
     if reentrant is not None:
-        if hasattr(model, "gradient_checkpointing_enable"):
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 (the old name is deprecated there)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        elif hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         else:
             model.reentrant = reentrant
