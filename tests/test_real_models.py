@@ -140,10 +140,22 @@ CASES = {
 }
 
 
-def module_times(name: str, inject_into: tuple | None = None, reentrant: bool | None = None) -> dict:
-    model, batch = build(name, reentrant)
+def module_times(
+    name: str, inject_into: tuple | None = None, reentrant: bool | None = None, wrapper: str | None = None
+) -> dict:
+    """`wrapper` "checkpoint_wrapper": Llama's decoder layers checkpointed as torchtitan does, in torch's
+    CheckpointWrapper modules (`reentrant`: which implementation), not by transformers."""
+    model, batch = build(name, None if wrapper else reentrant)
     if inject_into is not None:
         inject(model.get_submodule(inject_into[0]), *inject_into[1:])
+    if wrapper == "checkpoint_wrapper":
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+        impl = CheckpointImpl.REENTRANT if reentrant else CheckpointImpl.NO_REENTRANT
+        model.config.use_cache = False  # a KV cache would grow again in each recompute (transformers turns it off)
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
+            layers[i] = checkpoint_wrapper(layer, checkpoint_impl=impl)
     steps = []
     with ModuleTracker(clock="cpu") as t:
         for i in range(6):
@@ -308,16 +320,18 @@ def test_flop_counter_with_modtracks_tracker_gives_the_seeds_flops_on_first_use_
     assert len(ours[1]) > 5 and sum(ours[1]["Global"].values()) > 0
 
 
+@pytest.mark.parametrize("wrapper", [None, "checkpoint_wrapper"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_injected_durations_under_activation_checkpointing_are_measured_once_in_their_phases(reentrant):
+def test_injected_durations_under_activation_checkpointing_are_measured_once_in_their_phases(reentrant, wrapper):
     """transformers' gradient checkpointing: a decoder layer's forward runs again in backward. Its recompute is the
     recompute phase of its modules, not backward time of the module whose gradient first needed it (before: the
     whole layer's recompute, injected busy-wait included, read as `down_proj`'s backward, non-reentrant, or as the
-    model's own backward, reentrant)."""
+    model's own backward, reentrant). The same with torchtitan's way, torch's `checkpoint_wrapper` around each layer.
+    """
     target = "model.layers.1.mlp"
     fw, bw = 0.020, 0.030
-    base = module_times("llama", reentrant=reentrant)
-    slow = module_times("llama", (target, fw, bw, None), reentrant=reentrant)
+    base = module_times("llama", reentrant=reentrant, wrapper=wrapper)
+    slow = module_times("llama", (target, fw, bw, None), reentrant=reentrant, wrapper=wrapper)
 
     def added(key, column="inclusive_ms"):
         return (slow[key][column] - base[key][column]) / 1e3
