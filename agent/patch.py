@@ -1,8 +1,8 @@
 """One wrapper of a torch entry point for every tracker that listens, in place while any does.
 
 The agent wraps a few of torch's entry points while a tracker is open (agent/backward_call.py,
-agent/skipped_steps.py). The wrapper goes in with the first tracker and the original comes back with the last,
-unless someone wrapped ours since: then ours stays in theirs, a pass-through that tells nobody.
+agent/skipped_steps.py, agent/data_loading.py). The wrapper goes in with the first tracker and the original comes
+back with the last, unless someone wrapped ours since: then ours stays in theirs, a pass-through that tells nobody.
 """
 
 from __future__ import annotations

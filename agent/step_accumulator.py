@@ -288,12 +288,13 @@ def build_step_records(records: list[StepRecord]) -> None:
         outside = sum(span for span, in_data in spans if in_data)  # a pause while loading data is no data loading
         record.data_ns = max(0, record.wall_ns - busy - outside)
         lo, hi = bounds[i], bounds[i + 1]
-        top_forward = top[lo:hi] & (phase[lo:hi] == FORWARD) & f_valid[lo:hi]
-        forward_ends = rows[lo:hi, F_END][top_forward].tolist() + [_ns(w[1], table) for w in log.wrapped if w[1] > 0]
         if log.fetches:  # the loop fetched from a DataLoader: the rest outside the phases is its own code, wherever
             fetched = sum(max(0, min(e, end) - max(s, start)) for s, e in log.fetches)  # (a fetch between forward
             record.host_ns = max(0, record.data_ns - fetched)  # and backward too: that is data loading)
         else:
+            top_forward = top[lo:hi] & (phase[lo:hi] == FORWARD) & f_valid[lo:hi]
+            forward_ends = rows[lo:hi, F_END][top_forward].tolist()
+            forward_ends += [_ns(w[1], table) for w in log.wrapped if w[1] > 0]
             record.host_ns = min(record.data_ns, _loop_code_ns(forward_ends, passes, log.optimizer, table))
         record.phases = phases[i] if log.detail else {}  # sampled mode: top-level calls only give step figures
         record.trace = None if trace_id is None else _trace(rows[lo:hi], f_valid[lo:hi], b_valid[lo:hi], trace_id)
