@@ -28,7 +28,6 @@ CASES = [  # (wrapper, shape, culprit position): every wrapper, the kinds the ol
     ("ddp", "every3", "middle"),
     ("ddp", "restart", "middle"),
     ("ddp", "gc", "last"),  # a full GC in blocks.1.mlp's forward: GC named, not that module (1-in-3: test_step_columns)
-    ("fsdp2", "acfwd1", "middle"),  # activation checkpointing: forward and recompute, no module it landed in
 ]  # a clean job of the default model is tests/test_end_to_end.py's clean run: the same job, asserted further
 
 
