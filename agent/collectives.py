@@ -189,7 +189,6 @@ class Collectives:
             self._place()
             ready = self._final(now)
             if ready and records:
-                records[-1].collectives = getattr(records[-1], "collectives", None) or []
                 records[-1].collectives.extend(ready)
         except Exception:
             self.counters["collective_errors"] += 1

@@ -100,7 +100,7 @@ def fill_report(report: pb.StepReport, record: StepRecord, counters: dict[str, i
         if len(cols.call_start_ns):
             stats.call_start_ns.extend(cols.call_start_ns.tolist())
             stats.call_end_ns.extend(cols.call_end_ns.tolist())
-    for stats in getattr(record, "collectives", None) or ():  # agent/collectives.py, maybe of earlier steps
+    for stats in record.collectives:  # agent/collectives.py, maybe of earlier steps
         out = report.collectives.add(
             step=stats.step,
             group=stats.group,
@@ -137,6 +137,6 @@ def wire_bytes_bound(record: StepRecord) -> int:
     names = sum(len(n) + 3 for n in record.new_module_names)
     collectives = sum(
         200 + len(c.group) + len(c.backend) + 11 * (len(c.seq) + len(c.issue_ns) + len(c.active_ns))
-        for c in getattr(record, "collectives", None) or ()
+        for c in record.collectives
     )
     return 1200 + 62 * entries + 22 * windows + 52 * traced + names + collectives

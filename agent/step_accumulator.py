@@ -127,6 +127,7 @@ class DeferredStepRecord(StepRecord):
         self.first_new_module_id = 0
         self.new_module_names = []
         self.detail = log.detail
+        self.collectives = []
         self._source = (log, table, trace_id, counters)
 
     @property

@@ -258,7 +258,7 @@ class Transport:
                 carrier = self._queue[-1] if self._queue else copy.copy(self._last_built)
                 if not stats or carrier is None:
                     return
-                carrier.collectives = [*(getattr(carrier, "collectives", None) or []), *stats]
+                carrier.collectives = [*carrier.collectives, *stats]
                 if not self._queue:
                     self._queue.append(carrier)
             self._wake.set()

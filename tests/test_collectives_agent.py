@@ -67,7 +67,7 @@ def work_info(seq: int, started_ns: int, finished_ns: int, active_ns: int, op: s
 
 
 def record(step: int, start_ms: int, end_ms: int):
-    return NS(step=step, start_ns=start_ms * MS, end_ns=end_ms * MS)
+    return NS(step=step, start_ns=start_ms * MS, end_ns=end_ms * MS, collectives=[])
 
 
 def test_nccl_hook_events_become_per_step_group_stats_after_the_grace():
@@ -89,7 +89,7 @@ def test_nccl_hook_events_become_per_step_group_stats_after_the_grace():
     step0, step1 = record(0, 0, 100), record(1, 100, 200)
     clock.now = 300 * MS  # step 0 ended 200 ms ago: within the 500 ms grace, not final yet
     c.attach([step0])
-    assert not getattr(step0, "collectives", None)
+    assert not step0.collectives
     clock.now = 700 * MS
     c.attach([step1])
     stats = {s.step: s for s in step1.collectives}
@@ -180,7 +180,7 @@ def test_nothing_before_the_process_group_exists_and_no_torch_distributed_is_qui
     c = Collectives(c10d=NS(is_initialized=lambda: False))
     r = record(0, 0, 100)
     c.attach([r])
-    assert not getattr(r, "collectives", None) and c.counters["collective_errors"] == 0
+    assert not r.collectives and c.counters["collective_errors"] == 0
 
 
 def test_stats_ride_the_report_on_the_wire():
@@ -224,6 +224,6 @@ def test_at_exit_the_last_steps_stats_are_read_at_once_whatever_the_rate_limit()
     clock.now = 200 * MS
     last = record(1, 100, 200)
     c.attach([last])  # the next dump is 10 s away: step 1 is not final
-    assert not getattr(last, "collectives", [])
+    assert not last.collectives
     (s,) = c.final()
     assert (s.step, s.seq) == (1, [2]) and c.counters["fr_dumps"] == 2

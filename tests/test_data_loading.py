@@ -132,9 +132,12 @@ def test_a_dataloader_iterated_on_another_thread_waits_for_no_step():
     finally:
         done.set()
         thread.join(5)
-    # told as before: the loop's 30 ms after each step stay data (the gaps between the phases, stretched by the
-    # prefetching thread's hold on the GIL, are all that is host time)
-    assert all(r.host_ns < 0.5 * AFTER_S * 1e9 for r in records[1:]), [(r.host_ns, r.data_ns) for r in records]
+    # told as before: the loop's 30 ms after each step stay data. The gaps between the phases, stretched by the
+    # prefetching thread's hold on the GIL, are all that is host time: ~4 ms a step, one step in a few twice that
+    # on a busy machine; had the other thread's 20 ms fetches been taken off, each step would show ~14 ms
+    host = sorted(r.host_ns for r in records[1:])
+    assert host[len(host) // 2] < 0.25 * AFTER_S * 1e9, [(r.host_ns, r.data_ns) for r in records]
+    assert all(r.data_ns >= AFTER_S * 1e9 for r in records[1:]), [(r.host_ns, r.data_ns) for r in records]
     assert not t.fetches.spans
 
 
