@@ -22,22 +22,23 @@ MAX_FETCHES_PER_STEP = 4096  # a step that fetches more keeps the first ones; th
 
 
 class Fetches:
-    """The training thread's DataLoader fetches of the step in progress: [start, end] (perf_counter_ns)."""
+    """The training thread's DataLoader fetches of the step in progress: (start, end, CPU start, CPU end), wall
+    perf_counter_ns and the thread's CPU time (a fetch that waited for a worker: agent/outside_spans.py)."""
 
     def __init__(self, position, counters: dict) -> None:
         self._position = position  # agent.position.Position: which thread trains
         self._counters = counters
-        self.spans: list[tuple[int, int]] = []
+        self.spans: list[tuple[int, int, int, int]] = []
 
-    def add(self, start: int, end: int) -> None:
+    def add(self, start: int, end: int, cpu_start: int = 0, cpu_end: int = 0) -> None:
         if threading.get_ident() != self._position.thread_id:
             return  # a loader iterated on another thread (a prefetching thread of the user's) waits for no step
         if len(self.spans) >= MAX_FETCHES_PER_STEP:
             self._counters["fetches_dropped"] = self._counters.get("fetches_dropped", 0) + 1
             return
-        self.spans.append((start, end))
+        self.spans.append((start, end, cpu_start, cpu_end))
 
-    def take(self, end_ns: int) -> list[tuple[int, int]]:
+    def take(self, end_ns: int) -> list[tuple[int, int, int, int]]:
         """The fetches of the step that ends at `end_ns` (for its StepLog.fetches); those begun after it stay,
         the next step's (a step is closed when the next one begins: its batch was fetched in between)."""
         spans = self.spans
@@ -48,14 +49,14 @@ class Fetches:
 def _wrap(original, listeners: list):
     @functools.wraps(original)
     def __next__(self):
-        start = time.perf_counter_ns()
+        start, cpu_start = time.perf_counter_ns(), time.thread_time_ns()
         try:
             return original(self)
         finally:
-            end = time.perf_counter_ns()
+            end, cpu_end = time.perf_counter_ns(), time.thread_time_ns()
             for tracker in tuple(listeners):
                 try:
-                    tracker.fetches.add(start, end)
+                    tracker.fetches.add(start, end, cpu_start, cpu_end)
                 except Exception:
                     tracker.counters["hook_errors"] += 1
 

@@ -84,6 +84,7 @@ def fill_report(report: pb.StepReport, record: StepRecord, counters: dict[str, i
     report.gc_ns = record.gc_ns
     report.gc_collections = record.gc_collections
     report.host_ns = record.host_ns
+    report.host_wait_ns = record.host_wait_ns
     report.first_new_module_id = record.first_new_module_id
     report.detail = record.detail
     for name in _COUNTERS:

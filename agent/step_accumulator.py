@@ -19,6 +19,7 @@ import bisect
 
 import numpy as np
 
+from modtrack.agent.outside_spans import host_wait_ns
 from modtrack.agent.step_record import PHASES, PhaseColumns, StepRecord, TraceColumns
 
 # A row is a list of ints, one per module call:
@@ -67,7 +68,8 @@ class StepLog:
         # full garbage collections on the training thread (agent/gc_pauses.py): [work start, work end, wall start,
         # wall end, outside every phase]; module windows leave them out, data_ns too
         self.gc: list[list[int]] = []
-        self.fetches: list[tuple[int, int]] = []  # DataLoader next() calls on the training thread: (start, end) ns
+        self.fetches: list[tuple] = []  # DataLoader next() calls on the training thread: agent/data_loading.py
+        self.outside: list[tuple] = []  # stretches outside every phase: agent/outside_spans.py
 
     def is_empty(self) -> bool:
         return not (self.rows or self.passes or self.optimizer or self.wrapped)
@@ -108,6 +110,7 @@ class DeferredStepRecord(StepRecord):
     gc_ns = _Built()
     gc_collections = _Built()
     host_ns = _Built()
+    host_wait_ns = _Built()
     phases = _Built()
     trace = _Built()
 
@@ -290,13 +293,14 @@ def build_step_records(records: list[StepRecord]) -> None:
         record.data_ns = max(0, record.wall_ns - busy - outside)
         lo, hi = bounds[i], bounds[i + 1]
         if log.fetches:  # the loop fetched from a DataLoader: the rest outside the phases is its own code, wherever
-            fetched = sum(max(0, min(e, end) - max(s, start)) for s, e in log.fetches)  # (a fetch between forward
+            fetched = sum(max(0, min(f[1], end) - max(f[0], start)) for f in log.fetches)  # (a fetch between forward
             record.host_ns = max(0, record.data_ns - fetched)  # and backward too: that is data loading)
         else:
             top_forward = top[lo:hi] & (phase[lo:hi] == FORWARD) & f_valid[lo:hi]
             forward_ends = rows[lo:hi, F_END][top_forward].tolist()
             forward_ends += [_ns(w[1], table) for w in log.wrapped if w[1] > 0]
             record.host_ns = min(record.data_ns, _loop_code_ns(forward_ends, passes, log.optimizer, table))
+        record.host_wait_ns = host_wait_ns(log.outside, log.fetches, record.host_ns)
         record.phases = phases[i] if log.detail else {}  # sampled mode: top-level calls only give step figures
         record.trace = None if trace_id is None else _trace(rows[lo:hi], f_valid[lo:hi], b_valid[lo:hi], trace_id)
 

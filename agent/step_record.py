@@ -58,6 +58,7 @@ class StepRecord:
     gc_ns: int = 0  # wall time of the step's full garbage collections on the training thread (agent/gc_pauses.py)
     gc_collections: int = 0
     host_ns: int = 0  # the loop's own code between the phases (part of data_ns): StepReport.host_ns
+    host_wait_ns: int = 0  # the part of host_ns the training thread was not running: StepReport.host_wait_ns
     first_new_module_id: int = 0
     new_module_names: list[str] = field(default_factory=list)
     phases: dict[str, PhaseColumns] = field(default_factory=dict)

@@ -68,6 +68,11 @@ from modtrack.agent.compiled_calls import CompiledCalls
 from modtrack.agent.gc_pauses import GcPauses
 from modtrack.agent.module_hooks import ModuleHooks
 from modtrack.agent.module_names import ModuleNames
+from modtrack.agent.outside_spans import FORWARD as OUT_FORWARD
+from modtrack.agent.outside_spans import OPTIMIZER as OUT_OPTIMIZER
+from modtrack.agent.outside_spans import PASS as OUT_PASS
+from modtrack.agent.outside_spans import START as OUT_START
+from modtrack.agent.outside_spans import OutsideSpans
 from modtrack.agent.step_accumulator import (
     B_END,
     B_START,
@@ -289,6 +294,9 @@ class ModuleTracker:
         self.exit_drain = ExitDrain()  # destroy_process_group() waits for gloo's workers (agent/teardown.py)
         self.gc_pauses = GcPauses(self._work, self.position, self.counters)  # agent/gc_pauses.py
         self.fetches = data_loading.Fetches(self.position, self.counters)  # DataLoader fetches (agent/data_loading.py)
+        # the loop's waits between the phases (agent/outside_spans.py): on the thread CPU clock only
+        cpu_durations = self._clock.kind == "cpu" and getattr(self._clock, "durations", "") == "thread"
+        self.outside = OutsideSpans(self.position, self.counters, cpu_durations)
 
     # ---- the seed's surface -------------------------------------------------------------------
     @property
@@ -313,6 +321,8 @@ class ModuleTracker:
             backward_call.add(self)
             skipped_steps.add(self)
             self.fetches.spans = []  # none left from an earlier tracking block
+            self.outside.spans = []
+            self.outside.begin(OUT_START)
             data_loading.add(self)
             self.exit_drain.install()
             self.gc_pauses.install()
@@ -449,6 +459,7 @@ class ModuleTracker:
                 if self._end_pending:
                     self._end_step(self._end_pending)
                 self._wrapper = mod
+                self.outside.end(OUT_FORWARD)
                 self._log.wrapped.append([self._stamp(), 0])
         except Exception:
             self._hook_failed()
@@ -459,6 +470,7 @@ class ModuleTracker:
                 self._wrapper = None
                 if self._log.wrapped:
                     self._log.wrapped[-1][1] = self._stamp()
+                self.outside.begin(OUT_FORWARD)
         except Exception:
             self._hook_failed()
 
@@ -490,8 +502,10 @@ class ModuleTracker:
             in_backward = _graph_task_id() != -1
             if recursive and in_backward:  # a recompute while its backward runs (`parents` has it): recursive only
                 recursive = any(c.mod is mod for c in stack)  # if it is open in the recompute itself
-            if not stack and not in_backward and self._optimizer_start:
-                self._pause_optimizer()  # a closure inside optimizer.step(): this is forward, not optimizer
+            if not stack and not in_backward:
+                if self._optimizer_start:
+                    self._pause_optimizer()  # a closure inside optimizer.step(): this is forward, not optimizer
+                self.outside.end(OUT_FORWARD)
             # the layout of agent.step_accumulator.new_row, inlined: this runs for every call
             row = [
                 mid,
@@ -705,6 +719,8 @@ class ModuleTracker:
             else:
                 position.module = at.NO_MODULE
                 position.phase = at.BACKWARD if row[PHASE] == RECOMPUTE else at.OUTSIDE
+                if row[PHASE] == FORWARD and self._wrapper is None:
+                    self.outside.begin(OUT_FORWARD)
             name = site[1]
             # the seed's post hook does not run when a forward raises: non-reentrant checkpoint stops
             # its recompute that way, and the seed's `parents` keeps the name; other errors drop it
@@ -1026,6 +1042,7 @@ class ModuleTracker:
                 self._end_step(self._end_pending)
             if self._optimizer_start:
                 self._pause_optimizer()  # loss.backward() inside optimizer.step(closure)
+            self.outside.end(OUT_PASS)
             self._backward_called_at = self._stamp()
             return True
         except Exception:
@@ -1044,6 +1061,7 @@ class ModuleTracker:
         self._backward_called_at = 0
         if self._optimizer_start:
             self._pause_optimizer()  # loss.backward() inside optimizer.step(closure)
+        self.outside.end(OUT_PASS)  # (a backward not called by the loop: its first module's)
         # A backward whose first module hook fired in a nested graph task (reentrant checkpoint)
         # shows up as two pieces with no forward in between: they are one pass.
         if log.passes and not any(r[PHASE] == FORWARD for r in log.rows[log.rows_at_pass_end :]):
@@ -1082,7 +1100,9 @@ class ModuleTracker:
             self.exit_drain.note_pass()  # this pass's gloo works hold its Context (agent/teardown.py)
             self.position.module = at.NO_MODULE  # position: between backward and the optimizer
             self.position.phase = at.OUTSIDE
+            self.outside.begin(OUT_PASS)
             if self._in_optimizer and not self._optimizer_start:
+                self.outside.cancel()
                 self._optimizer_start = self._stamp()  # back in optimizer.step() after its closure
                 self.position.phase = at.OPTIMIZER
             if self._step_due:
@@ -1104,6 +1124,10 @@ class ModuleTracker:
                     self._end_pending = 0
                     self.position.step, self.position.step_start_ns = self._step_no, self._log.start_host_ns
                     start = self._log.optimizer[-1][1]  # the code between the two steps is optimizer time too
+            if start:
+                self.outside.cancel()
+            else:
+                self.outside.end(OUT_OPTIMIZER)
             self._stepped.append(id(optimizer))
             self._in_optimizer = True
             self._optimizer_start = start or self._stamp()
@@ -1133,6 +1157,7 @@ class ModuleTracker:
                 # (the next forward, backward, step(), close(), a read of last_step()): until then it is the
                 # next step's data loading, as far as anyone watching the rank can tell.
                 self._end_pending = time.perf_counter_ns()
+                self.outside.begin(OUT_OPTIMIZER)
                 if self._next_trace is None:  # what a step's end decides is decided at its first optimizer's end
                     self._next_trace = (self._take_trace(),)
                     self._sample_step(self._step_no + 1)
@@ -1159,6 +1184,7 @@ class ModuleTracker:
             log.call_windows = self.call_windows
             log.gc = self.gc_pauses.take(log.end_host_ns)
             log.fetches = self.fetches.take(log.end_host_ns)
+            log.outside = self.outside.take(log.end_host_ns)
             self._log = StepLog(log.end_host_ns)
             self._stack.clear()
             self._open_backward.clear()

@@ -44,6 +44,7 @@ STEP_FIGURES = (
     "gc_ns",  # full GC pauses on the training thread (wall); module times and data_ns leave them out
     "gc_collections",  # how many
     "host_ns",  # the training loop's own code between the phases, part of data_ns (agents before it: 0)
+    "host_wait_ns",  # the part of host_ns the rank was blocked, e.g. in gradient clipping's all-reduce (else 0)
 )
 # A StepRow's per-module columns (one entry per module and phase) and its trace's columns (one
 # entry per call), with the dtype each is kept in.
@@ -191,6 +192,9 @@ class StepMatrix:
     # (R,) the part of data_ms between the last module forward and the first module backward: the host's own
     # code there (the loss, a user's code in the training loop), not data loading. None: not known.
     host_ms: np.ndarray | None = None
+    # (R,) the part of host_ms the rank was blocked (gradient clipping's all-reduce under FSDP, a barrier): a wait,
+    # in idle_ms too, and out of the host time judged. None: not known (0 from agents before it, or off the CPU clock)
+    host_wait_ms: np.ndarray | None = None
 
     @property
     def idle_or_tail_ms(self) -> np.ndarray:

@@ -14,9 +14,10 @@ step (optimizer; with --optimizers 2, the second one's), or as a full garbage co
 forward that takes about --slow-ms (gc: the rank keeps a heap of small objects sized for it). --slow-every N
 makes it intermittent (one slow step in N), --slow-ramp-steps a gradual ramp, --slow-to-step a stop.
 --fail-at-step S makes rank 0 fail once, in the first attempt, so that `torchrun --max-restarts 1` restarts
-the job; --slow-attempt confines the fault to one attempt. --step-times FILE: every rank appends each step's
-wall time (the job's own measure of what a straggler costs, independent of the agent) as JSON lines, with its
-rank.
+the job; --slow-attempt confines the fault to one attempt. --clip-grad-norm N clips the gradients after backward
+(HF Trainer's default; under FSDP an all-reduce of their norm, where every rank waits for the last one).
+--step-times FILE: every rank appends each step's wall time (the job's own measure of what a straggler costs,
+independent of the agent) as JSON lines, with its rank.
 It prints the same lines with or without the agent: loss is deterministic for a given seed.
 """
 
@@ -226,6 +227,15 @@ def wrap_model(model: nn.Module, args, distributed: bool, cuda: bool) -> nn.Modu
     return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=device)
 
 
+def clip_gradients(wrapped: nn.Module, max_norm: float) -> None:
+    """Clip the gradients' total norm, as HF Trainer (max_grad_norm=1.0), Lightning and torchtitan do by default.
+    Under FSDP the norm of sharded gradients takes an all-reduce: every rank waits there for the last one."""
+    if hasattr(wrapped, "clip_grad_norm_"):  # FSDP1 (sharded flat parameters)
+        wrapped.clip_grad_norm_(max_norm)
+    else:  # DDP and the plain model: local; FSDP2: DTensor gradients, the norm all-reduced
+        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), max_norm)
+
+
 class StepTimes:
     """Each rank's own record of each step's wall time, appended as JSON lines: the ground truth of cost.
 
@@ -290,6 +300,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--eval-batches", type=int, default=40)
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (gradient accumulation)")
+    p.add_argument("--clip-grad-norm", type=float, default=0.0, help="clip gradients to this total norm (0: off)")
     p.add_argument(
         "--activation-checkpointing",
         action="store_true",
@@ -424,6 +435,8 @@ def main(argv=None) -> None:
                 loss.backward()
         if slow_here and args.slow_phase == "post":
             busy_wait(slow_ms_now(args, progress))  # a user's gradient clipping, loss.item(), logging
+        if args.clip_grad_norm:
+            clip_gradients(wrapped, args.clip_grad_norm)
         for opt in optimizers:
             opt.step()
         if slow_here and args.slow_phase == "after":

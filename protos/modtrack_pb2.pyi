@@ -205,7 +205,7 @@ class GpuHealth(_message.Message):
     def __init__(self, sampled_ns: _Optional[int] = ..., nvml_index: _Optional[int] = ..., name: _Optional[str] = ..., sm_clock_mhz: _Optional[int] = ..., max_sm_clock_mhz: _Optional[int] = ..., memory_clock_mhz: _Optional[int] = ..., temperature_c: _Optional[int] = ..., power_mw: _Optional[int] = ..., power_limit_mw: _Optional[int] = ..., utilization_pct: _Optional[int] = ..., clock_event_reasons: _Optional[int] = ..., ecc_uncorrected: _Optional[int] = ..., xid_events: _Optional[int] = ..., last_xid: _Optional[int] = ..., errors: _Optional[int] = ..., unavailable: _Optional[str] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "start_ns", "end_ns", "forward_ns", "backward_ns", "optimizer_ns", "data_ns", "backward_tail_ns", "recompute_ns", "first_new_module_id", "new_module_names", "phases", "trace", "counters", "detail", "collectives", "gpu", "gc_ns", "gc_collections", "host_ns")
+    __slots__ = ("step", "start_ns", "end_ns", "forward_ns", "backward_ns", "optimizer_ns", "data_ns", "backward_tail_ns", "recompute_ns", "first_new_module_id", "new_module_names", "phases", "trace", "counters", "detail", "collectives", "gpu", "gc_ns", "gc_collections", "host_ns", "host_wait_ns")
     STEP_FIELD_NUMBER: _ClassVar[int]
     START_NS_FIELD_NUMBER: _ClassVar[int]
     END_NS_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,7 @@ class StepReport(_message.Message):
     GC_NS_FIELD_NUMBER: _ClassVar[int]
     GC_COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
     HOST_NS_FIELD_NUMBER: _ClassVar[int]
+    HOST_WAIT_NS_FIELD_NUMBER: _ClassVar[int]
     step: int
     start_ns: int
     end_ns: int
@@ -246,7 +247,8 @@ class StepReport(_message.Message):
     gc_ns: int
     gc_collections: int
     host_ns: int
-    def __init__(self, step: _Optional[int] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., backward_ns: _Optional[int] = ..., optimizer_ns: _Optional[int] = ..., data_ns: _Optional[int] = ..., backward_tail_ns: _Optional[int] = ..., recompute_ns: _Optional[int] = ..., first_new_module_id: _Optional[int] = ..., new_module_names: _Optional[_Iterable[str]] = ..., phases: _Optional[_Iterable[_Union[PhaseStats, _Mapping]]] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ..., counters: _Optional[_Union[AgentCounters, _Mapping]] = ..., detail: _Optional[bool] = ..., collectives: _Optional[_Iterable[_Union[CollectiveStats, _Mapping]]] = ..., gpu: _Optional[_Union[GpuHealth, _Mapping]] = ..., gc_ns: _Optional[int] = ..., gc_collections: _Optional[int] = ..., host_ns: _Optional[int] = ...) -> None: ...
+    host_wait_ns: int
+    def __init__(self, step: _Optional[int] = ..., start_ns: _Optional[int] = ..., end_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., backward_ns: _Optional[int] = ..., optimizer_ns: _Optional[int] = ..., data_ns: _Optional[int] = ..., backward_tail_ns: _Optional[int] = ..., recompute_ns: _Optional[int] = ..., first_new_module_id: _Optional[int] = ..., new_module_names: _Optional[_Iterable[str]] = ..., phases: _Optional[_Iterable[_Union[PhaseStats, _Mapping]]] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ..., counters: _Optional[_Union[AgentCounters, _Mapping]] = ..., detail: _Optional[bool] = ..., collectives: _Optional[_Iterable[_Union[CollectiveStats, _Mapping]]] = ..., gpu: _Optional[_Union[GpuHealth, _Mapping]] = ..., gc_ns: _Optional[int] = ..., gc_collections: _Optional[int] = ..., host_ns: _Optional[int] = ..., host_wait_ns: _Optional[int] = ...) -> None: ...
 
 class StepReportBatch(_message.Message):
     __slots__ = ("reports",)

@@ -485,13 +485,14 @@ def test_a_data_directory_of_schema_version_5_serves_its_steps_with_no_gc_pauses
     try:
         (step,) = get_json(f"{served.url}/api/v1/jobs/v5/steps?last=10")["steps"]
         assert [
-            (r["rank"], r["optimizer_ms"], r["gc_ms"], r["gc_collections"], r["host_ms"]) for r in step["ranks"]
+            (r["rank"], r["optimizer_ms"], r["gc_ms"], r["gc_collections"], r["host_ms"], r["host_wait_ms"])
+            for r in step["ranks"]
         ] == [
-            (0, 3.0, 0.0, 0, 0.0),
-            (1, 3.0, 0.0, 0, 0.0),
+            (0, 3.0, 0.0, 0, 0.0, 0.0),
+            (1, 3.0, 0.0, 0, 0.0, 0.0),
         ]
     finally:
         served.stop()
     conn = sqlite3.connect(data_dir / "modtrack.sqlite3")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 7
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 8
     conn.close()

@@ -25,6 +25,7 @@ CASES = [  # (wrapper, shape, culprit position): every wrapper, the kinds the ol
     ("fsdp1", "fwd1", "first"),
     ("fsdp1", "data", "last"),  # FSDP1's root all-gather: the peers' wait for the loader is forward time
     ("fsdp2", "host", "last"),  # FSDP2's pre-backward all-gather: the peers' wait is backward, not host time
+    ("fsdp2", "clippost", "middle"),  # gradient clipping's all-reduce: the peers wait in their own loop code
     ("ddp", "every3", "middle"),
     ("ddp", "restart", "middle"),
     ("ddp", "gc", "last"),  # a full GC in blocks.1.mlp's forward: GC named, not that module (1-in-3: test_step_columns)

@@ -164,7 +164,7 @@ def test_the_loops_code_between_forward_backward_and_optimizer_is_measured_from_
         end = 40 + gap_ms + after_ms
         figures = {"start_ns": 0, "end_ns": end * ms, "forward_ns": 10 * ms, "backward_ns": 8 * ms,
                    "optimizer_ns": 2 * ms, "data_ns": (20 + gap_ms + after_ms) * ms, "backward_tail_ns": 0,
-                   "recompute_ns": 0, "gc_ns": 0, "gc_collections": 0, "host_ns": 0}  # fmt: skip
+                   "recompute_ns": 0, "gc_ns": 0, "gc_collections": 0, "host_ns": 0, "host_wait_ns": 0}  # fmt: skip
         modules = {"phase": np.array([1, 2], np.uint8), "module": np.array([0, 0], np.int64),
                    "calls": np.ones(2, np.uint32), "inclusive": np.array([10, 8]) * ms,
                    "self": np.array([10, 8]) * ms, "first_start": np.array([20, 30 + gap_ms]) * ms,
@@ -201,7 +201,8 @@ def test_a_gc_pause_in_forward_is_the_rank_s_own_time_not_a_wait():
         forward = (10 + gc_ms + wait_ms) * ms
         figures = {"start_ns": 0, "end_ns": forward + 10 * ms, "forward_ns": forward, "backward_ns": 8 * ms,
                    "optimizer_ns": 2 * ms, "data_ns": 0, "backward_tail_ns": 0, "recompute_ns": 0,
-                   "gc_ns": gc_ms * ms, "gc_collections": 1 if gc_ms else 0, "host_ns": 0}  # fmt: skip
+                   "gc_ns": gc_ms * ms, "gc_collections": 1 if gc_ms else 0,
+                   "host_ns": 0, "host_wait_ns": 0}  # fmt: skip
         modules = {"phase": np.array([1, 2], np.uint8), "module": np.array([0, 0], np.int64),
                    "calls": np.ones(2, np.uint32), "inclusive": np.array([10, 8]) * ms,
                    "self": np.array([10, 8]) * ms, "first_start": np.array([0, forward]),

@@ -200,6 +200,7 @@ def make_app(deps: ApiDeps) -> web.Application:
                     "gc_ms": f["gc_ns"] / 1e6,  # full GC pauses (out of the module and data times)
                     "gc_collections": f["gc_collections"],
                     "host_ms": f["host_ns"] / 1e6,  # the loop's own code between the phases (part of data_ms)
+                    "host_wait_ms": f["host_wait_ns"] / 1e6,  # the part of host_ms the rank was blocked
                 }
             )
         return web.json_response(

@@ -72,6 +72,8 @@ def parse_report(report, stream: RankStream, extend_table) -> StepRow:
         )
     if figures["host_ns"] > figures["data_ns"]:  # the loop's own code is part of the time outside the phases
         raise invalid(f"{where}: host_ns {figures['host_ns']} is longer than data_ns {figures['data_ns']}")
+    if figures["host_wait_ns"] > figures["host_ns"]:  # a wait inside the loop's own code is part of it
+        raise invalid(f"{where}: host_wait_ns {figures['host_wait_ns']} is longer than host_ns {figures['host_ns']}")
     block, calls, phase, marks = _phase_block(report.phases, len(stream.remap))
     if block is None:
         _explain_phases(report, stream, where)  # raises Refused

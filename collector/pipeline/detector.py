@@ -190,10 +190,14 @@ STEP_COLUMNS = (
 
 
 def _step_figure(m: StepMatrix, field: str):
-    """A step-level column: data loading is what is left of the step outside modules, less the host's time."""
+    """A step-level column: data loading is what is left of the step outside modules, less the host's time; the
+    host's time is its code's, less what it waited there (gradient clipping's all-reduce under FSDP: every rank is
+    there as long as the last one, and only the thread's CPU time tells the one that ran its code)."""
     value = getattr(m, field, None)
     if field == "data_ms" and value is not None and m.host_ms is not None:
         return np.asarray(value, dtype=np.float64) - np.asarray(m.host_ms, dtype=np.float64)
+    if field == "host_ms" and value is not None and m.host_wait_ms is not None:
+        return np.asarray(value, dtype=np.float64) - np.asarray(m.host_wait_ms, dtype=np.float64)
     return value
 
 

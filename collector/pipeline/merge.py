@@ -286,10 +286,15 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
         idle_ms = np.maximum(in_modules, tail_ms)
     else:  # a step without detail has no module compute to subtract
         idle_ms = np.where(detail, np.maximum(in_modules, tail_ms), tail_ms)
+    # and what it waited in the loop's own code between the phases (agent/outside_spans.py: the CPU clock only)
+    host_wait_ms = figures["host_wait_ns"] / 1e6
+    if state.cpu_clock:
+        idle_ms = idle_ms + host_wait_ms
     # the agent's own figure (every micro-batch's gap under gradient accumulation); agents before it: what the
     # module stamps tell, the one gap between the last forward and the first backward
     host_ms = np.maximum(_loop_code_between_phases(ordered, lengths, phases, figures), figures["host_ns"]) / 1e6
     host_ms = np.minimum(host_ms, figures["data_ns"] / 1e6)
+    host_wait_ms = np.minimum(host_wait_ms, host_ms)
     return StepMatrix(
         job=state.job,
         step=step,
@@ -311,6 +316,7 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
         detail=detail,
         cpu_clock=bool(state.cpu_clock),
         host_ms=host_ms,
+        host_wait_ms=host_wait_ms if host_wait_ms.any() else None,
     )
 
 
@@ -324,6 +330,7 @@ _FIGURES = (
     "optimizer_ns",
     "gc_ns",
     "host_ns",
+    "host_wait_ns",
 )
 _step_figures = operator.itemgetter(*_FIGURES)
 

@@ -169,6 +169,12 @@ def migrate_host(conn: sqlite3.Connection) -> None:
     _run_statements(conn, "ALTER TABLE steps ADD COLUMN host_ns INTEGER NOT NULL DEFAULT 0")
 
 
+def migrate_host_wait(conn: sqlite3.Connection) -> None:
+    """Version 7 -> 8: the agent reports the part of each step's host time its training thread was blocked
+    (StepReport.host_wait_ns: gradient clipping's all-reduce under FSDP, a barrier). Rows stored before: 0."""
+    _run_statements(conn, "ALTER TABLE steps ADD COLUMN host_wait_ns INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v1_tables,
     migrate_attempts,
@@ -177,6 +183,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     migrate_collectives,
     migrate_gc,
     migrate_host,
+    migrate_host_wait,
 ]
 VERSION = len(MIGRATIONS)
 

@@ -139,6 +139,24 @@ SHAPES = {
             "host",
             "host time between modules",
         ),
+        Shape(  # ... with the gradients clipped after it (HF Trainer's default): under FSDP its peers wait there
+            "clippost",
+            ["--clip-grad-norm", "1.0", "--slow-phase", "post", "--slow-ms", "40"],
+            ("(host between modules)",),
+            "host",
+            "host time between modules",
+        ),
+        Shape(  # gradient clipping and a slow backward module
+            "clipbwd1", ["--clip-grad-norm", "1.0", *SLOW_ATTN_BACKWARD], ("blocks.2.attn",), "backward", "compute in 1"
+        ),
+        Shape(  # gradient clipping and a slow optimizer step
+            "clipoptimizer",
+            ["--clip-grad-norm", "1.0", "--slow-phase", "optimizer", "--slow-ms", "30"],
+            ("(optimizer)",),
+            "optimizer",
+            "optimizer",
+        ),
+        Shape("clipclean", ["--clip-grad-norm", "1.0"], clean=True),
         Shape(  # the loop's code after the optimizer step (an EMA update, logging): no data loading, though outside
             "after",  # every phase; examples/train.py fetches its batches from a DataLoader
             ["--slow-phase", "after", "--slow-ms", "40"],
