@@ -98,6 +98,15 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+def loop_code(args, ms: float) -> None:
+    """The training loop's own slow code: computing (busy), or blocked on the rank's own I/O (--slow-blocking: a
+    write to a slow file system, a logger's network call), which takes no CPU."""
+    if args.slow_blocking:
+        time.sleep(ms / 1000)
+    else:
+        busy_wait(ms)
+
+
 def busy_wait(ms: float) -> None:
     """Burn `ms` of this thread's CPU time: a slow kernel, not an idle sleep.
 
@@ -300,6 +309,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--eval-batches", type=int, default=40)
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (gradient accumulation)")
+    p.add_argument("--slow-blocking", action="store_true", help="host, post, after: a blocking wait, not compute")
     p.add_argument("--clip-grad-norm", type=float, default=0.0, help="clip gradients to this total norm (0: off)")
     p.add_argument(
         "--activation-checkpointing",
@@ -431,16 +441,16 @@ def main(argv=None) -> None:
                 logits = wrapped(tokens[:, :-1])
                 loss = F.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1)) / args.accumulate
                 if slow_here and args.slow_phase == "host":
-                    busy_wait(slow_ms_now(args, progress))  # a user's metrics, logging: between forward, backward
+                    loop_code(args, slow_ms_now(args, progress))  # a user's metrics, logging: between forward, backward
                 loss.backward()
         if slow_here and args.slow_phase == "post":
-            busy_wait(slow_ms_now(args, progress))  # a user's gradient clipping, loss.item(), logging
+            loop_code(args, slow_ms_now(args, progress))  # a user's gradient clipping, loss.item(), logging
         if args.clip_grad_norm:
             clip_gradients(wrapped, args.clip_grad_norm)
         for opt in optimizers:
             opt.step()
         if slow_here and args.slow_phase == "after":
-            busy_wait(slow_ms_now(args, progress))  # a user's EMA update, metrics, logging after the step
+            loop_code(args, slow_ms_now(args, progress))  # a user's EMA update, metrics, logging after the step
         times.step(step)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             eval_loss = evaluate(wrapped, args, device, distributed)

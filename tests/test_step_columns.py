@@ -215,6 +215,44 @@ def test_a_gc_pause_in_forward_is_the_rank_s_own_time_not_a_wait():
     assert m.idle_ms.tolist() == [40.0, 0.0, 40.0]  # the pausing rank waited for nobody
 
 
+@pytest.mark.parametrize("ranks", [3, 2])
+@pytest.mark.parametrize("case", ["waits for the culprit in a clip", "the culprit blocked on its own write"])
+def test_a_wait_in_the_loops_code_is_the_waiting_ranks_idle_time_and_a_rank_blocked_longest_is_not_waiting(case, ranks):
+    """Rank 1 is 40 ms slow between its backward and its optimizer step. Gradient clipping under FSDP: its own code
+    computes, and its peers block 40 ms in the clip's all-reduce there (their host time reads the same 41 ms).
+    A write to a slow disk: rank 1 blocks there itself, and its peers wait for it in their next collective."""
+    from modtrack.collector.pipeline.detector import DetectorParams, flag_step, judged_columns
+    from modtrack.collector.pipeline.merge import JobSnapshot, build_matrix
+    from modtrack.collector.records import StepRow
+
+    ms = 1_000_000
+    clip = case.startswith("waits")
+
+    def row(rank):
+        culprit = rank == 1
+        host = 41 if clip or culprit else 1
+        wait = (0 if culprit else 40) if clip else (40 if culprit else 0)
+        elsewhere = 0 if clip or culprit else 40  # the peers' wait for a slow writer: in the next backward's tail
+        figures = {"start_ns": 0, "end_ns": (30 + host + elsewhere) * ms, "forward_ns": 10 * ms,
+                   "backward_ns": (8 + elsewhere) * ms, "optimizer_ns": 2 * ms, "data_ns": (10 + host) * ms,
+                   "backward_tail_ns": elsewhere * ms, "recompute_ns": 0, "gc_ns": 0, "gc_collections": 0,
+                   "host_ns": host * ms, "host_wait_ns": wait * ms}  # fmt: skip
+        modules = {"phase": np.array([1, 2], np.uint8), "module": np.array([0, 0], np.int64),
+                   "calls": np.ones(2, np.uint32), "inclusive": np.array([10, 8]) * ms,
+                   "self": np.array([10, 8]) * ms, "first_start": np.array([10, 20]) * ms,
+                   "last_end": np.array([20, 28 + elsewhere]) * ms}  # fmt: skip
+        return StepRow("j", rank, 0, figures, modules)
+
+    snapshot = JobSnapshot("j", ["Net"], dict.fromkeys(range(ranks), "h"), cpu_clock=True)
+    m = build_matrix(snapshot, 0, {r: row(r) for r in range(ranks)})
+    x, keys = judged_columns(m)
+    host = x[:, keys.tolist().index(-3) - len(keys)]
+    flags = flag_step(m, DetectorParams(), x)
+    assert flags.flagged[:, -2].tolist() == [r == 1 for r in range(ranks)], (host, m.idle_ms)  # the host column
+    assert host[1] >= 20 and all(host[r] <= 21 for r in range(ranks) if r != 1), host
+    assert m.idle_ms[1] <= 20 and all(m.idle_ms[r] >= 20 for r in range(ranks) if r != 1), m.idle_ms
+
+
 def _ingested(row):
     """A StepRow sent as the agent sends it (a StepReport, one PhaseStats per phase) and parsed by ingest."""
     from modtrack.collector.ingest.parse import RankStream, parse_report

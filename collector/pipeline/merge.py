@@ -33,7 +33,7 @@ from modtrack.collector.records import (
     column_key,
     idle_less_gc,
 )
-from modtrack.collector.small_arrays import nan_to
+from modtrack.collector.small_arrays import median, nan_to
 
 
 @dataclass
@@ -278,6 +278,11 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
     # Other clocks (CUDA events) cannot be subtracted from host walls: the backward tail it is.
     in_modules = (figures["forward_ns"] + figures["backward_ns"]) / 1e6 - nan_to(self_ms).sum(axis=1)  # np.nansum
     in_modules = idle_less_gc(in_modules, gc_ms)  # GC pauses are no wait
+    # the agent's own figure (every micro-batch's gap under gradient accumulation); agents before it: what the
+    # module stamps tell, the one gap between the last forward and the first backward
+    host_ms = np.maximum(_loop_code_between_phases(ordered, lengths, phases, figures), figures["host_ns"]) / 1e6
+    host_ms = np.minimum(host_ms, figures["data_ns"] / 1e6)
+    host_wait_ms = _waits_for_peers(np.minimum(figures["host_wait_ns"] / 1e6, host_ms))
     every_detail = all(r.detail for r in ordered)
     detail = None if every_detail else np.array([r.detail for r in ordered], dtype=bool)  # sampled mode
     if not state.cpu_clock:
@@ -286,15 +291,8 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
         idle_ms = np.maximum(in_modules, tail_ms)
     else:  # a step without detail has no module compute to subtract
         idle_ms = np.where(detail, np.maximum(in_modules, tail_ms), tail_ms)
-    # and what it waited in the loop's own code between the phases (agent/outside_spans.py: the CPU clock only)
-    host_wait_ms = figures["host_wait_ns"] / 1e6
-    if state.cpu_clock:
+    if state.cpu_clock:  # and what it waited for its peers in the loop's own code between the phases
         idle_ms = idle_ms + host_wait_ms
-    # the agent's own figure (every micro-batch's gap under gradient accumulation); agents before it: what the
-    # module stamps tell, the one gap between the last forward and the first backward
-    host_ms = np.maximum(_loop_code_between_phases(ordered, lengths, phases, figures), figures["host_ns"]) / 1e6
-    host_ms = np.minimum(host_ms, figures["data_ns"] / 1e6)
-    host_wait_ms = np.minimum(host_wait_ms, host_ms)
     return StepMatrix(
         job=state.job,
         step=step,
@@ -318,6 +316,16 @@ def build_matrix(job: JobSnapshot | JobState, step: int, rows: dict[int, StepRow
         host_ms=host_ms,
         host_wait_ms=host_wait_ms if host_wait_ms.any() else None,
     )
+
+
+def _waits_for_peers(host_wait_ms: np.ndarray) -> np.ndarray:
+    """(R,) the part of each rank's blocked time in its loop's own code (StepReport.host_wait_ns) that was a wait
+    for its peers: at most the ranks' median. A collective there (gradient clipping's all-reduce under FSDP) holds
+    every rank until the last one arrives, and the last one waits least; a rank blocked longer than the median
+    rank was blocked on its own (a slow write, a logger's network call): that is its own time, as computing is."""
+    if len(host_wait_ms) < 2 or not host_wait_ms.any():
+        return host_wait_ms
+    return np.minimum(host_wait_ms, median(host_wait_ms))
 
 
 _FIGURES = (

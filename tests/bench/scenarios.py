@@ -157,6 +157,22 @@ SHAPES = {
             "optimizer",
         ),
         Shape("clipclean", ["--clip-grad-norm", "1.0"], clean=True),
+        Shape(  # the loop's code blocked on the rank's own I/O before the clip (a slow write). Not told apart under
+            # FSDP: every rank is blocked there as long, the culprit in its write and its peers in the clip's
+            # all-reduce; only the collectives' arrival order says who came last (MODTRACK_COLLECTIVES=on)
+            "clippostio",
+            ["--clip-grad-norm", "1.0", "--slow-phase", "post", "--slow-ms", "40", "--slow-blocking"],
+            ("(host between modules)",),
+            "host",
+            "host time between modules",
+        ),
+        Shape(  # ... and blocked after the optimizer step (a logger's network call)
+            "afterio",
+            ["--slow-phase", "after", "--slow-ms", "40", "--slow-blocking"],
+            ("(host between modules)",),
+            "host",
+            "host time between modules",
+        ),
         Shape(  # the loop's code after the optimizer step (an EMA update, logging): no data loading, though outside
             "after",  # every phase; examples/train.py fetches its batches from a DataLoader
             ["--slow-phase", "after", "--slow-ms", "40"],
