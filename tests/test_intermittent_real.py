@@ -74,3 +74,13 @@ def test_a_1_in_5_straggler_whose_own_tail_wait_is_the_longest_in_some_slow_step
     assert [(e["module"], e["phase"]) for e in ep.modules] == [("TinyGPT.blocks.1.mlp", "forward")]
     assert ONSET <= ep.first_step <= ONSET + 30
     assert abs(ep.cost_ms_per_step - 7.0) <= 2 * 1.8, ep.cost_ms_per_step
+
+
+def test_a_rank_slow_everywhere_for_a_few_steps_that_costs_the_job_nothing_gets_no_verdict():
+    """tests/data/ddp_clean_whole_noise.npz: a clean 3-rank DDP job (no fault injected) on the shared 2-core host,
+    whose rank 2 ran every module 1.3-2.3x its peers' CPU time at steps 13-15 (2.9 ms of excess): "whole rank,
+    intermittent", 0.44 ms a step when it opened and 0.0 at its end. A slowdown the job did not pay for is no
+    straggler; a whole-rank straggler that costs it is still found (test_detector.py, tests/test_scenarios.py)."""
+    matrices = replay.load(os.path.join(os.path.dirname(FIXTURE), "ddp_clean_whole_noise.npz"))
+    assert len(matrices) == 45 and all(m.cpu_clock for m in matrices)
+    assert replay.judge(matrices) == []

@@ -103,6 +103,7 @@ def save(path: str, matrices: list[StepMatrix]) -> None:
         "ranks": first.ranks.tolist(),
         "column_module": first.column_module.tolist(),
         "column_phase": first.column_phase.tolist(),
+        "cpu_clock": bool(first.cpu_clock),
     }
     buffer = io.BytesIO()
     np.savez_compressed(buffer, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
@@ -124,6 +125,7 @@ def load(path: str) -> list[StepMatrix]:
             column_phase=np.array(meta["column_phase"], np.int64),
             module_names=meta["names"],
             attempt=meta["attempt"],
+            cpu_clock=meta.get("cpu_clock", True),  # the fixtures before it: CPU-clock jobs of examples/train.py
             **{name: stacked[name][i].astype(np.float64) for name in STACKED},
         )
         for i, step in enumerate(meta["steps"])
