@@ -30,7 +30,7 @@ class Fetches:
         self._counters = counters
         self.spans: list[tuple[int, int, int, int]] = []
 
-    def add(self, start: int, end: int, cpu_start: int = 0, cpu_end: int = 0) -> None:
+    def add(self, start: int, end: int, cpu_start: int, cpu_end: int) -> None:
         if threading.get_ident() != self._position.thread_id:
             return  # a loader iterated on another thread (a prefetching thread of the user's) waits for no step
         if len(self.spans) >= MAX_FETCHES_PER_STEP:

@@ -46,9 +46,9 @@ class OutsideSpans:
 
     def end(self, kind: int) -> None:
         """A phase begins: the stretch outside, if one is open, ends now."""
-        if self._open is not None and threading.get_ident() == self._position.thread_id:
-            wall, cpu = time.perf_counter_ns(), time.thread_time_ns()
-            self._add(wall, cpu, kind)
+        o = self._open
+        if o is not None and threading.get_ident() == self._position.thread_id:
+            self._add(o, time.perf_counter_ns(), time.thread_time_ns(), kind)
             self._open = None
 
     def cancel(self) -> None:
@@ -61,15 +61,13 @@ class OutsideSpans:
         o = self._open
         if o is not None and o[0] < end_ns:
             cpu = time.thread_time_ns()
-            self._add(end_ns, cpu, START)
+            self._add(o, end_ns, cpu, START)
             self._open = (end_ns, cpu, START)
         spans, self.spans = self.spans, []
         return spans
 
-    def _add(self, wall: int, cpu: int, kind: int) -> None:
-        o = self._open
-        if o is None:
-            return
+    def _add(self, o: tuple[int, int, int], wall: int, cpu: int, kind: int) -> None:
+        """The open stretch `o`, ended at (wall, cpu) by `kind`."""
         if len(self.spans) >= MAX_SPANS_PER_STEP:
             self._counters["outside_spans_dropped"] = self._counters.get("outside_spans_dropped", 0) + 1
             return
@@ -85,7 +83,7 @@ def host_wait_ns(spans: list, fetches: list, host_ns: int) -> int:
         return 0
     if fetches:
         waited = sum((s[1] - s[0]) - (s[3] - s[2]) for s in spans)
-        waited -= sum((f[1] - f[0]) - (f[3] - f[2]) for f in fetches if len(f) == 4)
+        waited -= sum((f[1] - f[0]) - (f[3] - f[2]) for f in fetches)
     else:
         waited = sum((s[1] - s[0]) - (s[3] - s[2]) for s in spans if (s[4], s[5]) in LOOP_CODE)
     return max(0, min(int(waited), host_ns))

@@ -295,8 +295,7 @@ class ModuleTracker:
         self.gc_pauses = GcPauses(self._work, self.position, self.counters)  # agent/gc_pauses.py
         self.fetches = data_loading.Fetches(self.position, self.counters)  # DataLoader fetches (agent/data_loading.py)
         # the loop's waits between the phases (agent/outside_spans.py): on the thread CPU clock only
-        cpu_durations = self._clock.kind == "cpu" and getattr(self._clock, "durations", "") == "thread"
-        self.outside = OutsideSpans(self.position, self.counters, cpu_durations)
+        self.outside = OutsideSpans(self.position, self.counters, self._clock.kind == "cpu" and not self.wall_durations)
 
     # ---- the seed's surface -------------------------------------------------------------------
     @property
