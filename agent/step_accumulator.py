@@ -313,7 +313,8 @@ def _loop_code_ns(forward_ends: list[int], passes: list, optimizer: list, table)
     """The training loop's own code between the phases (StepReport.host_ns): from the end of the forward right
     before each backward pass to the pass's start (the loss, a user's metrics), and from the last pass's end to the
     optimizer step's start (gradient clipping, logging). None where another pass or forward came between: the time
-    after a micro-batch's backward is the next one's data loading; a closure's forward runs inside the optimizer."""
+    after a micro-batch's backward is the next one's data loading; a closure's forward runs inside the optimizer.
+    agent/outside_spans.py's LOOP_CODE names the same stretches for their waits (CPU clock): change both as one."""
     ends = sorted(forward_ends)
     total = 0
     last_end = 0
