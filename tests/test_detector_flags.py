@@ -21,8 +21,10 @@ BASE = [1.0, 2.0, 3.0, 4.0, 5.0]  # ms per module (Net, embed, blocks.0, blocks.
 def one_step_with_two_slow_ranks(
     target: str, url: str, job: str = "job", slow=None, clock=pb.CLOCK_KIND_CPU
 ) -> list[dict]:
-    """Rank 1 is 2 ms over its peers in Net.embed, rank 2 is 8 ms over in Net.blocks.1; step 0 only."""
+    """Rank 1 is 2 ms over its peers in Net.embed, rank 2 is 8 ms over in Net.blocks.1; step 0 only. The step is
+    synchronous: each rank waits in the backward tail until the slowest is done."""
     slow = slow or {1: (1, 2.0), 2: (3, 8.0)}
+    slowest = max(extra for _, extra in slow.values())
     ranks = [FakeRank(target, job, r, 4, hello=False) for r in range(4)]
     for r, rank in enumerate(ranks):
         rank.send(
@@ -43,9 +45,10 @@ def one_step_with_two_slow_ranks(
     try:
         for r, rank in enumerate(ranks):
             ms = list(BASE)
+            extra = slow[r][1] if r in slow else 0.0
             if r in slow:
-                ms[slow[r][0]] += slow[r][1]
-            rank.report(report(0, ms))
+                ms[slow[r][0]] += extra
+            rank.report(report(0, ms, sync_ms=1.0 + slowest - extra))
         for rank in ranks:
             rank.wait_ack(0)
         wait_for(

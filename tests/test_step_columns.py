@@ -271,3 +271,35 @@ def _ingested(row):
         )  # fmt: skip
     stream = RankStream("j", row.rank, ["Net"], np.arange(1), None)
     return parse_report(report, stream, lambda names: np.arange(len(names)))
+
+
+def test_a_spike_of_the_loops_code_the_job_lost_nothing_by_gets_no_verdict():
+    # A clean DDP job on shared cores (CI): one rank's own code between its modules ran 5-6 ms long in 3 steps of 5
+    # while its peers, their data loading as much shorter, waited for it; the job's step time did not grow.
+    spikes = {20, 21, 23}
+
+    def make(s, rng):
+        m = step_matrix(s, rng)
+        m.cpu_clock = True  # module times in CPU time: every rank's waits are known in every phase
+        m.host_ms = np.full(RANKS, 0.6)
+        m.data_ms += 10.0
+        m.wall_ms += 10.0
+        if s in spikes:
+            m.host_ms[1] += 6.0
+            m.data_ms[1] += 6.0  # the host's code is part of the time outside modules
+            m.data_ms[[0, 2]] -= 6.0  # its peers' loaders ran as much faster ...
+            m.sync_wait_ms[[0, 2]] += 6.0  # ... and they waited for it: every wall as before
+            m.idle_ms = m.sync_wait_ms
+        return m
+
+    assert episodes(make) == []
+
+    # the same spike, the job's step time growing by it: named (a persistent one, from its onset)
+    def grows(s, rng):
+        m = step_matrix(s, rng, data_extra=6.0 if s >= 20 else 0.0)
+        m.cpu_clock = True
+        return m
+
+    found = episodes(grows)
+    assert [(ep.rank, ep.cause) for ep in found] == [(1, "data loading")]
+    assert found[0].cost_ms_per_step == pytest.approx(6.0, rel=0.15)

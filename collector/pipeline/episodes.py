@@ -111,10 +111,12 @@ class _Track:
     losses: deque = field(default_factory=deque)  # the job's loss in each of the last cost_steps steps
     walls: deque = field(default_factory=deque)
     between: deque = field(default_factory=deque)  # its excess in the listed columns in recent steps not slow
+    held_back: deque = field(default_factory=deque)  # what its peers waited for it (see _losses) in its last steps
     sig: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # significant columns
     med_excess: np.ndarray = field(default_factory=lambda: np.zeros(0))
     med_ratio: np.ndarray = field(default_factory=lambda: np.zeros(0))
     pending: Any = None  # this step's (what-if loss, own excess, walls), before the wall scale
+    judged: Any = None  # this step's (significant columns, whole rank), for the verdict once its loss is known
     # Reported: once it lists a significant entry (a module, a step-level cause) or the whole rank. A track
     # that never does (a waiting rank's spikes, none over the bars in half its slow steps) ends unseen.
     published: bool = False
@@ -280,20 +282,16 @@ class EpisodeBook:
             np.argsort(idle, kind="stable"),
         )
 
-        changed: list[Episode] = []
         stepped: list[_Track] = []
         for key, track in list(self.tracks.items()):
             self._advance(track, step)
             stepped.append(track)
-            if track.published:
-                changed.append(track.episode)
             if track.episode.state == "resolved":
                 del self.tracks[key]
                 self._forget(track.ranks)
         opened = self._open(step)
         new = {id(ep) for ep in opened}  # by identity: comparing Episode dataclasses field by field is slow
         stepped += [t for t in self.tracks.values() if id(t.episode) in new]
-        changed += [ep for ep in opened if ep.state == "resolved" or self.tracks[_key(ep.rank, ep.host)].published]
         # A step for the baseline: nothing flagged, and no episode but intermittent ones not slow now. Between an
         # intermittent straggler's slow steps the job runs at its own pace, which drifts on a shared host.
         # A step-level flag within twice its bar (5-10 % of the step) is the bar's own margin over a shared host's
@@ -303,7 +301,12 @@ class EpisodeBook:
         quiet = not flagged[:, :k].any() and not loud_steps.any()
         quiet = quiet and all(self._intermittent(t) and t.last_slow != m.step for t in self.tracks.values())
         self._losses(stepped, step, quiet)
-        return changed
+        for t in stepped:
+            if t.judged is not None:
+                self._verdict(t, *t.judged)
+                t.judged = None
+        # A track popped by a host's roll-up was stepped first: its resolved episode is told once, like any other.
+        return [t.episode for t in stepped if t.published]
 
     def _losses(self, tracks: list[_Track], s: _Step, quiet: bool) -> None:
         """Each track's loss this step: its what-if (excess bounded by its peers' wait), scaled so that
@@ -336,7 +339,12 @@ class EpisodeBook:
             tail_gap = float(s.wait[others].min()) - float(s.wait[rows].min())
             return min(t.pending[1], max(idle_gap, tail_gap))
 
-        explained = max(gives_back(t) for t in pending)
+        given = [gives_back(t) for t in pending]
+        for t, g in zip(pending, given):
+            t.held_back.append(g)
+            if len(t.held_back) > self.p.cost_steps:
+                t.held_back.popleft()
+        explained = max(given)
         counted = len(self.baseline) >= MIN_BASELINE and explained > self._floor_ms
         if counted and not self._job_paused(job_wall, pace, explained):
             self.growth.append((job_wall - self._baseline_now(), explained))
@@ -480,7 +488,7 @@ class EpisodeBook:
                 track.between.append(step_excess)
                 if len(track.between) > self.p.cost_steps:
                     track.between.popleft()
-            self._verdict(track, sig, whole)
+            track.judged = (sig, whole)
         if now:
             if not opening:
                 track.max_gap = max(track.max_gap, min(s.m.step - track.last_slow, MAX_GAP))
@@ -526,14 +534,7 @@ class EpisodeBook:
         cols = np.flatnonzero(sig)
         if not len(cols) and not whole:
             return  # nothing over the bars (now): an unreported track stays so, a reported one keeps its listing
-        costless = self._cpu_clock and ep.cost_ms_per_step <= self._floor_ms
-        if whole and not track.published and (track.slow_steps < self.p.k or costless):
-            # A whole rank is reported once it stays slow: k slow steps, the opening one included, and (on the CPU
-            # clock, where the peers' waits, and so the cost, are known in every phase) once it has cost the job
-            # more than the excess floor. On shared cores a rank's every module runs long in CPU time for 2-3 steps
-            # when a busy neighbour shares its core; that cost the job a few ms once, or nothing (a clean DDP job:
-            # 1.3-2.3x in every module for 3 steps, 0.44 ms a step when it opened, 0.0 at its end), and is over
-            # before a user could look.
+        if not track.published and not self._holds_back(track, whole):
             return
         track.published = True
         cols = cols[np.argsort(-med_excess[cols], kind="stable")]
@@ -554,6 +555,21 @@ class EpisodeBook:
         if c is not None and c < len(med_ratio) and np.isfinite(med_ratio[c]):
             ep.slowdown = float(med_ratio[c])
         ep.cause = self._cause(track, names, whole)
+
+    def _holds_back(self, track: _Track, whole: bool) -> bool:
+        """Whether an unreported track is reported now: a whole rank once it stays slow (k slow steps, the opening
+        one included), and on the CPU clock, where the peers' waits are known in every phase, any track once it
+        has cost the job more than the excess floor, this step included: what the ranks no episode holds waited
+        for it, on average over its steps (other culprits slow in the same steps do not hide it), times the wall
+        the job really lost per ms of such waits (the scale). On shared cores a rank's loop code spikes 8x in 3
+        steps of 5, or its every module runs long in CPU time for 2-3 steps, when a busy neighbour shares its core:
+        that cost the job a few ms once, or nothing, and is over before a user could look (clean DDP jobs: 5.3 ms
+        of host time over in one step, 0.0 per step; a whole rank 1.3-2.3x for 3 steps, 0.44 ms, then 0.0)."""
+        if whole and track.slow_steps < self.p.k:
+            return False
+        if not self._cpu_clock:
+            return True
+        return bool(track.held_back) and float(np.mean(track.held_back)) * self.scale > self._floor_ms
 
     def _cause(self, track: _Track, names: list[tuple[str, str]], whole: bool) -> str:
         ep = track.episode
