@@ -44,7 +44,8 @@ MAX_LISTED = 32  # entries of an episode's `modules` (a whole-rank verdict would
 BASELINE_STEPS = 30
 LOCAL_BASELINE_STEPS = 4  # ... between an intermittent episode's slow steps: of the last this many
 MIN_BASELINE = 5
-# A step this many times the job's pace (the median of its last PACE_STEPS steps), beyond what the culprits explain,
+# A step this many times the job's pace (the median of its last PACE_STEPS steps; with episodes open, at most the
+# baseline's), beyond what the culprits explain,
 # is the whole job busy with something else at once: an evaluation, a checkpoint save. It neither sets the pace of
 # the baseline nor scales a cost (what a culprit's peers waited for it in that step still counts).
 PAUSE_FACTOR = 3.0
@@ -291,6 +292,9 @@ class EpisodeBook:
                 self._forget(track.ranks)
         opened = self._open(step)
         new = {id(ep) for ep in opened}  # by identity: comparing Episode dataclasses field by field is slow
+        # a track an opening replaced (it listed nothing) is gone: no loss, no verdict
+        live = {id(t) for t in self.tracks.values()}
+        stepped = [t for t in stepped if t.episode.state == "resolved" or id(t) in live]
         stepped += [t for t in self.tracks.values() if id(t.episode) in new]
         # A step for the baseline: nothing flagged, and no episode but intermittent ones not slow now. Between an
         # intermittent straggler's slow steps the job runs at its own pace, which drifts on a shared host.
@@ -346,7 +350,10 @@ class EpisodeBook:
                 t.held_back.popleft()
         explained = max(given)
         counted = len(self.baseline) >= MIN_BASELINE and explained > self._floor_ms
-        if counted and not self._job_paused(job_wall, pace, explained):
+        # The pace without the culprits, for the pause: the recent pace already holds what they cost, and with it
+        # 3x an evaluation step (a kept DDP job: 194-214 ms against a pace of 54, of which 29 were the culprit's)
+        # read as growth and scaled a 27 ms loss to 38.6.
+        if counted and not self._job_paused(job_wall, min(pace, self._baseline_now()), explained):
             self.growth.append((job_wall - self._baseline_now(), explained))
         # One scale from the sums over recent slow steps, not a ratio per step: a step's growth moves by tens
         # of ms on a loaded host, and each ratio clipped to [0, 2] would pull every cost towards the compute.
@@ -600,9 +607,14 @@ class EpisodeBook:
         return _Track(ep, sorted(ranks), self.col_keys, excess, ratio, held, wide, last_slow=last_slow)
 
     def _busy_ranks(self) -> set[int]:
-        """Ranks in a reported episode. One not reported yet (nothing over the bars in its slow steps: noise
-        before an onset, say) does not hold its rank: new evidence opens a new episode in its place."""
-        return {r for t in self.tracks.values() if t.published for r in t.ranks}
+        """Ranks in a reported episode, or in one that lists entries and waits only for its cost to clear the floor
+        (see _holds_back): a new episode in its place would leave it open and unseen, to be told later beside the
+        new one. One with nothing over the bars in its slow steps (noise before an onset, say) does not hold its
+        rank: new evidence opens a new episode in its place."""
+        return {r for t in self.tracks.values() if t.published or self._listing(t) for r in t.ranks}
+
+    def _listing(self, track: _Track) -> bool:
+        return bool(track.sig.any()) or (track.slow_steps > 0 and self._wide_share(track) >= 0.5)
 
     def _new_track(self, s: _Step, rank: int, host: str, c: int, ranks) -> Episode:
         module, phase = self.col_names[c]
