@@ -16,6 +16,9 @@ own step times (examples/train.py --step-times): the mean after the onset (step 
 - fsdp2_whole_middle_onset35: that fault from step 35 of 80 (tests/bench/scenarios.py --onset 35 --steps 80). The
   host's pace before the onset drifted (steps 5-28 at ~120 ms, 29-34 at ~105): a baseline of the last 20 quiet
   steps read 112.9 ms where the 30 before the onset say 116.2, and the cost 48.9 where the job lost 38.0 +- 5.1.
+- fsdp2_whole_first: the same fault on rank 0 (2026-12-06). Its peers waited 76-98 ms a step in all against its
+  43-62, but its own wait in the backward tail (7-23 ms) was the longest in most steps, which made it a victim to the
+  rank-wide rule: found 7 steps after the onset. The job lost 39.2 +- 2.6 ms per step.
 """
 
 from __future__ import annotations
@@ -62,3 +65,10 @@ def test_the_baseline_is_as_long_as_the_costs_mean():
     detector = judged("fsdp2_whole_middle_onset35.npz")
     one_verdict(detector, 1, "whole rank", 38.0, 0.25)
     assert 20 < len(detector.book.baseline) <= 30  # 27 of the 30 steps before the onset were quiet
+
+
+def test_a_whole_rank_its_peers_wait_for_is_no_victim_for_its_own_tail_wait():
+    detector = judged("fsdp2_whole_first.npz")
+    one_verdict(detector, 0, "whole rank", 39.2, 0.15)
+    (ep,) = detector.book.active()
+    assert ONSET <= ep.first_step <= ONSET + 5, ep.first_step

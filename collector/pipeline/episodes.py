@@ -411,6 +411,12 @@ class EpisodeBook:
             wait = nan_to(m.sync_wait_ms)
         floor = max(3 * (self.p.min_excess_ms or 0.0), WHOLE_RANK_FRAC * (wall_med if np.isfinite(wall_med) else 0.0))
         not_victim = wait <= (median(wait) if len(wait) else 0.0) + max(self.p.sync_tol_ms, 0.02 * wall_med)
+        # ... but the rank every other waited for longer, in any phase, is none, whatever its tail (as in the
+        # detector's flags): under FSDP2 a rank 40 ms slow in every module waited 7-23 ms in its backward tail
+        # against its peers' 4-10 while they waited 76-98 ms in all against its 43-62 (a kept job: found 7 steps late)
+        idle = m.idle_or_tail_ms
+        if len(idle):
+            not_victim |= idle <= idle.min()
         return (runs >= 8) & spread & (total > floor) & not_victim
 
     def _floor(self, wall: np.ndarray) -> float:
