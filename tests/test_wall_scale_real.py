@@ -19,11 +19,16 @@ own step times (examples/train.py --step-times): the mean after the onset (step 
 - fsdp2_whole_first: the same fault on rank 0 (2026-12-06). Its peers waited 76-98 ms a step in all against its
   43-62, but its own wait in the backward tail (7-23 ms) was the longest in most steps, which made it a victim to the
   rank-wide rule: found 7 steps after the onset. The job lost 39.2 +- 2.6 ms per step.
+- {ddp,fsdp2}_whole_last_2ranks: the same fault on rank 1 of a 2-rank job (2026-12-06). Of two ranks the column's
+  median is the mean of both, and the rank-wide rule stood aside: 1.25 ms over in each module, no cell cleared the
+  floors and no verdict came, under DDP, FSDP2 or FSDP1. The jobs lost 40.7 +- 1.6 and 47.3 +- 2.8 ms per step.
 """
 
 from __future__ import annotations
 
 import os
+
+import pytest
 
 from harness import replay
 from modtrack.collector.pipeline.detector import Detector, DetectorParams, params_for_clock
@@ -70,5 +75,13 @@ def test_the_baseline_is_as_long_as_the_costs_mean():
 def test_a_whole_rank_its_peers_wait_for_is_no_victim_for_its_own_tail_wait():
     detector = judged("fsdp2_whole_first.npz")
     one_verdict(detector, 0, "whole rank", 39.2, 0.15)
+    (ep,) = detector.book.active()
+    assert ONSET <= ep.first_step <= ONSET + 5, ep.first_step
+
+
+@pytest.mark.parametrize(("name", "lost_ms"), [("ddp_whole_last_2ranks", 40.7), ("fsdp2_whole_last_2ranks", 47.3)])
+def test_of_two_ranks_the_one_slow_in_every_module_is_a_whole_rank(name, lost_ms):
+    detector = judged(f"{name}.npz")
+    one_verdict(detector, 1, "whole rank", lost_ms, 0.15)
     (ep,) = detector.book.active()
     assert ONSET <= ep.first_step <= ONSET + 5, ep.first_step
