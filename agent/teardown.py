@@ -46,8 +46,10 @@ def _current_context():
     return _from_tls(CONTEXT_KEY)
 
 
-# Contexts of the most recent passes kept (gradient accumulation runs several passes a step).
-PASSES = 4
+# Contexts of the most recent passes kept (gradient accumulation runs several passes a step). A gloo worker that
+# drops a finished work can be off its core for several tiny passes on a loaded host: with 4 kept, a job of 1-2 ms
+# passes hung at its exit in 2 of 25 runs beside a CPU burner (the worker held the Context of an older pass).
+PASSES = 64
 # The longest destroy_process_group() waits for the workers; past it, it goes on (and counts it).
 DRAIN_S = 2.0
 POLL_S = 0.0002
