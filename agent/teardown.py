@@ -14,9 +14,9 @@ only a busy Python thread added.
 
 What this does: the tracker hands over each pass's Context (`note_pass`, at the end of the pass, outside
 every timed window); while tracking is on, `torch.distributed.destroy_process_group` first waits, with the
-GIL released, until no one but us holds the last few of them: every gloo work of those passes is gone, and
+GIL released, until no one but us holds the last PASSES of them: every gloo work of those passes is gone, and
 freeing the group later cannot wait on a worker (about 0.3 ms when a worker still held one, nothing
-otherwise). The wait is bounded (DRAIN_S) and fail-open; a Context is held at most until a few passes later.
+otherwise). The wait is bounded (DRAIN_S) and fail-open; a Context is held at most until PASSES passes later.
 Removing the wrapper (closing the tracker) drains too: a job that tracks in a `with` block and frees its group
 after it (the seed's way of use) hung in 20 cycles of tests/exit_train.py --tracked before, and no longer does.
 """
