@@ -72,16 +72,19 @@ def test_the_baseline_is_as_long_as_the_costs_mean():
     assert 20 < len(detector.book.baseline) <= 30  # 27 of the 30 steps before the onset were quiet
 
 
+def found_within_5_steps(detector: Detector) -> None:
+    (ep,) = detector.book.active()
+    assert ONSET <= ep.first_step <= ONSET + 5, ep.first_step
+
+
 def test_a_whole_rank_its_peers_wait_for_is_no_victim_for_its_own_tail_wait():
     detector = judged("fsdp2_whole_first.npz")
     one_verdict(detector, 0, "whole rank", 39.2, 0.15)
-    (ep,) = detector.book.active()
-    assert ONSET <= ep.first_step <= ONSET + 5, ep.first_step
+    found_within_5_steps(detector)
 
 
 @pytest.mark.parametrize(("name", "lost_ms"), [("ddp_whole_last_2ranks", 40.7), ("fsdp2_whole_last_2ranks", 47.3)])
 def test_of_two_ranks_the_one_slow_in_every_module_is_a_whole_rank(name, lost_ms):
     detector = judged(f"{name}.npz")
     one_verdict(detector, 1, "whole rank", lost_ms, 0.15)
-    (ep,) = detector.book.active()
-    assert ONSET <= ep.first_step <= ONSET + 5, ep.first_step
+    found_within_5_steps(detector)

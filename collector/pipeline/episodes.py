@@ -353,8 +353,9 @@ class EpisodeBook:
         # The pace without the culprits, for the pause: the recent pace already holds what they cost, and with it
         # 3x an evaluation step (a kept DDP job: 194-214 ms against a pace of 54, of which 29 were the culprit's)
         # read as growth and scaled a 27 ms loss to 38.6.
-        if counted and not self._job_paused(job_wall, min(pace, self._baseline_now()), explained):
-            self.growth.append((job_wall - self._baseline_now(), explained))
+        base = self._baseline_now() if counted else 0.0
+        if counted and not self._job_paused(job_wall, min(pace, base), explained):
+            self.growth.append((job_wall - base, explained))
         # One scale from the sums over recent slow steps, not a ratio per step: a step's growth moves by tens
         # of ms on a loaded host, and each ratio clipped to [0, 2] would pull every cost towards the compute.
         grew, explained_sum = (sum(col) for col in zip(*self.growth)) if self.growth else (0.0, 0.0)
